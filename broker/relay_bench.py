@@ -1,0 +1,206 @@
+"""bertpool-bench-broker: broker round trips/s against a plain ``zmq.proxy`` relay.
+
+Three set-ups, measured in the same run with the same closed-loop load (C
+client DEALER sockets spread over a few load processes, each keeping one
+request in flight, for ``--duration-s`` after a warm-up):
+
+* ``relay``:  ROUTER/DEALER ``zmq.proxy`` + N echo processes that return the
+  body untouched: the floor cost of moving a message through ZeroMQ.
+* ``broker``: the bertpool broker + N minimal protocol workers that answer each
+  REQUEST at once: the broker's own cost (credit dispatch, tokens, tracking).
+* ``pool``:   the bertpool broker + N real bertpool workers with the echo
+  backend and zero delay: the whole serving path (decode, tokenize, batch,
+  reply) without a model.
+
+Writes a JSON report with each set-up's round trips/s and the ratios to relay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from ..common import protocol as P
+from .broker import Broker, BrokerConfig
+
+SETUPS = ("relay", "broker", "pool")
+
+
+def _relay_echo(address: str, stop) -> None:
+    """A relay backend: echo every message back unchanged."""
+    sock = zmq.Context().socket(zmq.DEALER)
+    sock.connect(address)
+    while not stop.is_set():
+        if sock.poll(100):
+            for _ in range(256):
+                try:
+                    sock.send_multipart(sock.recv_multipart(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+    sock.close(linger=0)
+
+
+def _protocol_echo(address: str, stop) -> None:
+    """A minimal bertpool worker: READY, then a canned REPLY to each REQUEST at once."""
+    sock = zmq.Context().socket(zmq.DEALER)
+    sock.connect(address)
+    sock.send_multipart([P.VERSION, P.READY, P.pack({"worker": f"echo-{id(sock)}", "capacity": 64})])
+    reply = P.reply_body("x", [0.5, 0.5], {})
+    while not stop.is_set():
+        if sock.poll(100):
+            for _ in range(256):
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                sock.send_multipart([P.VERSION, P.REPLY, frames[2], reply])
+    sock.send_multipart([P.VERSION, P.DISCONNECT, P.pack({})])
+    sock.close(linger=100)
+
+
+def _pool_worker(address: str, stop) -> None:
+    """A real bertpool worker, echo backend, no delay."""
+    from ..workers.worker import Worker, WorkerConfig
+
+    worker = Worker(WorkerConfig(broker_address=address, batch_timeout_ms=0))
+    threading.Thread(target=lambda: (stop.wait(), worker.stop()), daemon=True).start()
+    worker.run()
+
+
+def _load(address: str, sockets: int, warmup_s: float, duration_s: float, results) -> None:
+    """Closed loop: each socket keeps one REQUEST in flight; count replies in the window."""
+    ctx = zmq.Context()
+    socks = [ctx.socket(zmq.DEALER) for _ in range(sockets)]
+    poller = zmq.Poller()
+    for s in socks:
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(address)
+        poller.register(s, zmq.POLLIN)
+    body = P.text_request("bench", "The quick brown fox jumps.", "A fast fox leapt over.")
+    for s in socks:
+        s.send_multipart([P.VERSION, P.REQUEST, body])
+    start = time.monotonic() + warmup_s
+    end = start + duration_s
+    count = 0
+    while (now := time.monotonic()) < end:
+        for s, _ in poller.poll(100):
+            s.recv_multipart()
+            if start <= now:
+                count += 1
+            s.send_multipart([P.VERSION, P.REQUEST, body])
+    results.put(count)
+    for s in socks:
+        s.close()
+    ctx.term()
+
+
+def measure(setup: str, clients: int, workers: int, load_procs: int, warmup_s: float,
+            duration_s: float) -> float:
+    """Round trips per second for one set-up."""
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()
+    tmp = tempfile.mkdtemp(prefix="bertpool-relay-")
+    front, back = f"ipc://{tmp}/front", f"ipc://{tmp}/back"
+    zctx = zmq.Context()
+    broker = None
+    if setup == "relay":
+        f, b = zctx.socket(zmq.ROUTER), zctx.socket(zmq.DEALER)
+        f.bind(front)
+        b.bind(back)
+        thread = threading.Thread(target=_proxy, args=(f, b), daemon=True)
+        target = _relay_echo
+    else:
+        broker = Broker(BrokerConfig(frontend=front, backend=back), context=zctx)
+        broker.bind()
+        thread = threading.Thread(target=broker.run, daemon=True)
+        target = _protocol_echo if setup == "broker" else _pool_worker
+    thread.start()
+    procs = [ctx.Process(target=target, args=(back, stop), daemon=True) for _ in range(workers)]
+    for p in procs:
+        p.start()
+    if broker is not None:
+        _wait_workers(front, workers)
+    results = ctx.Queue()
+    share = [clients // load_procs + (i < clients % load_procs) for i in range(load_procs)]
+    loaders = [ctx.Process(target=_load, args=(front, n, warmup_s, duration_s, results))
+               for n in share if n]
+    for p in loaders:
+        p.start()
+    total = sum(results.get(timeout=warmup_s + duration_s + 60) for _ in loaders)
+    for p in loaders:
+        p.join(10)
+    stop.set()
+    for p in procs:
+        p.join(10)
+        if p.is_alive():
+            p.terminate()
+    if broker is not None:
+        broker.stop()
+        thread.join(5)
+    zctx.destroy(linger=0)  # also ends the relay's proxy thread
+    return total / duration_s
+
+
+def _proxy(frontend: zmq.Socket, backend: zmq.Socket) -> None:
+    try:
+        zmq.proxy(frontend, backend)
+    except zmq.ContextTerminated:
+        pass
+
+
+def _wait_workers(front: str, n: int, timeout_s: float = 60.0) -> None:
+    from ..clients.client import Client
+
+    deadline = time.monotonic() + timeout_s
+    with Client(front, timeout_s=5) as client:
+        while len(client.stats()["workers"]) < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{n} workers did not register in {timeout_s} s")
+            time.sleep(0.05)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="bertpool-bench-broker",
+        description="Measure round trips/s through the bertpool broker against a plain zmq.proxy "
+                    "ROUTER/DEALER relay, with the same closed-loop load, in one run.")
+    parser.add_argument("--clients", type=int, default=48, help="client sockets (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=4, help="echo workers (default: %(default)s)")
+    parser.add_argument("--load-procs", type=int, default=2,
+                        help="processes driving the client sockets (default: %(default)s)")
+    parser.add_argument("--warmup-s", type=float, default=1.0, help="unmeasured warm-up (default: %(default)s)")
+    parser.add_argument("--duration-s", type=float, default=5.0, help="measured window (default: %(default)s)")
+    parser.add_argument("--setups", default=",".join(SETUPS),
+                        help=f"comma-separated subset of {','.join(SETUPS)} (default: all)")
+    parser.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
+    args = parser.parse_args(argv)
+    setups = [s for s in args.setups.split(",") if s]
+    unknown = set(setups) - set(SETUPS)
+    if unknown or min(args.clients, args.workers, args.load_procs) < 1:
+        parser.error(f"bad --setups {sorted(unknown)} or non-positive count")
+    report: dict[str, Any] = {"clients": args.clients, "workers": args.workers,
+                              "duration_s": args.duration_s, "round_trips_per_s": {}}
+    for setup in setups:
+        rate = measure(setup, args.clients, args.workers, args.load_procs, args.warmup_s, args.duration_s)
+        report["round_trips_per_s"][setup] = round(rate, 1)
+        print(f"{setup:>6}: {rate:10.1f} round trips/s", flush=True)
+    relay = report["round_trips_per_s"].get("relay")
+    if relay:
+        report["ratio_to_relay"] = {k: round(v / relay, 3) for k, v in report["round_trips_per_s"].items()}
+        print("ratio to relay:", report["ratio_to_relay"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

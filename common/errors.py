@@ -1,0 +1,88 @@
+"""The bertpool exception tree.
+
+Everything bertpool raises on purpose derives from :class:`BertpoolError`, so
+callers can catch one type. Wire and user input get typed errors; ``assert``
+only guards internal invariants.
+
+    BertpoolError
+    ├── ConfigError            bad CLI flag, config value or file path (also a ValueError)
+    ├── ProtocolError          a message that breaks the wire protocol
+    ├── InputError             a well-formed request whose content is invalid
+    ├── ModelError             a model directory that cannot be read or served
+    │   ├── ModelFormatError   missing tensor, wrong shape, bad vocabulary, unknown format
+    │   └── EquivalenceError   rebuilt model differs from the original beyond tolerance
+    ├── BackendUnavailable     the requested backend's runtime is not installed
+    └── RequestError           a client request did not produce a prediction
+        ├── RequestTimeout     no reply within the deadline (also a TimeoutError)
+        ├── ServerBusy         the broker's queue is full; retry later
+        ├── RemoteError        the server answered ERROR (has ``.code``)
+        └── ClientClosed       the client was closed while the request was pending
+"""
+
+from __future__ import annotations
+
+
+class BertpoolError(Exception):
+    """Base class of every error bertpool raises on purpose."""
+
+
+class ConfigError(BertpoolError, ValueError):
+    """A configuration value, CLI flag or path given by the user is invalid."""
+
+
+class ProtocolError(BertpoolError):
+    """A message violates the wire protocol (framing, version, encoding, fields).
+
+    ``code`` is the stable error code sent back on the wire (see
+    :mod:`bertpool.common.protocol`).
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class InputError(ProtocolError):
+    """A well-formed request whose content cannot be served (empty text, too long...)."""
+
+
+class ModelError(BertpoolError):
+    """A model directory cannot be loaded or served."""
+
+
+class ModelFormatError(ModelError):
+    """A model's files are not what they claim: missing tensor, wrong shape, bad vocab."""
+
+
+class EquivalenceError(ModelError):
+    """The rebuilt model's outputs differ from the original's beyond tolerance."""
+
+
+class BackendUnavailable(BertpoolError):
+    """The requested backend's runtime (e.g. tensorflow-neuron) cannot be imported."""
+
+
+class RequestError(BertpoolError):
+    """A client request did not produce a prediction."""
+
+
+class RequestTimeout(RequestError, TimeoutError):
+    """No reply arrived before the request's deadline."""
+
+
+class ServerBusy(RequestError):
+    """The broker's queue is full; the request was not accepted. Retry later."""
+
+
+class RemoteError(RequestError):
+    """The server answered with an ERROR reply; ``code`` is stable, ``message`` human."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ClientClosed(RequestError):
+    """The client was closed while the request was still pending."""

@@ -1,0 +1,242 @@
+"""The bertpool wire protocol, version ``BP1``: every frame layout in one place.
+
+Transport: ZeroMQ. Clients and workers are DEALER sockets; the broker has a
+frontend ROUTER (clients) and a backend ROUTER (workers). Every message starts
+with the version frame and a one-byte kind frame; bodies are msgpack maps.
+
+Client -> broker (frontend)            [VERSION, kind, body]
+    REQUEST  body {id, text_a, text_b}            a text pair, or
+             body {id, input_ids, input_mask, segment_ids}
+                                                  pre-tokenized features, each an encoded array [S] int32
+    STATS    body {}                              ask for pool statistics
+
+Broker -> client (frontend)            [VERSION, kind, body]
+    REPLY    body {id, label, probabilities, timings}
+    ERROR    body {id, code, message}             id is None where the request had none readable
+    BUSY     body {id, message}                   queue full; request not accepted
+    STATS    body {...}                           see Broker.stats()
+
+Worker -> broker (backend)             [VERSION, kind, ...]
+    READY     [VERSION, READY, body {worker, pid, capacity, backend}]
+    REPLY     [VERSION, REPLY, token, body]       token: the broker's 8-byte request handle
+    ERROR     [VERSION, ERROR, token, body]
+    STATS     [VERSION, STATS, body {inferences, batches, padded_rows, ...}]   cumulative counters
+    HEARTBEAT [VERSION, HEARTBEAT, body {}]       reserved for the heartbeat issue
+    DISCONNECT[VERSION, DISCONNECT, body {}]      worker is leaving; its requests are re-queued
+
+Broker -> worker (backend)             [VERSION, kind, ...]
+    REQUEST  [VERSION, REQUEST, token, body, queued]
+                                                  body exactly as the client sent it; queued:
+                                                  8-byte big-endian microseconds it waited in the
+                                                  broker's queue (a duration, so no shared clock)
+    DISCONNECT [VERSION, DISCONNECT, body {}]     broker is shutting down (reserved)
+
+Arrays travel as ``{"__nd__": True, "dtype": str, "shape": [...], "data": bytes}``
+(raw little-endian bytes, never Python lists). Reply ``probabilities`` is such
+an array of float32 [2]; ``timings`` is a map of milliseconds:
+``queue_ms`` (broker queue + worker inbox), ``batch_wait_ms`` (waiting for the
+batch to fill), ``compute_ms`` (the model call for the whole batch).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from .errors import InputError, ProtocolError
+
+VERSION = b"BP1"
+
+# Message kinds: one byte each, so routing never decodes a body.
+REQUEST = b"\x01"
+REPLY = b"\x02"
+ERROR = b"\x03"
+BUSY = b"\x04"
+READY = b"\x05"
+STATS = b"\x06"
+HEARTBEAT = b"\x07"
+DISCONNECT = b"\x08"
+
+KIND_NAMES = {
+    REQUEST: "REQUEST", REPLY: "REPLY", ERROR: "ERROR", BUSY: "BUSY", READY: "READY",
+    STATS: "STATS", HEARTBEAT: "HEARTBEAT", DISCONNECT: "DISCONNECT",
+}
+
+# Stable error codes carried by ERROR replies.
+E_BAD_FRAMES = "bad_frames"          # wrong number of frames
+E_BAD_VERSION = "bad_version"        # unknown protocol version
+E_BAD_KIND = "bad_kind"              # message kind not valid here
+E_BAD_ENCODING = "bad_encoding"      # body is not a msgpack map
+E_BAD_FIELD = "bad_field"            # missing field or wrong type
+E_BAD_TEXT = "bad_text"              # empty, non-UTF-8 or oversized text
+E_TOO_LARGE = "too_large"            # body over the broker's size bound
+E_INFERENCE = "inference_failed"     # the model call for this request's batch failed
+E_SHUTDOWN = "shutting_down"         # worker or broker is stopping
+
+# Bounds on input, so one bad client cannot make a worker tokenize megabytes.
+MAX_TEXT_CHARS = 20_000
+MAX_ID_LEN = 256
+
+TOKEN_BYTES = 8
+
+
+def encode_queue_time(seconds: float) -> bytes:
+    """The ``queued`` frame: a non-negative duration as 8-byte big-endian microseconds."""
+    return max(0, int(seconds * 1e6)).to_bytes(8, "big")
+
+
+def decode_queue_time(frame: bytes) -> float:
+    """Inverse of encode_queue_time, in milliseconds (0.0 for a malformed frame)."""
+    return int.from_bytes(frame, "big") / 1000.0 if len(frame) == 8 else 0.0
+
+
+# --------------------------------------------------------------------- bodies
+
+def pack(body: dict[str, Any]) -> bytes:
+    """Encode a body map with msgpack (binary-safe, bytes stay bytes)."""
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def unpack(data: bytes) -> dict[str, Any]:
+    """Decode a body; raise ProtocolError(bad_encoding) unless it is a msgpack map."""
+    try:
+        body = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(E_BAD_ENCODING, f"body is not valid msgpack: {exc}") from exc
+    if not isinstance(body, dict):
+        raise ProtocolError(E_BAD_ENCODING, f"body must be a msgpack map, got {type(body).__name__}")
+    return body
+
+
+def encode_array(array: np.ndarray) -> dict[str, Any]:
+    """An ndarray as raw little-endian bytes + dtype + shape."""
+    array = np.ascontiguousarray(array)
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return {"__nd__": True, "dtype": array.dtype.str.lstrip("<|="), "shape": list(array.shape),
+            "data": array.tobytes()}
+
+
+_ALLOWED_DTYPES = {"i4", "i8", "f4", "f2", "f8", "u1", "b1"}
+
+
+def decode_array(obj: Any, field: str = "array") -> np.ndarray:
+    """Inverse of encode_array; raise ProtocolError(bad_field) on anything malformed."""
+    if not isinstance(obj, dict) or not obj.get("__nd__"):
+        raise ProtocolError(E_BAD_FIELD, f"{field}: expected an encoded array")
+    dtype, shape, data = obj.get("dtype"), obj.get("shape"), obj.get("data")
+    if dtype not in _ALLOWED_DTYPES:
+        raise ProtocolError(E_BAD_FIELD, f"{field}: unsupported dtype {dtype!r}")
+    if (not isinstance(shape, list) or len(shape) > 4
+            or not all(isinstance(d, int) and 0 <= d <= 1 << 20 for d in shape)):
+        raise ProtocolError(E_BAD_FIELD, f"{field}: bad shape {shape!r}")
+    if not isinstance(data, bytes):
+        raise ProtocolError(E_BAD_FIELD, f"{field}: data must be bytes")
+    dt = np.dtype("<" + dtype) if dtype not in ("u1", "b1") else np.dtype(dtype)
+    if len(data) != dt.itemsize * int(np.prod(shape, dtype=np.int64)):
+        raise ProtocolError(E_BAD_FIELD, f"{field}: {len(data)} bytes do not match {dtype}{shape}")
+    return np.frombuffer(data, dtype=dt).reshape(shape)
+
+
+# ------------------------------------------------------------------- requests
+
+FEATURE_FIELDS = ("input_ids", "input_mask", "segment_ids")
+
+
+def text_request(request_id: Any, text_a: str, text_b: str) -> bytes:
+    """Body of a text-pair REQUEST."""
+    return pack({"id": request_id, "text_a": text_a, "text_b": text_b})
+
+
+def features_request(request_id: Any, input_ids: np.ndarray, input_mask: np.ndarray,
+                     segment_ids: np.ndarray) -> bytes:
+    """Body of a pre-tokenized REQUEST; each array is [S] int32."""
+    return pack({"id": request_id,
+                 "input_ids": encode_array(np.asarray(input_ids, np.int32)),
+                 "input_mask": encode_array(np.asarray(input_mask, np.int32)),
+                 "segment_ids": encode_array(np.asarray(segment_ids, np.int32))})
+
+
+def check_id(body: dict[str, Any]) -> Any:
+    """Return the request id (str, int or None when absent); reject other types."""
+    rid = body.get("id")
+    if rid is None or isinstance(rid, bool):
+        raise ProtocolError(E_BAD_FIELD, "id: missing (need a str or int)")
+    if isinstance(rid, int):
+        if not -(1 << 63) <= rid < (1 << 64):
+            raise ProtocolError(E_BAD_FIELD, "id: integer out of range")
+        return rid
+    if isinstance(rid, str) and len(rid) <= MAX_ID_LEN:
+        return rid
+    raise ProtocolError(E_BAD_FIELD, f"id: must be a str (<= {MAX_ID_LEN} chars) or int")
+
+
+def parse_request(body: dict[str, Any], seq_length: int) -> tuple[str, Any]:
+    """Validate a REQUEST body.
+
+    Returns ``("text", (text_a, text_b))`` or ``("features", (ids, mask, segs))``
+    with int32 arrays of shape [seq_length]. Raises ProtocolError/InputError
+    (with a stable code) on anything else.
+    """
+    if "text_a" in body or "text_b" in body:
+        return "text", (_check_text(body, "text_a"), _check_text(body, "text_b"))
+    if all(f in body for f in FEATURE_FIELDS):
+        arrays = tuple(_check_feature(body, f, seq_length) for f in FEATURE_FIELDS)
+        return "features", arrays
+    raise ProtocolError(E_BAD_FIELD, "request needs text_a and text_b, or input_ids, input_mask "
+                                     "and segment_ids")
+
+
+def _check_text(body: dict[str, Any], field: str) -> str:
+    text = body.get(field)
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(E_BAD_TEXT, f"{field}: not valid UTF-8") from exc
+    if not isinstance(text, str):
+        raise ProtocolError(E_BAD_FIELD, f"{field}: missing or not a string")
+    if not text.strip():
+        raise InputError(E_BAD_TEXT, f"{field}: empty text")
+    if len(text) > MAX_TEXT_CHARS:
+        raise InputError(E_BAD_TEXT, f"{field}: {len(text)} characters, more than {MAX_TEXT_CHARS}")
+    return text
+
+
+def _check_feature(body: dict[str, Any], field: str, seq_length: int) -> np.ndarray:
+    array = decode_array(body[field], field)
+    if array.shape != (seq_length,):
+        raise ProtocolError(E_BAD_FIELD, f"{field}: shape {list(array.shape)}, expected [{seq_length}]")
+    if array.dtype.kind not in "iu":
+        raise ProtocolError(E_BAD_FIELD, f"{field}: integer dtype required, got {array.dtype}")
+    return array.astype(np.int32)
+
+
+# -------------------------------------------------------------------- replies
+
+def reply_body(request_id: Any, probabilities: np.ndarray, timings: dict[str, float]) -> bytes:
+    """Body of a REPLY: label is the argmax of probabilities (float32 [2])."""
+    probs = np.asarray(probabilities, dtype=np.float32)
+    return pack({"id": request_id, "label": int(np.argmax(probs)),
+                 "probabilities": encode_array(probs), "timings": timings})
+
+
+def error_body(request_id: Any, code: str, message: str) -> bytes:
+    """Body of an ERROR reply."""
+    return pack({"id": request_id, "code": code, "message": message})
+
+
+def busy_body(request_id: Any, message: str) -> bytes:
+    """Body of a BUSY reply."""
+    return pack({"id": request_id, "message": message})
+
+
+def peek_id(data: bytes) -> Any:
+    """Best-effort request id of a raw body, for error replies; None if unreadable."""
+    try:
+        rid = unpack(data).get("id")
+    except ProtocolError:
+        return None
+    return rid if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None

@@ -1,0 +1,357 @@
+"""BERT WordPiece features for sentence pairs, identical to google-research/bert.
+
+:class:`BertTokenizer` turns ``(text_a, text_b)`` pairs into the three int32
+arrays a BERT classifier takes, with exactly the rules of google-research/bert
+``tokenization.FullTokenizer`` and ``run_classifier.convert_single_example``:
+
+* BasicTokenizer: drop NUL, U+FFFD and control characters, map whitespace to
+  spaces, put spaces around CJK ideographs, lower-case and strip accents (NFD,
+  drop Mn) only when ``do_lower_case``, split on whitespace and punctuation.
+* WordPiece: greedy longest-match-first with ``##`` continuation pieces;
+  ``[UNK]`` for a word longer than 200 characters or one that cannot be split.
+* Pair layout: ``[CLS] a [SEP] b [SEP]``; segment ids 0 up to and including
+  the first ``[SEP]``, 1 after it; input mask 1 on real tokens; zero padding
+  to ``max_seq_length``. Pairs that are too long are truncated with google's
+  ``_truncate_seq_pair`` rule: drop the last wordpiece of the longer side
+  (of b on a tie) until ``len(a) + len(b) <= max_seq_length - 3``.
+
+The work is done by HuggingFace ``tokenizers`` (BertNormalizer,
+BertPreTokenizer, WordPiece) for text whose characters all lie in
+:data:`FAST_PATH_CHARS`, where its Unicode tables and google's (Python's
+``unicodedata``) agree character by character. Other text (Greek, CJK,
+unassigned code points, ...) goes through a plain-Python BasicTokenizer and
+then HF's WordPiece model, because HF's character tables are older than
+Python's and it lower-cases per character (no final-sigma rule), so the two
+would differ there.
+
+One deliberate difference from ``convert_single_example``: google treats an
+empty ``text_b`` as a single-sentence example; bertpool always serves pairs,
+so an empty b gives ``[CLS] a [SEP] [SEP]``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from tokenizers import Encoding, Tokenizer, models, normalizers, pre_tokenizers
+
+from .errors import ConfigError
+
+DEFAULT_MAX_SEQ_LENGTH = 128
+MAX_CHARS_PER_WORD = 200  # google's max_input_chars_per_word (HF's default is 100)
+REQUIRED_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
+
+# Characters for which HF's BertNormalizer + BertPreTokenizer were checked to
+# behave exactly like google's BasicTokenizer, one character at a time (see
+# tests/test_tokenizer.py::test_fast_path_chars_agree_with_reference): Basic
+# Latin through Combining Diacritical Marks, General Punctuation (less the
+# unassigned U+2065) and Currency Symbols up to U+20BF. None of them is Greek
+# capital sigma, the one character Python lower-cases by context.
+FAST_PATH_CHARS = "\u0000-\u036f\u2000-\u2064\u2066-\u206f\u20a0-\u20bf"
+_SLOW_CHAR = re.compile(f"[^{FAST_PATH_CHARS}]")
+
+# google's CJK ideograph ranges (Unified Ideographs + extensions A-E and the
+# compatibility ideographs); Hangul, kana and CJK punctuation are not in it.
+_CJK_RANGES = (
+    (0x4E00, 0x9FFF),
+    (0x3400, 0x4DBF),
+    (0x20000, 0x2A6DF),
+    (0x2A700, 0x2B73F),
+    (0x2B740, 0x2B81F),
+    (0x2B820, 0x2CEAF),
+    (0xF900, 0xFAFF),
+    (0x2F800, 0x2FA1F),
+)
+
+# Vocabulary entries such as [CLS], [UNK], [unused0] are markers, not words:
+# their capitals say nothing about whether the vocabulary is cased.
+_MARKER = re.compile(r"\[[^\[\]]*\]")
+_UPPER_ASCII = re.compile(r"[A-Z]")
+
+# Character kinds for the plain-Python BasicTokenizer's cleaning pass
+# (punctuation is decided later, after lower-casing and accent stripping).
+_DROP, _SPACE, _CJK, _OTHER = range(4)
+
+
+@dataclass(frozen=True)
+class Features:
+    """Model inputs for N pairs: int32 arrays, each of shape ``[N, max_seq_length]``.
+
+    ``input_ids`` are vocabulary ids (0 after the last real token),
+    ``input_mask`` is 1 on real tokens and 0 on padding, ``segment_ids`` is 0
+    for ``[CLS] a [SEP]`` and padding, 1 for ``b [SEP]``.
+    """
+
+    input_ids: np.ndarray
+    input_mask: np.ndarray
+    segment_ids: np.ndarray
+
+
+class BertTokenizer:
+    """google-research/bert sentence-pair features from a WordPiece vocabulary file.
+
+    ``vocab_path``: one token per line, id = 0-based line number, each line
+    stripped of surrounding whitespace (a later duplicate wins, as in google's
+    ``load_vocab``); it must contain ``[PAD]``, ``[UNK]``, ``[CLS]`` and ``[SEP]``.
+    ``do_lower_case``: ``None`` decides from the vocabulary: lower-case unless
+    some entry other than a bracketed marker like ``[CLS]`` or ``[unused0]``
+    has an ASCII capital. ``max_seq_length``: length S of every feature row,
+    at least 3.
+
+    Raises :class:`~bertpool.common.errors.ConfigError` for an unreadable,
+    empty or incomplete vocabulary and for a bad ``max_seq_length``.
+
+    Thread safety: an instance is never mutated after ``__init__`` (HF
+    truncation/padding are never enabled; truncation is done here in numpy),
+    and HF ``Tokenizer.encode_batch`` may be called from several threads at
+    once, so concurrent :meth:`encode_pairs` / :meth:`tokenize` calls are safe.
+    """
+
+    def __init__(
+        self,
+        vocab_path: str | os.PathLike,
+        do_lower_case: bool | None = None,
+        max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH,
+    ) -> None:
+        if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length < 3:
+            raise ConfigError(
+                f"max_seq_length must be an integer >= 3 ([CLS] a [SEP] b [SEP] needs 3 slots), "
+                f"got {max_seq_length!r}"
+            )
+        if do_lower_case is not None and not isinstance(do_lower_case, bool):
+            raise ConfigError(f"do_lower_case must be True, False or None, got {do_lower_case!r}")
+        vocab, size = _load_vocab(vocab_path)
+        self._vocab_size = size
+        self._max_seq_length = max_seq_length
+        self._do_lower_case = _looks_uncased(vocab) if do_lower_case is None else do_lower_case
+        self._cls_id = vocab["[CLS]"]
+        self._sep_id = vocab["[SEP]"]
+        self._full = _full_pipeline(vocab, self._do_lower_case)
+        self._wordpiece_only = Tokenizer(_wordpiece_model(vocab))
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of lines in the vocabulary file (= rows of the embedding table)."""
+        return self._vocab_size
+
+    @property
+    def do_lower_case(self) -> bool:
+        """Whether text is lower-cased and accent-stripped before WordPiece."""
+        return self._do_lower_case
+
+    @property
+    def max_seq_length(self) -> int:
+        """Length S of every feature row."""
+        return self._max_seq_length
+
+    @property
+    def cls_id(self) -> int:
+        """Vocabulary id of ``[CLS]`` (first token of every row)."""
+        return self._cls_id
+
+    @property
+    def sep_id(self) -> int:
+        """Vocabulary id of ``[SEP]`` (ends a and b)."""
+        return self._sep_id
+
+    def tokenize(self, text: str) -> list[str]:
+        """The wordpieces of one text, without special tokens or truncation."""
+        return self._encode_texts([_check_text(text)], with_tokens=True)[0].tokens
+
+    def encode_pairs(self, pairs: Sequence[tuple[str, str]]) -> Features:
+        """Features for ``pairs`` (N ``(text_a, text_b)`` tuples): arrays ``[N, S]``.
+
+        Texts may be empty. Raises TypeError if a pair is not two ``str``.
+        """
+        texts: list[str] = []
+        for pair in pairs:
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise TypeError(f"each pair must be a (text_a, text_b) tuple, got {type(pair).__name__}")
+            texts.append(_check_text(pair[0]))
+            texts.append(_check_text(pair[1]))
+        encodings = self._encode_texts(texts)
+        return self._assemble([e.ids for e in encodings[0::2]], [e.ids for e in encodings[1::2]])
+
+    def _encode_texts(self, texts: list[str], with_tokens: bool = False) -> list[Encoding]:
+        """HF encodings (no special tokens) of ``texts``, in order; ``.tokens`` only if ``with_tokens``."""
+        slow = [i for i, text in enumerate(texts) if _SLOW_CHAR.search(text)]
+        if not slow:
+            return _encode_batch(self._full, texts, with_tokens=with_tokens)
+        encodings: list[Encoding | None] = [None] * len(texts)
+        words = [_basic_tokenize(texts[i], self._do_lower_case) for i in slow]
+        for i, enc in zip(slow, _encode_batch(self._wordpiece_only, words, with_tokens, is_pretokenized=True)):
+            encodings[i] = enc
+        fast = [i for i, enc in enumerate(encodings) if enc is None]
+        if fast:
+            for i, enc in zip(fast, _encode_batch(self._full, [texts[i] for i in fast], with_tokens)):
+                encodings[i] = enc
+        return encodings  # type: ignore[return-value]
+
+    def _assemble(self, a_ids: list[list[int]], b_ids: list[list[int]]) -> Features:
+        """Truncate each pair google's way and lay out ``[CLS] a [SEP] b [SEP]`` + padding."""
+        n, seq = len(a_ids), self._max_seq_length
+        keep_a, keep_b = _truncated_lengths(
+            np.fromiter(map(len, a_ids), np.int64, n), np.fromiter(map(len, b_ids), np.int64, n), seq - 3
+        )
+        input_ids = np.zeros((n, seq), np.int32)
+        segment_ids = np.zeros((n, seq), np.int32)
+        for i, (a, b, ka, kb) in enumerate(zip(a_ids, b_ids, keep_a.tolist(), keep_b.tolist())):
+            row = input_ids[i]
+            row[0] = self._cls_id
+            row[1 : 1 + ka] = a[:ka]
+            row[1 + ka] = self._sep_id
+            row[2 + ka : 2 + ka + kb] = b[:kb]
+            row[2 + ka + kb] = self._sep_id
+            segment_ids[i, 2 + ka : 3 + ka + kb] = 1
+        used = keep_a + keep_b + 3
+        input_mask = (np.arange(seq) < used[:, None]).astype(np.int32)
+        return Features(input_ids=input_ids, input_mask=input_mask, segment_ids=segment_ids)
+
+
+def _truncated_lengths(len_a: np.ndarray, len_b: np.ndarray, max_total: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lengths google's ``_truncate_seq_pair`` keeps, computed without its loop.
+
+    The loop pops from the longer side (b on a tie) until ``a + b <= max_total``.
+    A pair that fits is untouched. Otherwise b keeps ``m - a`` if a is short
+    enough never to be popped (``a <= ceil(m/2)``), ``b`` itself if b is that
+    short (``b <= floor(m/2)``), and else the two meet at ``ceil(m/2)`` for a
+    and ``floor(m/2)`` for b (the tie rule leaves a the longer one); a keeps
+    the rest. ``min(b, max(floor(m/2), m - a))`` covers all three cases.
+    """
+    over = len_a + len_b > max_total
+    keep_b = np.where(over, np.minimum(len_b, np.maximum(max_total // 2, max_total - len_a)), len_b)
+    keep_a = np.where(over, max_total - keep_b, len_a)
+    return keep_a, keep_b
+
+
+def _basic_tokenize(text: str, lower: bool) -> list[str]:
+    """google's BasicTokenizer in plain Python: the words and punctuation marks of ``text``.
+
+    Used for text outside :data:`FAST_PATH_CHARS`; Python's ``unicodedata``
+    defines the character classes and ``str.lower`` (with its final-sigma
+    rule) is applied per whitespace-separated word, as google does.
+    """
+    spaced: list[str] = []
+    for ch in text:
+        kind = _char_kind(ch)
+        if kind == _DROP:
+            continue
+        if kind == _SPACE:
+            spaced.append(" ")
+        elif kind == _CJK:
+            spaced.append(f" {ch} ")
+        else:
+            spaced.append(ch)
+    pieces: list[str] = []
+    for word in "".join(spaced).split():
+        if lower:
+            word = _strip_accents(word.lower())
+        pieces.extend(_split_punctuation(word))
+    # google splits on whitespace once more: keep that, it is cheap.
+    return " ".join(pieces).split()
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _char_kind(ch: str) -> int:
+    """Drop, space, CJK or other, by google's rules (cached: text repeats characters)."""
+    cp = ord(ch)
+    if ch in "\t\n\r ":
+        return _SPACE
+    category = unicodedata.category(ch)
+    if cp == 0 or cp == 0xFFFD or category.startswith("C"):
+        return _DROP
+    if category == "Zs":
+        return _SPACE
+    if any(lo <= cp <= hi for lo, hi in _CJK_RANGES):
+        return _CJK
+    return _OTHER
+
+
+def _is_punctuation(ch: str) -> bool:
+    """ASCII 33-47, 58-64, 91-96, 123-126 (``$``, ``^``, ``` ` ``` too) or category P*."""
+    cp = ord(ch)
+    if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
+        return True
+    return unicodedata.category(ch).startswith("P")
+
+
+def _strip_accents(word: str) -> str:
+    return "".join(ch for ch in unicodedata.normalize("NFD", word) if unicodedata.category(ch) != "Mn")
+
+
+def _split_punctuation(word: str) -> list[str]:
+    """``word`` cut before and after each punctuation character."""
+    pieces: list[str] = []
+    start = 0
+    for i, ch in enumerate(word):
+        if _is_punctuation(ch):
+            if start < i:
+                pieces.append(word[start:i])
+            pieces.append(ch)
+            start = i + 1
+    if start < len(word):
+        pieces.append(word[start:])
+    return pieces
+
+
+def _check_text(text: object) -> str:
+    if not isinstance(text, str):
+        raise TypeError(f"text must be str, got {type(text).__name__}")
+    return text
+
+
+def _encode_batch(
+    tokenizer: Tokenizer, inputs: list, with_tokens: bool, is_pretokenized: bool = False
+) -> list[Encoding]:
+    # encode_batch_fast (tokenizers >= 0.20) skips offsets, which features never
+    # use, but it also leaves Encoding.tokens empty, so tokenize() cannot use it.
+    encode = tokenizer.encode_batch
+    if not with_tokens:
+        encode = getattr(tokenizer, "encode_batch_fast", encode)
+    return encode(inputs, is_pretokenized=is_pretokenized, add_special_tokens=False)
+
+
+def _load_vocab(path: str | os.PathLike) -> tuple[dict[str, int], int]:
+    """(token -> id, number of lines) of a vocabulary file, or ConfigError."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read vocabulary file {os.fspath(path)!r}: {exc}") from exc
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # text after the final newline is not a line
+    if not lines:
+        raise ConfigError(f"vocabulary file {os.fspath(path)!r} is empty")
+    vocab = {line.strip(): index for index, line in enumerate(lines)}
+    missing = [token for token in REQUIRED_TOKENS if token not in vocab]
+    if missing:
+        raise ConfigError(f"vocabulary file {os.fspath(path)!r} lacks required token(s) {', '.join(missing)}")
+    return vocab, len(lines)
+
+
+def _looks_uncased(vocab: dict[str, int]) -> bool:
+    """True when no entry but bracketed markers has an ASCII capital letter."""
+    return not any(_UPPER_ASCII.search(token) and not _MARKER.fullmatch(token) for token in vocab)
+
+
+def _wordpiece_model(vocab: dict[str, int]) -> models.WordPiece:
+    return models.WordPiece(
+        vocab, unk_token="[UNK]", continuing_subword_prefix="##", max_input_chars_per_word=MAX_CHARS_PER_WORD
+    )
+
+
+def _full_pipeline(vocab: dict[str, int], lower: bool) -> Tokenizer:
+    """HF normalizer + pre-tokenizer + WordPiece with google's settings."""
+    tokenizer = Tokenizer(_wordpiece_model(vocab))
+    tokenizer.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=lower, lowercase=lower
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return tokenizer

@@ -1,0 +1,117 @@
+"""Shared fixtures: real pools in real processes on ipc:// or 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from bertpool.clients.client import Client
+from bertpool.common.errors import RequestError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    """../shared/data beside the repo (or $BERTPOOL_SHARED_DATA), when present."""
+    env = os.environ.get("BERTPOOL_SHARED_DATA")
+    path = Path(env) if env else REPO.parent / "shared" / "data"
+    return path if path.is_dir() else None
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Pool:
+    """A running ``bertpool-serve`` process."""
+    process: subprocess.Popen
+    address: str
+    worker_address: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stats(self, timeout_s: float = 5.0) -> dict:
+        with Client(self.address, timeout_s=timeout_s) as client:
+            return client.stats()
+
+    def wait_workers(self, n: int, timeout_s: float = 120.0) -> dict:
+        """Block until the broker reports ``n`` ready workers (bounded in time)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"serve exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                stats = self.stats(timeout_s=2.0)
+            except RequestError:
+                continue
+            if len(stats["workers"]) >= n:
+                return stats
+            time.sleep(0.1)  # polling a remote counter; there is no event to wait on
+        raise AssertionError(f"{n} workers not ready in {timeout_s} s:\n{self.log()}")
+
+    def wait_stats(self, predicate, timeout_s: float = 30.0) -> dict:
+        """Poll stats until ``predicate(stats)`` holds (bounded in time)."""
+        deadline = time.monotonic() + timeout_s
+        stats: dict = {}
+        while time.monotonic() < deadline:
+            stats = self.stats()
+            if predicate(stats):
+                return stats
+            time.sleep(0.1)
+        raise AssertionError(f"stats never satisfied the condition; last: {stats}")
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def addresses(tmp_path: Path, transport: str) -> tuple[str, str]:
+    if transport == "ipc":
+        return f"ipc://{tmp_path}/front.ipc", f"ipc://{tmp_path}/back.ipc"
+    return f"tcp://127.0.0.1:{free_tcp_port()}", f"tcp://127.0.0.1:{free_tcp_port()}"
+
+
+@pytest.fixture
+def start_pool(tmp_path):
+    """Factory: start_pool(*serve_args, parallel=2, transport="ipc") -> Pool; all stopped at teardown."""
+    pools: list[Pool] = []
+
+    def start(*args: str, parallel: int = 2, transport: str = "ipc", wait: bool = True) -> Pool:
+        front, back = addresses(tmp_path, transport)
+        log_path = tmp_path / f"serve-{len(pools)}.log"
+        cmd = [sys.executable, "-m", "bertpool.workers.serve", "--address", front,
+               "--worker-address", back, "--parallel", str(parallel), "--stats-interval-s", "0", *args]
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        pool = Pool(proc, front, back, log_path)
+        pools.append(pool)
+        if wait:
+            pool.wait_workers(parallel)
+        return pool
+
+    yield start
+    for pool in pools:
+        pool.stop()
+        try:  # the worker processes are in the pool's session: make sure none outlive it
+            os.killpg(pool.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,105 @@
+"""The batcher's contract: flush at size or at the deadline, never empty, keep order."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from bertpool.workers.batcher import Batcher, BatcherClosed, BatcherConfig
+
+
+def make(max_batch_size=4, batch_timeout_ms=50.0) -> Batcher:
+    return Batcher(BatcherConfig(max_batch_size, batch_timeout_ms))
+
+
+@pytest.mark.parametrize("size", [1, 4, 7])
+def test_flushes_at_size_without_waiting_for_the_deadline(size):
+    b = make(size, batch_timeout_ms=60_000)
+    for i in range(size + 2):
+        b.put(i)
+    batch = b.next_batch(timeout_s=5)
+    assert [item for _, item in batch] == list(range(size))
+    assert len(b) == 2
+
+
+def test_flushes_partial_batch_at_the_deadline_of_the_oldest_item():
+    b = make(4, batch_timeout_ms=40)
+    arrived = time.monotonic()
+    b.put("a", arrived)
+    b.put("b")
+    batch = b.next_batch(timeout_s=5)
+    waited = time.monotonic() - arrived
+    assert [item for _, item in batch] == ["a", "b"]
+    assert waited >= 0.039
+    assert waited < 5  # bounded: it did not wait for the give-up timeout
+
+
+def test_item_that_already_waited_flushes_at_once():
+    b = make(4, batch_timeout_ms=10_000)
+    b.put("old", time.monotonic() - 20)  # e.g. arrived while the model was busy
+    assert [item for _, item in b.next_batch(timeout_s=1)] == ["old"]
+
+
+def test_timeout_zero_flushes_whatever_is_there():
+    b = make(4, batch_timeout_ms=0)
+    b.put(1)
+    b.put(2)
+    assert [item for _, item in b.next_batch(timeout_s=1)] == [1, 2]
+
+
+def test_never_returns_an_empty_batch_only_an_explicit_give_up():
+    b = make(4, batch_timeout_ms=0)
+    assert b.next_batch(timeout_s=0.01) == []  # nothing queued: the caller's timeout, not a batch
+
+
+def test_consumer_wakes_when_first_item_arrives():
+    b = make(1, batch_timeout_ms=0)
+    got: list = []
+    consumer = threading.Thread(target=lambda: got.extend(b.next_batch(timeout_s=10)))
+    consumer.start()
+    b.put("x")
+    consumer.join(10)
+    assert [item for _, item in got] == ["x"]
+
+
+def test_close_drains_then_raises():
+    b = make(4, batch_timeout_ms=60_000)
+    b.put(1)
+    b.close()
+    assert [item for _, item in b.next_batch()] == [1]  # handed out at once, not at the deadline
+    with pytest.raises(BatcherClosed):
+        b.next_batch()
+    with pytest.raises(BatcherClosed):
+        b.put(2)
+
+
+def test_concurrent_producers_lose_nothing_and_keep_per_producer_order():
+    b = make(4, batch_timeout_ms=1)
+    n_producers, per = 8, 250
+
+    def produce(p):
+        for i in range(per):
+            b.put((p, i))
+
+    threads = [threading.Thread(target=produce, args=(p,)) for p in range(n_producers)]
+    for t in threads:
+        t.start()
+    got = []
+    deadline = time.monotonic() + 30
+    while len(got) < n_producers * per and time.monotonic() < deadline:
+        batch = b.next_batch(timeout_s=1)
+        assert len(batch) <= 4
+        got.extend(item for _, item in batch)
+    for t in threads:
+        t.join(10)
+    assert len(got) == n_producers * per
+    for p in range(n_producers):
+        assert [i for q, i in got if q == p] == list(range(per))
+
+
+@pytest.mark.parametrize("kwargs", [{"max_batch_size": 0}, {"batch_timeout_ms": -1}])
+def test_bad_config_is_rejected(kwargs):
+    with pytest.raises(ValueError):
+        BatcherConfig(**kwargs)

@@ -1,0 +1,214 @@
+"""Broker routing: credit-based dispatch, BUSY, re-queueing, frontend validation.
+
+The broker runs on a thread; workers and clients are raw DEALER sockets so the
+tests see exactly what crosses the wire.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import zmq
+
+from bertpool.broker.broker import Broker, BrokerConfig
+from bertpool.common import protocol as P
+from bertpool.common.errors import ConfigError
+
+WAIT_MS = 5000
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """Factory: broker(**config) -> running Broker; stopped at teardown."""
+    running = []
+
+    def start(**kwargs) -> Broker:
+        config = BrokerConfig(frontend=f"ipc://{tmp_path}/f{len(running)}",
+                              backend=f"ipc://{tmp_path}/b{len(running)}", **kwargs)
+        b = Broker(config)
+        b.bind()
+        t = threading.Thread(target=b.run, daemon=True)
+        t.start()
+        running.append((b, t))
+        return b
+
+    yield start
+    for b, t in running:
+        b.stop()
+        t.join(5)
+        assert not t.is_alive()
+
+
+@pytest.fixture
+def sockets():
+    ctx = zmq.Context.instance()
+    made = []
+
+    def dealer(address: str) -> zmq.Socket:
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(address)
+        made.append(s)
+        return s
+
+    yield dealer
+    for s in made:
+        s.close()
+
+
+def recv(sock: zmq.Socket) -> list[bytes]:
+    assert sock.poll(WAIT_MS), "nothing received in time"
+    return sock.recv_multipart()
+
+
+def nothing(sock: zmq.Socket, ms: int = 200) -> bool:
+    return not sock.poll(ms)
+
+
+def ready(worker: zmq.Socket, capacity: int, name: str) -> None:
+    worker.send_multipart([P.VERSION, P.READY, P.pack({"worker": name, "pid": 1, "capacity": capacity})])
+
+
+def wait_workers(broker: Broker, client: zmq.Socket, n: int) -> None:
+    """Round-trip STATS until the broker has registered n workers (bounded)."""
+    for _ in range(100):
+        client.send_multipart([P.VERSION, P.STATS, P.pack({})])
+        if len(P.unpack(recv(client)[2])["workers"]) >= n:
+            return
+    raise AssertionError("workers never registered")
+
+
+def request(client: zmq.Socket, rid) -> None:
+    client.send_multipart([P.VERSION, P.REQUEST, P.text_request(rid, "a", "b")])
+
+
+def test_credit_based_dispatch_never_exceeds_capacity(broker, sockets):
+    b = broker()
+    client, worker = sockets(b.config.frontend), sockets(b.config.backend)
+    ready(worker, 2, "w")
+    wait_workers(b, client, 1)
+    for i in range(5):
+        request(client, i)
+    got = [recv(worker) for _ in range(2)]
+    assert nothing(worker)  # capacity 2: the third waits in the broker's queue
+    assert [P.unpack(f[3])["id"] for f in got] == [0, 1]
+    # One reply returns one credit, so exactly one more request arrives.
+    version, kind, token, body, queued = got[0]
+    assert len(token) == P.TOKEN_BYTES and len(queued) == 8
+    worker.send_multipart([P.VERSION, P.REPLY, token, P.reply_body(0, [0.1, 0.9], {})])
+    reply = recv(client)
+    assert reply[:2] == [P.VERSION, P.REPLY] and P.unpack(reply[2])["id"] == 0
+    assert P.unpack(recv(worker)[3])["id"] == 2
+    assert nothing(worker)
+
+
+def test_slow_worker_does_not_block_the_others(broker, sockets):
+    b = broker()
+    client = sockets(b.config.frontend)
+    slow, fast = sockets(b.config.backend), sockets(b.config.backend)
+    ready(slow, 1, "slow")
+    ready(fast, 1, "fast")
+    wait_workers(b, client, 2)
+    for i in range(6):
+        request(client, i)
+    held = recv(slow)  # the slow worker holds its one request and never answers
+    answered = 0
+    for _ in range(5):
+        frames = recv(fast)
+        fast.send_multipart([P.VERSION, P.REPLY, frames[2], P.reply_body(0, [1.0, 0.0], {})])
+        recv(client)
+        answered += 1
+    assert answered == 5 and nothing(slow)
+    assert P.unpack(held[3])["id"] in range(6)
+
+
+def test_busy_when_queue_is_full(broker, sockets):
+    b = broker(max_queue=2)
+    client = sockets(b.config.frontend)  # no workers: everything queues
+    for i in range(3):
+        request(client, f"r{i}")
+    reply = recv(client)
+    assert reply[1] == P.BUSY
+    assert P.unpack(reply[2])["id"] == "r2"
+    client.send_multipart([P.VERSION, P.STATS, P.pack({})])
+    stats = P.unpack(recv(client)[2])
+    assert stats["queue"] == 2 and stats["broker"]["busy"] == 1
+
+
+def test_disconnect_requeues_held_requests_to_another_worker(broker, sockets):
+    b = broker()
+    client = sockets(b.config.frontend)
+    first, second = sockets(b.config.backend), sockets(b.config.backend)
+    ready(first, 4, "first")
+    wait_workers(b, client, 1)
+    for i in range(3):
+        request(client, i)
+    assert [P.unpack(recv(first)[3])["id"] for _ in range(3)] == [0, 1, 2]
+    first.send_multipart([P.VERSION, P.DISCONNECT, P.pack({})])
+    ready(second, 4, "second")
+    assert [P.unpack(recv(second)[3])["id"] for _ in range(3)] == [0, 1, 2]
+
+
+def test_restarted_worker_replaces_its_dead_predecessor(broker, sockets):
+    b = broker()
+    client = sockets(b.config.frontend)
+    dead, restarted = sockets(b.config.backend), sockets(b.config.backend)
+    ready(dead, 4, "host:worker-0")
+    wait_workers(b, client, 1)
+    request(client, "held")
+    recv(dead)
+    ready(restarted, 4, "host:worker-0")  # same name, new identity: the old one is gone
+    assert P.unpack(recv(restarted)[3])["id"] == "held"
+    client.send_multipart([P.VERSION, P.STATS, P.pack({})])
+    stats = P.unpack(recv(client)[2])
+    assert list(stats["workers"]) == ["host:worker-0"] and stats["broker"]["requeued"] == 1
+
+
+def test_worker_error_reply_is_forwarded(broker, sockets):
+    b = broker()
+    client, worker = sockets(b.config.frontend), sockets(b.config.backend)
+    ready(worker, 1, "w")
+    wait_workers(b, client, 1)
+    request(client, "e")
+    token = recv(worker)[2]
+    worker.send_multipart([P.VERSION, P.ERROR, token, P.error_body("e", P.E_INFERENCE, "boom")])
+    reply = recv(client)
+    assert reply[1] == P.ERROR and P.unpack(reply[2])["code"] == P.E_INFERENCE
+
+
+def test_oversized_request_is_refused(broker, sockets):
+    b = broker(max_request_bytes=100)
+    client = sockets(b.config.frontend)
+    client.send_multipart([P.VERSION, P.REQUEST, P.text_request(9, "x" * 200, "b")])
+    reply = recv(client)
+    assert reply[1] == P.ERROR and P.unpack(reply[2]) == {
+        "id": 9, "code": P.E_TOO_LARGE, "message": P.unpack(reply[2])["message"]}
+
+
+def test_malformed_worker_messages_are_ignored(broker, sockets):
+    b = broker()
+    client, worker = sockets(b.config.frontend), sockets(b.config.backend)
+    worker.send_multipart([b"junk"])
+    worker.send_multipart([P.VERSION, P.READY, b"\xc1"])
+    worker.send_multipart([P.VERSION, P.READY, P.pack({"capacity": -3})])
+    worker.send_multipart([P.VERSION, P.REPLY, b"unknown-token", b"x"])
+    ready(worker, 1, "w")
+    wait_workers(b, client, 1)  # the broker survived all of the above
+
+
+def test_bind_conflict_is_a_config_error(tmp_path):
+    first = Broker(BrokerConfig(frontend="tcp://127.0.0.1:0", backend=f"ipc://{tmp_path}/b1"))
+    first.bind()
+    taken = first.frontend.getsockopt(zmq.LAST_ENDPOINT).decode()
+    try:
+        with pytest.raises(ConfigError, match="cannot bind"):
+            Broker(BrokerConfig(frontend=taken, backend=f"ipc://{tmp_path}/b2")).bind()
+    finally:
+        first.close()
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:5555", "http://x", ""])
+def test_bad_address_is_a_config_error(address):
+    with pytest.raises(ConfigError):
+        BrokerConfig(frontend=address)

@@ -1,0 +1,159 @@
+"""bertpool.common.data: MRPC reading, generated pairs, bundled samples, shared dir."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bertpool.common import data
+from bertpool.common.data import Pair, default_pairs, generate_pairs, read_mrpc_tsv, shared_data_dir
+from bertpool.common.errors import ConfigError
+
+HEADER = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+
+
+def shared_data() -> Path:
+    override = os.environ.get("BERTPOOL_SHARED_DATA")
+    return Path(override) if override else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def write(tmp_path: Path, text: str, name: str = "pairs.tsv") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# --- read_mrpc_tsv ------------------------------------------------------------
+
+
+def test_real_mrpc_dev_set() -> None:
+    path = shared_data() / "glue_mrpc_dev.tsv"
+    if not path.is_file():
+        pytest.skip(f"shared GLUE MRPC dev set not found at {path}")
+    pairs = read_mrpc_tsv(path)
+    assert len(pairs) == 408
+    assert sum(p.label == 1 for p in pairs) == 279
+    assert sum(p.label == 0 for p in pairs) == 129
+    assert pairs[0] == Pair(
+        text_a="He said the foodservice pie business doesn 't fit the company 's long-term growth strategy .",
+        text_b='" The foodservice pie business does not fit our long-term growth strategy .',
+        label=1,
+    )
+
+
+def test_quotes_tabs_and_bom_handling(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        HEADER + '1\t11\t12\t" Quoted , "\tHe said " hi\n0\t21\t22\t""\t\'single\' "\n\n',
+    )
+    assert read_mrpc_tsv(path) == [
+        Pair('" Quoted , "', 'He said " hi', 1),
+        Pair('""', "'single' \"", 0),
+    ]
+
+
+def test_header_without_bom_and_empty_file_body(tmp_path: Path) -> None:
+    assert read_mrpc_tsv(write(tmp_path, HEADER.lstrip("\ufeff"))) == []
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="missing.tsv"):
+        read_mrpc_tsv(tmp_path / "missing.tsv")
+
+
+def test_directory_is_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        read_mrpc_tsv(tmp_path)
+
+
+def test_wrong_header(tmp_path: Path) -> None:
+    path = write(tmp_path, "label\tsentence1\tsentence2\n1\ta\tb\n")
+    with pytest.raises(ConfigError, match=r"pairs\.tsv:1: expected MRPC header"):
+        read_mrpc_tsv(path)
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=":1:"):
+        read_mrpc_tsv(write(tmp_path, ""))
+
+
+def test_wrong_column_count_names_line(tmp_path: Path) -> None:
+    path = write(tmp_path, HEADER + "1\t1\t2\ta\tb\n0\t3\t4\tonly a\n")
+    with pytest.raises(ConfigError, match=r"pairs\.tsv:3: expected 5 tab-separated fields, got 4"):
+        read_mrpc_tsv(path)
+
+
+def test_extra_column_names_line(tmp_path: Path) -> None:
+    path = write(tmp_path, HEADER + "1\t1\t2\ta\tb\tc\n")
+    with pytest.raises(ConfigError, match=r":2: expected 5 tab-separated fields, got 6"):
+        read_mrpc_tsv(path)
+
+
+@pytest.mark.parametrize("quality", ["2", "", "yes", " 1", "1.0"])
+def test_bad_quality_names_line(tmp_path: Path, quality: str) -> None:
+    path = write(tmp_path, HEADER + "1\t1\t2\ta\tb\n\n" + f"{quality}\t3\t4\tc\td\n")
+    with pytest.raises(ConfigError, match=r"pairs\.tsv:4: Quality must be 0 or 1"):
+        read_mrpc_tsv(path)
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.tsv"
+    path.write_bytes(HEADER.encode() + b"1\t1\t2\t\xff\tb\n")
+    with pytest.raises(ConfigError, match="pairs.tsv"):
+        read_mrpc_tsv(path)
+
+
+# --- generate_pairs -------------------------------------------------------
+
+
+def test_generate_pairs_is_deterministic() -> None:
+    assert generate_pairs(50) == generate_pairs(50)
+    assert generate_pairs(50, seed=7) == generate_pairs(50, seed=7)
+    assert generate_pairs(50, seed=7) != generate_pairs(50, seed=8)
+    assert generate_pairs(20) == generate_pairs(50)[:20]  # a prefix of a longer run
+    assert generate_pairs(0) == []
+
+
+def test_generate_pairs_content() -> None:
+    pairs = generate_pairs(200, seed=3)
+    assert all(isinstance(p, Pair) and p.text_a and p.text_b for p in pairs)
+    assert {p.label for p in pairs} == {0, 1}
+    assert 0.5 < sum(p.label for p in pairs) / len(pairs) < 0.85
+    # Every word is at least one wordpiece, so > 128 words means truncation at 128.
+    lengths = [len(p.text_a.split()) + len(p.text_b.split()) for p in pairs]
+    assert sum(n > 128 for n in lengths) >= 10
+    assert min(lengths) < 40
+
+
+@pytest.mark.parametrize("n", [-1, 2.0, True])
+def test_generate_pairs_rejects_bad_n(n) -> None:
+    with pytest.raises(ConfigError):
+        generate_pairs(n)
+
+
+# --- default_pairs / sample file -------------------------------------------
+
+
+def test_default_pairs_parse() -> None:
+    pairs = default_pairs()
+    assert len(pairs) == 64
+    assert {p.label for p in pairs} == {0, 1}
+    assert all(p.text_a.strip() and p.text_b.strip() for p in pairs)
+    assert max(len(p.text_a.split()) + len(p.text_b.split()) for p in pairs) > 128
+    assert pairs == read_mrpc_tsv(Path(data.__file__).with_name(data.SAMPLE_PAIRS_FILE))
+
+
+# --- shared_data_dir ---------------------------------------------------------
+
+
+def test_shared_data_dir_env_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("BERTPOOL_SHARED_DATA", str(tmp_path / "elsewhere"))
+    assert shared_data_dir() == tmp_path / "elsewhere"
+
+
+def test_shared_data_dir_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BERTPOOL_SHARED_DATA", raising=False)
+    expected = Path(data.__file__).resolve().parents[1].parent / "shared" / "data"
+    assert shared_data_dir() == (expected if expected.is_dir() else None)

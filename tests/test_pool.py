@@ -1,0 +1,190 @@
+"""End to end: bertpool-serve (broker + supervised workers) with the echo backend."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from bertpool.clients.client import Client
+from bertpool.common import protocol as P
+from bertpool.common.tokenizer import BertTokenizer
+from bertpool.workers.backends import echo_probabilities, fallback_vocab_path
+
+
+def expected_echo(tokenizer: BertTokenizer, a: str, b: str) -> np.ndarray:
+    f = tokenizer.encode_pairs([(a, b)])
+    return echo_probabilities(f.input_ids, f.input_mask)[0]
+
+
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+def test_48_clients_every_reply_matches_its_request(start_pool, transport):
+    pool = start_pool("--backend", "echo", "--batch-timeout-ms", "2", parallel=4, transport=transport)
+    tokenizer = BertTokenizer(fallback_vocab_path())
+    n_clients, cycle = 48, 32
+    mismatches: list[str] = []
+    failures: list[BaseException] = []
+
+    def one_client(c: int) -> None:
+        try:
+            with Client(pool.address, timeout_s=60) as client:
+                for i in range(cycle):
+                    a, b = f"client {c} request {i}", f"pair text {i * 7 + c}"
+                    result = client.predict(a, b)
+                    want = expected_echo(tokenizer, a, b)
+                    if not np.allclose(result.probabilities, want) or result.label != int(np.argmax(want)):
+                        mismatches.append(f"{c}/{i}: got {result.probabilities}, want {want}")
+        except BaseException as exc:  # surfaced below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=one_client, args=(c,)) for c in range(n_clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads)
+    assert not failures, failures[:3]
+    assert not mismatches, mismatches[:3]
+    total = n_clients * cycle
+    # Workers report counters every second: wait until all have reported the last batch.
+    stats = pool.wait_stats(lambda s: s["totals"]["inferences"] >= total)
+    assert stats["totals"]["inferences"] == total  # real inferences only: no warm-up, no dummy rows
+    assert stats["broker"]["replies"] == total
+    assert stats["broker"]["errors"] == 0
+    assert len(stats["workers"]) == 4
+    assert pool.stop() == 0
+
+
+def test_batches_fill_under_load_and_pad_only_the_rest(start_pool):
+    pool = start_pool("--backend", "echo", "--echo-delay-ms", "20", "--batch-timeout-ms", "50", parallel=1)
+    with Client(pool.address, timeout_s=30) as client:
+        results = client.predict_many([(f"a {i}", f"b {i}") for i in range(40)], max_in_flight=40)
+    assert max(r.timings["batch_size"] for r in results) == 4
+    stats = pool.wait_stats(lambda s: s["totals"]["inferences"] >= 40)
+    totals = stats["totals"]
+    assert totals["inferences"] == 40
+    # Every batch is padded to 4 rows: padded rows make up the difference exactly.
+    assert totals["batches"] * 4 == totals["inferences"] + totals["padded_rows"]
+
+
+def test_single_request_latency_is_timeout_plus_compute(start_pool):
+    pool = start_pool("--backend", "echo", "--batch-timeout-ms", "30", parallel=1)
+    with Client(pool.address, timeout_s=30) as client:
+        result = client.predict("just one", "request")
+    # Alone, it waits out the batch deadline, then runs as a batch of one.
+    assert result.timings["batch_size"] == 1
+    assert result.timings["batch_wait_ms"] >= 29.0
+    assert set(result.timings) >= {"queue_ms", "batch_wait_ms", "compute_ms"}
+
+
+BAD_MESSAGES = {
+    "not_msgpack": ([P.VERSION, P.REQUEST, b"\xc1\xc1 not msgpack"], P.E_BAD_ENCODING),
+    "not_a_map": ([P.VERSION, P.REQUEST, P.msgpack.packb([1, 2])], P.E_BAD_ENCODING),
+    "missing_id": ([P.VERSION, P.REQUEST, P.pack({"text_a": "a", "text_b": "b"})], P.E_BAD_FIELD),
+    "missing_text_b": ([P.VERSION, P.REQUEST, P.pack({"id": 1, "text_a": "a"})], P.E_BAD_FIELD),
+    "text_wrong_type": ([P.VERSION, P.REQUEST, P.pack({"id": 1, "text_a": 5, "text_b": "b"})], P.E_BAD_FIELD),
+    "id_wrong_type": ([P.VERSION, P.REQUEST, P.pack({"id": [1], "text_a": "a", "text_b": "b"})], P.E_BAD_FIELD),
+    "empty_text": ([P.VERSION, P.REQUEST, P.pack({"id": 1, "text_a": "  ", "text_b": "b"})], P.E_BAD_TEXT),
+    "non_utf8": ([P.VERSION, P.REQUEST, P.pack({"id": 1, "text_a": b"\xff\xfe", "text_b": "b"})], P.E_BAD_TEXT),
+    "oversized_text": ([P.VERSION, P.REQUEST, P.pack({"id": 1, "text_a": "x " * P.MAX_TEXT_CHARS,
+                                                      "text_b": "b"})], P.E_BAD_TEXT),
+    "unknown_version": ([b"BP9", P.REQUEST, P.text_request(1, "a", "b")], P.E_BAD_VERSION),
+    "unknown_kind": ([P.VERSION, b"\x7f", P.text_request(1, "a", "b")], P.E_BAD_KIND),
+    "too_few_frames": ([P.VERSION], P.E_BAD_FRAMES),
+    "too_many_frames": ([P.VERSION, P.REQUEST, P.text_request(1, "a", "b"), b"extra"], P.E_BAD_FRAMES),
+    "bad_feature_shape": ([P.VERSION, P.REQUEST, P.pack({
+        "id": 1, "input_ids": P.encode_array(np.zeros(5, np.int32)),
+        "input_mask": P.encode_array(np.zeros(5, np.int32)),
+        "segment_ids": P.encode_array(np.zeros(5, np.int32))})], P.E_BAD_FIELD),
+    "feature_id_out_of_vocab": ([P.VERSION, P.REQUEST, P.features_request(
+        1, np.full(128, 10**6), np.ones(128), np.zeros(128))], P.E_BAD_FIELD),
+    "array_bytes_mismatch": ([P.VERSION, P.REQUEST, P.pack({
+        "id": 1, "input_ids": {"__nd__": True, "dtype": "i4", "shape": [128], "data": b"123"},
+        "input_mask": P.encode_array(np.zeros(128, np.int32)),
+        "segment_ids": P.encode_array(np.zeros(128, np.int32))})], P.E_BAD_FIELD),
+}
+
+
+def test_bad_wire_input_gets_error_and_pool_keeps_serving(start_pool):
+    pool = start_pool("--backend", "echo", "--batch-timeout-ms", "1", parallel=2)
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(pool.address)
+    try:
+        for name, (frames, code) in BAD_MESSAGES.items():
+            sock.send_multipart(frames)
+            assert sock.poll(10_000), f"{name}: no reply"
+            reply = sock.recv_multipart()
+            assert reply[:2] == [P.VERSION, P.ERROR], name
+            body = P.unpack(reply[2])
+            assert body["code"] == code, (name, body)
+            assert body["message"], name
+        # The pool still answers good requests from the same socket and from a client.
+        sock.send_multipart([P.VERSION, P.REQUEST, P.text_request("ok", "fine", "text")])
+        assert sock.poll(10_000)
+        reply = sock.recv_multipart()
+        assert reply[1] == P.REPLY and P.unpack(reply[2])["id"] == "ok"
+    finally:
+        sock.close()
+    with Client(pool.address, timeout_s=10) as client:
+        assert client.predict("still", "serving").label in (0, 1)
+    assert pool.stats()["broker"]["replies"] >= 2
+
+
+def test_features_request_served(start_pool):
+    pool = start_pool("--backend", "echo", parallel=1)
+    tokenizer = BertTokenizer(fallback_vocab_path())
+    f = tokenizer.encode_pairs([("pre tokenized", "features")])
+    with Client(pool.address, timeout_s=10) as client:
+        result = client.submit_features(f.input_ids[0], f.input_mask[0], f.segment_ids[0]).result()
+    assert np.allclose(result.probabilities, echo_probabilities(f.input_ids, f.input_mask)[0])
+
+
+def test_dead_worker_is_restarted_and_pool_serves(start_pool):
+    pool = start_pool("--backend", "echo", parallel=2)
+    before = {w["pid"] for w in pool.stats()["workers"].values() if "pid" in w} or None
+    pids = _worker_pids(pool)
+    assert len(pids) == 2, pids
+    os.kill(pids[0], signal.SIGKILL)
+    stats = pool.wait_stats(lambda s: pids[0] not in _stats_pids(s) and len(s["workers"]) >= 2,
+                            timeout_s=60)
+    assert len(stats["workers"]) >= 2, before
+    with Client(pool.address, timeout_s=20) as client:
+        assert len(client.predict_many([("after", "restart")] * 20)) == 20
+
+
+def _stats_pids(stats: dict) -> set[int]:
+    return {w.get("pid") for w in stats["workers"].values()}
+
+
+def _worker_pids(pool) -> list[int]:
+    return sorted(p for p in _stats_pids(pool.stats()) if p)
+
+
+def test_serve_stops_cleanly_on_sigterm(start_pool):
+    pool = start_pool("--backend", "echo", parallel=2)
+    pids = _worker_pids(pool)
+    assert pool.stop() == 0
+    deadline = time.monotonic() + 10
+    for pid in pids:
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(pid), f"worker {pid} outlived serve"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purpose
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False

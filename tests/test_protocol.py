@@ -1,0 +1,123 @@
+"""Protocol round trips and validation: every bad body is a typed ProtocolError."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from bertpool.common import protocol as P
+from bertpool.common.errors import InputError, ProtocolError
+
+
+@pytest.mark.parametrize("dtype", ["<i4", "<i8", "<f4", "<f2", "<f8", "u1", ">i4"])
+@pytest.mark.parametrize("shape", [(0,), (3,), (2, 5), (1, 1, 4)])
+def test_array_round_trip(dtype, shape):
+    a = (np.arange(int(np.prod(shape))) % 100).astype(dtype).reshape(shape)
+    enc = P.encode_array(a)
+    assert isinstance(enc["data"], bytes)  # raw bytes on the wire, never a list
+    back = P.decode_array(P.unpack(P.pack({"a": enc}))["a"])
+    assert back.shape == a.shape and np.array_equal(back, a)
+
+
+def test_text_request_round_trip():
+    body = P.unpack(P.text_request("r1", "A café.", "B"))
+    assert P.check_id(body) == "r1"
+    assert P.parse_request(body, 128) == ("text", ("A café.", "B"))
+
+
+def test_features_request_round_trip():
+    ids = np.arange(128, dtype=np.int32)
+    body = P.unpack(P.features_request(7, ids, np.ones(128), np.zeros(128)))
+    kind, (i, m, s) = P.parse_request(body, 128)
+    assert kind == "features" and P.check_id(body) == 7
+    assert np.array_equal(i, ids) and i.dtype == np.int32 and m.sum() == 128 and s.sum() == 0
+
+
+def test_reply_and_error_round_trip():
+    body = P.unpack(P.reply_body("x", np.array([0.25, 0.75], np.float32), {"compute_ms": 1.5}))
+    assert body["id"] == "x" and body["label"] == 1
+    assert np.allclose(P.decode_array(body["probabilities"]), [0.25, 0.75])
+    assert body["timings"] == {"compute_ms": 1.5}
+    err = P.unpack(P.error_body(None, P.E_BAD_TEXT, "empty"))
+    assert err == {"id": None, "code": "bad_text", "message": "empty"}
+
+
+def test_queue_time_frame():
+    assert P.decode_queue_time(P.encode_queue_time(0.0125)) == pytest.approx(12.5)
+    assert P.decode_queue_time(P.encode_queue_time(-1)) == 0.0
+    assert P.decode_queue_time(b"bad") == 0.0
+
+
+@pytest.mark.parametrize("raw", [b"", b"\xc1", msgpack.packb([1]), msgpack.packb("s"), b"\x92\x01"])
+def test_unpack_rejects_non_maps(raw):
+    with pytest.raises(ProtocolError) as err:
+        P.unpack(raw)
+    assert err.value.code == P.E_BAD_ENCODING
+
+
+@pytest.mark.parametrize("body, code", [
+    ({"text_a": "a", "text_b": "b"}, P.E_BAD_FIELD),           # no id
+    ({"id": True, "text_a": "a", "text_b": "b"}, P.E_BAD_FIELD),
+    ({"id": 1.5, "text_a": "a", "text_b": "b"}, P.E_BAD_FIELD),
+    ({"id": "x" * 300, "text_a": "a", "text_b": "b"}, P.E_BAD_FIELD),
+])
+def test_bad_ids(body, code):
+    with pytest.raises(ProtocolError) as err:
+        P.check_id(body)
+    assert err.value.code == code
+
+
+@pytest.mark.parametrize("body, code, typ", [
+    ({"id": 1}, P.E_BAD_FIELD, ProtocolError),
+    ({"id": 1, "text_a": "a"}, P.E_BAD_FIELD, ProtocolError),
+    ({"id": 1, "text_a": None, "text_b": "b"}, P.E_BAD_FIELD, ProtocolError),
+    ({"id": 1, "text_a": "", "text_b": "b"}, P.E_BAD_TEXT, InputError),
+    ({"id": 1, "text_a": "a", "text_b": " \t\n"}, P.E_BAD_TEXT, InputError),
+    ({"id": 1, "text_a": b"\xff", "text_b": "b"}, P.E_BAD_TEXT, InputError),
+    ({"id": 1, "text_a": "a" * (P.MAX_TEXT_CHARS + 1), "text_b": "b"}, P.E_BAD_TEXT, InputError),
+    ({"id": 1, "input_ids": [1, 2], "input_mask": [1], "segment_ids": [0]}, P.E_BAD_FIELD, ProtocolError),
+    ({"id": 1, "input_ids": P.encode_array(np.zeros(128, np.float32)),
+      "input_mask": P.encode_array(np.zeros(128, np.int32)),
+      "segment_ids": P.encode_array(np.zeros(128, np.int32))}, P.E_BAD_FIELD, ProtocolError),
+    ({"id": 1, "input_ids": {"__nd__": True, "dtype": "O", "shape": [128], "data": b""},
+      "input_mask": 0, "segment_ids": 0}, P.E_BAD_FIELD, ProtocolError),
+])
+def test_bad_requests(body, code, typ):
+    with pytest.raises(typ) as err:
+        P.parse_request(body, 128)
+    assert err.value.code == code
+
+
+def test_utf8_bytes_text_is_accepted():
+    assert P.parse_request({"id": 1, "text_a": "é".encode(), "text_b": "b"}, 128)[1][0] == "é"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_fuzz_arbitrary_bytes_only_raise_protocol_errors(raw):
+    try:
+        body = P.unpack(raw)
+        P.check_id(body)
+        P.parse_request(body, 128)
+    except ProtocolError:
+        pass
+
+
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1) | st.floats() | st.text(max_size=20)
+    | st.binary(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=10)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["id", "text_a", "text_b", "input_ids", "input_mask",
+                                        "segment_ids", "__nd__", "x"]), _values, max_size=6))
+def test_fuzz_structured_bodies_only_raise_protocol_errors(body):
+    try:
+        P.check_id(body)
+        P.parse_request(P.unpack(P.pack(body)), 128)
+    except ProtocolError:
+        pass

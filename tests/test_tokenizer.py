@@ -1,0 +1,456 @@
+"""bertpool.common.tokenizer against an independent reference of google-research/bert.
+
+The reference (``google_reference_tokenization.py``) is plain Python written
+from google's rules. Real-data tests use the shared MRPC dev set and uncased
+vocabulary when present (``$BERTPOOL_SHARED_DATA`` or ``<repo>/../shared/data``)
+and skip otherwise; everything else runs on small vocabularies written to tmp.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import statistics
+import time
+import unicodedata
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bertpool.common.errors import ConfigError
+from bertpool.common.tokenizer import FAST_PATH_CHARS, BertTokenizer, Features, _truncated_lengths
+
+try:  # tests/ may or may not be a package
+    from . import google_reference_tokenization as ref
+except ImportError:
+    import google_reference_tokenization as ref
+
+MRPC_FILE = "glue_mrpc_dev.tsv"
+VOCAB_FILE = "uncased_L-24_H-1024_A-16.vocab.txt"
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+PAD, UNK, CLS, SEP = 0, 1, 2, 3  # ids of SPECIALS in every tiny vocabulary below
+
+
+# --- helpers and fixtures ---------------------------------------------------
+
+
+def shared_data() -> Path:
+    override = os.environ.get("BERTPOOL_SHARED_DATA")
+    return Path(override) if override else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def write_vocab(directory: Path, tokens: list[str], name: str = "vocab.txt") -> Path:
+    path = directory / name
+    path.write_text("".join(f"{t}\n" for t in tokens), encoding="utf-8")
+    return path
+
+
+def char_vocab(texts: list[str], lower: bool) -> list[str]:
+    """A vocabulary of single characters (c and ##c) seen in the reference words of ``texts``.
+
+    With it every word becomes ``[w0, ##w1, ##w2, ...]``, so comparing
+    wordpieces compares word boundaries and characters exactly.
+    """
+    chars = sorted({ch for text in texts for word in ref.basic_tokenize(text, lower) for ch in word})
+    return SPECIALS + chars + ["##" + ch for ch in chars]
+
+
+def reference_features(vocab: dict[str, int], lower: bool, pairs, seq: int) -> Features:
+    rows = [ref.pair_features(a, b, vocab, lower, seq) for a, b in pairs]
+    as_array = lambda k: np.array([r[k] for r in rows], np.int32).reshape(len(rows), seq)  # noqa: E731
+    return Features(input_ids=as_array(0), input_mask=as_array(1), segment_ids=as_array(2))
+
+
+def assert_same_features(got: Features, want: Features) -> None:
+    for field in ("input_ids", "input_mask", "segment_ids"):
+        g, w = getattr(got, field), getattr(want, field)
+        assert g.dtype == np.int32, field
+        assert g.shape == w.shape, field
+        bad = np.flatnonzero((g != w).any(axis=1))
+        assert bad.size == 0, f"{field} differs on rows {bad[:10].tolist()}: {g[bad[0]]} != {w[bad[0]]}"
+
+
+@pytest.fixture(scope="module")
+def real_vocab_path() -> Path:
+    path = shared_data() / VOCAB_FILE
+    if not path.is_file():
+        pytest.skip(f"shared BERT vocabulary not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def mrpc_pairs() -> list[tuple[str, str]]:
+    path = shared_data() / MRPC_FILE
+    if not path.is_file():
+        pytest.skip(f"shared GLUE MRPC dev set not found at {path}")
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return [(row[3], row[4]) for row in rows[1:]]
+
+
+TINY = SPECIALS + [
+    "hello", "world", "the", "cafe", "café", "un", "##aff", "##able", "a", "b", "c", "x", "##x",
+    ",", "!", ".", "$", "'", "—", "中", "ο", "##δ", "##ο", "##ς", "##σ",
+]  # fmt: skip
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> BertTokenizer:
+    return BertTokenizer(write_vocab(tmp_path, TINY))
+
+
+# --- real data: GLUE MRPC dev set with the uncased vocabulary --------------
+
+
+@pytest.mark.parametrize("seq", [128, 24])
+def test_mrpc_dev_matches_reference(real_vocab_path: Path, mrpc_pairs, seq: int) -> None:
+    assert len(mrpc_pairs) == 408
+    vocab = ref.load_vocab(real_vocab_path)
+    tok = BertTokenizer(real_vocab_path, max_seq_length=seq)
+    assert tok.do_lower_case is True and tok.vocab_size == 30522
+    got = tok.encode_pairs(mrpc_pairs)
+    assert_same_features(got, reference_features(vocab, True, mrpc_pairs, seq))
+    if seq == 24:  # every MRPC pair is longer than 21 wordpieces: all truncated
+        assert (got.input_mask.sum(axis=1) == seq).all()
+
+
+def test_mrpc_wordpieces_match_reference(real_vocab_path: Path, mrpc_pairs) -> None:
+    vocab = ref.load_vocab(real_vocab_path)
+    tok = BertTokenizer(real_vocab_path)
+    for a, b in mrpc_pairs[:50]:
+        assert tok.tokenize(a) == ref.tokenize(a, vocab, True)
+        assert tok.tokenize(b) == ref.tokenize(b, vocab, True)
+
+
+def test_real_vocab_known_ids(real_vocab_path: Path) -> None:
+    tok = BertTokenizer(real_vocab_path, max_seq_length=8)
+    assert (tok.cls_id, tok.sep_id) == (101, 102)
+    f = tok.encode_pairs([("Hello", "world")])
+    assert f.input_ids.tolist() == [[101, 7592, 102, 2088, 102, 0, 0, 0]]
+    # Special-token text is ordinary text, as in google's tokenizer.
+    assert tok.tokenize("[CLS] unaffable") == ["[", "cl", "##s", "]", "una", "##ffa", "##ble"]
+
+
+# --- hand-checked cases on a tiny vocabulary --------------------------------
+
+
+def test_accents_stripped_and_lowercased_when_uncased(tiny: BertTokenizer) -> None:
+    assert tiny.do_lower_case is True
+    assert tiny.tokenize("Café") == ["cafe"]
+    assert tiny.tokenize("CAFE\u0301") == ["cafe"]  # decomposed accent too
+    assert tiny.tokenize("HeLLo") == ["hello"]
+
+
+def test_punctuation_split(tiny: BertTokenizer) -> None:
+    assert tiny.tokenize("hello,world!") == ["hello", ",", "world", "!"]
+    assert tiny.tokenize("a$b") == ["a", "$", "b"]  # ASCII symbols count as punctuation
+    assert tiny.tokenize("hello—world") == ["hello", "—", "world"]  # Unicode Pd
+    assert tiny.tokenize("a'b.") == ["a", "'", "b", "."]
+
+
+def test_wordpiece_continuations_and_unk(tiny: BertTokenizer) -> None:
+    assert tiny.tokenize("unaffable") == ["un", "##aff", "##able"]
+    assert tiny.tokenize("unaffablez hello") == ["[UNK]", "hello"]  # whole word, not a piece
+    assert tiny.tokenize("zzz") == ["[UNK]"]
+
+
+def test_word_longer_than_200_chars_is_unk(tiny: BertTokenizer) -> None:
+    assert tiny.tokenize("x" * 200) == ["x"] + ["##x"] * 199
+    assert tiny.tokenize("x" * 201) == ["[UNK]"]
+    assert tiny.tokenize("x" * 201 + " a") == ["[UNK]", "a"]
+
+
+def test_control_chars_dropped_and_whitespace_normalized(tiny: BertTokenizer) -> None:
+    assert tiny.tokenize("hel\x00lo\twor\x07ld\ufffd") == ["hello", "world"]
+    assert tiny.tokenize("hel\u200blo\u00a0a\r\nb\u3000c") == ["hello", "a", "b", "c"]
+
+
+def test_cjk_chars_are_spaced(tiny: BertTokenizer) -> None:
+    assert tiny.tokenize("a中b") == ["a", "中", "b"]
+    assert tiny.tokenize("a한b") == ["[UNK]"]  # Hangul is not CJK for google: one word
+
+
+def test_final_sigma_lowercased_per_word(tiny: BertTokenizer) -> None:
+    # Python's str.lower (google) writes a word-final capital sigma as ς.
+    assert tiny.tokenize("ΟΔΟΣ") == ["ο", "##δ", "##ο", "##ς"]
+    assert tiny.tokenize("ΟΔΟΣΟ") == ["ο", "##δ", "##ο", "##σ", "##ο"]
+
+
+def test_pair_layout_exact_arrays(tiny: BertTokenizer, tmp_path: Path) -> None:
+    tok = BertTokenizer(write_vocab(tmp_path, TINY), max_seq_length=10)
+    ids = {t: i for i, t in enumerate(TINY)}
+    f = tok.encode_pairs([("Hello world", "the cafe"), ("", "")])
+    assert f.input_ids.tolist() == [
+        [CLS, ids["hello"], ids["world"], SEP, ids["the"], ids["cafe"], SEP, 0, 0, 0],
+        [CLS, SEP, SEP, 0, 0, 0, 0, 0, 0, 0],
+    ]
+    assert f.input_mask.tolist() == [[1, 1, 1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0, 0, 0, 0, 0]]
+    assert f.segment_ids.tolist() == [[0, 0, 0, 0, 1, 1, 1, 0, 0, 0], [0, 0, 1, 0, 0, 0, 0, 0, 0, 0]]
+    for arr in (f.input_ids, f.input_mask, f.segment_ids):
+        assert arr.dtype == np.int32 and arr.shape == (2, 10)
+
+
+def test_empty_b_keeps_second_sep(tmp_path: Path) -> None:
+    tok = BertTokenizer(write_vocab(tmp_path, TINY), max_seq_length=6)
+    f = tok.encode_pairs([("hello", "")])
+    assert f.input_ids.tolist() == [[CLS, TINY.index("hello"), SEP, SEP, 0, 0]]
+    assert f.segment_ids.tolist() == [[0, 0, 0, 1, 0, 0]]
+
+
+@pytest.mark.parametrize(
+    ("seq", "a_len", "b_len", "kept"),
+    [
+        (7, 3, 3, (2, 2)),  # room 4, tie: pop b, then a (now longer)
+        (8, 3, 3, (3, 2)),  # room 5, tie: pop b once; a keeps the extra one
+        (7, 5, 1, (3, 1)),  # a longer: only a is cut
+        (7, 1, 5, (1, 3)),  # b longer: only b is cut
+        (7, 2, 2, (2, 2)),  # fits: untouched
+        (3, 2, 2, (0, 0)),  # room 0
+    ],
+)
+def test_truncation_pops_longer_then_b_on_tie(tmp_path: Path, seq, a_len, b_len, kept) -> None:
+    tok = BertTokenizer(write_vocab(tmp_path, TINY), max_seq_length=seq)
+    a_id, b_id = TINY.index("a"), TINY.index("b")
+    f = tok.encode_pairs([(" ".join(["a"] * a_len), " ".join(["b"] * b_len))])
+    row = f.input_ids[0].tolist()
+    assert (row.count(a_id), row.count(b_id)) == kept
+    ka, kb = kept
+    assert row[: ka + kb + 3] == [CLS] + [a_id] * ka + [SEP] + [b_id] * kb + [SEP]
+
+
+def test_truncated_lengths_equal_google_loop() -> None:
+    for max_total in range(0, 16):
+        for la in range(0, 14):
+            for lb in range(0, 14):
+                a, b = list(range(la)), list(range(lb))
+                ref.truncate_pair(a, b, max_total)
+                ka, kb = _truncated_lengths(np.array([la]), np.array([lb]), max_total)
+                assert (int(ka[0]), int(kb[0])) == (len(a), len(b)), (max_total, la, lb)
+
+
+def test_cased_vocab_detected_and_keeps_case(tmp_path: Path) -> None:
+    tok = BertTokenizer(write_vocab(tmp_path, SPECIALS + ["Hello", "hello", "Café", "cafe", "[unused0]"]))
+    assert tok.do_lower_case is False
+    assert tok.tokenize("Hello hello Café") == ["Hello", "hello", "Café"]
+    assert tok.tokenize("HELLO") == ["[UNK]"]
+
+
+def test_markers_do_not_make_a_vocab_cased(tmp_path: Path) -> None:
+    tok = BertTokenizer(write_vocab(tmp_path, SPECIALS + ["[unused0]", "[UNUSED_X]", "hello"]))
+    assert tok.do_lower_case is True
+    assert tok.tokenize("HELLO") == ["hello"]
+
+
+def test_explicit_do_lower_case_overrides_detection(tmp_path: Path) -> None:
+    path = write_vocab(tmp_path, SPECIALS + ["Hello", "hello", "cafe"])
+    assert BertTokenizer(path, do_lower_case=True).tokenize("HELLO Café") == ["hello", "cafe"]
+    assert BertTokenizer(path, do_lower_case=False).tokenize("HELLO Café") == ["[UNK]", "[UNK]"]
+    uncased = write_vocab(tmp_path, SPECIALS + ["hello"], name="uncased.txt")
+    assert BertTokenizer(uncased, do_lower_case=False).do_lower_case is False
+
+
+def test_vocab_lines_are_stripped_and_later_duplicates_win(tmp_path: Path) -> None:
+    path = tmp_path / "vocab.txt"
+    path.write_text("[PAD]\r\n[UNK]\n[CLS]\n[SEP]\n  hello  \nworld\nhello\n", encoding="utf-8")
+    tok = BertTokenizer(path, max_seq_length=5)
+    assert tok.vocab_size == 7
+    assert tok.encode_pairs([("hello", "world")]).input_ids.tolist() == [[2, 6, 3, 5, 3]]
+
+
+def test_empty_input_list(tiny: BertTokenizer) -> None:
+    f = tiny.encode_pairs([])
+    assert f.input_ids.shape == f.input_mask.shape == f.segment_ids.shape == (0, 128)
+
+
+def test_non_str_text_is_type_error(tiny: BertTokenizer) -> None:
+    with pytest.raises(TypeError):
+        tiny.encode_pairs([("hello", None)])
+    with pytest.raises(TypeError):
+        tiny.encode_pairs([(b"hello", "world")])
+    with pytest.raises(TypeError):
+        tiny.encode_pairs(["hello"])
+    with pytest.raises(TypeError):
+        tiny.tokenize(123)
+
+
+# --- configuration errors ---------------------------------------------------
+
+
+def test_missing_vocab_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nope.txt"):
+        BertTokenizer(tmp_path / "nope.txt")
+
+
+def test_vocab_path_is_directory(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        BertTokenizer(tmp_path)
+
+
+def test_empty_vocab(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="empty"):
+        BertTokenizer(write_vocab(tmp_path, []))
+
+
+def test_vocab_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "vocab.txt"
+    path.write_bytes(b"[PAD]\n[UNK]\n[CLS]\n[SEP]\n\xff\xfe\n")
+    with pytest.raises(ConfigError):
+        BertTokenizer(path)
+
+
+@pytest.mark.parametrize("token", ["[CLS]", "[SEP]", "[UNK]", "[PAD]"])
+def test_vocab_without_required_token(tmp_path: Path, token: str) -> None:
+    tokens = [t for t in SPECIALS if t != token] + ["hello"]
+    with pytest.raises(ConfigError, match=token.replace("[", r"\[").replace("]", r"\]")):
+        BertTokenizer(write_vocab(tmp_path, tokens))
+
+
+@pytest.mark.parametrize("seq", [2, 0, -1, 3.5, True])
+def test_bad_max_seq_length(tmp_path: Path, seq) -> None:
+    with pytest.raises(ConfigError, match="max_seq_length"):
+        BertTokenizer(write_vocab(tmp_path, TINY), max_seq_length=seq)
+
+
+def test_max_seq_length_3_is_only_specials(tmp_path: Path) -> None:
+    tok = BertTokenizer(write_vocab(tmp_path, TINY), max_seq_length=3)
+    assert tok.encode_pairs([("hello world", "the cafe")]).input_ids.tolist() == [[CLS, SEP, SEP]]
+
+
+# --- agreement with the reference over Unicode ------------------------------
+
+
+def _fast_path_chars() -> list[str]:
+    """Every character of the ``lo-hi`` ranges in FAST_PATH_CHARS."""
+    ranges = re.findall(r"(.)-(.)", FAST_PATH_CHARS, flags=re.S)
+    assert ranges and "".join(lo + "-" + hi for lo, hi in ranges) == FAST_PATH_CHARS
+    return [chr(cp) for lo, hi in ranges for cp in range(ord(lo), ord(hi) + 1)]
+
+
+def _probe_texts(chars: list[str], extra: str = "") -> list[str]:
+    # Each character inside a word, alone, and next to a capital and an accent.
+    return [f"x{c}y {c} A{c}\u0301{extra}" for c in chars]
+
+
+@pytest.mark.parametrize("lower", [True, False])
+def test_fast_path_chars_agree_with_reference(tmp_path: Path, lower: bool) -> None:
+    """Every character the HF fast path handles gives google's words (both casings)."""
+    texts = _probe_texts(_fast_path_chars())
+    assert all(re.fullmatch(f"[{FAST_PATH_CHARS}]*", t) for t in texts)  # all on the HF path
+    tokens = char_vocab(texts, lower)
+    vocab = ref.load_vocab(write_vocab(tmp_path, tokens))
+    tok = BertTokenizer(tmp_path / "vocab.txt", do_lower_case=lower, max_seq_length=64)
+    got = tok.encode_pairs([(t, "") for t in texts])
+    assert_same_features(got, reference_features(vocab, lower, [(t, "") for t in texts], 64))
+
+
+TRICKY = (
+    "\u0378\u2065\U000e0001\U0010fffd\ue000"  # unassigned, tag, private use: google drops C*
+    "\u166d\u1734\u061d\u2e55\U00010ead\U00011938"  # category differs between Unicode versions
+    "\U0002b820\U0002ceaf\u9fff\uf900\u3400"  # CJK (incl. extension E)
+    "ΣσςΟΔİıßﬁ\u037e\u0387\u1fef\u1ffd\u0345"  # case and NFD oddities
+    "\u2028\u2029\x1c\x1f\x85\u180e\u200b\u00ad\ufeff"  # separators and formats
+    "한ー・。、\U0001f600\u0e3f\u0e01\u0e48"
+)
+
+
+@pytest.mark.parametrize("lower", [True, False])
+def test_sampled_unicode_agrees_with_reference(tmp_path: Path, lower: bool) -> None:
+    """Tricky characters plus a stride sample of all code points, through either path."""
+    chars = list(TRICKY) + [chr(cp) for cp in range(0, 0x110000, 97) if not 0xD800 <= cp <= 0xDFFF]
+    texts = _probe_texts(chars, extra="Σ") + ["ΑΣ ΑΣ. ΑΣΑ Σ", "x\u0301\u0327y", "Ǆ ǅ ǆ"]
+    tokens = char_vocab(texts, lower)
+    vocab = ref.load_vocab(write_vocab(tmp_path, tokens))
+    tok = BertTokenizer(tmp_path / "vocab.txt", do_lower_case=lower, max_seq_length=64)
+    pairs = list(zip(texts, reversed(texts)))
+    assert_same_features(tok.encode_pairs(pairs), reference_features(vocab, lower, pairs, 64))
+    for text in texts[:: max(1, len(texts) // 200)]:
+        assert tok.tokenize(text) == ref.tokenize(text, vocab, lower), ascii(text)
+
+
+# --- hypothesis property: random text pairs agree with the reference ------
+
+WORDS = ["hello", "world", "The", "cafe", "Café", "unaffable", "don't", "U.S.", "3.5%", "re-run", "naïve"]
+INTERESTING = list(TRICKY + " \t\n\r\x00\ufffd\u00a0\u3000aZé É\u0301¿¡—–“”‘’…$^`~|<>=+#[]中文")
+
+
+def _property_vocab(directory: Path) -> tuple[Path, bool]:
+    """The real uncased vocabulary when present (lower case), else a small synthetic one."""
+    real = shared_data() / VOCAB_FILE
+    if real.is_file():
+        return real, True
+    ascii_chars = [chr(c) for c in range(33, 127)]
+    pieces = ["hello", "world", "the", "cafe", "un", "##aff", "##able", "don", "re", "run", "naive", "##s"]
+    tokens = SPECIALS + ascii_chars + ["##" + c for c in ascii_chars] + pieces + list("éσςο中文")
+    return write_vocab(directory, tokens), False
+
+
+@pytest.fixture(scope="module")
+def property_setup(tmp_path_factory: pytest.TempPathFactory):
+    path, lower = _property_vocab(tmp_path_factory.mktemp("vocab"))
+    vocab = ref.load_vocab(path)
+    tokenizers = {seq: BertTokenizer(path, do_lower_case=lower, max_seq_length=seq) for seq in (3, 8, 24, 128)}
+    return vocab, lower, tokenizers
+
+
+texts = st.one_of(
+    st.text(max_size=40),
+    st.text(alphabet=st.sampled_from(INTERESTING), max_size=60),
+    st.lists(st.sampled_from(WORDS + INTERESTING), max_size=60).map(" ".join),
+    st.lists(st.sampled_from(WORDS), min_size=20, max_size=80).map(" ".join),  # forces truncation
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pairs=st.lists(st.tuples(texts, texts), min_size=1, max_size=4), seq=st.sampled_from([3, 8, 24, 128]))
+def test_random_pairs_agree_with_reference(property_setup, pairs, seq) -> None:
+    vocab, lower, tokenizers = property_setup
+    got = tokenizers[seq].encode_pairs(pairs)
+    assert_same_features(got, reference_features(vocab, lower, pairs, seq))
+
+
+# --- concurrency and speed ---------------------------------------------------
+
+
+def test_concurrent_encode_pairs_is_consistent(tmp_path: Path) -> None:
+    tok = BertTokenizer(write_vocab(tmp_path, TINY), max_seq_length=16)
+    batches = [[(f"hello {'a ' * i}world", f"the cafe {'b ' * (i % 5)}中")] * 4 for i in range(40)]
+    expected = [tok.encode_pairs(b).input_ids for b in batches]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for _ in range(5):
+            results = list(pool.map(lambda b: tok.encode_pairs(b).input_ids, batches))
+            for got, want in zip(results, expected):
+                np.testing.assert_array_equal(got, want)
+
+
+def test_encoding_four_pairs_is_fast(tmp_path: Path) -> None:
+    """Guard against falling off the HF path: ~0.3 ms here; the bound is loose for busy CI."""
+    tok = BertTokenizer(write_vocab(tmp_path, TINY))
+    sentence = "He said the foodservice pie business doesn 't fit the company 's long-term growth strategy ."
+    pairs = [(sentence, sentence.upper())] * 4
+    tok.encode_pairs(pairs)
+    times = []
+    for _ in range(50):
+        start = time.perf_counter()
+        tok.encode_pairs(pairs)
+        times.append(time.perf_counter() - start)
+    assert statistics.median(times) < 0.003
+
+
+def test_reference_sanity() -> None:
+    """The reference itself, on hand-worked examples."""
+    assert ref.basic_tokenize("  Hi!yes\n\tNO?  ", True) == ["hi", "!", "yes", "no", "?"]
+    assert ref.basic_tokenize("  Hi!yes\n\tNO?  ", False) == ["Hi", "!", "yes", "NO", "?"]
+    assert ref.basic_tokenize("Ünïcödé", True) == ["unicode"]
+    assert ref.basic_tokenize("ok\u4e2d\u6587ok", True) == ["ok", "\u4e2d", "\u6587", "ok"]
+    vocab = {t: i for i, t in enumerate(["[UNK]", "play", "##ing", "##s", "pl", "##ay", "re"])}
+    assert ref.wordpiece("playing", vocab) == ["play", "##ing"]
+    assert ref.tokenize("Plays replaying", vocab, True) == ["play", "##s", "[UNK]"]
+    assert unicodedata.category("\u00ad") == "Cf" and ref.clean_text("a\u00adb\x00c\u2003d") == "abc d"
+    a, b = [1, 2, 3], [4, 5, 6]
+    ref.truncate_pair(a, b, 4)
+    assert (a, b) == ([1, 2], [4, 5])

@@ -1,0 +1,168 @@
+"""A worker in-process against a raw ROUTER standing in for the broker."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import zmq
+
+from bertpool.common import protocol as P
+from bertpool.common.errors import BackendUnavailable, ConfigError, ModelFormatError
+from bertpool.workers.backends import (Backend, BackendConfig, EchoBackend, echo_probabilities,
+                                       load_backend, run_padded)
+from bertpool.workers.worker import Worker, WorkerConfig
+
+WAIT_MS = 10_000
+
+
+class RecordingBackend(Backend):
+    """Fixed batch 4; records every batch it sees; fails when a row's text says so."""
+    name = "recording"
+    batch_size = 4
+
+    def __init__(self, fail_token: int | None = None):
+        self.batches: list[np.ndarray] = []
+        self.fail_token = fail_token
+
+    def predict(self, input_ids, input_mask, segment_ids):
+        assert input_ids.shape == (4, 128)
+        self.batches.append(input_mask.sum(axis=1))
+        if self.fail_token is not None and (input_ids == self.fail_token).any():
+            raise RuntimeError("simulated accelerator fault")
+        return echo_probabilities(input_ids, input_mask)
+
+
+@pytest.fixture
+def harness(tmp_path):
+    """Factory: harness(backend, **config) -> (router, worker); worker stopped at teardown."""
+    ctx = zmq.Context.instance()
+    started = []
+
+    def start(backend: Backend, **kwargs):
+        router = ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        address = f"ipc://{tmp_path}/w{len(started)}"
+        router.bind(address)
+        worker = Worker(WorkerConfig(broker_address=address, **kwargs), backend=backend)
+        thread = threading.Thread(target=worker.run, daemon=True)
+        thread.start()
+        assert router.poll(WAIT_MS)
+        identity, version, kind, body = router.recv_multipart()
+        assert kind == P.READY and P.unpack(body)["capacity"] == worker.config.effective_capacity
+        started.append((router, worker, thread))
+        return router, identity, worker
+
+    yield start
+    for router, worker, thread in started:
+        worker.stop()
+        thread.join(10)
+        assert not thread.is_alive()
+        router.close()
+
+
+def send(router, identity, token: int, body: bytes) -> None:
+    router.send_multipart([identity, P.VERSION, P.REQUEST, token.to_bytes(8, "big"), body,
+                           P.encode_queue_time(0.001)])
+
+
+def replies(router, n: int) -> dict[int, tuple[bytes, dict]]:
+    """The next n REPLY/ERROR messages by token (STATS are skipped)."""
+    out = {}
+    while len(out) < n:
+        assert router.poll(WAIT_MS), f"only {len(out)} of {n} replies"
+        _, _, kind, *rest = router.recv_multipart()
+        if kind in (P.REPLY, P.ERROR):
+            out[int.from_bytes(rest[0], "big")] = (kind, P.unpack(rest[1]))
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 6])
+def test_padding_to_fixed_batch_and_dummies_never_replied(harness, n):
+    backend = RecordingBackend()
+    router, ident, worker = harness(backend, batch_size=4, batch_timeout_ms=200, capacity=8)
+    backend.batches.clear()  # forget the warm-up batch
+    for i in range(n):
+        send(router, ident, i, P.text_request(i, f"text {i}", "other"))
+    got = replies(router, n)
+    assert sorted(got) == list(range(n))
+    assert all(kind == P.REPLY and body["id"] == tok for tok, (kind, body) in got.items())
+    assert not router.poll(300) or router.recv_multipart()[2] == P.STATS  # nothing for dummies
+    rows = np.concatenate(backend.batches)
+    assert len(rows) % 4 == 0
+    assert (rows == 2).sum() == len(rows) - n  # dummy rows: [CLS] [SEP] only
+    assert worker.stats.inferences == n
+    assert worker.stats.padded_rows == len(rows) - n
+
+
+def test_a_failing_batch_fails_each_of_its_requests_and_only_those(harness):
+    backend = RecordingBackend()
+    router, ident, worker = harness(backend, batch_size=4, batch_timeout_ms=100, capacity=8)
+    backend.fail_token = worker.tokenizer.encode_pairs([("boom", "x")]).input_ids[0][1]
+    send(router, ident, 0, P.text_request("bad", "boom", "x"))
+    for i in range(1, 4):
+        send(router, ident, i, P.text_request(f"r{i}", "fine", "x"))
+    got = replies(router, 4)
+    assert {kind for kind, _ in got.values()} == {P.ERROR}
+    assert {body["code"] for _, body in got.values()} == {P.E_INFERENCE}
+    assert {body["id"] for _, body in got.values()} == {"bad", "r1", "r2", "r3"}
+    # The worker survives and serves the next batch.
+    send(router, ident, 9, P.text_request("after", "fine", "again"))
+    assert replies(router, 1)[9][0] == P.REPLY
+    assert worker.stats.inferences == 1 and worker.stats.errors == 4
+
+
+def test_batch_of_one_with_timeout_zero(harness):
+    router, ident, worker = harness(EchoBackend(BackendConfig()), batch_size=1, batch_timeout_ms=0)
+    for i in range(5):
+        send(router, ident, i, P.text_request(i, "a", "b"))
+    got = replies(router, 5)
+    assert all(body["timings"]["batch_size"] == 1 for _, body in got.values())
+
+
+def test_stop_answers_held_requests_then_says_disconnect(harness):
+    router, ident, worker = harness(EchoBackend(BackendConfig(echo_delay_ms=50)),
+                                    batch_size=4, batch_timeout_ms=1000)
+    for i in range(3):
+        send(router, ident, i, P.text_request(i, "a", "b"))
+    assert router.poll(WAIT_MS)
+    worker.stop()
+    kinds = []
+    while router.poll(WAIT_MS):
+        kinds.append(router.recv_multipart()[2])
+        if kinds[-1] == P.DISCONNECT:
+            break
+    assert kinds.count(P.REPLY) == 3 and kinds[-1] == P.DISCONNECT
+
+
+def test_run_padded_chunks_when_batch_exceeds_model_batch():
+    backend = RecordingBackend()
+    ids = np.zeros((6, 128), np.int32)
+    mask = np.zeros((6, 128), np.int32)
+    mask[:, :5] = 1
+    out = run_padded(backend, ids, mask, ids, batch_size=8)
+    assert out.shape == (6, 2) and len(backend.batches) == 2
+
+
+@pytest.mark.parametrize("config, error", [
+    (BackendConfig(name="nope"), ConfigError),
+    (BackendConfig(name="tf"), ConfigError),                        # no --model
+    (BackendConfig(name="tf", model_dir="/nonexistent"), ConfigError),
+    (BackendConfig(name="neuron", model_dir="/tmp"), BackendUnavailable),
+])
+def test_backend_errors_are_typed(config, error):
+    with pytest.raises(error):
+        load_backend(config)
+
+
+def test_tf_backend_rejects_a_directory_that_is_no_model(tmp_path):
+    pytest.importorskip("tensorflow")
+    with pytest.raises(ModelFormatError):
+        load_backend(BackendConfig(name="tf", model_dir=str(tmp_path)))
+
+
+@pytest.mark.parametrize("kwargs", [{"batch_size": 0}, {"batch_timeout_ms": -1}, {"capacity": -1}])
+def test_bad_worker_config(kwargs):
+    with pytest.raises(ConfigError):
+        WorkerConfig(**kwargs)

@@ -1,0 +1,257 @@
+"""Model backends a worker can serve: ``echo``, ``tf`` and ``neuron``.
+
+Every backend maps int32 features [B, S] to float32 probabilities [B, 2]:
+
+    B  batch (the backend's fixed ``batch_size`` when it has one)
+    S  sequence length (``seq_length``, 128 for the run_classifier export)
+
+TensorFlow is imported lazily so the echo backend (and the whole pool) runs
+without it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..common.errors import BackendUnavailable, ConfigError, ModelFormatError
+
+BACKENDS = ("echo", "tf", "neuron")
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    name: str = "echo"              # one of BACKENDS
+    model_dir: str | None = None    # SavedModel or compiled-model directory (tf, neuron)
+    echo_delay_ms: float = 0.0      # echo: simulated compute time per batch
+    seq_length: int = 128           # echo: sequence length it accepts
+    threads: int = 0                # tf: intra-op threads for this process (0 = TF's default)
+
+
+class Backend:
+    """Base class: ``predict`` maps features [B,S] to probabilities [B,2]."""
+
+    name = "base"
+    batch_size: int | None = None   # fixed batch the model needs; None = any batch
+    seq_length: int = 128
+    vocab_path: Path | None = None  # the vocabulary the model was trained with, if known
+
+    def predict(self, input_ids: np.ndarray, input_mask: np.ndarray,
+                segment_ids: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------- echo
+
+def echo_probabilities(input_ids: np.ndarray, input_mask: np.ndarray) -> np.ndarray:
+    """The echo backend's deterministic answer for features [B,S]: float32 [B,2].
+
+    p(paraphrase) is a hash of the real tokens, so every request gets an answer
+    that tests can recompute and that differs between requests.
+    """
+    out = np.empty((input_ids.shape[0], 2), np.float32)
+    for row, (ids, mask) in enumerate(zip(input_ids, input_mask)):
+        real = np.ascontiguousarray(ids[mask.astype(bool)], dtype="<i4")
+        p = (zlib.crc32(real.tobytes()) % 10_007) / 10_007.0
+        out[row] = (1.0 - p, p)
+    return out
+
+
+class EchoBackend(Backend):
+    """No model: probabilities hashed from the input, after a fixed per-batch delay."""
+
+    name = "echo"
+
+    def __init__(self, config: BackendConfig) -> None:
+        self.seq_length = config.seq_length
+        self._delay_s = config.echo_delay_ms / 1000.0
+
+    def predict(self, input_ids, input_mask, segment_ids):
+        if self._delay_s > 0:
+            # A blocking sleep stands in for an accelerator call, which also blocks.
+            time.sleep(self._delay_s)
+        return echo_probabilities(input_ids, input_mask)
+
+
+# ------------------------------------------------------------------------- tf
+
+def _configure_tf_threads(threads: int):
+    """Import TensorFlow, limiting this process to ``threads`` intra-op threads."""
+    try:
+        import tensorflow as tf
+    except ImportError as exc:
+        raise BackendUnavailable("the tf backend needs TensorFlow: pip install 'bertpool[tf]'") from exc
+    if threads > 0:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        except RuntimeError:
+            pass  # TF already initialised in this process (tests); keep its setting
+    return tf
+
+
+class SavedModelBackend(Backend):
+    """A google-research run_classifier SavedModel, served through its signature.
+
+    The signature takes int32 ``input_ids``, ``input_mask``, ``segment_ids``
+    [N,S] and, in the original export, ``label_ids`` and ``is_real_example``
+    [N] that inference ignores: those are fed zeros and ones.
+    """
+
+    name = "tf"
+
+    def __init__(self, model_dir: Path, tf) -> None:
+        try:
+            loaded = tf.saved_model.load(str(model_dir))
+        except Exception as exc:  # TF raises many types for a bad directory
+            raise ModelFormatError(f"{model_dir}: cannot load SavedModel: {exc}") from exc
+        if "serving_default" not in loaded.signatures:
+            raise ModelFormatError(f"{model_dir}: SavedModel has no 'serving_default' signature")
+        self._loaded = loaded  # keep the object alive: the function references its variables
+        self._fn = loaded.signatures["serving_default"]
+        self._tf = tf
+        specs = self._fn.structured_input_signature[1]
+        missing = {"input_ids", "input_mask", "segment_ids"} - set(specs)
+        if missing:
+            raise ModelFormatError(f"{model_dir}: signature lacks inputs {sorted(missing)}")
+        self._extra = {k: v for k, v in specs.items()
+                       if k not in ("input_ids", "input_mask", "segment_ids")}
+        seq = specs["input_ids"].shape[-1]
+        self.seq_length = int(seq) if seq is not None else 128
+        batch = specs["input_ids"].shape[0]
+        self.batch_size = int(batch) if batch is not None else None
+        outputs = self._fn.structured_outputs
+        self._output = "probabilities" if "probabilities" in outputs else next(iter(outputs))
+        vocab = model_dir / "vocab.txt"
+        self.vocab_path = vocab if vocab.is_file() else None
+
+    def predict(self, input_ids, input_mask, segment_ids):
+        tf = self._tf
+        n = input_ids.shape[0]
+        feed = {"input_ids": tf.constant(input_ids, tf.int32),
+                "input_mask": tf.constant(input_mask, tf.int32),
+                "segment_ids": tf.constant(segment_ids, tf.int32)}
+        for key, spec in self._extra.items():
+            fill = 1 if key == "is_real_example" else 0
+            feed[key] = tf.fill([n], tf.constant(fill, spec.dtype))
+        return self._fn(**feed)[self._output].numpy().astype(np.float32, copy=False)
+
+
+class CompiledBackend(Backend):
+    """A directory written by ``bertpool-compile`` (it holds manifest.json)."""
+
+    def __init__(self, model_dir: Path, name: str) -> None:
+        from ..compile.runtime import load_compiled
+
+        self.name = name
+        self._model = load_compiled(model_dir)
+        self.batch_size = self._model.batch_size
+        self.seq_length = self._model.seq_length
+        self.vocab_path = self._model.vocab_path
+
+    def predict(self, input_ids, input_mask, segment_ids):
+        return self._model.predict(input_ids, input_mask, segment_ids)
+
+
+def _model_dir(config: BackendConfig) -> Path:
+    if not config.model_dir:
+        raise ConfigError(f"the {config.name} backend needs --model DIR")
+    path = Path(config.model_dir)
+    if not path.is_dir():
+        raise ConfigError(f"--model {path}: not a directory")
+    return path
+
+
+def _is_compiled(path: Path) -> bool:
+    return (path / "manifest.json").is_file()
+
+
+def _load_tf(config: BackendConfig) -> Backend:
+    path = _model_dir(config)
+    tf = _configure_tf_threads(config.threads)
+    if _is_compiled(path):
+        return CompiledBackend(path, "tf")
+    if not (path / "saved_model.pb").is_file():
+        raise ModelFormatError(f"{path}: neither a compiled bertpool model (manifest.json) "
+                               "nor a SavedModel (saved_model.pb)")
+    return SavedModelBackend(path, tf)
+
+
+def _load_neuron(config: BackendConfig) -> Backend:
+    path = _model_dir(config)
+    _configure_tf_threads(config.threads)
+    try:
+        import tensorflow.neuron  # noqa: F401  (registers the Neuron ops and runtime)
+    except ImportError as exc:
+        raise BackendUnavailable(
+            "the neuron backend needs tensorflow-neuron, which only installs on an AWS "
+            "Inferentia host from AWS's Neuron pip repository; use --backend tf here") from exc
+    if not _is_compiled(path):
+        raise ModelFormatError(f"{path}: not a compiled model; run bertpool-compile --target neuron")
+    return CompiledBackend(path, "neuron")
+
+
+def load_backend(config: BackendConfig) -> Backend:
+    """Build the backend ``config.name`` names; raise a typed error if it cannot be served."""
+    if config.name == "echo":
+        return EchoBackend(config)
+    if config.name == "tf":
+        return _load_tf(config)
+    if config.name == "neuron":
+        return _load_neuron(config)
+    raise ConfigError(f"unknown backend {config.name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def run_padded(backend: Backend, input_ids: np.ndarray, input_mask: np.ndarray,
+               segment_ids: np.ndarray, batch_size: int,
+               dummy_tokens: tuple[int, int] = (101, 102)) -> np.ndarray:
+    """Run ``n`` real rows through the backend in batches of its fixed size.
+
+    Rows are padded with dummy rows (``dummy_tokens`` = the [CLS] and [SEP]
+    ids, mask on those two tokens) up
+    to ``batch_size`` (or the backend's own fixed batch); dummy outputs are
+    dropped, so the result is float32 [n, 2] for the real rows only.
+    """
+    n, seq = input_ids.shape
+    step = backend.batch_size or batch_size
+    padded = -(-n // step) * step
+    ids = np.zeros((padded, seq), np.int32)
+    mask = np.zeros((padded, seq), np.int32)
+    segs = np.zeros((padded, seq), np.int32)
+    ids[:n], mask[:n], segs[:n] = input_ids, input_mask, segment_ids
+    # Dummy rows: a minimal valid sequence, so no model sees an all-masked row.
+    ids[n:, 0], ids[n:, 1] = dummy_tokens
+    mask[n:, :2] = 1
+    out = [backend.predict(ids[i:i + step], mask[i:i + step], segs[i:i + step])
+           for i in range(0, padded, step)]
+    probs = np.concatenate(out, axis=0)
+    assert probs.shape == (padded, 2), probs.shape
+    return probs[:n]
+
+
+
+# -------------------------------------------------------------- vocabularies
+
+def fallback_vocab_path() -> Path:
+    """A tiny character-level WordPiece vocabulary for model-less backends (echo).
+
+    Covers ASCII letters, digits and punctuation (each also as a ``##``
+    continuation), so any ASCII text tokenizes; other characters become [UNK].
+    Written once per process into a temporary directory.
+    """
+    path = Path(tempfile.gettempdir()) / f"bertpool-echo-vocab-{os.getuid()}.txt"
+    tokens = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = [chr(c) for c in range(33, 127) if not chr(c).isupper()]
+    tokens += chars + ["##" + c for c in chars]
+    text = "\n".join(tokens) + "\n"
+    if not path.is_file() or path.read_text() != text:
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)  # atomic: several workers may race here
+    return path

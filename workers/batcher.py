@@ -1,0 +1,98 @@
+"""Dynamic batching: one class, one contract.
+
+A :class:`Batcher` collects items from any number of producer threads and hands
+them to one consumer in batches. ``next_batch()`` returns as soon as either
+
+* ``max_batch_size`` items are queued (flush at size), or
+* ``batch_timeout_ms`` has passed since the *oldest* queued item arrived
+  (flush at the deadline),
+
+and never returns an empty batch. ``batch_timeout_ms=0`` flushes whatever is
+queued the moment there is at least one item. Items keep arrival order.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class BatcherClosed(Exception):
+    """Raised by next_batch() once the batcher is closed and drained."""
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    max_batch_size: int = 4        # flush as soon as this many items are queued
+    batch_timeout_ms: float = 5.0  # flush this long after the oldest queued item arrived
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.batch_timeout_ms < 0:
+            raise ValueError(f"batch_timeout_ms must be >= 0, got {self.batch_timeout_ms}")
+
+
+class Batcher(Generic[T]):
+    """Thread-safe size-or-deadline batcher (see module docstring for the contract)."""
+
+    def __init__(self, config: BatcherConfig) -> None:
+        self.config = config
+        self._items: collections.deque[tuple[float, T]] = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def put(self, item: T, arrived: float | None = None) -> None:
+        """Queue one item; ``arrived`` (time.monotonic()) defaults to now."""
+        with self._cond:
+            if self._closed:
+                raise BatcherClosed("batcher is closed")
+            self._items.append((time.monotonic() if arrived is None else arrived, item))
+            # Wake the consumer only when this item can change its decision.
+            if len(self._items) == 1 or len(self._items) >= self.config.max_batch_size:
+                self._cond.notify()
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._items)
+
+    def next_batch(self, timeout_s: float | None = None) -> list[tuple[float, T]]:
+        """Block until a batch is due; return ``[(arrived, item), ...]`` (1..max items).
+
+        Returns ``[]`` only when ``timeout_s`` elapses with nothing queued (a
+        batch already started is always waited out to its deadline).
+        Raises BatcherClosed once closed and empty; items queued before close()
+        are still handed out.
+        """
+        give_up = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                if self._items:
+                    due = self._items[0][0] + self.config.batch_timeout_ms / 1000.0
+                    if (len(self._items) >= self.config.max_batch_size or now >= due
+                            or self._closed):
+                        return self._take()
+                    wait = due - now
+                elif self._closed:
+                    raise BatcherClosed("batcher is closed")
+                elif give_up is not None and now >= give_up:
+                    return []
+                else:
+                    wait = None if give_up is None else give_up - now
+                self._cond.wait(wait)
+
+    def close(self) -> None:
+        """Stop accepting items; the consumer drains what is queued, then gets BatcherClosed."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _take(self) -> list[tuple[float, T]]:
+        n = min(len(self._items), self.config.max_batch_size)
+        return [self._items.popleft() for _ in range(n)]

@@ -1,0 +1,60 @@
+"""bertpool-serve: the broker and a supervised worker pool in one command.
+
+The broker runs on a thread of this process; the workers are child processes.
+Ctrl-C or SIGTERM stops the workers first (they answer what they hold), then
+the broker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+
+from ..broker.broker import Broker, add_broker_arguments, broker_config_from_args, install_stop_handlers
+from ..common.errors import BertpoolError
+from .supervisor import Supervisor, add_supervisor_arguments, supervisor_config_from_args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bertpool-serve",
+        description="Serve a BERT sentence-pair classifier: start the broker and --parallel workers "
+                    "(one per NeuronCore); print inferences/s every second; stop on Ctrl-C or SIGTERM.",
+        epilog="example: bertpool-serve --backend tf --model runs/model-cpu --parallel 4")
+    add_broker_arguments(parser)
+    add_supervisor_arguments(parser)
+    parser.add_argument("--stats-interval-s", type=float, default=1.0,
+                        help="print inferences/s and batch fill this often; 0 disables (default: %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        broker = Broker(broker_config_from_args(args, args.stats_interval_s))
+        supervisor = Supervisor(supervisor_config_from_args(args, args.worker_address))
+        broker.bind()
+    except BertpoolError as exc:
+        print(f"bertpool-serve: error: {exc}", file=sys.stderr)
+        return 2
+    thread = threading.Thread(target=broker.run, name="broker", daemon=True)
+    thread.start()
+    install_stop_handlers(supervisor.stop)
+    print(f"bertpool-serve: clients on {args.address}, workers on {args.worker_address}, "
+          f"{args.parallel} x {args.backend} workers", flush=True)
+    try:
+        supervisor.run()  # returns after stop() (signal) or a worker that cannot load
+    finally:
+        broker.stop()
+        thread.join(10)
+    if supervisor.failed:
+        print(f"bertpool-serve: error: {supervisor.failed}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,201 @@
+"""The supervisor: start N worker processes, one per NeuronCore, and restart the dead.
+
+Each worker process gets its own core through the environment the Neuron
+runtime documents: ``NEURON_RT_VISIBLE_CORES=<core>`` (Neuron runtime 2.x) and
+``NEURONCORE_GROUP_SIZES=1`` (older runtimes, which hand each process the next
+free group of that size). A worker that exits is restarted after a backoff
+that doubles while it keeps dying young; one that fails to load its model
+(exit code 2: a configuration error) is not restarted, and the supervisor stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from ..common.errors import BertpoolError, ConfigError
+from .worker import WorkerConfig, add_worker_arguments, worker_config_from_args
+
+log = logging.getLogger("bertpool.supervisor")
+
+EXIT_CONFIG_ERROR = 2  # a worker's exit code for "cannot load": restarting would not help
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    worker: WorkerConfig = field(default_factory=WorkerConfig)  # template for every worker
+    parallel: int = 4                  # worker processes, one per NeuronCore
+    first_core: int = 0                # NeuronCore index of the first worker
+    restart_backoff_s: float = 0.5     # first restart delay; doubles while workers die young
+    max_backoff_s: float = 30.0        # cap on the restart delay
+    healthy_after_s: float = 30.0      # a worker alive this long resets its backoff
+    stop_grace_s: float = 10.0         # SIGTERM -> SIGKILL grace period on stop
+
+    def __post_init__(self) -> None:
+        if self.parallel < 1:
+            raise ConfigError(f"parallel must be >= 1, got {self.parallel}")
+
+
+def worker_argv(config: WorkerConfig) -> list[str]:
+    """The command line that runs one worker process with ``config``."""
+    b = config.backend
+    argv = [sys.executable, "-m", "bertpool.workers.worker",
+            "--worker-address", config.broker_address, "--backend", b.name,
+            "--batch-size", str(config.batch_size), "--batch-timeout-ms", str(config.batch_timeout_ms),
+            "--capacity", str(config.capacity), "--echo-delay-ms", str(b.echo_delay_ms),
+            "--threads", str(b.threads), "--name", config.name]
+    if b.model_dir:
+        argv += ["--model", str(b.model_dir)]
+    if config.vocab_path:
+        argv += ["--vocab", str(config.vocab_path)]
+    return argv
+
+
+def worker_env(core: int) -> dict[str, str]:
+    """This process's environment plus the Neuron runtime's core assignment."""
+    env = dict(os.environ)
+    env["NEURON_RT_VISIBLE_CORES"] = str(core)
+    env["NEURONCORE_GROUP_SIZES"] = "1"
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
+
+
+@dataclass
+class _Slot:
+    """One core's worker: its process and restart bookkeeping."""
+    index: int
+    core: int
+    process: subprocess.Popen | None = None
+    started: float = 0.0
+    backoff_s: float = 0.0
+    restart_at: float = 0.0
+    restarts: int = 0
+
+
+class Supervisor:
+    """Keep ``parallel`` workers alive until stop()."""
+
+    def __init__(self, config: SupervisorConfig) -> None:
+        self.config = config
+        self._stop = threading.Event()
+        self._slots = [_Slot(i, config.first_core + i) for i in range(config.parallel)]
+        self.failed: str | None = None  # set when a worker could not load its model
+
+    @property
+    def pids(self) -> list[int]:
+        return [s.process.pid for s in self._slots if s.process and s.process.poll() is None]
+
+    @property
+    def restarts(self) -> int:
+        return sum(s.restarts for s in self._slots)
+
+    def stop(self) -> None:
+        """Ask run() to stop the workers and return (thread- and signal-safe)."""
+        self._stop.set()
+
+    def run(self) -> None:
+        """Start the workers, restart the dead ones, and stop them all on stop()."""
+        try:
+            for slot in self._slots:
+                self._start(slot)
+            # The wait bounds how late a death or stop() is noticed; no busy loop.
+            while not self._stop.wait(0.2):
+                for slot in self._slots:
+                    self._check(slot)
+        finally:
+            self._terminate_all()
+
+    def _start(self, slot: _Slot) -> None:
+        # Unique across hosts, stable across restarts: the broker uses it to spot a restart.
+        name = f"{self.config.worker.name or socket.gethostname()}:worker-{slot.index}"
+        cfg = WorkerConfig(**{**self.config.worker.__dict__, "name": name})
+        slot.process = subprocess.Popen(worker_argv(cfg), env=worker_env(slot.core))
+        slot.started = time.monotonic()
+        log.info("started %s (pid %d) on NeuronCore %d", name, slot.process.pid, slot.core)
+
+    def _check(self, slot: _Slot) -> None:
+        now = time.monotonic()
+        if slot.process is None:
+            if now >= slot.restart_at:
+                slot.restarts += 1
+                self._start(slot)
+            return
+        code = slot.process.poll()
+        if code is None:
+            return
+        if code == EXIT_CONFIG_ERROR and slot.restarts == 0:
+            self.failed = f"worker {slot.index} could not load its model (exit {code})"
+            log.error("%s; stopping", self.failed)
+            self._stop.set()
+            return
+        lived = now - slot.started
+        slot.backoff_s = (self.config.restart_backoff_s if lived >= self.config.healthy_after_s
+                          or slot.backoff_s == 0 else min(slot.backoff_s * 2, self.config.max_backoff_s))
+        slot.restart_at = now + slot.backoff_s
+        slot.process = None
+        log.warning("worker %d exited with %s after %.1f s; restarting in %.1f s",
+                    slot.index, code, lived, slot.backoff_s)
+
+    def _terminate_all(self) -> None:
+        procs = [s.process for s in self._slots if s.process is not None]
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.config.stop_grace_s
+        for p in procs:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def add_supervisor_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--parallel", type=int, default=4,
+                        help="worker processes, one per NeuronCore (default: %(default)s)")
+    parser.add_argument("--first-core", type=int, default=0,
+                        help="NeuronCore index of the first worker (default: %(default)s)")
+    add_worker_arguments(parser)
+
+
+def supervisor_config_from_args(args: argparse.Namespace, worker_address: str) -> SupervisorConfig:
+    if args.parallel < 1:
+        raise ConfigError(f"--parallel must be >= 1, got {args.parallel}")
+    # Share the machine's cores between TensorFlow workers unless told otherwise.
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
+    return SupervisorConfig(worker=worker_config_from_args(args, worker_address, threads=threads),
+                            parallel=args.parallel, first_core=args.first_core)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """bertpool-workers: run the supervised worker pool against an existing broker."""
+    parser = argparse.ArgumentParser(
+        prog="bertpool-workers",
+        description="Start N bertpool workers (one per NeuronCore) that connect to a broker, "
+                    "and restart any that die.")
+    parser.add_argument("--worker-address", default="tcp://127.0.0.1:5556",
+                        help="the broker's worker endpoint (default: %(default)s)")
+    add_supervisor_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        supervisor = Supervisor(supervisor_config_from_args(args, args.worker_address))
+    except BertpoolError as exc:
+        print(f"bertpool-workers: error: {exc}", file=sys.stderr)
+        return 2
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: supervisor.stop())
+    supervisor.run()
+    return 1 if supervisor.failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

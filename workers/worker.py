@@ -1,0 +1,324 @@
+"""One worker process: load a backend, batch requests, run the model, reply.
+
+Two threads, so the model never waits on I/O and batch deadlines stay honest:
+
+* the I/O thread (``Worker.run``) owns the DEALER socket to the broker: it
+  validates and tokenizes each REQUEST, answers bad ones with ERROR at once,
+  and puts good ones into the :class:`Batcher`; it also forwards the compute
+  thread's replies (through an inproc PAIR pipe, since ZeroMQ sockets must not
+  be shared between threads) and sends STATS every ``stats_interval_s``.
+* the compute thread takes batches (flush at ``batch_size`` or
+  ``batch_timeout_ms``), pads them with dummy rows to the model's fixed batch,
+  runs the model, and replies to every real request; a failing batch fails
+  each of its requests with ERROR ``inference_failed``.
+
+A worker says READY (with its capacity) only after its warm-up batch ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from ..common import protocol as P
+from ..common.errors import BertpoolError, ConfigError, ProtocolError
+from ..common.tokenizer import BertTokenizer
+from .backends import BACKENDS, Backend, BackendConfig, fallback_vocab_path, load_backend, run_padded
+from .batcher import Batcher, BatcherClosed, BatcherConfig
+
+log = logging.getLogger("bertpool.worker")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    broker_address: str = "tcp://127.0.0.1:5556"      # the broker's worker endpoint
+    backend: BackendConfig = field(default_factory=BackendConfig)  # what model to serve
+    vocab_path: str | None = None     # WordPiece vocabulary; default: the model's, else a fallback
+    batch_size: int = 4               # most real requests in one model call
+    batch_timeout_ms: float = 5.0     # longest a request waits for its batch to fill
+    capacity: int = 0                 # requests the broker may hand us at once (0 = 2 x batch_size)
+    stats_interval_s: float = 1.0     # how often cumulative counters go to the broker
+    name: str = ""                    # label in logs and stats (default: worker-<pid>)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.batch_timeout_ms < 0:
+            raise ConfigError(f"batch_timeout_ms must be >= 0, got {self.batch_timeout_ms}")
+        if self.capacity < 0:
+            raise ConfigError(f"capacity must be >= 0, got {self.capacity}")
+
+    @property
+    def effective_capacity(self) -> int:
+        # Twice the batch lets the next batch fill while the current one computes.
+        return self.capacity or 2 * self.batch_size
+
+
+@dataclass
+class _Pending:
+    """One validated request waiting in the batcher."""
+    token: bytes
+    request_id: Any
+    features: tuple[np.ndarray, np.ndarray, np.ndarray]  # input_ids, input_mask, segment_ids [S]
+    queue_ms: float  # time it waited in the broker's queue
+
+
+@dataclass
+class WorkerStats:
+    inferences: int = 0    # real requests answered with a prediction
+    batches: int = 0       # model calls
+    padded_rows: int = 0   # dummy rows added to fill fixed-size batches
+    errors: int = 0        # ERROR replies sent (bad input or failed batch)
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+class Worker:
+    """Serve one backend to one broker until stop() is called."""
+
+    def __init__(self, config: WorkerConfig, context: zmq.Context | None = None,
+                 backend: Backend | None = None) -> None:
+        """``backend`` overrides ``config.backend`` (an already-built backend, e.g. in tests)."""
+        self.config = config
+        self.name = config.name or f"worker-{os.getpid()}"
+        self.stats = WorkerStats()
+        self._ctx = context or zmq.Context.instance()
+        self._stop = threading.Event()
+        self._batcher: Batcher[_Pending] = Batcher(
+            BatcherConfig(config.batch_size, config.batch_timeout_ms))
+        self._pipe_addr = f"inproc://bertpool-worker-{uuid.uuid4().hex}"
+        self.backend: Backend | None = backend
+        self.tokenizer: BertTokenizer | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def load(self) -> None:
+        """Load backend and tokenizer and run one warm-up batch (raises typed errors)."""
+        if self.backend is None:
+            self.backend = load_backend(self.config.backend)
+        vocab = self.config.vocab_path or self.backend.vocab_path or fallback_vocab_path()
+        self.tokenizer = BertTokenizer(vocab, max_seq_length=self.backend.seq_length)
+        warm = self.tokenizer.encode_pairs([("warm up", "warm up")])
+        run_padded(self.backend, warm.input_ids, warm.input_mask, warm.segment_ids,
+                   self.config.batch_size, self._dummy_tokens())
+
+    def stop(self) -> None:
+        """Ask run() to finish: stop taking requests, answer those held, say DISCONNECT."""
+        self._stop.set()
+
+    def run(self) -> None:
+        """Connect, say READY, and serve until stop(); load() first if not done."""
+        if self.tokenizer is None:
+            self.load()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 2000)
+        pipe_in = self._ctx.socket(zmq.PAIR)
+        pipe_in.bind(self._pipe_addr)
+        compute = threading.Thread(target=self._compute_loop, name=f"{self.name}-compute", daemon=True)
+        try:
+            sock.connect(self.config.broker_address)
+            compute.start()
+            sock.send_multipart([P.VERSION, P.READY, P.pack({
+                "worker": self.name, "pid": os.getpid(), "capacity": self.config.effective_capacity,
+                "backend": self.backend.name, "batch_size": self.config.batch_size})])
+            log.info("%s ready: backend %s, batch %d, timeout %.1f ms", self.name, self.backend.name,
+                     self.config.batch_size, self.config.batch_timeout_ms)
+            self._io_loop(sock, pipe_in)
+            # Drain: the compute thread finishes what the batcher holds, then exits.
+            self._batcher.close()
+            while compute.is_alive() or pipe_in.poll(0):
+                if pipe_in.poll(100):
+                    sock.send_multipart(pipe_in.recv_multipart())
+                compute.join(0)
+            self._send_stats(sock)
+            sock.send_multipart([P.VERSION, P.DISCONNECT, P.pack({})])
+        finally:
+            self._batcher.close()
+            sock.close()
+            pipe_in.close()
+
+    # ------------------------------------------------------------- I/O side
+
+    def _io_loop(self, sock: zmq.Socket, pipe_in: zmq.Socket) -> None:
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(pipe_in, zmq.POLLIN)
+        next_stats = time.monotonic() + self.config.stats_interval_s
+        while not self._stop.is_set():
+            timeout_ms = max(0.0, (next_stats - time.monotonic()) * 1000)
+            events = dict(poller.poll(min(timeout_ms, 200)))
+            if pipe_in in events:
+                while pipe_in.poll(0):
+                    sock.send_multipart(pipe_in.recv_multipart(), copy=False)
+            if sock in events:
+                for _ in range(256):  # bounded drain keeps replies flowing under load
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._on_message(sock, frames)
+            if time.monotonic() >= next_stats:
+                self._send_stats(sock)
+                next_stats = time.monotonic() + self.config.stats_interval_s
+
+    def _on_message(self, sock: zmq.Socket, frames: list[bytes]) -> None:
+        """Handle one broker message: queue a valid REQUEST, answer a bad one at once."""
+        if len(frames) < 2 or frames[0] != P.VERSION:
+            log.warning("%s: dropping malformed broker message (%d frames)", self.name, len(frames))
+            return
+        kind = frames[1]
+        if kind == P.DISCONNECT:
+            self._stop.set()
+            return
+        if kind != P.REQUEST or len(frames) != 5:
+            log.warning("%s: dropping unexpected %s", self.name, P.KIND_NAMES.get(kind, kind))
+            return
+        token, raw = frames[2], frames[3]
+        arrived = time.monotonic()
+        try:
+            pending = self._parse(token, raw, P.decode_queue_time(frames[4]))
+        except ProtocolError as exc:
+            self.stats.errors += 1
+            sock.send_multipart([P.VERSION, P.ERROR, token,
+                                 P.error_body(P.peek_id(raw), exc.code, exc.message)])
+            return
+        self._batcher.put(pending, arrived)
+
+    def _parse(self, token: bytes, raw: bytes, queue_ms: float) -> _Pending:
+        body = P.unpack(raw)
+        request_id = P.check_id(body)
+        kind, value = P.parse_request(body, self.backend.seq_length)
+        if kind == "text":
+            f = self.tokenizer.encode_pairs([value])
+            features = (f.input_ids[0], f.input_mask[0], f.segment_ids[0])
+        else:
+            features = value
+            if int(features[0].max(initial=0)) >= self.tokenizer.vocab_size or features[0].min(initial=0) < 0:
+                raise ProtocolError(P.E_BAD_FIELD, "input_ids: token id outside the vocabulary")
+        return _Pending(token, request_id, features, queue_ms)
+
+    def _send_stats(self, sock: zmq.Socket) -> None:
+        sock.send_multipart([P.VERSION, P.STATS, P.pack(self.stats.as_dict())])
+
+    # --------------------------------------------------------- compute side
+
+    def _dummy_tokens(self) -> tuple[int, int]:
+        return self.tokenizer.cls_id, self.tokenizer.sep_id
+
+    def _compute_loop(self) -> None:
+        pipe = self._ctx.socket(zmq.PAIR)
+        pipe.connect(self._pipe_addr)
+        try:
+            while True:
+                try:
+                    batch = self._batcher.next_batch()
+                except BatcherClosed:
+                    return
+                for frames in self._run_batch(batch):
+                    pipe.send_multipart(frames)
+        finally:
+            pipe.close(linger=-1)
+
+    def _run_batch(self, batch: list[tuple[float, _Pending]]) -> list[list[bytes]]:
+        """Run one batch; return the reply frames, one message per real request."""
+        assert batch, "the batcher never hands out an empty batch"
+        started = time.monotonic()
+        items = [item for _, item in batch]
+        ids, mask, segs = (np.stack([it.features[k] for it in items]) for k in range(3))
+        try:
+            probs = run_padded(self.backend, ids, mask, segs, self.config.batch_size,
+                               self._dummy_tokens())
+        except Exception as exc:  # any model failure fails the whole batch, never the worker
+            log.exception("%s: batch of %d failed", self.name, len(items))
+            self.stats.errors += len(items)
+            message = f"model call failed: {type(exc).__name__}: {exc}"
+            return [[P.VERSION, P.ERROR, it.token, P.error_body(it.request_id, P.E_INFERENCE, message)]
+                    for it in items]
+        done = time.monotonic()
+        step = self.backend.batch_size or self.config.batch_size
+        self.stats.batches += 1
+        self.stats.inferences += len(items)
+        self.stats.padded_rows += -(-len(items) // step) * step - len(items)
+        compute_ms = (done - started) * 1000
+        oldest = batch[0][0]
+        return [[P.VERSION, P.REPLY, it.token, P.reply_body(it.request_id, probs[i], {
+                    "queue_ms": it.queue_ms,
+                    "batch_wait_ms": round((started - arrived) * 1000, 3),
+                    "batch_oldest_ms": round((started - oldest) * 1000, 3),
+                    "compute_ms": round(compute_ms, 3),
+                    "batch_size": len(items)})]
+                for i, ((arrived, _), it) in enumerate(zip(batch, items))]
+
+
+# ------------------------------------------------------------------- CLI
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by bertpool-worker, bertpool-workers and bertpool-serve."""
+    parser.add_argument("--backend", choices=BACKENDS, default="echo",
+                        help="model backend: echo (no model), tf (TensorFlow SavedModel or compiled "
+                             "model), neuron (tensorflow-neuron) (default: %(default)s)")
+    parser.add_argument("--model", "--dir", dest="model", metavar="DIR",
+                        help="model directory for the tf and neuron backends")
+    parser.add_argument("--vocab", metavar="FILE",
+                        help="WordPiece vocab.txt (default: the model's own, else a built-in "
+                             "character vocabulary for echo)")
+    parser.add_argument("--batch-size", type=int, default=4,
+                        help="most requests per model call (default: %(default)s)")
+    parser.add_argument("--batch-timeout-ms", type=float, default=5.0,
+                        help="longest a request waits for its batch to fill (default: %(default)s)")
+    parser.add_argument("--capacity", type=int, default=0,
+                        help="requests the broker may hand one worker at once (default: 2 x batch size)")
+    parser.add_argument("--echo-delay-ms", type=float, default=0.0,
+                        help="echo backend: simulated compute time per batch (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="tf backend: intra-op threads per worker (default: cores / parallel)")
+
+
+def worker_config_from_args(args: argparse.Namespace, broker_address: str,
+                            threads: int | None = None, name: str = "") -> WorkerConfig:
+    """Build a WorkerConfig from parsed flags (raises ConfigError on bad values)."""
+    return WorkerConfig(
+        broker_address=broker_address,
+        backend=BackendConfig(name=args.backend, model_dir=args.model,
+                              echo_delay_ms=args.echo_delay_ms,
+                              threads=args.threads if threads is None else threads),
+        vocab_path=args.vocab, batch_size=args.batch_size, batch_timeout_ms=args.batch_timeout_ms,
+        capacity=args.capacity, name=name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """bertpool-worker: one worker process (normally started by the supervisor)."""
+    parser = argparse.ArgumentParser(
+        prog="bertpool-worker",
+        description="Run one bertpool worker: load a model, batch requests from the broker, reply.")
+    parser.add_argument("--worker-address", default="tcp://127.0.0.1:5556",
+                        help="the broker's worker endpoint (default: %(default)s)")
+    parser.add_argument("--name", default="", help="worker name in logs and stats")
+    add_worker_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        worker = Worker(worker_config_from_args(args, args.worker_address, name=args.name))
+        worker.load()
+    except BertpoolError as exc:
+        print(f"bertpool-worker: error: {exc}", flush=True)
+        return 2
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: worker.stop())
+    worker.run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
