@@ -69,6 +69,9 @@ def _protocol_echo(address: str, stop) -> None:
 
 def _pool_worker(address: str, stop) -> None:
     """A real bertpool worker, echo backend, no delay."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from ..workers.worker import Worker, WorkerConfig
 
     worker = Worker(WorkerConfig(broker_address=address, batch_timeout_ms=0))
@@ -153,8 +156,8 @@ def measure(setup: str, clients: int, workers: int, load_procs: int, warmup_s: f
 def _proxy(frontend: zmq.Socket, backend: zmq.Socket) -> None:
     try:
         zmq.proxy(frontend, backend)
-    except zmq.ContextTerminated:
-        pass
+    except zmq.ZMQError:
+        pass  # the context was destroyed: the relay is done
 
 
 def _wait_workers(front: str, n: int, timeout_s: float = 60.0) -> None:

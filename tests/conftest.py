@@ -13,17 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from bertpool.clients.bench import wait_for_workers
 from bertpool.clients.client import Client
 from bertpool.common.errors import RequestError
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def shared_data_dir() -> Path | None:
-    """../shared/data beside the repo (or $BERTPOOL_SHARED_DATA), when present."""
-    env = os.environ.get("BERTPOOL_SHARED_DATA")
-    path = Path(env) if env else REPO.parent / "shared" / "data"
-    return path if path.is_dir() else None
 
 
 def free_tcp_port() -> int:
@@ -47,20 +39,12 @@ class Pool:
         with Client(self.address, timeout_s=timeout_s) as client:
             return client.stats()
 
-    def wait_workers(self, n: int, timeout_s: float = 120.0) -> dict:
+    def wait_workers(self, n: int, timeout_s: float = 120.0) -> None:
         """Block until the broker reports ``n`` ready workers (bounded in time)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"serve exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                stats = self.stats(timeout_s=2.0)
-            except RequestError:
-                continue
-            if len(stats["workers"]) >= n:
-                return stats
-            time.sleep(0.1)  # polling a remote counter; there is no event to wait on
-        raise AssertionError(f"{n} workers not ready in {timeout_s} s:\n{self.log()}")
+        try:
+            wait_for_workers(self.address, n, timeout_s)
+        except RequestError as exc:
+            raise AssertionError(f"{exc}; serve exit code {self.process.poll()}:\n{self.log()}") from exc
 
     def wait_stats(self, predicate, timeout_s: float = 30.0) -> dict:
         """Poll stats until ``predicate(stats)`` holds (bounded in time)."""

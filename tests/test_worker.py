@@ -166,3 +166,19 @@ def test_tf_backend_rejects_a_directory_that_is_no_model(tmp_path):
 def test_bad_worker_config(kwargs):
     with pytest.raises(ConfigError):
         WorkerConfig(**kwargs)
+
+
+def test_tokenizer_failure_fails_only_text_requests(harness):
+    router, ident, worker = harness(EchoBackend(BackendConfig()), batch_timeout_ms=1)
+    features = worker.tokenizer.encode_pairs([("a", "b")])
+
+    def broken(pairs):
+        raise RuntimeError("simulated tokenizer fault")
+
+    worker.tokenizer.encode_pairs = broken
+    send(router, ident, 1, P.text_request("t", "a", "b"))
+    send(router, ident, 2, P.features_request("f", features.input_ids[0], features.input_mask[0],
+                                              features.segment_ids[0]))
+    got = replies(router, 2)
+    assert got[1][0] == P.ERROR and got[1][1]["code"] == P.E_BAD_TEXT
+    assert got[2][0] == P.REPLY and got[2][1]["id"] == "f"

@@ -65,6 +65,8 @@ def worker_env(core: int) -> dict[str, str]:
     env["NEURON_RT_VISIBLE_CORES"] = str(core)
     env["NEURONCORE_GROUP_SIZES"] = "1"
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # One process per core already: the tokenizer's own thread pool would only oversubscribe.
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
 
 

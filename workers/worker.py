@@ -21,6 +21,7 @@ import argparse
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -162,51 +163,74 @@ class Worker:
                 while pipe_in.poll(0):
                     sock.send_multipart(pipe_in.recv_multipart(), copy=False)
             if sock in events:
+                batch = []
                 for _ in range(256):  # bounded drain keeps replies flowing under load
                     try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
+                        batch.append(sock.recv_multipart(zmq.NOBLOCK))
                     except zmq.Again:
                         break
-                    self._on_message(sock, frames)
+                self._on_messages(sock, batch)
             if time.monotonic() >= next_stats:
                 self._send_stats(sock)
                 next_stats = time.monotonic() + self.config.stats_interval_s
 
-    def _on_message(self, sock: zmq.Socket, frames: list[bytes]) -> None:
-        """Handle one broker message: queue a valid REQUEST, answer a bad one at once."""
+    def _on_messages(self, sock: zmq.Socket, messages: list[list[bytes]]) -> None:
+        """Handle broker messages: queue valid REQUESTs, answer bad ones with ERROR at once.
+
+        Text pairs received together are tokenized in one call (about half the
+        cost per pair of one call each).
+        """
+        arrived = time.monotonic()
+        parsed: list[tuple[bytes, Any, float, str, Any]] = []
+        for frames in messages:
+            request = self._parse_frames(sock, frames)
+            if request is not None:
+                parsed.append(request)
+        texts = [value for _, _, _, kind, value in parsed if kind == "text"]
+        try:
+            encoded = self.tokenizer.encode_pairs(texts) if texts else None
+        except Exception as exc:  # not expected for validated str input; fail those requests only
+            log.exception("%s: tokenizer failed on %d pairs", self.name, len(texts))
+            for token, request_id, _, kind, _ in parsed:
+                if kind == "text":
+                    self._reply_error(sock, token, request_id, P.E_BAD_TEXT, f"tokenizer failed: {exc}")
+            parsed = [p for p in parsed if p[3] != "text"]
+        row = 0
+        for token, request_id, queue_ms, kind, value in parsed:
+            if kind == "text":
+                value = (encoded.input_ids[row], encoded.input_mask[row], encoded.segment_ids[row])
+                row += 1
+            self._batcher.put(_Pending(token, request_id, value, queue_ms), arrived)
+
+    def _reply_error(self, sock: zmq.Socket, token: bytes, request_id: Any, code: str, message: str) -> None:
+        self.stats.errors += 1
+        sock.send_multipart([P.VERSION, P.ERROR, token, P.error_body(request_id, code, message)])
+
+    def _parse_frames(self, sock: zmq.Socket, frames: list[bytes]):
+        """Validate one broker message; returns (token, id, queue_ms, kind, value) or None."""
         if len(frames) < 2 or frames[0] != P.VERSION:
             log.warning("%s: dropping malformed broker message (%d frames)", self.name, len(frames))
-            return
+            return None
         kind = frames[1]
         if kind == P.DISCONNECT:
             self._stop.set()
-            return
+            return None
         if kind != P.REQUEST or len(frames) != 5:
             log.warning("%s: dropping unexpected %s", self.name, P.KIND_NAMES.get(kind, kind))
-            return
+            return None
         token, raw = frames[2], frames[3]
-        arrived = time.monotonic()
         try:
-            pending = self._parse(token, raw, P.decode_queue_time(frames[4]))
+            body = P.unpack(raw)
+            request_id = P.check_id(body)
+            what, value = P.parse_request(body, self.backend.seq_length)
+            if what == "features":
+                ids = value[0]
+                if int(ids.max(initial=0)) >= self.tokenizer.vocab_size or int(ids.min(initial=0)) < 0:
+                    raise ProtocolError(P.E_BAD_FIELD, "input_ids: token id outside the vocabulary")
         except ProtocolError as exc:
-            self.stats.errors += 1
-            sock.send_multipart([P.VERSION, P.ERROR, token,
-                                 P.error_body(P.peek_id(raw), exc.code, exc.message)])
-            return
-        self._batcher.put(pending, arrived)
-
-    def _parse(self, token: bytes, raw: bytes, queue_ms: float) -> _Pending:
-        body = P.unpack(raw)
-        request_id = P.check_id(body)
-        kind, value = P.parse_request(body, self.backend.seq_length)
-        if kind == "text":
-            f = self.tokenizer.encode_pairs([value])
-            features = (f.input_ids[0], f.input_mask[0], f.segment_ids[0])
-        else:
-            features = value
-            if int(features[0].max(initial=0)) >= self.tokenizer.vocab_size or features[0].min(initial=0) < 0:
-                raise ProtocolError(P.E_BAD_FIELD, "input_ids: token id outside the vocabulary")
-        return _Pending(token, request_id, features, queue_ms)
+            self._reply_error(sock, token, P.peek_id(raw), exc.code, exc.message)
+            return None
+        return token, request_id, P.decode_queue_time(frames[4]), what, value
 
     def _send_stats(self, sock: zmq.Socket) -> None:
         sock.send_multipart([P.VERSION, P.STATS, P.pack(self.stats.as_dict())])
@@ -312,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         worker = Worker(worker_config_from_args(args, args.worker_address, name=args.name))
         worker.load()
     except BertpoolError as exc:
-        print(f"bertpool-worker: error: {exc}", flush=True)
+        print(f"bertpool-worker: error: {exc}", file=sys.stderr, flush=True)
         return 2
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())

@@ -1,0 +1,62 @@
+"""bertpool-bench against a live echo pool, and the CLI's error handling."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bertpool.common.data import shared_data_dir
+
+BENCH = [sys.executable, "-m", "bertpool.clients.bench"]
+
+
+def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*BENCH, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_bench_writes_the_report(start_pool, tmp_path):
+    pool = start_pool("--backend", "echo", "--batch-timeout-ms", "1", parallel=2)
+    out = tmp_path / "bench.json"
+    proc = run("--address", pool.address, "--clients", "4", "--cycle", "8", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["requests"] == 32 and report["replies"] == 32 and report["errors"] == 0
+    assert report["throughput_per_s"] > 0
+    assert set(report["latency_ms"]) >= {"p50", "p90", "p99", "p999"}
+    assert report["latency_ms"]["p50"] <= report["latency_ms"]["p99"] <= report["latency_ms"]["max"]
+    assert 0.0 <= report["accuracy"] <= 1.0 and report["labelled"] == 32  # shipped pairs are labelled
+    assert "throughput" in proc.stdout
+    # Warm-up requests are not counted in the report, but the pool served them.
+    stats = pool.wait_stats(lambda s: s["totals"]["inferences"] >= 32 + 4 * 2)
+    assert stats["broker"]["replies"] == 32 + 4 * 2
+
+
+def test_bench_on_the_mrpc_dev_set(start_pool, tmp_path):
+    data = shared_data_dir()
+    tsv = data / "glue_mrpc_dev.tsv" if data else None
+    if tsv is None or not tsv.is_file():
+        pytest.skip("../shared/data/glue_mrpc_dev.tsv not present")
+    pool = start_pool("--backend", "echo", parallel=2)
+    out = tmp_path / "bench.json"
+    proc = run("--address", pool.address, "--clients", "3", "--cycle", "5", "--tsv", str(tsv), "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["labelled"] == 15 and report["pairs_source"] == str(tsv)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--clients", "0"], "--clients must be >= 1"),
+    (["--tsv", "/nonexistent.tsv"], "nonexistent"),
+])
+def test_bench_bad_input_is_a_clear_error(args, message):
+    proc = run("--address", "ipc:///nonexistent-bertpool", *args)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_without_a_server_times_out_cleanly():
+    proc = run("--address", "ipc:///nonexistent-bertpool", "--wait-workers", "1", "--wait-timeout-s", "1")
+    assert proc.returncode == 2 and "not ready" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,66 @@
+"""Every command: complete --help, and clear errors (no tracebacks) on bad flags."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+MODULES = {
+    "bertpool-serve": "bertpool.workers.serve",
+    "bertpool-broker": "bertpool.broker.broker",
+    "bertpool-workers": "bertpool.workers.supervisor",
+    "bertpool-worker": "bertpool.workers.worker",
+    "bertpool-bench": "bertpool.clients.bench",
+    "bertpool-bench-broker": "bertpool.broker.relay_bench",
+    "bertpool-bench-backend": "bertpool.workers.backend_bench",
+    "bertpool-compile": "bertpool.compile.cli",
+    "bertpool-demo-model": "bertpool.compile.demo_model",
+}
+
+SHARED_FLAGS = {
+    "bertpool-serve": ["--address", "--worker-address", "--backend", "--model", "--dir", "--parallel",
+                       "--batch-size", "--batch-timeout-ms", "--echo-delay-ms"],
+    "bertpool-workers": ["--worker-address", "--backend", "--model", "--parallel", "--batch-size",
+                         "--batch-timeout-ms"],
+    "bertpool-broker": ["--address", "--worker-address"],
+    "bertpool-bench": ["--address", "--clients", "--cycle", "--tsv", "--json"],
+    "bertpool-compile": ["--input_saved_model", "--output_saved_model", "--crude_gelu", "--target"],
+}
+
+
+def run(module: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("command", sorted(MODULES))
+def test_help_is_complete(command):
+    proc = run(MODULES[command], "--help")
+    assert proc.returncode == 0, proc.stderr
+    for flag in SHARED_FLAGS.get(command, []):
+        assert flag in proc.stdout, f"{command} --help lacks {flag}"
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("bertpool.workers.serve", ["--backend", "nope"], "invalid choice"),
+    ("bertpool.workers.serve", ["--parallel", "0"], "parallel must be >= 1"),
+    ("bertpool.workers.serve", ["--address", "localhost:1"], "must start with tcp://"),
+    ("bertpool.workers.serve", ["--batch-size", "0"], "batch_size must be >= 1"),
+    ("bertpool.broker.broker", ["--worker-address", "nope"], "must start with tcp://"),
+    ("bertpool.workers.worker", ["--backend", "tf"], "needs --model"),
+])
+def test_bad_flags_are_clear_errors(module, args, message, tmp_path):
+    proc = run(module, *args)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    out = proc.stdout + proc.stderr
+    assert message in out and "Traceback" not in out
+
+
+def test_serve_with_a_model_that_cannot_load_exits_nonzero(tmp_path):
+    proc = run("bertpool.workers.serve", "--backend", "tf", "--model", str(tmp_path), "--parallel", "1",
+               "--address", f"ipc://{tmp_path}/f", "--worker-address", f"ipc://{tmp_path}/b",
+               "--stats-interval-s", "0", timeout=180)
+    assert proc.returncode == 1
+    assert "could not load" in proc.stderr

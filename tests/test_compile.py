@@ -1,0 +1,482 @@
+"""bertpool.compile: weight extraction, rebuild, equivalence, manifest, runtime, errors.
+
+Tiny models only (2 layers x 64 hidden, built from seeded random weights in a
+second or two); the whole file runs in about a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+pytest.importorskip("safetensors")
+
+from compile_fixtures import (TINY, copy_tree, edit_hf_config, make_checkpoint, make_hf, make_savedmodel,  # noqa: E402
+                              quiet_compile, tiny_weights)
+
+from bertpool.common.data import generate_pairs  # noqa: E402
+from bertpool.common.errors import (BackendUnavailable, ConfigError, EquivalenceError,  # noqa: E402
+                                    ModelFormatError)
+from bertpool.common.tokenizer import BertTokenizer  # noqa: E402
+from bertpool.compile import runtime  # noqa: E402
+from bertpool.compile.build import neuron_package  # noqa: E402
+from bertpool.compile.equivalence import TOLERANCES, SavedModelOriginal, tolerance_for  # noqa: E402
+from bertpool.compile.shape import BertShape  # noqa: E402
+from bertpool.compile.weights import detect_format, load_weights  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # everything here builds a (tiny) BERT with TensorFlow
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Tiny source models, built once: SavedModels per GELU, a checkpoint and an HF dir."""
+    root = tmp_path_factory.mktemp("compile-models")
+    built = {f"savedmodel-{g}": make_savedmodel(root / f"sm-{g}", gelu=g) for g in ("erf", "tanh", "crude")}
+    built["checkpoint"] = make_checkpoint(root / "ckpt", gelu="tanh")
+    built["hf"] = make_hf(root / "hf", gelu="erf")
+    return built
+
+
+@pytest.fixture(scope="module")
+def compiled(models, tmp_path_factory):
+    """The erf SavedModel compiled for cpu at float32 (shared by the runtime tests)."""
+    out = tmp_path_factory.mktemp("compiled") / "cpu-fp32"
+    quiet_compile(models["savedmodel-erf"], out, target="cpu", pairs=16)
+    return out
+
+
+def features_for(vocab, n=12, seed=3):
+    pairs = [(p.text_a, p.text_b) for p in generate_pairs(n, seed=seed)]
+    return BertTokenizer(vocab).encode_pairs(pairs)
+
+
+# ---------------------------------------------------------------------- the demo model
+
+def test_demo_model_is_a_run_classifier_export(models):
+    path = models["savedmodel-erf"]
+    assert (path / "saved_model.pb").is_file() and (path / "vocab.txt").is_file()
+    vocab = (path / "vocab.txt").read_text().splitlines()
+    assert len(vocab) == TINY.vocab_size
+    assert vocab[0] == "[PAD]" and vocab[100:104] == ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    weights = load_weights(path)
+    sig = weights.signature
+    assert set(sig.inputs) == {"input_ids", "input_mask", "segment_ids", "label_ids", "is_real_example"}
+    assert sig.seq_length == 128
+    # probabilities spread and labels vary, so label agreement means something
+    original = SavedModelOriginal(path, weights)
+    f = features_for(path / "vocab.txt", n=32)
+    probs = original.predict(f.input_ids, f.input_mask, f.segment_ids)
+    original.close()
+    assert probs.shape == (32, 2) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-6)
+    labels = probs.argmax(-1)
+    assert 0.15 < labels.mean() < 0.85
+    assert probs[:, 1].std() > 0.1
+
+
+def test_demo_model_is_deterministic(tmp_path):
+    a = load_weights(make_savedmodel(tmp_path / "a", seed=7))
+    b = load_weights(make_savedmodel(tmp_path / "b", seed=7))
+    for name, value in a.tensors.items():
+        np.testing.assert_array_equal(value, b.tensors[name], err_msg=name)
+    assert (tmp_path / "a" / "vocab.txt").read_bytes() == (tmp_path / "b" / "vocab.txt").read_bytes()
+
+
+def test_demo_model_cli_refuses_non_empty_output(tmp_path, capsys):
+    from bertpool.compile.demo_model import main
+
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "file").write_text("keep me")
+    assert main(["--size", "tiny", "--output", str(tmp_path / "x")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (tmp_path / "x" / "file").read_text() == "keep me"
+
+
+# ------------------------------------------------------------------- weight extraction
+
+def test_detect_format(models, tmp_path):
+    assert detect_format(models["savedmodel-erf"]) == "savedmodel"
+    assert detect_format(models["checkpoint"]) == "checkpoint"
+    assert detect_format(models["checkpoint"] / "bert_model.ckpt") == "checkpoint"  # a prefix
+    assert detect_format(models["hf"]) == "hf"
+
+
+def test_extraction_round_trip_through_every_format(models, tmp_path):
+    """SavedModel -> numpy -> checkpoint -> numpy -> HF -> numpy: identical tensors."""
+    from bertpool.compile.formats import write_checkpoint, write_hf
+
+    import tensorflow as tf
+
+    src = load_weights(models["savedmodel-erf"])
+    assert src.shape == TINY and src.gelu == "erf"
+    # the SavedModel's variables, read independently through a TF1 session
+    graph = tf.Graph()
+    with graph.as_default(), tf.compat.v1.Session(graph=graph) as session:
+        tf.compat.v1.saved_model.loader.load(session, ["serve"], str(models["savedmodel-erf"]))
+        live = {v.op.name: session.run(v) for v in tf.compat.v1.global_variables()}
+    assert set(live) == set(src.tensors)
+    for name, value in live.items():
+        np.testing.assert_array_equal(src.tensors[name], value, err_msg=name)
+
+    ckpt = load_weights(write_checkpoint(tmp_path / "ckpt", src.shape, src.tensors, gelu="tanh"))
+    hf = load_weights(write_hf(tmp_path / "hf", src.shape, src.tensors, gelu="crude"))
+    assert (ckpt.shape, ckpt.gelu, ckpt.source.format) == (TINY, "tanh", "checkpoint")
+    assert (hf.shape, hf.gelu, hf.source.format) == (TINY, "crude", "hf")
+    for name, value in src.tensors.items():
+        np.testing.assert_array_equal(ckpt.tensors[name], value, err_msg=name)
+        np.testing.assert_array_equal(hf.tensors[name], value, err_msg=name)
+
+
+def test_hf_names_and_orientation(models):
+    """HF nn.Linear weights are [out,in]: kernels must come out transposed."""
+    from safetensors.numpy import load_file
+
+    raw = load_file(str(models["hf"] / "model.safetensors"))
+    w = load_weights(models["hf"])
+    np.testing.assert_array_equal(w.tensors["bert/encoder/layer_1/intermediate/dense/kernel"],
+                                  raw["bert.encoder.layer.1.intermediate.dense.weight"].T)
+    np.testing.assert_array_equal(w.tensors["output_weights"], raw["classifier.weight"])
+    np.testing.assert_array_equal(w.tensors["bert/embeddings/LayerNorm/gamma"], raw["bert.embeddings.LayerNorm.weight"])
+
+
+def test_hf_bfloat16_and_old_gamma_beta_names(tmp_path):
+    """bfloat16 safetensors (numpy has no bf16) and TF-era LayerNorm.gamma/beta names."""
+    import struct
+
+    from bertpool.compile.weights import hf_name
+
+    tensors = tiny_weights()
+    header, blobs, offset = {}, [], 0
+    for name, value in tensors.items():
+        key, transpose = hf_name(name)
+        key = key.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+        value = np.ascontiguousarray(value.T if transpose else value)
+        raw = (value.view(np.uint32) >> 16).astype("<u2").tobytes()  # truncate to bfloat16
+        header[key] = {"dtype": "BF16", "shape": list(value.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    make_hf(tmp_path, tensors)  # config.json + vocab, then replace the weights
+    blob = json.dumps(header).encode()
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob + b"".join(blobs))
+    w = load_weights(tmp_path)
+    for name, value in tensors.items():
+        expected = ((value.view(np.uint32) >> 16) << 16).view(np.float32)
+        np.testing.assert_array_equal(w.tensors[name], expected, err_msg=name)
+
+
+# ------------------------------------------------------------------------ bad inputs
+
+def test_not_a_model_directory(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ModelFormatError, match="is not a SavedModel"):
+        load_weights(tmp_path)
+    with pytest.raises(ModelFormatError, match="does not exist"):
+        load_weights(tmp_path / "nope")
+
+
+def test_corrupt_saved_model_pb(tmp_path):
+    (tmp_path / "saved_model.pb").write_bytes(b"\x08\x96\x01garbage" * 10)
+    (tmp_path / "variables").mkdir()
+    with pytest.raises(ModelFormatError, match="is not a SavedModel"):
+        load_weights(tmp_path)
+
+
+def test_missing_tensor_is_named(tmp_path):
+    tensors = tiny_weights()
+    del tensors["bert/encoder/layer_1/attention/output/dense/kernel"]
+    make_checkpoint(tmp_path / "ckpt", tensors)
+    with pytest.raises(ModelFormatError, match="missing tensor bert/encoder/layer_1/attention/output/dense/kernel"):
+        load_weights(tmp_path / "ckpt")
+    tensors = tiny_weights()
+    del tensors["bert/pooler/dense/bias"]
+    make_hf(tmp_path / "hf", tensors)
+    with pytest.raises(ModelFormatError, match=r"missing tensor bert\.pooler\.dense\.bias"):
+        load_weights(tmp_path / "hf")
+
+
+def test_wrong_shape_is_named(tmp_path):
+    tensors = tiny_weights()
+    tensors["bert/encoder/layer_0/intermediate/dense/bias"] = np.zeros([255], np.float32)
+    make_hf(tmp_path / "hf", tensors)
+    with pytest.raises(ModelFormatError,
+                       match=r"tensor bert/encoder/layer_0/intermediate/dense/bias has shape \[255\], expected \[256\]"):
+        load_weights(tmp_path / "hf")
+
+
+def test_config_contradicting_weights(tmp_path):
+    make_hf(tmp_path, tiny_weights())
+    edit_hf_config(tmp_path, hidden_size=128)
+    with pytest.raises(ModelFormatError, match="word_embeddings has shape"):
+        load_weights(tmp_path)
+    edit_hf_config(tmp_path, hidden_size=64, num_attention_heads=5)
+    with pytest.raises(ModelFormatError, match="does not divide"):
+        load_weights(tmp_path)
+    edit_hf_config(tmp_path, num_attention_heads=4, hidden_act="relu")
+    with pytest.raises(ModelFormatError, match="hidden_act 'relu' is not supported"):
+        load_weights(tmp_path)
+
+
+def test_vocab_size_mismatch(models, tmp_path):
+    src = copy_tree(models["hf"], tmp_path / "hf")
+    lines = (src / "vocab.txt").read_text().splitlines()
+    (src / "vocab.txt").write_text("\n".join(lines[:-5]) + "\n")
+    with pytest.raises(ModelFormatError, match="has 2043 tokens but bert/embeddings/word_embeddings has 2048 rows"):
+        quiet_compile(src, tmp_path / "out", target="cpu", verify=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_savedmodel_without_vocab_needs_flag(models, tmp_path):
+    src = copy_tree(models["savedmodel-erf"], tmp_path / "nested" / "sm")
+    (src / "vocab.txt").unlink()
+    with pytest.raises(ModelFormatError, match="pass --vocab"):
+        quiet_compile(src, tmp_path / "out", target="cpu", verify=False)
+    # --vocab, or a vocab.txt beside the directory, both work
+    manifest = quiet_compile(src, tmp_path / "out", target="cpu", verify=False,
+                             vocab=models["savedmodel-erf"] / "vocab.txt")
+    assert manifest["equivalence"] is None
+    (tmp_path / "nested" / "vocab.txt").write_bytes((models["savedmodel-erf"] / "vocab.txt").read_bytes())
+    quiet_compile(src, tmp_path / "out2", target="cpu", verify=False)
+    assert (tmp_path / "out2" / "vocab.txt").is_file()
+
+
+# ---------------------------------------------------------- rebuilt vs original model
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("gelu", ["erf", "tanh", "crude"])
+def test_rebuilt_matches_original(models, tmp_path, gelu, dtype):
+    manifest = quiet_compile(models[f"savedmodel-{gelu}"], tmp_path / "out", target="cpu", dtype=dtype, pairs=24)
+    eq = manifest["equivalence"]
+    assert manifest["gelu"] == gelu and manifest["source"]["gelu"] == gelu
+    assert eq["passed"] and eq["tolerance"] == TOLERANCES[dtype]
+    assert eq["max_abs_diff"] <= TOLERANCES[dtype]
+    assert eq["label_agreement"] == 1.0
+    assert "SavedModel" in eq["original"] and "loaded from disk" in eq["rebuilt"]
+
+
+@pytest.mark.parametrize("fmt", ["checkpoint", "hf"])
+def test_rebuilt_matches_reference_for_weight_formats(models, tmp_path, fmt):
+    manifest = quiet_compile(models[fmt], tmp_path / "out", target="cpu", pairs=16)
+    eq = manifest["equivalence"]
+    assert eq["passed"] and eq["max_abs_diff"] <= 1e-5 and eq["label_agreement"] == 1.0
+    assert "reference BERT graph" in eq["original"] and manifest["source"]["format"] == fmt
+
+
+def test_crude_gelu_on_erf_model_uses_the_approximation_allowance(models, tmp_path):
+    manifest = quiet_compile(models["savedmodel-erf"], tmp_path / "out", target="cpu", gelu="crude", pairs=24)
+    eq = manifest["equivalence"]
+    assert manifest["gelu"] == "crude" and manifest["source"]["gelu"] == "erf"
+    assert eq["tolerance"] == tolerance_for("float32", "crude", "erf") > 1e-5
+    assert eq["passed"] and eq["max_abs_diff"] > 1e-5  # a different function, measurably
+
+
+def test_bfloat16_and_mrpc_tsv(models, tmp_path):
+    tsv = REPO / "common" / "sample_pairs.tsv"
+    manifest = quiet_compile(models["hf"], tmp_path / "out", target="cpu", dtype="bfloat16", pairs=8, tsv=tsv)
+    eq = manifest["equivalence"]
+    assert manifest["xla"] is False  # measured slower for bf16 on CPU
+    assert eq["passed"] and eq["max_abs_diff"] <= TOLERANCES["bfloat16"] and eq["data"] == str(tsv)
+    assert eq["pairs"] == 8
+
+
+def test_equivalence_failure_exits_1_and_output_will_not_load(models, tmp_path):
+    with pytest.raises(EquivalenceError, match="differs from the original"):
+        quiet_compile(models["savedmodel-erf"], tmp_path / "out", target="cpu", gelu="crude", tolerance=1e-9,
+                      pairs=8)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["equivalence"]["passed"] is False
+    with pytest.raises(ModelFormatError, match="failed its equivalence proof"):
+        runtime.load_compiled(tmp_path / "out")
+
+
+# --------------------------------------------------------------------- the manifest
+
+def test_manifest(models, compiled):
+    manifest = json.loads((compiled / "manifest.json").read_text())
+    assert manifest["format_version"] == runtime.MANIFEST_VERSION
+    src = models["savedmodel-erf"]
+    assert manifest["source"]["format"] == "savedmodel"
+    assert pathlib.Path(manifest["source"]["path"]) == src.resolve()
+    # sha256 over the SavedModel's files in sorted order, names included
+    digest = hashlib.sha256()
+    for f in sorted(p for p in src.rglob("*") if p.is_file() and p.name != "vocab.txt"):
+        digest.update(str(f.relative_to(src)).encode() + b"\0")
+        digest.update(f.read_bytes())
+    assert manifest["source"]["sha256"] == digest.hexdigest()
+    assert BertShape.from_dict(manifest["model"]) == TINY
+    assert manifest["model"] == {"layers": 2, "hidden": 64, "heads": 4, "intermediate": 256, "vocab_size": 2048,
+                                 "type_vocab_size": 2, "max_positions": 512, "layer_norm_eps": 1e-12,
+                                 "num_labels": 2}
+    assert (manifest["dtype"], manifest["gelu"], manifest["batch_size"], manifest["seq_length"],
+            manifest["target"]) == ("float32", "erf", 4, 128, "cpu")
+    assert manifest["do_lower_case"] is True
+    assert set(manifest["equivalence"]) >= {"pairs", "max_abs_diff", "label_agreement", "tolerance", "passed"}
+    assert manifest["equivalence"]["pairs"] == 16
+    assert "T" in manifest["created"]
+    assert (compiled / "vocab.txt").read_bytes() == (src / "vocab.txt").read_bytes()
+    assert sorted(p.name for p in compiled.iterdir()) == ["accelerated", "embeddings.npz", "manifest.json",
+                                                          "vocab.txt"]
+
+
+# ----------------------------------------------------------------------- the runtime
+
+def test_runtime_predict_matches_original(models, compiled):
+    assert runtime.is_compiled_model(compiled) and not runtime.is_compiled_model(models["savedmodel-erf"])
+    model = runtime.load_compiled(compiled)
+    assert (model.batch_size, model.seq_length, model.target) == (4, 128, "cpu")
+    assert model.vocab_path == compiled / "vocab.txt" and model.manifest["gelu"] == "erf"
+    f = features_for(model.vocab_path, n=4)
+    probs = model.predict(f.input_ids, f.input_mask, f.segment_ids)
+    assert probs.shape == (4, 2) and probs.dtype == np.float32
+    weights = load_weights(models["savedmodel-erf"])
+    original = SavedModelOriginal(models["savedmodel-erf"], weights)
+    expected = original.predict(f.input_ids, f.input_mask, f.segment_ids)
+    np.testing.assert_allclose(probs, expected, atol=1e-5, rtol=0)
+    # any number of rows: chunked by 4, the short last chunk padded and dropped
+    f7 = features_for(model.vocab_path, n=7, seed=11)
+    np.testing.assert_allclose(model.predict(f7.input_ids, f7.input_mask, f7.segment_ids),
+                               original.predict(f7.input_ids, f7.input_mask, f7.segment_ids), atol=1e-5, rtol=0)
+    original.close()
+    with pytest.raises(ValueError, match=r"must have shape \[N, 128\]"):
+        model.predict(f.input_ids[:, :64], f.input_mask[:, :64], f.segment_ids[:, :64])
+
+
+def test_runtime_rejects_bad_directories(compiled, tmp_path):
+    with pytest.raises(ModelFormatError, match="no manifest.json"):
+        runtime.load_compiled(tmp_path)
+    broken = copy_tree(compiled, tmp_path / "broken")
+    (broken / "embeddings.npz").unlink()
+    with pytest.raises(ModelFormatError, match="no embeddings.npz"):
+        runtime.load_compiled(broken)
+    bad = copy_tree(compiled, tmp_path / "bad")
+    (bad / "manifest.json").write_text("{not json")
+    with pytest.raises(ModelFormatError, match="cannot read"):
+        runtime.load_compiled(bad)
+    (bad / "manifest.json").write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(ModelFormatError, match="lacks"):
+        runtime.load_compiled(bad)
+
+
+def test_runtime_neuron_target_without_tensorflow_neuron(compiled, tmp_path):
+    if neuron_package():
+        pytest.skip("tensorflow-neuron is installed here")
+    fake = copy_tree(compiled, tmp_path / "neuron")
+    manifest = json.loads((fake / "manifest.json").read_text())
+    manifest["target"], manifest["neuron_package"] = "neuron", "tensorflow.neuron"
+    (fake / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BackendUnavailable, match="tensorflow-neuron"):
+        runtime.load_compiled(fake)
+
+
+def test_runtime_import_does_not_import_tensorflow():
+    code = ("import sys, bertpool.compile.runtime as r; "
+            "assert 'tensorflow' not in sys.modules, 'tensorflow imported'; print(r.is_compiled_model('/'))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------------------ CLI
+
+def run_cli(*args, timeout=240):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "compile"), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_cli_help_lists_every_flag():
+    from bertpool.compile.cli import build_parser
+
+    text = build_parser().format_help()
+    for flag in ("--input_saved_model", "--output_saved_model", "--crude_gelu", "--gelu", "--target", "--dtype",
+                 "--batch-size", "--seq-length", "--vocab", "--tsv", "--pairs", "--tolerance", "--compiler-args",
+                 "--no-verify", "--force", "--xla"):
+        assert flag in text, flag
+
+
+def test_cli_compiles_with_demo_flags(models, tmp_path):
+    result = run_cli("--input_saved_model", models["savedmodel-erf"], "--output_saved_model", tmp_path / "out",
+                     "--crude_gelu", "--target", "cpu", "--pairs", "8")
+    assert result.returncode == 0, result.stderr
+    assert "equivalence PASSED" in result.stderr
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["gelu"] == "crude"
+    # an existing output needs --force
+    again = run_cli("--input_saved_model", models["savedmodel-erf"], "--output_saved_model", tmp_path / "out",
+                    "--target", "cpu", "--no-verify")
+    assert again.returncode == 2
+    assert again.stderr.strip().splitlines()[-1].startswith("bertpool-compile: error: ")
+    assert "--force" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_cli_default_target_is_announced(models, tmp_path):
+    if neuron_package():
+        pytest.skip("tensorflow-neuron is installed here")
+    result = run_cli("--input_saved_model", models["hf"], "--output_saved_model", tmp_path / "out", "--no-verify")
+    assert result.returncode == 0, result.stderr
+    assert "target: cpu" in result.stderr
+
+
+@pytest.mark.parametrize("case", ["not-a-model", "missing-tensor", "neuron-unavailable", "equivalence"])
+def test_cli_errors_are_one_line(models, tmp_path, case):
+    src, extra, code = models["hf"], ["--target", "cpu", "--pairs", "4"], 2
+    if case == "not-a-model":
+        src = tmp_path / "empty"
+        src.mkdir()
+    elif case == "missing-tensor":
+        tensors = tiny_weights()
+        del tensors["output_bias"]
+        src = make_hf(tmp_path / "hf", tensors)
+    elif case == "neuron-unavailable":
+        if neuron_package():
+            pytest.skip("tensorflow-neuron is installed here")
+        extra = ["--target", "neuron"]
+    else:
+        extra += ["--gelu", "crude", "--tolerance", "1e-9"]
+        code = 1
+    result = run_cli("--input_saved_model", src, "--output_saved_model", tmp_path / "out", *extra)
+    assert result.returncode == code, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("bertpool-compile: error: "), result.stderr
+    expected = {"not-a-model": "is not a SavedModel", "missing-tensor": "missing tensor classifier.bias",
+                "neuron-unavailable": "tensorflow-neuron", "equivalence": "differs from the original"}[case]
+    assert expected in last
+
+
+def test_config_errors_before_any_work(models, tmp_path):
+    with pytest.raises(ConfigError, match="exceeds the model's 512 position embeddings"):
+        quiet_compile(models["hf"], tmp_path / "out", target="cpu", seq_length=600, verify=False)
+    with pytest.raises(ConfigError, match="needs --seq-length 128"):
+        quiet_compile(models["savedmodel-erf"], tmp_path / "out", target="cpu", seq_length=64)
+    with pytest.raises(ConfigError, match="must differ"):
+        quiet_compile(models["hf"], models["hf"], target="cpu", force=True)
+
+
+def test_other_batch_and_sequence_length(models, tmp_path):
+    manifest = quiet_compile(models["hf"], tmp_path / "out", target="cpu", batch_size=2, seq_length=64, pairs=6)
+    assert manifest["equivalence"]["passed"]
+    model = runtime.load_compiled(tmp_path / "out")
+    assert (model.batch_size, model.seq_length) == (2, 64)
+
+
+# ------------------------------------------------------------------------ neuron
+
+@pytest.mark.skipif(neuron_package() is None,
+                    reason="tensorflow-neuron / tensorflow-neuronx is not importable here (AWS Neuron hosts only)")
+def test_neuron_target(models, tmp_path):
+    manifest = quiet_compile(models["savedmodel-erf"], tmp_path / "out", target="neuron", pairs=8)
+    assert manifest["target"] == "neuron" and manifest["dtype"] == "float16"
+    assert manifest["compiler_args"] == "--fp32-cast matmult"
+    assert manifest["equivalence"]["passed"]
+    assert (tmp_path / "out" / "accelerated").is_dir()

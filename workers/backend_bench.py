@@ -1,0 +1,115 @@
+"""bertpool-bench-backend: served throughput against the model's own tight loop.
+
+1. ``tight``: the backend in this process, batch ``--batch-size`` of real
+   features, called back to back for ``--seconds``: the ceiling.
+2. ``served``: ``bertpool-serve`` with the same backend, loaded to saturation by
+   ``bertpool-bench`` (enough clients to keep every worker's batches full).
+
+Reports inferences/s of both, their ratio, and the single-request added
+latency (one client, one request at a time: latency minus the backend's own
+batch time and minus ``batch_timeout_ms``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..clients.bench import BenchConfig, load_pairs, run_bench
+from ..common.tokenizer import BertTokenizer
+from .backends import BACKENDS, BackendConfig, fallback_vocab_path, load_backend, run_padded
+
+
+def tight_loop(config: BackendConfig, batch_size: int, seconds: float, pairs) -> dict[str, float]:
+    """Inferences/s and mean batch time of the backend called back to back in this process."""
+    backend = load_backend(config)
+    tokenizer = BertTokenizer(backend.vocab_path or fallback_vocab_path(), max_seq_length=backend.seq_length)
+    f = tokenizer.encode_pairs([(p.text_a, p.text_b) for p in pairs[:batch_size]])
+    run_padded(backend, f.input_ids, f.input_mask, f.segment_ids, batch_size)  # warm-up
+    batches, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or batches < 3:
+        run_padded(backend, f.input_ids, f.input_mask, f.segment_ids, batch_size)
+        batches += 1
+    return {"inferences_per_s": round(batches * batch_size / elapsed, 3),
+            "batch_ms": round(elapsed / batches * 1000, 3), "batches": batches}
+
+
+def served(args, pairs, parallel: int, threads: int) -> dict[str, Any]:
+    """Saturation throughput and single-request latency of a bertpool-serve pool."""
+    tmp = tempfile.mkdtemp(prefix="bertpool-bb-")
+    front, back = f"ipc://{tmp}/front", f"ipc://{tmp}/back"
+    cmd = [sys.executable, "-m", "bertpool.workers.serve", "--address", front, "--worker-address", back,
+           "--backend", args.backend, "--parallel", str(parallel), "--threads", str(threads),
+           "--batch-size", str(args.batch_size), "--batch-timeout-ms", str(args.batch_timeout_ms),
+           "--stats-interval-s", "0", "--echo-delay-ms", str(args.echo_delay_ms)]
+    if args.model:
+        cmd += ["--model", args.model]
+    log = open(Path(tmp) / "serve.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        # Saturation: enough clients that every worker always has a full batch waiting.
+        clients = args.clients or 2 * parallel * args.batch_size
+        load = run_bench(BenchConfig(address=front, clients=clients, cycle=args.cycle, warmup=1,
+                                     timeout_s=600, wait_workers=parallel, wait_timeout_s=600), pairs)
+        single = run_bench(BenchConfig(address=front, clients=1, cycle=args.single_cycle, warmup=2,
+                                       timeout_s=600), pairs)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+        log.close()
+    server = single["server_mean"]
+    added = single["latency_ms"]["p50"] - server["compute_ms"] - args.batch_timeout_ms
+    return {"parallel": parallel, "threads": threads, "clients": clients,
+            "inferences_per_s": load["throughput_per_s"], "errors": load["errors"] + single["errors"],
+            "saturation_latency_ms": load["latency_ms"], "single_latency_ms": single["latency_ms"],
+            "single_server_mean_ms": server, "single_added_latency_ms_p50": round(added, 3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="bertpool-bench-backend",
+        description="Served throughput at saturation against the same backend in a tight in-process "
+                    "loop at the same batch size, plus single-request added latency.")
+    parser.add_argument("--backend", choices=BACKENDS, default="tf")
+    parser.add_argument("--model", "--dir", dest="model", metavar="DIR", help="model directory")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-timeout-ms", type=float, default=5.0)
+    parser.add_argument("--echo-delay-ms", type=float, default=0.0)
+    parser.add_argument("--seconds", type=float, default=20.0, help="tight-loop duration (default: %(default)s)")
+    parser.add_argument("--parallel", default="1,2", help="comma-separated worker counts to serve with")
+    parser.add_argument("--clients", type=int, default=0, help="saturation clients (default: 2 x parallel x batch)")
+    parser.add_argument("--cycle", type=int, default=8, help="requests per saturation client")
+    parser.add_argument("--single-cycle", type=int, default=20, help="requests for the single-client run")
+    parser.add_argument("--tsv", help="MRPC-format pairs (default: the pairs bertpool ships)")
+    parser.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
+    args = parser.parse_args(argv)
+    pairs, _ = load_pairs(args.tsv)
+    cores = os.cpu_count() or 1
+    config = BackendConfig(name=args.backend, model_dir=args.model, echo_delay_ms=args.echo_delay_ms)
+    report: dict[str, Any] = {"backend": args.backend, "model": args.model, "batch_size": args.batch_size,
+                              "cores": cores, "tight": tight_loop(config, args.batch_size, args.seconds, pairs)}
+    print("tight loop:", report["tight"], flush=True)
+    report["served"] = []
+    for parallel in (int(p) for p in args.parallel.split(",")):
+        result = served(args, pairs, parallel, max(1, cores // parallel))
+        result["ratio_to_tight"] = round(result["inferences_per_s"] / report["tight"]["inferences_per_s"], 3)
+        report["served"].append(result)
+        print(f"served x{parallel}: {result['inferences_per_s']} inf/s, ratio {result['ratio_to_tight']}, "
+              f"single added latency p50 {result['single_added_latency_ms_p50']} ms", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
