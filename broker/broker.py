@@ -90,6 +90,9 @@ class Broker:
         self._ctx = context or zmq.Context.instance()
         self._workers: dict[bytes, _WorkerState] = {}
         self._queue: collections.deque[_Request] = collections.deque()
+        # token -> identity of the worker holding it. Replies are matched by token
+        # alone: a worker may answer on another socket than the one it was sent on.
+        self._owners: dict[bytes, bytes] = {}
         self._next_token = 0
         self._stop = threading.Event()
         self._bound = threading.Event()
@@ -217,7 +220,7 @@ class Broker:
         kind = frames[2]
         try:
             if kind in (P.REPLY, P.ERROR) and len(frames) == 5:
-                self._on_reply(identity, kind, frames[3], frames[4])
+                self._on_reply(kind, frames[3], frames[4])
             elif kind == P.READY:
                 self._on_ready(identity, P.unpack(frames[3]))
             elif kind == P.STATS:
@@ -225,7 +228,7 @@ class Broker:
                 if worker is not None:
                     worker.stats = {k: v for k, v in P.unpack(frames[3]).items() if isinstance(v, int)}
             elif kind == P.DISCONNECT:
-                self._remove_worker(identity, "said DISCONNECT")
+                self._on_disconnect(identity, P.unpack(frames[3]))
             elif kind == P.HEARTBEAT:
                 pass  # reserved: liveness tracking comes with the heartbeat issue
             else:
@@ -249,9 +252,10 @@ class Broker:
         self._workers[identity] = _WorkerState(identity, name, capacity, pid)
         log.info("worker %s ready, capacity %d (%d workers)", name, capacity, len(self._workers))
 
-    def _on_reply(self, identity: bytes, kind: bytes, token: bytes, body: bytes) -> None:
-        worker = self._workers.get(identity)
-        request = worker.inflight.pop(token, None) if worker else None
+    def _on_reply(self, kind: bytes, token: bytes, body: bytes) -> None:
+        owner = self._owners.pop(token, None)
+        worker = self._workers.get(owner) if owner is not None else None
+        request = worker.inflight.pop(token, None) if worker is not None else None
         if request is None:
             log.warning("dropping reply for unknown token %s", token.hex())
             return
@@ -265,10 +269,19 @@ class Broker:
         worker = self._workers.pop(identity, None)
         if worker is None:
             return
+        for token in worker.inflight:
+            self._owners.pop(token, None)
         held = list(worker.inflight.values())
         self._queue.extendleft(reversed(held))  # keep their original order, ahead of newer ones
         self.counters.requeued += len(held)
         log.info("worker %s removed (%s); %d requests re-queued", worker.name, why, len(held))
+
+    def _on_disconnect(self, identity: bytes, body: dict[str, Any]) -> None:
+        """DISCONNECT names its worker, since it may come on the worker's reply socket."""
+        name = body.get("worker")
+        ids = [w.identity for w in self._workers.values() if w.name == name] if name else [identity]
+        for worker_identity in ids:
+            self._remove_worker(worker_identity, "said DISCONNECT")
 
     # ------------------------------------------------------------- dispatch
 
@@ -290,6 +303,7 @@ class Broker:
                 self._remove_worker(worker.identity, "unreachable")
                 continue
             worker.inflight[token] = request
+            self._owners[token] = worker.identity
 
     # ---------------------------------------------------------------- stats
 

@@ -100,10 +100,10 @@ def percentiles(values: list[float]) -> dict[str, float]:
 def wait_for_workers(address: str, n: int, timeout_s: float) -> None:
     """Block until the broker at ``address`` reports ``n`` ready workers; RequestTimeout if not."""
     deadline = time.monotonic() + timeout_s
-    with Client(address, timeout_s=5) as client:
+    with Client(address) as client:
         while True:
             try:
-                if len(client.stats()["workers"]) >= n:
+                if len(client.stats(timeout_s=max(0.1, min(5.0, deadline - time.monotonic())))["workers"]) >= n:
                     return
             except RequestError:
                 pass  # broker not up yet: keep trying until the deadline

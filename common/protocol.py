@@ -22,7 +22,11 @@ Worker -> broker (backend)             [VERSION, kind, ...]
     ERROR     [VERSION, ERROR, token, body]
     STATS     [VERSION, STATS, body {inferences, batches, padded_rows, ...}]   cumulative counters
     HEARTBEAT [VERSION, HEARTBEAT, body {}]       reserved for the heartbeat issue
-    DISCONNECT[VERSION, DISCONNECT, body {}]      worker is leaving; its requests are re-queued
+    DISCONNECT[VERSION, DISCONNECT, body {worker}] worker is leaving; what it still holds is re-queued
+
+    A worker may send REPLY, ERROR, STATS and DISCONNECT on a second DEALER
+    socket (its compute thread's): the broker matches replies by token and
+    DISCONNECT by worker name, never by the sending socket.
 
 Broker -> worker (backend)             [VERSION, kind, ...]
     REQUEST  [VERSION, REQUEST, token, body, queued]

@@ -212,3 +212,19 @@ def test_bind_conflict_is_a_config_error(tmp_path):
 def test_bad_address_is_a_config_error(address):
     with pytest.raises(ConfigError):
         BrokerConfig(frontend=address)
+
+
+def test_replies_and_disconnect_may_come_on_the_workers_second_socket(broker, sockets):
+    b = broker()
+    client = sockets(b.config.frontend)
+    inbox, outbox, other = sockets(b.config.backend), sockets(b.config.backend), sockets(b.config.backend)
+    ready(inbox, 2, "w")
+    wait_workers(b, client, 1)
+    request(client, "a")
+    request(client, "b")
+    token_a, token_b = recv(inbox)[2], recv(inbox)[2]
+    outbox.send_multipart([P.VERSION, P.REPLY, token_a, P.reply_body("a", [0.0, 1.0], {})])
+    assert P.unpack(recv(client)[2])["id"] == "a"
+    outbox.send_multipart([P.VERSION, P.DISCONNECT, P.pack({"worker": "w"})])
+    ready(other, 2, "other")
+    assert P.unpack(recv(other)[3])["id"] == "b"  # what "w" still held moved on

@@ -54,3 +54,18 @@ def test_tf_backend_served_end_to_end(start_pool, tiny_model):
     got = np.stack([r.probabilities for r in results])
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert [r.label for r in results] == list(np.argmax(want, axis=1))
+
+
+def test_compiled_model_served_end_to_end_matches_the_original(start_pool, tiny_model, tmp_path):
+    from bertpool.compile.build import CompileOptions, compile_model
+
+    compiled = tmp_path / "cpu"
+    compile_model(CompileOptions(input=tiny_model, output=compiled, target="cpu", progress=False))
+    pool = start_pool("--backend", "tf", "--model", str(compiled), "--batch-timeout-ms", "5", parallel=2)
+    pairs = [(p.text_a, p.text_b) for p in generate_pairs(20, seed=4)]
+    with Client(pool.address, timeout_s=60) as client:
+        results = client.predict_many(pairs)
+    want = reference_probabilities(tiny_model, pairs)
+    got = np.stack([r.probabilities for r in results])
+    np.testing.assert_allclose(got, want, atol=1e-5)  # the float32 equivalence bound
+    assert [r.label for r in results] == list(np.argmax(want, axis=1))

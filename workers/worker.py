@@ -2,15 +2,16 @@
 
 Two threads, so the model never waits on I/O and batch deadlines stay honest:
 
-* the I/O thread (``Worker.run``) owns the DEALER socket to the broker: it
-  validates and tokenizes each REQUEST, answers bad ones with ERROR at once,
-  and puts good ones into the :class:`Batcher`; it also forwards the compute
-  thread's replies (through an inproc PAIR pipe, since ZeroMQ sockets must not
-  be shared between threads) and sends STATS every ``stats_interval_s``.
+* the I/O thread (``Worker.run``) owns the DEALER socket the broker sends
+  requests to: it validates and tokenizes each REQUEST, answers bad ones with
+  ERROR at once, puts good ones into the :class:`Batcher`, and sends STATS
+  every ``stats_interval_s``.
 * the compute thread takes batches (flush at ``batch_size`` or
   ``batch_timeout_ms``), pads them with dummy rows to the model's fixed batch,
-  runs the model, and replies to every real request; a failing batch fails
-  each of its requests with ERROR ``inference_failed``.
+  runs the model, and replies to every real request on its own DEALER socket
+  (ZeroMQ sockets must not be shared between threads; a second socket also
+  saves a hop); a failing batch fails each of its requests with ERROR
+  ``inference_failed``. On stop it answers what it holds, then says DISCONNECT.
 
 A worker says READY (with its capacity) only after its warm-up batch ran.
 """
@@ -24,7 +25,6 @@ import signal
 import sys
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,7 +98,6 @@ class Worker:
         self._stop = threading.Event()
         self._batcher: Batcher[_Pending] = Batcher(
             BatcherConfig(config.batch_size, config.batch_timeout_ms))
-        self._pipe_addr = f"inproc://bertpool-worker-{uuid.uuid4().hex}"
         self.backend: Backend | None = backend
         self.tokenizer: BertTokenizer | None = None
 
@@ -124,8 +123,6 @@ class Worker:
             self.load()
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 2000)
-        pipe_in = self._ctx.socket(zmq.PAIR)
-        pipe_in.bind(self._pipe_addr)
         compute = threading.Thread(target=self._compute_loop, name=f"{self.name}-compute", daemon=True)
         try:
             sock.connect(self.config.broker_address)
@@ -135,34 +132,20 @@ class Worker:
                 "backend": self.backend.name, "batch_size": self.config.batch_size})])
             log.info("%s ready: backend %s, batch %d, timeout %.1f ms", self.name, self.backend.name,
                      self.config.batch_size, self.config.batch_timeout_ms)
-            self._io_loop(sock, pipe_in)
-            # Drain: the compute thread finishes what the batcher holds, then exits.
-            self._batcher.close()
-            while compute.is_alive() or pipe_in.poll(0):
-                if pipe_in.poll(100):
-                    sock.send_multipart(pipe_in.recv_multipart())
-                compute.join(0)
-            self._send_stats(sock)
-            sock.send_multipart([P.VERSION, P.DISCONNECT, P.pack({})])
+            self._io_loop(sock)
         finally:
+            # The compute thread answers what the batcher holds, then says DISCONNECT.
             self._batcher.close()
+            compute.join()
             sock.close()
-            pipe_in.close()
 
     # ------------------------------------------------------------- I/O side
 
-    def _io_loop(self, sock: zmq.Socket, pipe_in: zmq.Socket) -> None:
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(pipe_in, zmq.POLLIN)
+    def _io_loop(self, sock: zmq.Socket) -> None:
         next_stats = time.monotonic() + self.config.stats_interval_s
         while not self._stop.is_set():
             timeout_ms = max(0.0, (next_stats - time.monotonic()) * 1000)
-            events = dict(poller.poll(min(timeout_ms, 200)))
-            if pipe_in in events:
-                while pipe_in.poll(0):
-                    sock.send_multipart(pipe_in.recv_multipart(), copy=False)
-            if sock in events:
+            if sock.poll(min(timeout_ms, 200)):
                 batch = []
                 for _ in range(256):  # bounded drain keeps replies flowing under load
                     try:
@@ -241,18 +224,23 @@ class Worker:
         return self.tokenizer.cls_id, self.tokenizer.sep_id
 
     def _compute_loop(self) -> None:
-        pipe = self._ctx.socket(zmq.PAIR)
-        pipe.connect(self._pipe_addr)
+        # Replies leave on this thread's own socket: no hop back through the I/O
+        # thread. The broker matches them by token, whichever socket they come on.
+        out = self._ctx.socket(zmq.DEALER)
+        out.connect(self.config.broker_address)
         try:
             while True:
                 try:
                     batch = self._batcher.next_batch()
                 except BatcherClosed:
-                    return
+                    break
                 for frames in self._run_batch(batch):
-                    pipe.send_multipart(frames)
+                    out.send_multipart(frames)
+            # Last word, on the same socket as the replies so it cannot overtake them.
+            self._send_stats(out)
+            out.send_multipart([P.VERSION, P.DISCONNECT, P.pack({"worker": self.name})])
         finally:
-            pipe.close(linger=-1)
+            out.close(linger=5000)
 
     def _run_batch(self, batch: list[tuple[float, _Pending]]) -> list[list[bytes]]:
         """Run one batch; return the reply frames, one message per real request."""
