@@ -209,8 +209,8 @@ def test_wrong_shape_is_named(tmp_path):
     tensors = tiny_weights()
     tensors["bert/encoder/layer_0/intermediate/dense/bias"] = np.zeros([255], np.float32)
     make_hf(tmp_path / "hf", tensors)
-    with pytest.raises(ModelFormatError,
-                       match=r"tensor bert/encoder/layer_0/intermediate/dense/bias has shape \[255\], expected \[256\]"):
+    name = "bert/encoder/layer_0/intermediate/dense/bias"
+    with pytest.raises(ModelFormatError, match=rf"tensor {name} has shape \[255\], expected \[256\]"):
         load_weights(tmp_path / "hf")
 
 
@@ -278,6 +278,14 @@ def test_crude_gelu_on_erf_model_uses_the_approximation_allowance(models, tmp_pa
     assert manifest["gelu"] == "crude" and manifest["source"]["gelu"] == "erf"
     assert eq["tolerance"] == tolerance_for("float32", "crude", "erf") > 1e-5
     assert eq["passed"] and eq["max_abs_diff"] > 1e-5  # a different function, measurably
+
+
+def test_tolerances():
+    assert tolerance_for("float32", "erf", "erf") == 1e-5
+    assert tolerance_for("float16", "tanh", "tanh") == TOLERANCES["float16"]
+    assert tolerance_for("float32", "tanh", "erf") == tolerance_for("float32", "erf", "tanh") > 1e-5
+    assert tolerance_for("float32", "crude", "tanh") > tolerance_for("float32", "tanh", "erf")
+    assert TOLERANCES["float32"] < TOLERANCES["float16"] < TOLERANCES["bfloat16"]
 
 
 def test_bfloat16_and_mrpc_tsv(models, tmp_path):

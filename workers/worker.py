@@ -100,6 +100,7 @@ class Worker:
             BatcherConfig(config.batch_size, config.batch_timeout_ms))
         self.backend: Backend | None = backend
         self.tokenizer: BertTokenizer | None = None
+        self.failed = False  # set when the compute thread died of an unexpected error
 
     # ------------------------------------------------------------ lifecycle
 
@@ -236,10 +237,15 @@ class Worker:
                     break
                 for frames in self._run_batch(batch):
                     out.send_multipart(frames)
-            # Last word, on the same socket as the replies so it cannot overtake them.
+        except Exception:  # a bug, not a model error: stop, so the supervisor restarts us
+            log.exception("%s: compute thread failed", self.name)
+            self.failed = True
+            self._stop.set()
+        finally:
+            # Last word, on the same socket as the replies so it cannot overtake them;
+            # the broker re-queues whatever we still held.
             self._send_stats(out)
             out.send_multipart([P.VERSION, P.DISCONNECT, P.pack({"worker": self.name})])
-        finally:
             out.close(linger=5000)
 
     def _run_batch(self, batch: list[tuple[float, _Pending]]) -> list[list[bytes]]:
@@ -329,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
     worker.run()
-    return 0
+    return 1 if worker.failed else 0
 
 
 if __name__ == "__main__":

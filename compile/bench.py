@@ -1,0 +1,204 @@
+"""Benchmarks of bertpool-compile: throughput and measured equivalence bounds.
+
+throughput  batch-4 pairs/s of the compiled cpu model vs the original SavedModel,
+            same process, same pairs, interleaved rounds (median reported). The
+            original runs two ways: the TF1 loader in a Session (its fastest
+            path) and TF2 ``tf.saved_model.load`` signatures (what the ``tf``
+            worker backend does with an uncompiled SavedModel).
+tolerance   max |dp| of the rebuilt graph vs the original SavedModel per size,
+            GELU and dtype on N generated pairs: the data behind
+            :data:`.equivalence.TOLERANCES`.
+
+    python -m bertpool.compile.bench throughput --sizes tiny base --json runs/bench-compile.json
+    python -m bertpool.compile.bench tolerance --sizes tiny base large --pairs 64 --json runs/tol.json
+
+Demo models are built under ``--work`` (default runs/bench-compile) and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from .shape import PRESETS
+
+
+def _demo(work: pathlib.Path, size: str, gelu: str = "erf") -> pathlib.Path:
+    from .demo_model import build_demo_model
+
+    path = work / f"original-{size}-{gelu}"
+    if not (path / "saved_model.pb").is_file():
+        started = time.perf_counter()
+        build_demo_model(path, size, gelu=gelu, overwrite=True)
+        print(f"built {path} in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    return path
+
+
+def _features(vocab: pathlib.Path, n: int, seed: int = 0):
+    from ..common.data import generate_pairs
+    from ..common.tokenizer import BertTokenizer
+
+    pairs = [(p.text_a, p.text_b) for p in generate_pairs(n, seed=seed)]
+    return BertTokenizer(vocab).encode_pairs(pairs)
+
+
+class _TF2Original:
+    """The SavedModel through TF2 signatures, as the tf worker backend serves it."""
+
+    def __init__(self, path: pathlib.Path) -> None:
+        import tensorflow as tf
+
+        self._tf = tf
+        self._loaded = tf.saved_model.load(str(path))
+        self._fn = self._loaded.signatures["serving_default"]
+
+    def predict(self, ids, mask, segments):
+        tf, n = self._tf, len(ids)
+        out = self._fn(input_ids=tf.constant(ids), input_mask=tf.constant(mask), segment_ids=tf.constant(segments),
+                       label_ids=tf.zeros([n], tf.int32), is_real_example=tf.ones([n], tf.int32))
+        return out["probabilities"].numpy()
+
+
+def _rate(model, batches, seconds: float) -> float:
+    """pairs/s over as many batch-4 calls as fit in ``seconds`` (at least 3)."""
+    calls, started = 0, time.perf_counter()
+    while calls < 3 or time.perf_counter() - started < seconds:
+        ids, mask, segments = batches[calls % len(batches)]
+        model.predict(ids, mask, segments)
+        calls += 1
+    return calls * len(batches[0][0]) / (time.perf_counter() - started)
+
+
+def throughput(size: str, work: pathlib.Path, rounds: int, seconds: float, batch_size: int = 4,
+               xla: str = "auto", dtype: str | None = None) -> dict:
+    from .build import CompileOptions, compile_model
+    from .equivalence import SavedModelOriginal
+    from .runtime import load_compiled
+    from .weights import load_weights
+
+    src = _demo(work, size)
+    out = work / f"cpu-{size}"
+    started = time.perf_counter()
+    manifest = compile_model(CompileOptions(input=src, output=out, target="cpu", force=True, progress=False,
+                                            batch_size=batch_size, xla=xla, dtype=dtype, log=lambda *a: None))
+    compile_s = time.perf_counter() - started
+    f = _features(src / "vocab.txt", 8 * batch_size, seed=1)
+    batches = [(f.input_ids[i:i + batch_size], f.input_mask[i:i + batch_size], f.segment_ids[i:i + batch_size])
+               for i in range(0, 8 * batch_size, batch_size)]
+    models = {
+        "original_session": SavedModelOriginal(src, load_weights(src)),
+        "original_tf2": _TF2Original(src),
+        "compiled": load_compiled(out),
+    }
+    for model in models.values():  # warm-up: graph optimisation, XLA, caches
+        for b in batches[:2]:
+            model.predict(*b)
+    rates: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):  # interleaved so that drift (thermal, other load) hits all alike
+        for name, model in models.items():
+            rates[name].append(_rate(model, batches, seconds))
+    median = {name: statistics.median(r) for name, r in rates.items()}
+    result = {
+        "size": size, "batch_size": batch_size, "seq_length": 128,
+        "model": PRESETS[size].to_dict(), "compile_seconds": round(compile_s, 1),
+        "equivalence": manifest["equivalence"], "xla": manifest["xla"], "dtype": manifest["dtype"],
+        "pairs_per_s": {k: round(v, 2) for k, v in median.items()},
+        "rounds": {k: [round(x, 2) for x in v] for k, v in rates.items()},
+        "speedup_vs_session": round(median["compiled"] / median["original_session"], 3),
+        "speedup_vs_tf2": round(median["compiled"] / median["original_tf2"], 3),
+    }
+    print(f"{size}: compiled {median['compiled']:.1f} pairs/s, original session {median['original_session']:.1f}, "
+          f"original tf2 {median['original_tf2']:.1f} -> x{result['speedup_vs_session']:.2f} / "
+          f"x{result['speedup_vs_tf2']:.2f}; equivalence max |dp| {manifest['equivalence']['max_abs_diff']:.2g}",
+          file=sys.stderr)
+    models["original_session"].close()
+    return result
+
+
+def tolerance(size: str, work: pathlib.Path, pairs: int, gelus: list[str]) -> list[dict]:
+    """max |dp| of the rebuilt graph (in process) vs the SavedModel, per GELU x dtype."""
+    import tensorflow as tf
+
+    from .equivalence import SavedModelOriginal
+    from .host import HostEmbeddings, mask_bias, softmax
+    from .rebuild import DTYPES, RebuildConfig, build_module
+    from .weights import load_weights
+
+    rows = []
+    for source_gelu in gelus:
+        src = _demo(work, size, source_gelu)
+        weights = load_weights(src)
+        original = SavedModelOriginal(src, weights)
+        f = _features(src / "vocab.txt", pairs, seed=2)
+        expected = np.concatenate([original.predict(f.input_ids[i:i + 16], f.input_mask[i:i + 16],
+                                                    f.segment_ids[i:i + 16]) for i in range(0, pairs, 16)])
+        original.close()
+        t = weights.tensors
+        embeddings = HostEmbeddings({"word_embeddings": t["bert/embeddings/word_embeddings"],
+                                     "token_type_embeddings": t["bert/embeddings/token_type_embeddings"],
+                                     "position_embeddings": t["bert/embeddings/position_embeddings"],
+                                     "gamma": t["bert/embeddings/LayerNorm/gamma"],
+                                     "beta": t["bert/embeddings/LayerNorm/beta"]}, 128, weights.shape.layer_norm_eps)
+        combos = [(d, source_gelu) for d in DTYPES] + [("float32", g) for g in ("erf", "tanh", "crude")
+                                                       if g != source_gelu]
+        for dtype, gelu in combos:
+            module = build_module(weights.shape, t, RebuildConfig(dtype=dtype, gelu=gelu, batch_size=4))
+            fn = module.__call__.get_concrete_function()
+            got = []
+            for i in range(0, pairs, 4):
+                ids, mask, seg = f.input_ids[i:i + 4], f.input_mask[i:i + 4], f.segment_ids[i:i + 4]
+                logits = fn(embeddings=tf.constant(embeddings(ids, seg)), mask_bias=tf.constant(mask_bias(mask)))
+                got.append(softmax(logits["logits"].numpy()))
+            diff = np.abs(np.concatenate(got).astype(np.float64) - expected)
+            agree = float(np.mean(np.concatenate(got).argmax(-1) == expected.argmax(-1)))
+            row = {"size": size, "source_gelu": source_gelu, "gelu": gelu, "dtype": dtype, "pairs": pairs,
+                   "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), "label_agreement": agree}
+            print(json.dumps(row), file=sys.stderr)
+            rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bertpool.compile.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=("throughput", "tolerance"))
+    parser.add_argument("--sizes", nargs="+", choices=sorted(PRESETS), default=["tiny", "base"])
+    parser.add_argument("--work", type=pathlib.Path, default=pathlib.Path("runs/bench-compile"),
+                        help="where demo and compiled models are kept (default: runs/bench-compile)")
+    parser.add_argument("--json", type=pathlib.Path, help="write the results here")
+    parser.add_argument("--rounds", type=int, default=5, help="throughput: interleaved rounds (default: 5)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="throughput: seconds per model per round")
+    parser.add_argument("--xla", choices=("auto", "on", "off"), default="auto", help="throughput: bertpool-compile --xla")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+                        help="throughput: bertpool-compile --dtype (default float32)")
+    parser.add_argument("--pairs", type=int, default=64, help="tolerance: pairs per combination (default: 64)")
+    parser.add_argument("--gelus", nargs="+", default=["erf", "tanh", "crude"],
+                        help="tolerance: source GELUs to build demo models with")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    args.work.mkdir(parents=True, exist_ok=True)
+    results = []
+    for size in args.sizes:
+        if args.what == "throughput":
+            results.append(throughput(size, args.work, args.rounds, args.seconds, xla=args.xla, dtype=args.dtype))
+        else:
+            results.extend(tolerance(size, args.work, args.pairs, args.gelus))
+    text = json.dumps({"benchmark": args.what, "cpu_count": os.cpu_count(), "results": results}, indent=2)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

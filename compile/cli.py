@@ -1,0 +1,131 @@
+"""bertpool-compile: turn a fine-tuned open-source BERT into a servable compiled model.
+
+Keeps the Neuron demo's flags (``bert_model.py --input_saved_model IN
+--output_saved_model OUT --crude_gelu``). Exit status: 0 done, 1 the
+equivalence proof failed (output kept, marked failed), 2 bad input or an
+unavailable backend. User errors print one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pathlib
+import sys
+
+from ..common.errors import BackendUnavailable, BertpoolError, ConfigError, EquivalenceError, ModelError
+from .build import DEFAULT_COMPILER_ARGS, CompileOptions, compile_model, default_target
+from .rebuild import DTYPES, GELUS
+from .runtime import TARGETS
+
+PROG = "bertpool-compile"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Rebuild a fine-tuned BERT sentence-pair classifier for serving: embeddings on the host "
+                    "(fp32), encoder+pooler+classifier compiled for a fixed batch x sequence length, softmax on "
+                    "the host; then prove the rebuilt model matches the original on N pairs.",
+        epilog="Exit status: 0 ok; 1 equivalence proof failed; 2 bad input or backend unavailable. "
+               "Example: bertpool-demo-model --size base --output /tmp/bert-base && "
+               "bertpool-compile --input_saved_model /tmp/bert-base --output_saved_model /tmp/bert-base-cpu "
+               "--target cpu",
+    )
+    io = parser.add_argument_group("input and output")
+    io.add_argument("--input_saved_model", required=True, metavar="DIR", type=pathlib.Path,
+                    help="the fine-tuned classifier: a google-research run_classifier SavedModel export, a "
+                         "google-research checkpoint directory (bert_config.json + bert_model.ckpt.*) or "
+                         "checkpoint prefix, or a Hugging Face BertForSequenceClassification directory "
+                         "(config.json + model.safetensors); the format is detected from the content")
+    io.add_argument("--output_saved_model", required=True, metavar="DIR", type=pathlib.Path,
+                    help="directory to write: manifest.json, vocab.txt, embeddings.npz, accelerated/")
+    io.add_argument("--vocab", metavar="FILE", type=pathlib.Path,
+                    help="the model's vocab.txt (default: vocab.txt inside the input directory or beside it)")
+    io.add_argument("--force", action="store_true", help="replace an existing, non-empty output directory")
+
+    build = parser.add_argument_group("rebuild")
+    build.add_argument("--target", choices=TARGETS,
+                       help="neuron: tensorflow-neuron trace (inf1; tensorflow-neuronx for inf2/trn1); cpu/gpu: "
+                            "a TF SavedModel (default: neuron if tensorflow.neuron imports, else cpu)")
+    build.add_argument("--dtype", choices=DTYPES,
+                       help="dtype of attention and dense matmuls; LayerNorm, softmax and GELU stay fp32 "
+                            "(default: float16 for neuron, float32 for cpu and gpu)")
+    gelu = build.add_mutually_exclusive_group()
+    gelu.add_argument("--gelu", choices=GELUS,
+                      help="GELU of the rebuilt model: erf (exact), tanh (approximation), crude "
+                           "(x*sigmoid(1.702x)) (default: the source model's)")
+    gelu.add_argument("--crude_gelu", action="store_const", dest="gelu", const="crude",
+                      help="same as --gelu crude (the Neuron demo's flag)")
+    build.add_argument("--batch-size", type=int, default=4, metavar="B", help="fixed batch size (default: 4)")
+    build.add_argument("--seq-length", type=int, default=128, metavar="S",
+                       help="fixed sequence length (default: 128)")
+    build.add_argument("--compiler-args", default=DEFAULT_COMPILER_ARGS, metavar="ARGS",
+                       help=f"neuron compiler flags, appended to $NEURON_CC_FLAGS "
+                            f"(default: {DEFAULT_COMPILER_ARGS!r})")
+    build.add_argument("--xla", choices=("auto", "on", "off"), default="auto",
+                       help="XLA-compile the cpu/gpu model (default auto: on, except bfloat16 on cpu where it "
+                            "measured slower)")
+    build.add_argument("--heads", type=int, metavar="N",
+                       help="attention heads, only needed for a SavedModel whose graph does not reveal them")
+    build.add_argument("--source-gelu", choices=GELUS,
+                       help="the source model's GELU, overriding detection (graph ops / config hidden_act)")
+
+    proof = parser.add_argument_group("equivalence proof")
+    proof.add_argument("--tsv", metavar="FILE", type=pathlib.Path,
+                       help="MRPC-format TSV whose first N pairs are used (default: generated pairs)")
+    proof.add_argument("--pairs", type=int, default=32, metavar="N", help="pairs to compare (default: 32)")
+    proof.add_argument("--seed", type=int, default=0, help="seed of generated pairs (default: 0)")
+    proof.add_argument("--tolerance", type=float, metavar="T",
+                       help="max |difference in probability| accepted (default: 1e-5 float32, 5e-3 float16, "
+                            "4e-2 bfloat16, plus a measured allowance when the GELU differs from the "
+                            "source's: 2e-3 tanh/erf, 6e-2 crude)")
+    proof.add_argument("--no-verify", dest="verify", action="store_false",
+                       help="skip the proof (the manifest then records equivalence: null)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    log = (lambda *a, **k: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ INFO chatter buries the report
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # and so do v1-API deprecation notices
+    try:
+        target = args.target
+        if target is None:
+            target = default_target()
+            why = "tensorflow-neuron found" if target == "neuron" else "tensorflow-neuron not importable"
+            log(f"target: {target} ({why}; choose with --target)")
+        options = CompileOptions(
+            input=args.input_saved_model, output=args.output_saved_model, target=target, dtype=args.dtype,
+            gelu=args.gelu, batch_size=args.batch_size, seq_length=args.seq_length, vocab=args.vocab,
+            tsv=args.tsv, pairs=args.pairs, seed=args.seed, tolerance=args.tolerance,
+            compiler_args=args.compiler_args, verify=args.verify, force=args.force, xla=args.xla,
+            heads=args.heads, source_gelu=args.source_gelu, progress=not args.quiet, log=log,
+        )
+        manifest = compile_model(options)
+    except EquivalenceError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except (ConfigError, ModelError, BackendUnavailable) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except BertpoolError as exc:  # any other typed error is still the user's input
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    if not args.quiet:
+        eq = manifest["equivalence"]
+        status = ("not verified" if eq is None else
+                  f"max |dp| {eq['max_abs_diff']:.3g}, labels agree {eq['label_agreement']:.0%}")
+        print(f"{args.output_saved_model}: {manifest['target']} {manifest['dtype']} "
+              f"batch {manifest['batch_size']} x {manifest['seq_length']} ({status})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

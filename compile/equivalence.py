@@ -1,0 +1,164 @@
+"""The equivalence proof: original vs rebuilt model on the same sentence pairs.
+
+"The original" is the model as the user gave it:
+    * savedmodel: the SavedModel itself, run through TF2's v1 loader in a Session;
+    * checkpoint / hf: these carry weights but no graph, so the original is the
+      plain reference implementation (:mod:`.reference`, google-research's
+      modeling.py layout) fed the extracted weights.
+"The rebuilt" is the compiled output directory loaded with
+:func:`.runtime.load_compiled` (cpu/gpu: from disk, exactly as served), or, for a
+neuron build on a host without Inferentia, the rebuilt graph run on the CPU at
+the same dtype before tracing.
+
+Tolerances on max |p_original - p_rebuilt| over all pairs and both classes,
+measured with ``python -m bertpool.compile.bench tolerance`` on the demo
+models (generated pairs; max over 64 pairs for tiny/base/large x every source
+GELU, and 512 pairs for tiny/base):
+
+    dtype      measured max |dp|              mean |dp|     bound
+    float32    <= 1.0e-6                       <= 2.0e-7     1e-5 (from the issue)
+    float16    <= 1.4e-3 (tiny, 512 pairs)     <= 5.9e-4     5e-3
+    bfloat16   <= 1.4e-2 (tiny, 512 pairs)     <= 4.8e-3     4e-2
+
+float16 keeps 11 significant bits (weights and activations each rounded by up
+to 2^-11 relative before every matmul; accumulation stays fp32, as on
+Inferentia), bfloat16 only 8. The mean error grows with depth (large has the
+highest), the max with the number of pairs; the bounds leave ~3x headroom
+over the worst case seen, for data with more extreme logits than the demo's
+calibrated classifier. Differences in fp32 come from op order only. Labels
+can flip at float16/bfloat16 when p is within the error of 0.5 (seen: 1 in 512
+for float16 on base), so label agreement is reported, not required.
+
+When the rebuilt GELU differs from the source's (e.g. ``--crude_gelu`` on an
+erf-trained model) the rebuilt model is deliberately a different function; the
+bound then grows by GELU_APPROXIMATION_TOLERANCE (measured, fp32: tanh vs erf
+<= 3.1e-4; crude vs erf <= 2.0e-2 on large, 1.3e-2 on tiny with 2 labels in
+512 flipped).
+"""
+
+from __future__ import annotations
+
+import pathlib
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..common.errors import ConfigError
+from .weights import BertWeights
+
+# max |difference in probability| accepted per matmul dtype (measurements in the module docstring)
+TOLERANCES = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 4e-2}
+# Extra allowance when the rebuilt GELU approximates the source's differently (keyed by the
+# approximation involved: tanh <-> erf, or crude <-> anything); measured above.
+GELU_APPROXIMATION_TOLERANCE = {"tanh": 2e-3, "crude": 6e-2}
+ORIGINAL_BATCH = 16  # rows per call of the original model (its batch is dynamic)
+
+
+@dataclass
+class EquivalenceReport:
+    """Outcome of the proof (the manifest's ``equivalence`` section)."""
+
+    pairs: int  # number of sentence pairs compared
+    data: str  # where they came from: a TSV path or "generated (seed N)"
+    max_abs_diff: float  # max |p_original - p_rebuilt| over pairs and classes
+    mean_abs_diff: float  # its mean, for context
+    label_agreement: float  # fraction of pairs whose argmax agrees
+    tolerance: float  # the bound max_abs_diff must not exceed
+    passed: bool  # max_abs_diff <= tolerance
+    original: str  # what ran as the original (see module docstring)
+    rebuilt: str  # what ran as the rebuilt model
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        verdict = "PASSED" if self.passed else "FAILED"
+        return (f"equivalence {verdict}: {self.pairs} pairs, max |dp| = {self.max_abs_diff:.3g} "
+                f"(tolerance {self.tolerance:.3g}), mean |dp| = {self.mean_abs_diff:.3g}, "
+                f"label agreement {self.label_agreement:.2%}")
+
+
+def tolerance_for(dtype: str, gelu: str, source_gelu: str) -> float:
+    """The default bound for a rebuilt model at ``dtype`` with ``gelu`` vs a ``source_gelu`` original."""
+    bound = TOLERANCES[dtype]
+    if gelu != source_gelu:
+        kind = "crude" if "crude" in (gelu, source_gelu) else "tanh"
+        bound += GELU_APPROXIMATION_TOLERANCE[kind]
+    return bound
+
+
+def load_pairs(tsv: pathlib.Path | None, n: int, seed: int = 0) -> tuple[list[tuple[str, str]], str]:
+    """n sentence pairs from an MRPC TSV (the first n) or generated; plus a description."""
+    if tsv is not None:
+        from ..common.data import read_mrpc_tsv
+
+        pairs = read_mrpc_tsv(tsv)
+        if not pairs:
+            raise ConfigError(f"--tsv {tsv} holds no pairs")
+        return [(p.text_a, p.text_b) for p in pairs[:n]], str(tsv)
+    from ..common.data import generate_pairs
+
+    return [(p.text_a, p.text_b) for p in generate_pairs(n, seed=seed)], f"generated (seed {seed})"
+
+
+class SavedModelOriginal:
+    """A run_classifier SavedModel run through the TF1 loader in its own Session."""
+
+    def __init__(self, path: pathlib.Path, weights: BertWeights) -> None:
+        import tensorflow as tf
+
+        self._graph = tf.Graph()
+        self._session = tf.compat.v1.Session(graph=self._graph)
+        with self._graph.as_default():
+            tf.compat.v1.saved_model.loader.load(self._session, ["serve"], str(path))
+        self._signature = weights.signature
+
+    def predict(self, input_ids, input_mask, segment_ids) -> np.ndarray:
+        n = len(input_ids)
+        feed_values = {"input_ids": input_ids, "input_mask": input_mask, "segment_ids": segment_ids,
+                       "label_ids": np.zeros([n], np.int32), "is_real_example": np.ones([n], np.int32)}
+        feed = {name: feed_values[key] for key, name in self._signature.inputs.items() if key in feed_values}
+        return self._session.run(self._signature.output, feed)
+
+    def close(self) -> None:
+        self._session.close()
+
+
+def open_original(weights: BertWeights, seq_length: int):
+    """The original model as a ``predict(ids, mask, segments) -> probs`` object."""
+    if weights.source.format == "savedmodel":
+        return SavedModelOriginal(weights.source.path, weights)
+    from .reference import ReferenceModel
+
+    return ReferenceModel(weights.shape, weights.tensors, seq_length, weights.gelu)
+
+
+def describe_original(weights: BertWeights) -> str:
+    if weights.source.format == "savedmodel":
+        return "the SavedModel (TF1 loader, Session)"
+    return f"reference BERT graph ({weights.gelu} GELU) fed the {weights.source.format} weights"
+
+
+def compare(original, rebuilt, features, tolerance: float, data: str, original_name: str,
+            rebuilt_name: str, progress: bool = True) -> EquivalenceReport:
+    """Run both models on ``features`` and measure the differences."""
+    from tqdm import tqdm
+
+    n = len(features.input_ids)
+    orig_parts, new_parts = [], []
+    for start in tqdm(range(0, n, ORIGINAL_BATCH), desc="equivalence", unit="batch", disable=not progress,
+                      leave=False):
+        rows = slice(start, start + ORIGINAL_BATCH)
+        args = (features.input_ids[rows], features.input_mask[rows], features.segment_ids[rows])
+        orig_parts.append(np.asarray(original.predict(*args), np.float32))
+        new_parts.append(np.asarray(rebuilt.predict(*args), np.float32))
+    p_orig, p_new = np.concatenate(orig_parts), np.concatenate(new_parts)
+    diff = np.abs(p_orig.astype(np.float64) - p_new.astype(np.float64))
+    max_diff = float(diff.max())
+    agreement = float(np.mean(p_orig.argmax(-1) == p_new.argmax(-1)))
+    return EquivalenceReport(
+        pairs=n, data=data, max_abs_diff=max_diff, mean_abs_diff=float(diff.mean()),
+        label_agreement=agreement, tolerance=float(tolerance),
+        passed=bool(np.isfinite(max_diff) and max_diff <= tolerance),
+        original=original_name, rebuilt=rebuilt_name,
+    )

@@ -1,0 +1,205 @@
+"""Load and run a model written by ``bertpool-compile`` (the serving hot path).
+
+A compiled model directory holds::
+
+    manifest.json     what it is (see MANIFEST_VERSION and .cli.write_manifest)
+    vocab.txt         the WordPiece vocabulary the model was trained with
+    embeddings.npz    host part: word/token type/position embeddings + LayerNorm (fp32)
+    accelerated/      the rebuilt encoder+pooler+classifier: a TF SavedModel (cpu, gpu)
+                      or a tensorflow-neuron traced model (neuron)
+
+``load_compiled(dir).predict(ids, mask, segments)`` runs embeddings on the host
+(numpy fp32), the accelerated part, then softmax on the host (fp32).
+
+TensorFlow is imported lazily (inside :func:`load_compiled`), so importing this
+module is cheap and works where TensorFlow is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+
+from ..common.errors import BackendUnavailable, ModelFormatError
+from .host import HostEmbeddings, mask_bias, softmax
+from .shape import BertShape
+
+MANIFEST = "manifest.json"
+EMBEDDINGS_FILE = "embeddings.npz"
+ACCELERATED_DIR = "accelerated"
+VOCAB_FILE = "vocab.txt"
+MANIFEST_VERSION = 1
+TARGETS = ("neuron", "cpu", "gpu")
+REQUIRED_KEYS = ("format_version", "model", "batch_size", "seq_length", "target", "dtype", "gelu")
+
+
+def is_compiled_model(path) -> bool:
+    """True when ``path`` is a directory holding a manifest.json (a bertpool-compile output)."""
+    path = pathlib.Path(path)
+    return path.is_dir() and (path / MANIFEST).is_file()
+
+
+def read_manifest(model_dir) -> dict:
+    """The parsed, minimally validated manifest; ModelFormatError if absent or malformed."""
+    model_dir = pathlib.Path(model_dir)
+    path = model_dir / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelFormatError(f"{model_dir} is not a compiled model: no {MANIFEST}") from None
+    except (OSError, ValueError) as exc:
+        raise ModelFormatError(f"cannot read {path}: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise ModelFormatError(f"{path} is not a JSON object")
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise ModelFormatError(f"{path} lacks {', '.join(missing)}")
+    if manifest["format_version"] != MANIFEST_VERSION:
+        raise ModelFormatError(f"{path}: format_version {manifest['format_version']!r} is not supported "
+                               f"(this bertpool reads {MANIFEST_VERSION}); recompile the model")
+    if manifest["target"] not in TARGETS:
+        raise ModelFormatError(f"{path}: unknown target {manifest['target']!r}")
+    return manifest
+
+
+class CompiledModel:
+    """A loaded compiled model. ``predict`` is thread-safe.
+
+    Attributes: ``batch_size`` and ``seq_length`` (the fixed compiled shape),
+    ``manifest`` (dict), ``vocab_path``, ``target``, ``shape`` (BertShape),
+    ``do_lower_case``.
+    """
+
+    def __init__(self, model_dir: pathlib.Path, manifest: dict, embeddings: HostEmbeddings, accelerated) -> None:
+        self.model_dir = model_dir
+        self.manifest = manifest
+        self.batch_size = int(manifest["batch_size"])
+        self.seq_length = int(manifest["seq_length"])
+        self.target = manifest["target"]
+        self.shape = BertShape.from_dict(manifest["model"])
+        self.vocab_path = model_dir / VOCAB_FILE
+        self.do_lower_case = manifest.get("do_lower_case")
+        self._embeddings = embeddings
+        self._accelerated = accelerated  # (embeddings [B,S,H], bias [B,1,1,S]) -> logits [B,C]
+
+    def logits(self, input_ids, input_mask, segment_ids) -> np.ndarray:
+        """float32 logits [N,C] for int32 inputs [N,S]; N may be anything >= 1.
+
+        Rows are run batch_size at a time; a short last batch is padded with
+        copies of its first row (the padded rows' outputs are dropped).
+        """
+        ids, mask, segments = (self._check(name, a) for name, a in
+                               (("input_ids", input_ids), ("input_mask", input_mask), ("segment_ids", segment_ids)))
+        if not (len(ids) == len(mask) == len(segments)):
+            raise ValueError("input_ids, input_mask and segment_ids differ in their number of rows")
+        B, n = self.batch_size, len(ids)
+        out = np.empty([n, self.shape.num_labels], np.float32)
+        for start in range(0, n, B):
+            rows = slice(start, min(start + B, n))
+            chunk = [_pad_rows(a[rows], B) for a in (ids, mask, segments)]
+            x = self._embeddings(chunk[0], chunk[2])  # [B,S,H] fp32, on the host
+            logits = self._accelerated(x, mask_bias(chunk[1]))  # [B,C] fp32
+            out[rows] = logits[: rows.stop - rows.start]
+        return out
+
+    def predict(self, input_ids, input_mask, segment_ids) -> np.ndarray:
+        """float32 probabilities [N,C] (softmax on the host in fp32); N = batch_size in serving."""
+        return softmax(self.logits(input_ids, input_mask, segment_ids))
+
+    def _check(self, name: str, array) -> np.ndarray:
+        array = np.asarray(array)
+        if array.ndim != 2 or array.shape[1] != self.seq_length or array.shape[0] < 1:
+            raise ValueError(f"{name} must have shape [N, {self.seq_length}], got {list(array.shape)}")
+        if array.dtype.kind not in "iu":
+            raise ValueError(f"{name} must be integers, got {array.dtype}")
+        return array.astype(np.int32, copy=False)
+
+
+def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
+    if len(array) == rows:
+        return array
+    return np.concatenate([array, np.repeat(array[:1], rows - len(array), axis=0)])
+
+
+def load_compiled(model_dir, check_equivalence: bool = True, warm_up: bool = True) -> CompiledModel:
+    """Load a compiled model directory.
+
+    Raises ModelFormatError for a missing/incomplete directory, or one whose
+    equivalence proof failed (unless ``check_equivalence`` is False), and
+    BackendUnavailable when the target's runtime (tensorflow, or
+    tensorflow-neuron for target neuron) cannot be imported. ``warm_up`` runs
+    one dummy batch so that the first request does not pay for XLA compilation.
+    """
+    model_dir = pathlib.Path(model_dir)
+    manifest = read_manifest(model_dir)
+    equivalence = manifest.get("equivalence")
+    if check_equivalence and isinstance(equivalence, dict) and not equivalence.get("passed", False):
+        raise ModelFormatError(
+            f"{model_dir} failed its equivalence proof (max |dp| {equivalence.get('max_abs_diff')} > "
+            f"tolerance {equivalence.get('tolerance')}); recompile it (see bertpool-compile --tolerance)")
+    for name in (EMBEDDINGS_FILE, VOCAB_FILE, ACCELERATED_DIR):
+        if not (model_dir / name).exists():
+            raise ModelFormatError(f"{model_dir} is incomplete: no {name}")
+    shape = BertShape.from_dict(manifest["model"])
+    embeddings = HostEmbeddings.load(model_dir / EMBEDDINGS_FILE, int(manifest["seq_length"]),
+                                     shape.layer_norm_eps)
+    if (embeddings.vocab_size, embeddings.hidden) != (shape.vocab_size, shape.hidden):
+        raise ModelFormatError(f"{model_dir}: embeddings.npz does not match the manifest's model shape")
+    loader = _load_neuron if manifest["target"] == "neuron" else _load_tf
+    accelerated = loader(model_dir / ACCELERATED_DIR, manifest)
+    model = CompiledModel(model_dir, manifest, embeddings, accelerated)
+    if warm_up:
+        dummy = np.zeros([model.batch_size, model.seq_length], np.int32)
+        model.logits(dummy, dummy, dummy)
+    return model
+
+
+def _import_tf():
+    try:
+        import tensorflow as tf
+    except ImportError as exc:
+        raise BackendUnavailable(f"TensorFlow is not installed ({exc}); install bertpool[tf]") from None
+    return tf
+
+
+def _load_tf(path: pathlib.Path, manifest: dict):
+    """The cpu/gpu SavedModel's serving signature as a numpy -> numpy function."""
+    tf = _import_tf()
+    try:
+        loaded = tf.saved_model.load(str(path))
+        fn = loaded.signatures["serving_default"]
+    except (OSError, KeyError, ValueError, tf.errors.OpError) as exc:
+        raise ModelFormatError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
+    output = manifest.get("output_key", "logits")
+
+    def run(embeddings: np.ndarray, bias: np.ndarray) -> np.ndarray:
+        # The concrete signature function has a fixed input signature: no retracing per call.
+        result = fn(embeddings=tf.constant(embeddings), mask_bias=tf.constant(bias))
+        return result[output].numpy()
+
+    run.loaded = loaded  # keep the trackable object (and its variables) alive
+    return run
+
+
+def _load_neuron(path: pathlib.Path, manifest: dict):
+    """The neuron-traced keras model (needs tensorflow-neuron and an Inferentia device)."""
+    tf = _import_tf()
+    package = manifest.get("neuron_package", "tensorflow.neuron")
+    try:
+        __import__(package)  # registers the Neuron ops the traced graph uses
+    except ImportError as exc:
+        raise BackendUnavailable(f"target neuron needs {package.replace('.', '-').replace('_', '-')} "
+                                 f"(import {package} failed: {exc}); it is only installable from AWS's "
+                                 f"Neuron repository on inf1/inf2 hosts") from None
+    try:
+        model = tf.keras.models.load_model(str(path))
+    except (OSError, ValueError, tf.errors.OpError) as exc:
+        raise ModelFormatError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
+
+    def run(embeddings: np.ndarray, bias: np.ndarray) -> np.ndarray:
+        # traced with example_inputs as a tuple, so the model is called as func(*inputs)
+        return np.asarray(model(tf.constant(embeddings), tf.constant(bias)))
+
+    return run

@@ -1,0 +1,134 @@
+"""WordPiece vocabularies: a deterministic generated one for demo models, and checks.
+
+The generated vocabulary follows the layout of Google's uncased BERT vocab.txt
+so that any BERT tokenizer handles it: ``[PAD]`` = 0, ``[unused0..98]`` = 1..99,
+``[UNK]`` = 100, ``[CLS]`` = 101, ``[SEP]`` = 102, ``[MASK]`` = 103, then
+single characters, ``##`` continuations, common English words, letter
+bigrams/trigrams (so unknown words split into a few pieces instead of single
+characters) and finally ``[unusedK]`` filler up to the requested size.
+"""
+
+from __future__ import annotations
+
+import itertools
+import pathlib
+import string
+
+from ..common.errors import ModelFormatError
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+# Common English words (lower case). Part of the deterministic demo vocabulary;
+# changing this list changes every generated demo model.
+COMMON_WORDS = """
+the of and to a in is was for that on as with by he at from his it an were are
+which this be or has had not but have after its also first one new their they two
+been who all would she more other her will when there we into said about year can
+than up only time out some no could so over these most then may him people what
+many three state world during our years between made where like city company
+government before while did back since being through under later both percent
+million four including well school because such university around if second
+national team family group last them part day against those each us work just
+season five home any week public part since long same several make used off
+american early known last south north even best area because high life market
+day end show general next among much left set according called law million
+country found began including group house service until however early along
+without very high own based found united how report old still percent system
+quarter shares price prices stock stocks sales revenue profit net income billion
+share investors bank analysts trading rose fell points index dollar oil
+officials police court judge case charges trial federal minister president
+prime leader party election vote told statement spokesman chief executive
+officer board deal agreement plan plans program security military war forces
+killed attack people health drug study patients hospital news reported reports
+monday tuesday wednesday thursday friday saturday sunday january february march
+april may june july august september october november december today yesterday
+tomorrow week month months weeks days hours said says say saying added expected
+announced according declined increased decreased higher lower lost gained
+closed opened cut rise fall growth economy economic financial business industry
+technology software computer internet microsoft apple google network data
+online users customers product products sold buy bought sell offer
+he she they it i you we me him her them my your his its our their this that these
+those who whom whose what which when where why how all any both each few more most
+other some such no nor not only own same so than too very can will just should now
+is are was were be been being have has had do does did doing a an the and but if or
+because as until while of at by for with about against between into through during
+before after above below to from up down in out on off over under again further
+then once here there would could might must shall
+good great little big small large long short right wrong true false full empty
+man woman men women child children boy girl father mother son daughter friend
+water food money car road street town village country land sea river air fire
+""".split()
+
+
+def _dedup(tokens):
+    """Yield each token once, first occurrence wins (keeps the order stable)."""
+    seen: set[str] = set()
+    for token in tokens:
+        if token not in seen:
+            seen.add(token)
+            yield token
+
+
+def generate_vocab(size: int) -> list[str]:
+    """The deterministic demo vocabulary of exactly ``size`` tokens (size >= 104)."""
+    if size < 104 + len(string.ascii_lowercase):
+        raise ValueError(f"vocabulary size {size} is too small for the BERT layout")
+    head = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = list(string.punctuation) + list(string.digits) + list(string.ascii_lowercase)
+    letters = string.ascii_lowercase
+    bigrams = ["".join(p) for p in itertools.product(letters, repeat=2)]
+    trigrams = ("".join(p) for p in itertools.product(letters, repeat=3))
+    body = itertools.chain(
+        chars,
+        ("##" + c for c in string.digits + letters),
+        COMMON_WORDS,
+        bigrams,
+        ("##" + b for b in bigrams),
+        itertools.chain.from_iterable((t, "##" + t) for t in trigrams),
+    )
+    tokens = head + list(itertools.islice(_dedup(t for t in body if t not in head), size - len(head)))
+    filler = (f"[unused{i}]" for i in itertools.count(99))
+    while len(tokens) < size:
+        tokens.append(next(filler))
+    return tokens
+
+
+def write_vocab(path: pathlib.Path, tokens: list[str]) -> pathlib.Path:
+    """Write one token per line (the vocab.txt format)."""
+    path = pathlib.Path(path)
+    path.write_text("".join(t + "\n" for t in tokens), encoding="utf-8")
+    return path
+
+
+def read_vocab(path: pathlib.Path) -> list[str]:
+    """Read a vocab.txt; a missing or unreadable file is a ModelFormatError."""
+    path = pathlib.Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelFormatError(f"cannot read vocabulary {path}: {exc}") from None
+    tokens = text.split("\n")
+    if tokens and tokens[-1] == "":
+        tokens.pop()  # the trailing newline
+    tokens = [t.rstrip("\r") for t in tokens]
+    if not tokens:
+        raise ModelFormatError(f"vocabulary {path} is empty")
+    return tokens
+
+
+def check_vocab(path: pathlib.Path, vocab_size: int) -> list[str]:
+    """Assert the vocabulary matches the word embeddings row for row.
+
+    A mismatch means the vocabulary belongs to another model: token ids would
+    index the wrong (or no) embedding rows, so it is an error, not a warning.
+    """
+    tokens = read_vocab(path)
+    if len(tokens) != vocab_size:
+        raise ModelFormatError(
+            f"vocabulary {path} has {len(tokens)} tokens but bert/embeddings/word_embeddings "
+            f"has {vocab_size} rows; pass the model's own vocab.txt with --vocab"
+        )
+    for token in ("[PAD]", "[CLS]", "[SEP]", "[UNK]"):
+        if token not in tokens:
+            raise ModelFormatError(f"vocabulary {path} lacks the special token {token}")
+    return tokens
