@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
-import signal
 import sys
 import threading
 import time
@@ -28,6 +27,7 @@ from typing import Any, TextIO
 import zmq
 
 from ..common import protocol as P
+from ..common.cli import install_stop_handlers, report_error, setup_logging
 from ..common.errors import BertpoolError, ConfigError, ProtocolError
 
 log = logging.getLogger("bertpool.broker")
@@ -352,12 +352,6 @@ def broker_config_from_args(args: argparse.Namespace, stats_interval_s: float) -
                         max_queue=args.max_queue, stats_interval_s=stats_interval_s)
 
 
-def install_stop_handlers(stop) -> None:
-    """Call ``stop()`` on SIGINT and SIGTERM."""
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop())
-
-
 def main(argv: list[str] | None = None) -> int:
     """bertpool-broker: run the broker alone (workers join with bertpool-workers)."""
     parser = argparse.ArgumentParser(
@@ -367,13 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stats-interval-s", type=float, default=1.0,
                         help="print inferences/s this often; 0 disables (default: %(default)s)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     try:
         broker = Broker(broker_config_from_args(args, args.stats_interval_s))
         broker.bind()
     except BertpoolError as exc:
-        print(f"bertpool-broker: error: {exc}", file=sys.stderr)
-        return 2
+        return report_error("bertpool-broker", exc)
     install_stop_handlers(broker.stop)
     print(f"bertpool-broker: clients on {args.address}, workers on {args.worker_address}", flush=True)
     broker.run()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -21,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..common.cli import report_error
 from ..common.data import Pair, default_pairs, read_mrpc_tsv
 from ..common.errors import BertpoolError, ConfigError, RequestError, RequestTimeout
 from .client import Client
@@ -218,8 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         pairs, source = load_pairs(args.tsv)
         report = run_bench(config, pairs)
     except BertpoolError as exc:
-        print(f"bertpool-bench: error: {exc}", file=sys.stderr)
-        return 2
+        return report_error("bertpool-bench", exc)
     report["pairs_source"] = source
     print(format_report(report))
     if args.json:

@@ -222,7 +222,7 @@ def test_replies_and_disconnect_may_come_on_the_workers_second_socket(broker, so
     wait_workers(b, client, 1)
     request(client, "a")
     request(client, "b")
-    token_a, token_b = recv(inbox)[2], recv(inbox)[2]
+    token_a, _ = recv(inbox)[2], recv(inbox)[2]
     outbox.send_multipart([P.VERSION, P.REPLY, token_a, P.reply_body("a", [0.0, 1.0], {})])
     assert P.unpack(recv(client)[2])["id"] == "a"
     outbox.send_multipart([P.VERSION, P.DISCONNECT, P.pack({"worker": "w"})])

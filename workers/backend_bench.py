@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from ..clients.bench import BenchConfig, load_pairs, run_bench
 from ..common.tokenizer import BertTokenizer

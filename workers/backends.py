@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..common.errors import BackendUnavailable, ConfigError, ModelFormatError
+from ..compile.runtime import is_compiled_model
 
 BACKENDS = ("echo", "tf", "neuron")
 
@@ -147,7 +148,7 @@ class CompiledBackend(Backend):
     """A directory written by ``bertpool-compile`` (it holds manifest.json)."""
 
     def __init__(self, model_dir: Path, name: str) -> None:
-        from ..compile.runtime import load_compiled
+        from ..compile.runtime import load_compiled  # imports TensorFlow lazily itself
 
         self.name = name
         self._model = load_compiled(model_dir)
@@ -168,14 +169,10 @@ def _model_dir(config: BackendConfig) -> Path:
     return path
 
 
-def _is_compiled(path: Path) -> bool:
-    return (path / "manifest.json").is_file()
-
-
 def _load_tf(config: BackendConfig) -> Backend:
     path = _model_dir(config)
     tf = _configure_tf_threads(config.threads)
-    if _is_compiled(path):
+    if is_compiled_model(path):
         return CompiledBackend(path, "tf")
     if not (path / "saved_model.pb").is_file():
         raise ModelFormatError(f"{path}: neither a compiled bertpool model (manifest.json) "
@@ -184,15 +181,16 @@ def _load_tf(config: BackendConfig) -> Backend:
 
 
 def _load_neuron(config: BackendConfig) -> Backend:
+    from ..compile.build import neuron_package
+
     path = _model_dir(config)
     _configure_tf_threads(config.threads)
-    try:
-        import tensorflow.neuron  # noqa: F401  (registers the Neuron ops and runtime)
-    except ImportError as exc:
+    if neuron_package() is None:
         raise BackendUnavailable(
-            "the neuron backend needs tensorflow-neuron, which only installs on an AWS "
-            "Inferentia host from AWS's Neuron pip repository; use --backend tf here") from exc
-    if not _is_compiled(path):
+            "the neuron backend needs tensorflow-neuron (inf1) or tensorflow-neuronx (inf2/trn1), "
+            "which only install on AWS Inferentia/Trainium hosts from AWS's Neuron pip repository; "
+            "use --backend tf here")
+    if not is_compiled_model(path):
         raise ModelFormatError(f"{path}: not a compiled model; run bertpool-compile --target neuron")
     return CompiledBackend(path, "neuron")
 

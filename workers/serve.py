@@ -8,11 +8,10 @@ the broker.
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 import threading
 
-from ..broker.broker import Broker, add_broker_arguments, broker_config_from_args, install_stop_handlers
+from ..broker.broker import Broker, add_broker_arguments, broker_config_from_args
+from ..common.cli import install_stop_handlers, report_error, setup_logging
 from ..common.errors import BertpoolError
 from .supervisor import Supervisor, add_supervisor_arguments, supervisor_config_from_args
 
@@ -32,14 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     try:
         broker = Broker(broker_config_from_args(args, args.stats_interval_s))
         supervisor = Supervisor(supervisor_config_from_args(args, args.worker_address))
         broker.bind()
     except BertpoolError as exc:
-        print(f"bertpool-serve: error: {exc}", file=sys.stderr)
-        return 2
+        return report_error("bertpool-serve", exc)
     thread = threading.Thread(target=broker.run, name="broker", daemon=True)
     thread.start()
     install_stop_handlers(supervisor.stop)
@@ -51,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         broker.stop()
         thread.join(10)
     if supervisor.failed:
-        print(f"bertpool-serve: error: {supervisor.failed}", file=sys.stderr)
-        return 1
+        return report_error("bertpool-serve", supervisor.failed, code=1)
     return 0
 
 

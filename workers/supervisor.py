@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from ..common.cli import install_stop_handlers, report_error, setup_logging
 from ..common.errors import BertpoolError, ConfigError
 from .worker import WorkerConfig, add_worker_arguments, worker_config_from_args
 
@@ -187,14 +188,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="the broker's worker endpoint (default: %(default)s)")
     add_supervisor_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     try:
         supervisor = Supervisor(supervisor_config_from_args(args, args.worker_address))
     except BertpoolError as exc:
-        print(f"bertpool-workers: error: {exc}", file=sys.stderr)
-        return 2
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: supervisor.stop())
+        return report_error("bertpool-workers", exc)
+    install_stop_handlers(supervisor.stop)
     supervisor.run()
     return 1 if supervisor.failed else 0
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ import numpy as np
 import zmq
 
 from ..common import protocol as P
+from ..common.cli import install_stop_handlers, report_error, setup_logging
 from ..common.errors import BertpoolError, ConfigError, ProtocolError
 from ..common.tokenizer import BertTokenizer
 from .backends import BACKENDS, Backend, BackendConfig, fallback_vocab_path, load_backend, run_padded
@@ -325,15 +324,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="", help="worker name in logs and stats")
     add_worker_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging()
     try:
         worker = Worker(worker_config_from_args(args, args.worker_address, name=args.name))
         worker.load()
     except BertpoolError as exc:
-        print(f"bertpool-worker: error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: worker.stop())
+        return report_error("bertpool-worker", exc)
+    install_stop_handlers(worker.stop)
     worker.run()
     return 1 if worker.failed else 0
 

@@ -1,0 +1,25 @@
+"""Small helpers every bertpool command's thin ``main()`` shares."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from typing import Callable
+
+
+def setup_logging() -> None:
+    """Timestamped INFO logging to stderr, the same for every process role."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+
+def install_stop_handlers(stop: Callable[[], None]) -> None:
+    """Call ``stop()`` on SIGINT (Ctrl-C) and SIGTERM, so the process can wind down cleanly."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop())
+
+
+def report_error(prog: str, exc: BaseException, code: int = 2) -> int:
+    """Print one clear ``prog: error: ...`` line (no traceback) and return the exit code."""
+    print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+    return code
