@@ -78,7 +78,19 @@ def _pool_worker(address: str, stop) -> None:
     worker.run()
 
 
-def _load(address: str, sockets: int, warmup_s: float, duration_s: float, results) -> None:
+def request_body(kind: str) -> bytes:
+    """The REQUEST body every load socket sends: a text pair, or the same pair pre-tokenized."""
+    a, b = "The quick brown fox jumps.", "A fast fox leapt over."
+    if kind == "text":
+        return P.text_request("bench", a, b)
+    from ..common.tokenizer import BertTokenizer
+    from ..workers.backends import fallback_vocab_path
+
+    f = BertTokenizer(fallback_vocab_path()).encode_pairs([(a, b)])
+    return P.features_request("bench", f.input_ids[0], f.input_mask[0], f.segment_ids[0])
+
+
+def _load(address: str, sockets: int, warmup_s: float, duration_s: float, body: bytes, results) -> None:
     """Closed loop: each socket keeps one REQUEST in flight; count replies in the window."""
     ctx = zmq.Context()
     socks = [ctx.socket(zmq.DEALER) for _ in range(sockets)]
@@ -87,7 +99,6 @@ def _load(address: str, sockets: int, warmup_s: float, duration_s: float, result
         s.setsockopt(zmq.LINGER, 0)
         s.connect(address)
         poller.register(s, zmq.POLLIN)
-    body = P.text_request("bench", "The quick brown fox jumps.", "A fast fox leapt over.")
     for s in socks:
         s.send_multipart([P.VERSION, P.REQUEST, body])
     start = time.monotonic() + warmup_s
@@ -106,7 +117,7 @@ def _load(address: str, sockets: int, warmup_s: float, duration_s: float, result
 
 
 def measure(setup: str, clients: int, workers: int, load_procs: int, warmup_s: float,
-            duration_s: float) -> float:
+            duration_s: float, body: bytes) -> float:
     """Round trips per second for one set-up."""
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
@@ -133,7 +144,7 @@ def measure(setup: str, clients: int, workers: int, load_procs: int, warmup_s: f
         _wait_workers(front, workers)
     results = ctx.Queue()
     share = [clients // load_procs + (i < clients % load_procs) for i in range(load_procs)]
-    loaders = [ctx.Process(target=_load, args=(front, n, warmup_s, duration_s, results))
+    loaders = [ctx.Process(target=_load, args=(front, n, warmup_s, duration_s, body, results))
                for n in share if n]
     for p in loaders:
         p.start()
@@ -183,16 +194,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration-s", type=float, default=5.0, help="measured window (default: %(default)s)")
     parser.add_argument("--setups", default=",".join(SETUPS),
                         help=f"comma-separated subset of {','.join(SETUPS)} (default: all)")
+    parser.add_argument("--request", choices=("text", "features"), default="text",
+                        help="send a text pair (workers tokenize) or pre-tokenized features "
+                             "(default: %(default)s)")
     parser.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
     args = parser.parse_args(argv)
     setups = [s for s in args.setups.split(",") if s]
     unknown = set(setups) - set(SETUPS)
     if unknown or min(args.clients, args.workers, args.load_procs) < 1:
         parser.error(f"bad --setups {sorted(unknown)} or non-positive count")
-    report: dict[str, Any] = {"clients": args.clients, "workers": args.workers,
+    body = request_body(args.request)
+    report: dict[str, Any] = {"clients": args.clients, "workers": args.workers, "request": args.request,
                               "duration_s": args.duration_s, "round_trips_per_s": {}}
     for setup in setups:
-        rate = measure(setup, args.clients, args.workers, args.load_procs, args.warmup_s, args.duration_s)
+        rate = measure(setup, args.clients, args.workers, args.load_procs, args.warmup_s, args.duration_s,
+                       body)
         report["round_trips_per_s"][setup] = round(rate, 1)
         print(f"{setup:>6}: {rate:10.1f} round trips/s", flush=True)
     relay = report["round_trips_per_s"].get("relay")

@@ -60,3 +60,30 @@ def test_bench_bad_input_is_a_clear_error(args, message):
 def test_bench_without_a_server_times_out_cleanly():
     proc = run("--address", "ipc:///nonexistent-bertpool", "--wait-workers", "1", "--wait-timeout-s", "1")
     assert proc.returncode == 2 and "not ready" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("request_kind", ["text", "features"])
+def test_broker_bench_runs_all_setups(tmp_path, request_kind):
+    out = tmp_path / "broker.json"
+    proc = subprocess.run([sys.executable, "-m", "bertpool.broker.relay_bench", "--clients", "4",
+                           "--workers", "1", "--load-procs", "1", "--warmup-s", "0.2", "--duration-s", "0.5",
+                           "--request", request_kind, "--json", str(out)],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert set(report["round_trips_per_s"]) == {"relay", "broker", "pool"}
+    assert all(v > 0 for v in report["round_trips_per_s"].values())
+    assert report["ratio_to_relay"]["relay"] == 1.0
+
+
+def test_backend_bench_reports_ratio_and_latency(tmp_path):
+    out = tmp_path / "backend.json"
+    proc = subprocess.run([sys.executable, "-m", "bertpool.workers.backend_bench", "--backend", "echo",
+                           "--echo-delay-ms", "2", "--seconds", "0.3", "--parallel", "1", "--cycle", "3",
+                           "--single-cycle", "3", "--json", str(out)],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    served = report["served"][0]
+    assert report["tight"]["inferences_per_s"] > 0 and served["inferences_per_s"] > 0
+    assert served["errors"] == 0 and "single_added_latency_ms_p50" in served
