@@ -117,7 +117,8 @@ class Client:
                      max_in_flight: int | None = None) -> list[Prediction]:
         """Classify many pairs, keeping up to ``max_in_flight`` in flight; results in input order.
 
-        The first failed request raises its error after all sent requests settle.
+        Raises the first failure in input order (a RequestError); requests
+        already sent still settle in the background and are then dropped.
         """
         window = max_in_flight or self.config.max_in_flight
         futures: list[Future] = []
