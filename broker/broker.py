@@ -44,10 +44,8 @@ class BrokerConfig:
     def __post_init__(self) -> None:
         if self.max_queue < 0:
             raise ConfigError(f"max_queue must be >= 0, got {self.max_queue}")
-        for name in ("frontend", "backend"):
-            endpoint = getattr(self, name)
-            if not endpoint.startswith(("tcp://", "ipc://", "inproc://")):
-                raise ConfigError(f"{name} address {endpoint!r} must start with tcp://, ipc:// or inproc://")
+        P.check_endpoint("frontend address", self.frontend)
+        P.check_endpoint("backend address", self.backend)
 
 
 @dataclass
@@ -95,7 +93,6 @@ class Broker:
         self._owners: dict[bytes, bytes] = {}
         self._next_token = 0
         self._stop = threading.Event()
-        self._bound = threading.Event()
         self._stats_out = stats_out or sys.stdout
         self._last_totals: tuple[float, int, int, int] | None = None
         self.frontend: zmq.Socket | None = None
@@ -119,11 +116,6 @@ class Broker:
             except zmq.ZMQError as exc:
                 self.close()
                 raise ConfigError(f"cannot bind {endpoint}: {exc}") from exc
-        self._bound.set()
-
-    def wait_bound(self, timeout_s: float) -> bool:
-        """Block until bind() has completed (for threads that start a broker)."""
-        return self._bound.wait(timeout_s)
 
     def stop(self) -> None:
         """Ask run() to return (thread- and signal-safe)."""

@@ -42,8 +42,7 @@ class ClientConfig:
     max_in_flight: int = 64                # predict_many keeps at most this many pending
 
     def __post_init__(self) -> None:
-        if not self.address.startswith(("tcp://", "ipc://", "inproc://")):
-            raise ConfigError(f"address {self.address!r} must start with tcp://, ipc:// or inproc://")
+        P.check_endpoint("address", self.address)
         if not self.timeout_s > 0:
             raise ConfigError(f"timeout_s must be > 0, got {self.timeout_s}")
         if self.max_in_flight < 1:

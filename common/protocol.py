@@ -49,7 +49,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from .errors import InputError, ProtocolError
+from .errors import ConfigError, InputError, ProtocolError
 
 VERSION = b"BP1"
 
@@ -84,6 +84,15 @@ MAX_TEXT_CHARS = 20_000
 MAX_ID_LEN = 256
 
 TOKEN_BYTES = 8
+
+TRANSPORTS = ("tcp://", "ipc://", "inproc://")
+
+
+def check_endpoint(name: str, endpoint: str) -> str:
+    """Return ``endpoint`` if it names a ZeroMQ transport bertpool uses, else ConfigError."""
+    if not isinstance(endpoint, str) or not endpoint.startswith(TRANSPORTS):
+        raise ConfigError(f"{name} {endpoint!r} must start with {', '.join(TRANSPORTS)}")
+    return endpoint
 
 
 def encode_queue_time(seconds: float) -> bytes:

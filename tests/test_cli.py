@@ -50,6 +50,7 @@ def test_help_is_complete(command):
     ("bertpool.workers.serve", ["--batch-size", "0"], "batch_size must be >= 1"),
     ("bertpool.broker.broker", ["--worker-address", "nope"], "must start with tcp://"),
     ("bertpool.workers.worker", ["--backend", "tf"], "needs --model"),
+    ("bertpool.workers.supervisor", ["--worker-address", "localhost:5556"], "must start with tcp://"),
 ])
 def test_bad_flags_are_clear_errors(module, args, message, tmp_path):
     proc = run(module, *args)

@@ -51,6 +51,7 @@ class WorkerConfig:
     name: str = ""                    # label in logs and stats (default: worker-<pid>)
 
     def __post_init__(self) -> None:
+        P.check_endpoint("worker address", self.broker_address)
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.batch_timeout_ms < 0:
