@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -11,10 +13,12 @@ import numpy as np
 import pytest
 import zmq
 
+from bertpool.clients.bench import wait_for_workers
 from bertpool.clients.client import Client
 from bertpool.common import protocol as P
 from bertpool.common.tokenizer import BertTokenizer
 from bertpool.workers.backends import echo_probabilities, fallback_vocab_path
+from conftest import free_tcp_port
 
 
 def expected_echo(tokenizer: BertTokenizer, a: str, b: str) -> np.ndarray:
@@ -167,15 +171,21 @@ def _worker_pids(pool) -> list[int]:
     return sorted(p for p in _stats_pids(pool.stats()) if p)
 
 
-def test_serve_stops_cleanly_on_sigterm(start_pool):
+@pytest.mark.parametrize("how", ["sigterm", "ctrl_c"])
+def test_serve_stops_cleanly(start_pool, how):
     pool = start_pool("--backend", "echo", parallel=2)
     pids = _worker_pids(pool)
-    assert pool.stop() == 0
+    if how == "ctrl_c":  # a terminal's Ctrl-C reaches the whole process group
+        os.killpg(pool.process.pid, signal.SIGINT)
+        assert pool.process.wait(30) == 0
+    else:
+        assert pool.stop() == 0
     deadline = time.monotonic() + 10
     for pid in pids:
         while _alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not _alive(pid), f"worker {pid} outlived serve"
+    assert "Traceback" not in pool.log()
 
 
 def _alive(pid: int) -> bool:
@@ -188,3 +198,23 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_broker_and_workers_as_separate_commands_over_tcp(tmp_path):
+    """bertpool-broker on one side, bertpool-workers (as on another host) connecting over tcp."""
+    front, back = f"tcp://127.0.0.1:{free_tcp_port()}", f"tcp://127.0.0.1:{free_tcp_port()}"
+    procs = []
+    try:
+        for cmd in (["bertpool.broker.broker", "--address", front, "--worker-address", back,
+                     "--stats-interval-s", "0"],
+                    ["bertpool.workers.supervisor", "--worker-address", back, "--parallel", "2"]):
+            log = open(tmp_path / f"{cmd[0]}.log", "wb")
+            procs.append(subprocess.Popen([sys.executable, "-m", *cmd], stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+        wait_for_workers(front, 2, timeout_s=60)
+        with Client(front, timeout_s=20) as client:
+            assert len(client.predict_many([("over", "tcp")] * 10)) == 10
+    finally:
+        for p in reversed(procs):  # workers first, so they can say DISCONNECT
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(30) == 0
