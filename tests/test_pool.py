@@ -150,17 +150,18 @@ def test_features_request_served(start_pool):
     assert np.allclose(result.probabilities, echo_probabilities(f.input_ids, f.input_mask)[0])
 
 
-def test_dead_worker_is_restarted_and_pool_serves(start_pool):
-    pool = start_pool("--backend", "echo", parallel=2)
-    before = {w["pid"] for w in pool.stats()["workers"].values() if "pid" in w} or None
-    pids = _worker_pids(pool)
-    assert len(pids) == 2, pids
-    os.kill(pids[0], signal.SIGKILL)
-    stats = pool.wait_stats(lambda s: pids[0] not in _stats_pids(s) and len(s["workers"]) >= 2,
-                            timeout_s=60)
-    assert len(stats["workers"]) >= 2, before
-    with Client(pool.address, timeout_s=20) as client:
-        assert len(client.predict_many([("after", "restart")] * 20)) == 20
+def test_dead_worker_is_restarted_and_its_requests_are_answered(start_pool):
+    pool = start_pool("--backend", "echo", "--echo-delay-ms", "1500", "--batch-timeout-ms", "1", parallel=1)
+    (pid,) = _worker_pids(pool)
+    with Client(pool.address, timeout_s=60) as client:
+        futures = [client.submit("held by", f"the worker {i}") for i in range(4)]
+        pool.wait_stats(lambda s: sum(w["inflight"] for w in s["workers"].values()) == 4)
+        os.kill(pid, signal.SIGKILL)  # dies holding all four
+        results = [f.result() for f in futures]
+    assert len({r.id for r in results}) == 4 and all(r.label in (0, 1) for r in results)
+    stats = pool.wait_stats(lambda s: s["broker"]["replies"] == 4)
+    assert stats["broker"]["requeued"] == 4 and stats["broker"]["errors"] == 0
+    assert _stats_pids(stats) != {pid}  # a new process took its place
 
 
 def _stats_pids(stats: dict) -> set[int]:
