@@ -92,14 +92,6 @@ class Supervisor:
         self._slots = [_Slot(i, config.first_core + i) for i in range(config.parallel)]
         self.failed: str | None = None  # set when a worker could not load its model
 
-    @property
-    def pids(self) -> list[int]:
-        return [s.process.pid for s in self._slots if s.process and s.process.poll() is None]
-
-    @property
-    def restarts(self) -> int:
-        return sum(s.restarts for s in self._slots)
-
     def stop(self) -> None:
         """Ask run() to stop the workers and return (thread- and signal-safe)."""
         self._stop.set()
