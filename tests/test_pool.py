@@ -107,6 +107,10 @@ BAD_MESSAGES = {
         "segment_ids": P.encode_array(np.zeros(5, np.int32))})], P.E_BAD_FIELD),
     "feature_id_out_of_vocab": ([P.VERSION, P.REQUEST, P.features_request(
         1, np.full(128, 10**6), np.ones(128), np.zeros(128))], P.E_BAD_FIELD),
+    "mask_not_binary": ([P.VERSION, P.REQUEST, P.features_request(
+        1, np.ones(128), np.full(128, 2), np.zeros(128))], P.E_BAD_FIELD),
+    "segment_out_of_range": ([P.VERSION, P.REQUEST, P.features_request(
+        1, np.ones(128), np.ones(128), np.full(128, 7))], P.E_BAD_FIELD),
     "array_bytes_mismatch": ([P.VERSION, P.REQUEST, P.pack({
         "id": 1, "input_ids": {"__nd__": True, "dtype": "i4", "shape": [128], "data": b"123"},
         "input_mask": P.encode_array(np.zeros(128, np.int32)),

@@ -208,13 +208,20 @@ class Worker:
             request_id = P.check_id(body)
             what, value = P.parse_request(body, self.backend.seq_length)
             if what == "features":
-                ids = value[0]
-                if int(ids.max(initial=0)) >= self.tokenizer.vocab_size or int(ids.min(initial=0)) < 0:
-                    raise ProtocolError(P.E_BAD_FIELD, "input_ids: token id outside the vocabulary")
+                self._check_features(*value)
         except ProtocolError as exc:
             self._reply_error(sock, token, P.peek_id(raw), exc.code, exc.message)
             return None
         return token, request_id, P.decode_queue_time(frames[4]), what, value
+
+    def _check_features(self, ids: np.ndarray, mask: np.ndarray, segments: np.ndarray) -> None:
+        """Reject feature values the model cannot take, so they never fail a shared batch."""
+        if int(ids.min(initial=0)) < 0 or int(ids.max(initial=0)) >= self.tokenizer.vocab_size:
+            raise ProtocolError(P.E_BAD_FIELD, "input_ids: token id outside the vocabulary")
+        if not np.isin(mask, (0, 1)).all():
+            raise ProtocolError(P.E_BAD_FIELD, "input_mask: values must be 0 or 1")
+        if not np.isin(segments, (0, 1)).all():
+            raise ProtocolError(P.E_BAD_FIELD, "segment_ids: values must be 0 or 1")
 
     def _send_stats(self, sock: zmq.Socket) -> None:
         sock.send_multipart([P.VERSION, P.STATS, P.pack(self.stats.as_dict())])
