@@ -25,7 +25,7 @@ import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import numpy as np
 import zmq
@@ -152,7 +152,7 @@ class Client:
         return f"{self._prefix}{next(self._ids)}"
 
     def _send(self, rid: Any, body: bytes, timeout_s: float | None, kind: bytes = P.REQUEST) -> Future:
-        if self._closed.is_set():
+        if self._closed.is_set() or not self._thread.is_alive():
             raise ClientClosed("client is closed")
         timeout = self.config.timeout_s if timeout_s is None else timeout_s
         if not timeout > 0:
@@ -267,9 +267,3 @@ def _resolve(future: Future, value: Any) -> None:
 def _fail(future: Future, error: BertpoolError) -> None:
     if future.set_running_or_notify_cancel():
         future.set_exception(error)
-
-
-def predict_pairs(address: str, pairs: Sequence[tuple[str, str]], timeout_s: float = 30.0) -> list[Prediction]:
-    """One-shot helper: connect, classify ``pairs``, close."""
-    with Client(address, timeout_s=timeout_s) as client:
-        return client.predict_many(pairs)
