@@ -28,6 +28,7 @@ from typing import Any
 
 import zmq
 
+from ..clients.bench import wait_for_workers
 from ..common import protocol as P
 from .broker import Broker, BrokerConfig
 
@@ -141,7 +142,7 @@ def measure(setup: str, clients: int, workers: int, load_procs: int, warmup_s: f
     for p in procs:
         p.start()
     if broker is not None:
-        _wait_workers(front, workers)
+        wait_for_workers(front, workers, timeout_s=60.0)
     results = ctx.Queue()
     share = [clients // load_procs + (i < clients % load_procs) for i in range(load_procs)]
     loaders = [ctx.Process(target=_load, args=(front, n, warmup_s, duration_s, body, results))
@@ -168,17 +169,6 @@ def _proxy(frontend: zmq.Socket, backend: zmq.Socket) -> None:
         zmq.proxy(frontend, backend)
     except zmq.ZMQError:
         pass  # the context was destroyed: the relay is done
-
-
-def _wait_workers(front: str, n: int, timeout_s: float = 60.0) -> None:
-    from ..clients.client import Client
-
-    deadline = time.monotonic() + timeout_s
-    with Client(front, timeout_s=5) as client:
-        while len(client.stats()["workers"]) < n:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{n} workers did not register in {timeout_s} s")
-            time.sleep(0.05)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from ..clients.bench import BenchConfig, load_pairs, run_bench
 from ..common.tokenizer import BertTokenizer
 from .backends import BACKENDS, BackendConfig, fallback_vocab_path, load_backend, run_padded
