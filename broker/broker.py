@@ -61,6 +61,7 @@ class _WorkerState:
     name: str
     capacity: int
     pid: int | None = None
+    backend: str | None = None  # what READY said it serves (echo, tf, neuron)
     inflight: dict[bytes, _Request] = field(default_factory=dict)  # token -> request
     stats: dict[str, int] = field(default_factory=dict)            # last STATS counters
 
@@ -234,6 +235,7 @@ class Broker:
             raise ProtocolError(P.E_BAD_FIELD, f"READY capacity must be a positive int, got {capacity!r}")
         name = str(body.get("worker") or identity.hex())
         pid = body.get("pid") if isinstance(body.get("pid"), int) else None
+        backend = str(body["backend"])[:32] if isinstance(body.get("backend"), str) else None
         if identity in self._workers:
             self._workers[identity].capacity = capacity
             return
@@ -241,7 +243,7 @@ class Broker:
         # so what it held goes back to the queue (until heartbeats detect it sooner).
         for old in [w for w in self._workers.values() if w.name == name]:
             self._remove_worker(old.identity, "replaced by its restart")
-        self._workers[identity] = _WorkerState(identity, name, capacity, pid)
+        self._workers[identity] = _WorkerState(identity, name, capacity, pid, backend)
         log.info("worker %s ready, capacity %d (%d workers)", name, capacity, len(self._workers))
 
     def _on_reply(self, kind: bytes, token: bytes, body: bytes) -> None:
@@ -301,7 +303,8 @@ class Broker:
 
     def stats(self) -> dict[str, Any]:
         """Pool statistics: broker counters plus each worker's last reported counters."""
-        workers = {w.name: {"pid": w.pid, "capacity": w.capacity, "inflight": len(w.inflight), **w.stats}
+        workers = {w.name: {"pid": w.pid, "capacity": w.capacity, "backend": w.backend,
+                            "inflight": len(w.inflight), **w.stats}
                    for w in self._workers.values()}
         totals = {k: sum(w.stats.get(k, 0) for w in self._workers.values())
                   for k in ("inferences", "batches", "padded_rows")}

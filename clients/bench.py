@@ -23,6 +23,7 @@ import numpy as np
 from ..common.cli import report_error
 from ..common.data import Pair, default_pairs, read_mrpc_tsv
 from ..common.errors import BertpoolError, ConfigError, RequestError, RequestTimeout
+from ..common.metrics import binary_report
 from .client import Client
 
 
@@ -48,7 +49,7 @@ class BenchConfig:
 @dataclass
 class _ClientResult:
     latencies_ms: list[float]
-    labels: list[tuple[int, int | None]]      # (predicted, expected)
+    labels: list[tuple[int, int | None, int]]  # (predicted, expected, index of the pair sent)
     timings: list[dict[str, float]]
     errors: dict[str, int]
     started: float
@@ -70,7 +71,8 @@ def _client_main(index: int, config: BenchConfig, pairs: list[Pair], barrier, re
             barrier.wait(config.start_timeout_s)
             started = time.monotonic()
             for i in range(config.cycle):
-                pair = pairs[(index * config.cycle + i) % len(pairs)]
+                pair_index = (index * config.cycle + i) % len(pairs)
+                pair = pairs[pair_index]
                 t0 = time.perf_counter()
                 try:
                     result = client.predict(pair.text_a, pair.text_b)
@@ -78,7 +80,7 @@ def _client_main(index: int, config: BenchConfig, pairs: list[Pair], barrier, re
                     errors[type(exc).__name__] += 1
                     continue
                 latencies.append((time.perf_counter() - t0) * 1000)
-                labels.append((result.label, pair.label))
+                labels.append((result.label, pair.label, pair_index))
                 timings.append(result.timings)
             finished = time.monotonic()
     except Exception as exc:  # report, never hang the parent
@@ -140,7 +142,19 @@ def run_bench(config: BenchConfig, pairs: list[Pair]) -> dict[str, Any]:
         _stop(procs)
     if failures:
         raise RequestError(f"{len(failures)} bench clients failed, first: {failures[0]}")
-    return summarize(config, collected)
+    report = summarize(config, collected)
+    report["backends"] = pool_backends(config.address)
+    return report
+
+
+def pool_backends(address: str, timeout_s: float = 5.0) -> dict[str, int] | None:
+    """How many ready workers serve each backend (echo, tf, neuron); None if the broker does not say."""
+    try:
+        with Client(address) as client:
+            workers = client.stats(timeout_s=timeout_s)["workers"]
+    except RequestError:
+        return None
+    return dict(Counter(str(w.get("backend")) for w in workers.values()))
 
 
 def _stop(procs) -> None:
@@ -158,7 +172,7 @@ def summarize(config: BenchConfig, results: list[_ClientResult]) -> dict[str, An
     for r in results:
         errors.update(r.errors)
     elapsed = max(r.finished for r in results) - min(r.started for r in results)
-    known = [(p, e) for p, e in labels if e is not None]
+    known = [(p, e) for p, e, _ in labels if e is not None]
     timings = [t for r in results for t in r.timings]
     server = {k: round(float(np.mean([t.get(k, 0.0) for t in timings])), 3) if timings else None
               for k in ("queue_ms", "batch_wait_ms", "compute_ms", "batch_size")}
@@ -174,7 +188,29 @@ def summarize(config: BenchConfig, results: list[_ClientResult]) -> dict[str, An
         "server_mean": server,
         "accuracy": round(sum(p == e for p, e in known) / len(known), 4) if known else None,
         "labelled": len(known),
+        "quality": quality(labels),
     }
+
+
+def quality(labels: list[tuple[int, int | None, int]]) -> dict[str, Any] | None:
+    """Accuracy, F1 and confusion counts over the distinct labelled pairs sent (None if none).
+
+    Each pair counts once, with its first answer, so the numbers are the data
+    set's own whatever the number of requests; ``inconsistent_pairs`` counts
+    pairs that got different labels on different requests (0 for a
+    deterministic model).
+    """
+    answers: dict[int, set[int]] = {}
+    first: dict[int, tuple[int, int]] = {}
+    for predicted, expected, index in labels:
+        if expected is None:
+            continue
+        answers.setdefault(index, set()).add(predicted)
+        first.setdefault(index, (predicted, expected))
+    if not first:
+        return None
+    return {**binary_report(first.values()), "scope": "distinct pairs, first answer each",
+            "inconsistent_pairs": sum(len(a) > 1 for a in answers.values())}
 
 
 def load_pairs(tsv: str | None) -> tuple[list[Pair], str]:
@@ -206,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="first wait until the pool has N ready workers (default: do not wait)")
     parser.add_argument("--wait-timeout-s", type=float, default=600.0,
                         help="longest wait for --wait-workers (default: %(default)s)")
+    parser.add_argument("--model-note", metavar="TEXT",
+                        help="a line about the model served, printed and kept in the report "
+                             "(e.g. 'random weights: chance-level accuracy')")
     return parser
 
 
@@ -220,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     except BertpoolError as exc:
         return report_error("bertpool-bench", exc)
     report["pairs_source"] = source
+    report["model_note"] = args.model_note
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
@@ -228,12 +268,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def format_report(report: dict[str, Any]) -> str:
     lat = report["latency_ms"]
-    acc = "n/a" if report["accuracy"] is None else f"{report['accuracy']:.4f} ({report['labelled']} labelled)"
-    return (f"requests {report['requests']}  errors {report['errors']}  "
-            f"throughput {report['throughput_per_s']:.1f}/s  elapsed {report['elapsed_s']:.2f} s\n"
-            f"latency ms  p50 {lat['p50']:.2f}  p90 {lat['p90']:.2f}  p99 {lat['p99']:.2f}  "
-            f"p99.9 {lat['p999']:.2f}  max {lat['max']:.2f}\n"
-            f"server mean ms  {report['server_mean']}\naccuracy {acc}")
+    lines = [f"requests {report['requests']}  errors {report['errors']}  "
+             f"throughput {report['throughput_per_s']:.1f}/s  elapsed {report['elapsed_s']:.2f} s",
+             f"latency ms  p50 {lat['p50']:.2f}  p90 {lat['p90']:.2f}  p99 {lat['p99']:.2f}  "
+             f"p99.9 {lat['p999']:.2f}  max {lat['max']:.2f}",
+             f"server mean ms  {report['server_mean']}"]
+    if report.get("backends"):
+        lines.append("served by  " + ", ".join(f"{n} x {b}" for b, n in sorted(report["backends"].items())))
+    q = report.get("quality")
+    if q is None:
+        lines.append("accuracy n/a (no labelled pairs)")
+    else:
+        c = q["confusion"]
+        lines.append(f"accuracy {q['accuracy']:.4f}  F1 {q['f1']:.4f}  precision {q['precision']:.4f}  "
+                     f"recall {q['recall']:.4f}  over {q['n']} distinct pairs  (tp {c['tp']} fp {c['fp']} "
+                     f"tn {c['tn']} fn {c['fn']}; inconsistent pairs {q['inconsistent_pairs']})")
+    if report.get("model_note"):
+        lines.append(f"model: {report['model_note']}")
+    if "echo" in (report.get("backends") or {}):
+        lines.append("WARNING: echo workers answered: these answers are not a model's; accuracy is meaningless")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

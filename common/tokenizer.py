@@ -4,7 +4,9 @@
 arrays a BERT classifier takes, with exactly the rules of google-research/bert
 ``tokenization.FullTokenizer`` and ``run_classifier.convert_single_example``:
 
-* BasicTokenizer: drop NUL, U+FFFD and control characters, map whitespace to
+* BasicTokenizer: drop NUL, U+FFFD and control characters (categories Cc and
+  Cf, as google's current ``_is_control``; unassigned and private-use code
+  points are kept and usually end as ``[UNK]``), map whitespace to
   spaces, put spaces around CJK ideographs, lower-case and strip accents (NFD,
   drop Mn) only when ``do_lower_case``, split on whitespace and punctuation.
 * WordPiece: greedy longest-match-first with ``##`` continuation pieces;
@@ -264,7 +266,9 @@ def _char_kind(ch: str) -> int:
     if ch in "\t\n\r ":
         return _SPACE
     category = unicodedata.category(ch)
-    if cp == 0 or cp == 0xFFFD or category.startswith("C"):
+    # google's _is_control since 2019 ("support emojis"): only Cc and Cf are dropped;
+    # unassigned (Cn), private-use (Co) and surrogate (Cs) code points stay in words.
+    if cp == 0 or cp == 0xFFFD or category in ("Cc", "Cf"):
         return _DROP
     if category == "Zs":
         return _SPACE

@@ -154,7 +154,7 @@ def build_demo_model(output_dir, size: str = "tiny", seed: int = 0, gelu: str = 
             bar.update()
             bar.set_postfix_str(f"writing {fmt}")
             if fmt == "savedmodel":
-                _save(session, handles, out)
+                save_run_classifier(session, handles, out)
     if fmt == "checkpoint":
         write_checkpoint(out, shape, weights, gelu)
     elif fmt == "hf":
@@ -166,7 +166,7 @@ def build_demo_model(output_dir, size: str = "tiny", seed: int = 0, gelu: str = 
     return out
 
 
-def _save(session, handles, out: pathlib.Path) -> None:
+def save_run_classifier(session, handles, out: pathlib.Path) -> None:
     """Save as run_classifier's serving_input_receiver_fn export does (tag 'serve')."""
     import tensorflow as tf
 

@@ -15,6 +15,11 @@ Formats, detected from the directory's content (:func:`detect_format`):
 
 Every tensor of :meth:`BertShape.expected_shapes` must be present with exactly
 its shape; otherwise :class:`ModelFormatError` names the tensor.
+
+:func:`load_pretrained` reads a *pretrained* encoder instead (a Hugging Face
+``BertModel`` / ``BertForPreTraining`` directory or a google-research
+pre-training checkpoint): the same checks, but the classifier head
+(``output_weights``, ``output_bias``) may be absent, since fine-tuning makes it.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from ..common.errors import ModelFormatError
 from .shape import EMBEDDINGS, BertShape
 
 FORMATS = ("savedmodel", "checkpoint", "hf")
+CLASSIFIER = ("output_weights", "output_bias")  # the head that fine-tuning creates
 TRAINING_ONLY = re.compile(r"(^|/)(adam_[mv]|global_step|Momentum|AdamWeightDecay)")
 
 # Hugging Face hidden_act -> our GELU name. "gelu" in HF is the exact erf GELU.
@@ -132,9 +138,29 @@ def load_weights(path, heads: int | None = None, source_gelu: str | None = None)
     return weights
 
 
-def check_tensors(shape: BertShape, tensors: dict[str, np.ndarray]) -> None:
-    """Assert every expected tensor is present with exactly its shape and is finite."""
+def load_pretrained(path) -> BertWeights:
+    """Read and shape-check a pretrained encoder (hf or checkpoint format) for fine-tuning.
+
+    Like :func:`load_weights`, except that the classifier head is optional:
+    ``tensors`` holds it only when the source has one. ``shape.num_labels`` is
+    then the source's, else 2 (a sentence-pair classifier).
+    """
+    path = pathlib.Path(path)
+    fmt = detect_format(path)
+    if fmt == "savedmodel":
+        raise ModelFormatError(f"{path} is a SavedModel; fine-tuning starts from a pretrained checkpoint "
+                               f"directory or a Hugging Face BERT directory")
+    reader = {"checkpoint": _read_checkpoint, "hf": _read_hf}[fmt]
+    weights = reader(path, None, classifier=False)
+    check_tensors(weights.shape, weights.tensors, skip=() if CLASSIFIER[0] in weights.tensors else CLASSIFIER)
+    return weights
+
+
+def check_tensors(shape: BertShape, tensors: dict[str, np.ndarray], skip: tuple[str, ...] = ()) -> None:
+    """Assert every expected tensor (but those in ``skip``) is present with exactly its shape and is finite."""
     for name, dims in shape.expected_shapes().items():
+        if name in skip:
+            continue
         if name not in tensors:
             raise ModelFormatError(f"missing tensor {name} (expected shape {list(dims)})")
         got = tuple(tensors[name].shape)
@@ -274,7 +300,8 @@ def _checkpoint_prefix(path: pathlib.Path) -> str:
                            f"pass the prefix itself, e.g. --input_saved_model {prefixes[-1]}")
 
 
-def _read_checkpoint(path: pathlib.Path, heads: int | None) -> BertWeights:
+def _read_checkpoint(path: pathlib.Path, heads: int | None, classifier: bool = True) -> BertWeights:
+    """``classifier=False``: a pre-training checkpoint without output_weights is accepted."""
     prefix = _checkpoint_prefix(path)
     directory = pathlib.Path(prefix).parent
     config_path = directory / "bert_config.json"
@@ -283,7 +310,7 @@ def _read_checkpoint(path: pathlib.Path, heads: int | None) -> BertWeights:
                                f"the activation of a google-research checkpoint)")
     config = _read_json(config_path)
     tensors = _checkpoint_tensors(prefix)
-    num_labels = int(_need(tensors, "output_weights").shape[0])
+    num_labels = _num_labels(tensors.get("output_weights"), classifier, "output_weights", directory)
     shape = _shape_from_config(config, config_path, num_labels)
     if heads is not None and heads != shape.heads:
         raise ModelFormatError(f"--heads {heads} contradicts {config_path} (num_attention_heads={shape.heads})")
@@ -311,6 +338,21 @@ def hf_name(name: str) -> tuple[str, bool]:
     if hf.endswith("_embeddings"):
         return hf + ".weight", False
     return hf, False  # biases keep their name
+
+
+def _hf_key(raw: dict, key: str) -> str:
+    """The key under which ``raw`` holds ``key``: as is, with TF's gamma/beta names, or without "bert.".
+
+    Older HF checkpoints kept TF's gamma/beta LayerNorm names; a bare ``BertModel``
+    (e.g. a sentence-transformers encoder) has no ``bert.`` prefix.
+    """
+    candidates = [key]
+    if key.endswith("LayerNorm.weight"):
+        candidates.append(key[: -len("weight")] + "gamma")
+    elif key.endswith("LayerNorm.bias"):
+        candidates.append(key[: -len("bias")] + "beta")
+    candidates += [c[len("bert."):] for c in candidates if c.startswith("bert.")]
+    return next((c for c in candidates if c in raw), key)
 
 
 def _read_safetensors(file: pathlib.Path) -> dict[str, np.ndarray]:
@@ -341,7 +383,17 @@ def _read_bf16(file: pathlib.Path, key: str) -> np.ndarray:
     return (raw.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
 
 
-def _read_hf(path: pathlib.Path, heads: int | None) -> BertWeights:
+def _num_labels(head: np.ndarray | None, required: bool, key: str, where: pathlib.Path) -> int:
+    """C from the classifier head, or 2 when there is none and none is required."""
+    if head is not None:
+        return int(head.shape[0])
+    if required:
+        raise ModelFormatError(f"missing tensor {key} (output_weights) in {where}: not a fine-tuned classifier")
+    return 2
+
+
+def _read_hf(path: pathlib.Path, heads: int | None, classifier: bool = True) -> BertWeights:
+    """``classifier=False``: a BertModel / BertForPreTraining directory (no head) is accepted."""
     config_path = path / "config.json"
     config = _read_json(config_path)
     if config.get("model_type", "bert") != "bert":
@@ -357,19 +409,19 @@ def _read_hf(path: pathlib.Path, heads: int | None) -> BertWeights:
     raw: dict[str, np.ndarray] = {}
     for file in files:
         raw.update(_read_safetensors(file))
-    if "classifier.weight" not in raw:
+    if "classifier.weight" not in raw and classifier:
         raise ModelFormatError(f"missing tensor classifier.weight (output_weights) in {path}: "
                                f"not a BertForSequenceClassification")
-    shape = _shape_from_config(config, config_path, int(raw["classifier.weight"].shape[0]))
+    shape = _shape_from_config(config, config_path,
+                               _num_labels(raw.get("classifier.weight"), classifier, "classifier.weight", path))
     if heads is not None and heads != shape.heads:
         raise ModelFormatError(f"--heads {heads} contradicts {config_path} (num_attention_heads={shape.heads})")
     tensors = {}
     for name in shape.expected_shapes():
+        if name in CLASSIFIER and "classifier.weight" not in raw:
+            continue  # a pretrained encoder: fine-tuning creates the head
         key, transpose = hf_name(name)
-        alt = key[: -len("weight")] + "gamma" if key.endswith("LayerNorm.weight") else (
-            key[: -len("bias")] + "beta" if key.endswith("LayerNorm.bias") else None)
-        if key not in raw and alt in raw:
-            key = alt  # older HF checkpoints kept TF's gamma/beta names
+        key = _hf_key(raw, key)
         if key not in raw:
             raise ModelFormatError(f"missing tensor {key} ({name}) in {path}")
         value = raw[key]

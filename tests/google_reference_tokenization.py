@@ -8,8 +8,9 @@ for every character class, a Python loop for truncation.
 
 Rules, in order:
 
-1. Clean: drop NUL, U+FFFD and control characters (category C*, except tab,
-   newline and carriage return); map whitespace (space, tab, newline, CR and
+1. Clean: drop NUL, U+FFFD and control characters (categories Cc and Cf
+   only, except tab, newline and carriage return: google's ``_is_control``
+   since its 2019 "support emojis" change); map whitespace (space, tab, newline, CR and
    category Zs) to a space.
 2. Put spaces around every CJK ideograph.
 3. Split on whitespace (Python ``str.split()``). For each word: when lower
@@ -75,7 +76,7 @@ def is_whitespace(ch: str) -> bool:
 def is_control(ch: str) -> bool:
     if ch in ("\t", "\n", "\r"):
         return False  # these count as whitespace, not control
-    return unicodedata.category(ch).startswith("C")
+    return unicodedata.category(ch) in ("Cc", "Cf")
 
 
 def is_punctuation(ch: str) -> bool:

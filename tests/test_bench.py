@@ -28,6 +28,11 @@ def test_bench_writes_the_report(start_pool, tmp_path):
     assert set(report["latency_ms"]) >= {"p50", "p90", "p99", "p999"}
     assert report["latency_ms"]["p50"] <= report["latency_ms"]["p99"] <= report["latency_ms"]["max"]
     assert 0.0 <= report["accuracy"] <= 1.0 and report["labelled"] == 32  # shipped pairs are labelled
+    quality = report["quality"]  # 4 x 8 requests over the 64 shipped pairs: 32 distinct pairs
+    assert quality["n"] == 32 and sum(quality["confusion"].values()) == 32 and quality["inconsistent_pairs"] == 0
+    assert 0.0 <= quality["f1"] <= 1.0 and "F1" in proc.stdout and "tp " in proc.stdout
+    assert report["backends"] == {"echo": 2}
+    assert "WARNING: echo workers answered" in proc.stdout
     assert "throughput" in proc.stdout
     # Warm-up requests are not counted in the report, but the pool served them.
     stats = pool.wait_stats(lambda s: s["totals"]["inferences"] >= 32 + 4 * 2)
@@ -87,3 +92,12 @@ def test_backend_bench_reports_ratio_and_latency(tmp_path):
     served = report["served"][0]
     assert report["tight"]["inferences_per_s"] > 0 and served["inferences_per_s"] > 0
     assert served["errors"] == 0 and "single_added_latency_ms_p50" in served
+
+
+def test_quality_counts_each_pair_once_with_its_first_answer():
+    from bertpool.clients.bench import quality
+
+    q = quality([(1, 1, 0), (0, 1, 0), (0, 0, 1), (1, None, 2)])  # pair 0 answered twice, differently
+    assert q["n"] == 2 and q["confusion"] == {"tp": 1, "fp": 0, "tn": 1, "fn": 0}
+    assert q["inconsistent_pairs"] == 1 and q["accuracy"] == 1.0
+    assert quality([(1, None, 0)]) is None

@@ -17,6 +17,7 @@ MODULES = {
     "bertpool-bench-backend": "bertpool.workers.backend_bench",
     "bertpool-compile": "bertpool.compile.cli",
     "bertpool-demo-model": "bertpool.compile.demo_model",
+    "bertpool-finetune": "bertpool.compile.finetune",
 }
 
 SHARED_FLAGS = {
@@ -27,6 +28,8 @@ SHARED_FLAGS = {
     "bertpool-broker": ["--address", "--worker-address"],
     "bertpool-bench": ["--address", "--clients", "--cycle", "--tsv", "--json"],
     "bertpool-compile": ["--input_saved_model", "--output_saved_model", "--crude_gelu", "--target"],
+    "bertpool-finetune": ["--pretrained", "--train", "--dev", "--output", "--epochs", "--batch-size",
+                          "--learning-rate", "--warmup-fraction", "--seed", "--reuse"],
 }
 
 

@@ -349,7 +349,7 @@ def test_fast_path_chars_agree_with_reference(tmp_path: Path, lower: bool) -> No
 
 
 TRICKY = (
-    "\u0378\u2065\U000e0001\U0010fffd\ue000"  # unassigned, tag, private use: google drops C*
+    "\u0378\u2065\U000e0001\U0010fffd\ue000"  # unassigned, tag (Cf), private use: google keeps Cn/Co
     "\u166d\u1734\u061d\u2e55\U00010ead\U00011938"  # category differs between Unicode versions
     "\U0002b820\U0002ceaf\u9fff\uf900\u3400"  # CJK (incl. extension E)
     "ΣσςΟΔİıßﬁ\u037e\u0387\u1fef\u1ffd\u0345"  # case and NFD oddities
@@ -439,6 +439,24 @@ def test_encoding_four_pairs_is_fast(tmp_path: Path) -> None:
         tok.encode_pairs(pairs)
         times.append(time.perf_counter() - start)
     assert statistics.median(times) < 0.003
+
+
+@pytest.mark.parametrize("char, kept", [
+    ("\ue000", True),       # Co, private use
+    ("\U0010fffd", True),   # Co, supplementary private use
+    ("\u0378", True),       # Cn, unassigned
+    ("\u2065", True),       # Cn, unassigned (inside General Punctuation)
+    ("\u200b", False),      # Cf, zero width space
+    ("\U000e0001", False),  # Cf, language tag
+    ("\x07", False),        # Cc, bell
+])
+def test_only_cc_and_cf_are_dropped(tmp_path: Path, char: str, kept: bool) -> None:
+    """google's current _is_control: a Cn/Co character stays inside its word (which then is [UNK])."""
+    write_vocab(tmp_path, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "ab", "a", "##b"])
+    tok = BertTokenizer(tmp_path / "vocab.txt", max_seq_length=16)
+    expected = ["[UNK]"] if kept else ["ab"]
+    assert tok.tokenize(f"a{char}b") == expected
+    assert ref.clean_text(f"a{char}b") == (f"a{char}b" if kept else "ab")
 
 
 def test_reference_sanity() -> None:

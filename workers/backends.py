@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..common.errors import BackendUnavailable, ConfigError, ModelFormatError
-from ..compile.runtime import is_compiled_model
+from ..compile.runtime import is_compiled_model, read_manifest
 
 BACKENDS = ("echo", "tf", "neuron")
 
@@ -193,6 +193,40 @@ def _load_neuron(config: BackendConfig) -> Backend:
     if not is_compiled_model(path):
         raise ModelFormatError(f"{path}: not a compiled model; run bertpool-compile --target neuron")
     return CompiledBackend(path, "neuron")
+
+
+ECHO_WARNING = ("echo backend: answers are NOT a model's (probabilities are a hash of the tokens); "
+                "pass --model DIR to serve a model")
+
+
+def choose_backend(requested: str | None, model_dir: str | None) -> str:
+    """The backend to run: ``requested``, or chosen from ``model_dir`` when None.
+
+    A model directory is always served by a model: ``tf``, or ``neuron`` when it
+    was compiled with ``--target neuron``. Echo runs only when asked for or when
+    no model is given; asking for echo with a model, or for a model backend
+    without one, is a ConfigError (never a quiet substitute).
+    """
+    if requested is not None and requested not in BACKENDS:
+        raise ConfigError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
+    if requested == "echo" and model_dir:
+        raise ConfigError(f"--backend echo serves no model, but --model {model_dir} was given; "
+                          f"drop --backend to serve the model, or drop --model")
+    if requested is not None:
+        if requested != "echo" and not model_dir:
+            raise ConfigError(f"the {requested} backend needs --model DIR")
+        return requested
+    if not model_dir:
+        return "echo"
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ConfigError(f"--model {path}: not a directory")
+    if is_compiled_model(path):
+        return "neuron" if read_manifest(path)["target"] == "neuron" else "tf"
+    if not (path / "saved_model.pb").is_file():
+        raise ModelFormatError(f"--model {path}: neither a compiled bertpool model (manifest.json) nor a "
+                               f"SavedModel (saved_model.pb); nothing to serve")
+    return "tf"
 
 
 def load_backend(config: BackendConfig) -> Backend:

@@ -8,11 +8,13 @@ the broker.
 from __future__ import annotations
 
 import argparse
+import sys
 import threading
 
 from ..broker.broker import Broker, add_broker_arguments, broker_config_from_args
 from ..common.cli import install_stop_handlers, report_error, setup_logging
 from ..common.errors import BertpoolError
+from .backends import ECHO_WARNING
 from .supervisor import Supervisor, add_supervisor_arguments, supervisor_config_from_args
 
 
@@ -21,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bertpool-serve",
         description="Serve a BERT sentence-pair classifier: start the broker and --parallel workers "
                     "(one per NeuronCore); print inferences/s every second; stop on Ctrl-C or SIGTERM.",
-        epilog="example: bertpool-serve --backend tf --model runs/model-cpu --parallel 4")
+        epilog="example: bertpool-serve --model runs/model-cpu --parallel 4")
     add_broker_arguments(parser)
     add_supervisor_arguments(parser)
     parser.add_argument("--stats-interval-s", type=float, default=1.0,
@@ -41,8 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     thread = threading.Thread(target=broker.run, name="broker", daemon=True)
     thread.start()
     install_stop_handlers(supervisor.stop)
+    backend = supervisor.config.worker.backend
+    served = f" serving {backend.model_dir}" if backend.model_dir else ""
     print(f"bertpool-serve: clients on {args.address}, workers on {args.worker_address}, "
-          f"{args.parallel} x {args.backend} workers", flush=True)
+          f"{args.parallel} x {backend.name} workers{served}", flush=True)
+    if backend.name == "echo":
+        print(f"bertpool-serve: WARNING: {ECHO_WARNING}", file=sys.stderr, flush=True)
     try:
         supervisor.run()  # returns after stop() (signal) or a worker that cannot load
     finally:

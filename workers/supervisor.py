@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from ..common.cli import install_stop_handlers, report_error, setup_logging
 from ..common.errors import BertpoolError, ConfigError
+from .backends import ECHO_WARNING
 from .worker import WorkerConfig, add_worker_arguments, worker_config_from_args
 
 log = logging.getLogger("bertpool.supervisor")
@@ -185,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         supervisor = Supervisor(supervisor_config_from_args(args, args.worker_address))
     except BertpoolError as exc:
         return report_error("bertpool-workers", exc)
+    if supervisor.config.worker.backend.name == "echo":
+        print(f"bertpool-workers: WARNING: {ECHO_WARNING}", file=sys.stderr, flush=True)
     install_stop_handlers(supervisor.stop)
     supervisor.run()
     return 1 if supervisor.failed else 0

