@@ -201,10 +201,14 @@ def _load_neuron(path: pathlib.Path, manifest: dict):
     tf = _import_tf()
     neuron.import_package(neuron.runtime_toolchain(manifest))
     model = neuron.load_traced(tf, str(path))
+    expected = (int(manifest["batch_size"]), int(manifest["model"]["num_labels"]))
 
     def run(embeddings: np.ndarray, bias: np.ndarray) -> np.ndarray:
         # Traced with ONE list of example inputs: the saved model accepts exactly that structure.
-        return np.asarray(model([tf.constant(embeddings), tf.constant(bias)]), np.float32)
+        logits = np.asarray(model([tf.constant(embeddings), tf.constant(bias)]), np.float32)
+        if logits.shape != expected:
+            raise ModelFormatError(f"{path} returned logits of shape {list(logits.shape)}, not {list(expected)}")
+        return logits
 
     run.loaded = model
     return run

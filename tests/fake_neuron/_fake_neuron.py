@@ -27,7 +27,9 @@ neuron_cc_hlo.py, graph_def_util.py) and the AWS docs state it:
 The "device" computes exactly what the traced graph computes, on the CPU.
 
 Test knobs, read from the environment so that worker processes see them too:
-    FAKE_NEURON_CPU_OPS   comma-separated op types the compiler does not support
+    FAKE_NEURON_CPU_OPS         comma-separated op types the compiler does not support
+    FAKE_NEURON_BROKEN_RUNTIME  importing the package raises RuntimeError with this text (a
+                                broken install: not an ImportError)
 The compile also writes ``fake_neuron.json`` beside the saved model: the
 compiler command it would have run, for tests to check the flags.
 """
@@ -47,6 +49,7 @@ from tensorflow.python.framework.convert_to_constants import convert_variables_t
 
 FLAGS_VAR = "NEURON_CC_FLAGS"
 CPU_OPS_VAR = "FAKE_NEURON_CPU_OPS"
+BROKEN_VAR = "FAKE_NEURON_BROKEN_RUNTIME"
 KERAS_MAJOR = int(str(getattr(tf.keras, "__version__", "3")).split(".")[0])
 
 
@@ -83,7 +86,9 @@ INF2 = Flavour(
 
 
 def make_trace(flavour: Flavour):
-    """The package's ``trace`` function for one flavour."""
+    """The package's ``trace`` function for one flavour (raises at import when the runtime is "broken")."""
+    if os.environ.get(BROKEN_VAR):
+        raise RuntimeError(os.environ[BROKEN_VAR])
 
     def trace(func, example_inputs, subgraph_builder_function=None):
         return _trace(flavour, func, example_inputs)
@@ -149,7 +154,7 @@ def _trace(flavour: Flavour, func, example_inputs):
     display = _placed_graph(graph_def, [t.name for t in frozen.outputs], unsupported if compiled else None)
     record = {"family": flavour.family, "compiler_command": command, "compiled": compiled,
               FLAGS_VAR: os.environ.get(FLAGS_VAR)}
-    model = FakeNeuronModel(runnable, display, frozen.structured_outputs, real_op_count, json.dumps(record))
+    model = FakeNeuronModel(runnable, display, concrete.structured_outputs, real_op_count, json.dumps(record))
     model.set_example(example_inputs)
     return model
 
