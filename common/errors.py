@@ -10,7 +10,9 @@ only guards internal invariants.
     ├── InputError             a well-formed request whose content is invalid
     ├── ModelError             a model directory that cannot be read or served
     │   ├── ModelFormatError   missing tensor, wrong shape, bad vocabulary, unknown format
-    │   └── EquivalenceError   rebuilt model differs from the original beyond tolerance
+    │   ├── EquivalenceError   rebuilt model differs from the original beyond tolerance
+    │   ├── PlacementError     the Neuron compiler left the encoder (or too much) on the CPU
+    │   └── BinaryMismatchError  a loaded compiled binary disagrees with its reference pairs
     ├── BackendUnavailable     the requested backend's runtime is not installed
     └── RequestError           a client request did not produce a prediction
         ├── RequestTimeout     no reply within the deadline (also a TimeoutError)
@@ -57,6 +59,14 @@ class ModelFormatError(ModelError):
 
 class EquivalenceError(ModelError):
     """The rebuilt model's outputs differ from the original's beyond tolerance."""
+
+
+class PlacementError(ModelError):
+    """tensorflow-neuron compiled too little: the encoder (or too many ops) would run on the CPU."""
+
+
+class BinaryMismatchError(ModelError):
+    """A loaded compiled model's outputs differ from the reference pairs stored beside it."""
 
 
 class BackendUnavailable(BertpoolError):

@@ -1,7 +1,8 @@
 """Compile a fine-tuned BERT classifier into a servable directory (the pipeline).
 
     read weights (any format) -> check vocab -> rebuild -> export for the target
-    -> equivalence proof -> manifest.json -> move into place
+    (neuron: trace, refuse a CPU fallback) -> reference pairs -> equivalence proof
+    -> manifest.json -> move into place
 
 :func:`compile_model` is the programmatic entry point; :mod:`.cli` wraps it.
 """
@@ -17,19 +18,18 @@ import time
 from dataclasses import dataclass, field
 
 from .. import __version__
-from ..common.errors import BackendUnavailable, ConfigError, EquivalenceError, ModelFormatError
-from .equivalence import compare, describe_original, load_pairs, open_original, tolerance_for
+from ..common.errors import BertpoolError, ConfigError, EquivalenceError, ModelFormatError
+from . import neuron
+from .equivalence import TOLERANCES, compare, describe_original, load_pairs, open_original, tolerance_for
 from .host import HostEmbeddings, save_embeddings
 from .rebuild import DTYPES, GELUS, OUTPUT_KEY, RebuildConfig, build_module
 from .runtime import (ACCELERATED_DIR, EMBEDDINGS_FILE, MANIFEST, MANIFEST_VERSION, TARGETS, VOCAB_FILE,
                       CompiledModel, load_compiled)
+from .selfcheck import REFERENCE_PAIRS, write_reference
 from .vocab import check_vocab
 from .weights import BertWeights, load_weights
 
-DEFAULT_COMPILER_ARGS = "--fp32-cast matmult"  # what the Neuron BERT demo passed to neuron-cc
 DEFAULT_DTYPE = {"neuron": "float16", "cpu": "float32", "gpu": "float32"}
-# Neuron packages in order of preference: inf1 (neuron-cc), then inf2/trn1 (neuronx-cc).
-NEURON_PACKAGES = ("tensorflow.neuron", "tensorflow_neuronx")
 
 
 @dataclass
@@ -48,7 +48,9 @@ class CompileOptions:
     pairs: int = 32  # pairs in the proof
     seed: int = 0  # seed of generated pairs
     tolerance: float | None = None  # None = tolerance_for(dtype, gelu, source gelu)
-    compiler_args: str = DEFAULT_COMPILER_ARGS  # neuron compiler flags (NEURON_CC_FLAGS)
+    compiler_args: str = ""  # neuron: flags after the toolchain's own, before $NEURON_CC_FLAGS
+    neuron_target: str = "auto"  # neuron: inf1, inf2, trn1, or auto (by the installed compiler)
+    min_on_neuron: float = neuron.DEFAULT_MIN_ON_NEURON  # neuron: least on_neuron_ratio accepted
     verify: bool = True  # run the equivalence proof
     force: bool = False  # replace an existing output directory
     xla: str = "auto"  # auto, on or off (cpu/gpu): XLA-compile the accelerated function
@@ -58,22 +60,24 @@ class CompileOptions:
     log: object = field(default=print, repr=False)  # where status lines go
 
 
-def neuron_package() -> str | None:
-    """The first importable tensorflow-neuron package name, or None."""
-    for name in NEURON_PACKAGES:
-        try:
-            __import__(name)
-            return name
-        except ImportError:
-            continue
-        except Exception:  # a broken install (e.g. ABI mismatch) is as good as absent
-            continue
-    return None
+@dataclass
+class NeuronBuild:
+    """The Neuron toolchain a neuron build uses, chosen and checked before any work."""
+
+    toolchain: neuron.Toolchain  # inf1 or inf2/trn1
+    package: object = field(repr=False)  # the imported tensorflow-neuron(x) module
+    flags: str = ""  # NEURON_CC_FLAGS for the trace
+    target: str = "auto"  # what --neuron-target asked for
 
 
-def default_target() -> str:
-    """neuron when tensorflow-neuron imports, else cpu."""
-    return "neuron" if neuron_package() else "cpu"
+def default_target() -> tuple[str, str]:
+    """("neuron", why) when a Neuron compiler is installed and its package imports, else ("cpu", why)."""
+    try:
+        toolchain = neuron.choose_toolchain("auto")
+        neuron.import_package(toolchain)
+    except BertpoolError as exc:
+        return "cpu", f"no Neuron toolchain: {exc}"
+    return "neuron", f"{toolchain.compiler} and {toolchain.distribution} found ({toolchain.family})"
 
 
 def use_xla(option: str, target: str, dtype: str) -> bool:
@@ -95,18 +99,14 @@ def compile_model(options: CompileOptions) -> dict:
     """Run the whole pipeline; returns the manifest written to ``options.output``.
 
     Raises ConfigError / ModelFormatError / BackendUnavailable for bad input
-    (nothing is written), EquivalenceError when the proof fails (the output is
-    written, marked ``equivalence.passed: false``, and will not load).
+    (nothing is written), PlacementError when tensorflow-neuron left the encoder
+    on the CPU (nothing is written), EquivalenceError when the proof fails (the
+    output is written, marked ``equivalence.passed: false``, and will not load).
     """
     log = options.log
     o = _validate(options)
-    neuron_pkg = None
-    if o.target == "neuron":
-        neuron_pkg = neuron_package()
-        if neuron_pkg is None:
-            raise BackendUnavailable("--target neuron needs tensorflow-neuron (inf1) or tensorflow-neuronx "
-                                     "(inf2/trn1), which install only from AWS's Neuron pip repository; "
-                                     "use --target cpu here")
+    dtype = o.dtype or DEFAULT_DTYPE[o.target]
+    nb = _neuron_build(o, dtype) if o.target == "neuron" else None
     started = time.perf_counter()
     log(f"reading {o.input}")
     weights = load_weights(o.input, heads=o.heads, source_gelu=o.source_gelu)
@@ -124,7 +124,6 @@ def compile_model(options: CompileOptions) -> dict:
     from ..common.tokenizer import BertTokenizer
 
     tokenizer = BertTokenizer(vocab, max_seq_length=o.seq_length)
-    dtype = o.dtype or DEFAULT_DTYPE[o.target]
     config = RebuildConfig(dtype=dtype, gelu=o.gelu or weights.gelu, batch_size=o.batch_size,
                            seq_length=o.seq_length, jit_compile=use_xla(o.xla, o.target, dtype))
     log(f"rebuilding for {o.target}: dtype {config.dtype}, GELU {config.gelu}, batch {config.batch_size} x "
@@ -132,8 +131,9 @@ def compile_model(options: CompileOptions) -> dict:
 
     staging = _staging_dir(o.output)
     try:
-        module = _write_model(staging, weights, vocab, config, o, neuron_pkg)
-        manifest = _manifest(o, weights, tokenizer.do_lower_case, config, neuron_pkg)
+        module, placement = _write_model(staging, weights, vocab, config, o, nb)
+        manifest = _manifest(o, weights, tokenizer.do_lower_case, config, nb, placement)
+        manifest["reference"] = _write_reference(staging, weights, tokenizer, module, config, manifest, o)
         _write_json(staging / MANIFEST, manifest)
         if o.verify:
             report = _verify(staging, weights, tokenizer, module, config, manifest, o)
@@ -153,6 +153,13 @@ def compile_model(options: CompileOptions) -> dict:
     return manifest
 
 
+def _neuron_build(o: CompileOptions, dtype: str) -> NeuronBuild:
+    """Choose the toolchain, import its package and settle the compiler flags (typed errors, no work done)."""
+    toolchain = neuron.choose_toolchain(o.neuron_target)
+    flags = neuron.compiler_flags(toolchain, dtype, o.compiler_args, os.environ)
+    return NeuronBuild(toolchain, neuron.import_package(toolchain), flags, o.neuron_target)
+
+
 def _validate(o: CompileOptions) -> CompileOptions:
     o.input, o.output = pathlib.Path(o.input), pathlib.Path(o.output)
     if o.target not in TARGETS:
@@ -169,6 +176,8 @@ def _validate(o: CompileOptions) -> CompileOptions:
         raise ConfigError(f"--seq-length must be >= 3, got {o.seq_length}")
     if o.verify and o.pairs < 1:
         raise ConfigError(f"--pairs must be >= 1, got {o.pairs}")
+    if not 0 <= o.min_on_neuron <= 1:
+        raise ConfigError(f"--min-on-neuron must be within [0, 1], got {o.min_on_neuron}")
     if o.tolerance is not None and not o.tolerance > 0:
         raise ConfigError(f"--tolerance must be > 0, got {o.tolerance}")
     if o.vocab is not None and not pathlib.Path(o.vocab).is_file():
@@ -212,53 +221,54 @@ def _install(staging: pathlib.Path, output: pathlib.Path, force: bool) -> None:
     staging.rename(output)
 
 
-def _write_model(staging, weights: BertWeights, vocab, config: RebuildConfig, o: CompileOptions, neuron_pkg):
-    """Write embeddings.npz, vocab.txt and accelerated/; returns the rebuilt tf.Module."""
+def _write_model(staging, weights: BertWeights, vocab, config: RebuildConfig, o: CompileOptions,
+                 nb: NeuronBuild | None):
+    """Write embeddings.npz, vocab.txt and accelerated/; returns the rebuilt tf.Module and, for
+    neuron, where the traced graph runs (else None)."""
     import tensorflow as tf
 
     save_embeddings(staging / EMBEDDINGS_FILE, weights.tensors)
     shutil.copyfile(vocab, staging / VOCAB_FILE)
     module = build_module(weights.shape, weights.tensors, config)
     path = staging / ACCELERATED_DIR
-    if o.target == "neuron":
-        _trace_neuron(module, config, weights.shape.hidden, o.compiler_args, neuron_pkg, path, o.log)
-    else:
-        signature = module.__call__.get_concrete_function()
-        tf.saved_model.save(module, str(path), signatures={"serving_default": signature})
-    return module
+    if nb is not None:
+        return module, _trace_neuron(module, config, weights.shape.hidden, nb, path, o)
+    signature = module.__call__.get_concrete_function()
+    tf.saved_model.save(module, str(path), signatures={"serving_default": signature})
+    return module, None
 
 
-def _trace_neuron(module, config: RebuildConfig, hidden: int, compiler_args: str, package: str,
-                  path: pathlib.Path, log) -> None:
-    """Compile with tensorflow-neuron's TF2 tracing API and save the traced keras model.
+def _trace_neuron(module, config: RebuildConfig, hidden: int, nb: NeuronBuild, path: pathlib.Path,
+                  o: CompileOptions) -> neuron.Placement:
+    """Trace with ``package.trace(func, [embeddings, mask_bias])``, refuse a CPU fallback, save.
 
-    Written against the documented API (tfn.trace(func, example_inputs) returns a
-    keras.Model; a tuple of example inputs means func(*inputs); compiler flags
-    come from NEURON_CC_FLAGS). Not run in CI: no Inferentia there.
+    The example inputs are ONE list, as in AWS's BERT tutorials: tensorflow-neuron
+    records them as the saved model's only input structure, so the runtime calls
+    the reloaded model with that list. Compiler flags reach the package only
+    through $NEURON_CC_FLAGS, set for this call alone.
     """
-    import importlib
-
     import tensorflow as tf
 
-    tfn = importlib.import_module(package)
-    flags = " ".join(filter(None, [os.environ.get("NEURON_CC_FLAGS", ""), compiler_args]))
-    os.environ["NEURON_CC_FLAGS"] = flags
-    log(f"tracing with {package}.trace (NEURON_CC_FLAGS={flags!r}); this takes minutes for BERT-Large")
     B, S = config.batch_size, config.seq_length
-    example = (tf.zeros([B, S, hidden], tf.float32), tf.zeros([B, 1, 1, S], tf.float32))
+    example = [tf.zeros([B, S, hidden], tf.float32), tf.zeros([B, 1, 1, S], tf.float32)]
 
-    def accelerated(embeddings, mask_bias):
-        return module(embeddings, mask_bias)[OUTPUT_KEY]
+    def accelerated(inputs):
+        embeddings, mask_bias = inputs
+        return module.forward(embeddings, mask_bias)[OUTPUT_KEY]
 
-    traced = tfn.trace(accelerated, example)
-    ratio = getattr(traced, "on_neuron_ratio", None)
-    if ratio is not None:
-        log(f"  {ratio:.0%} of ops placed on Neuron")
+    o.log(f"tracing with {nb.package.__name__}.trace for {nb.toolchain.family} ({neuron.FLAGS_VAR}={nb.flags!r}); "
+          f"this takes minutes for BERT-Large")
+    with neuron.scoped_env(neuron.FLAGS_VAR, nb.flags):
+        traced = nb.package.trace(accelerated, example)
+    where = neuron.placement(traced)
+    o.log(f"  {where.on_neuron_ratio:.1%} of ops on Neuron, in {where.neuron_ops} compiled subgraph(s)")
+    neuron.check_placement(where, o.min_on_neuron)
     traced.save(str(path))
+    return where
 
 
 def _manifest(o: CompileOptions, weights: BertWeights, do_lower_case: bool, config: RebuildConfig,
-              neuron_pkg) -> dict:
+              nb: NeuronBuild | None, placement: neuron.Placement | None) -> dict:
     shape = weights.shape
     return {
         "format_version": MANIFEST_VERSION,
@@ -273,37 +283,61 @@ def _manifest(o: CompileOptions, weights: BertWeights, do_lower_case: bool, conf
         "seq_length": config.seq_length,
         "target": o.target,
         "xla": config.jit_compile,
-        "compiler_args": o.compiler_args if o.target == "neuron" else None,
-        "neuron_package": neuron_pkg,
+        "neuron": _neuron_section(nb, placement) if nb is not None else None,
         "do_lower_case": do_lower_case,
         "files": {"embeddings": EMBEDDINGS_FILE, "accelerated": ACCELERATED_DIR, "vocab": VOCAB_FILE},
         "accelerated_inputs": {"embeddings": [config.batch_size, config.seq_length, shape.hidden],
                                "mask_bias": [config.batch_size, 1, 1, config.seq_length]},
         "output_key": OUTPUT_KEY,
+        "reference": None,
         "equivalence": None,
     }
+
+
+def _neuron_section(nb: NeuronBuild, placement: neuron.Placement) -> dict:
+    """The manifest's ``neuron`` section: what compiled it, with which flags, and where it runs."""
+    t = nb.toolchain
+    return {"family": t.family, "target": nb.target, "package": nb.package.__name__,
+            "distribution": t.distribution, "version": neuron.package_version(t), "compiler": t.compiler,
+            "compiler_path": neuron.find_compiler(t.compiler), "compiler_flags": nb.flags,
+            "placement": placement.to_dict()}
 
 
 def _write_json(path: pathlib.Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
+def _cpu_rebuilt(staging, weights: BertWeights, module, config: RebuildConfig, manifest: dict) -> CompiledModel:
+    """The rebuilt graph itself, run in this process on the CPU, behind the CompiledModel interface."""
+    import tensorflow as tf
+
+    fn = module.__call__.get_concrete_function()
+    embeddings = HostEmbeddings.load(staging / EMBEDDINGS_FILE, config.seq_length, weights.shape.layer_norm_eps)
+
+    def accelerated(x, bias):
+        return fn(embeddings=tf.constant(x), mask_bias=tf.constant(bias))[OUTPUT_KEY].numpy()
+
+    return CompiledModel(staging, manifest, embeddings, accelerated)
+
+
+def _write_reference(staging, weights: BertWeights, tokenizer, module, config: RebuildConfig, manifest: dict,
+                     o: CompileOptions) -> dict:
+    """Store REFERENCE_PAIRS pairs with the rebuilt graph's probabilities (see selfcheck.py)."""
+    texts, _ = load_pairs(o.tsv, REFERENCE_PAIRS, o.seed)
+    rebuilt = _cpu_rebuilt(staging, weights, module, config, manifest)
+    return write_reference(staging, tokenizer.encode_pairs(texts), rebuilt, TOLERANCES[config.dtype],
+                           f"the rebuilt graph on the CPU at {config.dtype}")
+
+
 def _verify(staging, weights: BertWeights, tokenizer, module, config: RebuildConfig, manifest: dict,
             o: CompileOptions):
     """The equivalence proof on o.pairs pairs (see equivalence.py)."""
-    import tensorflow as tf
-
     texts, data = load_pairs(o.tsv, o.pairs, o.seed)
     features = tokenizer.encode_pairs(texts)
     if o.target == "neuron":
-        # The traced model runs only on Inferentia: check the graph that was traced, on the CPU.
-        fn = module.__call__.get_concrete_function()
-        embeddings = HostEmbeddings.load(staging / EMBEDDINGS_FILE, config.seq_length, weights.shape.layer_norm_eps)
-
-        def accelerated(x, bias):
-            return fn(embeddings=tf.constant(x), mask_bias=tf.constant(bias))[OUTPUT_KEY].numpy()
-
-        rebuilt = CompiledModel(staging, manifest, embeddings, accelerated)
+        # The traced binary runs only on a NeuronCore: prove the graph that was traced, on the CPU;
+        # the binary itself is checked against the reference pairs when a worker loads it.
+        rebuilt = _cpu_rebuilt(staging, weights, module, config, manifest)
         rebuilt_name = f"the rebuilt graph before neuron tracing, on the CPU at {config.dtype}"
     else:
         rebuilt = load_compiled(staging, check_equivalence=False)
@@ -315,4 +349,3 @@ def _verify(staging, weights: BertWeights, tokenizer, module, config: RebuildCon
                        progress=o.progress)
     finally:
         original.close()
-

@@ -15,7 +15,8 @@ import pathlib
 import sys
 
 from ..common.errors import BackendUnavailable, BertpoolError, ConfigError, EquivalenceError, ModelError
-from .build import DEFAULT_COMPILER_ARGS, CompileOptions, compile_model, default_target
+from .build import CompileOptions, compile_model, default_target
+from .neuron import DEFAULT_MIN_ON_NEURON, NEURON_TARGETS
 from .rebuild import DTYPES, GELUS
 from .runtime import TARGETS
 
@@ -47,11 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     build = parser.add_argument_group("rebuild")
     build.add_argument("--target", choices=TARGETS,
-                       help="neuron: tensorflow-neuron trace (inf1; tensorflow-neuronx for inf2/trn1); cpu/gpu: "
-                            "a TF SavedModel (default: neuron if tensorflow.neuron imports, else cpu)")
+                       help="neuron: traced with tensorflow-neuron (inf1) or tensorflow-neuronx (inf2/trn1), see "
+                            "--neuron-target; cpu/gpu: a TF SavedModel (default: neuron where a Neuron compiler "
+                            "and its package are installed, else cpu)")
     build.add_argument("--dtype", choices=DTYPES,
                        help="dtype of attention and dense matmuls; LayerNorm, softmax and GELU stay fp32 "
-                            "(default: float16 for neuron, float32 for cpu and gpu)")
+                            "(default: float16 for neuron, float32 for cpu and gpu; inf1 takes float16 or "
+                            "bfloat16 only)")
     gelu = build.add_mutually_exclusive_group()
     gelu.add_argument("--gelu", choices=GELUS,
                       help="GELU of the rebuilt model: erf (exact), tanh (approximation), crude "
@@ -61,9 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--batch-size", type=int, default=4, metavar="B", help="fixed batch size (default: 4)")
     build.add_argument("--seq-length", type=int, default=128, metavar="S",
                        help="fixed sequence length (default: 128)")
-    build.add_argument("--compiler-args", default=DEFAULT_COMPILER_ARGS, metavar="ARGS",
-                       help=f"neuron compiler flags, appended to $NEURON_CC_FLAGS "
-                            f"(default: {DEFAULT_COMPILER_ARGS!r})")
+    neuron = parser.add_argument_group("neuron")
+    neuron.add_argument("--neuron-target", choices=NEURON_TARGETS, default="auto",
+                        help="inf1: tensorflow-neuron + neuron-cc; inf2 or trn1: tensorflow-neuronx + neuronx-cc; "
+                             "auto: by which compiler is installed (default: auto)")
+    neuron.add_argument("--compiler-args", default="", metavar="ARGS",
+                        help="more compiler flags, after the ones that keep the matmul dtype (inf1: "
+                             "--fp32-cast=matmult-fp16 or matmult-bf16; inf2/trn1: --auto-cast=none) and before "
+                             "$NEURON_CC_FLAGS, which is respected and wins; flags of the other compiler are refused")
+    neuron.add_argument("--min-on-neuron", type=float, default=DEFAULT_MIN_ON_NEURON, metavar="FRACTION",
+                        help=f"fail unless this fraction of the ops compiled for Neuron (tensorflow-neuron's "
+                             f"on_neuron_ratio); any matmul left on the CPU fails regardless "
+                             f"(default: {DEFAULT_MIN_ON_NEURON})")
     build.add_argument("--xla", choices=("auto", "on", "off"), default="auto",
                        help="XLA-compile the cpu/gpu model (default auto: on, except bfloat16 on cpu where it "
                             "measured slower)")
@@ -95,14 +107,14 @@ def main(argv=None) -> int:
     try:
         target = args.target
         if target is None:
-            target = default_target()
-            why = "tensorflow-neuron found" if target == "neuron" else "tensorflow-neuron not importable"
+            target, why = default_target()
             log(f"target: {target} ({why}; choose with --target)")
         options = CompileOptions(
             input=args.input_saved_model, output=args.output_saved_model, target=target, dtype=args.dtype,
             gelu=args.gelu, batch_size=args.batch_size, seq_length=args.seq_length, vocab=args.vocab,
             tsv=args.tsv, pairs=args.pairs, seed=args.seed, tolerance=args.tolerance,
-            compiler_args=args.compiler_args, verify=args.verify, force=args.force, xla=args.xla,
+            compiler_args=args.compiler_args, neuron_target=args.neuron_target,
+            min_on_neuron=args.min_on_neuron, verify=args.verify, force=args.force, xla=args.xla,
             heads=args.heads, source_gelu=args.source_gelu, progress=not args.quiet, log=log,
         )
         manifest = compile_model(options)
@@ -122,8 +134,12 @@ def main(argv=None) -> int:
         eq = manifest["equivalence"]
         status = ("not verified" if eq is None else
                   f"max |dp| {eq['max_abs_diff']:.3g}, labels agree {eq['label_agreement']:.0%}")
+        on_neuron = ""
+        if manifest["neuron"]:
+            n = manifest["neuron"]
+            on_neuron = f", {n['family']}, {n['placement']['on_neuron_ratio']:.1%} of ops on Neuron"
         print(f"{args.output_saved_model}: {manifest['target']} {manifest['dtype']} "
-              f"batch {manifest['batch_size']} x {manifest['seq_length']} ({status})")
+              f"batch {manifest['batch_size']} x {manifest['seq_length']} ({status}{on_neuron})")
     return 0
 
 

@@ -96,7 +96,8 @@ def fold_weights(shape: BertShape, tensors: dict[str, np.ndarray]) -> dict[str, 
 
 def build_module(shape: BertShape, tensors: dict[str, np.ndarray], config: RebuildConfig):
     """A tf.Module whose ``__call__(embeddings [B,S,H] f32, mask_bias [B,1,1,S] f32)``
-    returns ``{"logits": [B,C] f32}``; a tf.function with a fixed input signature."""
+    returns ``{"logits": [B,C] f32}``; a tf.function with a fixed input signature over
+    ``forward``, the same graph as plain Python."""
     import tensorflow as tf
 
     folded = fold_weights(shape, tensors)
@@ -162,6 +163,11 @@ def build_module(shape: BertShape, tensors: dict[str, np.ndarray], config: Rebui
             jit_compile=config.jit_compile,
         )
         def __call__(self, embeddings, mask_bias):
+            return self.forward(embeddings, mask_bias)
+
+        def forward(self, embeddings, mask_bias):
+            """The graph itself, as plain Python: a tracer that wraps it (tensorflow-neuron) gets one flat
+            graph, not a call into __call__'s function (whose ops its on_neuron_ratio would not count)."""
             x = tf.reshape(embeddings, [B * S, H])  # [B*S,H]
             for k in range(shape.layers - 1):
                 x = self.block(x, mask_bias, k)

@@ -6,7 +6,9 @@ A compiled model directory holds::
     vocab.txt         the WordPiece vocabulary the model was trained with
     embeddings.npz    host part: word/token type/position embeddings + LayerNorm (fp32)
     accelerated/      the rebuilt encoder+pooler+classifier: a TF SavedModel (cpu, gpu)
-                      or a tensorflow-neuron traced model (neuron)
+                      or a tensorflow-neuron / -neuronx traced model (neuron)
+    reference.npz     a few tokenized pairs and the rebuilt graph's probabilities, which
+                      the loaded binary must reproduce before it serves (.selfcheck)
 
 ``load_compiled(dir).predict(ids, mask, segments)`` runs embeddings on the host
 (numpy fp32), the accelerated part, then softmax on the host (fp32).
@@ -24,6 +26,7 @@ import numpy as np
 
 from ..common.errors import BackendUnavailable, ModelFormatError
 from .host import HostEmbeddings, mask_bias, softmax
+from .selfcheck import check_reference
 from .shape import BertShape
 
 MANIFEST = "manifest.json"
@@ -127,10 +130,13 @@ def load_compiled(model_dir, check_equivalence: bool = True, warm_up: bool = Tru
     """Load a compiled model directory.
 
     Raises ModelFormatError for a missing/incomplete directory, or one whose
-    equivalence proof failed (unless ``check_equivalence`` is False), and
-    BackendUnavailable when the target's runtime (tensorflow, or
-    tensorflow-neuron for target neuron) cannot be imported. ``warm_up`` runs
-    one dummy batch so that the first request does not pay for XLA compilation.
+    equivalence proof failed (unless ``check_equivalence`` is False),
+    BackendUnavailable when the target's runtime (tensorflow, or the Neuron
+    package the model was compiled with) cannot be imported, and
+    BinaryMismatchError when the loaded binary disagrees with the reference pairs
+    stored beside it. ``warm_up`` runs those pairs (the first call also pays for
+    XLA compilation or the Neuron load), or a dummy batch for a model without them;
+    a neuron model must have them.
     """
     model_dir = pathlib.Path(model_dir)
     manifest = read_manifest(model_dir)
@@ -142,6 +148,9 @@ def load_compiled(model_dir, check_equivalence: bool = True, warm_up: bool = Tru
     for name in (EMBEDDINGS_FILE, VOCAB_FILE, ACCELERATED_DIR):
         if not (model_dir / name).exists():
             raise ModelFormatError(f"{model_dir} is incomplete: no {name}")
+    if manifest["target"] == "neuron" and not isinstance(manifest.get("reference"), dict):
+        raise ModelFormatError(f"{model_dir}: a neuron model must carry reference pairs to check its binary "
+                               f"against; recompile it with this bertpool")
     shape = BertShape.from_dict(manifest["model"])
     embeddings = HostEmbeddings.load(model_dir / EMBEDDINGS_FILE, int(manifest["seq_length"]),
                                      shape.layer_norm_eps)
@@ -150,7 +159,9 @@ def load_compiled(model_dir, check_equivalence: bool = True, warm_up: bool = Tru
     loader = _load_neuron if manifest["target"] == "neuron" else _load_tf
     accelerated = loader(model_dir / ACCELERATED_DIR, manifest)
     model = CompiledModel(model_dir, manifest, embeddings, accelerated)
-    if warm_up:
+    if warm_up and isinstance(manifest.get("reference"), dict):
+        check_reference(model, manifest["reference"])
+    elif warm_up:
         dummy = np.zeros([model.batch_size, model.seq_length], np.int32)
         model.logits(dummy, dummy, dummy)
     return model
@@ -184,22 +195,20 @@ def _load_tf(path: pathlib.Path, manifest: dict):
 
 
 def _load_neuron(path: pathlib.Path, manifest: dict):
-    """The neuron-traced keras model (needs tensorflow-neuron and an Inferentia device)."""
+    """The traced model, loaded with the Neuron package it was compiled with (which registers NeuronOp)."""
+    from . import neuron
+
     tf = _import_tf()
-    package = manifest.get("neuron_package", "tensorflow.neuron")
-    try:
-        __import__(package)  # registers the Neuron ops the traced graph uses
-    except ImportError as exc:
-        raise BackendUnavailable(f"target neuron needs {package.replace('.', '-').replace('_', '-')} "
-                                 f"(import {package} failed: {exc}); it is only installable from AWS's "
-                                 f"Neuron repository on inf1/inf2 hosts") from None
-    try:
-        model = tf.keras.models.load_model(str(path))
-    except (OSError, ValueError, tf.errors.OpError) as exc:
-        raise ModelFormatError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
+    neuron.import_package(neuron.runtime_toolchain(manifest))
+    model = neuron.load_traced(tf, str(path))
+    expected = (int(manifest["batch_size"]), int(manifest["model"]["num_labels"]))
 
     def run(embeddings: np.ndarray, bias: np.ndarray) -> np.ndarray:
-        # traced with example_inputs as a tuple, so the model is called as func(*inputs)
-        return np.asarray(model(tf.constant(embeddings), tf.constant(bias)))
+        # Traced with ONE list of example inputs: the saved model accepts exactly that structure.
+        logits = np.asarray(model([tf.constant(embeddings), tf.constant(bias)]), np.float32)
+        if logits.shape != expected:
+            raise ModelFormatError(f"{path} returned logits of shape {list(logits.shape)}, not {list(expected)}")
+        return logits
 
+    run.loaded = model
     return run

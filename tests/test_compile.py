@@ -27,7 +27,7 @@ from bertpool.common.errors import (BackendUnavailable, ConfigError, Equivalence
                                     ModelFormatError)
 from bertpool.common.tokenizer import BertTokenizer  # noqa: E402
 from bertpool.compile import runtime  # noqa: E402
-from bertpool.compile.build import neuron_package  # noqa: E402
+from bertpool.compile.build import default_target  # noqa: E402
 from bertpool.compile.equivalence import TOLERANCES, SavedModelOriginal, tolerance_for  # noqa: E402
 from bertpool.compile.shape import BertShape  # noqa: E402
 from bertpool.compile.weights import detect_format, load_weights  # noqa: E402
@@ -333,7 +333,10 @@ def test_manifest(models, compiled):
     assert "T" in manifest["created"]
     assert (compiled / "vocab.txt").read_bytes() == (src / "vocab.txt").read_bytes()
     assert sorted(p.name for p in compiled.iterdir()) == ["accelerated", "embeddings.npz", "manifest.json",
-                                                          "vocab.txt"]
+                                                          "reference.npz", "vocab.txt"]
+    assert manifest["neuron"] is None
+    assert manifest["reference"] == {"file": "reference.npz", "pairs": 8, "tolerance": 1e-5,
+                                     "from": "the rebuilt graph on the CPU at float32"}
 
 
 # ----------------------------------------------------------------------- the runtime
@@ -376,14 +379,24 @@ def test_runtime_rejects_bad_directories(compiled, tmp_path):
 
 
 def test_runtime_neuron_target_without_tensorflow_neuron(compiled, tmp_path):
-    if neuron_package():
-        pytest.skip("tensorflow-neuron is installed here")
     fake = copy_tree(compiled, tmp_path / "neuron")
     manifest = json.loads((fake / "manifest.json").read_text())
-    manifest["target"], manifest["neuron_package"] = "neuron", "tensorflow.neuron"
+    manifest["target"], manifest["neuron"] = "neuron", {"family": "inf1"}
     (fake / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BackendUnavailable, match="tensorflow-neuron"):
+    with pytest.raises(BackendUnavailable, match="the inf1 toolchain needs tensorflow-neuron "):
         runtime.load_compiled(fake)
+
+
+def test_runtime_refuses_a_binary_that_disagrees_with_its_reference_pairs(compiled, tmp_path):
+    from bertpool.common.errors import BinaryMismatchError
+
+    bad = copy_tree(compiled, tmp_path / "bad")
+    with np.load(bad / "reference.npz") as data:
+        arrays = dict(data)
+    arrays["probabilities"] = arrays["probabilities"][:, ::-1].copy()  # as if the binary computed 1 - p
+    np.savez(bad / "reference.npz", **arrays)
+    with pytest.raises(BinaryMismatchError, match="disagrees with its 8 reference pairs"):
+        runtime.load_compiled(bad)
 
 
 def test_runtime_import_does_not_import_tensorflow():
@@ -409,7 +422,7 @@ def test_cli_help_lists_every_flag():
     text = build_parser().format_help()
     for flag in ("--input_saved_model", "--output_saved_model", "--crude_gelu", "--gelu", "--target", "--dtype",
                  "--batch-size", "--seq-length", "--vocab", "--tsv", "--pairs", "--tolerance", "--compiler-args",
-                 "--no-verify", "--force", "--xla"):
+                 "--neuron-target", "--min-on-neuron", "--no-verify", "--force", "--xla"):
         assert flag in text, flag
 
 
@@ -429,8 +442,8 @@ def test_cli_compiles_with_demo_flags(models, tmp_path):
 
 
 def test_cli_default_target_is_announced(models, tmp_path):
-    if neuron_package():
-        pytest.skip("tensorflow-neuron is installed here")
+    if default_target()[0] == "neuron":
+        pytest.skip("a Neuron toolchain is installed here")
     result = run_cli("--input_saved_model", models["hf"], "--output_saved_model", tmp_path / "out", "--no-verify")
     assert result.returncode == 0, result.stderr
     assert "target: cpu" in result.stderr
@@ -447,8 +460,8 @@ def test_cli_errors_are_one_line(models, tmp_path, case):
         del tensors["output_bias"]
         src = make_hf(tmp_path / "hf", tensors)
     elif case == "neuron-unavailable":
-        if neuron_package():
-            pytest.skip("tensorflow-neuron is installed here")
+        if default_target()[0] == "neuron":
+            pytest.skip("a Neuron toolchain is installed here")
         extra = ["--target", "neuron"]
     else:
         extra += ["--gelu", "crude", "--tolerance", "1e-9"]
@@ -477,15 +490,3 @@ def test_other_batch_and_sequence_length(models, tmp_path):
     assert manifest["equivalence"]["passed"]
     model = runtime.load_compiled(tmp_path / "out")
     assert (model.batch_size, model.seq_length) == (2, 64)
-
-
-# ------------------------------------------------------------------------ neuron
-
-@pytest.mark.skipif(neuron_package() is None,
-                    reason="tensorflow-neuron / tensorflow-neuronx is not importable here (AWS Neuron hosts only)")
-def test_neuron_target(models, tmp_path):
-    manifest = quiet_compile(models["savedmodel-erf"], tmp_path / "out", target="neuron", pairs=8)
-    assert manifest["target"] == "neuron" and manifest["dtype"] == "float16"
-    assert manifest["compiler_args"] == "--fp32-cast matmult"
-    assert manifest["equivalence"]["passed"]
-    assert (tmp_path / "out" / "accelerated").is_dir()

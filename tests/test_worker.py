@@ -9,7 +9,7 @@ import pytest
 import zmq
 
 from bertpool.common import protocol as P
-from bertpool.common.errors import BackendUnavailable, ConfigError, ModelFormatError
+from bertpool.common.errors import ConfigError, ModelFormatError
 from bertpool.workers.backends import (Backend, BackendConfig, EchoBackend, echo_probabilities,
                                        load_backend, run_padded)
 from bertpool.workers.worker import Worker, WorkerConfig
@@ -149,7 +149,8 @@ def test_run_padded_chunks_when_batch_exceeds_model_batch():
     (BackendConfig(name="nope"), ConfigError),
     (BackendConfig(name="tf"), ConfigError),                        # no --model
     (BackendConfig(name="tf", model_dir="/nonexistent"), ConfigError),
-    (BackendConfig(name="neuron", model_dir="/tmp"), BackendUnavailable),
+    # the Neuron package to import is the one the model's manifest names: a non-model is refused first
+    (BackendConfig(name="neuron", model_dir="/tmp"), ModelFormatError),
 ])
 def test_backend_errors_are_typed(config, error):
     with pytest.raises(error):

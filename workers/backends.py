@@ -169,10 +169,18 @@ def _model_dir(config: BackendConfig) -> Path:
     return path
 
 
+def _compiled_target(path: Path) -> str | None:
+    """The target a bertpool-compile directory was built for, or None for any other directory."""
+    return read_manifest(path)["target"] if is_compiled_model(path) else None
+
+
 def _load_tf(config: BackendConfig) -> Backend:
     path = _model_dir(config)
     tf = _configure_tf_threads(config.threads)
-    if is_compiled_model(path):
+    target = _compiled_target(path)
+    if target == "neuron":
+        raise ConfigError(f"{path} was compiled for Neuron; serve it with --backend neuron")
+    if target is not None:
         return CompiledBackend(path, "tf")
     if not (path / "saved_model.pb").is_file():
         raise ModelFormatError(f"{path}: neither a compiled bertpool model (manifest.json) "
@@ -181,17 +189,15 @@ def _load_tf(config: BackendConfig) -> Backend:
 
 
 def _load_neuron(config: BackendConfig) -> Backend:
-    from ..compile.build import neuron_package
-
+    """A ``--target neuron`` compiled model, run by the Neuron package it was compiled with
+    (imported by load_compiled from the manifest; BackendUnavailable where it does not import)."""
     path = _model_dir(config)
-    _configure_tf_threads(config.threads)
-    if neuron_package() is None:
-        raise BackendUnavailable(
-            "the neuron backend needs tensorflow-neuron (inf1) or tensorflow-neuronx (inf2/trn1), "
-            "which only install on AWS Inferentia/Trainium hosts from AWS's Neuron pip repository; "
-            "use --backend tf here")
-    if not is_compiled_model(path):
+    target = _compiled_target(path)
+    if target is None:
         raise ModelFormatError(f"{path}: not a compiled model; run bertpool-compile --target neuron")
+    if target != "neuron":
+        raise ConfigError(f"{path} was compiled for {target}, not Neuron; serve it with --backend tf")
+    _configure_tf_threads(config.threads)
     return CompiledBackend(path, "neuron")
 
 

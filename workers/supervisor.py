@@ -1,11 +1,13 @@
 """The supervisor: start N worker processes, one per NeuronCore, and restart the dead.
 
 Each worker process gets its own core through the environment the Neuron
-runtime documents: ``NEURON_RT_VISIBLE_CORES=<core>`` (Neuron runtime 2.x) and
-``NEURONCORE_GROUP_SIZES=1`` (older runtimes, which hand each process the next
-free group of that size). A worker that exits is restarted after a backoff
-that doubles while it keeps dying young; one that fails to load its model
-(exit code 2: a configuration error) is not restarted, and the supervisor stops.
+runtime documents: ``NEURON_RT_VISIBLE_CORES=<core>`` (``NEURONCORE_GROUP_SIZES``
+has had no effect since Neuron 1.20 and is not set). For the neuron backend,
+``--parallel`` is checked first against the NeuronCores the runtime can see
+(:mod:`.neuron_cores`). A worker that exits is restarted after a backoff that
+doubles while it keeps dying young; one that cannot load its model (exit code
+2, whatever the reason) is never restarted: the supervisor stops every worker
+and reports that worker's error.
 """
 
 from __future__ import annotations
@@ -15,20 +17,22 @@ import logging
 import os
 import signal
 import socket
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..common.cli import install_stop_handlers, report_error, setup_logging
 from ..common.errors import BertpoolError, ConfigError
 from .backends import ECHO_WARNING
-from .worker import WorkerConfig, add_worker_arguments, worker_config_from_args
+from .neuron_cores import NEURON_SYSFS, check_cores
+from .worker import EXIT_LOAD_FAILED, WorkerConfig, add_worker_arguments, worker_config_from_args
 
 log = logging.getLogger("bertpool.supervisor")
-
-EXIT_CONFIG_ERROR = 2  # a worker's exit code for "cannot load": restarting would not help
 
 
 @dataclass(frozen=True)
@@ -40,14 +44,15 @@ class SupervisorConfig:
     max_backoff_s: float = 30.0        # cap on the restart delay
     healthy_after_s: float = 30.0      # a worker alive this long resets its backoff
     stop_grace_s: float = 10.0         # SIGTERM -> SIGKILL grace period on stop
+    neuron_sysfs: str = NEURON_SYSFS   # where the Neuron driver lists its devices (neuron backend)
 
     def __post_init__(self) -> None:
         if self.parallel < 1:
             raise ConfigError(f"parallel must be >= 1, got {self.parallel}")
 
 
-def worker_argv(config: WorkerConfig) -> list[str]:
-    """The command line that runs one worker process with ``config``."""
+def worker_argv(config: WorkerConfig, load_error_file: str | None = None) -> list[str]:
+    """The command line that runs one worker process with ``config`` (its load error goes to the file)."""
     b = config.backend
     argv = [sys.executable, "-m", "bertpool.workers.worker",
             "--worker-address", config.broker_address, "--backend", b.name,
@@ -58,6 +63,8 @@ def worker_argv(config: WorkerConfig) -> list[str]:
         argv += ["--model", str(b.model_dir)]
     if config.vocab_path:
         argv += ["--vocab", str(config.vocab_path)]
+    if load_error_file:
+        argv += ["--load-error-file", load_error_file]
     return argv
 
 
@@ -65,7 +72,6 @@ def worker_env(core: int) -> dict[str, str]:
     """This process's environment plus the Neuron runtime's core assignment."""
     env = dict(os.environ)
     env["NEURON_RT_VISIBLE_CORES"] = str(core)
-    env["NEURONCORE_GROUP_SIZES"] = "1"
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # One process per core already: the tokenizer's own thread pool would only oversubscribe.
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -88,17 +94,22 @@ class Supervisor:
     """Keep ``parallel`` workers alive until stop()."""
 
     def __init__(self, config: SupervisorConfig) -> None:
+        """ConfigError when the neuron backend asks for cores the Neuron runtime cannot see."""
+        if config.worker.backend.name == "neuron":
+            check_cores(config.parallel, config.first_core, config.neuron_sysfs, os.environ)
         self.config = config
         self._stop = threading.Event()
         self._slots = [_Slot(i, config.first_core + i) for i in range(config.parallel)]
         self.failed: str | None = None  # set when a worker could not load its model
+        self._errors_dir: Path | None = None  # where workers write why they could not load
 
     def stop(self) -> None:
         """Ask run() to stop the workers and return (thread- and signal-safe)."""
         self._stop.set()
 
     def run(self) -> None:
-        """Start the workers, restart the dead ones, and stop them all on stop()."""
+        """Start the workers, restart the dead ones, and stop them all on stop() or a load failure."""
+        self._errors_dir = Path(tempfile.mkdtemp(prefix="bertpool-workers-"))
         try:
             for slot in self._slots:
                 self._start(slot)
@@ -108,12 +119,13 @@ class Supervisor:
                     self._check(slot)
         finally:
             self._terminate_all()
+            shutil.rmtree(self._errors_dir, ignore_errors=True)
 
     def _start(self, slot: _Slot) -> None:
         # Unique across hosts, stable across restarts: the broker uses it to spot a restart.
         name = f"{self.config.worker.name or socket.gethostname()}:worker-{slot.index}"
         cfg = WorkerConfig(**{**self.config.worker.__dict__, "name": name})
-        slot.process = subprocess.Popen(worker_argv(cfg), env=worker_env(slot.core))
+        slot.process = subprocess.Popen(worker_argv(cfg, str(self._error_file(slot))), env=worker_env(slot.core))
         slot.started = time.monotonic()
         log.info("started %s (pid %d) on NeuronCore %d", name, slot.process.pid, slot.core)
 
@@ -127,9 +139,11 @@ class Supervisor:
         code = slot.process.poll()
         if code is None:
             return
-        if code == EXIT_CONFIG_ERROR and slot.restarts == 0:
-            self.failed = f"worker {slot.index} could not load its model (exit {code})"
-            log.error("%s; stopping", self.failed)
+        if code == EXIT_LOAD_FAILED:  # restarting cannot help: stop the pool, say why
+            self.failed = (f"worker {slot.index} (NeuronCore {slot.core}) could not load its model: "
+                           f"{self._load_error(slot)}")
+            slot.process = None
+            log.error("%s; stopping all workers", self.failed)
             self._stop.set()
             return
         lived = now - slot.started
@@ -139,6 +153,15 @@ class Supervisor:
         slot.process = None
         log.warning("worker %d exited with %s after %.1f s; restarting in %.1f s",
                     slot.index, code, lived, slot.backoff_s)
+
+    def _error_file(self, slot: _Slot) -> Path:
+        return self._errors_dir / f"worker-{slot.index}.error"
+
+    def _load_error(self, slot: _Slot) -> str:
+        try:
+            return self._error_file(slot).read_text(encoding="utf-8").strip() or "no reason given"
+        except OSError:
+            return f"exit code {EXIT_LOAD_FAILED}, no reason recorded (see its log above)"
 
     def _terminate_all(self) -> None:
         procs = [s.process for s in self._slots if s.process is not None]
@@ -159,6 +182,9 @@ def add_supervisor_arguments(parser: argparse.ArgumentParser) -> None:
                         help="worker processes, one per NeuronCore (default: %(default)s)")
     parser.add_argument("--first-core", type=int, default=0,
                         help="NeuronCore index of the first worker (default: %(default)s)")
+    parser.add_argument("--neuron-sysfs", default=NEURON_SYSFS, metavar="DIR",
+                        help="neuron backend: where the Neuron driver lists its devices, to count the "
+                             "NeuronCores --parallel may use (default: %(default)s)")
     add_worker_arguments(parser)
 
 
@@ -168,7 +194,7 @@ def supervisor_config_from_args(args: argparse.Namespace, worker_address: str) -
     # Share the machine's cores between TensorFlow workers unless told otherwise.
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
     return SupervisorConfig(worker=worker_config_from_args(args, worker_address, threads=threads),
-                            parallel=args.parallel, first_core=args.first_core)
+                            parallel=args.parallel, first_core=args.first_core, neuron_sysfs=args.neuron_sysfs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,6 +39,8 @@ from .batcher import Batcher, BatcherClosed, BatcherConfig
 
 log = logging.getLogger("bertpool.worker")
 
+EXIT_LOAD_FAILED = 2  # exit code for "cannot load the model or configuration": restarting would not help
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -333,17 +335,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-address", default="tcp://127.0.0.1:5556",
                         help="the broker's worker endpoint (default: %(default)s)")
     parser.add_argument("--name", default="", help="worker name in logs and stats")
+    parser.add_argument("--load-error-file", metavar="FILE",
+                        help="if the model cannot be loaded, also write why to FILE (the supervisor reports it)")
     add_worker_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging()
     try:
         worker = Worker(worker_config_from_args(args, args.worker_address, name=args.name))
         worker.load()
-    except BertpoolError as exc:
-        return report_error("bertpool-worker", exc)
+    except Exception as exc:  # typed or not (e.g. the Neuron runtime's own), a load failure is final
+        return _load_failed(exc, args.load_error_file)
     install_stop_handlers(worker.stop)
     worker.run()
     return 1 if worker.failed else 0
+
+
+def _load_failed(exc: Exception, error_file: str | None) -> int:
+    """Report why loading failed (one line; a traceback too when it was not a typed error)."""
+    if isinstance(exc, BertpoolError):
+        reason = str(exc)
+    else:
+        log.error("loading failed", exc_info=exc)
+        reason = f"{type(exc).__name__}: {exc}"
+    if error_file:
+        try:
+            with open(error_file, "w", encoding="utf-8") as f:
+                f.write(reason + "\n")
+        except OSError as write_error:
+            log.warning("cannot write %s: %s", error_file, write_error)
+    return report_error("bertpool-worker", reason, code=EXIT_LOAD_FAILED)
 
 
 if __name__ == "__main__":
