@@ -23,13 +23,14 @@ from . import neuron
 from .equivalence import TOLERANCES, compare, describe_original, load_pairs, open_original, tolerance_for
 from .host import HostEmbeddings, save_embeddings
 from .rebuild import DTYPES, GELUS, OUTPUT_KEY, RebuildConfig, build_module
-from .runtime import (ACCELERATED_DIR, EMBEDDINGS_FILE, MANIFEST, MANIFEST_VERSION, TARGETS, VOCAB_FILE,
-                      CompiledModel, load_compiled)
+from .runtime import (ACCELERATED_DIR, BUCKET_SIGNATURE, EMBEDDINGS_FILE, MANIFEST, MANIFEST_VERSION, TARGETS,
+                      VOCAB_FILE, CompiledModel, load_compiled)
 from .selfcheck import REFERENCE_PAIRS, write_reference
 from .vocab import check_vocab
 from .weights import BertWeights, load_weights
 
 DEFAULT_DTYPE = {"neuron": "float16", "cpu": "float32", "gpu": "float32"}
+DEFAULT_BUCKET_STEP = 32  # cpu/gpu: also compile every multiple of this below seq_length
 
 
 @dataclass
@@ -43,6 +44,7 @@ class CompileOptions:
     gelu: str | None = None  # rebuilt GELU; None = the source's
     batch_size: int = 4  # fixed compiled batch
     seq_length: int = 128  # fixed compiled sequence length
+    seq_buckets: tuple[int, ...] | None = None  # cpu/gpu: shorter lengths also compiled; None = every 32
     vocab: pathlib.Path | None = None  # None = vocab.txt inside or beside the input
     tsv: pathlib.Path | None = None  # MRPC-format pairs for the proof; None = generated
     pairs: int = 32  # pairs in the proof
@@ -174,6 +176,12 @@ def _validate(o: CompileOptions) -> CompileOptions:
         raise ConfigError(f"--batch-size must be >= 1, got {o.batch_size}")
     if o.seq_length < 3:
         raise ConfigError(f"--seq-length must be >= 3, got {o.seq_length}")
+    buckets = o.seq_buckets or ()
+    if any(not 3 <= b < o.seq_length for b in buckets):
+        raise ConfigError(f"--seq-buckets must lie between 3 and --seq-length {o.seq_length} (exclusive), "
+                          f"got {list(buckets)}")
+    if buckets and o.target == "neuron":
+        raise ConfigError("--seq-buckets is for the cpu and gpu targets; a Neuron binary has one fixed shape")
     if o.verify and o.pairs < 1:
         raise ConfigError(f"--pairs must be >= 1, got {o.pairs}")
     if not 0 <= o.min_on_neuron <= 1:
@@ -233,9 +241,28 @@ def _write_model(staging, weights: BertWeights, vocab, config: RebuildConfig, o:
     path = staging / ACCELERATED_DIR
     if nb is not None:
         return module, _trace_neuron(module, config, weights.shape.hidden, nb, path, o)
-    signature = module.__call__.get_concrete_function()
-    tf.saved_model.save(module, str(path), signatures={"serving_default": signature})
+    B, H = config.batch_size, weights.shape.hidden
+    signatures = {"serving_default": module.__call__.get_concrete_function()}
+    for length in seq_buckets(o):
+        if length != config.seq_length:
+            signatures[f"{BUCKET_SIGNATURE}{length}"] = module.call_at.get_concrete_function(
+                tf.TensorSpec([B, length, H], tf.float32, name="embeddings"),
+                tf.TensorSpec([B, 1, 1, length], tf.float32, name="mask_bias"))
+    tf.saved_model.save(module, str(path), signatures=signatures)
     return module, None
+
+
+def seq_buckets(o: CompileOptions) -> list[int]:
+    """Every sequence length the accelerated part is compiled for, ascending, ending at seq_length.
+
+    cpu/gpu default: every multiple of DEFAULT_BUCKET_STEP below seq_length (a batch runs at the
+    shortest one its longest row fits, so padding is not computed); neuron: seq_length alone.
+    """
+    if o.target == "neuron":
+        return [o.seq_length]
+    buckets = o.seq_buckets if o.seq_buckets is not None else range(DEFAULT_BUCKET_STEP, o.seq_length,
+                                                                     DEFAULT_BUCKET_STEP)
+    return sorted(set(buckets) | {o.seq_length})
 
 
 def _trace_neuron(module, config: RebuildConfig, hidden: int, nb: NeuronBuild, path: pathlib.Path,
@@ -281,6 +308,7 @@ def _manifest(o: CompileOptions, weights: BertWeights, do_lower_case: bool, conf
         "gelu": config.gelu,
         "batch_size": config.batch_size,
         "seq_length": config.seq_length,
+        "seq_buckets": seq_buckets(o),
         "target": o.target,
         "xla": config.jit_compile,
         "neuron": _neuron_section(nb, placement) if nb is not None else None,
@@ -311,11 +339,11 @@ def _cpu_rebuilt(staging, weights: BertWeights, module, config: RebuildConfig, m
     """The rebuilt graph itself, run in this process on the CPU, behind the CompiledModel interface."""
     import tensorflow as tf
 
-    fn = module.__call__.get_concrete_function()
     embeddings = HostEmbeddings.load(staging / EMBEDDINGS_FILE, config.seq_length, weights.shape.layer_norm_eps)
 
-    def accelerated(x, bias):
-        return fn(embeddings=tf.constant(x), mask_bias=tf.constant(bias))[OUTPUT_KEY].numpy()
+    def accelerated(x, bias):  # any bucket's sequence length (manifest["seq_buckets"])
+        fn = module.__call__ if x.shape[1] == config.seq_length else module.call_at
+        return fn(tf.constant(x), tf.constant(bias))[OUTPUT_KEY].numpy()
 
     return CompiledModel(staging, manifest, embeddings, accelerated)
 

@@ -23,6 +23,16 @@ from .runtime import TARGETS
 PROG = "bertpool-compile"
 
 
+def _buckets(text: str) -> tuple[int, ...]:
+    """--seq-buckets: 'none' or comma-separated integers."""
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers or 'none', got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -76,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"fail unless this fraction of the ops compiled for Neuron (tensorflow-neuron's "
                              f"on_neuron_ratio); any matmul left on the CPU fails regardless "
                              f"(default: {DEFAULT_MIN_ON_NEURON})")
+    build.add_argument("--seq-buckets", type=_buckets, default=None, metavar="S1,S2,...",
+                       help="cpu/gpu: shorter sequence lengths to compile as well; each batch runs at the "
+                            "shortest one its longest pair fits, so padding costs no compute ('none': only "
+                            "--seq-length; default: every multiple of 32 below it)")
     build.add_argument("--xla", choices=("auto", "on", "off"), default="auto",
                        help="XLA-compile the cpu/gpu model (default auto: on, except bfloat16 on cpu where it "
                             "measured slower)")
@@ -111,7 +125,8 @@ def main(argv=None) -> int:
             log(f"target: {target} ({why}; choose with --target)")
         options = CompileOptions(
             input=args.input_saved_model, output=args.output_saved_model, target=target, dtype=args.dtype,
-            gelu=args.gelu, batch_size=args.batch_size, seq_length=args.seq_length, vocab=args.vocab,
+            gelu=args.gelu, batch_size=args.batch_size, seq_length=args.seq_length, seq_buckets=args.seq_buckets,
+            vocab=args.vocab,
             tsv=args.tsv, pairs=args.pairs, seed=args.seed, tolerance=args.tolerance,
             compiler_args=args.compiler_args, neuron_target=args.neuron_target,
             min_on_neuron=args.min_on_neuron, verify=args.verify, force=args.force, xla=args.xla,

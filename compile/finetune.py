@@ -20,7 +20,8 @@ Recipe (run_classifier's, made faster on a CPU): a fresh classifier head
 on the embeddings, attention probabilities, each sub-layer's output and the
 pooled vector; AdamW (decoupled weight decay, none on LayerNorm and biases),
 linear warm-up then linear decay to zero, gradients clipped to global norm 1.0;
-a fixed seed. Each batch is padded to its own longest pair rather than to S,
+a fixed seed. Since "B paraphrases A" is symmetric, each epoch shows every pair
+as (a, b) or as (b, a), at random. Each batch is padded to its own longest pair rather than to S,
 and batches are drawn from groups of similar length (shuffled within and across
 groups), which cuts the padding that dominates an MRPC batch. The dev set is
 only evaluated, never used to pick a model: the model written is the last one.
@@ -88,6 +89,7 @@ class FinetuneConfig:
     dropout: float = 0.1  # hidden and attention dropout while training
     max_seq_length: int = 128  # S of the export; longer pairs are truncated google's way
     seed: int = 0  # fixes head init, data order and dropout
+    swap_pairs: bool = True  # each epoch, show each pair as (a, b) or (b, a) at random: paraphrase is symmetric
     max_steps: int = 0  # stop after this many steps (0: all epochs); for smoke tests
     threads: int = 0  # TensorFlow intra-op threads (0: TensorFlow's default)
 
@@ -133,6 +135,21 @@ def read_pairs(path: str, role: str) -> list[Pair]:
     if not pairs:
         raise ConfigError(f"--{role} {path}: no sentence pairs after the header")
     return pairs
+
+
+def swap(pairs: list[Pair]) -> list[Pair]:
+    """Each pair with its sentences swapped (same label: paraphrase is symmetric)."""
+    return [Pair(p.text_b, p.text_a, p.label) for p in pairs]
+
+
+def oriented(features: Features, swapped: Features | None, flip: np.ndarray) -> Features:
+    """Row i from ``swapped`` where ``flip[i]``, else from ``features`` ([N,S] each)."""
+    if swapped is None:
+        return features
+    pick = flip[:, None]
+    return Features(*(np.where(pick, b, a) for a, b in zip(
+        (features.input_ids, features.input_mask, features.segment_ids),
+        (swapped.input_ids, swapped.input_mask, swapped.segment_ids))))
 
 
 def file_sha256(path) -> str:
@@ -406,8 +423,9 @@ def finetune(config: FinetuneConfig, reuse: bool = False, overwrite: bool = Fals
     model = TrainableBert(weights.shape, tensors, weights.gelu, config.dropout)
     trainer = Trainer(model, config.weight_decay)
     train = encode(tokenizer, train_pairs)
+    swapped = encode(tokenizer, swap(train_pairs))[0] if config.swap_pairs else None
     dev = encode(tokenizer, dev_pairs) if dev_pairs else None
-    history, wall_s = _train(config, trainer, train, dev, rng, progress)
+    history, wall_s = _train(config, trainer, (*train, swapped), dev, rng, progress)
     report = {
         "cache_key": key, "recipe_version": RECIPE_VERSION, "recipe": config.recipe(),
         "source": {"path": str(source), "format": weights.source.format, "sha256": weights.source.sha256(),
@@ -432,8 +450,8 @@ def _train(config: FinetuneConfig, trainer: Trainer, train, dev, rng, progress: 
     """The epochs; returns per-epoch records and the training wall time (evaluation excluded)."""
     from tqdm import tqdm
 
-    features, labels = train
-    lengths = features.input_mask.sum(axis=1)
+    features, labels, swapped = train
+    lengths = features.input_mask.sum(axis=1)  # the same for both orientations
     steps_per_epoch = -(-len(labels) // config.batch_size)
     total = steps_per_epoch * config.epochs
     if config.max_steps:
@@ -442,11 +460,12 @@ def _train(config: FinetuneConfig, trainer: Trainer, train, dev, rng, progress: 
     bar = tqdm(total=total, desc="fine-tune", unit="step", disable=not progress, file=sys.stderr)
     for epoch in range(config.epochs):
         losses, pairs, started = [], 0, time.perf_counter()
+        epoch_features = oriented(features, swapped, rng.random(len(labels)) < 0.5)
         for rows in length_grouped_batches(lengths, config.batch_size, rng):
             if step >= total:
                 break
             lr = learning_rate(step, total, config)
-            loss = float(trainer.step(*trimmed(features, rows, lengths), labels[rows], np.float32(lr)))
+            loss = float(trainer.step(*trimmed(epoch_features, rows, lengths), labels[rows], np.float32(lr)))
             if not math.isfinite(loss):
                 raise BertpoolError(f"training diverged at step {step} (loss {loss}); lower --learning-rate")
             losses.append(loss)
@@ -542,6 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
         default = getattr(d, name)
         parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
                             help=f"{help_text} (default: %(default)s)")
+    parser.add_argument("--no-swap-pairs", dest="swap_pairs", action="store_false",
+                        help="train on each pair as given (default: as (a, b) or (b, a) at random each epoch)")
     parser.add_argument("--reuse", action="store_true",
                         help="keep a previous result in OUTPUT made from the same weights, data and recipe")
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUTPUT")
@@ -559,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
                                 batch_size=args.batch_size, learning_rate=args.learning_rate,
                                 warmup_fraction=args.warmup_fraction, weight_decay=args.weight_decay,
                                 dropout=args.dropout, max_seq_length=args.max_seq_length, seed=args.seed,
-                                max_steps=args.max_steps, threads=args.threads)
+                                swap_pairs=args.swap_pairs, max_steps=args.max_steps, threads=args.threads)
         report = finetune(config, reuse=args.reuse, overwrite=args.force, progress=not args.quiet)
     except BertpoolError as exc:
         return report_error(PROG, exc)

@@ -74,7 +74,7 @@ class HostEmbeddings:
         if segment_ids.min(initial=0) < 0 or segment_ids.max(initial=0) >= self.type_vocab_size:
             raise ValueError(f"segment_ids outside [0, {self.type_vocab_size})")
         x = self.word[input_ids]  # [B,S,H]
-        x += self.position_type[segment_ids, self._positions]  # [B,S,H]
+        x += self.position_type[segment_ids, self._positions[: input_ids.shape[1]]]  # [B,S,H]; S <= seq_length
         mean = x.mean(axis=-1, keepdims=True)  # [B,S,1]
         x -= mean
         variance = np.mean(np.square(x), axis=-1, keepdims=True)  # [B,S,1]

@@ -5,7 +5,8 @@ Split of work:
     accelerated (this module):        encoder, pooler, classifier -> logits
 
 What differs from open-source BERT (:mod:`.reference`), and why:
-    * fixed batch B and sequence S: accelerators compile for static shapes;
+    * fixed batch B and sequence S: accelerators compile for static shapes (the cpu/gpu
+      export adds shorter sequence buckets, see ``call_at``: padding costs compute);
     * query, key and value are one [H,3H] matmul (one big GEMM beats three small ones);
     * 1/sqrt(D) is folded into the query kernel and bias (one multiply fewer per score);
     * the mask arrives as an additive [B,1,1,S] bias, broadcast over heads and queries
@@ -136,6 +137,7 @@ def build_module(shape: BertShape, tensors: dict[str, np.ndarray], config: Rebui
         def block(self, x, bias, k):
             """One transformer block on the fp32 residual stream x [B*S,H] -> [B*S,H]."""
             qkv = tf.cast(self.dense(x, f"layer_{k}/qkv"), dt)  # [B*S,3H]
+            S = bias.shape[-1]  # static in every traced function: the full S or a bucket
             qkv = tf.reshape(qkv, [B, S, 3, N, D])  # [B,S,3,N,D]
             qkv = tf.transpose(qkv, [2, 0, 3, 1, 4])  # [3,B,N,S,D]
             context = self.attention(qkv[0], qkv[1], qkv[2], bias, S)  # [B*S,H]
@@ -143,6 +145,7 @@ def build_module(shape: BertShape, tensors: dict[str, np.ndarray], config: Rebui
 
         def last_block(self, x, bias, k):
             """The last block for the [CLS] rows only: x [B*S,H] -> [B,H]."""
+            S = bias.shape[-1]
             kv = tf.cast(self.dense(x, f"layer_{k}/kv"), dt)  # [B*S,2H]
             kv = tf.transpose(tf.reshape(kv, [B, S, 2, N, D]), [2, 0, 3, 1, 4])  # [2,B,N,S,D]
             first = tf.reshape(x, [B, S, H])[:, 0, :]  # [B,H], the [CLS] rows
@@ -165,9 +168,17 @@ def build_module(shape: BertShape, tensors: dict[str, np.ndarray], config: Rebui
         def __call__(self, embeddings, mask_bias):
             return self.forward(embeddings, mask_bias)
 
+        @tf.function(jit_compile=config.jit_compile)
+        def call_at(self, embeddings, mask_bias):
+            """``__call__`` for a shorter sequence S' (embeddings [B,S',H], mask_bias [B,1,1,S']):
+            one trace per S'. Exact: past its last real token a row's positions only ever get
+            exp(-10000) = 0 attention, so cutting them off changes nothing but the work."""
+            return self.forward(embeddings, mask_bias)
+
         def forward(self, embeddings, mask_bias):
             """The graph itself, as plain Python: a tracer that wraps it (tensorflow-neuron) gets one flat
             graph, not a call into __call__'s function (whose ops its on_neuron_ratio would not count)."""
+            S = mask_bias.shape[-1]  # static: the compiled S, or a bucket's
             x = tf.reshape(embeddings, [B * S, H])  # [B*S,H]
             for k in range(shape.layers - 1):
                 x = self.block(x, mask_bias, k)

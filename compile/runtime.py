@@ -30,6 +30,7 @@ from .selfcheck import check_reference
 from .shape import BertShape
 
 MANIFEST = "manifest.json"
+BUCKET_SIGNATURE = "serving_s"  # cpu/gpu: signature "serving_s64" runs sequences cut to 64
 EMBEDDINGS_FILE = "embeddings.npz"
 ACCELERATED_DIR = "accelerated"
 VOCAB_FILE = "vocab.txt"
@@ -84,8 +85,10 @@ class CompiledModel:
         self.shape = BertShape.from_dict(manifest["model"])
         self.vocab_path = model_dir / VOCAB_FILE
         self.do_lower_case = manifest.get("do_lower_case")
+        # Sequence lengths compiled, ascending; the last is seq_length (older manifests: that alone).
+        self.seq_buckets = sorted(int(b) for b in manifest.get("seq_buckets") or [self.seq_length])
         self._embeddings = embeddings
-        self._accelerated = accelerated  # (embeddings [B,S,H], bias [B,1,1,S]) -> logits [B,C]
+        self._accelerated = accelerated  # (embeddings [B,S',H], bias [B,1,1,S']) -> logits [B,C], S' a bucket
 
     def logits(self, input_ids, input_mask, segment_ids) -> np.ndarray:
         """float32 logits [N,C] for int32 inputs [N,S]; N may be anything >= 1.
@@ -101,11 +104,18 @@ class CompiledModel:
         out = np.empty([n, self.shape.num_labels], np.float32)
         for start in range(0, n, B):
             rows = slice(start, min(start + B, n))
-            chunk = [_pad_rows(a[rows], B) for a in (ids, mask, segments)]
-            x = self._embeddings(chunk[0], chunk[2])  # [B,S,H] fp32, on the host
+            width = self.bucket_for(mask[rows])
+            chunk = [_pad_rows(a[rows, :width], B) for a in (ids, mask, segments)]  # [B,S'] each
+            x = self._embeddings(chunk[0], chunk[2])  # [B,S',H] fp32, on the host
             logits = self._accelerated(x, mask_bias(chunk[1]))  # [B,C] fp32
             out[rows] = logits[: rows.stop - rows.start]
         return out
+
+    def bucket_for(self, input_mask: np.ndarray) -> int:
+        """The shortest compiled sequence length that holds every real token of ``input_mask`` [N,S]."""
+        real = np.flatnonzero(input_mask.any(axis=0))
+        need = int(real[-1]) + 1 if len(real) else 1
+        return next(b for b in self.seq_buckets if b >= need)
 
     def predict(self, input_ids, input_mask, segment_ids) -> np.ndarray:
         """float32 probabilities [N,C] (softmax on the host in fp32); N = batch_size in serving."""
@@ -161,10 +171,18 @@ def load_compiled(model_dir, check_equivalence: bool = True, warm_up: bool = Tru
     model = CompiledModel(model_dir, manifest, embeddings, accelerated)
     if warm_up and isinstance(manifest.get("reference"), dict):
         check_reference(model, manifest["reference"])
-    elif warm_up:
-        dummy = np.zeros([model.batch_size, model.seq_length], np.int32)
-        model.logits(dummy, dummy, dummy)
+    if warm_up:
+        _warm_buckets(model)
     return model
+
+
+def _warm_buckets(model: CompiledModel) -> None:
+    """One dummy batch per sequence bucket, so that no request pays for its XLA compilation."""
+    for length in model.seq_buckets:
+        ids = np.zeros([model.batch_size, model.seq_length], np.int32)
+        mask = np.zeros_like(ids)
+        mask[:, :length] = 1
+        model.logits(ids, mask, ids)
 
 
 def _import_tf():
@@ -180,14 +198,17 @@ def _load_tf(path: pathlib.Path, manifest: dict):
     tf = _import_tf()
     try:
         loaded = tf.saved_model.load(str(path))
-        fn = loaded.signatures["serving_default"]
+        fns = {int(manifest["seq_length"]): loaded.signatures["serving_default"]}
+        for length in manifest.get("seq_buckets") or []:
+            if int(length) not in fns:
+                fns[int(length)] = loaded.signatures[f"{BUCKET_SIGNATURE}{int(length)}"]
     except (OSError, KeyError, ValueError, tf.errors.OpError) as exc:
         raise ModelFormatError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
     output = manifest.get("output_key", "logits")
 
     def run(embeddings: np.ndarray, bias: np.ndarray) -> np.ndarray:
-        # The concrete signature function has a fixed input signature: no retracing per call.
-        result = fn(embeddings=tf.constant(embeddings), mask_bias=tf.constant(bias))
+        # One concrete function per sequence bucket, each with a fixed input signature: no retracing.
+        result = fns[embeddings.shape[1]](embeddings=tf.constant(embeddings), mask_bias=tf.constant(bias))
         return result[output].numpy()
 
     run.loaded = loaded  # keep the trackable object (and its variables) alive

@@ -490,3 +490,38 @@ def test_other_batch_and_sequence_length(models, tmp_path):
     assert manifest["equivalence"]["passed"]
     model = runtime.load_compiled(tmp_path / "out")
     assert (model.batch_size, model.seq_length) == (2, 64)
+
+
+def test_sequence_buckets_answer_as_the_full_length_does(models, tmp_path):
+    """cpu: each batch runs at the shortest compiled length its longest pair fits; answers are unchanged."""
+    src = models["savedmodel-erf"]
+    bucketed = quiet_compile(src, tmp_path / "b", target="cpu")
+    assert bucketed["seq_buckets"] == [32, 64, 96, 128] and bucketed["equivalence"]["passed"]
+    single = quiet_compile(src, tmp_path / "s", target="cpu", seq_buckets=())
+    assert single["seq_buckets"] == [128]
+    a, b = runtime.load_compiled(tmp_path / "b"), runtime.load_compiled(tmp_path / "s")
+    pairs = [(p.text_a, p.text_b) for p in generate_pairs(22, seed=9)] + [("Hello there.", "Hi."), ("Yes", "No")]
+    f = BertTokenizer(src / "vocab.txt").encode_pairs(pairs)
+    lengths = f.input_mask.sum(axis=1)
+    assert lengths.min() < 32 and lengths.max() == 128  # short pairs and a truncated long one
+    np.testing.assert_allclose(a.predict(f.input_ids, f.input_mask, f.segment_ids),
+                               b.predict(f.input_ids, f.input_mask, f.segment_ids), atol=1e-6)
+
+
+@pytest.mark.parametrize("real, bucket", [(0, 32), (1, 32), (32, 32), (33, 64), (97, 128), (128, 128)])
+def test_bucket_is_the_shortest_that_holds_every_real_token(models, tmp_path, real, bucket):
+    if not (tmp_path / "b").exists():
+        quiet_compile(models["savedmodel-erf"], tmp_path / "b", target="cpu", verify=False)
+    model = runtime.load_compiled(tmp_path / "b", warm_up=False)
+    mask = np.zeros([2, 128], np.int32)
+    mask[1, :real] = 1
+    assert model.bucket_for(mask) == bucket
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"target": "cpu", "seq_buckets": (64, 128)}, "between 3 and --seq-length 128"),
+    ({"target": "cpu", "seq_buckets": (2,)}, "between 3"),
+])
+def test_bad_sequence_buckets_are_refused(models, tmp_path, options, message):
+    with pytest.raises(ConfigError, match=message):
+        quiet_compile(models["savedmodel-erf"], tmp_path / "x", **options)

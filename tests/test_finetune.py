@@ -230,3 +230,20 @@ def test_the_registry_pretrained_model_loads_with_every_shape_checked():
         (6, 384, 12, 1536, 30522)
     assert w.gelu == "erf" and set(w.tensors) == set(w.shape.expected_shapes()) - set(CLASSIFIER)
     assert BertTokenizer(w.vocab_path).vocab_size == w.shape.vocab_size
+
+
+def test_swapped_orientation_is_the_same_pair_reversed(data):
+    from bertpool.compile.finetune import encode, oriented, swap
+    from bertpool.common.data import read_mrpc_tsv
+
+    pairs = read_mrpc_tsv(data["train"])[:6]
+    tok = BertTokenizer(data["pretrained"] / "vocab.txt")
+    ab, labels = encode(tok, pairs)
+    ba, swapped_labels = encode(tok, swap(pairs))
+    assert (labels == swapped_labels).all()
+    np.testing.assert_array_equal(ab.input_mask.sum(1), ba.input_mask.sum(1))  # same lengths: batches stay valid
+    flip = np.array([True, False] * 3)
+    mixed = oriented(ab, ba, flip)
+    np.testing.assert_array_equal(mixed.input_ids[0], ba.input_ids[0])
+    np.testing.assert_array_equal(mixed.input_ids[1], ab.input_ids[1])
+    assert oriented(ab, None, flip) is ab
