@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -79,13 +79,25 @@ class _Pending:
 
 @dataclass
 class WorkerStats:
+    """Cumulative counters. Both worker threads update them (the I/O thread counts bad input,
+    the compute thread batches), so every update and snapshot takes the lock: no increment is
+    lost, and a snapshot never shows half of one batch's update."""
     inferences: int = 0    # real requests answered with a prediction
     batches: int = 0       # model calls
     padded_rows: int = 0   # dummy rows added to fill fixed-size batches
     errors: int = 0        # ERROR replies sent (bad input or failed batch)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **deltas: int) -> None:
+        """Add each ``counter=delta`` at once, e.g. ``add(batches=1, inferences=3)``."""
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
 
     def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
+        """A consistent snapshot of the counters."""
+        with self._lock:
+            return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "_lock"}
 
 
 class Worker:
@@ -190,7 +202,7 @@ class Worker:
             self._batcher.put(_Pending(token, request_id, value, queue_ms), arrived)
 
     def _reply_error(self, sock: zmq.Socket, token: bytes, request_id: Any, code: str, message: str) -> None:
-        self.stats.errors += 1
+        self.stats.add(errors=1)
         sock.send_multipart([P.VERSION, P.ERROR, token, P.error_body(request_id, code, message)])
 
     def _parse_frames(self, sock: zmq.Socket, frames: list[bytes]):
@@ -269,15 +281,14 @@ class Worker:
                                self._dummy_tokens())
         except Exception as exc:  # any model failure fails the whole batch, never the worker
             log.exception("%s: batch of %d failed", self.name, len(items))
-            self.stats.errors += len(items)
+            self.stats.add(errors=len(items))
             message = f"model call failed: {type(exc).__name__}: {exc}"
             return [[P.VERSION, P.ERROR, it.token, P.error_body(it.request_id, P.E_INFERENCE, message)]
                     for it in items]
         done = time.monotonic()
         step = self.backend.batch_size or self.config.batch_size
-        self.stats.batches += 1
-        self.stats.inferences += len(items)
-        self.stats.padded_rows += -(-len(items) // step) * step - len(items)
+        padded = -(-len(items) // step) * step - len(items)
+        self.stats.add(batches=1, inferences=len(items), padded_rows=padded)
         compute_ms = (done - started) * 1000
         oldest = batch[0][0]
         return [[P.VERSION, P.REPLY, it.token, P.reply_body(it.request_id, probs[i], {
