@@ -7,7 +7,12 @@ to the worker with the most free credit, so a slow worker never blocks the
 others. Requests no worker can take wait in a bounded FIFO queue; when that is
 full the client gets BUSY at once. The broker tracks which requests each
 worker holds; a worker that says DISCONNECT (or turns out to be gone when we
-send to it) has its requests put back at the head of the queue.
+send to it, or is replaced by its restart: see READY in the protocol) has its
+requests put back at the head of the queue.
+
+A client that stops reading cannot stall the broker or grow its memory
+without bound: at most ``frontend_sndhwm_msgs`` replies wait for one client,
+and further ones are dropped and counted (``dropped``), never blocked on.
 
 Bodies are never decoded on the request path: routing uses only the version
 and kind frames and the broker's own 8-byte token.
@@ -37,13 +42,18 @@ log = logging.getLogger("bertpool.broker")
 class BrokerConfig:
     frontend: str = "tcp://127.0.0.1:5555"   # where clients connect (tcp:// or ipc://)
     backend: str = "tcp://127.0.0.1:5556"    # where workers connect (tcp:// or ipc://)
-    max_queue: int = 4096                    # requests waiting for a worker before BUSY
+    max_queue: int = 4096                    # requests waiting for a worker before BUSY (>= 1)
     max_request_bytes: int = 1 << 20         # larger request bodies are refused (too_large)
     stats_interval_s: float = 0.0            # print a stats line this often (0 = never)
+    frontend_sndhwm_msgs: int = 1000         # replies queued for one client before more are dropped
 
     def __post_init__(self) -> None:
-        if self.max_queue < 0:
-            raise ConfigError(f"max_queue must be >= 0, got {self.max_queue}")
+        # 0 would make every request BUSY: each one is queued before any worker can take it.
+        if self.max_queue < 1:
+            raise ConfigError(f"max_queue must be >= 1, got {self.max_queue}")
+        # 0 is ZeroMQ's "no limit": replies to a client that stops reading would pile up forever.
+        if self.frontend_sndhwm_msgs < 1:
+            raise ConfigError(f"frontend_sndhwm_msgs must be >= 1, got {self.frontend_sndhwm_msgs}")
         P.check_endpoint("frontend address", self.frontend)
         P.check_endpoint("backend address", self.backend)
 
@@ -58,8 +68,10 @@ class _Request:
 @dataclass
 class _WorkerState:
     identity: bytes
-    name: str
+    name: str                   # unique among registered workers (the key in stats())
+    incarnation: str            # the worker process's own id (or its socket's, if it sent none)
     capacity: int
+    slot: str | None = None     # supervisor slot; a READY for it from another socket replaces this one
     pid: int | None = None
     backend: str | None = None  # what READY said it serves (echo, tf, neuron)
     inflight: dict[bytes, _Request] = field(default_factory=dict)  # token -> request
@@ -73,10 +85,11 @@ class _WorkerState:
 @dataclass
 class BrokerCounters:
     requests: int = 0     # REQUESTs accepted into the queue
-    replies: int = 0      # REPLYs forwarded to clients
+    replies: int = 0      # REPLYs forwarded to clients (any dropped on the way are in dropped too)
     errors: int = 0       # ERRORs sent to clients (ours and workers')
     busy: int = 0         # BUSY answers
     requeued: int = 0     # requests put back after their worker left
+    dropped: int = 0      # messages for clients dropped: client gone, or frontend_sndhwm_msgs waiting
 
 
 class Broker:
@@ -105,12 +118,15 @@ class Broker:
         """Bind both sockets (raises ConfigError when an address is taken or invalid)."""
         self.frontend = self._ctx.socket(zmq.ROUTER)
         self.backend = self._ctx.socket(zmq.ROUTER)
-        # Sending to a worker that has gone must fail loudly, so its request is re-queued.
-        self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # Sending to a worker that has gone must fail loudly, so its request is re-queued; to a
+        # client, so the drop is counted (always non-blocking there: see _to_client).
         for sock in (self.frontend, self.backend):
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, 0)
             sock.setsockopt(zmq.RCVHWM, 0)
+        # Credit bounds what waits for a worker; only a client that stops reading needs a bound here.
+        self.backend.setsockopt(zmq.SNDHWM, 0)
+        self.frontend.setsockopt(zmq.SNDHWM, self.config.frontend_sndhwm_msgs)
         for sock, endpoint in ((self.frontend, self.config.frontend), (self.backend, self.config.backend)):
             try:
                 sock.bind(endpoint)
@@ -181,8 +197,7 @@ class Broker:
         if kind == P.REQUEST:
             return self._accept(client, body)
         if kind == P.STATS:
-            self.frontend.send_multipart([client, P.VERSION, P.STATS, P.pack(self.stats())])
-            return None
+            return self._on_stats(client, body)
         return self._client_error(client, P.peek_id(body), P.E_BAD_KIND,
                                   f"clients may send REQUEST or STATS, not {kind[:8]!r}")
 
@@ -192,16 +207,34 @@ class Broker:
                                       f"request of {len(body)} bytes exceeds {self.config.max_request_bytes}")
         if len(self._queue) >= self.config.max_queue:
             self.counters.busy += 1
-            self.frontend.send_multipart([client, P.VERSION, P.BUSY, P.busy_body(
-                P.peek_id(body), f"queue full ({self.config.max_queue} waiting); retry later")])
+            self._to_client(client, P.BUSY, P.busy_body(
+                P.peek_id(body), f"queue full ({self.config.max_queue} waiting); retry later"))
             return None
         self.counters.requests += 1
         self._queue.append(_Request(client, body, time.monotonic()))
         return None
 
+    def _on_stats(self, client: bytes, body: bytes) -> None:
+        try:
+            request_id = P.parse_stats_request(body)
+        except ProtocolError as exc:
+            return self._client_error(client, P.peek_id(body), exc.code, f"STATS {exc.message}")
+        self._to_client(client, P.STATS, P.stats_reply(request_id, self.stats()))
+        return None
+
     def _client_error(self, client: bytes, request_id: Any, code: str, message: str) -> None:
         self.counters.errors += 1
-        self.frontend.send_multipart([client, P.VERSION, P.ERROR, P.error_body(request_id, code, message)])
+        self._to_client(client, P.ERROR, P.error_body(request_id, code, message))
+
+    def _to_client(self, client: bytes, kind: bytes, body: bytes) -> bool:
+        """Send without ever blocking; False (counted in ``dropped``) when the client is gone
+        or already has frontend_sndhwm_msgs messages waiting."""
+        try:
+            self.frontend.send_multipart([client, P.VERSION, kind, body], zmq.NOBLOCK)
+        except zmq.ZMQError:  # EAGAIN: its queue is full; EHOSTUNREACH: it disconnected
+            self.counters.dropped += 1
+            return False
+        return True
 
     # -------------------------------------------------------------- workers
 
@@ -215,7 +248,7 @@ class Broker:
             if kind in (P.REPLY, P.ERROR) and len(frames) == 5:
                 self._on_reply(kind, frames[3], frames[4])
             elif kind == P.READY:
-                self._on_ready(identity, P.unpack(frames[3]))
+                self._on_ready(identity, P.parse_ready(P.unpack(frames[3])))
             elif kind == P.STATS:
                 worker = self._workers.get(identity)
                 if worker is not None:
@@ -229,22 +262,28 @@ class Broker:
         except ProtocolError as exc:
             log.warning("dropping bad worker message: %s", exc)
 
-    def _on_ready(self, identity: bytes, body: dict[str, Any]) -> None:
-        capacity = body.get("capacity")
-        if not isinstance(capacity, int) or capacity < 1:
-            raise ProtocolError(P.E_BAD_FIELD, f"READY capacity must be a positive int, got {capacity!r}")
-        name = str(body.get("worker") or identity.hex())
-        pid = body.get("pid") if isinstance(body.get("pid"), int) else None
-        backend = str(body["backend"])[:32] if isinstance(body.get("backend"), str) else None
+    def _on_ready(self, identity: bytes, ready: P.Ready) -> None:
         if identity in self._workers:
-            self._workers[identity].capacity = capacity
+            self._workers[identity].capacity = ready.capacity
             return
-        # A READY under a known name is that worker restarted: the old one is dead,
-        # so what it held goes back to the queue (until heartbeats detect it sooner).
-        for old in [w for w in self._workers.values() if w.name == name]:
-            self._remove_worker(old.identity, "replaced by its restart")
-        self._workers[identity] = _WorkerState(identity, name, capacity, pid, backend)
-        log.info("worker %s ready, capacity %d (%d workers)", name, capacity, len(self._workers))
+        # A READY for a registered slot from another socket is that slot's restart: the old
+        # process is dead, so what it held goes back to the queue (until heartbeats detect it
+        # sooner). Slots are unique to host, supervisor process and core, so this never drops
+        # a live worker; names and slot-less READYs replace nothing.
+        if ready.slot is not None:
+            for old in [w for w in self._workers.values() if w.slot == ready.slot]:
+                self._remove_worker(old.identity, "replaced by its restart")
+        incarnation = ready.incarnation or identity.hex()
+        name = self._unique_name(ready.worker or identity.hex(), incarnation)
+        self._workers[identity] = _WorkerState(identity, name, incarnation, ready.capacity, ready.slot,
+                                               ready.pid, ready.backend)
+        log.info("worker %s ready, capacity %d (%d workers)", name, ready.capacity, len(self._workers))
+
+    def _unique_name(self, name: str, incarnation: str) -> str:
+        """``name``, or with its incarnation appended if a live worker already has it."""
+        if any(w.name == name for w in self._workers.values()):
+            return f"{name}#{incarnation}"
+        return name
 
     def _on_reply(self, kind: bytes, token: bytes, body: bytes) -> None:
         owner = self._owners.pop(token, None)
@@ -257,7 +296,7 @@ class Broker:
             self.counters.replies += 1
         else:
             self.counters.errors += 1
-        self.frontend.send_multipart([request.client, P.VERSION, kind, body])
+        self._to_client(request.client, kind, body)
 
     def _remove_worker(self, identity: bytes, why: str) -> None:
         worker = self._workers.pop(identity, None)
@@ -271,9 +310,11 @@ class Broker:
         log.info("worker %s removed (%s); %d requests re-queued", worker.name, why, len(held))
 
     def _on_disconnect(self, identity: bytes, body: dict[str, Any]) -> None:
-        """DISCONNECT names its worker, since it may come on the worker's reply socket."""
-        name = body.get("worker")
-        ids = [w.identity for w in self._workers.values() if w.name == name] if name else [identity]
+        """DISCONNECT names its incarnation, since it may come on the worker's reply socket; an
+        old incarnation's (late, after its restart's READY) matches nothing."""
+        incarnation = P.parse_disconnect(body)
+        ids = ([w.identity for w in self._workers.values() if w.incarnation == incarnation]
+               if incarnation else [identity])
         for worker_identity in ids:
             self._remove_worker(worker_identity, "said DISCONNECT")
 
@@ -339,7 +380,8 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where workers connect; bind tcp://0.0.0.0:PORT for workers on other "
                              "hosts (default: %(default)s)")
     parser.add_argument("--max-queue", type=int, default=4096,
-                        help="requests waiting for a worker before clients get BUSY (default: %(default)s)")
+                        help="requests waiting for a worker before clients get BUSY, >= 1 "
+                             "(default: %(default)s)")
 
 
 def broker_config_from_args(args: argparse.Namespace, stats_interval_s: float) -> BrokerConfig:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import tempfile
 import threading
 import time
@@ -53,7 +54,11 @@ def _protocol_echo(address: str, stop) -> None:
     """A minimal bertpool worker: READY, then a canned REPLY to each REQUEST at once."""
     sock = zmq.Context().socket(zmq.DEALER)
     sock.connect(address)
-    sock.send_multipart([P.VERSION, P.READY, P.pack({"worker": f"echo-{id(sock)}", "capacity": 64})])
+    # Named by pid and a random incarnation: unique across processes (id(sock) was not).
+    incarnation = P.new_incarnation()
+    name = f"echo-{os.getpid()}-{incarnation[:8]}"
+    sock.send_multipart([P.VERSION, P.READY,
+                         P.ready_body(name, None, incarnation, os.getpid(), 64, "echo", 1)])
     reply = P.reply_body("x", [0.5, 0.5], {})
     while not stop.is_set():
         if sock.poll(100):
@@ -63,14 +68,12 @@ def _protocol_echo(address: str, stop) -> None:
                 except zmq.Again:
                     break
                 sock.send_multipart([P.VERSION, P.REPLY, frames[2], reply])
-    sock.send_multipart([P.VERSION, P.DISCONNECT, P.pack({})])
+    sock.send_multipart([P.VERSION, P.DISCONNECT, P.disconnect_body(name, incarnation)])
     sock.close(linger=100)
 
 
 def _pool_worker(address: str, stop) -> None:
     """A real bertpool worker, echo backend, no delay."""
-    import os
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from ..workers.worker import Worker, WorkerConfig
 

@@ -11,13 +11,17 @@ background I/O thread owns the ZeroMQ DEALER socket (ZeroMQ sockets must not
 be shared between threads); callers hand it requests through a thread-safe
 queue and an inproc wake-up pipe, and it completes each request's Future
 when the reply, an ERROR/BUSY, or the deadline comes. Every call has a finite
-default timeout (``ClientConfig.timeout_s``).
+default timeout (``ClientConfig.timeout_s``). Every request settles: a reply
+that names it but cannot be decoded fails it with MalformedReply (a
+RemoteError); a reply that names no pending request is counted in
+``Client.counters`` and dropped; close() fails what is left with ClientClosed.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import os
 import queue
 import threading
@@ -31,8 +35,10 @@ import numpy as np
 import zmq
 
 from ..common import protocol as P
-from ..common.errors import (BertpoolError, ClientClosed, ConfigError, ProtocolError, RemoteError,
-                             RequestTimeout, ServerBusy)
+from ..common.errors import (BertpoolError, ClientClosed, ConfigError, MalformedReply, ProtocolError,
+                             RemoteError, RequestTimeout, ServerBusy)
+
+log = logging.getLogger("bertpool.client")
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,14 @@ class Prediction:
 class _Pending:
     future: Future
     deadline: float
+    kind: bytes  # what was asked: REQUEST or STATS
+
+
+@dataclass
+class ClientCounters:
+    """Replies the I/O thread dropped (it alone writes these; read them from any thread)."""
+    late_replies: int = 0       # well-formed, but named no pending request (e.g. after its deadline)
+    malformed_replies: int = 0  # named no readable request id, so no request could be settled
 
 
 class Client:
@@ -71,14 +85,18 @@ class Client:
     def __init__(self, address: str = "tcp://127.0.0.1:5555", timeout_s: float = 30.0,
                  max_in_flight: int = 64, context: zmq.Context | None = None) -> None:
         self.config = ClientConfig(address, timeout_s, max_in_flight)
+        self.counters = ClientCounters()
         self._ctx = context or zmq.Context.instance()
         self._ids = itertools.count()
         self._seq = itertools.count()  # tie-breaker for the deadline heap
         self._prefix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}-"
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_addr = f"inproc://bertpool-client-{uuid.uuid4().hex}"
-        self._wake_lock = threading.Lock()
+        # Guards _closed, the outbox puts and the wake-up socket: once _closed is set under it,
+        # no request can enter the outbox, so the I/O thread's last drain fails every one left.
+        self._lock = threading.Lock()
         self._closed = threading.Event()
+        self._sockets_closed = False
         self._wake_recv = self._ctx.socket(zmq.PAIR)
         self._wake_recv.bind(self._wake_addr)
         self._wake_send = self._ctx.socket(zmq.PAIR)
@@ -129,14 +147,18 @@ class Client:
 
     def stats(self, timeout_s: float | None = None) -> dict[str, Any]:
         """The broker's pool statistics (counters, queue, per-worker STATS)."""
-        return self._send(None, P.pack({}), timeout_s, kind=P.STATS).result()
+        rid = self._new_id()
+        return self._send(rid, P.stats_request(rid), timeout_s, kind=P.STATS).result()
 
     def close(self) -> None:
-        """Stop the I/O thread; pending requests fail with ClientClosed. Idempotent."""
-        if self._closed.is_set():
-            return
-        self._closed.set()
-        self._wake()
+        """Stop the I/O thread; pending requests fail with ClientClosed. Idempotent, thread-safe.
+
+        A submit() racing with close() either raises ClientClosed or returns a
+        Future that settles (with ClientClosed if it was not answered).
+        """
+        with self._lock:
+            self._closed.set()
+            self._wake_locked()
         self._thread.join()
         self._close_sockets()
 
@@ -152,111 +174,130 @@ class Client:
         return f"{self._prefix}{next(self._ids)}"
 
     def _send(self, rid: Any, body: bytes, timeout_s: float | None, kind: bytes = P.REQUEST) -> Future:
-        if self._closed.is_set() or not self._thread.is_alive():
-            raise ClientClosed("client is closed")
         timeout = self.config.timeout_s if timeout_s is None else timeout_s
         if not timeout > 0:
             raise ConfigError(f"timeout_s must be > 0, got {timeout}")
         future: Future = Future()
-        self._outbox.put((rid, kind, body, _Pending(future, time.monotonic() + timeout)))
-        self._wake()
+        entry = _Pending(future, time.monotonic() + timeout, kind)
+        with self._lock:
+            if self._closed.is_set():
+                raise ClientClosed("client is closed")
+            self._outbox.put((rid, body, entry))
+            self._wake_locked()
         return future
 
-    def _wake(self) -> None:
-        with self._wake_lock:
-            try:
-                self._wake_send.send(b"", zmq.NOBLOCK)
-            except zmq.Again:
-                pass  # a wake-up is already pending; one is enough
+    def _wake_locked(self) -> None:
+        """Nudge the I/O thread (caller holds _lock, which also keeps the socket open)."""
+        if self._sockets_closed:
+            return
+        try:
+            self._wake_send.send(b"", zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # a wake-up is already pending; one is enough
 
     def _close_sockets(self) -> None:
-        for sock in (self._sock, self._wake_send, self._wake_recv):
-            sock.close(linger=0)
+        with self._lock:
+            if not self._sockets_closed:
+                self._sockets_closed = True
+                for sock in (self._sock, self._wake_send, self._wake_recv):
+                    sock.close(linger=0)
 
     def _io_loop(self) -> None:
-        pending: dict[Any, _Pending] = {}       # request id -> its future
-        stats_waiters: list[_Pending] = []      # STATS replies carry no id: FIFO
+        pending: dict[Any, _Pending] = {}             # request id -> its future (REQUEST and STATS)
         deadlines: list[tuple[float, int, Any]] = []  # heap of (deadline, seq, id) for pending
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._wake_recv, zmq.POLLIN)
         try:
             while not self._closed.is_set():
-                soonest = [t for t in (deadlines[0][0] if deadlines else None,
-                                       stats_waiters[0].deadline if stats_waiters else None) if t]
-                wait_ms = max(0, int((min(soonest) - time.monotonic()) * 1000) + 1) if soonest else None
+                wait_ms = max(0, int((deadlines[0][0] - time.monotonic()) * 1000) + 1) if deadlines else None
                 events = dict(poller.poll(wait_ms))
                 if self._wake_recv in events:
                     while self._wake_recv.poll(0):
                         self._wake_recv.recv()
-                    self._flush_outbox(pending, stats_waiters, deadlines)
+                    self._flush_outbox(pending, deadlines)
                 if self._sock in events:
-                    self._read_replies(pending, stats_waiters)
-                self._expire(pending, stats_waiters, deadlines)
+                    self._read_replies(pending)
+                self._expire(pending, deadlines)
         finally:
-            self._flush_outbox(pending, stats_waiters, deadlines, sending=False)
-            for p in itertools.chain(pending.values(), stats_waiters):
-                _fail(p.future, ClientClosed("client closed before the reply arrived"))
+            with self._lock:
+                self._closed.set()  # from here on submit() refuses, so the drain below is the last
+            self._fail_unsent()
+            for entry in pending.values():
+                _fail(entry.future, ClientClosed("client closed before the reply arrived"))
 
-    def _flush_outbox(self, pending: dict, stats_waiters: list, deadlines: list,
-                      sending: bool = True) -> None:
+    def _flush_outbox(self, pending: dict, deadlines: list) -> None:
         while True:
             try:
-                rid, kind, body, entry = self._outbox.get_nowait()
+                rid, body, entry = self._outbox.get_nowait()
             except queue.Empty:
                 return
-            if not sending:
-                _fail(entry.future, ClientClosed("client closed before the request was sent"))
-                continue
-            if kind == P.STATS:
-                stats_waiters.append(entry)
-            else:
-                pending[rid] = entry
-                heapq.heappush(deadlines, (entry.deadline, next(self._seq), rid))
-            self._sock.send_multipart([P.VERSION, kind, body])
+            pending[rid] = entry
+            heapq.heappush(deadlines, (entry.deadline, next(self._seq), rid))
+            self._sock.send_multipart([P.VERSION, entry.kind, body])
 
-    def _read_replies(self, pending: dict, stats_waiters: list) -> None:
+    def _fail_unsent(self) -> None:
+        while True:
+            try:
+                _, _, entry = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            _fail(entry.future, ClientClosed("client closed before the request was sent"))
+
+    def _read_replies(self, pending: dict) -> None:
         for _ in range(1024):
             try:
                 frames = self._sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            try:
-                self._on_reply(frames, pending, stats_waiters)
-            except ProtocolError:
-                continue  # a malformed reply matches no request; the request times out
+            self._on_reply(frames, pending)
 
-    def _on_reply(self, frames: list[bytes], pending: dict, stats_waiters: list) -> None:
-        if len(frames) != 3 or frames[0] != P.VERSION:
-            raise ProtocolError(P.E_BAD_FRAMES, "malformed reply")
-        kind, body = frames[1], P.unpack(frames[2])
-        if kind == P.STATS:
-            if stats_waiters:
-                _resolve(stats_waiters.pop(0).future, body)
+    def _on_reply(self, frames: list[bytes], pending: dict) -> None:
+        """Settle the request the reply names; count and drop a reply that names none."""
+        try:
+            kind, body = P.split_reply(frames)
+            rid = P.check_id(body)
+        except ProtocolError as exc:
+            self.counters.malformed_replies += 1
+            log.warning("dropping a reply that names no request: %s", exc)
             return
-        entry = pending.pop(body.get("id"), None)
+        entry = pending.pop(rid, None)
         if entry is None:
-            return  # a late reply to a request that already timed out
-        if kind == P.REPLY:
-            _resolve(entry.future, Prediction(
-                id=body["id"], label=int(body["label"]),
-                probabilities=P.decode_array(body["probabilities"], "probabilities"),
-                timings=dict(body.get("timings") or {})))
-        elif kind == P.BUSY:
-            _fail(entry.future, ServerBusy(str(body.get("message", "server busy"))))
-        else:
-            _fail(entry.future, RemoteError(str(body.get("code", "unknown")), str(body.get("message", ""))))
+            self.counters.late_replies += 1  # its request timed out already
+            return
+        try:
+            _settle(entry, kind, rid, body)
+        except ProtocolError as exc:
+            error = MalformedReply(exc.code, f"undecodable {P.KIND_NAMES.get(kind, kind[:8])} reply to "
+                                             f"{rid}: {exc.message}")
+            error.__cause__ = exc
+            _fail(entry.future, error)
 
     @staticmethod
-    def _expire(pending: dict, stats_waiters: list, deadlines: list) -> None:
+    def _expire(pending: dict, deadlines: list) -> None:
         now = time.monotonic()
         while deadlines and deadlines[0][0] <= now:
             _, _, rid = heapq.heappop(deadlines)
             entry = pending.pop(rid, None)  # None: it was answered already
             if entry is not None:
-                _fail(entry.future, RequestTimeout(f"request {rid} got no reply in time"))
-        while stats_waiters and stats_waiters[0].deadline <= now:
-            _fail(stats_waiters.pop(0).future, RequestTimeout("stats request got no reply in time"))
+                what = "stats request" if entry.kind == P.STATS else "request"
+                _fail(entry.future, RequestTimeout(f"{what} {rid} got no reply in time"))
+
+
+def _settle(entry: _Pending, kind: bytes, rid: Any, body: dict[str, Any]) -> None:
+    """Complete ``entry`` from its reply; ProtocolError if the reply is malformed or does not fit."""
+    if kind == P.REPLY and entry.kind == P.REQUEST:
+        label, probabilities, timings = P.parse_prediction(body)
+        _resolve(entry.future, Prediction(rid, label, probabilities, timings))
+    elif kind == P.STATS and entry.kind == P.STATS:
+        _resolve(entry.future, P.parse_stats_reply(body))
+    elif kind == P.BUSY:
+        _fail(entry.future, ServerBusy(P.parse_busy(body)))
+    elif kind == P.ERROR:
+        _fail(entry.future, RemoteError(*P.parse_error(body)))
+    else:
+        raise ProtocolError(P.E_BAD_KIND, f"a {P.KIND_NAMES.get(kind, repr(kind[:8]))} reply does not answer "
+                                          f"a {P.KIND_NAMES[entry.kind]}")
 
 
 def _resolve(future: Future, value: Any) -> None:

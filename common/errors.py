@@ -18,6 +18,7 @@ only guards internal invariants.
         ├── RequestTimeout     no reply within the deadline (also a TimeoutError)
         ├── ServerBusy         the broker's queue is full; retry later
         ├── RemoteError        the server answered ERROR (has ``.code``)
+        │   └── MalformedReply the server's reply to the request could not be decoded
         └── ClientClosed       the client was closed while the request was pending
 """
 
@@ -92,6 +93,11 @@ class RemoteError(RequestError):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+class MalformedReply(RemoteError):
+    """The reply naming this request could not be decoded (missing or mistyped field, bad
+    array, a kind that does not answer it); ``code`` is the protocol error code."""
 
 
 class ClientClosed(RequestError):

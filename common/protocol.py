@@ -1,4 +1,4 @@
-"""The bertpool wire protocol, version ``BP1``: every frame layout in one place.
+"""The bertpool wire protocol, version ``BP2``: every frame layout in one place.
 
 Transport: ZeroMQ. Clients and workers are DEALER sockets; the broker has a
 frontend ROUTER (clients) and a backend ROUTER (workers). Every message starts
@@ -8,25 +8,41 @@ Client -> broker (frontend)            [VERSION, kind, body]
     REQUEST  body {id, text_a, text_b}            a text pair, or
              body {id, input_ids, input_mask, segment_ids}
                                                   pre-tokenized features, each an encoded array [S] int32
-    STATS    body {}                              ask for pool statistics
+    STATS    body {id}                            ask for pool statistics; id as a REQUEST's
 
 Broker -> client (frontend)            [VERSION, kind, body]
     REPLY    body {id, label, probabilities, timings}
     ERROR    body {id, code, message}             id is None where the request had none readable
     BUSY     body {id, message}                   queue full; request not accepted
-    STATS    body {...}                           see Broker.stats()
+    STATS    body {id, stats}                     stats: see Broker.stats()
+
+    Every reply names the request it answers by id, STATS included, so a
+    client settles each pending request with the reply that names it and
+    drops (and counts) one that names none, such as a reply that comes after
+    its request's deadline. Decoding a reply (split_reply, then
+    parse_prediction / parse_error / parse_busy / parse_stats_reply) raises
+    ProtocolError on anything malformed, never another exception.
 
 Worker -> broker (backend)             [VERSION, kind, ...]
-    READY     [VERSION, READY, body {worker, pid, capacity, backend}]
+    READY     [VERSION, READY, body {worker, slot, incarnation, pid, capacity, backend, batch_size}]
     REPLY     [VERSION, REPLY, token, body]       token: the broker's 8-byte request handle
     ERROR     [VERSION, ERROR, token, body]
     STATS     [VERSION, STATS, body {inferences, batches, padded_rows, ...}]   cumulative counters
     HEARTBEAT [VERSION, HEARTBEAT, body {}]       reserved for the heartbeat issue
-    DISCONNECT[VERSION, DISCONNECT, body {worker}] worker is leaving; what it still holds is re-queued
+    DISCONNECT[VERSION, DISCONNECT, body {worker, incarnation}]
+                                                  worker is leaving; what it still holds is re-queued
 
+    READY names the worker three ways: ``worker`` a label for logs and stats;
+    ``incarnation`` random, unique to this worker process (new_incarnation);
+    ``slot`` (or None) the supervisor slot it fills, stable across restarts and
+    unique to host, supervisor process and core. A READY for a slot that another
+    socket registered is that slot's restart: the broker drops the old
+    incarnation (it is dead) and re-queues what it held. Nothing else ever
+    makes the broker drop a live worker: not a name, not a READY without slot.
     A worker may send REPLY, ERROR, STATS and DISCONNECT on a second DEALER
     socket (its compute thread's): the broker matches replies by token and
-    DISCONNECT by worker name, never by the sending socket.
+    DISCONNECT by incarnation (by the sending socket when it names none),
+    never by name.
 
 Broker -> worker (backend)             [VERSION, kind, ...]
     REQUEST  [VERSION, REQUEST, token, body, queued]
@@ -40,10 +56,17 @@ Arrays travel as ``{"__nd__": True, "dtype": str, "shape": [...], "data": bytes}
 an array of float32 [2]; ``timings`` is a map of milliseconds:
 ``queue_ms`` (broker queue + worker inbox), ``batch_wait_ms`` (waiting for the
 batch to fill), ``compute_ms`` (the model call for the whole batch).
+
+BP2 changed from BP1, incompatibly: STATS requests and replies carry an id
+(BP1 matched STATS replies first in, first out, so a late one answered the
+next caller); READY carries ``slot`` and ``incarnation`` (BP1 replaced any
+worker of the same name, live or not); DISCONNECT names its incarnation.
 """
 
 from __future__ import annotations
 
+import secrets
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -51,7 +74,7 @@ import numpy as np
 
 from .errors import ConfigError, InputError, ProtocolError
 
-VERSION = b"BP1"
+VERSION = b"BP2"
 
 # Message kinds: one byte each, so routing never decodes a body.
 REQUEST = b"\x01"
@@ -82,6 +105,7 @@ E_SHUTDOWN = "shutting_down"         # worker or broker is stopping
 # Bounds on input, so one bad client cannot make a worker tokenize megabytes.
 MAX_TEXT_CHARS = 20_000
 MAX_ID_LEN = 256
+MAX_NAME_LEN = 256  # worker names, slots and incarnations in READY and DISCONNECT
 
 TOKEN_BYTES = 8
 
@@ -246,6 +270,21 @@ def busy_body(request_id: Any, message: str) -> bytes:
     return pack({"id": request_id, "message": message})
 
 
+def stats_request(request_id: Any) -> bytes:
+    """Body of a client's STATS request."""
+    return pack({"id": request_id})
+
+
+def parse_stats_request(data: bytes) -> Any:
+    """The id of a raw STATS request body; ProtocolError when it has no valid id."""
+    return check_id(unpack(data))
+
+
+def stats_reply(request_id: Any, stats: dict[str, Any]) -> bytes:
+    """Body of the broker's STATS reply to the STATS request ``request_id``."""
+    return pack({"id": request_id, "stats": stats})
+
+
 def peek_id(data: bytes) -> Any:
     """Best-effort request id of a raw body, for error replies; None if unreadable."""
     try:
@@ -253,3 +292,112 @@ def peek_id(data: bytes) -> Any:
     except ProtocolError:
         return None
     return rid if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
+
+
+# ------------------------------------------------------- replies, client side
+
+_MISSING = object()
+
+
+def _field(body: dict[str, Any], name: str, types: tuple[type, ...], default: Any = _MISSING) -> Any:
+    """``body[name]`` if it has one of ``types`` (never bool for int), else ProtocolError(bad_field)."""
+    value = body.get(name, default)
+    if value is _MISSING or isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        raise ProtocolError(E_BAD_FIELD, f"{name}: missing or not {' or '.join(t.__name__ for t in types)}")
+    return value
+
+
+def split_reply(frames: list[bytes]) -> tuple[bytes, dict[str, Any]]:
+    """A broker-to-client message ``[VERSION, kind, body]`` as (kind, body map); ProtocolError otherwise."""
+    if len(frames) != 3:
+        raise ProtocolError(E_BAD_FRAMES, f"reply of {len(frames)} frames, expected [version, kind, body]")
+    if frames[0] != VERSION:
+        raise ProtocolError(E_BAD_VERSION, f"reply in protocol {frames[0][:16]!r}, expected {VERSION!r}")
+    return frames[1], unpack(frames[2])
+
+
+def parse_prediction(body: dict[str, Any]) -> tuple[int, np.ndarray, dict[str, float]]:
+    """A REPLY body's (label, probabilities float [2], timings in ms); ProtocolError if malformed."""
+    probabilities = decode_array(body.get("probabilities"), "probabilities")
+    if probabilities.shape != (2,) or probabilities.dtype.kind != "f":
+        raise ProtocolError(E_BAD_FIELD, f"probabilities: {probabilities.dtype}{list(probabilities.shape)}, "
+                                         "expected float [2]")
+    label = _field(body, "label", (int,))
+    if not 0 <= label < len(probabilities):
+        raise ProtocolError(E_BAD_FIELD, f"label: {label} is not 0 or 1")
+    timings = _field(body, "timings", (dict,), default={})
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in timings.values()):
+        raise ProtocolError(E_BAD_FIELD, "timings: every value must be a number of milliseconds")
+    return label, probabilities, dict(timings)
+
+
+def parse_error(body: dict[str, Any]) -> tuple[str, str]:
+    """An ERROR body's (code, message); ProtocolError if malformed."""
+    return _field(body, "code", (str,)), _field(body, "message", (str,), default="")
+
+
+def parse_busy(body: dict[str, Any]) -> str:
+    """A BUSY body's message; ProtocolError if malformed."""
+    return _field(body, "message", (str,), default="server busy")
+
+
+def parse_stats_reply(body: dict[str, Any]) -> dict[str, Any]:
+    """A STATS reply's statistics map; ProtocolError if malformed."""
+    return _field(body, "stats", (dict,))
+
+
+# --------------------------------------------------------- worker membership
+
+@dataclass(frozen=True)
+class Ready:
+    """A decoded READY (see the module docstring for what each name is for)."""
+    worker: str | None       # label for logs and stats
+    slot: str | None         # supervisor slot, stable across restarts; None: never replaces anyone
+    incarnation: str | None  # unique to the worker process
+    pid: int | None
+    capacity: int            # requests the broker may hand it at once
+    backend: str | None      # what it serves (echo, tf, neuron)
+
+
+def new_incarnation() -> str:
+    """A fresh worker incarnation id: random, so no two processes on any host share one."""
+    return secrets.token_hex(8)
+
+
+def ready_body(worker: str, slot: str | None, incarnation: str, pid: int, capacity: int,
+               backend: str, batch_size: int) -> bytes:
+    """Body of a worker's READY."""
+    return pack({"worker": worker, "slot": slot, "incarnation": incarnation, "pid": pid,
+                 "capacity": capacity, "backend": backend, "batch_size": batch_size})
+
+
+def parse_ready(body: dict[str, Any]) -> Ready:
+    """Validate a READY body; ProtocolError(bad_field) if capacity or a name is malformed."""
+    capacity = body.get("capacity")
+    if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
+        raise ProtocolError(E_BAD_FIELD, f"READY capacity must be a positive int, got {capacity!r}")
+    pid = body.get("pid")
+    backend = body.get("backend")
+    return Ready(worker=_name(body, "worker"), slot=_name(body, "slot"),
+                 incarnation=_name(body, "incarnation"),
+                 pid=pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
+                 capacity=capacity, backend=backend[:32] if isinstance(backend, str) else None)
+
+
+def disconnect_body(worker: str, incarnation: str) -> bytes:
+    """Body of a worker's DISCONNECT."""
+    return pack({"worker": worker, "incarnation": incarnation})
+
+
+def parse_disconnect(body: dict[str, Any]) -> str | None:
+    """The incarnation a DISCONNECT names (None: the sending socket's worker)."""
+    return _name(body, "incarnation")
+
+
+def _name(body: dict[str, Any], field: str) -> str | None:
+    value = body.get(field)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > MAX_NAME_LEN:
+        raise ProtocolError(E_BAD_FIELD, f"{field}: must be a str of at most {MAX_NAME_LEN} characters")
+    return value

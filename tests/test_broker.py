@@ -6,7 +6,9 @@ tests see exactly what crosses the wire.
 
 from __future__ import annotations
 
+import itertools
 import threading
+import time
 
 import pytest
 import zmq
@@ -66,15 +68,30 @@ def nothing(sock: zmq.Socket, ms: int = 200) -> bool:
     return not sock.poll(ms)
 
 
-def ready(worker: zmq.Socket, capacity: int, name: str) -> None:
-    worker.send_multipart([P.VERSION, P.READY, P.pack({"worker": name, "pid": 1, "capacity": capacity})])
+def ready(worker: zmq.Socket, capacity: int, name: str, slot: str | None = None,
+          incarnation: str | None = None) -> str:
+    """Say READY; returns the incarnation it used."""
+    incarnation = incarnation or P.new_incarnation()
+    worker.send_multipart([P.VERSION, P.READY, P.ready_body(name, slot, incarnation, 1, capacity, "test", 1)])
+    return incarnation
+
+
+_stats_ids = itertools.count()
+
+
+def stats(client: zmq.Socket) -> dict:
+    """One STATS round trip; the reply must name the request."""
+    rid = f"stats-{next(_stats_ids)}"
+    client.send_multipart([P.VERSION, P.STATS, P.stats_request(rid)])
+    version, kind, body = recv(client)
+    assert kind == P.STATS and P.unpack(body)["id"] == rid
+    return P.parse_stats_reply(P.unpack(body))
 
 
 def wait_workers(broker: Broker, client: zmq.Socket, n: int) -> None:
     """Round-trip STATS until the broker has registered n workers (bounded)."""
     for _ in range(100):
-        client.send_multipart([P.VERSION, P.STATS, P.pack({})])
-        if len(P.unpack(recv(client)[2])["workers"]) >= n:
+        if len(stats(client)["workers"]) >= n:
             return
     raise AssertionError("workers never registered")
 
@@ -131,9 +148,8 @@ def test_busy_when_queue_is_full(broker, sockets):
     reply = recv(client)
     assert reply[1] == P.BUSY
     assert P.unpack(reply[2])["id"] == "r2"
-    client.send_multipart([P.VERSION, P.STATS, P.pack({})])
-    stats = P.unpack(recv(client)[2])
-    assert stats["queue"] == 2 and stats["broker"]["busy"] == 1
+    got = stats(client)
+    assert got["queue"] == 2 and got["broker"]["busy"] == 1
 
 
 def test_disconnect_requeues_held_requests_to_another_worker(broker, sockets):
@@ -150,19 +166,54 @@ def test_disconnect_requeues_held_requests_to_another_worker(broker, sockets):
     assert [P.unpack(recv(second)[3])["id"] for _ in range(3)] == [0, 1, 2]
 
 
+SLOT = "host:4242.ab12:core-0"
+
+
 def test_restarted_worker_replaces_its_dead_predecessor(broker, sockets):
     b = broker()
     client = sockets(b.config.frontend)
     dead, restarted = sockets(b.config.backend), sockets(b.config.backend)
-    ready(dead, 4, "host:worker-0")
+    ready(dead, 4, SLOT, slot=SLOT)
     wait_workers(b, client, 1)
     request(client, "held")
     recv(dead)
-    ready(restarted, 4, "host:worker-0")  # same name, new identity: the old one is gone
+    ready(restarted, 4, SLOT, slot=SLOT)  # same slot, new socket and incarnation: the old one is gone
     assert P.unpack(recv(restarted)[3])["id"] == "held"
-    client.send_multipart([P.VERSION, P.STATS, P.pack({})])
-    stats = P.unpack(recv(client)[2])
-    assert list(stats["workers"]) == ["host:worker-0"] and stats["broker"]["requeued"] == 1
+    got = stats(client)
+    assert list(got["workers"]) == [SLOT] and got["broker"]["requeued"] == 1
+
+
+@pytest.mark.parametrize("second_slot", ["host:777.cd34:core-0", None])
+def test_ready_under_a_taken_name_never_evicts_a_live_worker(broker, sockets, second_slot):
+    """Two supervisors (or hand-started workers) on one host may pick one name: both serve."""
+    b = broker()
+    client = sockets(b.config.frontend)
+    first, second = sockets(b.config.backend), sockets(b.config.backend)
+    ready(first, 1, "host:worker-0", slot=SLOT)
+    wait_workers(b, client, 1)
+    request(client, "held")
+    assert P.unpack(recv(first)[3])["id"] == "held"
+    ready(second, 1, "host:worker-0", slot=second_slot)
+    wait_workers(b, client, 2)
+    request(client, "next")
+    assert P.unpack(recv(second)[3])["id"] == "next"
+    got = stats(client)
+    assert len(got["workers"]) == 2 and got["broker"]["requeued"] == 0
+    assert nothing(first)  # what it holds stays with it
+
+
+def test_late_disconnect_of_a_replaced_incarnation_is_ignored(broker, sockets):
+    b = broker()
+    client = sockets(b.config.frontend)
+    dead, dead_outbox, restarted = (sockets(b.config.backend) for _ in range(3))
+    old = ready(dead, 2, SLOT, slot=SLOT)
+    wait_workers(b, client, 1)
+    ready(restarted, 2, SLOT, slot=SLOT)
+    # The old process's last word, on its reply socket, overtaken by its successor's READY.
+    dead_outbox.send_multipart([P.VERSION, P.DISCONNECT, P.disconnect_body(SLOT, old)])
+    request(client, "served")
+    assert P.unpack(recv(restarted)[3])["id"] == "served"
+    assert len(stats(client)["workers"]) == 1
 
 
 def test_worker_error_reply_is_forwarded(broker, sockets):
@@ -218,13 +269,83 @@ def test_replies_and_disconnect_may_come_on_the_workers_second_socket(broker, so
     b = broker()
     client = sockets(b.config.frontend)
     inbox, outbox, other = sockets(b.config.backend), sockets(b.config.backend), sockets(b.config.backend)
-    ready(inbox, 2, "w")
+    incarnation = ready(inbox, 2, "w")
     wait_workers(b, client, 1)
     request(client, "a")
     request(client, "b")
     token_a, _ = recv(inbox)[2], recv(inbox)[2]
     outbox.send_multipart([P.VERSION, P.REPLY, token_a, P.reply_body("a", [0.0, 1.0], {})])
     assert P.unpack(recv(client)[2])["id"] == "a"
-    outbox.send_multipart([P.VERSION, P.DISCONNECT, P.pack({"worker": "w"})])
+    outbox.send_multipart([P.VERSION, P.DISCONNECT, P.disconnect_body("w", incarnation)])
     ready(other, 2, "other")
     assert P.unpack(recv(other)[3])["id"] == "b"  # what "w" still held moved on
+
+
+def test_stats_reply_names_its_request_and_a_stats_without_id_is_refused(broker, sockets):
+    b = broker()
+    client = sockets(b.config.frontend)
+    assert stats(client)["workers"] == {}  # stats() checks the reply's id
+    client.send_multipart([P.VERSION, P.STATS, P.pack({})])
+    version, kind, body = recv(client)
+    assert kind == P.ERROR and P.unpack(body)["code"] == P.E_BAD_FIELD
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_queue": 0}, "max_queue must be >= 1"),
+    ({"max_queue": -1}, "max_queue must be >= 1"),
+    ({"frontend_sndhwm_msgs": 0}, "frontend_sndhwm_msgs must be >= 1"),
+])
+def test_queue_bounds_that_serve_nothing_are_config_errors(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        BrokerConfig(**kwargs)
+
+
+def _echo_worker(address: str, stop: threading.Event) -> None:
+    """A worker that answers every request at once, until stop is set."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    ready(sock, 4, "echo")
+    while not stop.is_set():
+        if sock.poll(50):
+            _, _, token, body, _ = sock.recv_multipart()
+            sock.send_multipart([P.VERSION, P.REPLY, token,
+                                 P.reply_body(P.unpack(body)["id"], [0.3, 0.7], {})])
+    sock.close()
+
+
+def wait_stats(client: zmq.Socket, predicate, timeout_s: float = 30.0) -> dict:
+    """Poll stats until ``predicate(stats)`` holds (bounded in time)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = stats(client)
+        if predicate(got):
+            return got
+        assert time.monotonic() < deadline, f"stats never satisfied the condition; last: {got}"
+        time.sleep(0.05)  # polling a counter; there is no event to wait on
+
+
+def test_a_client_that_stops_reading_is_dropped_not_waited_for(broker, sockets):
+    b = broker(max_queue=4, frontend_sndhwm_msgs=8)
+    stop = threading.Event()
+    worker = threading.Thread(target=_echo_worker, args=(b.config.backend, stop), daemon=True)
+    worker.start()
+    try:
+        other = sockets(b.config.frontend)
+        wait_workers(b, other, 1)
+        stuck = zmq.Context.instance().socket(zmq.DEALER)
+        stuck.setsockopt(zmq.LINGER, 0)
+        stuck.setsockopt(zmq.RCVHWM, 1)
+        stuck.connect(b.config.frontend)
+        n = 20_000  # far more replies than its queue and the OS socket buffers hold
+        for i in range(n):
+            request(stuck, i)  # and never read a reply
+        got = wait_stats(other, lambda s: s["broker"]["requests"] + s["broker"]["busy"] >= n)
+        assert got["broker"]["dropped"] > 0  # the broker dropped (and counted) what it could not send
+        request(other, "served")
+        reply = recv(other)
+        assert reply[1] == P.REPLY and P.unpack(reply[2])["id"] == "served"
+        stuck.close()
+    finally:
+        stop.set()
+        worker.join(5)

@@ -52,6 +52,7 @@ def test_help_is_complete(command):
     ("bertpool.workers.serve", ["--address", "localhost:1"], "must start with tcp://"),
     ("bertpool.workers.serve", ["--batch-size", "0"], "batch_size must be >= 1"),
     ("bertpool.broker.broker", ["--worker-address", "nope"], "must start with tcp://"),
+    ("bertpool.broker.broker", ["--max-queue", "0"], "max_queue must be >= 1"),
     ("bertpool.workers.worker", ["--backend", "tf"], "needs --model"),
     ("bertpool.workers.supervisor", ["--worker-address", "localhost:5556"], "must start with tcp://"),
 ])

@@ -205,21 +205,58 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _start(tmp_path, module: str, *args: str) -> subprocess.Popen:
+    """``python -m module args`` in its own session, logging to tmp_path."""
+    with open(tmp_path / f"{module}-{len(list(tmp_path.glob('*.log')))}.log", "wb") as log:
+        return subprocess.Popen([sys.executable, "-m", module, *args], stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def _stop_all(procs: list[subprocess.Popen]) -> list[int]:
+    """SIGTERM each, workers' supervisors before the broker, so they can say DISCONNECT."""
+    for p in reversed(procs):
+        p.send_signal(signal.SIGTERM)
+    codes = []
+    for p in reversed(procs):
+        try:
+            codes.append(p.wait(30))
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            codes.append(p.wait())
+    return codes
+
+
 def test_broker_and_workers_as_separate_commands_over_tcp(tmp_path):
     """bertpool-broker on one side, bertpool-workers (as on another host) connecting over tcp."""
     front, back = f"tcp://127.0.0.1:{free_tcp_port()}", f"tcp://127.0.0.1:{free_tcp_port()}"
     procs = []
     try:
-        for cmd in (["bertpool.broker.broker", "--address", front, "--worker-address", back,
-                     "--stats-interval-s", "0"],
-                    ["bertpool.workers.supervisor", "--worker-address", back, "--parallel", "2"]):
-            log = open(tmp_path / f"{cmd[0]}.log", "wb")
-            procs.append(subprocess.Popen([sys.executable, "-m", *cmd], stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
+        procs.append(_start(tmp_path, "bertpool.broker.broker", "--address", front, "--worker-address", back,
+                            "--stats-interval-s", "0"))
+        procs.append(_start(tmp_path, "bertpool.workers.supervisor", "--worker-address", back,
+                            "--parallel", "2"))
         wait_for_workers(front, 2, timeout_s=60)
         with Client(front, timeout_s=20) as client:
             assert len(client.predict_many([("over", "tcp")] * 10)) == 10
     finally:
-        for p in reversed(procs):  # workers first, so they can say DISCONNECT
-            p.send_signal(signal.SIGTERM)
-            assert p.wait(30) == 0
+        assert _stop_all(procs) == [0, 0]
+
+
+def test_two_supervisors_on_one_host_keep_all_their_workers(tmp_path):
+    """bertpool-workers --parallel 2 and --parallel 2 --first-core 2 on one host: 4 workers serve."""
+    front, back = f"ipc://{tmp_path}/front", f"ipc://{tmp_path}/back"
+    procs = [_start(tmp_path, "bertpool.broker.broker", "--address", front, "--worker-address", back,
+                    "--stats-interval-s", "0")]
+    try:
+        for first_core in ("0", "2"):
+            procs.append(_start(tmp_path, "bertpool.workers.supervisor", "--worker-address", back,
+                                "--parallel", "2", "--first-core", first_core, "--batch-timeout-ms", "1"))
+        wait_for_workers(front, 4, timeout_s=60)
+        with Client(front, timeout_s=20) as client:
+            assert len(client.predict_many([("four", "workers")] * 20)) == 20
+            stats = client.stats()
+    finally:
+        assert _stop_all(procs) == [0, 0, 0]
+    assert len(stats["workers"]) == 4 and stats["broker"]["requeued"] == 0
+    assert len(_stats_pids(stats)) == 4
+    assert sorted(name.rsplit(":", 1)[1] for name in stats["workers"]) == [f"core-{c}" for c in range(4)]

@@ -121,3 +121,48 @@ def test_fuzz_structured_bodies_only_raise_protocol_errors(body):
         P.parse_request(P.unpack(P.pack(body)), 128)
     except ProtocolError:
         pass
+
+
+def test_reply_decoders_round_trip():
+    kind, body = P.split_reply([P.VERSION, P.REPLY, P.reply_body("x", [0.25, 0.75], {"compute_ms": 1.5})])
+    label, probabilities, timings = P.parse_prediction(body)
+    assert kind == P.REPLY and label == 1 and np.allclose(probabilities, [0.25, 0.75])
+    assert timings == {"compute_ms": 1.5}
+    assert P.parse_error(P.unpack(P.error_body("x", P.E_BAD_TEXT, "empty"))) == (P.E_BAD_TEXT, "empty")
+    assert P.parse_busy(P.unpack(P.busy_body("x", "full"))) == "full"
+    stats = P.unpack(P.stats_reply("s1", {"queue": 3}))
+    assert P.check_id(stats) == "s1" and P.parse_stats_reply(stats) == {"queue": 3}
+    assert P.parse_stats_request(P.stats_request(7)) == 7
+
+
+def test_membership_round_trip():
+    ready = P.parse_ready(P.unpack(P.ready_body("w", "host:1.ab:core-0", "inc", 42, 8, "echo", 4)))
+    assert ready == P.Ready("w", "host:1.ab:core-0", "inc", 42, 8, "echo")
+    assert P.parse_ready({"capacity": 1}) == P.Ready(None, None, None, None, 1, None)
+    assert P.parse_disconnect(P.unpack(P.disconnect_body("w", "inc"))) == "inc"
+    assert P.parse_disconnect({}) is None
+    assert P.new_incarnation() != P.new_incarnation()
+
+
+@pytest.mark.parametrize("body", [{"capacity": 0}, {"capacity": True}, {"capacity": 1, "slot": 5},
+                                  {"capacity": 1, "incarnation": "x" * 300}])
+def test_bad_ready(body):
+    with pytest.raises(ProtocolError) as err:
+        P.parse_ready(body)
+    assert err.value.code == P.E_BAD_FIELD
+
+
+_REPLY_DECODERS = (P.check_id, P.parse_prediction, P.parse_error, P.parse_busy, P.parse_stats_reply,
+                   P.parse_ready, P.parse_disconnect)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["id", "label", "probabilities", "timings", "code", "message", "stats",
+                                        "capacity", "slot", "incarnation", "pid", "__nd__", "dtype", "shape",
+                                        "data"]), _values, max_size=6))
+def test_fuzz_reply_bodies_only_raise_protocol_errors(body):
+    for decode in _REPLY_DECODERS:
+        try:
+            decode(P.unpack(P.pack(body)))
+        except ProtocolError:
+            pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import numpy as np
@@ -12,7 +13,7 @@ from bertpool.common import protocol as P
 from bertpool.common.errors import ConfigError, ModelFormatError
 from bertpool.workers.backends import (Backend, BackendConfig, EchoBackend, echo_probabilities,
                                        load_backend, run_padded)
-from bertpool.workers.worker import Worker, WorkerConfig
+from bertpool.workers.worker import Worker, WorkerConfig, _Pending
 
 WAIT_MS = 10_000
 
@@ -183,3 +184,62 @@ def test_tokenizer_failure_fails_only_text_requests(harness):
     got = replies(router, 2)
     assert got[1][0] == P.ERROR and got[1][1]["code"] == P.E_BAD_TEXT
     assert got[2][0] == P.REPLY and got[2][1]["id"] == "f"
+
+
+class _NullSocket:
+    def send_multipart(self, frames) -> None:
+        pass
+
+
+def test_counters_updated_from_both_threads_stay_exact_and_consistent():
+    """The I/O thread counts errors and snapshots the counters (what STATS sends) while the
+    compute thread counts batches: no update is lost, and no snapshot shows half of a
+    batch's update. A tracer hands over to the I/O side between every two lines of
+    _run_batch, the worst interleaving a thread switch could produce."""
+    worker = Worker(WorkerConfig(batch_size=4), backend=RecordingBackend())
+    worker.load()
+    features = worker.tokenizer.encode_pairs([("a", "b")])
+    item = (0.0, _Pending(b"t" * 8, "r", (features.input_ids[0], features.input_mask[0],
+                                          features.segment_ids[0]), 0.0))
+    rounds, wait_s = 50, WAIT_MS / 1000
+    at_line, resume, finished = threading.Semaphore(0), threading.Semaphore(0), threading.Event()
+    torn: list[dict] = []
+    io_errors = [0]
+
+    def pause_at_each_line(frame, event, arg):
+        if frame.f_code is not Worker._run_batch.__code__:
+            return None
+        if event == "line":
+            at_line.release()
+            resume.acquire(timeout=wait_s)
+        return pause_at_each_line
+
+    def compute() -> None:
+        sys.settrace(pause_at_each_line)
+        try:
+            for _ in range(rounds):
+                worker._run_batch([item] * 3)  # 3 real rows + 1 dummy
+        finally:
+            sys.settrace(None)
+            finished.set()
+            at_line.release()
+
+    def io() -> None:
+        while at_line.acquire(timeout=wait_s) and not finished.is_set():
+            worker._reply_error(_NullSocket(), b"t" * 8, "r", P.E_BAD_TEXT, "bad")
+            io_errors[0] += 1
+            snap = worker.stats.as_dict()
+            if snap["inferences"] != 3 * snap["batches"] or snap["padded_rows"] != snap["batches"]:
+                torn.append(snap)
+            resume.release()
+
+    threads = [threading.Thread(target=compute), threading.Thread(target=io)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert not torn, torn[:3]
+    assert io_errors[0] >= rounds  # the I/O side really ran between the lines
+    assert worker.stats.as_dict() == {"inferences": 3 * rounds, "batches": rounds, "padded_rows": rounds,
+                                      "errors": io_errors[0]}

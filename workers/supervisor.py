@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import signal
 import socket
 import shutil
@@ -58,7 +59,7 @@ def worker_argv(config: WorkerConfig, load_error_file: str | None = None) -> lis
             "--worker-address", config.broker_address, "--backend", b.name,
             "--batch-size", str(config.batch_size), "--batch-timeout-ms", str(config.batch_timeout_ms),
             "--capacity", str(config.capacity), "--echo-delay-ms", str(b.echo_delay_ms),
-            "--threads", str(b.threads), "--name", config.name]
+            "--threads", str(b.threads), "--name", config.name, "--slot", config.slot]
     if b.model_dir:
         argv += ["--model", str(b.model_dir)]
     if config.vocab_path:
@@ -100,6 +101,9 @@ class Supervisor:
         self.config = config
         self._stop = threading.Event()
         self._slots = [_Slot(i, config.first_core + i) for i in range(config.parallel)]
+        # This supervisor process: its pid, plus a random part for hosts (containers) where two
+        # supervisors share a hostname and a pid. Two supervisors' slots never coincide.
+        self._run_id = f"{os.getpid()}.{secrets.token_hex(2)}"
         self.failed: str | None = None  # set when a worker could not load its model
         self._errors_dir: Path | None = None  # where workers write why they could not load
 
@@ -122,9 +126,10 @@ class Supervisor:
             shutil.rmtree(self._errors_dir, ignore_errors=True)
 
     def _start(self, slot: _Slot) -> None:
-        # Unique across hosts, stable across restarts: the broker uses it to spot a restart.
-        name = f"{self.config.worker.name or socket.gethostname()}:worker-{slot.index}"
-        cfg = WorkerConfig(**{**self.config.worker.__dict__, "name": name})
+        # Unique to host, supervisor process and core, stable across this slot's restarts: the
+        # broker spots a restart by the slot (and tells the processes apart by their incarnation).
+        name = f"{self.config.worker.name or socket.gethostname()}:{self._run_id}:core-{slot.core}"
+        cfg = WorkerConfig(**{**self.config.worker.__dict__, "name": name, "slot": name})
         slot.process = subprocess.Popen(worker_argv(cfg, str(self._error_file(slot))), env=worker_env(slot.core))
         slot.started = time.monotonic()
         log.info("started %s (pid %d) on NeuronCore %d", name, slot.process.pid, slot.core)

@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -52,6 +52,8 @@ class WorkerConfig:
     capacity: int = 0                 # requests the broker may hand us at once (0 = 2 x batch_size)
     stats_interval_s: float = 1.0     # how often cumulative counters go to the broker
     name: str = ""                    # label in logs and stats (default: worker-<pid>)
+    slot: str = ""                    # supervisor slot: the broker lets our READY replace the slot's
+                                      # previous process; "" (no supervisor) replaces nothing
 
     def __post_init__(self) -> None:
         P.check_endpoint("worker address", self.broker_address)
@@ -79,13 +81,25 @@ class _Pending:
 
 @dataclass
 class WorkerStats:
+    """Cumulative counters. Both worker threads update them (the I/O thread counts bad input,
+    the compute thread batches), so every update and snapshot takes the lock: no increment is
+    lost, and a snapshot never shows half of one batch's update."""
     inferences: int = 0    # real requests answered with a prediction
     batches: int = 0       # model calls
     padded_rows: int = 0   # dummy rows added to fill fixed-size batches
     errors: int = 0        # ERROR replies sent (bad input or failed batch)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **deltas: int) -> None:
+        """Add each ``counter=delta`` at once, e.g. ``add(batches=1, inferences=3)``."""
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
 
     def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
+        """A consistent snapshot of the counters."""
+        with self._lock:
+            return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "_lock"}
 
 
 class Worker:
@@ -96,6 +110,7 @@ class Worker:
         """``backend`` overrides ``config.backend`` (an already-built backend, e.g. in tests)."""
         self.config = config
         self.name = config.name or f"worker-{os.getpid()}"
+        self.incarnation = P.new_incarnation()  # this process, as the broker tells it from its restart
         self.stats = WorkerStats()
         self._ctx = context or zmq.Context.instance()
         self._stop = threading.Event()
@@ -131,9 +146,9 @@ class Worker:
         try:
             sock.connect(self.config.broker_address)
             compute.start()
-            sock.send_multipart([P.VERSION, P.READY, P.pack({
-                "worker": self.name, "pid": os.getpid(), "capacity": self.config.effective_capacity,
-                "backend": self.backend.name, "batch_size": self.config.batch_size})])
+            sock.send_multipart([P.VERSION, P.READY, P.ready_body(
+                self.name, self.config.slot or None, self.incarnation, os.getpid(),
+                self.config.effective_capacity, self.backend.name, self.config.batch_size)])
             log.info("%s ready: backend %s, batch %d, timeout %.1f ms", self.name, self.backend.name,
                      self.config.batch_size, self.config.batch_timeout_ms)
             self._io_loop(sock)
@@ -190,7 +205,7 @@ class Worker:
             self._batcher.put(_Pending(token, request_id, value, queue_ms), arrived)
 
     def _reply_error(self, sock: zmq.Socket, token: bytes, request_id: Any, code: str, message: str) -> None:
-        self.stats.errors += 1
+        self.stats.add(errors=1)
         sock.send_multipart([P.VERSION, P.ERROR, token, P.error_body(request_id, code, message)])
 
     def _parse_frames(self, sock: zmq.Socket, frames: list[bytes]):
@@ -255,7 +270,7 @@ class Worker:
             # Last word, on the same socket as the replies so it cannot overtake them;
             # the broker re-queues whatever we still held.
             self._send_stats(out)
-            out.send_multipart([P.VERSION, P.DISCONNECT, P.pack({"worker": self.name})])
+            out.send_multipart([P.VERSION, P.DISCONNECT, P.disconnect_body(self.name, self.incarnation)])
             out.close(linger=5000)
 
     def _run_batch(self, batch: list[tuple[float, _Pending]]) -> list[list[bytes]]:
@@ -269,15 +284,14 @@ class Worker:
                                self._dummy_tokens())
         except Exception as exc:  # any model failure fails the whole batch, never the worker
             log.exception("%s: batch of %d failed", self.name, len(items))
-            self.stats.errors += len(items)
+            self.stats.add(errors=len(items))
             message = f"model call failed: {type(exc).__name__}: {exc}"
             return [[P.VERSION, P.ERROR, it.token, P.error_body(it.request_id, P.E_INFERENCE, message)]
                     for it in items]
         done = time.monotonic()
         step = self.backend.batch_size or self.config.batch_size
-        self.stats.batches += 1
-        self.stats.inferences += len(items)
-        self.stats.padded_rows += -(-len(items) // step) * step - len(items)
+        padded = -(-len(items) // step) * step - len(items)
+        self.stats.add(batches=1, inferences=len(items), padded_rows=padded)
         compute_ms = (done - started) * 1000
         oldest = batch[0][0]
         return [[P.VERSION, P.REPLY, it.token, P.reply_body(it.request_id, probs[i], {
@@ -316,7 +330,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def worker_config_from_args(args: argparse.Namespace, broker_address: str,
-                            threads: int | None = None, name: str = "") -> WorkerConfig:
+                            threads: int | None = None, name: str = "", slot: str = "") -> WorkerConfig:
     """Build a WorkerConfig from parsed flags (raises ConfigError on bad values)."""
     return WorkerConfig(
         broker_address=broker_address,
@@ -324,7 +338,7 @@ def worker_config_from_args(args: argparse.Namespace, broker_address: str,
                               echo_delay_ms=args.echo_delay_ms,
                               threads=args.threads if threads is None else threads),
         vocab_path=args.vocab, batch_size=args.batch_size, batch_timeout_ms=args.batch_timeout_ms,
-        capacity=args.capacity, name=name)
+        capacity=args.capacity, name=name, slot=slot)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,13 +349,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-address", default="tcp://127.0.0.1:5556",
                         help="the broker's worker endpoint (default: %(default)s)")
     parser.add_argument("--name", default="", help="worker name in logs and stats")
+    parser.add_argument("--slot", default="",
+                        help="the supervisor slot this process fills: the broker treats a READY for a "
+                             "slot it knows as that slot's restart (set by bertpool-workers)")
     parser.add_argument("--load-error-file", metavar="FILE",
                         help="if the model cannot be loaded, also write why to FILE (the supervisor reports it)")
     add_worker_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        worker = Worker(worker_config_from_args(args, args.worker_address, name=args.name))
+        worker = Worker(worker_config_from_args(args, args.worker_address, name=args.name, slot=args.slot))
         worker.load()
     except Exception as exc:  # typed or not (e.g. the Neuron runtime's own), a load failure is final
         return _load_failed(exc, args.load_error_file)
