@@ -23,8 +23,10 @@ linear warm-up then linear decay to zero, gradients clipped to global norm 1.0;
 a fixed seed. Since "B paraphrases A" is symmetric, each epoch shows every pair
 as (a, b) or as (b, a), at random. Each batch is padded to its own longest pair rather than to S,
 and batches are drawn from groups of similar length (shuffled within and across
-groups), which cuts the padding that dominates an MRPC batch. The dev set is
-only evaluated, never used to pick a model: the model written is the last one.
+groups), which cuts the padding that dominates an MRPC batch. The weights
+written are the mean of the weights at the end of epoch ``average_from_epoch``
+and every later epoch (stochastic weight averaging; 0 writes the last ones).
+The dev set is only evaluated, never used to pick a model.
 
 Dimension legend: B batch, S sequence (the batch's longest pair), H hidden,
 N heads, D head size (H/N), I intermediate, C labels.
@@ -59,7 +61,7 @@ from .shape import EMBEDDINGS, POOLER, BertShape
 from .weights import CLASSIFIER, BertWeights, load_pretrained
 
 PROG = "bertpool-finetune"
-RECIPE_VERSION = 1  # bump when a change to this module changes what training produces
+RECIPE_VERSION = 2  # bump when a change to this module changes what training produces
 EVAL_BATCH = 64  # pairs per forward pass when evaluating
 LENGTH_GROUP_BATCHES = 50  # batches per group of similar-length pairs
 ADAM_BETAS = (0.9, 0.999)
@@ -81,15 +83,17 @@ class FinetuneConfig:
     output: str  # directory to write (see the module docstring)
     dev_tsv: str | None = None  # MRPC-format TSV evaluated after each epoch; None skips evaluation
     vocab: str | None = None  # vocab.txt; default: the one inside or beside the pretrained model
-    epochs: int = 3  # passes over the training set
-    batch_size: int = 32  # pairs per optimizer step
+    epochs: int = 4  # passes over the training set
+    batch_size: int = 16  # pairs per optimizer step
     learning_rate: float = 5e-5  # peak learning rate, after warm-up
+    head_lr_multiplier: float = 1.0  # pooler and classifier learn this many times faster (fresh or stale)
     warmup_fraction: float = 0.1  # share of all steps spent warming up linearly from 0
     weight_decay: float = 0.01  # AdamW decoupled decay (not on LayerNorm or biases)
     dropout: float = 0.1  # hidden and attention dropout while training
     max_seq_length: int = 128  # S of the export; longer pairs are truncated google's way
     seed: int = 0  # fixes head init, data order and dropout
     swap_pairs: bool = True  # each epoch, show each pair as (a, b) or (b, a) at random: paraphrase is symmetric
+    average_from_epoch: int = 2  # export the mean of the weights at the end of this and later epochs (0: last)
     max_steps: int = 0  # stop after this many steps (0: all epochs); for smoke tests
     threads: int = 0  # TensorFlow intra-op threads (0: TensorFlow's default)
 
@@ -102,8 +106,10 @@ class FinetuneConfig:
         for name in ("warmup_fraction", "dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
-        if self.weight_decay < 0 or self.max_steps < 0 or self.threads < 0:
-            raise ConfigError("--weight-decay, --max-steps and --threads must be >= 0")
+        if self.head_lr_multiplier <= 0:
+            raise ConfigError(f"--head-lr-multiplier must be > 0, got {self.head_lr_multiplier}")
+        if self.weight_decay < 0 or self.max_steps < 0 or self.threads < 0 or self.average_from_epoch < 0:
+            raise ConfigError("--weight-decay, --max-steps, --threads and --average-from-epoch must be >= 0")
         if self.max_seq_length < 3:
             raise ConfigError(f"--max-seq-length must be >= 3, got {self.max_seq_length}")
 
@@ -237,6 +243,11 @@ class TrainableBert:
         """Current weights, google-research name -> float32 array."""
         return {name: v.numpy() for name, v in self.variables.items()}
 
+    def assign(self, tensors: dict[str, np.ndarray]) -> None:
+        """Set every weight from ``tensors`` (google-research names, shapes as now)."""
+        for name, v in self.variables.items():
+            v.assign(tensors[name])
+
     def logits(self, input_ids, input_mask, segment_ids, training: bool):
         """Float32 logits [B,C] of int32 inputs [B,S]."""
         import tensorflow as tf
@@ -320,7 +331,7 @@ def decays(name: str) -> bool:
 class Trainer:
     """One compiled training step (loss, clipped gradients, AdamW) over a TrainableBert."""
 
-    def __init__(self, model: TrainableBert, weight_decay: float) -> None:
+    def __init__(self, model: TrainableBert, weight_decay: float, head_lr_multiplier: float = 1.0) -> None:
         import tensorflow as tf
 
         self.model = model
@@ -329,6 +340,7 @@ class Trainer:
         self._m = [tf.Variable(tf.zeros_like(p), trainable=False) for p in self._params]
         self._v = [tf.Variable(tf.zeros_like(p), trainable=False) for p in self._params]
         self._decay = [weight_decay if decays(n) else 0.0 for n in names]
+        self._lr_scale = [head_lr_multiplier if n.startswith(POOLER) or n in CLASSIFIER else 1.0 for n in names]
         self._t = tf.Variable(0.0, trainable=False)
         ids = tf.TensorSpec([None, None], tf.int32)
         # Shapes vary per batch ([B,S'] with S' the batch's longest pair): one trace serves all.
@@ -349,13 +361,13 @@ class Trainer:
         self._t.assign_add(1.0)
         b1, b2 = ADAM_BETAS
         correction = tf.sqrt(1.0 - b2 ** self._t) / (1.0 - b1 ** self._t)  # Adam's bias correction
-        for p, g, m, v, decay in zip(self._params, grads, self._m, self._v, self._decay):
+        for p, g, m, v, decay, scale in zip(self._params, grads, self._m, self._v, self._decay, self._lr_scale):
             m.assign(b1 * m + (1.0 - b1) * g)
             v.assign(b2 * v + (1.0 - b2) * tf.square(g))
             update = correction * m / (tf.sqrt(v) + ADAM_EPSILON)
             if decay:
                 update += decay * p  # decoupled weight decay (AdamW)
-            p.assign_sub(lr * update)
+            p.assign_sub(lr * scale * update)
         return loss
 
     def _predict(self, input_ids, input_mask, segment_ids):
@@ -421,11 +433,11 @@ def finetune(config: FinetuneConfig, reuse: bool = False, overwrite: bool = Fals
         notes.append("the source has a classifier head; it is replaced by a fresh one")
     tensors.update(init_head(weights.shape, rng))
     model = TrainableBert(weights.shape, tensors, weights.gelu, config.dropout)
-    trainer = Trainer(model, config.weight_decay)
+    trainer = Trainer(model, config.weight_decay, config.head_lr_multiplier)
     train = encode(tokenizer, train_pairs)
     swapped = encode(tokenizer, swap(train_pairs))[0] if config.swap_pairs else None
     dev = encode(tokenizer, dev_pairs) if dev_pairs else None
-    history, wall_s = _train(config, trainer, (*train, swapped), dev, rng, progress)
+    history, wall_s, average = _train(config, trainer, (*train, swapped), dev, rng, progress)
     report = {
         "cache_key": key, "recipe_version": RECIPE_VERSION, "recipe": config.recipe(),
         "source": {"path": str(source), "format": weights.source.format, "sha256": weights.source.sha256(),
@@ -436,7 +448,8 @@ def finetune(config: FinetuneConfig, reuse: bool = False, overwrite: bool = Fals
                 if dev_pairs else None),
         "epochs": history, "train_wall_s": round(wall_s, 1),
         "pairs_per_s": round(sum(e["pairs"] for e in history) / wall_s, 2) if wall_s > 0 else 0.0,
-        "final_dev": history[-1].get("dev") if history else None,
+        "average": average,
+        "final_dev": (average or (history[-1] if history else {})).get("dev"),  # of the weights exported
         "outputs": {"saved_model": str(out / "saved_model"),
                     "checkpoint": str(out / "checkpoint") if weights.gelu in GOOGLE_ACT else None},
     }
@@ -446,8 +459,9 @@ def finetune(config: FinetuneConfig, reuse: bool = False, overwrite: bool = Fals
     return report
 
 
-def _train(config: FinetuneConfig, trainer: Trainer, train, dev, rng, progress: bool) -> tuple[list, float]:
-    """The epochs; returns per-epoch records and the training wall time (evaluation excluded)."""
+def _train(config: FinetuneConfig, trainer: Trainer, train, dev, rng, progress: bool) -> tuple[list, float, dict]:
+    """The epochs; returns per-epoch records, the training wall time (evaluation excluded) and, when
+    weights were averaged (the model now holds the mean), the averaged model's record (else None)."""
     from tqdm import tqdm
 
     features, labels, swapped = train
@@ -457,6 +471,7 @@ def _train(config: FinetuneConfig, trainer: Trainer, train, dev, rng, progress: 
     if config.max_steps:
         total = min(total, config.max_steps)
     history, step, wall_s = [], 0, 0.0
+    averager = WeightAverage(config.average_from_epoch)
     bar = tqdm(total=total, desc="fine-tune", unit="step", disable=not progress, file=sys.stderr)
     for epoch in range(config.epochs):
         losses, pairs, started = [], 0, time.perf_counter()
@@ -486,10 +501,47 @@ def _train(config: FinetuneConfig, trainer: Trainer, train, dev, rng, progress: 
                       f"{pairs / seconds:.1f} pairs/s")
         if losses:
             history.append(record)
+            averager.add(epoch + 1, trainer.model)
         if step >= total:
             break
     bar.close()
-    return history, wall_s
+    average = None
+    if averager.count > 1:  # export (and report) the averaged weights, not the last ones
+        trainer.model.assign(averager.mean())
+        average = {"of_epochs": averager.epochs}
+        if dev is not None:
+            average["dev"] = evaluate(trainer, *dev)
+            bar.write(f"mean of epochs {averager.epochs}: dev accuracy {average['dev']['accuracy']:.4f}, "
+                      f"F1 {average['dev']['f1']:.4f}")
+    return history, wall_s, average
+
+
+class WeightAverage:
+    """Running mean of a model's weights at the ends of epochs from ``first_epoch`` on (0: none).
+
+    Averaging points along the end of a fine-tuning run (as stochastic weight
+    averaging does) lands nearer the middle of the low-loss region than any one
+    of them, which tends to generalise better on a small data set.
+    """
+
+    def __init__(self, first_epoch: int) -> None:
+        self.first_epoch = first_epoch
+        self.epochs: list[int] = []
+        self._sum: dict[str, np.ndarray] = {}
+
+    @property
+    def count(self) -> int:
+        return len(self.epochs)
+
+    def add(self, epoch: int, model: TrainableBert) -> None:
+        if not self.first_epoch or epoch < self.first_epoch:
+            return
+        for name, value in model.numpy().items():
+            self._sum[name] = self._sum[name] + value if name in self._sum else value.astype(np.float64)
+        self.epochs.append(epoch)
+
+    def mean(self) -> dict[str, np.ndarray]:
+        return {name: (total / self.count).astype(np.float32) for name, total in self._sum.items()}
 
 
 def _previous_report(out: pathlib.Path) -> dict | None:
@@ -553,9 +605,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vocab", metavar="FILE", help="vocab.txt (default: the model's own)")
     for name, help_text in (("epochs", "passes over the training set"), ("batch_size", "pairs per step"),
                             ("learning_rate", "peak learning rate"),
+                            ("head_lr_multiplier", "pooler and classifier learning-rate factor"),
                             ("warmup_fraction", "share of steps warming up"),
                             ("weight_decay", "AdamW weight decay"), ("dropout", "dropout rate"),
                             ("max_seq_length", "sequence length of the export"), ("seed", "random seed"),
+                            ("average_from_epoch", "export the mean weights of this and later epochs (0: last)"),
                             ("max_steps", "stop after N steps (0: all epochs)"),
                             ("threads", "TensorFlow intra-op threads (0: default)")):
         default = getattr(d, name)
@@ -578,9 +632,11 @@ def main(argv: list[str] | None = None) -> int:
         config = FinetuneConfig(pretrained=args.pretrained, train_tsv=args.train, dev_tsv=args.dev,
                                 output=args.output, vocab=args.vocab, epochs=args.epochs,
                                 batch_size=args.batch_size, learning_rate=args.learning_rate,
+                                head_lr_multiplier=args.head_lr_multiplier,
                                 warmup_fraction=args.warmup_fraction, weight_decay=args.weight_decay,
                                 dropout=args.dropout, max_seq_length=args.max_seq_length, seed=args.seed,
-                                swap_pairs=args.swap_pairs, max_steps=args.max_steps, threads=args.threads)
+                                swap_pairs=args.swap_pairs, average_from_epoch=args.average_from_epoch,
+                                max_steps=args.max_steps, threads=args.threads)
         report = finetune(config, reuse=args.reuse, overwrite=args.force, progress=not args.quiet)
     except BertpoolError as exc:
         return report_error(PROG, exc)

@@ -190,6 +190,7 @@ def test_a_missing_pretrained_package_names_the_install_command(monkeypatch):
     ({"learning_rate": 0.0}, "--learning-rate"),
     ({"dropout": 1.0}, "--dropout"),
     ({"max_seq_length": 2}, "--max-seq-length"),
+    ({"head_lr_multiplier": 0.0}, "--head-lr-multiplier"),
 ])
 def test_bad_recipe_values_are_clear_errors(data, tmp_path, changes, message):
     with pytest.raises(ConfigError, match=message):
@@ -247,3 +248,29 @@ def test_swapped_orientation_is_the_same_pair_reversed(data):
     np.testing.assert_array_equal(mixed.input_ids[0], ba.input_ids[0])
     np.testing.assert_array_equal(mixed.input_ids[1], ab.input_ids[1])
     assert oriented(ab, None, flip) is ab
+
+
+def test_weight_average_is_the_mean_of_the_chosen_epochs():
+    from bertpool.compile.finetune import WeightAverage
+
+    class Snapshot:
+        def __init__(self, value):
+            self.value = value
+
+        def numpy(self):
+            return {"w": np.full([2], self.value, np.float32)}
+
+    avg = WeightAverage(first_epoch=2)
+    for epoch, value in enumerate([100.0, 1.0, 2.0, 6.0], start=1):
+        avg.add(epoch, Snapshot(value))
+    assert avg.epochs == [2, 3, 4] and avg.count == 3
+    np.testing.assert_array_equal(avg.mean()["w"], [3.0, 3.0])
+    off = WeightAverage(first_epoch=0)
+    off.add(1, Snapshot(1.0))
+    assert off.count == 0
+
+
+def test_the_exported_weights_are_the_averaged_ones(trained):
+    out, report = trained
+    assert report["average"]["of_epochs"] == list(range(2, 9))
+    assert report["final_dev"] == report["average"]["dev"]
