@@ -85,7 +85,7 @@ class FinetuneConfig:
     vocab: str | None = None  # vocab.txt; default: the one inside or beside the pretrained model
     epochs: int = 4  # passes over the training set
     batch_size: int = 16  # pairs per optimizer step
-    learning_rate: float = 5e-5  # peak learning rate, after warm-up
+    learning_rate: float = 6e-5  # peak learning rate, after warm-up
     head_lr_multiplier: float = 1.0  # pooler and classifier learn this many times faster (fresh or stale)
     warmup_fraction: float = 0.1  # share of all steps spent warming up linearly from 0
     weight_decay: float = 0.01  # AdamW decoupled decay (not on LayerNorm or biases)
