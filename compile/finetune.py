@@ -93,7 +93,7 @@ class FinetuneConfig:
     max_seq_length: int = 128  # S of the export; longer pairs are truncated google's way
     seed: int = 0  # fixes head init, data order and dropout
     swap_pairs: bool = True  # each epoch, show each pair as (a, b) or (b, a) at random: paraphrase is symmetric
-    average_from_epoch: int = 2  # export the mean of the weights at the end of this and later epochs (0: last)
+    average_from_epoch: int = 3  # export the mean of the weights at the end of this and later epochs (0: last)
     max_steps: int = 0  # stop after this many steps (0: all epochs); for smoke tests
     threads: int = 0  # TensorFlow intra-op threads (0: TensorFlow's default)
 

@@ -272,5 +272,5 @@ def test_weight_average_is_the_mean_of_the_chosen_epochs():
 
 def test_the_exported_weights_are_the_averaged_ones(trained):
     out, report = trained
-    assert report["average"]["of_epochs"] == list(range(2, 9))
+    assert report["average"]["of_epochs"] == list(range(3, 9))
     assert report["final_dev"] == report["average"]["dev"]
