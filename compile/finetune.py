@@ -52,12 +52,13 @@ import numpy as np
 
 from ..common.cli import report_error
 from ..common.data import Pair, read_mrpc_tsv
-from ..common.errors import BertpoolError, ConfigError, ModelFormatError
+from ..common.errors import BertpoolError, ConfigError
 from ..common.metrics import binary_report
 from ..common.tokenizer import BertTokenizer, Features
 from .formats import GOOGLE_ACT, write_checkpoint
 from .reference import GELUS, build_reference_graph, load_weights
 from .shape import EMBEDDINGS, POOLER, BertShape
+from .vocab import check_vocab
 from .weights import CLASSIFIER, BertWeights, load_pretrained
 
 PROG = "bertpool-finetune"
@@ -171,11 +172,8 @@ def make_tokenizer(weights: BertWeights, vocab: str | None, max_seq_length: int)
     path = vocab or weights.vocab_path
     if path is None:
         raise ConfigError(f"{weights.source.path} has no vocab.txt inside or beside it; pass --vocab FILE")
-    tokenizer = BertTokenizer(path, max_seq_length=max_seq_length)
-    if tokenizer.vocab_size != weights.shape.vocab_size:
-        raise ModelFormatError(f"vocabulary {path} has {tokenizer.vocab_size} entries but the model's "
-                               f"word_embeddings has {weights.shape.vocab_size} rows: not this model's vocabulary")
-    return tokenizer
+    check_vocab(pathlib.Path(path), weights.shape.vocab_size)
+    return BertTokenizer(path, max_seq_length=max_seq_length)
 
 
 def encode(tokenizer: BertTokenizer, pairs: list[Pair]) -> tuple[Features, np.ndarray]:
@@ -390,10 +388,10 @@ def evaluate(trainer: Trainer, features: Features, labels: np.ndarray) -> dict:
 
 # --------------------------------------------------------------------- driver
 
-def cache_key(config: FinetuneConfig, weights: BertWeights, vocab: pathlib.Path, train_sha: str,
+def cache_key(config: FinetuneConfig, weights_sha: str, vocab: pathlib.Path, train_sha: str,
               dev_sha: str | None) -> str:
     """Hash of everything that decides the result: weights, vocabulary, data and recipe."""
-    material = {"recipe_version": RECIPE_VERSION, "recipe": config.recipe(), "weights": weights.source.sha256(),
+    material = {"recipe_version": RECIPE_VERSION, "recipe": config.recipe(), "weights": weights_sha,
                 "vocab": file_sha256(vocab), "train": train_sha, "dev": dev_sha}
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
@@ -413,8 +411,10 @@ def finetune(config: FinetuneConfig, reuse: bool = False, overwrite: bool = Fals
     vocab = pathlib.Path(config.vocab or weights.vocab_path)
     train_pairs = read_pairs(config.train_tsv, "train")
     dev_pairs = read_pairs(config.dev_tsv, "dev") if config.dev_tsv else None
-    key = cache_key(config, weights, vocab, file_sha256(config.train_tsv),
-                    file_sha256(config.dev_tsv) if config.dev_tsv else None)
+    # Hashed once: the pretrained weights alone are tens of megabytes.
+    weights_sha, train_sha = weights.source.sha256(), file_sha256(config.train_tsv)
+    dev_sha = file_sha256(config.dev_tsv) if config.dev_tsv else None
+    key = cache_key(config, weights_sha, vocab, train_sha, dev_sha)
     previous = _previous_report(out)
     if reuse and previous is not None and previous.get("cache_key") == key:
         previous["reused"] = True
@@ -440,11 +440,11 @@ def finetune(config: FinetuneConfig, reuse: bool = False, overwrite: bool = Fals
     history, wall_s, average = _train(config, trainer, (*train, swapped), dev, rng, progress)
     report = {
         "cache_key": key, "recipe_version": RECIPE_VERSION, "recipe": config.recipe(),
-        "source": {"path": str(source), "format": weights.source.format, "sha256": weights.source.sha256(),
+        "source": {"path": str(source), "format": weights.source.format, "sha256": weights_sha,
                    "gelu": weights.gelu, "model": weights.shape.to_dict()},
         "vocab": str(vocab), "notes": notes,
-        "train": {"path": config.train_tsv, "pairs": len(train_pairs), "sha256": file_sha256(config.train_tsv)},
-        "dev": ({"path": config.dev_tsv, "pairs": len(dev_pairs), "sha256": file_sha256(config.dev_tsv)}
+        "train": {"path": config.train_tsv, "pairs": len(train_pairs), "sha256": train_sha},
+        "dev": ({"path": config.dev_tsv, "pairs": len(dev_pairs), "sha256": dev_sha}
                 if dev_pairs else None),
         "epochs": history, "train_wall_s": round(wall_s, 1),
         "pairs_per_s": round(sum(e["pairs"] for e in history) / wall_s, 2) if wall_s > 0 else 0.0,

@@ -173,7 +173,7 @@ def test_bad_training_files_are_clear_errors(data, tmp_path, content, message):
 def test_a_vocabulary_that_does_not_match_the_weights_is_refused(data, tmp_path):
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\n")
-    with pytest.raises(ModelFormatError, match="5 entries but the model's word_embeddings has 2048 rows"):
+    with pytest.raises(ModelFormatError, match="has 5 tokens but bert/embeddings/word_embeddings has 2048 rows"):
         finetune(tiny_config(data, tmp_path / "out", vocab=str(vocab)), progress=False)
 
 
