@@ -1,20 +1,31 @@
-"""The bertpool wire protocol, version ``BP2``: every frame layout in one place.
+"""The bertpool wire protocol, version ``BP3``: every frame layout in one place.
 
 Transport: ZeroMQ. Clients and workers are DEALER sockets; the broker has a
 frontend ROUTER (clients) and a backend ROUTER (workers). Every message starts
 with the version frame and a one-byte kind frame; bodies are msgpack maps.
 
 Client -> broker (frontend)            [VERSION, kind, body]
-    REQUEST  body {id, text_a, text_b}            a text pair, or
-             body {id, input_ids, input_mask, segment_ids}
+    REQUEST  body {id, text_a, text_b, deadline_ms?}
+                                                  a text pair, or
+             body {id, input_ids, input_mask, segment_ids, deadline_ms?}
                                                   pre-tokenized features, each an encoded array [S] int32
+             deadline_ms (optional): the time left to the request's deadline when the
+                                                  client sent it, a positive number of milliseconds (a
+                                                  duration, so no shared clock is needed); past it the
+                                                  request is answered ERROR deadline_exceeded, not computed
     STATS    body {id}                            ask for pool statistics; id as a REQUEST's
+    HEARTBEAT body {}                             "are you there?": the broker answers HEARTBEAT at once.
+                                                  A client that waits on replies sends one after
+                                                  heartbeat_interval_s without hearing from the broker,
+                                                  and presumes the broker dead after heartbeat_liveness
+                                                  silent intervals (any message counts as a beat)
 
 Broker -> client (frontend)            [VERSION, kind, body]
     REPLY    body {id, label, probabilities, timings}
     ERROR    body {id, code, message}             id is None where the request had none readable
     BUSY     body {id, message}                   queue full; request not accepted
     STATS    body {id, stats}                     stats: see Broker.stats()
+    HEARTBEAT body {}                             answer to a client's HEARTBEAT
 
     Every reply names the request it answers by id, STATS included, so a
     client settles each pending request with the reply that names it and
@@ -57,6 +68,9 @@ an array of float32 [2]; ``timings`` is a map of milliseconds:
 ``queue_ms`` (broker queue + worker inbox), ``batch_wait_ms`` (waiting for the
 batch to fill), ``compute_ms`` (the model call for the whole batch).
 
+BP3 changed from BP2, incompatibly: REQUEST may carry ``deadline_ms``; HEARTBEAT
+is live on both links; ERROR codes ``deadline_exceeded`` and ``worker_lost``.
+
 BP2 changed from BP1, incompatibly: STATS requests and replies carry an id
 (BP1 matched STATS replies first in, first out, so a late one answered the
 next caller); READY carries ``slot`` and ``incarnation`` (BP1 replaced any
@@ -74,7 +88,7 @@ import numpy as np
 
 from .errors import ConfigError, InputError, ProtocolError
 
-VERSION = b"BP2"
+VERSION = b"BP3"
 
 # Message kinds: one byte each, so routing never decodes a body.
 REQUEST = b"\x01"
@@ -101,6 +115,8 @@ E_BAD_TEXT = "bad_text"              # empty, non-UTF-8 or oversized text
 E_TOO_LARGE = "too_large"            # body over the broker's size bound
 E_INFERENCE = "inference_failed"     # the model call for this request's batch failed
 E_SHUTDOWN = "shutting_down"         # worker or broker is stopping
+E_DEADLINE = "deadline_exceeded"     # the request's deadline passed before it was computed
+E_WORKER_LOST = "worker_lost"        # the workers that held it died, more times than the re-dispatch bound
 
 # Bounds on input, so one bad client cannot make a worker tokenize megabytes.
 MAX_TEXT_CHARS = 20_000
@@ -182,18 +198,46 @@ def decode_array(obj: Any, field: str = "array") -> np.ndarray:
 FEATURE_FIELDS = ("input_ids", "input_mask", "segment_ids")
 
 
-def text_request(request_id: Any, text_a: str, text_b: str) -> bytes:
-    """Body of a text-pair REQUEST."""
-    return pack({"id": request_id, "text_a": text_a, "text_b": text_b})
+# Longest deadline a request may carry (a day), so a typo cannot pin a request in the queue.
+MAX_DEADLINE_MS = 86_400_000.0
+
+
+def text_request(request_id: Any, text_a: str, text_b: str, deadline_ms: float | None = None) -> bytes:
+    """Body of a text-pair REQUEST; ``deadline_ms``: time left to its deadline (None: no deadline)."""
+    return pack(_with_deadline({"id": request_id, "text_a": text_a, "text_b": text_b}, deadline_ms))
 
 
 def features_request(request_id: Any, input_ids: np.ndarray, input_mask: np.ndarray,
-                     segment_ids: np.ndarray) -> bytes:
+                     segment_ids: np.ndarray, deadline_ms: float | None = None) -> bytes:
     """Body of a pre-tokenized REQUEST; each array is [S] int32."""
-    return pack({"id": request_id,
-                 "input_ids": encode_array(np.asarray(input_ids, np.int32)),
-                 "input_mask": encode_array(np.asarray(input_mask, np.int32)),
-                 "segment_ids": encode_array(np.asarray(segment_ids, np.int32))})
+    return pack(_with_deadline({"id": request_id,
+                                "input_ids": encode_array(np.asarray(input_ids, np.int32)),
+                                "input_mask": encode_array(np.asarray(input_mask, np.int32)),
+                                "segment_ids": encode_array(np.asarray(segment_ids, np.int32))},
+                               deadline_ms))
+
+
+def _with_deadline(body: dict[str, Any], deadline_ms: float | None) -> dict[str, Any]:
+    if deadline_ms is not None:
+        body["deadline_ms"] = float(deadline_ms)
+    return body
+
+
+def parse_deadline_ms(body: dict[str, Any]) -> float | None:
+    """A REQUEST body's ``deadline_ms`` (None when absent); ProtocolError(bad_field) unless it is a
+    number in (0, MAX_DEADLINE_MS]."""
+    value = body.get("deadline_ms")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_DEADLINE_MS:
+        raise ProtocolError(E_BAD_FIELD, f"deadline_ms: must be a number of milliseconds in "
+                                         f"(0, {MAX_DEADLINE_MS:.0f}], got {value!r}")
+    return float(value)
+
+
+def heartbeat_body() -> bytes:
+    """Body of a HEARTBEAT, on either link and in either direction."""
+    return pack({})
 
 
 def check_id(body: dict[str, Any]) -> Any:
