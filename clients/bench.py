@@ -4,7 +4,19 @@ The AWS demo ran 48 x ``bert_client.py --cycle 128``. Here ``--clients`` C
 processes each send ``--cycle`` R requests one after another (each waits for
 its reply, as the demo's clients did), after ``--warmup`` requests that are
 not measured. All clients start the measured phase together (a barrier), so
-throughput is total replies / wall time of the measured phase.
+throughput is total replies / wall time of the measured phase. With
+``--duration-s`` S each client instead sends requests back to back for S
+seconds of the measured phase.
+
+Before the run one STATS request (``--connect-timeout-s``) checks that a
+broker answers at the address: if none does, the bench says so and exits 2
+without starting the clients. Failed requests are counted by error class
+(``RequestTimeout``, ``ServerBusy``, ``RemoteError``, ...) with a sample
+message each; percentiles of zero replies are ``null`` in JSON and ``-`` in
+text, never NaN. ``--sweep-clients`` (clients/sweep.py) runs the load at
+several concurrencies, and ``--plot`` (clients/plot.py) draws the result.
+A progress bar with live throughput goes to stderr when it is a terminal
+(not with ``--quiet``).
 """
 
 from __future__ import annotations
@@ -12,17 +24,20 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import queue
+import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
+from tqdm import tqdm
 
 from ..common.cli import report_error
 from ..common.data import Pair, default_pairs, read_mrpc_tsv
-from ..common.errors import BertpoolError, ConfigError, RequestError, RequestTimeout
+from ..common.errors import BertpoolError, ConfigError, RemoteError, RequestError, RequestTimeout
 from ..common.metrics import binary_report
 from .client import Client
 
@@ -37,6 +52,8 @@ class BenchConfig:
     start_timeout_s: float = 120.0         # longest wait for all clients to connect and warm up
     wait_workers: int = 0                  # first wait until the pool has this many workers
     wait_timeout_s: float = 600.0          # longest wait for those workers
+    duration_s: float | None = None        # measured seconds per client instead of `cycle` requests
+    connect_timeout_s: float = 5.0         # longest wait for the broker's STATS answer before the run
 
     def __post_init__(self) -> None:
         for name in ("clients", "cycle"):
@@ -44,6 +61,18 @@ class BenchConfig:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
+        for name in ("timeout_s", "connect_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.duration_s is not None and not self.duration_s > 0:
+            raise ConfigError(f"--duration-s must be > 0, got {self.duration_s}")
+
+    @property
+    def max_measured_s(self) -> float:
+        """An upper bound on one client's measured phase (for the parent's wait)."""
+        if self.duration_s is not None:
+            return self.duration_s + self.timeout_s
+        return self.cycle * self.timeout_s
 
 
 @dataclass
@@ -54,11 +83,18 @@ class _ClientResult:
     errors: dict[str, int]
     started: float
     finished: float
+    error_samples: dict[str, str] = field(default_factory=dict)  # error class -> first message
 
 
-def _client_main(index: int, config: BenchConfig, pairs: list[Pair], barrier, results) -> None:
-    """One client process: warm up, wait at the barrier, run the measured cycle."""
+def _client_main(index: int, config: BenchConfig, pairs: list[Pair], barrier, results, progress) -> None:
+    """One client process: warm up, wait at the barrier, run the measured phase.
+
+    ``progress[2 * index]`` / ``progress[2 * index + 1]`` count this client's
+    replies / errors so far (only this process writes them; the parent reads
+    them for the progress bar).
+    """
     errors: Counter = Counter()
+    samples: dict[str, str] = {}
     latencies, labels, timings = [], [], []
     try:
         with Client(config.address, timeout_s=config.timeout_s) as client:
@@ -70,29 +106,37 @@ def _client_main(index: int, config: BenchConfig, pairs: list[Pair], barrier, re
                     pass  # warm-up failures are not measured
             barrier.wait(config.start_timeout_s)
             started = time.monotonic()
-            for i in range(config.cycle):
+            end = started + config.duration_s if config.duration_s is not None else None
+            i = 0
+            while (i < config.cycle) if end is None else (time.monotonic() < end):
                 pair_index = (index * config.cycle + i) % len(pairs)
                 pair = pairs[pair_index]
+                i += 1
                 t0 = time.perf_counter()
                 try:
                     result = client.predict(pair.text_a, pair.text_b)
-                except RequestError as exc:
-                    errors[type(exc).__name__] += 1
+                except RequestError as exc:  # any subclass, counted by its class name
+                    name = type(exc).__name__
+                    errors[name] += 1
+                    samples.setdefault(name, str(exc))
+                    progress[2 * index + 1] += 1
                     continue
                 latencies.append((time.perf_counter() - t0) * 1000)
                 labels.append((result.label, pair.label, pair_index))
                 timings.append(result.timings)
+                progress[2 * index] += 1
             finished = time.monotonic()
     except Exception as exc:  # report, never hang the parent
         results.put(("failed", index, f"{type(exc).__name__}: {exc}"))
         return
-    results.put(("ok", index, _ClientResult(latencies, labels, timings, dict(errors), started, finished)))
+    results.put(("ok", index, _ClientResult(latencies, labels, timings, dict(errors), started, finished,
+                                            samples)))
 
 
-def percentiles(values: list[float]) -> dict[str, float]:
-    """p50/p90/p99/p999, mean and max of ``values`` (milliseconds), rounded to µs."""
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    """p50/p90/p99/p999, mean and max of ``values`` (milliseconds), rounded to µs; all None if empty."""
     if not values:
-        return {k: float("nan") for k in ("p50", "p90", "p99", "p999", "mean", "max")}
+        return {k: None for k in ("p50", "p90", "p99", "p999", "mean", "max")}
     a = np.asarray(values)
     q = np.percentile(a, [50, 90, 99, 99.9])
     return {"p50": round(float(q[0]), 3), "p90": round(float(q[1]), 3), "p99": round(float(q[2]), 3),
@@ -114,16 +158,105 @@ def wait_for_workers(address: str, n: int, timeout_s: float) -> None:
             time.sleep(0.2)  # polling a remote counter; no event exists to wait on
 
 
-def run_bench(config: BenchConfig, pairs: list[Pair]) -> dict[str, Any]:
-    """Run the benchmark against a live pool; return the report (see summarize())."""
+def no_broker_message(address: str, timeout_s: float, cause: BaseException | None = None) -> str:
+    # A plain timeout says nothing the sentence does not; another class (e.g. BrokerUnavailable) might.
+    why = f" ({type(cause).__name__}: {cause})" if cause is not None and type(cause) is not RequestTimeout else ""
+    return (f"no broker answered at {address} within {timeout_s:g} s: a STATS request got no reply{why}. "
+            f"Is bertpool-serve (or bertpool-broker) running with --address {address}?")
+
+
+def probe_broker(address: str, timeout_s: float) -> dict[str, Any]:
+    """The broker's STATS at ``address``.
+
+    Raises RequestTimeout saying "no broker answered at ADDRESS" when nothing
+    answers within ``timeout_s`` (or the client reports any other non-remote
+    RequestError, e.g. a BrokerUnavailable), and RequestError when the peer
+    answers STATS with an ERROR (not a bertpool broker of this version).
+    """
+    try:
+        with Client(address) as client:
+            return client.stats(timeout_s=timeout_s)
+    except RemoteError as exc:
+        raise RequestError(f"the server at {address} refused a STATS request ({exc}): "
+                           f"is it a bertpool broker of this version?") from exc
+    except RequestError as exc:
+        raise RequestTimeout(no_broker_message(address, timeout_s, exc)) from exc
+
+
+def try_stats(address: str, timeout_s: float) -> dict[str, Any] | None:
+    """The broker's STATS, or None if it does not answer within ``timeout_s``."""
+    try:
+        with Client(address) as client:
+            return client.stats(timeout_s=timeout_s)
+    except RequestError:
+        return None
+
+
+def pool_info(stats: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the broker's STATS says about the pool: worker count, backends and (when the workers
+    report them) batch settings and model; None if there is no STATS."""
+    if stats is None:
+        return None
+    workers = list(stats.get("workers", {}).values())
+    info: dict[str, Any] = {"workers": len(workers),
+                            "backends": dict(Counter(str(w.get("backend")) for w in workers))}
+    for key in ("batch_size", "batch_timeout_ms", "model"):  # absent from STATS until workers report them
+        values = sorted({w[key] for w in workers if isinstance(w.get(key), (int, float, str))}, key=str)
+        info[key] = None if not values else values[0] if len(values) == 1 else values
+    return info
+
+
+def pool_backends(address: str, timeout_s: float = 5.0) -> dict[str, int] | None:
+    """How many ready workers serve each backend (echo, tf, neuron); None if the broker does not say."""
+    info = pool_info(try_stats(address, timeout_s))
+    return None if info is None else info["backends"]
+
+
+def show_progress(quiet: bool, stream: TextIO | None = None) -> bool:
+    """A progress bar only on a terminal, and never with --quiet (pipes and logs stay clean)."""
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    return not quiet and bool(isatty and isatty())
+
+
+class Progress:
+    """A tqdm bar over the client processes' shared counters: requests done, live rate (req/s)
+    and errors. Drawn on ``stream`` (stderr), so the report on stdout is unchanged."""
+
+    def __init__(self, counters, total: int | None, desc: str, stream: TextIO) -> None:
+        self._counters = counters
+        self._bar = tqdm(total=total, desc=desc, unit="req", file=stream, dynamic_ncols=True,
+                         mininterval=0.25, smoothing=0.3, leave=True)
+
+    def update(self) -> None:
+        done, errors = sum(self._counters[0::2]), sum(self._counters[1::2])
+        self._bar.set_postfix(errors=errors, refresh=False)
+        self._bar.update(done + errors - self._bar.n)
+
+    def close(self) -> None:
+        self.update()
+        self._bar.close()
+
+
+def run_bench(config: BenchConfig, pairs: list[Pair], progress: bool = False,
+              progress_stream: TextIO | None = None, desc: str | None = None) -> dict[str, Any]:
+    """Run the benchmark against a live pool; return the report (see summarize()).
+
+    Raises RequestTimeout ("no broker answered at ...") before starting any
+    client if the broker does not answer STATS within ``connect_timeout_s``.
+    With ``progress``, draws a bar with live throughput on ``progress_stream``
+    (default stderr) during the measured phase.
+    """
     if not pairs:
         raise ConfigError("no sentence pairs to send")
     if config.wait_workers:
         wait_for_workers(config.address, config.wait_workers, config.wait_timeout_s)
+    before = probe_broker(config.address, config.connect_timeout_s)
     ctx = mp.get_context("spawn")  # no inherited ZeroMQ state in the children
     barrier = ctx.Barrier(config.clients + 1)
     results = ctx.Queue()
-    procs = [ctx.Process(target=_client_main, args=(i, config, pairs, barrier, results), daemon=True)
+    counters = ctx.RawArray("q", 2 * config.clients)  # per client: replies, errors (one writer each)
+    procs = [ctx.Process(target=_client_main, args=(i, config, pairs, barrier, results, counters), daemon=True)
              for i in range(config.clients)]
     for p in procs:
         p.start()
@@ -132,29 +265,53 @@ def run_bench(config: BenchConfig, pairs: list[Pair]) -> dict[str, Any]:
     except Exception as exc:
         _stop(procs)
         raise RequestError(f"clients did not all start within {config.start_timeout_s} s") from exc
+    bar = None
+    if progress:
+        total = None if config.duration_s is not None else config.clients * config.cycle
+        bar = Progress(counters, total, desc or f"{config.clients} clients", progress_stream or sys.stderr)
     collected, failures = [], []
-    limit = time.monotonic() + config.start_timeout_s + config.cycle * config.timeout_s
+    limit = time.monotonic() + config.start_timeout_s + config.max_measured_s
     try:
-        for _ in range(config.clients):
-            status, index, value = results.get(timeout=max(1.0, limit - time.monotonic()))
+        while len(collected) + len(failures) < config.clients:
+            left = limit - time.monotonic()
+            if left <= 0:
+                raise RequestError(f"bench clients did not finish within {config.max_measured_s:g} s")
+            try:
+                status, index, value = results.get(timeout=min(left, 0.25) if bar else left)
+            except queue.Empty:
+                continue
+            finally:
+                if bar:
+                    bar.update()
             (collected if status == "ok" else failures).append(value)
     finally:
+        if bar:
+            bar.close()
         _stop(procs)
     if failures:
         raise RequestError(f"{len(failures)} bench clients failed, first: {failures[0]}")
     report = summarize(config, collected)
-    report["backends"] = pool_backends(config.address)
+    after = try_stats(config.address, config.connect_timeout_s)
+    report["pool"] = pool_info(after or before)
+    report["backends"] = report["pool"]["backends"] if after is not None else None
+    report["diagnosis"] = diagnose(config.address, report, after, config.connect_timeout_s)
+    report["ok"] = report["errors"] == 0
     return report
 
 
-def pool_backends(address: str, timeout_s: float = 5.0) -> dict[str, int] | None:
-    """How many ready workers serve each backend (echo, tf, neuron); None if the broker does not say."""
-    try:
-        with Client(address) as client:
-            workers = client.stats(timeout_s=timeout_s)["workers"]
-    except RequestError:
+def diagnose(address: str, report: dict[str, Any], after: dict[str, Any] | None,
+             timeout_s: float) -> str | None:
+    """One plain sentence on why requests failed, when STATS tells (None when nothing failed)."""
+    if not report["errors"]:
         return None
-    return dict(Counter(str(w.get("backend")) for w in workers.values()))
+    if after is None:
+        return no_broker_message(address, timeout_s) + " (it answered before the run: it went away)"
+    if not after.get("workers"):
+        return (f"the broker at {address} answers, but has no ready workers: start workers "
+                f"(bertpool-workers) or wait for them with --wait-workers N")
+    if not report["replies"]:
+        return f"the broker at {address} answers, but no request got a reply"
+    return None
 
 
 def _stop(procs) -> None:
@@ -165,12 +322,31 @@ def _stop(procs) -> None:
             p.join()
 
 
+HISTOGRAM_BINS_PER_DECADE = 20  # log-spaced bins, the same grid for every run, so runs compare
+
+
+def latency_histogram(values: list[float]) -> dict[str, list] | None:
+    """Counts of ``values`` (ms) in log-spaced bins (HISTOGRAM_BINS_PER_DECADE per decade, edges at
+    10 ** (k / bins_per_decade) for integer k, from 1 µs), covering [min, max]; None if empty."""
+    if not values:
+        return None
+    a = np.maximum(np.asarray(values, dtype=float), 1e-3)
+    lo = int(np.floor(np.log10(a.min()) * HISTOGRAM_BINS_PER_DECADE))
+    hi = max(lo + 1, int(np.ceil(np.log10(a.max()) * HISTOGRAM_BINS_PER_DECADE)))
+    edges = 10.0 ** (np.arange(lo, hi + 1) / HISTOGRAM_BINS_PER_DECADE)
+    counts, _ = np.histogram(np.clip(a, edges[0], edges[-1]), bins=edges)
+    return {"edges": [float(f"{e:.6g}") for e in edges], "counts": [int(c) for c in counts]}
+
+
 def summarize(config: BenchConfig, results: list[_ClientResult]) -> dict[str, Any]:
     latencies = [x for r in results for x in r.latencies_ms]
     labels = [x for r in results for x in r.labels]
     errors: Counter = Counter()
+    samples: dict[str, str] = {}
     for r in results:
         errors.update(r.errors)
+        for name, message in r.error_samples.items():
+            samples.setdefault(name, message)
     elapsed = max(r.finished for r in results) - min(r.started for r in results)
     known = [(p, e) for p, e, _ in labels if e is not None]
     timings = [t for r in results for t in r.timings]
@@ -178,13 +354,16 @@ def summarize(config: BenchConfig, results: list[_ClientResult]) -> dict[str, An
               for k in ("queue_ms", "batch_wait_ms", "compute_ms", "batch_size")}
     return {
         "config": asdict(config),
+        "clients": config.clients,
         "requests": len(latencies) + sum(errors.values()),
         "replies": len(latencies),
         "errors": sum(errors.values()),
         "errors_by_type": dict(errors),
+        "error_samples": samples,
         "elapsed_s": round(elapsed, 4),
         "throughput_per_s": round(len(latencies) / elapsed, 2) if elapsed > 0 else 0.0,
         "latency_ms": percentiles(latencies),
+        "latency_histogram_ms": latency_histogram(latencies),
         "server_mean": server,
         "accuracy": round(sum(p == e for p, e in known) / len(known), 4) if known else None,
         "labelled": len(known),
@@ -224,60 +403,140 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bertpool-bench",
         description="Load a bertpool server with C client processes x R requests each and report "
-                    "throughput, latency percentiles and accuracy.",
-        epilog="example: bertpool-bench --clients 48 --cycle 128 --tsv ../shared/data/glue_mrpc_dev.tsv "
-               "--json bench.json")
+                    "throughput, latency percentiles and accuracy; or sweep several client counts "
+                    "(--sweep-clients) and plot throughput against latency (--plot). Exit status: 0 all "
+                    "requests answered, 1 some failed, 2 the bench could not run (bad flag, no broker).",
+        epilog="examples: bertpool-bench --clients 48 --cycle 128 --tsv ../shared/data/glue_mrpc_dev.tsv "
+               "--json bench.json;  bertpool-bench --sweep-clients 1,4,16,48 --cycle 32 --json sweep.json "
+               "--plot sweep.png")
     parser.add_argument("--address", default="tcp://127.0.0.1:5555",
                         help="the broker's client endpoint (default: %(default)s)")
-    parser.add_argument("--clients", type=int, default=48, help="client processes (default: %(default)s)")
+    load = parser.add_mutually_exclusive_group()
+    load.add_argument("--clients", type=int, default=None, help="client processes (default: 48)")
+    load.add_argument("--sweep-clients", metavar="C1,C2,...",
+                      help="run the load once per client count, e.g. 1,4,16,48: each step has its own "
+                           "warm-up and --cycle requests per client (so C x cycle in all), or lasts "
+                           "--duration-s; the report has one record per step")
     parser.add_argument("--cycle", type=int, default=128,
                         help="measured requests per client (default: %(default)s)")
+    parser.add_argument("--duration-s", type=float, default=None, metavar="S",
+                        help="instead of --cycle, each client sends requests back to back for S seconds "
+                             "(per sweep step); the fairer choice for sweeps, as every step then measures "
+                             "for the same time")
     parser.add_argument("--warmup", type=int, default=2,
                         help="unmeasured requests per client first (default: %(default)s)")
     parser.add_argument("--tsv", help="MRPC-format TSV of pairs (default: pairs bertpool ships)")
     parser.add_argument("--timeout-s", type=float, default=60.0,
                         help="per-request deadline (default: %(default)s)")
+    parser.add_argument("--connect-timeout-s", type=float, default=5.0,
+                        help="before the run, wait this long for the broker to answer a STATS request; "
+                             "no answer means no broker at --address, and the bench exits 2 (default: "
+                             "%(default)s)")
     parser.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
+    parser.add_argument("--plot", metavar="FILE.png",
+                        help="draw throughput against p50/p99 latency and a latency histogram to FILE "
+                             "(needs matplotlib: pip install 'bertpool[plot]')")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar (it is drawn on stderr only when stderr is a terminal)")
     parser.add_argument("--wait-workers", type=int, default=0, metavar="N",
                         help="first wait until the pool has N ready workers (default: do not wait)")
     parser.add_argument("--wait-timeout-s", type=float, default=600.0,
                         help="longest wait for --wait-workers (default: %(default)s)")
     parser.add_argument("--model-note", metavar="TEXT",
-                        help="a line about the model served, printed and kept in the report "
-                             "(e.g. 'random weights: chance-level accuracy')")
+                        help="a line about the model served, printed, kept in the report and used in "
+                             "the plot's title (e.g. 'random weights: chance-level accuracy')")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import plot, sweep  # the sweep and plot modules import this one
+
     args = build_parser().parse_args(argv)
+    config = None
     try:
-        config = BenchConfig(address=args.address, clients=args.clients, cycle=args.cycle,
+        steps = sweep.parse_clients_list(args.sweep_clients) if args.sweep_clients is not None else None
+        clients = steps[0] if steps else (48 if args.clients is None else args.clients)
+        config = BenchConfig(address=args.address, clients=clients, cycle=args.cycle,
                              warmup=args.warmup, timeout_s=args.timeout_s,
-                             wait_workers=args.wait_workers, wait_timeout_s=args.wait_timeout_s)
+                             wait_workers=args.wait_workers, wait_timeout_s=args.wait_timeout_s,
+                             duration_s=args.duration_s, connect_timeout_s=args.connect_timeout_s)
         pairs, source = load_pairs(args.tsv)
-        report = run_bench(config, pairs)
+        if args.plot:
+            plot.require_matplotlib()  # refuse before the run, not after it
+        progress = show_progress(args.quiet)
+        if steps:
+            report = sweep.run_sweep(config, steps, pairs, progress=progress)
+        else:
+            report = run_bench(config, pairs, progress=progress)
     except BertpoolError as exc:
+        if args.json and config is not None and isinstance(exc, RequestError):
+            write_json(args.json, failure_report(config, exc))
         return report_error("bertpool-bench", exc)
     report["pairs_source"] = source
     report["model_note"] = args.model_note
-    print(format_report(report))
+    print(sweep.format_sweep(report) if steps else format_report(report), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-    return 1 if report["errors"] else 0
+        write_json(args.json, report)
+    if args.plot:
+        try:
+            plot.plot_report(report, args.plot)
+        except BertpoolError as exc:
+            return report_error("bertpool-bench", exc)
+    return 0 if report["ok"] else 1
+
+
+def failure_report(config: BenchConfig, exc: BaseException) -> dict[str, Any]:
+    """The JSON written when the bench could not run (e.g. no broker at the address)."""
+    return {"ok": False, "config": asdict(config), "requests": 0, "replies": 0, "errors": 0,
+            "errors_by_type": {}, "error_samples": {}, "throughput_per_s": 0.0,
+            "latency_ms": percentiles([]), "error": {"type": type(exc).__name__, "message": str(exc)},
+            "diagnosis": str(exc)}
+
+
+def write_json(path: str, report: dict[str, Any]) -> None:
+    """Write ``report``; NaN or infinity in it is a bug, so it fails loudly (allow_nan=False)."""
+    Path(path).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+
+
+def ms(value: float | None) -> str:
+    """A latency for text reports: two decimals, or "-" when there is none (no replies)."""
+    return "-" if value is None else f"{value:.2f}"
+
+
+def format_errors(report: dict[str, Any]) -> list[str]:
+    """One line per error class with a sample message, and the diagnosis if any."""
+    lines = []
+    samples = report.get("error_samples", {})
+    for name, count in sorted(report.get("errors_by_type", {}).items(), key=lambda kv: -kv[1]):
+        sample = samples.get(name)
+        lines.append(f"  {name} x {count}" + (f", e.g.: {sample}" if sample else ""))
+    if lines:
+        lines.insert(0, "errors by type:")
+    if report.get("diagnosis"):
+        lines.append(f"diagnosis: {report['diagnosis']}")
+    return lines
 
 
 def format_report(report: dict[str, Any]) -> str:
     lat = report["latency_ms"]
     lines = [f"requests {report['requests']}  errors {report['errors']}  "
              f"throughput {report['throughput_per_s']:.1f}/s  elapsed {report['elapsed_s']:.2f} s",
-             f"latency ms  p50 {lat['p50']:.2f}  p90 {lat['p90']:.2f}  p99 {lat['p99']:.2f}  "
-             f"p99.9 {lat['p999']:.2f}  max {lat['max']:.2f}",
+             f"latency ms  p50 {ms(lat['p50'])}  p90 {ms(lat['p90'])}  p99 {ms(lat['p99'])}  "
+             f"p99.9 {ms(lat['p999'])}  max {ms(lat['max'])}",
              f"server mean ms  {report['server_mean']}"]
+    lines += format_errors(report)
+    lines += format_footer(report)
+    return "\n".join(lines)
+
+
+def format_footer(report: dict[str, Any]) -> list[str]:
+    """Backends, quality, model note and the echo warning (shared by the run and sweep reports)."""
+    lines = []
     if report.get("backends"):
         lines.append("served by  " + ", ".join(f"{n} x {b}" for b, n in sorted(report["backends"].items())))
     q = report.get("quality")
     if q is None:
-        lines.append("accuracy n/a (no labelled pairs)")
+        lines.append("accuracy n/a (no labelled pairs answered)")
     else:
         c = q["confusion"]
         lines.append(f"accuracy {q['accuracy']:.4f}  F1 {q['f1']:.4f}  precision {q['precision']:.4f}  "
@@ -287,7 +546,7 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"model: {report['model_note']}")
     if "echo" in (report.get("backends") or {}):
         lines.append("WARNING: echo workers answered: these answers are not a model's; accuracy is meaningless")
-    return "\n".join(lines)
+    return lines
 
 
 if __name__ == "__main__":

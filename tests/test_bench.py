@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -34,6 +35,7 @@ def test_bench_writes_the_report(start_pool, tmp_path):
     assert report["backends"] == {"echo": 2}
     assert "WARNING: echo workers answered" in proc.stdout
     assert "throughput" in proc.stdout
+    assert "%|" not in proc.stderr and report["ok"] is True  # no progress bar when stderr is not a terminal
     # Warm-up requests are not counted in the report, but the pool served them.
     stats = pool.wait_stats(lambda s: s["totals"]["inferences"] >= 32 + 4 * 2)
     assert stats["broker"]["replies"] == 32 + 4 * 2
@@ -101,3 +103,185 @@ def test_quality_counts_each_pair_once_with_its_first_answer():
     assert q["n"] == 2 and q["confusion"] == {"tp": 1, "fp": 0, "tn": 1, "fn": 0}
     assert q["inconsistent_pairs"] == 1 and q["accuracy"] == 1.0
     assert quality([(1, None, 0)]) is None
+
+
+# ------------------------------------------------------------------ sweeps, plots, progress, failures
+
+def has_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def assert_no_nan(*texts: str) -> None:
+    for text in texts:
+        assert "nan" not in text.lower().replace("nanos", ""), text
+
+
+def test_sweep_writes_one_record_per_concurrency(start_pool, tmp_path):
+    pool = start_pool("--backend", "echo", "--batch-timeout-ms", "1", parallel=2)
+    out = tmp_path / "sweep.json"
+    proc = run("--address", pool.address, "--sweep-clients", "1,3", "--cycle", "4", "--warmup", "1",
+               "--model-note", "echo pool", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["sweep_clients"] == [1, 3] and report["ok"] is True and report["stopped"] is None
+    steps = report["steps"]
+    assert [s["clients"] for s in steps] == [1, 3]
+    assert [s["requests"] for s in steps] == [4, 12] and [s["replies"] for s in steps] == [4, 12]
+    for s in steps:
+        assert s["errors"] == 0 and s["errors_by_type"] == {} and s["throughput_per_s"] > 0
+        lat = s["latency_ms"]
+        assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+        assert 0.0 <= s["accuracy"] <= 1.0  # the shipped pairs are labelled
+        assert sum(s["latency_histogram_ms"]["counts"]) == s["replies"]
+    assert report["requests"] == 16 and report["pool"]["workers"] == 2 and report["backends"] == {"echo": 2}
+    assert report["model_note"] == "echo pool"
+    table = proc.stdout.splitlines()
+    assert table[0].split()[:3] == ["clients", "requests", "errors"]
+    assert table[1].split()[:3] == ["1", "4", "0"] and table[2].split()[:3] == ["3", "12", "0"]
+    assert "WARNING: echo workers answered" in proc.stdout
+    assert "%|" not in proc.stderr  # no progress bar when stderr is not a terminal
+    stats = pool.wait_stats(lambda s: s["totals"]["inferences"] >= 16 + 4)
+    assert stats["broker"]["replies"] == 16 + 4  # measured plus one warm-up per client per step
+
+
+@pytest.mark.skipif(not has_matplotlib(), reason="matplotlib (the plot extra) is not installed")
+def test_sweep_plot_is_a_real_png(start_pool, tmp_path):
+    pool = start_pool("--backend", "echo", "--batch-timeout-ms", "1", parallel=2)
+    out, png = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    proc = run("--address", pool.address, "--sweep-clients", "1,2", "--duration-s", "0.3", "--warmup", "1",
+               "--json", str(out), "--plot", str(png), "--model-note", "echo")
+    assert proc.returncode == 0, proc.stderr
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # two panels of axes, lines, labels
+    report = json.loads(out.read_text())
+    assert report["config"]["duration_s"] == 0.3
+    assert all(s["requests"] > 0 and s["elapsed_s"] >= 0.3 for s in report["steps"])
+    # The saved report draws again on its own.
+    again = tmp_path / "again.png"
+    proc = subprocess.run([sys.executable, "-m", "bertpool.clients.plot", str(out), str(again)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert again.stat().st_size > 20_000
+
+
+def test_plot_without_matplotlib_names_the_extra(monkeypatch, capsys, tmp_path):
+    from bertpool.clients import bench
+
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    png = tmp_path / "x.png"
+    # Refused before any run: the address is never tried.
+    rc = bench.main(["--address", "ipc:///nonexistent-bertpool", "--plot", str(png)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "matplotlib" in err and "bertpool[plot]" in err
+    assert not png.exists()
+
+
+def test_bench_against_a_dead_address_says_no_broker_answered(tmp_path):
+    from conftest import free_tcp_port
+
+    address = f"tcp://127.0.0.1:{free_tcp_port()}"
+    out = tmp_path / "bench.json"
+    proc = run("--address", address, "--clients", "2", "--cycle", "2", "--connect-timeout-s", "1",
+               "--json", str(out), "--plot", str(tmp_path / "x.png"))
+    assert proc.returncode == 2
+    assert f"no broker answered at {address} within 1 s" in proc.stderr and "Traceback" not in proc.stderr
+    report = json.loads(out.read_text())
+    assert report["ok"] is False and f"no broker answered at {address}" in report["error"]["message"]
+    assert all(v is None for v in report["latency_ms"].values())
+    assert_no_nan(proc.stdout, proc.stderr, out.read_text())
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.fixture
+def broker_only(tmp_path):
+    """A broker with no workers: STATS answers, requests wait in the queue and time out."""
+    front = f"ipc://{tmp_path}/front.ipc"
+    proc = subprocess.Popen([sys.executable, "-m", "bertpool.broker.broker", "--address", front,
+                             "--worker-address", f"ipc://{tmp_path}/back.ipc", "--stats-interval-s", "0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        from bertpool.clients.bench import try_stats
+
+        assert try_stats(front, 30.0) is not None, "the broker did not answer STATS"
+        yield front
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_failed_requests_are_reported_by_type_with_a_sample(broker_only, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run("--address", broker_only, "--clients", "1", "--cycle", "2", "--warmup", "0",
+               "--timeout-s", "0.3", "--json", str(out))
+    assert proc.returncode == 1, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["requests"] == 2 and report["replies"] == 0 and report["ok"] is False
+    assert report["errors_by_type"] == {"RequestTimeout": 2}
+    assert "got no reply in time" in report["error_samples"]["RequestTimeout"]
+    assert "no ready workers" in report["diagnosis"]
+    assert all(v is None for v in report["latency_ms"].values()) and report["throughput_per_s"] == 0.0
+    assert "RequestTimeout x 2, e.g.: " in proc.stdout and "no ready workers" in proc.stdout
+    assert "p50 -  p90 -" in proc.stdout
+    assert_no_nan(proc.stdout, proc.stderr, out.read_text())
+
+
+def test_summary_of_zero_replies_has_no_nan():
+    from bertpool.clients.bench import BenchConfig, _ClientResult, format_report, summarize
+
+    result = _ClientResult([], [], [], {"ServerBusy": 3}, 0.0, 1.0, {"ServerBusy": "queue full"})
+    report = {**summarize(BenchConfig(clients=1), [result]), "diagnosis": None}
+    text = format_report(report)
+    assert report["latency_ms"]["p50"] is None and report["latency_histogram_ms"] is None
+    assert "ServerBusy x 3, e.g.: queue full" in text
+    assert_no_nan(text, json.dumps(report, allow_nan=False))
+
+
+@pytest.mark.parametrize("value, message", [
+    ("1,x", "comma-separated integers"),
+    ("0,4", "must be >= 1"),
+    ("4,4", "a count twice"),
+    ("", "comma-separated integers"),
+])
+def test_bad_sweep_lists_are_clear_errors(value, message):
+    proc = run("--address", "ipc:///nonexistent-bertpool", "--sweep-clients", value)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--clients", "4", "--sweep-clients", "1,2"], "not allowed with argument"),
+    (["--duration-s", "0"], "--duration-s must be > 0"),
+    (["--connect-timeout-s", "0"], "--connect-timeout-s must be > 0"),
+])
+def test_bad_load_flags_are_clear_errors(args, message):
+    proc = run("--address", "ipc:///nonexistent-bertpool", *args)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_only_on_a_terminal_and_not_quiet():
+    from bertpool.clients.bench import show_progress
+
+    assert show_progress(False, FakeTerminal()) is True
+    assert show_progress(True, FakeTerminal()) is False
+    assert show_progress(False, io.StringIO()) is False
+
+
+def test_progress_bar_shows_live_throughput_during_a_run(start_pool):
+    from bertpool.clients.bench import BenchConfig, run_bench
+    from bertpool.common.data import default_pairs
+
+    pool = start_pool("--backend", "echo", "--batch-timeout-ms", "1", parallel=1)
+    terminal = FakeTerminal()
+    report = run_bench(BenchConfig(address=pool.address, clients=2, cycle=5, warmup=0), default_pairs(),
+                       progress=True, progress_stream=terminal, desc="2 clients")
+    assert report["replies"] == 10
+    drawn = terminal.getvalue()
+    assert "2 clients" in drawn and "10/10" in drawn and "req/s" in drawn and "errors=0" in drawn
