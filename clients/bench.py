@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import queue
 import sys
 import time
@@ -225,8 +226,10 @@ class Progress:
 
     def __init__(self, counters, total: int | None, desc: str, stream: TextIO) -> None:
         self._counters = counters
-        self._bar = tqdm(total=total, desc=desc, unit="req", file=stream, dynamic_ncols=True,
-                         mininterval=0.25, smoothing=0.3, leave=True)
+        columns, lines = _size(stream)  # 0 x 0 on a pseudo-terminal with no size: tqdm would draw nothing
+        self._bar = tqdm(total=total, desc=desc, unit="req", file=stream, ncols=columns or 100,
+                         nrows=lines or 24, dynamic_ncols=bool(columns), mininterval=0.25, smoothing=0.3,
+                         leave=True)
 
     def update(self) -> None:
         done, errors = sum(self._counters[0::2]), sum(self._counters[1::2])
@@ -236,6 +239,14 @@ class Progress:
     def close(self) -> None:
         self.update()
         self._bar.close()
+
+
+def _size(stream: TextIO) -> tuple[int, int]:
+    """The terminal's columns and lines, 0 x 0 when unknown."""
+    try:
+        return tuple(os.get_terminal_size(stream.fileno()))
+    except (AttributeError, OSError, ValueError):
+        return 0, 0
 
 
 def run_bench(config: BenchConfig, pairs: list[Pair], progress: bool = False,

@@ -57,7 +57,7 @@ def run_sweep(config: BenchConfig, clients: list[int], pairs: list[Pair], progre
         step_config = replace(config, clients=count)
         try:
             steps.append(run_bench(step_config, pairs, progress=progress,
-                                   desc=f"{count} clients ({n + 1}/{len(clients)})"))
+                                   desc=f"{count} client{'' if count == 1 else 's'} ({n + 1}/{len(clients)})"))
         except RequestError as exc:
             if not steps:
                 raise
