@@ -66,11 +66,12 @@ def served(args, pairs, parallel: int, threads: int) -> dict[str, Any]:
         proc.wait(60)
         log.close()
     server = single["server_mean"]
-    added = single["latency_ms"]["p50"] - server["compute_ms"] - args.batch_timeout_ms
+    p50 = single["latency_ms"]["p50"]  # None when no single request was answered
+    added = None if p50 is None else round(p50 - server["compute_ms"] - args.batch_timeout_ms, 3)
     return {"parallel": parallel, "threads": threads, "clients": clients,
             "inferences_per_s": load["throughput_per_s"], "errors": load["errors"] + single["errors"],
             "saturation_latency_ms": load["latency_ms"], "single_latency_ms": single["latency_ms"],
-            "single_server_mean_ms": server, "single_added_latency_ms_p50": round(added, 3)}
+            "single_server_mean_ms": server, "single_added_latency_ms_p50": added}
 
 
 def main(argv: list[str] | None = None) -> int:
