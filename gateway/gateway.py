@@ -178,11 +178,14 @@ class Gateway:
             futures = [asyncio.wrap_future(submit(*row, timeout_s=timeout_s)) for row in rows.items]
         except BertpoolError as exc:
             raise from_pool_error(exc) from exc
-        results = await asyncio.gather(*futures, return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise from_pool_error(result) from result
-        return np.stack([r.probabilities for r in results]).astype(np.float32, copy=False)
+        # The request fails as soon as one row does (BUSY, a bad text): no waiting for the rest.
+        done, pending = await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
+        for future in done:
+            if future.exception() is not None:
+                for other in pending:
+                    other.cancel()  # cancels only the wait: the Client settles and drops the request
+                raise from_pool_error(future.exception()) from future.exception()
+        return np.stack([f.result().probabilities for f in futures]).astype(np.float32, copy=False)
 
     async def ready(self) -> bool:
         """True while the broker has at least one worker (one STATS per ready_cache_s at most)."""
