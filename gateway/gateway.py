@@ -136,6 +136,8 @@ def from_pool_error(exc: BaseException) -> KServeError:
         return KServeError(503, f"server busy, retry later: {exc}")
     if isinstance(exc, E.RequestTimeout):
         return KServeError(504, f"deadline exceeded: {exc}")
+    if isinstance(exc, E.MalformedReply):  # the pool's reply was unreadable: not the client's fault
+        return KServeError(500, f"malformed reply from the pool: {exc}")
     if isinstance(exc, E.RemoteError):
         if exc.code in _BAD_INPUT_CODES:
             return KServeError(400, f"invalid input: {exc.message}")

@@ -67,7 +67,15 @@ def fresh_descriptor() -> bytes:
         _protoc(["-I", str(root), f"--descriptor_set_out={out}", PROTO_NAME])
         files = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file
         assert len(files) == 1, "the .proto imports nothing"
+        _strip_json_names(files[0].message_type)  # descriptor sets carry them; generated code does not
         return files[0].SerializeToString(deterministic=True)
+
+
+def _strip_json_names(messages) -> None:
+    for message in messages:
+        for f in message.field:
+            f.ClearField("json_name")
+        _strip_json_names(message.nested_type)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -450,3 +450,25 @@ def test_gateway_cli_refuses_bad_flags(tmp_path):
         out = subprocess.run([sys.executable, "-m", "bertpool.gateway.gateway", *args],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and fragment in out.stderr, out.stderr
+
+
+# ------------------------------------------------------------------------ fuzzing
+
+def test_fuzzed_http_bodies_never_crash_the_gateway(served):
+    """Random and near-valid JSON bodies get 200 or a 4xx v2 error, never a 500; then it still serves."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from test_gateway_kserve import json_values, near_valid
+
+    url = served.url(f"/v2/models/{MODEL}/infer")
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(doc=near_valid | json_values, tail=st.binary(max_size=16), header=st.booleans())
+    def fuzz(doc, tail, header):
+        text = json.dumps(doc).encode()
+        status, reply = http_post(url, text + tail, {"Inference-Header-Content-Length": str(len(text))}
+                                  if header else {})
+        assert status == 200 or status in (400, 404, 413) and reply["error"], (status, reply)
+
+    fuzz()
+    test_http_text_matches_native(served, 2, True)
