@@ -180,6 +180,11 @@ class Gateway:
             futures = [asyncio.wrap_future(submit(*row, timeout_s=timeout_s)) for row in rows.items]
         except BertpoolError as exc:
             raise from_pool_error(exc) from exc
+        if len(futures) == 1:  # the common case, without asyncio.wait's bookkeeping
+            try:
+                return (await futures[0]).probabilities[None, :].astype(np.float32, copy=False)
+            except BertpoolError as exc:
+                raise from_pool_error(exc) from exc
         # The request fails as soon as one row does (BUSY, a bad text): no waiting for the rest.
         done, pending = await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
         for future in done:
