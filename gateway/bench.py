@@ -10,6 +10,10 @@ against the same pool, so their round trips per second compare directly. Prints 
     native  bertpool.clients.client.Client, straight to the broker
     http    tritonclient.http (binary tensor data, as tritonclient sends by default) via the gateway
     grpc    tritonclient.grpc via the gateway
+    http-json  a minimal v2 client (http.client keep-alive, a JSON body, the JSON reply parsed): the
+            gateway's cost with the client's own CPU mostly out of the way (tritonclient's per-call
+            work is several times the native client's, and on a small machine the 48 client
+            processes share the cores with the gateway and the pool)
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from ..common.cli import report_error
 from ..common.data import default_pairs
 from ..common.errors import BertpoolError, ConfigError
 
-MODES = ("native", "http", "grpc")
+MODES = ("native", "http", "grpc", "http-json")
 MODEL = "bertpool-mrpc"
 
 
@@ -76,6 +80,8 @@ def _make_caller(mode: str, endpoints: dict[str, str], timeout_s: float):
 
         client = Client(endpoints["native"], timeout_s=timeout_s)
         return (lambda a, b: client.predict(a, b).probabilities), client.close
+    if mode == "http-json":
+        return _json_caller(endpoints["http"], timeout_s)
     if mode == "http":
         import tritonclient.http as tc
     else:
@@ -89,6 +95,26 @@ def _make_caller(mode: str, endpoints: dict[str, str], timeout_s: float):
         return client.infer(MODEL, inputs, outputs=[tc.InferRequestedOutput("probabilities")],
                             timeout=int(timeout_s * 1e6)).as_numpy("probabilities")[0]
     return call, client.close
+
+
+def _json_caller(address: str, timeout_s: float):
+    import http.client
+
+    host, port = address.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout_s)
+    path = f"/v2/models/{MODEL}/infer"
+
+    def call(a: str, b: str) -> np.ndarray:
+        body = json.dumps({"inputs": [{"name": "text_a", "datatype": "BYTES", "shape": [1], "data": [a]},
+                                      {"name": "text_b", "datatype": "BYTES", "shape": [1], "data": [b]}],
+                           "outputs": [{"name": "probabilities"}]})
+        conn.request("POST", path, body, {"Content-Type": "application/json"})
+        reply = conn.getresponse()
+        doc = json.loads(reply.read())
+        if reply.status != 200:
+            raise RuntimeError(f"HTTP {reply.status}: {doc.get('error')}")
+        return np.asarray(doc["outputs"][0]["data"], np.float32)
+    return call, conn.close
 
 
 def _client_main(index: int, mode: str, endpoints: dict[str, str], config: GatewayBenchConfig,
@@ -205,7 +231,7 @@ def run_gateway_bench(config: GatewayBenchConfig, log_path: Path) -> dict[str, A
     finally:
         pool.close()
     native = modes.get("native", {}).get("round_trips_per_s")
-    ratios = {f"{m}_vs_native": round(r["round_trips_per_s"] / native, 3)
+    ratios = {f"{m.replace('-', '_')}_vs_native": round(r["round_trips_per_s"] / native, 3)
               for m, r in modes.items() if m != "native" and native}
     return {"config": asdict(config), "backend": "tf" if config.model_dir else "echo",
             "cpus": os.cpu_count(), "modes": modes, "ratios": ratios}
