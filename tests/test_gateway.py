@@ -472,3 +472,15 @@ def test_fuzzed_http_bodies_never_crash_the_gateway(served):
 
     fuzz()
     test_http_text_matches_native(served, 2, True)
+
+
+@pytest.mark.parametrize("module, flags", [
+    ("bertpool.gateway.gateway", ["--broker", "--http", "--grpc", "--model", "--model-name", "--model-version",
+                                  "--timeout-s", "--max-body-bytes", "--max-rows"]),
+    ("bertpool.gateway.bench", ["--clients", "--cycle", "--model", "--modes", "--json"]),
+    ("bertpool.workers.serve", ["--gateway-http", "--gateway-grpc"]),
+])
+def test_help_lists_the_gateway_flags(module, flags):
+    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert all(flag in out.stdout for flag in flags), out.stdout
