@@ -148,7 +148,10 @@ def _client_main(index: int, mode: str, endpoints: dict[str, str], config: Gatew
 def run_mode(mode: str, endpoints: dict[str, str], config: GatewayBenchConfig,
              pairs: list[tuple[str, str]]) -> dict[str, Any]:
     """Run ``config.clients`` processes of ``mode``; return its throughput and latency summary."""
-    ctx = mp.get_context("fork")
+    # forkserver: children fork from a fresh process that imported only this module, never from
+    # the caller (which may hold TensorFlow's or gRPC's threads, and a fork of those can hang).
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
     barrier, results = ctx.Barrier(config.clients, timeout=config.start_timeout_s), ctx.Queue()
     procs = [ctx.Process(target=_client_main, args=(i, mode, endpoints, config, pairs, barrier, results),
                          daemon=True) for i in range(config.clients)]

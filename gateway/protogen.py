@@ -12,7 +12,9 @@ gRPC module imports its messages as ``bertpool.gateway.proto.grpc_service_pb2``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,14 +28,14 @@ GENERATED = ("grpc_service_pb2.py", "grpc_service_pb2_grpc.py")
 
 
 def _protoc(args: list[str]) -> None:
-    try:
-        from grpc_tools import protoc
-    except ImportError as exc:
+    """Run grpcio-tools' protoc in a child process: in-process it can crash a process that has
+    loaded another protobuf runtime (TensorFlow's)."""
+    if importlib.util.find_spec("grpc_tools") is None:
         raise ConfigError("regenerating the gateway's gRPC modules needs grpcio-tools "
-                          "(pip install 'bertpool[test]')") from exc
-    code = protoc.main(["grpc_tools.protoc", *args])
-    if code != 0:
-        raise ConfigError(f"protoc failed with exit code {code} on {PROTO}")
+                          "(pip install 'bertpool[test]')")
+    out = subprocess.run([sys.executable, "-m", "grpc_tools.protoc", *args], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise ConfigError(f"protoc failed with exit code {out.returncode} on {PROTO}: {out.stderr.strip()}")
 
 
 def _staged(tmp: Path) -> Path:
