@@ -14,6 +14,7 @@ import threading
 from ..broker.broker import Broker, add_broker_arguments, broker_config_from_args
 from ..common.cli import install_stop_handlers, report_error, setup_logging
 from ..common.errors import BertpoolError
+from ..gateway.launch import add_serve_gateway_arguments, start_gateway_process, stop_gateway_process
 from .backends import ECHO_WARNING
 from .supervisor import Supervisor, add_supervisor_arguments, supervisor_config_from_args
 
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_supervisor_arguments(parser)
     parser.add_argument("--stats-interval-s", type=float, default=1.0,
                         help="print inferences/s and batch fill this often; 0 disables (default: %(default)s)")
+    add_serve_gateway_arguments(parser)
     return parser
 
 
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         return report_error("bertpool-serve", exc)
     thread = threading.Thread(target=broker.run, name="broker", daemon=True)
     thread.start()
+    gateway = start_gateway_process(args)
     install_stop_handlers(supervisor.stop)
     backend = supervisor.config.worker.backend
     served = f" serving {backend.model_dir}" if backend.model_dir else ""
@@ -52,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         supervisor.run()  # returns after stop() (signal) or a worker that cannot load
     finally:
+        stop_gateway_process(gateway)
         broker.stop()
         thread.join(10)
     if supervisor.failed:

@@ -1,0 +1,314 @@
+"""bertpool-gateway: the KServe v2 (Open Inference Protocol) front door of a bertpool pool.
+
+One process, one asyncio loop: an aiohttp HTTP/REST server (gateway.http) and a grpc.aio
+server (gateway.grpc_server) share one pipelined broker connection
+(:class:`bertpool.clients.client.Client`, whose own I/O thread holds every request in flight;
+its concurrent Futures are awaited with asyncio.wrap_future, so no thread per request).
+
+A v2 request of N rows becomes N pool requests sent at once and is answered when all N are
+back; its deadline (the gRPC deadline, or the ``timeout`` parameter in microseconds, else
+``GatewayConfig.timeout_s``) is each pool request's ``timeout_s``. Pool failures map to v2
+errors (:func:`from_pool_error`): BUSY 503 / UNAVAILABLE, deadline 504 / DEADLINE_EXCEEDED,
+bad input 400 / INVALID_ARGUMENT, anything else 500 / INTERNAL.
+
+Readiness (server and model): at least one worker is registered with the broker, asked with
+STATS and cached for ``ready_cache_s``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..clients.client import Client
+from ..common import errors as E
+from ..common import protocol as P
+from ..common.cli import report_error, setup_logging
+from ..common.errors import BertpoolError, ConfigError
+from . import kserve
+from .kserve import KServeError, Limits, ModelInfo
+
+log = logging.getLogger("bertpool.gateway")
+
+DEFAULT_MODEL_NAME = "bertpool-mrpc"
+DEFAULT_SEQ_LENGTH = 128  # the run_classifier export's, and the echo backend's
+SERVER_NAME = "bertpool"
+EXTENSIONS = ["binary_tensor_data"]
+
+# Pool error codes that mean the client's input was bad.
+_BAD_INPUT_CODES = {P.E_BAD_TEXT, P.E_BAD_FIELD, P.E_BAD_ENCODING, P.E_TOO_LARGE}
+_UNAVAILABLE_CODES = {P.E_SHUTDOWN, P.E_WORKER_LOST}
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    broker: str = "tcp://127.0.0.1:5555"    # the broker's client endpoint
+    http: str | None = "127.0.0.1:8000"     # HTTP/REST listen address host:port; None: no HTTP
+    grpc: str | None = "127.0.0.1:8001"     # gRPC listen address host:port; None: no gRPC
+    model_name: str = DEFAULT_MODEL_NAME    # the name v2 clients call the model by
+    model_dir: str | None = None            # the served model's directory, for its version hash and S
+    model_version: str | None = None        # overrides the version read from model_dir
+    timeout_s: float = 30.0                 # pool deadline of a request that names none
+    max_body_bytes: int = 16 << 20          # larger HTTP bodies get 413, gRPC messages RESOURCE_EXHAUSTED
+    max_rows: int = 1024                    # rows (pool requests) one v2 request may carry
+    ready_cache_s: float = 0.5              # how long a readiness answer (a broker STATS) is reused
+
+    def __post_init__(self) -> None:
+        P.check_endpoint("--broker", self.broker)
+        if self.http is None and self.grpc is None:
+            raise ConfigError("nothing to serve: give --http or --grpc (or both)")
+        for flag in ("http", "grpc"):
+            if getattr(self, flag) is not None:
+                parse_listen(getattr(self, flag), f"--{flag}")
+        if not self.model_name or "/" in self.model_name:
+            raise ConfigError(f"--model-name must be non-empty without '/', got {self.model_name!r}")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"--timeout-s must be > 0, got {self.timeout_s}")
+        if self.max_body_bytes < 1024:
+            raise ConfigError(f"--max-body-bytes must be >= 1024, got {self.max_body_bytes}")
+        if self.max_rows < 1:
+            raise ConfigError(f"--max-rows must be >= 1, got {self.max_rows}")
+
+
+def parse_listen(value: str, flag: str) -> tuple[str, int]:
+    """``HOST:PORT`` or a bare ``PORT`` (on 127.0.0.1) as (host, port); ConfigError otherwise."""
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host = "127.0.0.1"
+    host = host.strip("[]")
+    if not port.isdigit() or not 0 <= int(port) <= 65535 or sep and not host:
+        raise ConfigError(f"{flag} {value!r} must be HOST:PORT or PORT")
+    return host, int(port)
+
+
+# ------------------------------------------------------------------ the model
+
+def model_info(config: GatewayConfig) -> ModelInfo:
+    """The served model's v2 identity: name, version (hash of its directory) and S."""
+    seq_length = DEFAULT_SEQ_LENGTH
+    version = config.model_version
+    if config.model_dir is not None:
+        from ..compile.runtime import is_compiled_model, read_manifest
+
+        path = Path(config.model_dir)
+        if not path.is_dir():
+            raise ConfigError(f"--model {path} is not a directory")
+        if is_compiled_model(path):
+            seq_length = int(read_manifest(path)["seq_length"])
+            digest = hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
+        else:
+            digest = _tree_hash(path)
+        version = version or digest[:16]
+    if version is None:
+        log.warning("no --model DIR (or --model-version): the model's version is reported as "
+                    "'unversioned'; give the served model's directory to report its hash")
+        version = "unversioned"
+    return ModelInfo(name=config.model_name, version=version, seq_length=seq_length)
+
+
+def _tree_hash(path: Path) -> str:
+    """sha256 over every file's relative path and contents (a SavedModel directory)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------- error mapping
+
+def from_pool_error(exc: BaseException) -> KServeError:
+    """The v2 error for a pool request that failed with ``exc``."""
+    if isinstance(exc, E.ServerBusy):
+        return KServeError(503, f"server busy, retry later: {exc}")
+    if isinstance(exc, E.RequestTimeout):
+        return KServeError(504, f"deadline exceeded: {exc}")
+    if isinstance(exc, E.MalformedReply):  # the pool's reply was unreadable: not the client's fault
+        return KServeError(500, f"malformed reply from the pool: {exc}")
+    if isinstance(exc, E.RemoteError):
+        if exc.code in _BAD_INPUT_CODES:
+            return KServeError(400, f"invalid input: {exc.message}")
+        if exc.code == P.E_DEADLINE:
+            return KServeError(504, f"deadline exceeded: {exc.message}")
+        if exc.code in _UNAVAILABLE_CODES:
+            return KServeError(503, f"unavailable: {exc.message}")
+        return KServeError(500, f"inference failed: {exc}")
+    broker_unavailable = getattr(E, "BrokerUnavailable", None)  # arrives with the heartbeat work
+    if isinstance(exc, E.ClientClosed) or broker_unavailable and isinstance(exc, broker_unavailable):
+        return KServeError(503, f"unavailable: {exc}")
+    return KServeError(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+# ------------------------------------------------------------------ the gateway
+
+class Gateway:
+    """The protocol-independent core both servers call: infer, readiness, metadata."""
+
+    def __init__(self, config: GatewayConfig, model: ModelInfo, client: Client) -> None:
+        self.config = config
+        self.model = model
+        self.limits = Limits(max_rows=config.max_rows)
+        self._client = client
+        self._ready = False
+        self._ready_at = -float("inf")
+        self._probe: asyncio.Future | None = None
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)}
+
+    async def infer(self, request: kserve.InferRequest, deadline_s: float | None = None) -> np.ndarray:
+        """Probabilities float32 [N,2] for a decoded request; KServeError on any failure."""
+        rows = kserve.rows_of(request, self.model, self.limits)
+        timeout_s = min(t for t in (request.timeout_s, deadline_s, self.config.timeout_s) if t is not None)
+        if not timeout_s > 0:
+            raise KServeError(504, "deadline exceeded before the request was sent")
+        submit = self._client.submit if rows.kind == "text" else self._client.submit_features
+        try:
+            futures = [asyncio.wrap_future(submit(*row, timeout_s=timeout_s)) for row in rows.items]
+        except BertpoolError as exc:
+            raise from_pool_error(exc) from exc
+        if len(futures) == 1:  # the common case, without asyncio.wait's bookkeeping
+            try:
+                return (await futures[0]).probabilities[None, :].astype(np.float32, copy=False)
+            except BertpoolError as exc:
+                raise from_pool_error(exc) from exc
+        # The request fails as soon as one row does (BUSY, a bad text): no waiting for the rest.
+        done, pending = await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
+        for future in done:
+            if future.exception() is not None:
+                for other in pending:
+                    other.cancel()  # cancels only the wait: the Client settles and drops the request
+                raise from_pool_error(future.exception()) from future.exception()
+        return np.stack([f.result().probabilities for f in futures]).astype(np.float32, copy=False)
+
+    async def ready(self) -> bool:
+        """True while the broker has at least one worker (one STATS per ready_cache_s at most)."""
+        if time.monotonic() - self._ready_at < self.config.ready_cache_s:
+            return self._ready
+        if self._probe is None:
+            self._probe = asyncio.ensure_future(self._ask_broker())
+        probe = self._probe
+        return await asyncio.shield(probe)
+
+    async def _ask_broker(self) -> bool:
+        loop = asyncio.get_running_loop()
+        try:
+            stats = await loop.run_in_executor(None, self._client.stats, 2.0)
+            ready = bool(stats.get("workers"))
+        except BertpoolError as exc:
+            log.info("not ready: broker STATS failed: %s", exc)
+            ready = False
+        self._ready, self._ready_at, self._probe = ready, time.monotonic(), None
+        return ready
+
+
+async def serve(config: GatewayConfig, stop: asyncio.Event, on_listening=None) -> None:
+    """Run the configured servers until ``stop`` is set; ``on_listening(dict)`` gets the bound
+    addresses ({"http": "host:port", "grpc": "host:port"})."""
+    model = model_info(config)
+    client = Client(config.broker, timeout_s=config.timeout_s)
+    gateway = Gateway(config, model, client)
+    cleanups = []
+    bound: dict[str, str] = {}
+    try:
+        if config.http is not None:
+            from .http import start_http
+
+            runner, address = await start_http(gateway, *parse_listen(config.http, "--http"))
+            cleanups.append(runner.cleanup)
+            bound["http"] = address
+        if config.grpc is not None:
+            from .grpc_server import start_grpc
+
+            server, address = await start_grpc(gateway, *parse_listen(config.grpc, "--grpc"))
+            cleanups.append(lambda: server.stop(grace=1.0))
+            bound["grpc"] = address
+        if on_listening is not None:
+            on_listening(bound, model)
+        await stop.wait()
+    finally:
+        for cleanup in reversed(cleanups):
+            await cleanup()
+        client.close()
+
+
+# -------------------------------------------------------------------- CLI
+
+def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--broker", default="tcp://127.0.0.1:5555",
+                        help="the broker's client endpoint (default: %(default)s)")
+    parser.add_argument("--http", default="127.0.0.1:8000", metavar="HOST:PORT",
+                        help="HTTP/REST listen address, a bare port means 127.0.0.1; 'off' disables "
+                             "(default: %(default)s)")
+    parser.add_argument("--grpc", default="127.0.0.1:8001", metavar="HOST:PORT",
+                        help="gRPC listen address, a bare port means 127.0.0.1; 'off' disables "
+                             "(default: %(default)s)")
+    parser.add_argument("--model", "--dir", dest="model", metavar="DIR",
+                        help="the directory the workers serve: the model's version is its hash "
+                             "(a compiled model's manifest.json) and its sequence length is read from it")
+    parser.add_argument("--model-name", default=DEFAULT_MODEL_NAME,
+                        help="the model name v2 clients use (default: %(default)s)")
+    parser.add_argument("--model-version", default=None,
+                        help="report this version instead of the hash of --model")
+    parser.add_argument("--timeout-s", type=float, default=30.0,
+                        help="pool deadline of requests that carry none (default: %(default)s)")
+    parser.add_argument("--max-body-bytes", type=int, default=16 << 20,
+                        help="largest HTTP body / gRPC message accepted (default: %(default)s)")
+    parser.add_argument("--max-rows", type=int, default=1024,
+                        help="most rows one inference request may carry (default: %(default)s)")
+
+
+def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    off = ("off", "")
+    return GatewayConfig(broker=args.broker, http=None if args.http in off else args.http,
+                         grpc=None if args.grpc in off else args.grpc, model_name=args.model_name,
+                         model_dir=args.model, model_version=args.model_version, timeout_s=args.timeout_s,
+                         max_body_bytes=args.max_body_bytes, max_rows=args.max_rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="bertpool-gateway",
+        description="Serve a bertpool pool over the KServe v2 / Open Inference Protocol (HTTP/REST and "
+                    "gRPC), so Triton and KServe clients can call it.",
+        epilog="example: bertpool-gateway --broker tcp://127.0.0.1:5555 --http 8000 --grpc 8001")
+    add_gateway_arguments(parser)
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        config = config_from_args(args)
+        return asyncio.run(_run(config))
+    except (BertpoolError, OSError, RuntimeError) as exc:  # bad flags, model dir, a port in use
+        return report_error("bertpool-gateway", exc)
+
+
+async def _run(config: GatewayConfig) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    def listening(bound: dict[str, str], model: ModelInfo) -> None:
+        where = ", ".join(f"{k} on {v}" for k, v in bound.items())
+        print(f"bertpool-gateway: {where}; broker {config.broker}; model {model.name} version "
+              f"{model.version}", flush=True)
+
+    await serve(config, stop, listening)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,486 @@
+"""The KServe v2 gateway end to end: Triton's own clients -> gateway -> broker -> echo workers.
+
+Real processes: bertpool-serve with --gateway-http/--gateway-grpc (the gateway as its child), or
+bertpool-broker + bertpool-gateway for the error cases that need a pool with no workers.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+pytest.importorskip("aiohttp")
+pytest.importorskip("grpc")
+httpclient = pytest.importorskip("tritonclient.http")
+grpcclient = pytest.importorskip("tritonclient.grpc")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from bertpool.clients.client import Client  # noqa: E402
+from bertpool.common.data import default_pairs, read_mrpc_tsv, shared_data_dir  # noqa: E402
+from conftest import free_tcp_port  # noqa: E402
+
+MODEL = "bertpool-mrpc"
+S = 128
+
+
+def mrpc_pairs(n: int) -> list[tuple[str, str]]:
+    """MRPC dev pairs when ../shared/data has them, else the bundled MRPC-like sample."""
+    data = shared_data_dir()
+    tsv = data / "glue_mrpc_dev.tsv" if data else None
+    pairs = read_mrpc_tsv(tsv) if tsv and tsv.is_file() else default_pairs()
+    return [(p.text_a, p.text_b) for p in pairs[:n]]
+
+
+def wait_live(http: str, proc: subprocess.Popen, log_path, timeout_s: float = 60.0) -> None:
+    """Block until GET /v2/health/live answers 200 (bounded), or fail with the process log."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            with urllib.request.urlopen(f"http://{http}/v2/health/live", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, OSError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"gateway never came up (exit {proc.poll()}):\n{log_path.read_text(errors='replace')}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def http_get(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def http_post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, method="POST", headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+class Served:
+    def __init__(self, address: str, http: str, grpc: str) -> None:
+        self.address, self.http, self.grpc = address, http, grpc
+
+    def url(self, path: str) -> str:
+        return f"http://{self.http}{path}"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """bertpool-serve (2 echo workers) with its gateway child on HTTP and gRPC."""
+    tmp = tmp_path_factory.mktemp("gateway")
+    front, back = f"ipc://{tmp}/front.ipc", f"ipc://{tmp}/back.ipc"
+    http, grpc = f"127.0.0.1:{free_tcp_port()}", str(free_tcp_port())  # a bare port: 127.0.0.1
+    log_path = tmp / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "bertpool.workers.serve", "--address", front,
+                                 "--worker-address", back, "--parallel", "2", "--stats-interval-s", "0",
+                                 "--batch-timeout-ms", "2", "--gateway-http", http, "--gateway-grpc", grpc],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_live(http, proc, log_path)
+        s = Served(front, http, f"127.0.0.1:{grpc}")
+        deadline = time.monotonic() + 60
+        while http_get(s.url("/v2/health/ready"))[0] != 200:
+            assert time.monotonic() < deadline and proc.poll() is None, log_path.read_text()
+            time.sleep(0.1)
+        yield s
+    finally:
+        stop(proc)
+        try:
+            import os
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 0, log_path.read_text()
+
+
+def native(served: Served, pairs) -> np.ndarray:
+    with Client(served.address, timeout_s=30) as client:
+        return np.stack([r.probabilities for r in client.predict_many(pairs)])
+
+
+def native_features(served: Served, ids, mask, segs) -> np.ndarray:
+    with Client(served.address, timeout_s=30) as client:
+        futures = [client.submit_features(ids[i], mask[i], segs[i]) for i in range(len(ids))]
+        return np.stack([f.result().probabilities for f in futures])
+
+
+def random_features(n: int, seed: int = 0, dtype=np.int32):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, 30, size=(n, S)).astype(dtype)  # within the echo backend's tiny vocabulary
+    lengths = rng.integers(5, S, size=n)
+    mask = (np.arange(S)[None, :] < lengths[:, None]).astype(dtype)
+    segs = ((np.arange(S)[None, :] > lengths[:, None] // 2) & (mask == 1)).astype(dtype)
+    return ids * mask, mask, segs
+
+
+def text_inputs(module, pairs, binary: bool = True, shape_2d: bool = False):
+    a = np.array([p[0].encode() for p in pairs], dtype=object)
+    b = np.array([p[1].encode() for p in pairs], dtype=object)
+    if shape_2d:
+        a, b = a.reshape(-1, 1), b.reshape(-1, 1)
+    inputs = []
+    for name, arr in (("text_a", a), ("text_b", b)):
+        t = module.InferInput(name, list(arr.shape), "BYTES")
+        if module is httpclient:
+            t.set_data_from_numpy(arr, binary_data=binary)
+        else:
+            t.set_data_from_numpy(arr)
+        inputs.append(t)
+    return inputs
+
+
+def feature_inputs(module, arrays, datatype="INT32", binary: bool = True):
+    inputs = []
+    for name, arr in zip(("input_ids", "input_mask", "segment_ids"), arrays):
+        t = module.InferInput(name, list(arr.shape), datatype)
+        if module is httpclient:
+            t.set_data_from_numpy(arr, binary_data=binary)
+        else:
+            t.set_data_from_numpy(arr)
+        inputs.append(t)
+    return inputs
+
+
+# ------------------------------------------------------------------- inference
+
+@pytest.mark.parametrize("n", [1, 8])
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_http_text_matches_native(served, n, binary):
+    pairs = mrpc_pairs(n)
+    client = httpclient.InferenceServerClient(served.http)
+    outputs = [httpclient.InferRequestedOutput("probabilities", binary_data=binary),
+               httpclient.InferRequestedOutput("label", binary_data=binary)]
+    result = client.infer(MODEL, text_inputs(httpclient, pairs, binary), outputs=outputs, request_id="r1")
+    probs = result.as_numpy("probabilities")
+    assert probs.dtype == np.float32 and probs.shape == (n, 2)
+    np.testing.assert_array_equal(probs, native(served, pairs))
+    np.testing.assert_array_equal(result.as_numpy("label"), probs.argmax(axis=1))
+    assert result.as_numpy("label").dtype == np.int64
+    assert result.get_response()["id"] == "r1"
+
+
+@pytest.mark.parametrize("n", [1, 5])
+@pytest.mark.parametrize("datatype", ["INT32", "INT64"])
+def test_http_features_match_native(served, n, datatype):
+    arrays = random_features(n, seed=n, dtype=np.int32 if datatype == "INT32" else np.int64)
+    client = httpclient.InferenceServerClient(served.http)
+    result = client.infer(MODEL, feature_inputs(httpclient, arrays, datatype))
+    np.testing.assert_array_equal(result.as_numpy("probabilities"), native_features(served, *arrays))
+
+
+def test_http_text_shape_n_by_1_and_one_output(served):
+    pairs = mrpc_pairs(3)
+    client = httpclient.InferenceServerClient(served.http)
+    result = client.infer(MODEL, text_inputs(httpclient, pairs, shape_2d=True),
+                          outputs=[httpclient.InferRequestedOutput("label")])
+    assert result.as_numpy("probabilities") is None
+    np.testing.assert_array_equal(result.as_numpy("label"), native(served, pairs).argmax(axis=1))
+
+
+def test_http_versioned_url_and_plain_json(served):
+    """curl-style JSON with nested data and a version in the URL."""
+    pairs = mrpc_pairs(2)
+    status, meta = http_get(served.url(f"/v2/models/{MODEL}"))
+    version = meta["versions"][0]
+    body = {"id": "x", "inputs": [
+        {"name": "text_a", "datatype": "BYTES", "shape": [2, 1], "data": [[pairs[0][0]], [pairs[1][0]]]},
+        {"name": "text_b", "datatype": "BYTES", "shape": [2, 1], "data": [[pairs[0][1]], [pairs[1][1]]]}]}
+    status, doc = http_post(served.url(f"/v2/models/{MODEL}/versions/{version}/infer"), json.dumps(body).encode())
+    assert status == 200, doc
+    assert doc["model_name"] == MODEL and doc["model_version"] == version and doc["id"] == "x"
+    out = {o["name"]: o for o in doc["outputs"]}
+    assert out["probabilities"]["shape"] == [2, 2] and out["probabilities"]["datatype"] == "FP32"
+    np.testing.assert_allclose(np.array(out["probabilities"]["data"], np.float32).reshape(2, 2),
+                               native(served, pairs))
+    assert out["label"] == {"name": "label", "datatype": "INT64", "shape": [2],
+                            "data": native(served, pairs).argmax(axis=1).tolist()}
+
+
+@pytest.mark.parametrize("n", [1, 8])
+def test_grpc_text_matches_native(served, n):
+    pairs = mrpc_pairs(n)
+    client = grpcclient.InferenceServerClient(served.grpc)
+    result = client.infer(MODEL, text_inputs(grpcclient, pairs), request_id="g1")
+    np.testing.assert_array_equal(result.as_numpy("probabilities"), native(served, pairs))
+    np.testing.assert_array_equal(result.as_numpy("label"), native(served, pairs).argmax(axis=1))
+    assert result.get_response().id == "g1"
+
+
+@pytest.mark.parametrize("n", [1, 4])
+def test_grpc_features_match_native(served, n):
+    arrays = random_features(n, seed=10 + n, dtype=np.int64)
+    client = grpcclient.InferenceServerClient(served.grpc)
+    result = client.infer(MODEL, feature_inputs(grpcclient, arrays, "INT64"),
+                          outputs=[grpcclient.InferRequestedOutput("probabilities")])
+    np.testing.assert_array_equal(result.as_numpy("probabilities"), native_features(served, *arrays))
+    assert result.as_numpy("label") is None
+
+
+# ------------------------------------------------------------- health, metadata
+
+def test_http_health_and_metadata(served):
+    client = httpclient.InferenceServerClient(served.http)
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
+    assert http_get(served.url("/v2/health/live")) == (200, {"live": True})
+    assert http_get(served.url("/v2/health/ready")) == (200, {"ready": True})
+    server = client.get_server_metadata()
+    assert server["name"] == "bertpool" and "binary_tensor_data" in server["extensions"]
+    meta = client.get_model_metadata(MODEL)
+    assert meta["name"] == MODEL and meta["platform"] == "bertpool" and len(meta["versions"]) == 1
+    assert {t["name"]: (t["datatype"], t["shape"]) for t in meta["inputs"]} == {
+        "text_a": ("BYTES", [-1]), "text_b": ("BYTES", [-1]), "input_ids": ("INT32", [-1, S]),
+        "input_mask": ("INT32", [-1, S]), "segment_ids": ("INT32", [-1, S])}
+    assert {t["name"]: (t["datatype"], t["shape"]) for t in meta["outputs"]} == {
+        "probabilities": ("FP32", [-1, 2]), "label": ("INT64", [-1])}
+    assert client.get_model_metadata(MODEL, model_version=meta["versions"][0]) == meta
+    assert client.is_model_ready(MODEL, model_version=meta["versions"][0])
+
+
+def test_grpc_health_and_metadata(served):
+    client = grpcclient.InferenceServerClient(served.grpc)
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
+    server = client.get_server_metadata()
+    assert server.name == "bertpool" and "binary_tensor_data" in server.extensions
+    meta = client.get_model_metadata(MODEL, as_json=True)
+    http_meta = httpclient.InferenceServerClient(served.http).get_model_metadata(MODEL)
+    assert meta["name"] == MODEL and meta["versions"] == http_meta["versions"]
+    assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in meta["inputs"]] == \
+        [(t["name"], t["datatype"], t["shape"]) for t in http_meta["inputs"]]
+
+
+# ----------------------------------------------------------------------- errors
+
+def test_unknown_model_is_404_and_not_found(served):
+    assert http_get(served.url("/v2/models/nope"))[0] == 404
+    assert http_get(served.url(f"/v2/models/{MODEL}/versions/nope"))[0] == 404
+    status, doc = http_get(served.url("/v2/models/nope/ready"))
+    assert status == 404 and "nope" in doc["error"]
+    with pytest.raises(InferenceServerException) as exc:
+        httpclient.InferenceServerClient(served.http).infer("nope", text_inputs(httpclient, mrpc_pairs(1)))
+    assert exc.value.status() == "404" and "unknown model 'nope'" in exc.value.message()
+    with pytest.raises(InferenceServerException) as exc:
+        grpcclient.InferenceServerClient(served.grpc).infer("nope", text_inputs(grpcclient, mrpc_pairs(1)))
+    assert exc.value.status() == "StatusCode.NOT_FOUND"
+    with pytest.raises(InferenceServerException) as exc:
+        grpcclient.InferenceServerClient(served.grpc).get_model_metadata("nope")
+    assert exc.value.status() == "StatusCode.NOT_FOUND"
+
+
+def _text(shape, data, datatype="BYTES", name="text_a"):
+    return {"name": name, "datatype": datatype, "shape": shape, "data": data}
+
+
+BAD_REQUESTS = {
+    "not json": (b"{nope", "not valid JSON"),
+    "not an object": (b"[1, 2]", "JSON object"),
+    "no inputs": (json.dumps({"inputs": []}).encode(), "inputs"),
+    "bad datatype": (json.dumps({"inputs": [_text([1], ["a"], "FP32"), _text([1], ["b"], name="text_b")]}).encode(),
+                     "FP32 data must be numbers"),
+    "unknown datatype": (json.dumps({"inputs": [_text([1], ["a"], "STRING")]}).encode(), "unknown datatype"),
+    "wrong datatype": (json.dumps({"inputs": [_text([1], [1], "INT32"), _text([1], ["b"], name="text_b")]}).encode(),
+                       "expected BYTES"),
+    "bad shape": (json.dumps({"inputs": [_text([1, 2], ["a", "b"]), _text([1, 2], ["c", "d"], name="text_b")]}).encode(),
+                  "expected [N] or [N,1]"),
+    "data vs shape": (json.dumps({"inputs": [_text([2], ["a"]), _text([2], ["c", "d"], name="text_b")]}).encode(),
+                      "needs 2"),
+    "missing input": (json.dumps({"inputs": [_text([1], ["a"])]}).encode(), "missing input(s) text_b"),
+    "unknown input": (json.dumps({"inputs": [_text([1], ["a"], name="image")]}).encode(), "unknown input(s) image"),
+    "row mismatch": (json.dumps({"inputs": [_text([1], ["a"]), _text([2], ["c", "d"], name="text_b")]}).encode(),
+                     "rows"),
+    "feature shape": (json.dumps({"inputs": [{"name": n, "datatype": "INT32", "shape": [1, 3], "data": [1, 1, 1]}
+                                             for n in ("input_ids", "input_mask", "segment_ids")]}).encode(),
+                      f"expected [N,{S}]"),
+    "empty text": (json.dumps({"inputs": [_text([1], [" "]), _text([1], ["b"], name="text_b")]}).encode(),
+                   "empty text"),
+    "unknown output": (json.dumps({"inputs": [_text([1], ["a"]), _text([1], ["b"], name="text_b")],
+                                   "outputs": [{"name": "logits"}]}).encode(), "unknown output 'logits'"),
+    "bad binary size": (json.dumps({"inputs": [{**_text([1], None), "parameters": {"binary_data_size": 99}}]}).encode(),
+                        "binary_data_size"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_bad_requests_are_400_with_a_message(served, case):
+    body, fragment = BAD_REQUESTS[case]
+    status, doc = http_post(served.url(f"/v2/models/{MODEL}/infer"), body)
+    assert status == 400, doc
+    assert fragment in doc["error"]
+
+
+def test_bad_header_length_is_400(served):
+    body = json.dumps({"inputs": [_text([1], ["a"]), _text([1], ["b"], name="text_b")]}).encode()
+    for header in ("abc", "0", str(len(body) + 1)):
+        status, doc = http_post(served.url(f"/v2/models/{MODEL}/infer"), body,
+                                {"Inference-Header-Content-Length": header})
+        assert status == 400 and "Inference-Header-Content-Length" in doc["error"]
+
+
+def test_grpc_bad_requests_are_invalid_argument(served):
+    client = grpcclient.InferenceServerClient(served.grpc)
+    a = grpcclient.InferInput("text_a", [1], "BYTES")
+    a.set_data_from_numpy(np.array([b"a"], dtype=object))
+    with pytest.raises(InferenceServerException) as exc:  # text_b missing
+        client.infer(MODEL, [a])
+    assert exc.value.status() == "StatusCode.INVALID_ARGUMENT" and "text_b" in exc.value.message()
+    f = grpcclient.InferInput("text_b", [1], "FP32")
+    f.set_data_from_numpy(np.array([1.0], dtype=np.float32))
+    with pytest.raises(InferenceServerException) as exc:
+        client.infer(MODEL, [a, f])
+    assert exc.value.status() == "StatusCode.INVALID_ARGUMENT" and "expected BYTES" in exc.value.message()
+    ids = random_features(1)
+    inputs = feature_inputs(grpcclient, [x[:, :64] for x in ids])
+    with pytest.raises(InferenceServerException) as exc:
+        client.infer(MODEL, inputs)
+    assert exc.value.status() == "StatusCode.INVALID_ARGUMENT" and f"[N,{S}]" in exc.value.message()
+
+
+def test_oversized_bodies_are_413_and_resource_exhausted(served):
+    big = b"x" * (17 << 20)  # over the default 16 MiB bound
+    status, doc = http_post(served.url(f"/v2/models/{MODEL}/infer"), big)
+    assert status == 413 and "error" in doc
+    client = grpcclient.InferenceServerClient(served.grpc)
+    a = grpcclient.InferInput("text_a", [1], "BYTES")
+    a.set_data_from_numpy(np.array([big], dtype=object))
+    with pytest.raises(InferenceServerException) as exc:
+        client.infer(MODEL, [a, a])
+    assert exc.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    assert httpclient.InferenceServerClient(served.http).is_server_live()  # still serving
+
+
+def test_unknown_path_and_method_are_v2_errors(served):
+    status, doc = http_get(served.url("/v3/whatever"))
+    assert status == 404 and "error" in doc
+    status, doc = http_post(served.url("/v2/health/live"), b"{}")
+    assert status == 405 and "error" in doc
+
+
+# ---------------------------------------- a broker without workers: ready, busy, deadline
+
+@pytest.fixture
+def workerless(tmp_path):
+    """bertpool-broker (no workers, --max-queue 2) + bertpool-gateway (the CLI) on free ports."""
+    front = f"ipc://{tmp_path}/front.ipc"
+    http, grpc = f"127.0.0.1:{free_tcp_port()}", f"127.0.0.1:{free_tcp_port()}"
+    procs = []
+    log_path = tmp_path / "gateway.log"
+    with open(tmp_path / "broker.log", "wb") as log:
+        procs.append(subprocess.Popen([sys.executable, "-m", "bertpool.broker.broker", "--address", front,
+                                       "--worker-address", f"ipc://{tmp_path}/back.ipc", "--max-queue", "2",
+                                       "--stats-interval-s", "0"], stdout=log, stderr=subprocess.STDOUT))
+    with open(log_path, "wb") as log:
+        procs.append(subprocess.Popen([sys.executable, "-m", "bertpool.gateway.gateway", "--broker", front,
+                                       "--http", http, "--grpc", grpc, "--model-version", "7"],
+                                      stdout=log, stderr=subprocess.STDOUT))
+    try:
+        wait_live(http, procs[1], log_path)
+        yield Served(front, http, grpc)
+    finally:
+        for p in reversed(procs):
+            stop(p)
+    assert procs[1].returncode == 0, log_path.read_text()
+
+
+def test_not_ready_without_workers(workerless):
+    assert http_get(f"http://{workerless.http}/v2/health/live") == (200, {"live": True})
+    status, doc = http_get(f"http://{workerless.http}/v2/health/ready")
+    assert status == 400 and doc["ready"] is False
+    assert http_get(f"http://{workerless.http}/v2/models/{MODEL}/ready")[0] == 400
+    assert http_get(f"http://{workerless.http}/v2/models/{MODEL}")[1]["versions"] == ["7"]
+    client = grpcclient.InferenceServerClient(workerless.grpc)
+    assert client.is_server_live() and not client.is_server_ready() and not client.is_model_ready(MODEL)
+    assert not httpclient.InferenceServerClient(workerless.http).is_server_ready()
+
+
+def test_deadline_is_504_and_deadline_exceeded(workerless):
+    pairs = mrpc_pairs(1)
+    with pytest.raises(InferenceServerException) as exc:
+        httpclient.InferenceServerClient(workerless.http).infer(MODEL, text_inputs(httpclient, pairs),
+                                                                timeout=200_000)  # microseconds
+    assert exc.value.status() == "504" and "deadline" in exc.value.message()
+    with pytest.raises(InferenceServerException) as exc:
+        grpcclient.InferenceServerClient(workerless.grpc).infer(MODEL, text_inputs(grpcclient, pairs),
+                                                                timeout=200_000)
+    assert exc.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+
+
+def test_busy_is_503_and_unavailable(workerless):
+    pairs = mrpc_pairs(6)  # 6 rows into a queue of 2: the broker answers BUSY
+    with pytest.raises(InferenceServerException) as exc:
+        httpclient.InferenceServerClient(workerless.http).infer(MODEL, text_inputs(httpclient, pairs),
+                                                                timeout=5_000_000)
+    assert exc.value.status() == "503" and "busy" in exc.value.message()
+    with pytest.raises(InferenceServerException) as exc:
+        grpcclient.InferenceServerClient(workerless.grpc).infer(MODEL, text_inputs(grpcclient, pairs),
+                                                                timeout=5_000_000)
+    assert exc.value.status() == "StatusCode.UNAVAILABLE"
+
+
+def test_gateway_cli_refuses_bad_flags(tmp_path):
+    for args, fragment in ((["--http", "off", "--grpc", "off"], "nothing to serve"),
+                           (["--http", "nohost:"], "HOST:PORT"),
+                           (["--broker", "http://x"], "--broker"),
+                           (["--model", str(tmp_path / "absent")], "not a directory")):
+        out = subprocess.run([sys.executable, "-m", "bertpool.gateway.gateway", *args],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and fragment in out.stderr, out.stderr
+
+
+# ------------------------------------------------------------------------ fuzzing
+
+def test_fuzzed_http_bodies_never_crash_the_gateway(served):
+    """Random and near-valid JSON bodies get 200 or a 4xx v2 error, never a 500; then it still serves."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from test_gateway_kserve import json_values, near_valid
+
+    url = served.url(f"/v2/models/{MODEL}/infer")
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(doc=near_valid | json_values, tail=st.binary(max_size=16), header=st.booleans())
+    def fuzz(doc, tail, header):
+        text = json.dumps(doc).encode()
+        status, reply = http_post(url, text + tail, {"Inference-Header-Content-Length": str(len(text))}
+                                  if header else {})
+        assert status == 200 or status in (400, 404, 413) and reply["error"], (status, reply)
+
+    fuzz()
+    test_http_text_matches_native(served, 2, True)
+
+
+@pytest.mark.parametrize("module, flags", [
+    ("bertpool.gateway.gateway", ["--broker", "--http", "--grpc", "--model", "--model-name", "--model-version",
+                                  "--timeout-s", "--max-body-bytes", "--max-rows"]),
+    ("bertpool.gateway.bench", ["--clients", "--cycle", "--model", "--modes", "--json"]),
+    ("bertpool.workers.serve", ["--gateway-http", "--gateway-grpc"]),
+])
+def test_help_lists_the_gateway_flags(module, flags):
+    out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert all(flag in out.stdout for flag in flags), out.stdout

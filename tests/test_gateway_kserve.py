@@ -1,0 +1,169 @@
+"""gateway.kserve: decoding and checking v2 requests, encoding responses (no processes)."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bertpool.common import errors as E
+from bertpool.common import protocol as P
+from bertpool.gateway import kserve
+from bertpool.gateway.gateway import from_pool_error, parse_listen
+from bertpool.gateway.kserve import KServeError, Limits, ModelInfo
+
+MODEL = ModelInfo(name="m", version="v1", seq_length=8)
+LIMITS = Limits(max_rows=4)
+
+
+def bytes_blob(items: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(x)) + x for x in items)
+
+
+def binary_request(inputs: list[tuple[str, str, list[int], bytes]], **extra) -> tuple[bytes, str]:
+    doc = {"inputs": [{"name": n, "datatype": d, "shape": s, "parameters": {"binary_data_size": len(b)}}
+                      for n, d, s, b in inputs], **extra}
+    header = json.dumps(doc).encode()
+    return header + b"".join(b for *_, b in inputs), str(len(header))
+
+
+def test_binary_text_and_features_decode():
+    body, hl = binary_request([("text_a", "BYTES", [2], bytes_blob([b"a", "é".encode()])),
+                               ("text_b", "BYTES", [2, 1], bytes_blob([b"", b"c"]))])
+    rows = kserve.rows_of(kserve.decode_http(body, hl, LIMITS), MODEL, LIMITS)
+    assert rows.kind == "text" and rows.items == [("a", ""), ("é", "c")]
+    feats = [np.arange(16, dtype="<i8").reshape(2, 8) + i for i in range(3)]
+    body, hl = binary_request([(n, "INT64", [2, 8], f.tobytes())
+                               for n, f in zip(kserve.FEATURE_INPUTS, feats)])
+    rows = kserve.rows_of(kserve.decode_http(body, hl, LIMITS), MODEL, LIMITS)
+    assert rows.kind == "features" and len(rows) == 2
+    np.testing.assert_array_equal(rows.items[1][2], feats[2][1])
+    assert rows.items[0][0].dtype == np.int32
+
+
+@pytest.mark.parametrize("raw, fragment", [
+    (bytes_blob([b"a"]), "BYTES elements"),                    # 1 element for shape [2]
+    (bytes_blob([b"a", b"b", b"c"]), "length-prefixed"),       # 3 for 2
+    (struct.pack("<I", 50) + b"ab", "runs past"),              # length beyond the data
+    (b"\x01\x00", "length-prefixed"),                          # a truncated length
+])
+def test_bad_binary_bytes(raw, fragment):
+    body, hl = binary_request([("text_a", "BYTES", [2], raw)])
+    with pytest.raises(KServeError, match=fragment) as exc:
+        kserve.decode_http(body, hl, LIMITS)
+    assert exc.value.status == 400 and exc.value.grpc_code == "INVALID_ARGUMENT"
+
+
+def test_trailing_binary_and_numeric_size_mismatch():
+    body, hl = binary_request([("text_a", "BYTES", [1], bytes_blob([b"a"]))])
+    with pytest.raises(KServeError, match="no input's binary_data_size"):
+        kserve.decode_http(body + b"zz", hl, LIMITS)
+    body, hl = binary_request([("input_ids", "INT32", [1, 8], b"\0" * 31)])
+    with pytest.raises(KServeError, match="takes 32"):
+        kserve.decode_http(body, hl, LIMITS)
+
+
+def test_limits_and_int32_range():
+    rows = {"inputs": [{"name": n, "datatype": "BYTES", "shape": [5], "data": ["x"] * 5} for n in kserve.TEXT_INPUTS]}
+    with pytest.raises(KServeError, match="more than the 4"):
+        kserve.rows_of(kserve.decode_http(json.dumps(rows).encode(), None, LIMITS), MODEL, LIMITS)
+    big = {"inputs": [{"name": n, "datatype": "INT64", "shape": [1, 8], "data": [1 << 40] * 8}
+                      for n in kserve.FEATURE_INPUTS]}
+    with pytest.raises(KServeError, match="does not fit INT32"):
+        kserve.rows_of(kserve.decode_http(json.dumps(big).encode(), None, LIMITS), MODEL, LIMITS)
+    with pytest.raises(KServeError, match="does not fit INT32"):
+        bad = {"inputs": [{**i, "datatype": "INT32"} for i in big["inputs"]]}
+        kserve.decode_http(json.dumps(bad).encode(), None, LIMITS)
+
+
+def test_timeout_parameter_and_outputs():
+    doc = {"inputs": [{"name": "text_a", "datatype": "BYTES", "shape": [1], "data": ["a"]}],
+           "parameters": {"timeout": 250_000, "binary_data_output": True},
+           "outputs": [{"name": "label", "parameters": {"binary_data": False}}, {"name": "probabilities"}]}
+    request = kserve.decode_http(json.dumps(doc).encode(), None, LIMITS)
+    assert request.timeout_s == 0.25
+    assert kserve.requested_outputs(request) == [("label", False), ("probabilities", True)]
+    for timeout in (0, -1, "1", True):
+        doc["parameters"]["timeout"] = timeout
+        with pytest.raises(KServeError, match="timeout"):
+            kserve.decode_http(json.dumps(doc).encode(), None, LIMITS)
+
+
+def test_encode_http_binary_and_json():
+    probs = np.array([[0.25, 0.75], [0.9, 0.1]], np.float32)
+    request = kserve.InferRequest(id="7")
+    body, hl = kserve.encode_http(MODEL, request, probs, [("probabilities", True), ("label", False)])
+    header = json.loads(body[:hl])
+    assert header["id"] == "7" and header["outputs"][0]["parameters"]["binary_data_size"] == 16
+    np.testing.assert_array_equal(np.frombuffer(body[hl:], "<f4").reshape(2, 2), probs)
+    assert header["outputs"][1]["data"] == [1, 0]
+    body, hl = kserve.encode_http(MODEL, request, probs, [("label", False)])
+    assert hl is None and json.loads(body)["outputs"] == [{"name": "label", "datatype": "INT64", "shape": [2],
+                                                             "data": [1, 0]}]
+
+
+def test_model_check():
+    MODEL.check("m", None)
+    MODEL.check("m", "v1")
+    for name, version in (("x", None), ("m", "v2")):
+        with pytest.raises(KServeError) as exc:
+            MODEL.check(name, version)
+        assert exc.value.status == 404 and exc.value.grpc_code == "NOT_FOUND"
+
+
+@pytest.mark.parametrize("error, status", [
+    (E.ServerBusy("full"), 503), (E.RequestTimeout("late"), 504), (E.ClientClosed("closed"), 503),
+    (E.RemoteError(P.E_BAD_TEXT, "empty"), 400), (E.RemoteError(P.E_BAD_FIELD, "x"), 400),
+    (E.RemoteError(P.E_DEADLINE, "late"), 504), (E.RemoteError(P.E_SHUTDOWN, "bye"), 503),
+    (E.RemoteError(P.E_WORKER_LOST, "gone"), 503), (E.RemoteError(P.E_INFERENCE, "boom"), 500),
+    (E.MalformedReply(P.E_BAD_FIELD, "x"), 500), (RuntimeError("bug"), 500),
+])
+def test_pool_errors_map_to_v2_statuses(error, status):
+    assert from_pool_error(error).status == status
+
+
+def test_parse_listen():
+    assert parse_listen("8000", "--http") == ("127.0.0.1", 8000)
+    assert parse_listen("0.0.0.0:80", "--http") == ("0.0.0.0", 80)
+    assert parse_listen("[::1]:81", "--http") == ("::1", 81)
+    for bad in ("", "x", ":80", "h:99999", "h:p"):
+        with pytest.raises(E.ConfigError):
+            parse_listen(bad, "--http")
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                      max_size=4), max_leaves=30)
+NAMES = st.sampled_from([*kserve.TEXT_INPUTS, *kserve.FEATURE_INPUTS, "x", ""])
+DATATYPES = st.sampled_from(["BYTES", "INT32", "INT64", "FP32", "BOOL", "UINT8", "bogus"])
+near_valid_input = st.fixed_dictionaries(
+    {"name": NAMES, "datatype": DATATYPES,
+     "shape": st.lists(st.integers(-2, 9), max_size=3) | json_values},
+    optional={"data": json_values | st.lists(st.integers(-2**40, 2**40) | st.text(max_size=4), max_size=20),
+              "parameters": st.fixed_dictionaries({}, optional={"binary_data_size": st.integers(-5, 50)}) | json_values})
+near_valid = st.fixed_dictionaries(
+    {"inputs": st.lists(near_valid_input, max_size=4)},
+    optional={"outputs": st.lists(st.fixed_dictionaries({"name": NAMES | st.just("label")}), max_size=3) | json_values,
+              "parameters": st.fixed_dictionaries({}, optional={"timeout": json_values,
+                                                                 "binary_data_output": json_values}),
+              "id": json_values})
+
+
+def decode_all(body: bytes, header_length) -> None:
+    try:
+        request = kserve.decode_http(body, header_length, LIMITS)
+        kserve.rows_of(request, MODEL, LIMITS)
+        kserve.requested_outputs(request)
+    except KServeError as exc:
+        assert exc.status == 400 and exc.message
+
+
+@settings(max_examples=300, deadline=None)
+@given(doc=near_valid | json_values, tail=st.binary(max_size=16), header=st.booleans())
+def test_fuzzed_bodies_raise_only_kserve_errors(doc, tail, header):
+    text = json.dumps(doc).encode()
+    decode_all(text + tail, str(len(text)) if header else None)
