@@ -676,3 +676,15 @@ def test_blocking_call_from_a_done_callback_raises_instead_of_deadlocking(tmp_pa
         assert called.wait(WAIT_MS / 1000)
         assert isinstance(outcome[0], RuntimeError) and "deadlock" in str(outcome[0])
         assert client.predict("still", "serving").label == 1
+
+
+def test_real_broker_answers_heartbeats_so_a_long_wait_is_not_a_dead_broker(bare_broker):
+    """The broker has no worker, so the request waits in its queue for the whole deadline: the
+    client pings, hears HEARTBEATs back, and never reconnects nor resends."""
+    with Client(bare_broker.config.frontend, timeout_s=0.6, **FAST) as client:
+        with pytest.raises(DeadlineExceeded):
+            client.predict("nobody", "computes this")
+        assert client.counters.heartbeats_sent >= 3
+        assert client.counters.reconnects == 0 and client.counters.lost_resends == 0
+        assert client.counters.malformed_replies == 0
+    assert bare_broker.counters.errors == 0
