@@ -394,13 +394,21 @@ class Client:
         left_ms = (entry.deadline - now) * 1000.0
         if left_ms <= 0:
             return  # _expire settles it
+        body = entry.encode(min(left_ms, P.MAX_DEADLINE_MS))
+        entry.retry_at = None
+        try:  # never block the I/O thread: a full send queue (a long-dead broker) waits and tries again
+            self._sock.send_multipart([P.VERSION, entry.kind, body], zmq.NOBLOCK)
+        except zmq.Again:
+            at = now + self.config.backoff_initial_s
+            if at < entry.deadline:
+                entry.retry_at = at
+                heapq.heappush(self._retries, (at, next(self._seq), entry.rid))
+            return  # else _expire settles it
         if not self._in_flight:
             self._heard_at = max(self._heard_at, now)  # silence while nothing was asked is no sign of death
-        entry.retry_at = None
         entry.in_flight = True
         entry.sends += 1
         self._in_flight.add(entry.rid)
-        self._sock.send_multipart([P.VERSION, entry.kind, entry.encode(min(left_ms, P.MAX_DEADLINE_MS))])
 
     def _fail_unsent(self) -> None:
         while True:
@@ -542,7 +550,10 @@ class Client:
         elif silent >= interval and now - self._pinged_at >= interval:
             self._pinged_at = now
             self.counters.heartbeats_sent += 1
-            self._sock.send_multipart([P.VERSION, P.HEARTBEAT, P.heartbeat_body()])
+            try:
+                self._sock.send_multipart([P.VERSION, P.HEARTBEAT, P.heartbeat_body()], zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # requests fill the queue to the broker; they are pings enough
 
     def _reconnect(self, why: str) -> None:
         """The broker is presumed dead: replace the DEALER and resend (or fail) what was in flight."""

@@ -735,3 +735,13 @@ def test_real_broker_sigkilled_and_restarted_with_requests_in_flight(tmp_path):
     assert sorted(r.id for r in results) == sorted(f.result().id for f in futures)
     assert all(r.label in (0, 1) for r in results)
     assert stats["broker"]["replies"] == 4  # the new broker computed each once
+
+
+def test_a_full_send_queue_never_blocks_the_client():
+    """Nothing listens, so sends pile up in the DEALER's queue to its high-water mark: the I/O thread
+    must not block on a send, and every request still settles at its deadline."""
+    with Client(f"tcp://127.0.0.1:{free_tcp_port()}", timeout_s=1.0, heartbeat_interval_s=60) as client:
+        futures = [client.submit("a", str(i)) for i in range(3000)]
+        _, not_done = wait(futures, timeout=WAIT_MS / 1000 * 2)
+        assert not not_done, f"{len(not_done)} of {len(futures)} futures never settled"
+        assert all(isinstance(f.exception(), DeadlineExceeded) for f in futures)
