@@ -198,8 +198,11 @@ class Broker:
             return self._accept(client, body)
         if kind == P.STATS:
             return self._on_stats(client, body)
+        if kind == P.HEARTBEAT:  # a waiting client checks we are alive (protocol BP3)
+            self._to_client(client, P.HEARTBEAT, P.heartbeat_body())
+            return None
         return self._client_error(client, P.peek_id(body), P.E_BAD_KIND,
-                                  f"clients may send REQUEST or STATS, not {kind[:8]!r}")
+                                  f"clients may send REQUEST, STATS or HEARTBEAT, not {kind[:8]!r}")
 
     def _accept(self, client: bytes, body: bytes) -> None:
         if len(body) > self.config.max_request_bytes:

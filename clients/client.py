@@ -10,49 +10,104 @@ Thread safety: a Client may be shared by any number of threads. One
 background I/O thread owns the ZeroMQ DEALER socket (ZeroMQ sockets must not
 be shared between threads); callers hand it requests through a thread-safe
 queue and an inproc wake-up pipe, and it completes each request's Future
-when the reply, an ERROR/BUSY, or the deadline comes. Every call has a finite
-default timeout (``ClientConfig.timeout_s``). Every request settles: a reply
-that names it but cannot be decoded fails it with MalformedReply (a
-RemoteError); a reply that names no pending request is counted in
-``Client.counters`` and dropped; close() fails what is left with ClientClosed.
+when the reply, an ERROR/BUSY, or the deadline comes. Futures' done-callbacks
+run on that thread: they may call submit() and close(), but a blocking call
+(predict, predict_many, stats) from one raises RuntimeError instead of
+deadlocking.
+
+Deadlines. Every request has one (``timeout_s``, default
+``ClientConfig.timeout_s``) that covers all its retries. Each send carries the
+time left to it as ``deadline_ms``, so the broker and worker skip a request
+nobody waits for any more. When it passes, or the server answers ERROR
+``deadline_exceeded``, the request fails with DeadlineExceeded (a
+RequestTimeout, so also a TimeoutError).
+
+What is retried (inference is idempotent, so a resend is safe; it keeps its id):
+- BUSY (the broker's queue is full): resent after an exponential backoff with
+  jitter (``backoff_initial_s`` doubling up to ``backoff_max_s``, each drawn in
+  [half, all] of that), at most ``busy_retries`` times; then, or when the next
+  try would come after the deadline, ServerBusy.
+- A lost broker. While requests are in flight the client sends a HEARTBEAT
+  after ``heartbeat_interval_s`` without any message from the broker (any
+  message counts, replies included), and presumes the broker dead after
+  ``heartbeat_liveness`` such silent intervals (a hung or partitioned broker);
+  it also notices at once when the connection to the broker closes (a broker
+  killed or restarted on the same host). Either way it closes its DEALER, opens
+  a new one (a fresh identity, so it never talks to a half-dead session) and
+  resends every request that was in flight, at most ``lost_retries`` times per
+  request and never past its deadline; then BrokerUnavailable, whose message
+  names the address (and says so when nothing ever answered there).
+- ERROR ``shutting_down`` (the broker or worker is stopping, e.g. a broker
+  restarted by its supervisor): resent after a backoff, counted against
+  ``lost_retries`` like a lost broker (the new broker, once bound to the same
+  address, gets it); then RemoteError with code ``shutting_down``.
+Nothing else is retried: other ERRORs (``worker_lost`` included: the broker
+already re-dispatched it as often as it allows) raise RemoteError with its
+``code``.
+
+Every request settles: a reply that names it but cannot be decoded fails it
+with MalformedReply (a RemoteError); a reply that names no pending request
+(a duplicate, one after its request settled, one for an id this client never
+sent) is counted in ``Client.counters`` and dropped; close() fails what is
+left with ClientClosed.
 """
 
 from __future__ import annotations
 
+import collections
+import functools
 import heapq
 import itertools
 import logging
 import os
 import queue
+import random
 import threading
 import time
 import uuid
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Any, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import zmq
 
 from ..common import protocol as P
-from ..common.errors import (BertpoolError, ClientClosed, ConfigError, MalformedReply, ProtocolError,
-                             RemoteError, RequestTimeout, ServerBusy)
+from ..common.errors import (BertpoolError, BrokerUnavailable, ClientClosed, ConfigError, DeadlineExceeded,
+                             MalformedReply, ProtocolError, RemoteError, ServerBusy)
 
 log = logging.getLogger("bertpool.client")
+
+# How many settled request ids the I/O thread remembers, to tell a duplicate reply from a late one.
+_REMEMBERED_IDS = 16384
 
 
 @dataclass(frozen=True)
 class ClientConfig:
     address: str = "tcp://127.0.0.1:5555"  # the broker's client endpoint
-    timeout_s: float = 30.0                # default deadline of every request
+    timeout_s: float = 30.0                # default deadline of every request, all its retries included
     max_in_flight: int = 64                # predict_many keeps at most this many pending
+    heartbeat_interval_s: float = 1.0      # with requests in flight, ping the broker after this long unheard
+    heartbeat_liveness: int = 3            # silent intervals after which the broker is presumed dead
+    busy_retries: int = 3                  # resends of a request answered BUSY before ServerBusy
+    lost_retries: int = 2                  # resends of a request lost with its broker (or shutting_down)
+    backoff_initial_s: float = 0.05        # first backoff before a resend; doubles per retry, with jitter
+    backoff_max_s: float = 1.0             # longest single backoff
 
     def __post_init__(self) -> None:
         P.check_endpoint("address", self.address)
-        if not self.timeout_s > 0:
-            raise ConfigError(f"timeout_s must be > 0, got {self.timeout_s}")
-        if self.max_in_flight < 1:
-            raise ConfigError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
+        for name in ("timeout_s", "heartbeat_interval_s", "backoff_initial_s", "backoff_max_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ConfigError(f"{name} must be a number > 0, got {value!r}")
+        for name, least in (("max_in_flight", 1), ("heartbeat_liveness", 1), ("busy_retries", 0),
+                            ("lost_retries", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"{name} must be an int >= {least}, got {value!r}")
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ConfigError(f"backoff_max_s ({self.backoff_max_s}) must be >= backoff_initial_s "
+                              f"({self.backoff_initial_s})")
 
 
 @dataclass(frozen=True)
@@ -67,29 +122,48 @@ class Prediction:
 
 @dataclass
 class _Pending:
+    rid: Any
     future: Future
-    deadline: float
-    kind: bytes  # what was asked: REQUEST or STATS
+    deadline: float                        # monotonic
+    timeout_s: float                       # as asked, for messages
+    kind: bytes                            # what was asked: REQUEST or STATS
+    encode: Callable[[float], bytes]       # the body, given the milliseconds left to the deadline
+    sends: int = 0                         # times it was sent
+    busy_tries: int = 0                    # resends after BUSY
+    lost_tries: int = 0                    # resends after a lost broker or shutting_down
+    retry_at: float | None = None          # waiting for a backoff to end at this monotonic time
+    in_flight: bool = field(default=False)  # sent on the current socket, no answer yet
 
 
 @dataclass
 class ClientCounters:
-    """Replies the I/O thread dropped (it alone writes these; read them from any thread)."""
-    late_replies: int = 0       # well-formed, but named no pending request (e.g. after its deadline)
+    """What the I/O thread did and dropped (it alone writes these; read them from any thread)."""
+    late_replies: int = 0       # named a request of ours that had already settled (e.g. after its deadline)
+    duplicate_replies: int = 0  # a second answer to a request that already had one
+    unknown_replies: int = 0    # named an id this client never sent
     malformed_replies: int = 0  # named no readable request id, so no request could be settled
+    busy_retries: int = 0       # resends after BUSY
+    lost_resends: int = 0       # resends after a lost broker or shutting_down
+    reconnects: int = 0         # times the DEALER was replaced because the broker was presumed dead
+    heartbeats_sent: int = 0    # HEARTBEATs sent while waiting on a silent broker
 
 
 class Client:
-    """A thread-safe connection to a bertpool broker (see module docstring)."""
+    """A thread-safe connection to a bertpool broker (see module docstring).
+
+    ``address``, ``timeout_s`` and ``max_in_flight`` may be given by position;
+    every other ClientConfig field by keyword (``heartbeat_interval_s=0.5``...).
+    """
 
     def __init__(self, address: str = "tcp://127.0.0.1:5555", timeout_s: float = 30.0,
-                 max_in_flight: int = 64, context: zmq.Context | None = None) -> None:
-        self.config = ClientConfig(address, timeout_s, max_in_flight)
+                 max_in_flight: int = 64, context: zmq.Context | None = None, **settings: Any) -> None:
+        self.config = ClientConfig(address, timeout_s, max_in_flight, **settings)
         self.counters = ClientCounters()
         self._ctx = context or zmq.Context.instance()
         self._ids = itertools.count()
-        self._seq = itertools.count()  # tie-breaker for the deadline heap
+        self._seq = itertools.count()  # tie-breaker for the heaps
         self._prefix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}-"
+        self._random = random.Random()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_addr = f"inproc://bertpool-client-{uuid.uuid4().hex}"
         # Guards _closed, the outbox puts and the wake-up socket: once _closed is set under it,
@@ -101,13 +175,23 @@ class Client:
         self._wake_recv.bind(self._wake_addr)
         self._wake_send = self._ctx.socket(zmq.PAIR)
         self._wake_send.connect(self._wake_addr)
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
         try:
-            self._sock.connect(address)
+            self._open_link()
         except zmq.ZMQError as exc:
             self._close_sockets()
             raise ConfigError(f"cannot connect to {address}: {exc}") from exc
+        # I/O thread state (only that thread touches these after start).
+        self._pending: dict[Any, _Pending] = {}
+        self._deadlines: list[tuple[float, int, Any]] = []  # heap of (deadline, seq, id)
+        self._retries: list[tuple[float, int, Any]] = []    # heap of (retry_at, seq, id)
+        self._in_flight: set[Any] = set()
+        self._settled: collections.OrderedDict[Any, bool] = collections.OrderedDict()  # id -> answered
+        self._heard_at = time.monotonic()   # last message from the broker, or when waiting began
+        self._pinged_at = 0.0               # last HEARTBEAT sent
+        self._ever_heard = False            # any message from any broker since the client started
+        self._ever_connected = False        # any connection accepted at the address since then
         self._thread = threading.Thread(target=self._io_loop, name="bertpool-client-io", daemon=True)
         self._thread.start()
 
@@ -118,16 +202,18 @@ class Client:
         if not isinstance(text_a, str) or not isinstance(text_b, str):
             raise TypeError("text_a and text_b must be str")
         rid = self._new_id()
-        return self._send(rid, P.text_request(rid, text_a, text_b), timeout_s)
+        return self._send(rid, functools.partial(P.text_request, rid, text_a, text_b), timeout_s)
 
     def submit_features(self, input_ids, input_mask, segment_ids,
                         timeout_s: float | None = None) -> Future:
         """Send pre-tokenized features (each [S] ints); the Future resolves to a Prediction."""
         rid = self._new_id()
-        return self._send(rid, P.features_request(rid, input_ids, input_mask, segment_ids), timeout_s)
+        arrays = [np.asarray(a, np.int32) for a in (input_ids, input_mask, segment_ids)]
+        return self._send(rid, functools.partial(P.features_request, rid, *arrays), timeout_s)
 
     def predict(self, text_a: str, text_b: str, timeout_s: float | None = None) -> Prediction:
-        """Classify one pair, blocking; raises RequestTimeout, ServerBusy or RemoteError."""
+        """Classify one pair, blocking; raises DeadlineExceeded, ServerBusy, BrokerUnavailable or RemoteError."""
+        self._check_may_block("predict")
         return self.submit(text_a, text_b, timeout_s).result()
 
     def predict_many(self, pairs: Iterable[tuple[str, str]], timeout_s: float | None = None,
@@ -137,6 +223,7 @@ class Client:
         Raises the first failure in input order (a RequestError); requests
         already sent still settle in the background and are then dropped.
         """
+        self._check_may_block("predict_many")
         window = max_in_flight or self.config.max_in_flight
         futures: list[Future] = []
         for a, b in pairs:
@@ -147,18 +234,23 @@ class Client:
 
     def stats(self, timeout_s: float | None = None) -> dict[str, Any]:
         """The broker's pool statistics (counters, queue, per-worker STATS)."""
+        self._check_may_block("stats")
         rid = self._new_id()
-        return self._send(rid, P.stats_request(rid), timeout_s, kind=P.STATS).result()
+        return self._send(rid, lambda _deadline_ms: P.stats_request(rid), timeout_s, kind=P.STATS).result()
 
     def close(self) -> None:
         """Stop the I/O thread; pending requests fail with ClientClosed. Idempotent, thread-safe.
 
         A submit() racing with close() either raises ClientClosed or returns a
-        Future that settles (with ClientClosed if it was not answered).
+        Future that settles (with ClientClosed if it was not answered). Called
+        from a done-callback (on the I/O thread) it returns at once; the I/O
+        thread then fails what is left and closes the sockets itself.
         """
         with self._lock:
             self._closed.set()
             self._wake_locked()
+        if threading.current_thread() is self._thread:
+            return  # joining ourselves would deadlock; _io_loop's finally closes the sockets
         self._thread.join()
         self._close_sockets()
 
@@ -173,16 +265,22 @@ class Client:
     def _new_id(self) -> str:
         return f"{self._prefix}{next(self._ids)}"
 
-    def _send(self, rid: Any, body: bytes, timeout_s: float | None, kind: bytes = P.REQUEST) -> Future:
+    def _check_may_block(self, what: str) -> None:
+        if threading.current_thread() is self._thread:
+            raise RuntimeError(f"Client.{what}() called from a Future's done-callback would wait on the "
+                               "thread that delivers its reply (a deadlock); use submit() there instead")
+
+    def _send(self, rid: Any, encode: Callable[[float], bytes], timeout_s: float | None,
+              kind: bytes = P.REQUEST) -> Future:
         timeout = self.config.timeout_s if timeout_s is None else timeout_s
-        if not timeout > 0:
-            raise ConfigError(f"timeout_s must be > 0, got {timeout}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ConfigError(f"timeout_s must be a number > 0, got {timeout!r}")
         future: Future = Future()
-        entry = _Pending(future, time.monotonic() + timeout, kind)
+        entry = _Pending(rid, future, time.monotonic() + timeout, timeout, kind, encode)
         with self._lock:
             if self._closed.is_set():
                 raise ClientClosed("client is closed")
-            self._outbox.put((rid, body, entry))
+            self._outbox.put(entry)
             self._wake_locked()
         return future
 
@@ -199,89 +297,312 @@ class Client:
         with self._lock:
             if not self._sockets_closed:
                 self._sockets_closed = True
-                for sock in (self._sock, self._wake_send, self._wake_recv):
+                self._close_link()
+                for sock in (self._wake_send, self._wake_recv):
                     sock.close(linger=0)
 
-    def _io_loop(self) -> None:
-        pending: dict[Any, _Pending] = {}             # request id -> its future (REQUEST and STATS)
-        deadlines: list[tuple[float, int, Any]] = []  # heap of (deadline, seq, id) for pending
-        poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
-        poller.register(self._wake_recv, zmq.POLLIN)
+    # ---------------------------------------------------- the link to the broker
+
+    def _open_link(self) -> None:
+        """A fresh DEALER connected to the broker, with a monitor that reports a closed connection."""
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        monitor_addr = f"inproc://bertpool-client-monitor-{uuid.uuid4().hex}"
         try:
+            sock.monitor(monitor_addr, zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+            monitor = self._ctx.socket(zmq.PAIR)
+            monitor.setsockopt(zmq.LINGER, 0)
+            monitor.connect(monitor_addr)
+        except zmq.ZMQError:
+            sock.close(linger=0)
+            raise
+        self._sock, self._monitor = sock, monitor
+        try:
+            sock.connect(self.config.address)
+        except zmq.ZMQError:
+            self._close_link()
+            raise
+
+    def _close_link(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._sock.close(linger=0)
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+        self._sock = self._monitor = None
+
+    # ------------------------------------------------------------- I/O thread
+
+    def _io_loop(self) -> None:
+        try:
+            poller, polled = zmq.Poller(), None
             while not self._closed.is_set():
-                wait_ms = max(0, int((deadlines[0][0] - time.monotonic()) * 1000) + 1) if deadlines else None
-                events = dict(poller.poll(wait_ms))
+                if polled is not self._sock:  # first turn, or a reconnect replaced the sockets
+                    poller, polled = zmq.Poller(), self._sock
+                    for sock in (self._wake_recv, self._sock, self._monitor):
+                        poller.register(sock, zmq.POLLIN)
+                events = dict(poller.poll(self._wait_ms()))
                 if self._wake_recv in events:
                     while self._wake_recv.poll(0):
                         self._wake_recv.recv()
-                    self._flush_outbox(pending, deadlines)
+                    self._flush_outbox()
                 if self._sock in events:
-                    self._read_replies(pending)
-                self._expire(pending, deadlines)
+                    self._read_replies()
+                if self._monitor in events and self._connection_closed() and self._in_flight:
+                    self._reconnect("its connection closed")
+                now = time.monotonic()
+                self._resend_due(now)
+                self._check_liveness(now)
+                self._expire(time.monotonic())
+        except Exception:  # a bug here must not strand the callers: fail what is pending, loudly
+            log.exception("client I/O thread failed")
         finally:
             with self._lock:
                 self._closed.set()  # from here on submit() refuses, so the drain below is the last
             self._fail_unsent()
-            for entry in pending.values():
+            for entry in self._pending.values():
                 _fail(entry.future, ClientClosed("client closed before the reply arrived"))
+            self._pending.clear()
+            self._close_sockets()  # close() may have come from a callback and not wait for us
 
-    def _flush_outbox(self, pending: dict, deadlines: list) -> None:
+    def _wait_ms(self) -> int | None:
+        """Milliseconds until the next deadline, backoff end or liveness check (None: none)."""
+        times = [heap[0][0] for heap in (self._deadlines, self._retries) if heap]
+        if self._in_flight:
+            interval = self.config.heartbeat_interval_s
+            times.append(max(self._heard_at, self._pinged_at) + interval)
+            times.append(self._heard_at + interval * self.config.heartbeat_liveness)
+        if not times:
+            return None
+        return max(0, int((min(times) - time.monotonic()) * 1000) + 1)
+
+    def _flush_outbox(self) -> None:
         while True:
             try:
-                rid, body, entry = self._outbox.get_nowait()
+                entry = self._outbox.get_nowait()
             except queue.Empty:
                 return
-            pending[rid] = entry
-            heapq.heappush(deadlines, (entry.deadline, next(self._seq), rid))
-            self._sock.send_multipart([P.VERSION, entry.kind, body])
+            self._pending[entry.rid] = entry
+            heapq.heappush(self._deadlines, (entry.deadline, next(self._seq), entry.rid))
+            self._transmit(entry, time.monotonic())
+
+    def _transmit(self, entry: _Pending, now: float) -> None:
+        """Send (or resend) ``entry`` with the time left to its deadline."""
+        left_ms = (entry.deadline - now) * 1000.0
+        if left_ms <= 0:
+            return  # _expire settles it
+        body = entry.encode(min(left_ms, P.MAX_DEADLINE_MS))
+        entry.retry_at = None
+        try:  # never block the I/O thread: a full send queue (a long-dead broker) waits and tries again
+            self._sock.send_multipart([P.VERSION, entry.kind, body], zmq.NOBLOCK)
+        except zmq.Again:
+            at = now + self.config.backoff_initial_s
+            if at < entry.deadline:
+                entry.retry_at = at
+                heapq.heappush(self._retries, (at, next(self._seq), entry.rid))
+            return  # else _expire settles it
+        if not self._in_flight:
+            self._heard_at = max(self._heard_at, now)  # silence while nothing was asked is no sign of death
+        entry.in_flight = True
+        entry.sends += 1
+        self._in_flight.add(entry.rid)
 
     def _fail_unsent(self) -> None:
         while True:
             try:
-                _, _, entry = self._outbox.get_nowait()
+                entry = self._outbox.get_nowait()
             except queue.Empty:
                 return
             _fail(entry.future, ClientClosed("client closed before the request was sent"))
 
-    def _read_replies(self, pending: dict) -> None:
+    def _read_replies(self) -> None:
         for _ in range(1024):
             try:
                 frames = self._sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._on_reply(frames, pending)
+            self._heard_at = time.monotonic()  # any message is a beat, even one we cannot use
+            self._ever_heard = True
+            self._on_reply(frames)
 
-    def _on_reply(self, frames: list[bytes], pending: dict) -> None:
+    def _connection_closed(self) -> bool:
+        """Drain the monitor; True if it reported the broker's connection closed."""
+        closed = False
+        while self._monitor.poll(0):
+            frames = self._monitor.recv_multipart()
+            event = int.from_bytes(frames[0][:2], "little") if frames and len(frames[0]) >= 2 else 0
+            closed = closed or event == zmq.EVENT_DISCONNECTED
+            self._ever_connected = self._ever_connected or event == zmq.EVENT_CONNECTED
+        return closed
+
+    def _on_reply(self, frames: list[bytes]) -> None:
         """Settle the request the reply names; count and drop a reply that names none."""
         try:
             kind, body = P.split_reply(frames)
+            if kind == P.HEARTBEAT:
+                return
             rid = P.check_id(body)
         except ProtocolError as exc:
             self.counters.malformed_replies += 1
             log.warning("dropping a reply that names no request: %s", exc)
             return
-        entry = pending.pop(rid, None)
+        entry = self._pending.get(rid)
         if entry is None:
-            self.counters.late_replies += 1  # its request timed out already
+            self._count_unmatched(rid)
+            return
+        if not entry.in_flight and kind != P.REPLY:
+            self.counters.duplicate_replies += 1  # e.g. a second BUSY while it waits to be resent
             return
         try:
-            _settle(entry, kind, rid, body)
+            if kind == P.BUSY:
+                self._on_busy(entry, P.parse_busy(body))
+            elif kind == P.ERROR:
+                self._on_error(entry, *P.parse_error(body))
+            else:
+                self._finish(entry, answered=True)
+                _settle(entry, kind, rid, body)
         except ProtocolError as exc:
+            self._finish(entry, answered=True)
             error = MalformedReply(exc.code, f"undecodable {P.KIND_NAMES.get(kind, kind[:8])} reply to "
                                              f"{rid}: {exc.message}")
             error.__cause__ = exc
             _fail(entry.future, error)
 
-    @staticmethod
-    def _expire(pending: dict, deadlines: list) -> None:
+    def _count_unmatched(self, rid: Any) -> None:
+        answered = self._settled.get(rid)
+        if answered:
+            self.counters.duplicate_replies += 1
+        elif answered is not None or isinstance(rid, str) and rid.startswith(self._prefix):
+            self.counters.late_replies += 1  # its request expired or failed already (or is long forgotten)
+        else:
+            self.counters.unknown_replies += 1
+
+    def _finish(self, entry: _Pending, answered: bool) -> None:
+        """Forget ``entry`` (the caller settles its future), remembering its id for late replies."""
+        self._pending.pop(entry.rid, None)
+        self._in_flight.discard(entry.rid)
+        entry.in_flight = False
+        self._settled[entry.rid] = answered
+        if len(self._settled) > _REMEMBERED_IDS:
+            self._settled.popitem(last=False)
+
+    def _on_busy(self, entry: _Pending, message: str) -> None:
+        self._unflight(entry)
+        if entry.busy_tries >= self.config.busy_retries:
+            self._finish(entry, answered=True)
+            tries = f" (after {entry.busy_tries} retries)" if entry.busy_tries else ""
+            return _fail(entry.future, ServerBusy(f"{message}{tries}"))
+        if not self._schedule(entry, entry.busy_tries):
+            self._finish(entry, answered=True)
+            return _fail(entry.future, ServerBusy(f"{message} (no time for a retry before the request's "
+                                                  f"{entry.timeout_s:g} s deadline)"))
+        entry.busy_tries += 1
+        self.counters.busy_retries += 1
+        return None
+
+    def _on_error(self, entry: _Pending, code: str, message: str) -> None:
+        if code == P.E_DEADLINE:
+            self._finish(entry, answered=True)
+            return _fail(entry.future, DeadlineExceeded(
+                f"request {entry.rid} passed its {entry.timeout_s:g} s deadline at the server: {message}"))
+        if code == P.E_SHUTDOWN:
+            self._unflight(entry)
+            if entry.lost_tries < self.config.lost_retries and self._schedule(entry, entry.lost_tries):
+                entry.lost_tries += 1
+                self.counters.lost_resends += 1
+                return None
+        self._finish(entry, answered=True)
+        return _fail(entry.future, RemoteError(code, message))
+
+    def _unflight(self, entry: _Pending) -> None:
+        entry.in_flight = False
+        self._in_flight.discard(entry.rid)
+
+    def _schedule(self, entry: _Pending, attempt: int) -> bool:
+        """Plan a resend after the ``attempt``-th backoff; False if it would come after the deadline."""
+        cap = min(self.config.backoff_max_s, self.config.backoff_initial_s * 2 ** min(attempt, 30))
+        at = time.monotonic() + self._random.uniform(cap / 2, cap)
+        if at >= entry.deadline:
+            return False
+        entry.retry_at = at
+        heapq.heappush(self._retries, (at, next(self._seq), entry.rid))
+        return True
+
+    def _resend_due(self, now: float) -> None:
+        while self._retries and self._retries[0][0] <= now:
+            at, _, rid = heapq.heappop(self._retries)
+            entry = self._pending.get(rid)
+            if entry is not None and entry.retry_at == at:
+                self._transmit(entry, now)
+
+    def _check_liveness(self, now: float) -> None:
+        """Ping a broker silent for an interval; reconnect when it stayed silent for ``liveness`` of them."""
+        if not self._in_flight:
+            return
+        interval = self.config.heartbeat_interval_s
+        silent = now - self._heard_at
+        if silent >= interval * self.config.heartbeat_liveness:
+            self._reconnect(f"it sent nothing for {silent:.2f} s ({self.config.heartbeat_liveness} "
+                            f"heartbeat intervals of {interval:g} s)")
+        elif silent >= interval and now - self._pinged_at >= interval:
+            self._pinged_at = now
+            self.counters.heartbeats_sent += 1
+            try:
+                self._sock.send_multipart([P.VERSION, P.HEARTBEAT, P.heartbeat_body()], zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # requests fill the queue to the broker; they are pings enough
+
+    def _reconnect(self, why: str) -> None:
+        """The broker is presumed dead: replace the DEALER and resend (or fail) what was in flight."""
+        self.counters.reconnects += 1
+        log.warning("presuming the broker at %s dead (%s): reconnecting", self.config.address, why)
+        self._close_link()
+        try:
+            self._open_link()
+        except zmq.ZMQError as exc:  # cannot happen for an address that connected once; fail loudly
+            raise BertpoolError(f"cannot reconnect to {self.config.address}: {exc}") from exc
         now = time.monotonic()
-        while deadlines and deadlines[0][0] <= now:
-            _, _, rid = heapq.heappop(deadlines)
-            entry = pending.pop(rid, None)  # None: it was answered already
-            if entry is not None:
-                what = "stats request" if entry.kind == P.STATS else "request"
-                _fail(entry.future, RequestTimeout(f"{what} {rid} got no reply in time"))
+        self._heard_at, self._pinged_at = now, 0.0
+        lost = [self._pending[rid] for rid in list(self._in_flight)]
+        self._in_flight.clear()
+        for entry in sorted(lost, key=lambda e: e.deadline):
+            entry.in_flight = False
+            if entry.lost_tries < self.config.lost_retries and entry.deadline > now:
+                entry.lost_tries += 1
+                self.counters.lost_resends += 1
+                self._transmit(entry, now)
+            else:
+                self._finish(entry, answered=False)
+                _fail(entry.future, BrokerUnavailable(self._unavailable(entry, why)))
+
+    def _unavailable(self, entry: _Pending, why: str) -> str:
+        if not self._ever_heard and not self._ever_connected:
+            return (f"nothing answered at {self.config.address} — is a broker running there? "
+                    f"(request {entry.rid} sent {entry.sends} times)")
+        if not self._ever_heard:
+            return (f"no broker answered at {self.config.address}: something accepted the connection "
+                    f"but never sent a message; request {entry.rid} was sent {entry.sends} times")
+        return (f"no broker answered at {self.config.address}: {why}; request {entry.rid} was sent "
+                f"{entry.sends} times (lost_retries={self.config.lost_retries})")
+
+    def _expire(self, now: float) -> None:
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, rid = heapq.heappop(self._deadlines)
+            entry = self._pending.get(rid)  # None: it was settled already
+            if entry is None:
+                continue
+            what = "stats request" if entry.kind == P.STATS else "request"
+            message = f"{what} {rid} got no reply within its {entry.timeout_s:g} s deadline"
+            silent = now - self._heard_at
+            if not self._ever_heard and not self._ever_connected:
+                message += f"; nothing ever answered at {self.config.address} — is a broker running there?"
+            elif entry.in_flight and silent >= self.config.heartbeat_interval_s:
+                message += f"; nothing heard from the broker at {self.config.address} for {silent:.1f} s"
+            self._finish(entry, answered=False)
+            _fail(entry.future, DeadlineExceeded(message))
 
 
 def _settle(entry: _Pending, kind: bytes, rid: Any, body: dict[str, Any]) -> None:
@@ -291,10 +612,6 @@ def _settle(entry: _Pending, kind: bytes, rid: Any, body: dict[str, Any]) -> Non
         _resolve(entry.future, Prediction(rid, label, probabilities, timings))
     elif kind == P.STATS and entry.kind == P.STATS:
         _resolve(entry.future, P.parse_stats_reply(body))
-    elif kind == P.BUSY:
-        _fail(entry.future, ServerBusy(P.parse_busy(body)))
-    elif kind == P.ERROR:
-        _fail(entry.future, RemoteError(*P.parse_error(body)))
     else:
         raise ProtocolError(P.E_BAD_KIND, f"a {P.KIND_NAMES.get(kind, repr(kind[:8]))} reply does not answer "
                                           f"a {P.KIND_NAMES[entry.kind]}")

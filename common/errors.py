@@ -16,7 +16,9 @@ only guards internal invariants.
     ├── BackendUnavailable     the requested backend's runtime is not installed
     └── RequestError           a client request did not produce a prediction
         ├── RequestTimeout     no reply within the deadline (also a TimeoutError)
-        ├── ServerBusy         the broker's queue is full; retry later
+        │   └── DeadlineExceeded  the request's deadline passed, at the client or the server
+        ├── ServerBusy         the broker's queue stayed full through every retry
+        ├── BrokerUnavailable  no broker answered at the address (after reconnecting and resending)
         ├── RemoteError        the server answered ERROR (has ``.code``)
         │   └── MalformedReply the server's reply to the request could not be decoded
         └── ClientClosed       the client was closed while the request was pending
@@ -82,8 +84,20 @@ class RequestTimeout(RequestError, TimeoutError):
     """No reply arrived before the request's deadline."""
 
 
+class DeadlineExceeded(RequestTimeout):
+    """The request's deadline passed: the client waited it out, or the broker or worker
+    answered ERROR ``deadline_exceeded`` instead of computing it."""
+
+
 class ServerBusy(RequestError):
-    """The broker's queue is full; the request was not accepted. Retry later."""
+    """The broker's queue is full; the request was not accepted (the client already retried
+    it ``busy_retries`` times, or had no time left to). Retry later."""
+
+
+class BrokerUnavailable(RequestError):
+    """No broker answered at the client's address: the broker was presumed dead (silent for
+    ``heartbeat_liveness`` heartbeat intervals, or its connection closed) and the request was
+    resent as often as ``lost_retries`` allows. The message names the address."""
 
 
 class RemoteError(RequestError):

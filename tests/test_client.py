@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import numpy as np
@@ -13,10 +18,16 @@ import zmq
 from bertpool.broker.broker import Broker, BrokerConfig
 from bertpool.clients.client import Client, Prediction
 from bertpool.common import protocol as P
-from bertpool.common.errors import (ClientClosed, ConfigError, MalformedReply, RemoteError, RequestTimeout,
-                                    ServerBusy)
+from bertpool.common.errors import (BrokerUnavailable, ClientClosed, ConfigError, DeadlineExceeded,
+                                    MalformedReply, RemoteError, RequestTimeout, ServerBusy)
 
 WAIT_MS = 5000
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -33,7 +44,7 @@ def bare_broker(tmp_path):
 
 def test_timeout_raises_typed_error(bare_broker):
     with Client(bare_broker.config.frontend, timeout_s=0.2) as client:
-        with pytest.raises(RequestTimeout):
+        with pytest.raises(DeadlineExceeded):  # a RequestTimeout, so `except RequestTimeout` still works
             client.predict("nobody", "answers")
         with pytest.raises(TimeoutError):  # also a builtin TimeoutError
             client.submit("a", "b", timeout_s=0.05).result()
@@ -65,7 +76,12 @@ def test_stats(bare_broker):
     assert stats["workers"] == {} and "broker" in stats
 
 
-@pytest.mark.parametrize("kwargs", [{"address": "localhost:5555"}, {"timeout_s": 0}, {"max_in_flight": 0}])
+@pytest.mark.parametrize("kwargs", [
+    {"address": "localhost:5555"}, {"timeout_s": 0}, {"max_in_flight": 0}, {"heartbeat_interval_s": 0},
+    {"heartbeat_liveness": 0}, {"heartbeat_liveness": 1.5}, {"busy_retries": -1}, {"busy_retries": True},
+    {"lost_retries": -1}, {"backoff_initial_s": 0}, {"backoff_initial_s": 0.5, "backoff_max_s": 0.1},
+    {"timeout_s": "1"},
+])
 def test_bad_client_config(kwargs):
     with pytest.raises(ConfigError):
         Client(**{"address": "tcp://127.0.0.1:5555", **kwargs})
@@ -202,7 +218,8 @@ def test_reply_to_an_unknown_id_is_counted_and_dropped(fake_broker):
         good_reply(router, identity, body["id"])   # too late
         good_reply(router, identity, "never-sent")
         assert_still_serving(client, router)
-        assert client.counters.late_replies == 2
+        assert client.counters.late_replies == 1     # ours, but it had expired
+        assert client.counters.unknown_replies == 1  # never ours
 
 
 def test_late_stats_reply_is_dropped_not_given_to_the_next_call(fake_broker):
@@ -292,3 +309,442 @@ def test_close_landing_between_check_and_enqueue_still_settles_the_future(bare_b
     if future is not None:
         with pytest.raises(ClientClosed):
             future.result(timeout=WAIT_MS / 1000)
+
+
+# ------------------------------------- deadlines, retries, liveness, broker restarts
+
+def test_positional_arguments_still_work_and_settings_go_by_keyword(fake_broker):
+    _, address = fake_broker
+    with Client(address, 5, 8, None, busy_retries=1, heartbeat_interval_s=0.5) as client:
+        config = client.config
+    assert (config.address, config.timeout_s, config.max_in_flight) == (address, 5, 8)
+    assert (config.busy_retries, config.heartbeat_interval_s, config.lost_retries) == (1, 0.5, 2)
+
+
+def reply(body: dict) -> list[tuple[bytes, bytes]]:
+    return [(P.REPLY, P.reply_body(body["id"], [0.25, 0.75], {"compute_ms": 1.0}))]
+
+
+def echo(kind: bytes, body: dict, seen: int) -> list[tuple[bytes, bytes]]:
+    """Answer every REQUEST with a REPLY (label 1) and every STATS with a tiny map."""
+    if kind == P.STATS:
+        return [(P.STATS, P.stats_reply(body["id"], {"answered_by": "fake"}))]
+    return reply(body)
+
+
+def silent(kind: bytes, body: dict, seen: int) -> list:
+    return []
+
+
+class FakeBroker:
+    """A stand-in broker: a ROUTER bound to ``address``, served by a thread that records every
+    message and answers it with ``answer(kind, body, seen)`` (seen: how many times that id came,
+    from 1), and HEARTBEATs at once when ``heartbeats``. Requests whose text_a is "hold" are kept
+    unanswered until release(). stop() closes the socket, as a killed broker's would be."""
+
+    def __init__(self, address: str, answer=echo, heartbeats: bool = True) -> None:
+        self.address, self.answer, self.heartbeats = address, answer, heartbeats
+        self.log: list[tuple[bytes, dict]] = []  # (kind, body) of every message, in order
+        self._seen: dict = {}
+        self._held: list[tuple[bytes, dict]] = []
+        self._changed = threading.Condition()
+        self._release = threading.Event()
+        self._stop = threading.Event()
+        self._router = zmq.Context.instance().socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.bind(address)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if self._release.is_set():
+                    self._release.clear()
+                    for identity, body in self._held:
+                        self._send(identity, reply(body))
+                    self._held.clear()
+                if not self._router.poll(10):
+                    continue
+                identity, version, kind, raw = self._router.recv_multipart()
+                assert version == P.VERSION
+                body = P.unpack(raw)
+                with self._changed:
+                    self.log.append((kind, body))
+                    self._changed.notify_all()
+                if kind == P.HEARTBEAT:
+                    if self.heartbeats:
+                        self._send(identity, [(P.HEARTBEAT, P.heartbeat_body())])
+                    continue
+                self._seen[body["id"]] = seen = self._seen.get(body["id"], 0) + 1
+                if body.get("text_a") == "hold":
+                    self._held.append((identity, body))
+                else:
+                    self._send(identity, self.answer(kind, body, seen))
+        finally:
+            self._router.close(linger=0)
+
+    def _send(self, identity: bytes, messages) -> None:
+        for kind, body in messages:
+            self._router.send_multipart([identity, P.VERSION, kind, body])
+
+    def requests(self) -> list[dict]:
+        with self._changed:
+            return [body for kind, body in self.log if kind == P.REQUEST]
+
+    def count(self, kind: bytes) -> int:
+        with self._changed:
+            return sum(k == kind for k, _ in self.log)
+
+    def wait_for(self, kind: bytes, n: int, timeout_s: float = WAIT_MS / 1000) -> None:
+        with self._changed:
+            assert self._changed.wait_for(lambda: sum(k == kind for k, _ in self.log) >= n, timeout_s), \
+                f"fake broker got {sum(k == kind for k, _ in self.log)} of {n} {P.KIND_NAMES[kind]}"
+
+    def release(self) -> None:
+        self._release.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(WAIT_MS / 1000)
+        assert not self._thread.is_alive()
+
+
+@pytest.fixture
+def fake_brokers():
+    """Factory of FakeBrokers, every one stopped at teardown."""
+    started: list[FakeBroker] = []
+
+    def start(address: str, answer=echo, heartbeats: bool = True) -> FakeBroker:
+        started.append(FakeBroker(address, answer, heartbeats))
+        return started[-1]
+    yield start
+    for broker in started:
+        if broker._thread.is_alive():
+            broker.stop()
+
+
+FAST = {"heartbeat_interval_s": 0.05, "heartbeat_liveness": 3}  # presumed dead after 0.15 s of silence
+
+
+def busy_then_reply(busy_times: int):
+    def answer(kind: bytes, body: dict, seen: int):
+        if seen <= busy_times:
+            return [(P.BUSY, P.busy_body(body["id"], "queue full"))]
+        return echo(kind, body, seen)
+    return answer
+
+
+def test_deadline_ms_is_sent_and_shrinks_on_a_resend(tmp_path, fake_brokers):
+    broker = fake_brokers(f"ipc://{tmp_path}/b", busy_then_reply(1))
+    with Client(broker.address, timeout_s=5, backoff_initial_s=0.05, backoff_max_s=0.05) as client:
+        assert client.predict("a", "b").label == 1
+        client.submit_features(np.ones(8), np.ones(8), np.zeros(8), timeout_s=2).result(WAIT_MS / 1000)
+        assert client.stats() == {"answered_by": "fake"}  # BUSY once, then answered
+    first, resend, features, features_resend = broker.requests()
+    assert first["id"] == resend["id"]
+    assert 4000 < P.parse_deadline_ms(first) <= 5000                     # the time left when sent
+    assert P.parse_deadline_ms(resend) <= P.parse_deadline_ms(first) - 25  # minus the backoff at least
+    assert 1000 < P.parse_deadline_ms(features) <= 2000
+    assert P.parse_deadline_ms(features_resend) < P.parse_deadline_ms(features)
+    assert all("deadline_ms" not in body for kind, body in broker.log if kind == P.STATS)
+
+
+def test_busy_twice_then_reply_succeeds_after_backoff(tmp_path, fake_brokers):
+    broker = fake_brokers(f"ipc://{tmp_path}/b", busy_then_reply(2))
+    with Client(broker.address, timeout_s=5, busy_retries=3, backoff_initial_s=0.01) as client:
+        prediction = client.predict("a", "b")
+        assert prediction.label == 1
+        assert client.counters.busy_retries == 2
+    assert [r["id"] for r in broker.requests()] == [prediction.id] * 3
+
+
+@pytest.mark.parametrize("busy_retries", [0, 2])
+def test_busy_forever_fails_with_server_busy_after_busy_retries(tmp_path, fake_brokers, busy_retries):
+    broker = fake_brokers(f"ipc://{tmp_path}/b", busy_then_reply(10 ** 6))
+    with Client(broker.address, timeout_s=10, busy_retries=busy_retries, backoff_initial_s=0.01) as client:
+        with pytest.raises(ServerBusy, match="queue full"):
+            client.predict("a", "b")
+    assert len(broker.requests()) == 1 + busy_retries
+
+
+def test_busy_retry_never_waits_past_the_deadline(tmp_path, fake_brokers):
+    broker = fake_brokers(f"ipc://{tmp_path}/b", busy_then_reply(10 ** 6))
+    with Client(broker.address, timeout_s=0.5, backoff_initial_s=5, backoff_max_s=5) as client:
+        future = client.submit("a", "b")
+        error = future.exception(timeout=WAIT_MS / 1000)
+    assert isinstance(error, ServerBusy) and "deadline" in str(error)  # at once, not a timeout later
+    assert len(broker.requests()) == 1
+
+
+def test_server_deadline_exceeded_raises_deadline_exceeded(tmp_path, fake_brokers):
+    def expired(kind, body, seen):
+        return [(P.ERROR, P.error_body(body["id"], P.E_DEADLINE, "expired in the queue"))]
+    broker = fake_brokers(f"ipc://{tmp_path}/b", expired)
+    with Client(broker.address, timeout_s=10) as client:
+        with pytest.raises(DeadlineExceeded, match="expired in the queue") as err:
+            client.predict("a", "b")
+    assert isinstance(err.value, RequestTimeout) and isinstance(err.value, TimeoutError)
+    assert len(broker.requests()) == 1  # not retried
+
+
+@pytest.mark.parametrize("lost_retries", [0, 1])
+def test_shutting_down_is_resent_after_a_backoff_within_lost_retries(tmp_path, fake_brokers, lost_retries):
+    def shutting_down_once(kind, body, seen):
+        if seen == 1:
+            return [(P.ERROR, P.error_body(body["id"], P.E_SHUTDOWN, "broker stopping"))]
+        return reply(body)
+    broker = fake_brokers(f"ipc://{tmp_path}/b", shutting_down_once)
+    with Client(broker.address, timeout_s=10, lost_retries=lost_retries, backoff_initial_s=0.01) as client:
+        future = client.submit("a", "b")
+        if lost_retries:
+            assert future.result(WAIT_MS / 1000).label == 1
+            assert client.counters.lost_resends == 1
+        else:
+            with pytest.raises(RemoteError) as err:
+                future.result(WAIT_MS / 1000)
+            assert err.value.code == P.E_SHUTDOWN
+    assert len(broker.requests()) == 1 + lost_retries
+
+
+@pytest.mark.parametrize("code", [P.E_WORKER_LOST, P.E_INFERENCE])
+def test_other_errors_are_not_retried(tmp_path, fake_brokers, code):
+    broker = fake_brokers(f"ipc://{tmp_path}/b", lambda k, body, s: [(P.ERROR, P.error_body(body["id"], code, "no"))])
+    with Client(broker.address, timeout_s=10) as client, pytest.raises(RemoteError) as err:
+        client.predict("a", "b")
+    assert err.value.code == code and len(broker.requests()) == 1
+
+
+def test_duplicate_and_unknown_replies_are_dropped_and_counted(tmp_path, fake_brokers):
+    def twice_and_a_stranger(kind, body, seen):
+        return reply(body) + reply(body) + reply({"id": "nobody-sent-this"})
+    broker = fake_brokers(f"ipc://{tmp_path}/b", twice_and_a_stranger)
+    with Client(broker.address, timeout_s=10) as client:
+        first = client.predict("a", "b")
+        second = client.predict("c", "d")  # replies come in order: the first's extras were read by now
+        assert (first.label, second.label) == (1, 1)
+        counters = client.counters
+        assert counters.duplicate_replies >= 1 and counters.unknown_replies >= 1
+        assert counters.late_replies == 0
+
+
+def test_broker_restart_resends_what_was_in_flight(tmp_path, fake_brokers):
+    """The broker dies with requests in flight and a new one binds the same address: the client
+    notices the closed connection at once (heartbeats are far too slow to, here), reconnects, and
+    the new broker answers every request, under its original id."""
+    address = f"ipc://{tmp_path}/b"
+    first = fake_brokers(address, silent)
+    with Client(address, timeout_s=10, heartbeat_interval_s=60) as client:
+        futures = [client.submit("a", str(i)) for i in range(4)]
+        first.wait_for(P.REQUEST, 4)
+        sent = {r["id"]: r["deadline_ms"] for r in first.requests()}
+        first.stop()
+        second = fake_brokers(address, echo)
+        results = [f.result(WAIT_MS / 1000) for f in futures]
+        assert client.counters.reconnects >= 1 and client.counters.lost_resends >= 4
+    assert sorted(p.id for p in results) == sorted(sent)
+    resent = {r["id"]: r["deadline_ms"] for r in second.requests()}
+    assert set(resent) == set(sent) and all(resent[i] < sent[i] for i in sent)
+
+
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+def test_broker_down_for_a_while_then_back(tmp_path, fake_brokers, transport):
+    """Heartbeats and reconnects keep going while no broker listens; the new one serves them."""
+    address = f"ipc://{tmp_path}/b" if transport == "ipc" else f"tcp://127.0.0.1:{free_tcp_port()}"
+    first = fake_brokers(address, silent)
+    with Client(address, timeout_s=10, lost_retries=50, **FAST) as client:
+        future = client.submit("a", "b")
+        first.wait_for(P.HEARTBEAT, 1)
+        first.stop()
+        deadline = time.monotonic() + WAIT_MS / 1000
+        while client.counters.reconnects < 2 and time.monotonic() < deadline:  # at least one in the void
+            threading.Event().wait(0.02)
+        assert client.counters.reconnects >= 2
+        second = fake_brokers(address, echo)
+        assert future.result(WAIT_MS / 1000).label == 1
+    assert second.requests()[0]["id"] == future.result().id
+
+
+def test_hung_broker_is_presumed_dead_by_heartbeat(tmp_path, fake_brokers):
+    """A broker that keeps its socket open but answers nothing (frozen) is presumed dead after
+    heartbeat_liveness silent intervals; the client reconnects and a new broker (bound over the
+    same ipc path) answers the resent request."""
+    address = f"ipc://{tmp_path}/b"
+    hung = fake_brokers(address, silent, heartbeats=False)
+    with Client(address, timeout_s=10, **FAST) as client:
+        future = client.submit("a", "b")
+        hung.wait_for(P.REQUEST, 1)
+        second = fake_brokers(address, echo)  # takes the path over; the hung one keeps its connection
+        assert future.result(WAIT_MS / 1000).label == 1
+        assert client.counters.reconnects == 1
+    assert hung.count(P.HEARTBEAT) >= 2  # pinged before it gave up on it
+    assert [r["id"] for r in second.requests()] == [future.result().id]
+
+
+def test_with_no_broker_coming_back_requests_fail_with_broker_unavailable(tmp_path, fake_brokers):
+    address = f"ipc://{tmp_path}/b"
+    first = fake_brokers(address, silent)
+    with Client(address, timeout_s=30, lost_retries=2, **FAST) as client:
+        future = client.submit("a", "b")
+        first.wait_for(P.HEARTBEAT, 1)  # so the client has heard from it
+        first.stop()
+        error = future.exception(timeout=WAIT_MS / 1000)  # well before its 30 s deadline
+    assert isinstance(error, BrokerUnavailable), error
+    assert f"no broker answered at {address}" in str(error) and "sent 3 times" in str(error)
+
+
+def test_nothing_at_the_address_says_so(fake_brokers):
+    address = f"tcp://127.0.0.1:{free_tcp_port()}"
+    with Client(address, timeout_s=30, lost_retries=1, **FAST) as client:
+        error = client.submit("a", "b").exception(timeout=WAIT_MS / 1000)
+        assert isinstance(error, BrokerUnavailable), error
+        assert f"nothing answered at {address} — is a broker running there?" in str(error)
+        with pytest.raises(DeadlineExceeded, match="is a broker running there"):
+            client.predict("a", "b", timeout_s=0.05)
+
+
+def test_broker_that_ignores_heartbeats_is_alive_while_replies_flow(tmp_path, fake_brokers):
+    """Any message is a beat: a slow request is not resent while other replies keep coming, even
+    from a broker that never answers HEARTBEAT."""
+    broker = fake_brokers(f"ipc://{tmp_path}/b", echo, heartbeats=False)
+    with Client(broker.address, timeout_s=10, heartbeat_interval_s=0.1, heartbeat_liveness=4) as client:
+        slow = client.submit("hold", "until released")
+        broker.wait_for(P.REQUEST, 1)
+        started = time.monotonic()
+        for i in range(500):  # bounded; ~1.2 s of traffic, 3 liveness periods
+            assert client.predict("quick", str(i)).label == 1
+            threading.Event().wait(0.01)
+            if time.monotonic() - started > 1.2:
+                break
+        broker.release()
+        assert slow.result(WAIT_MS / 1000).label == 1
+        assert client.counters.reconnects == 0
+    assert sum(r["text_a"] == "hold" for r in broker.requests()) == 1
+
+
+def test_idle_client_sends_no_heartbeats(tmp_path, fake_brokers):
+    broker = fake_brokers(f"ipc://{tmp_path}/b", echo, heartbeats=False)
+    with Client(broker.address, timeout_s=10, heartbeat_interval_s=0.1, heartbeat_liveness=3) as client:
+        client.predict("a", "b")
+        pings = client.counters.heartbeats_sent  # 0 unless this machine took 0.1 s to answer
+        threading.Event().wait(0.6)  # idle for two liveness periods: silence is expected then
+        assert client.counters.heartbeats_sent == pings
+        client.predict("c", "d")
+        assert client.counters.reconnects == 0
+    assert [r["text_a"] for r in broker.requests()] == ["a", "c"]
+
+
+def test_close_from_a_done_callback(tmp_path, fake_brokers):
+    """close() in a done-callback (which runs on the client's I/O thread) neither deadlocks nor
+    raises; what is still pending then settles with ClientClosed."""
+    broker = fake_brokers(f"ipc://{tmp_path}/b", echo)
+    client = Client(broker.address, timeout_s=30)
+    errors: list[BaseException] = []
+    called = threading.Event()
+
+    def close_in_callback(_future: Future) -> None:
+        try:
+            client.close()
+        except BaseException as exc:  # checked below
+            errors.append(exc)
+        finally:
+            called.set()
+
+    held = client.submit("hold", "forever")
+    broker.wait_for(P.REQUEST, 1)
+    client.submit("a", "b").add_done_callback(close_in_callback)
+    assert called.wait(WAIT_MS / 1000)
+    assert not errors, errors
+    with pytest.raises(ClientClosed):
+        held.result(WAIT_MS / 1000)
+    client._thread.join(WAIT_MS / 1000)
+    assert not client._thread.is_alive()
+    with pytest.raises(ClientClosed):
+        client.submit("a", "b")
+    client.close()  # and again from this thread
+
+
+def test_blocking_call_from_a_done_callback_raises_instead_of_deadlocking(tmp_path, fake_brokers):
+    broker = fake_brokers(f"ipc://{tmp_path}/b", echo)
+    outcome: list = []
+    called = threading.Event()
+
+    def predict_in_callback(_future: Future) -> None:
+        try:
+            outcome.append(client.predict("c", "d"))
+        except BaseException as exc:
+            outcome.append(exc)
+        called.set()
+
+    with Client(broker.address, timeout_s=30) as client:
+        client.submit("a", "b").add_done_callback(predict_in_callback)
+        assert called.wait(WAIT_MS / 1000)
+        assert isinstance(outcome[0], RuntimeError) and "deadlock" in str(outcome[0])
+        assert client.predict("still", "serving").label == 1
+
+
+def test_real_broker_answers_heartbeats_so_a_long_wait_is_not_a_dead_broker(bare_broker):
+    """The broker has no worker, so the request waits in its queue for the whole deadline: the
+    client pings, hears HEARTBEATs back, and never reconnects nor resends."""
+    with Client(bare_broker.config.frontend, timeout_s=0.8, heartbeat_interval_s=0.1,
+                heartbeat_liveness=5) as client:
+        with pytest.raises(DeadlineExceeded):
+            client.predict("nobody", "computes this")
+        assert client.counters.heartbeats_sent >= 3
+        assert client.counters.reconnects == 0 and client.counters.lost_resends == 0
+        assert client.counters.malformed_replies == 0
+    assert bare_broker.counters.errors == 0
+
+
+def _start(tmp_path, module: str, *args: str) -> subprocess.Popen:
+    """``python -m module args`` in its own session, logging to tmp_path."""
+    with open(tmp_path / f"{module}-{len(list(tmp_path.glob('*.log')))}.log", "wb") as log:
+        return subprocess.Popen([sys.executable, "-m", module, *args], stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def test_real_broker_sigkilled_and_restarted_with_requests_in_flight(tmp_path):
+    """bertpool-broker SIGKILLed holding queued requests; a new one on the same addresses, then a
+    worker: the client resends what the dead broker held and every request is answered."""
+    front, back = f"tcp://127.0.0.1:{free_tcp_port()}", f"tcp://127.0.0.1:{free_tcp_port()}"
+    broker_args = ("--address", front, "--worker-address", back, "--stats-interval-s", "0")
+    procs = [_start(tmp_path, "bertpool.broker.broker", *broker_args)]
+    try:
+        # lost_retries covers many seconds of restart: 0.9 s of silence per resend
+        with Client(front, timeout_s=60, heartbeat_interval_s=0.3, lost_retries=30) as client:
+            futures = [client.submit("queued", f"in the first broker {i}") for i in range(4)]
+            deadline = time.monotonic() + 30
+            while client.stats()["queue"] < 4:  # no worker yet: the broker holds all four
+                assert time.monotonic() < deadline, "the first broker never queued the requests"
+                threading.Event().wait(0.05)
+            os.killpg(procs[0].pid, signal.SIGKILL)
+            procs[0].wait(10)
+            procs.append(_start(tmp_path, "bertpool.broker.broker", *broker_args))
+            procs.append(_start(tmp_path, "bertpool.workers.supervisor", "--worker-address", back,
+                                "--parallel", "1", "--batch-timeout-ms", "1"))
+            results = [f.result(timeout=60) for f in futures]
+            stats = client.stats()
+            assert client.counters.reconnects >= 1 and client.counters.lost_resends >= 4
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    assert sorted(r.id for r in results) == sorted(f.result().id for f in futures)
+    assert all(r.label in (0, 1) for r in results)
+    assert stats["broker"]["replies"] >= 4  # by the new broker
+
+
+def test_a_full_send_queue_never_blocks_the_client():
+    """Nothing listens, so sends pile up in the DEALER's queue to its high-water mark: the I/O thread
+    must not block on a send, and every request still settles at its deadline."""
+    with Client(f"tcp://127.0.0.1:{free_tcp_port()}", timeout_s=1.0, heartbeat_interval_s=60) as client:
+        futures = [client.submit("a", str(i)) for i in range(3000)]
+        _, not_done = wait(futures, timeout=WAIT_MS / 1000 * 2)
+        assert not not_done, f"{len(not_done)} of {len(futures)} futures never settled"
+        assert all(isinstance(f.exception(), DeadlineExceeded) for f in futures)
