@@ -220,11 +220,11 @@ def test_failed_requests_are_reported_by_type_with_a_sample(broker_only, tmp_pat
     assert proc.returncode == 1, proc.stderr
     report = json.loads(out.read_text())
     assert report["requests"] == 2 and report["replies"] == 0 and report["ok"] is False
-    assert report["errors_by_type"] == {"RequestTimeout": 2}
-    assert "got no reply in time" in report["error_samples"]["RequestTimeout"]
+    assert report["errors_by_type"] == {"DeadlineExceeded": 2}
+    assert "got no reply within its" in report["error_samples"]["DeadlineExceeded"]
     assert "no ready workers" in report["diagnosis"]
     assert all(v is None for v in report["latency_ms"].values()) and report["throughput_per_s"] == 0.0
-    assert "RequestTimeout x 2, e.g.: " in proc.stdout and "no ready workers" in proc.stdout
+    assert "DeadlineExceeded x 2, e.g.: " in proc.stdout and "no ready workers" in proc.stdout
     assert "p50 -  p90 -" in proc.stdout
     assert_no_nan(proc.stdout, proc.stderr, out.read_text())
 
