@@ -26,6 +26,8 @@ def broker(tmp_path):
     running = []
 
     def start(**kwargs) -> Broker:
+        # Raw test sockets do not beat: heartbeats only where a test asks for them.
+        kwargs.setdefault("heartbeat_interval_s", 60.0)
         config = BrokerConfig(frontend=f"ipc://{tmp_path}/f{len(running)}",
                               backend=f"ipc://{tmp_path}/b{len(running)}", **kwargs)
         b = Broker(config)
@@ -37,7 +39,7 @@ def broker(tmp_path):
 
     yield start
     for b, t in running:
-        b.stop()
+        b.stop(drain=False)
         t.join(5)
         assert not t.is_alive()
 
@@ -111,8 +113,8 @@ def test_credit_based_dispatch_never_exceeds_capacity(broker, sockets):
     assert nothing(worker)  # capacity 2: the third waits in the broker's queue
     assert [P.unpack(f[3])["id"] for f in got] == [0, 1]
     # One reply returns one credit, so exactly one more request arrives.
-    version, kind, token, body, queued = got[0]
-    assert len(token) == P.TOKEN_BYTES and len(queued) == 8
+    version, kind, token, body, queued, deadline = got[0]
+    assert len(token) == P.TOKEN_BYTES and len(queued) == 8 and deadline == b""
     worker.send_multipart([P.VERSION, P.REPLY, token, P.reply_body(0, [0.1, 0.9], {})])
     reply = recv(client)
     assert reply[:2] == [P.VERSION, P.REPLY] and P.unpack(reply[2])["id"] == 0
@@ -308,7 +310,9 @@ def _echo_worker(address: str, stop: threading.Event) -> None:
     ready(sock, 4, "echo")
     while not stop.is_set():
         if sock.poll(50):
-            _, _, token, body, _ = sock.recv_multipart()
+            _, kind, token, body, *_ = sock.recv_multipart()
+            if kind != P.REQUEST:
+                continue
             sock.send_multipart([P.VERSION, P.REPLY, token,
                                  P.reply_body(P.unpack(body)["id"], [0.3, 0.7], {})])
     sock.close()

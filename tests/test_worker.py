@@ -63,9 +63,8 @@ def harness(tmp_path):
         router.close()
 
 
-def send(router, identity, token: int, body: bytes) -> None:
-    router.send_multipart([identity, P.VERSION, P.REQUEST, token.to_bytes(8, "big"), body,
-                           P.encode_queue_time(0.001)])
+def send(router, identity, token: int, body: bytes, deadline_s: float | None = None) -> None:
+    router.send_multipart([identity, *P.request_frames(token.to_bytes(8, "big"), body, 0.001, deadline_s)])
 
 
 def replies(router, n: int) -> dict[int, tuple[bytes, dict]]:
@@ -187,7 +186,7 @@ def test_tokenizer_failure_fails_only_text_requests(harness):
 
 
 class _NullSocket:
-    def send_multipart(self, frames) -> None:
+    def send_multipart(self, frames, flags=0) -> None:
         pass
 
 
@@ -207,7 +206,7 @@ def test_counters_updated_from_both_threads_stay_exact_and_consistent():
     io_errors = [0]
 
     def pause_at_each_line(frame, event, arg):
-        if frame.f_code is not Worker._run_batch.__code__:
+        if frame.f_code not in (Worker._run_batch.__code__, Worker._compute.__code__):
             return None
         if event == "line":
             at_line.release()
@@ -242,4 +241,5 @@ def test_counters_updated_from_both_threads_stay_exact_and_consistent():
     assert not torn, torn[:3]
     assert io_errors[0] >= rounds  # the I/O side really ran between the lines
     assert worker.stats.as_dict() == {"inferences": 3 * rounds, "batches": rounds, "padded_rows": rounds,
-                                      "errors": io_errors[0]}
+                                      "errors": io_errors[0], "expired": 0, "stale_dropped": 0,
+                                      "reconnects": 0, "dropped_malformed": 0}
