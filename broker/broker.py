@@ -330,7 +330,7 @@ class Broker:
         if len(body) > self.config.max_request_bytes:
             return self._client_error(client, P.peek_id(body), P.E_TOO_LARGE,
                                       f"request of {len(body)} bytes exceeds {self.config.max_request_bytes}")
-        if self._draining_until is not None:
+        if self._stop.is_set():  # (not _draining_until: stop() may have come during this poll)
             self.counters.shutting_down += 1
             return self._client_error(client, P.peek_id(body), P.E_SHUTDOWN,
                                       "the broker is shutting down and takes no new requests")
@@ -417,7 +417,7 @@ class Broker:
         return True
 
     def _on_ready(self, identity: bytes, ready: P.Ready) -> None:
-        if self._draining_until is not None:
+        if self._stop.is_set():
             self._send_worker(identity, P.broker_disconnect_frames(P.DISCONNECT_SHUTDOWN))
             return
         if identity in self._workers:

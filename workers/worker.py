@@ -266,6 +266,7 @@ class Worker:
                 log.debug("%s: dropping malformed broker message: %s", self.name, exc)
                 continue
             if message.kind == P.DISCONNECT:
+                self.stats.add(stale_dropped=len(parsed))  # received under the registration that ends
                 return True
             if message.kind == P.REQUEST:
                 request = self._parse_request(sock, message)
@@ -335,7 +336,12 @@ class Worker:
                     batch = self._batcher.next_batch()
                 except BatcherClosed:
                     break
+                generation = self._generation
                 replies = self._run_batch(batch)
+                if generation != self._generation:
+                    # Re-registered while the batch ran: its tokens are void.
+                    self.stats.add(stale_dropped=len(replies))
+                    replies = []
                 if out_generation != self._generation:
                     # Re-registered: what this socket still queued is void; start clean.
                     out.close(linger=0)
