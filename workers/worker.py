@@ -176,9 +176,13 @@ class Worker:
                      self.config.batch_size, self.config.batch_timeout_ms)
             self._io_loop()
         finally:
-            # The compute thread answers what the batcher holds, then says DISCONNECT.
+            # The compute thread answers what the batcher holds, then says DISCONNECT; we keep
+            # beating meanwhile, so a long last batch does not make the broker presume us dead.
             self._batcher.close()
-            compute.join()
+            while compute.is_alive():
+                compute.join(self.config.heartbeat_interval_s)
+                if compute.is_alive() and self._sock is not None:
+                    self._send(self._sock, P.heartbeat_frames())
             if self._sock is not None:
                 self._sock.close(linger=2000)
 
