@@ -74,6 +74,8 @@ class BrokerConfig:
                                              # frame is disconnected before it is read (> max_request_bytes)
     stats_interval_s: float = 0.0            # print a stats line this often (0 = never)
     frontend_sndhwm_msgs: int = 1000         # replies queued for one client before more are dropped
+    frontend_rcvhwm_msgs: int = 10_000       # messages read ahead from one client before ZeroMQ stops
+                                             # reading its connection (a flood pushes back, memory stays bounded)
     heartbeat_interval_s: float = 1.0        # beat every registered worker this often
     heartbeat_liveness: int = 3              # a worker silent this many intervals is dead
     max_redispatch: int = 2                  # times a request is re-sent after its worker died
@@ -86,6 +88,8 @@ class BrokerConfig:
         # 0 is ZeroMQ's "no limit": replies to a client that stops reading would pile up forever.
         if self.frontend_sndhwm_msgs < 1:
             raise ConfigError(f"frontend_sndhwm_msgs must be >= 1, got {self.frontend_sndhwm_msgs}")
+        if self.frontend_rcvhwm_msgs < 1:
+            raise ConfigError(f"frontend_rcvhwm_msgs must be >= 1, got {self.frontend_rcvhwm_msgs}")
         if self.max_request_bytes < 1:
             raise ConfigError(f"max_request_bytes must be >= 1, got {self.max_request_bytes}")
         # A queue smaller than one request would refuse requests the size check lets through.
@@ -189,11 +193,13 @@ class Broker:
         for sock in (self.frontend, self.backend):
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.RCVHWM, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
-        # Credit bounds what waits for a worker; only a client that stops reading needs a bound here.
+        # Credit bounds what waits for a worker, and workers only answer what they were sent; only
+        # clients need bounds: one that stops reading, and one that floods us.
         self.backend.setsockopt(zmq.SNDHWM, 0)
+        self.backend.setsockopt(zmq.RCVHWM, 0)
         self.frontend.setsockopt(zmq.SNDHWM, self.config.frontend_sndhwm_msgs)
+        self.frontend.setsockopt(zmq.RCVHWM, self.config.frontend_rcvhwm_msgs)
         for sock, endpoint in ((self.frontend, self.config.frontend), (self.backend, self.config.backend)):
             try:
                 sock.bind(endpoint)
@@ -617,6 +623,9 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frontend-sndhwm-msgs", type=int, default=d.frontend_sndhwm_msgs,
                         help="replies queued for one client that does not read before further ones "
                              "are dropped (default: %(default)s)")
+    parser.add_argument("--frontend-rcvhwm-msgs", type=int, default=d.frontend_rcvhwm_msgs,
+                        help="messages read ahead from one client before ZeroMQ stops reading it, so a "
+                             "flood pushes back instead of growing memory (default: %(default)s)")
     parser.add_argument("--max-redispatch", type=int, default=d.max_redispatch,
                         help="times a request is re-sent after the worker holding it died, before it "
                              "fails with worker_lost (default: %(default)s)")
@@ -630,6 +639,7 @@ def broker_config_from_args(args: argparse.Namespace, stats_interval_s: float) -
     return BrokerConfig(frontend=args.address, backend=args.worker_address,
                         max_queue=args.max_queue, max_queue_bytes=args.max_queue_bytes,
                         max_request_bytes=args.max_request_bytes, max_message_bytes=args.max_message_bytes,
+                        frontend_rcvhwm_msgs=args.frontend_rcvhwm_msgs,
                         stats_interval_s=stats_interval_s, frontend_sndhwm_msgs=args.frontend_sndhwm_msgs,
                         heartbeat_interval_s=args.heartbeat_interval_s,
                         heartbeat_liveness=args.heartbeat_liveness, max_redispatch=args.max_redispatch,

@@ -14,8 +14,8 @@ per phase:
 
 Per phase it reports requests answered correctly, wrong answers, typed errors,
 lost ones (no reply within the client timeout; goal 0), duplicates, latency
-(overall and for requests sent within ``--recovery-window-s`` after a fault:
-p99 and max), and per fault the time until the pool is whole again (all
+(overall, and for requests in flight at a fault or sent within
+``recovery_window_s`` after it: p99 and max), and per fault the time until the pool is whole again (all
 ``--parallel`` workers registered, the faulty one gone or re-registered).
 Writes a JSON report.
 """
@@ -243,8 +243,9 @@ def _report(config: FaultBenchConfig, phase: str, results, faults, final) -> dic
     outcomes = Counter(outcome for _, _, outcome in records)
     latencies = [lat for _, lat, _ in records]
     fault_times = [f["at"] for f in faults]
+    # In flight at a fault, or sent within the recovery window after it.
     during = [lat for sent, lat, _ in records
-              if any(0 <= sent - t <= config.recovery_window_s for t in fault_times)]
+              if any(sent <= t + config.recovery_window_s and sent + lat >= t for t in fault_times)]
     broker = final.get("broker", {})
     return {
         "phase": phase, "faults": len(faults), "requests": len(records),

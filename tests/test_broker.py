@@ -523,6 +523,7 @@ def test_oversized_frame_is_refused_before_it_is_read(broker, sockets):
     ({"heartbeat_liveness": 0}, "heartbeat_liveness"),
     ({"max_redispatch": -1}, "max_redispatch"),
     ({"drain_timeout_s": -1}, "drain_timeout_s"),
+    ({"frontend_rcvhwm_msgs": 0}, "frontend_rcvhwm_msgs"),
 ])
 def test_reliability_settings_are_validated(kwargs, message):
     with pytest.raises(ConfigError, match=message):

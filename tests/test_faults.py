@@ -253,11 +253,17 @@ def test_deadlines_expire_in_the_queue_and_in_the_worker(start_pool):
     assert pool.stats()["broker"]["expired"] == 1
 
 
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
 def test_overload_at_ten_times_capacity_gets_busy_and_the_pool_still_serves(start_pool):
     # One worker, 4 per 20 ms batch: ~200 requests/s. 2,000 sent at once is 10 s of work.
     pool = start_pool("--backend", "echo", "--echo-delay-ms", "20", "--batch-timeout-ms", "2",
                       "--max-queue", "32", *HEARTBEAT, parallel=1)
     socks = [raw_client(pool.address) for _ in range(4)]
+    rss_before = _rss_kib(pool.process.pid)
     try:
         for k, sock in enumerate(socks):
             for i in range(500):
@@ -275,6 +281,7 @@ def test_overload_at_ten_times_capacity_gets_busy_and_the_pool_still_serves(star
                 assert np.allclose(P.parse_prediction(body)[1], expected(f"flood {k}", f"n {i}"))
     stats = pool.stats()
     assert stats["broker"]["busy"] == kinds[P.BUSY] and stats["queue"] <= 32
+    assert _rss_kib(pool.process.pid) - rss_before < 64 * 1024  # the broker's memory stayed bounded
     with Client(pool.address, timeout_s=30) as client:
         assert np.allclose(client.predict("after the", "flood").probabilities, expected("after the", "flood"))
 
