@@ -4,18 +4,40 @@ Two ROUTER sockets: ``frontend`` (clients' DEALERs) and ``backend`` (workers'
 DEALERs). A worker's READY announces its capacity; the broker hands it at most
 that many requests at a time (credit-based: a reply returns one credit), always
 to the worker with the most free credit, so a slow worker never blocks the
-others. Requests no worker can take wait in a bounded FIFO queue; when that is
-full the client gets BUSY at once. The broker tracks which requests each
-worker holds; a worker that says DISCONNECT (or turns out to be gone when we
-send to it, or is replaced by its restart: see READY in the protocol) has its
-requests put back at the head of the queue.
+others. Requests no worker can take wait in a FIFO queue bounded in requests
+(``max_queue``) and bytes (``max_queue_bytes``); beyond either the client gets
+BUSY at once.
 
-A client that stops reading cannot stall the broker or grow its memory
-without bound: at most ``frontend_sndhwm_msgs`` replies wait for one client,
-and further ones are dropped and counted (``dropped``), never blocked on.
+Reliability (see the heartbeat section of :mod:`bertpool.common.protocol`):
 
-Bodies are never decoded on the request path: routing uses only the version
-and kind frames and the broker's own 8-byte token.
+* Heartbeats both ways with every registered worker. A worker silent for
+  ``heartbeat_liveness`` intervals (hung, SIGSTOPped, its host gone) is
+  removed, and what it held is re-dispatched under fresh tokens, at most
+  ``max_redispatch`` times per request, then answered ERROR worker_lost. A
+  reply under a token the broker no longer knows is dropped and counted
+  (``late_replies_dropped``): no request is ever answered twice. A HEARTBEAT
+  from a socket that is not registered is answered DISCONNECT, so a worker the
+  broker gave up on (or one from before a broker restart) registers afresh.
+* Deadlines: a REQUEST's ``deadline_ms`` becomes an absolute deadline on the
+  broker's clock at receipt. Expired requests are answered ERROR
+  deadline_exceeded instead of being dispatched; the time left travels to the
+  worker, which skips the request if it expires in its batcher. A request held
+  past its deadline plus one heartbeat interval (a hung worker) is answered
+  deadline_exceeded by the broker, and its worker's late answer is dropped.
+* Hostile input: every frame is validated (protocol.parse_from_client and
+  parse_from_worker); a bad client message gets an ERROR reply, a bad worker
+  message is dropped and counted (``dropped_malformed``); ``max_message_bytes``
+  (ZeroMQ MAXMSGSIZE) disconnects a peer that sends a larger frame before it
+  is read.
+* A client that stops reading cannot stall the broker or grow its memory: at
+  most ``frontend_sndhwm_msgs`` replies wait for one client, and further ones
+  are dropped and counted (``dropped``), never blocked on.
+* Graceful shutdown: stop() makes new REQUESTs get ERROR shutting_down, lets
+  held and queued requests finish for up to ``drain_timeout_s``, answers the
+  rest shutting_down, says DISCONNECT to every worker, and returns.
+
+Bodies are not decoded on the request path, except a REQUEST that names a
+``deadline_ms`` (protocol.request_deadline_ms).
 """
 
 from __future__ import annotations
@@ -23,6 +45,7 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
+import secrets
 import sys
 import threading
 import time
@@ -32,10 +55,12 @@ from typing import Any, TextIO
 import zmq
 
 from ..common import protocol as P
-from ..common.cli import install_stop_handlers, report_error, setup_logging
+from ..common.cli import add_link_arguments, install_stop_handlers, report_error, setup_logging
 from ..common.errors import BertpoolError, ConfigError, ProtocolError
 
 log = logging.getLogger("bertpool.broker")
+
+_TOKEN_MASK = (1 << (8 * P.TOKEN_BYTES)) - 1
 
 
 @dataclass(frozen=True)
@@ -43,9 +68,18 @@ class BrokerConfig:
     frontend: str = "tcp://127.0.0.1:5555"   # where clients connect (tcp:// or ipc://)
     backend: str = "tcp://127.0.0.1:5556"    # where workers connect (tcp:// or ipc://)
     max_queue: int = 4096                    # requests waiting for a worker before BUSY (>= 1)
+    max_queue_bytes: int = 128 << 20         # bytes of request bodies waiting before BUSY
     max_request_bytes: int = 1 << 20         # larger request bodies are refused (too_large)
+    max_message_bytes: int = 4 << 20         # ZeroMQ MAXMSGSIZE on both ROUTERs: a peer sending a larger
+                                             # frame is disconnected before it is read (> max_request_bytes)
     stats_interval_s: float = 0.0            # print a stats line this often (0 = never)
     frontend_sndhwm_msgs: int = 1000         # replies queued for one client before more are dropped
+    frontend_rcvhwm_msgs: int = 10_000       # messages read ahead from one client before ZeroMQ stops
+                                             # reading its connection (a flood pushes back, memory stays bounded)
+    heartbeat_interval_s: float = 1.0        # beat every registered worker this often
+    heartbeat_liveness: int = 3              # a worker silent this many intervals is dead
+    max_redispatch: int = 2                  # times a request is re-sent after its worker died
+    drain_timeout_s: float = 10.0            # on stop(), longest wait for held requests to finish
 
     def __post_init__(self) -> None:
         # 0 would make every request BUSY: each one is queued before any worker can take it.
@@ -54,26 +88,49 @@ class BrokerConfig:
         # 0 is ZeroMQ's "no limit": replies to a client that stops reading would pile up forever.
         if self.frontend_sndhwm_msgs < 1:
             raise ConfigError(f"frontend_sndhwm_msgs must be >= 1, got {self.frontend_sndhwm_msgs}")
+        if self.frontend_rcvhwm_msgs < 1:
+            raise ConfigError(f"frontend_rcvhwm_msgs must be >= 1, got {self.frontend_rcvhwm_msgs}")
+        if self.max_request_bytes < 1:
+            raise ConfigError(f"max_request_bytes must be >= 1, got {self.max_request_bytes}")
+        # A queue smaller than one request would refuse requests the size check lets through.
+        if self.max_queue_bytes < self.max_request_bytes:
+            raise ConfigError(f"max_queue_bytes ({self.max_queue_bytes}) must be >= max_request_bytes "
+                              f"({self.max_request_bytes})")
+        # Oversized requests must reach the size check, so the client gets a typed too_large.
+        if self.max_message_bytes <= self.max_request_bytes:
+            raise ConfigError(f"max_message_bytes ({self.max_message_bytes}) must be > max_request_bytes "
+                              f"({self.max_request_bytes})")
+        P.check_heartbeat(self.heartbeat_interval_s, self.heartbeat_liveness)
+        if self.max_redispatch < 0:
+            raise ConfigError(f"max_redispatch must be >= 0, got {self.max_redispatch}")
+        if not self.drain_timeout_s >= 0:
+            raise ConfigError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        if not self.stats_interval_s >= 0:
+            raise ConfigError(f"stats_interval_s must be >= 0, got {self.stats_interval_s}")
         P.check_endpoint("frontend address", self.frontend)
         P.check_endpoint("backend address", self.backend)
 
 
 @dataclass
 class _Request:
-    client: bytes        # the client's ROUTER identity
-    body: bytes          # the request body, untouched
-    enqueued: float      # time.monotonic() when it reached the broker
+    client: bytes                 # the client's ROUTER identity
+    body: bytes                   # the request body, untouched
+    enqueued: float               # time.monotonic() when it reached the broker
+    deadline: float | None = None  # absolute, on the broker's monotonic clock
+    lost: int = 0                 # times a worker died holding it
+    answered: bool = False        # the broker answered it itself (deadline) while a worker held it
 
 
 @dataclass
 class _WorkerState:
     identity: bytes
     name: str                   # unique among registered workers (the key in stats())
-    incarnation: str            # the worker process's own id (or its socket's, if it sent none)
+    incarnation: str            # this registration's id (or its socket's, if it sent none)
     capacity: int
     slot: str | None = None     # supervisor slot; a READY for it from another socket replaces this one
     pid: int | None = None
     backend: str | None = None  # what READY said it serves (echo, tf, neuron)
+    last_heard: float = 0.0     # time.monotonic() of its last message (any counts as a beat)
     inflight: dict[bytes, _Request] = field(default_factory=dict)  # token -> request
     stats: dict[str, int] = field(default_factory=dict)            # last STATS counters
 
@@ -84,12 +141,21 @@ class _WorkerState:
 
 @dataclass
 class BrokerCounters:
-    requests: int = 0     # REQUESTs accepted into the queue
-    replies: int = 0      # REPLYs forwarded to clients (any dropped on the way are in dropped too)
-    errors: int = 0       # ERRORs sent to clients (ours and workers')
-    busy: int = 0         # BUSY answers
-    requeued: int = 0     # requests put back after their worker left
-    dropped: int = 0      # messages for clients dropped: client gone, or frontend_sndhwm_msgs waiting
+    requests: int = 0             # REQUESTs accepted into the queue
+    replies: int = 0              # REPLYs forwarded to clients (any dropped on the way are in dropped too)
+    errors: int = 0               # ERRORs sent to clients (ours and workers')
+    busy: int = 0                 # BUSY answers (queue full in requests or bytes)
+    requeued: int = 0             # requests put back after their worker left (any reason)
+    redispatched: int = 0         # of those, put back because their worker was presumed dead
+    worker_lost: int = 0          # requests failed with worker_lost (re-dispatch bound reached)
+    expired: int = 0              # requests answered deadline_exceeded by the broker
+    late_replies_dropped: int = 0  # worker answers under a token no longer held (dead worker, expired)
+    workers_lost: int = 0         # workers removed as dead (silent, unreachable or replaced by a restart)
+    dropped_malformed: int = 0    # malformed worker messages dropped
+    disconnects_sent: int = 0     # DISCONNECTs sent to unregistered workers that beat
+    shutting_down: int = 0        # requests answered shutting_down
+    heartbeats: int = 0           # client HEARTBEATs answered
+    dropped: int = 0              # messages for clients dropped: client gone, or frontend_sndhwm_msgs waiting
 
 
 class Broker:
@@ -102,11 +168,15 @@ class Broker:
         self._ctx = context or zmq.Context.instance()
         self._workers: dict[bytes, _WorkerState] = {}
         self._queue: collections.deque[_Request] = collections.deque()
+        self._queue_bytes = 0
         # token -> identity of the worker holding it. Replies are matched by token
         # alone: a worker may answer on another socket than the one it was sent on.
         self._owners: dict[bytes, bytes] = {}
-        self._next_token = 0
-        self._stop = threading.Event()
+        # Random start: a reply from before a broker restart never matches a new token.
+        self._next_token = secrets.randbits(8 * P.TOKEN_BYTES)
+        self._stop = threading.Event()       # drain, then return
+        self._stop_now = threading.Event()   # return at once (second stop, or drain=False)
+        self._draining_until: float | None = None
         self._stats_out = stats_out or sys.stdout
         self._last_totals: tuple[float, int, int, int] | None = None
         self.frontend: zmq.Socket | None = None
@@ -123,10 +193,13 @@ class Broker:
         for sock in (self.frontend, self.backend):
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.RCVHWM, 0)
-        # Credit bounds what waits for a worker; only a client that stops reading needs a bound here.
+            sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
+        # Credit bounds what waits for a worker, and workers only answer what they were sent; only
+        # clients need bounds: one that stops reading, and one that floods us.
         self.backend.setsockopt(zmq.SNDHWM, 0)
+        self.backend.setsockopt(zmq.RCVHWM, 0)
         self.frontend.setsockopt(zmq.SNDHWM, self.config.frontend_sndhwm_msgs)
+        self.frontend.setsockopt(zmq.RCVHWM, self.config.frontend_rcvhwm_msgs)
         for sock, endpoint in ((self.frontend, self.config.frontend), (self.backend, self.config.backend)):
             try:
                 sock.bind(endpoint)
@@ -134,9 +207,18 @@ class Broker:
                 self.close()
                 raise ConfigError(f"cannot bind {endpoint}: {exc}") from exc
 
-    def stop(self) -> None:
-        """Ask run() to return (thread- and signal-safe)."""
+    def stop(self, drain: bool = True) -> None:
+        """Ask run() to return (thread- and signal-safe). With ``drain`` (the default; SIGTERM) it
+        first refuses new work and lets held requests finish for up to drain_timeout_s; a second
+        stop(), or ``drain=False``, returns at once (what is left is answered shutting_down)."""
+        if self._stop.is_set() or not drain:
+            self._stop_now.set()
         self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        """stop() was called."""
+        return self._stop.is_set()
 
     def close(self) -> None:
         for sock in (self.frontend, self.backend):
@@ -151,71 +233,136 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
+        interval = self.config.heartbeat_interval_s
+        next_beat = time.monotonic() + interval
         next_stats = time.monotonic() + (self.config.stats_interval_s or 3600.0)
         try:
-            while not self._stop.is_set():
-                # The poll timeout only bounds how late stop() and stats are noticed.
-                wait_ms = max(0, min(200, int((next_stats - time.monotonic()) * 1000)))
+            while not self._stop_now.is_set():
+                if self._stop.is_set() and self._draining_until is None:
+                    self._begin_drain()
+                # The poll timeout bounds how late beats, stop() and stats are noticed.
+                wait_ms = max(0, min(200, int((min(next_beat, next_stats) - time.monotonic()) * 1000)))
                 events = dict(poller.poll(wait_ms))
+                backend_empty = True
                 if self.backend in events:
-                    self._drain(self.backend, self._on_backend)
+                    backend_empty = self._drain(self.backend, self._on_backend)
                 if self.frontend in events:
                     self._drain(self.frontend, self._on_frontend)
                 self._dispatch()
-                if self.config.stats_interval_s and time.monotonic() >= next_stats:
+                now = time.monotonic()
+                if now >= next_beat:
+                    # Judge silence only with the backend read empty: a broker that was itself
+                    # starved must first hear the beats waiting for it.
+                    if backend_empty:
+                        self._check_liveness(now)
+                    self._expire_queued(now)
+                    self._expire_held(now)
+                    self._beat_workers()
+                    next_beat = now + interval
+                if self._draining_until is not None and self._drain_done(now):
+                    break
+                if self.config.stats_interval_s and now >= next_stats:
                     self._print_stats()
                     next_stats = time.monotonic() + self.config.stats_interval_s
+            self._finish_shutdown()
         finally:
             self.close()
 
     @staticmethod
-    def _drain(sock: zmq.Socket, handler) -> None:
-        # Bounded, so one busy side cannot starve the other.
+    def _drain(sock: zmq.Socket, handler) -> bool:
+        """Handle up to 512 waiting messages (so one busy side cannot starve the other);
+        True when the socket was read empty."""
         for _ in range(512):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                return True
             handler(frames)
+        return False
+
+    # ------------------------------------------------------------- shutdown
+
+    def _begin_drain(self) -> None:
+        self._draining_until = time.monotonic() + self.config.drain_timeout_s
+        held = sum(len(w.inflight) for w in self._workers.values())
+        log.info("stopping: refusing new requests; %d held and %d queued get up to %.1f s to finish",
+                 held, len(self._queue), self.config.drain_timeout_s)
+
+    def _drain_done(self, now: float) -> bool:
+        """Draining ends when nothing is held and nothing queued can still be served, or at the
+        drain deadline."""
+        held = any(w.inflight for w in self._workers.values())
+        return now >= self._draining_until or not held and (not self._queue or not self._workers)
+
+    def _finish_shutdown(self) -> None:
+        """Answer everything left with shutting_down and tell every worker to leave."""
+        if self.frontend is None:
+            return
+        message = "the broker is shutting down; retry against its successor"
+        for request in self._queue:
+            self._refuse(request, message)
+        self._queue.clear()
+        self._queue_bytes = 0
+        for worker in list(self._workers.values()):
+            for request in worker.inflight.values():
+                if not request.answered:
+                    self._refuse(request, message)
+            self._send_worker(worker.identity, P.broker_disconnect_frames(P.DISCONNECT_SHUTDOWN))
+        self._workers.clear()
+        self._owners.clear()
+
+    def _refuse(self, request: _Request, message: str) -> None:
+        self.counters.shutting_down += 1
+        self._client_error(request.client, P.peek_id(request.body), P.E_SHUTDOWN, message)
 
     # -------------------------------------------------------------- clients
 
     def _on_frontend(self, frames: list[bytes]) -> None:
         client = frames[0]
-        if len(frames) < 3:
-            return self._client_error(client, None, P.E_BAD_FRAMES,
-                                      f"expected [version, kind, body], got {len(frames) - 1} frames")
-        if frames[1] != P.VERSION:
-            return self._client_error(client, None, P.E_BAD_VERSION,
-                                      f"unknown protocol version {frames[1][:16]!r}; this broker speaks "
-                                      f"{P.VERSION.decode()}")
-        kind = frames[2]
-        if len(frames) != 4:
-            return self._client_error(client, None, P.E_BAD_FRAMES,
-                                      f"expected [version, kind, body], got {len(frames) - 1} frames")
-        body = frames[3]
-        if kind == P.REQUEST:
-            return self._accept(client, body)
-        if kind == P.STATS:
-            return self._on_stats(client, body)
-        if kind == P.HEARTBEAT:  # a waiting client checks we are alive (protocol BP3)
-            self._to_client(client, P.HEARTBEAT, P.heartbeat_body())
-            return None
-        return self._client_error(client, P.peek_id(body), P.E_BAD_KIND,
-                                  f"clients may send REQUEST, STATS or HEARTBEAT, not {kind[:8]!r}")
+        try:
+            message = P.parse_from_client(frames[1:])
+        except ProtocolError as exc:
+            body = frames[3] if len(frames) == 4 else b""
+            return self._client_error(client, P.peek_id(body), exc.code, exc.message)
+        if message.kind == P.REQUEST:
+            return self._accept(client, message.body)
+        if message.kind == P.STATS:
+            return self._on_stats(client, message.body)
+        self.counters.heartbeats += 1  # HEARTBEAT: answer at once, so a waiting client knows we live
+        self._to_client(client, P.HEARTBEAT, P.heartbeat_body())
+        return None
 
     def _accept(self, client: bytes, body: bytes) -> None:
         if len(body) > self.config.max_request_bytes:
             return self._client_error(client, P.peek_id(body), P.E_TOO_LARGE,
                                       f"request of {len(body)} bytes exceeds {self.config.max_request_bytes}")
-        if len(self._queue) >= self.config.max_queue:
+        if self._stop.is_set():  # (not _draining_until: stop() may have come during this poll)
+            self.counters.shutting_down += 1
+            return self._client_error(client, P.peek_id(body), P.E_SHUTDOWN,
+                                      "the broker is shutting down and takes no new requests")
+        try:
+            deadline_ms = P.request_deadline_ms(body)
+        except ProtocolError as exc:
+            return self._client_error(client, P.peek_id(body), exc.code, exc.message)
+        if (len(self._queue) >= self.config.max_queue
+                or self._queue_bytes + len(body) > self.config.max_queue_bytes):
             self.counters.busy += 1
             self._to_client(client, P.BUSY, P.busy_body(
-                P.peek_id(body), f"queue full ({self.config.max_queue} waiting); retry later"))
+                P.peek_id(body), f"queue full ({len(self._queue)} requests, {self._queue_bytes} bytes "
+                                 f"waiting); retry later"))
             return None
+        now = time.monotonic()
         self.counters.requests += 1
-        self._queue.append(_Request(client, body, time.monotonic()))
+        deadline = None if deadline_ms is None else now + deadline_ms / 1000.0
+        self._enqueue(_Request(client, body, now, deadline))
         return None
+
+    def _enqueue(self, request: _Request, front: bool = False) -> None:
+        if front:
+            self._queue.appendleft(request)
+        else:
+            self._queue.append(request)
+        self._queue_bytes += len(request.body)
 
     def _on_stats(self, client: bytes, body: bytes) -> None:
         try:
@@ -243,43 +390,56 @@ class Broker:
 
     def _on_backend(self, frames: list[bytes]) -> None:
         identity = frames[0]
-        if len(frames) < 4 or frames[1] != P.VERSION:
-            log.warning("dropping malformed worker message (%d frames)", len(frames))
-            return
-        kind = frames[2]
         try:
-            if kind in (P.REPLY, P.ERROR) and len(frames) == 5:
-                self._on_reply(kind, frames[3], frames[4])
-            elif kind == P.READY:
-                self._on_ready(identity, P.parse_ready(P.unpack(frames[3])))
-            elif kind == P.STATS:
-                worker = self._workers.get(identity)
-                if worker is not None:
-                    worker.stats = {k: v for k, v in P.unpack(frames[3]).items() if isinstance(v, int)}
-            elif kind == P.DISCONNECT:
-                self._on_disconnect(identity, P.unpack(frames[3]))
-            elif kind == P.HEARTBEAT:
-                pass  # reserved: liveness tracking comes with the heartbeat issue
-            else:
-                log.warning("dropping %s from worker", P.KIND_NAMES.get(kind, kind[:8]))
+            message = P.parse_from_worker(frames[1:])
         except ProtocolError as exc:
-            log.warning("dropping bad worker message: %s", exc)
+            self.counters.dropped_malformed += 1
+            log.debug("dropping malformed worker message: %s", exc)
+            return
+        worker = self._workers.get(identity)
+        if worker is not None:
+            worker.last_heard = time.monotonic()  # any message counts as a beat
+        kind = message.kind
+        if kind in (P.REPLY, P.ERROR):
+            self._on_reply(kind, message.token, message.body)
+        elif kind == P.READY:
+            self._on_ready(identity, message.ready)
+        elif kind == P.STATS:
+            if worker is not None:
+                worker.stats = message.stats
+        elif kind == P.DISCONNECT:
+            self._on_disconnect(identity, message.incarnation)
+        elif kind == P.HEARTBEAT and worker is None:
+            # A worker we do not know (presumed dead, or from before a restart): make it re-register.
+            self.counters.disconnects_sent += 1
+            self._send_worker(identity, P.broker_disconnect_frames(P.DISCONNECT_UNKNOWN))
+
+    def _send_worker(self, identity: bytes, frames: list[bytes]) -> bool:
+        """Send to a worker socket; False when it is gone (never blocks: no SNDHWM on the backend)."""
+        try:
+            self.backend.send_multipart([identity, *frames], zmq.NOBLOCK)
+        except zmq.ZMQError:  # EHOSTUNREACH: the socket disconnected
+            return False
+        return True
 
     def _on_ready(self, identity: bytes, ready: P.Ready) -> None:
+        if self._stop.is_set():
+            self._send_worker(identity, P.broker_disconnect_frames(P.DISCONNECT_SHUTDOWN))
+            return
         if identity in self._workers:
             self._workers[identity].capacity = ready.capacity
             return
         # A READY for a registered slot from another socket is that slot's restart: the old
-        # process is dead, so what it held goes back to the queue (until heartbeats detect it
-        # sooner). Slots are unique to host, supervisor process and core, so this never drops
-        # a live worker; names and slot-less READYs replace nothing.
+        # process is dead, so what it held is re-dispatched (unless heartbeats caught it sooner).
+        # Slots are unique to host, supervisor process and core, so this never drops a live
+        # worker; names and slot-less READYs replace nothing.
         if ready.slot is not None:
             for old in [w for w in self._workers.values() if w.slot == ready.slot]:
-                self._remove_worker(old.identity, "replaced by its restart")
+                self._remove_worker(old.identity, "replaced by its restart", lost=True)
         incarnation = ready.incarnation or identity.hex()
         name = self._unique_name(ready.worker or identity.hex(), incarnation)
         self._workers[identity] = _WorkerState(identity, name, incarnation, ready.capacity, ready.slot,
-                                               ready.pid, ready.backend)
+                                               ready.pid, ready.backend, last_heard=time.monotonic())
         log.info("worker %s ready, capacity %d (%d workers)", name, ready.capacity, len(self._workers))
 
     def _unique_name(self, name: str, incarnation: str) -> str:
@@ -292,34 +452,97 @@ class Broker:
         owner = self._owners.pop(token, None)
         worker = self._workers.get(owner) if owner is not None else None
         request = worker.inflight.pop(token, None) if worker is not None else None
-        if request is None:
-            log.warning("dropping reply for unknown token %s", token.hex())
+        if request is None or request.answered:
+            # Its worker was presumed dead (the request went elsewhere under a fresh token) or
+            # the broker answered it already: delivering it would answer the request twice.
+            self.counters.late_replies_dropped += 1
             return
+        worker.last_heard = time.monotonic()  # a reply on its second socket is a beat too
         if kind == P.REPLY:
             self.counters.replies += 1
         else:
             self.counters.errors += 1
         self._to_client(request.client, kind, body)
 
-    def _remove_worker(self, identity: bytes, why: str) -> None:
+    def _remove_worker(self, identity: bytes, why: str, lost: bool = False) -> None:
+        """Forget a worker and put what it held back at the head of the queue. ``lost``: it died
+        (not a DISCONNECT), so each request counts one loss, and past max_redispatch losses it is
+        answered worker_lost instead."""
         worker = self._workers.pop(identity, None)
         if worker is None:
             return
-        for token in worker.inflight:
+        if lost:
+            self.counters.workers_lost += 1
+        requeue = []
+        for token, request in worker.inflight.items():
             self._owners.pop(token, None)
-        held = list(worker.inflight.values())
-        self._queue.extendleft(reversed(held))  # keep their original order, ahead of newer ones
-        self.counters.requeued += len(held)
-        log.info("worker %s removed (%s); %d requests re-queued", worker.name, why, len(held))
+            if request.answered:
+                continue
+            if lost:
+                request.lost += 1
+                if request.lost > self.config.max_redispatch:
+                    self.counters.worker_lost += 1
+                    self._client_error(request.client, P.peek_id(request.body), P.E_WORKER_LOST,
+                                       f"{request.lost} workers died holding this request")
+                    continue
+                self.counters.redispatched += 1
+            requeue.append(request)
+        for request in reversed(requeue):  # keep their original order, ahead of newer ones
+            self._enqueue(request, front=True)
+        self.counters.requeued += len(requeue)
+        log.log(logging.WARNING if lost else logging.INFO, "worker %s removed (%s); %d requests re-queued",
+                worker.name, why, len(requeue))
 
-    def _on_disconnect(self, identity: bytes, body: dict[str, Any]) -> None:
+    def _on_disconnect(self, identity: bytes, incarnation: str | None) -> None:
         """DISCONNECT names its incarnation, since it may come on the worker's reply socket; an
         old incarnation's (late, after its restart's READY) matches nothing."""
-        incarnation = P.parse_disconnect(body)
         ids = ([w.identity for w in self._workers.values() if w.incarnation == incarnation]
                if incarnation else [identity])
         for worker_identity in ids:
             self._remove_worker(worker_identity, "said DISCONNECT")
+
+    # ---------------------------------------------------- heartbeats, expiry
+
+    def _check_liveness(self, now: float) -> None:
+        """Remove every worker silent for heartbeat_liveness intervals; re-dispatch what it held."""
+        limit = self.config.heartbeat_interval_s * self.config.heartbeat_liveness
+        for worker in [w for w in self._workers.values() if now - w.last_heard > limit]:
+            self._remove_worker(worker.identity, f"silent for {now - worker.last_heard:.1f} s", lost=True)
+
+    def _beat_workers(self) -> None:
+        frames = P.heartbeat_frames()
+        for worker in list(self._workers.values()):
+            if not self._send_worker(worker.identity, frames):
+                self._remove_worker(worker.identity, "unreachable", lost=True)
+
+    def _expire_queued(self, now: float) -> None:
+        """Answer queued requests whose deadline passed (also done at dispatch)."""
+        if not any(r.deadline is not None and r.deadline <= now for r in self._queue):
+            return
+        keep = collections.deque()
+        for request in self._queue:
+            if request.deadline is not None and request.deadline <= now:
+                self._expire(request, "in the broker's queue")
+            else:
+                keep.append(request)
+        self._queue = keep
+        self._queue_bytes = sum(len(r.body) for r in keep)
+
+    def _expire_held(self, now: float) -> None:
+        """Answer requests a worker holds one interval past their deadline (the worker should have
+        answered deadline_exceeded itself: it is hung). The worker keeps the credit until it
+        answers or is removed; its late answer is dropped."""
+        grace = self.config.heartbeat_interval_s
+        for worker in self._workers.values():
+            for request in worker.inflight.values():
+                if not request.answered and request.deadline is not None and request.deadline + grace <= now:
+                    request.answered = True
+                    self._expire(request, f"held by worker {worker.name}")
+
+    def _expire(self, request: _Request, where: str) -> None:
+        self.counters.expired += 1
+        self._client_error(request.client, P.peek_id(request.body), P.E_DEADLINE,
+                           f"the request's deadline passed {where}")
 
     # ------------------------------------------------------------- dispatch
 
@@ -330,15 +553,19 @@ class Broker:
             if worker.free <= 0:
                 return
             request = self._queue.popleft()
+            self._queue_bytes -= len(request.body)
+            now = time.monotonic()
+            left = None if request.deadline is None else request.deadline - now
+            if left is not None and left <= 0:
+                self._expire(request, "before dispatch")
+                continue
+            # A fresh token on every dispatch: a late answer to an earlier one matches nothing.
             token = self._next_token.to_bytes(P.TOKEN_BYTES, "big")
-            self._next_token += 1
-            queued = P.encode_queue_time(time.monotonic() - request.enqueued)
-            try:
-                self.backend.send_multipart([worker.identity, P.VERSION, P.REQUEST, token,
-                                             request.body, queued])
-            except zmq.ZMQError:  # EHOSTUNREACH: the worker is gone
-                self._queue.appendleft(request)
-                self._remove_worker(worker.identity, "unreachable")
+            self._next_token = (self._next_token + 1) & _TOKEN_MASK
+            if not self._send_worker(worker.identity,
+                                     P.request_frames(token, request.body, now - request.enqueued, left)):
+                self._enqueue(request, front=True)
+                self._remove_worker(worker.identity, "unreachable", lost=True)
                 continue
             worker.inflight[token] = request
             self._owners[token] = worker.identity
@@ -353,6 +580,7 @@ class Broker:
         totals = {k: sum(w.stats.get(k, 0) for w in self._workers.values())
                   for k in ("inferences", "batches", "padded_rows")}
         return {"broker": dict(self.counters.__dict__), "queue": len(self._queue),
+                "queue_bytes": self._queue_bytes, "draining": self._draining_until is not None,
                 "workers": workers, "totals": totals}
 
     def _print_stats(self) -> None:
@@ -376,28 +604,56 @@ class Broker:
 # ------------------------------------------------------------------- CLI
 
 def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by bertpool-broker and bertpool-serve."""
-    parser.add_argument("--address", default="tcp://127.0.0.1:5555",
+    """Flags shared by bertpool-broker and bertpool-serve (the heartbeat and message-size flags,
+    which workers share, come from common.cli.add_link_arguments)."""
+    d = BrokerConfig()
+    parser.add_argument("--address", default=d.frontend,
                         help="where clients connect, tcp:// or ipc:// (default: %(default)s)")
-    parser.add_argument("--worker-address", default="tcp://127.0.0.1:5556",
+    parser.add_argument("--worker-address", default=d.backend,
                         help="where workers connect; bind tcp://0.0.0.0:PORT for workers on other "
                              "hosts (default: %(default)s)")
-    parser.add_argument("--max-queue", type=int, default=4096,
+    parser.add_argument("--max-queue", type=int, default=d.max_queue,
                         help="requests waiting for a worker before clients get BUSY, >= 1 "
+                             "(default: %(default)s)")
+    parser.add_argument("--max-queue-bytes", type=int, default=d.max_queue_bytes,
+                        help="bytes of requests waiting for a worker before clients get BUSY "
+                             "(default: %(default)s)")
+    parser.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
+                        help="larger requests are refused with too_large (default: %(default)s)")
+    parser.add_argument("--frontend-sndhwm-msgs", type=int, default=d.frontend_sndhwm_msgs,
+                        help="replies queued for one client that does not read before further ones "
+                             "are dropped (default: %(default)s)")
+    parser.add_argument("--frontend-rcvhwm-msgs", type=int, default=d.frontend_rcvhwm_msgs,
+                        help="messages read ahead from one client before ZeroMQ stops reading it, so a "
+                             "flood pushes back instead of growing memory (default: %(default)s)")
+    parser.add_argument("--max-redispatch", type=int, default=d.max_redispatch,
+                        help="times a request is re-sent after the worker holding it died, before it "
+                             "fails with worker_lost (default: %(default)s)")
+    parser.add_argument("--drain-timeout-s", type=float, default=d.drain_timeout_s,
+                        help="on SIGTERM, longest wait for requests in flight to finish "
                              "(default: %(default)s)")
 
 
 def broker_config_from_args(args: argparse.Namespace, stats_interval_s: float) -> BrokerConfig:
+    """Build a BrokerConfig from parsed flags (raises ConfigError on bad values)."""
     return BrokerConfig(frontend=args.address, backend=args.worker_address,
-                        max_queue=args.max_queue, stats_interval_s=stats_interval_s)
+                        max_queue=args.max_queue, max_queue_bytes=args.max_queue_bytes,
+                        max_request_bytes=args.max_request_bytes, max_message_bytes=args.max_message_bytes,
+                        frontend_rcvhwm_msgs=args.frontend_rcvhwm_msgs,
+                        stats_interval_s=stats_interval_s, frontend_sndhwm_msgs=args.frontend_sndhwm_msgs,
+                        heartbeat_interval_s=args.heartbeat_interval_s,
+                        heartbeat_liveness=args.heartbeat_liveness, max_redispatch=args.max_redispatch,
+                        drain_timeout_s=args.drain_timeout_s)
 
 
 def main(argv: list[str] | None = None) -> int:
     """bertpool-broker: run the broker alone (workers join with bertpool-workers)."""
     parser = argparse.ArgumentParser(
         prog="bertpool-broker",
-        description="Run the bertpool broker: clients connect to --address, workers to --worker-address.")
+        description="Run the bertpool broker: clients connect to --address, workers to --worker-address. "
+                    "SIGTERM drains: new requests are refused, those in flight get --drain-timeout-s.")
     add_broker_arguments(parser)
+    add_link_arguments(parser)
     parser.add_argument("--stats-interval-s", type=float, default=1.0,
                         help="print inferences/s this often; 0 disables (default: %(default)s)")
     args = parser.parse_args(argv)

@@ -51,15 +51,16 @@ def _relay_echo(address: str, stop) -> None:
 
 
 def _protocol_echo(address: str, stop) -> None:
-    """A minimal bertpool worker: READY, then a canned REPLY to each REQUEST at once."""
+    """A minimal bertpool worker: READY, then a canned REPLY to each REQUEST at once; it beats
+    every second like a real worker, so the broker never presumes it dead while idle."""
     sock = zmq.Context().socket(zmq.DEALER)
     sock.connect(address)
     # Named by pid and a random incarnation: unique across processes (id(sock) was not).
     incarnation = P.new_incarnation()
     name = f"echo-{os.getpid()}-{incarnation[:8]}"
-    sock.send_multipart([P.VERSION, P.READY,
-                         P.ready_body(name, None, incarnation, os.getpid(), 64, "echo", 1)])
+    sock.send_multipart(P.ready_frames(name, None, incarnation, os.getpid(), 64, "echo", 1))
     reply = P.reply_body("x", [0.5, 0.5], {})
+    next_beat = time.monotonic() + 1.0
     while not stop.is_set():
         if sock.poll(100):
             for _ in range(256):
@@ -67,8 +68,12 @@ def _protocol_echo(address: str, stop) -> None:
                     frames = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                sock.send_multipart([P.VERSION, P.REPLY, frames[2], reply])
-    sock.send_multipart([P.VERSION, P.DISCONNECT, P.disconnect_body(name, incarnation)])
+                if frames[1] == P.REQUEST:
+                    sock.send_multipart(P.reply_frames(frames[2], reply))
+        if time.monotonic() >= next_beat:
+            sock.send_multipart(P.heartbeat_frames())
+            next_beat = time.monotonic() + 1.0
+    sock.send_multipart(P.worker_disconnect_frames(name, incarnation))
     sock.close(linger=100)
 
 

@@ -23,3 +23,16 @@ def report_error(prog: str, exc: BaseException, code: int = 2) -> int:
     """Print one clear ``prog: error: ...`` line (no traceback) and return the exit code."""
     print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
     return code
+
+
+def add_link_arguments(parser) -> None:
+    """Flags the broker and the workers share, defined once so bertpool-serve sets both sides:
+    heartbeats on the backend link and the largest message a socket accepts."""
+    parser.add_argument("--heartbeat-interval-s", type=float, default=1.0,
+                        help="broker and workers beat each other this often (default: %(default)s)")
+    parser.add_argument("--heartbeat-liveness", type=int, default=3,
+                        help="a peer silent this many heartbeat intervals is presumed dead "
+                             "(default: %(default)s)")
+    parser.add_argument("--max-message-bytes", type=int, default=4 << 20,
+                        help="ZeroMQ MAXMSGSIZE: a peer sending a larger frame is disconnected before it "
+                             "is read; must exceed the broker's --max-request-bytes (default: %(default)s)")

@@ -39,28 +39,56 @@ Worker -> broker (backend)             [VERSION, kind, ...]
     REPLY     [VERSION, REPLY, token, body]       token: the broker's 8-byte request handle
     ERROR     [VERSION, ERROR, token, body]
     STATS     [VERSION, STATS, body {inferences, batches, padded_rows, ...}]   cumulative counters
-    HEARTBEAT [VERSION, HEARTBEAT, body {}]       reserved for the heartbeat issue
+    HEARTBEAT [VERSION, HEARTBEAT, body {}]       "I am alive"; sent every heartbeat_interval_s on the
+                                                  worker's registration socket (the one READY left on)
     DISCONNECT[VERSION, DISCONNECT, body {worker, incarnation}]
                                                   worker is leaving; what it still holds is re-queued
 
     READY names the worker three ways: ``worker`` a label for logs and stats;
-    ``incarnation`` random, unique to this worker process (new_incarnation);
-    ``slot`` (or None) the supervisor slot it fills, stable across restarts and
-    unique to host, supervisor process and core. A READY for a slot that another
-    socket registered is that slot's restart: the broker drops the old
-    incarnation (it is dead) and re-queues what it held. Nothing else ever
-    makes the broker drop a live worker: not a name, not a READY without slot.
-    A worker may send REPLY, ERROR, STATS and DISCONNECT on a second DEALER
-    socket (its compute thread's): the broker matches replies by token and
-    DISCONNECT by incarnation (by the sending socket when it names none),
-    never by name.
+    ``incarnation`` random, unique to this registration of this worker process
+    (new_incarnation; a worker that re-registers after a broker restart or a
+    DISCONNECT picks a new one); ``slot`` (or None) the supervisor slot it fills,
+    stable across restarts and unique to host, supervisor process and core. A
+    READY for a slot that another socket registered is that slot's restart: the
+    broker drops the old incarnation (it is dead) and re-dispatches what it held.
+    Nothing else ever makes the broker drop a live worker: not a name, not a
+    READY without slot. A worker may send REPLY, ERROR, STATS and DISCONNECT on
+    a second DEALER socket (its compute thread's): the broker matches replies by
+    token and DISCONNECT by incarnation (by the sending socket when it names
+    none), never by name.
 
 Broker -> worker (backend)             [VERSION, kind, ...]
-    REQUEST  [VERSION, REQUEST, token, body, queued]
+    REQUEST  [VERSION, REQUEST, token, body, queued, deadline]
                                                   body exactly as the client sent it; queued:
                                                   8-byte big-endian microseconds it waited in the
-                                                  broker's queue (a duration, so no shared clock)
-    DISCONNECT [VERSION, DISCONNECT, body {}]     broker is shutting down (reserved)
+                                                  broker's queue; deadline: empty (no deadline) or
+                                                  8-byte big-endian microseconds left to the
+                                                  request's deadline when the broker sent it (>= 1).
+                                                  Both are durations, so no shared clock is needed
+    HEARTBEAT [VERSION, HEARTBEAT, body {}]       sent to every registered worker every
+                                                  heartbeat_interval_s
+    DISCONNECT [VERSION, DISCONNECT, body {reason}]
+                                                  "you are not registered here": reason
+                                                  "unknown_worker" (a beat from a socket the broker
+                                                  does not know: e.g. a worker it presumed dead, or
+                                                  one from before a broker restart) or
+                                                  "shutting_down". The worker drops what it held
+                                                  (those tokens are void), reopens its sockets and
+                                                  says READY again under a new incarnation.
+
+Heartbeats on the backend (Majordomo / Paranoid Pirate): each side sends
+HEARTBEAT every ``heartbeat_interval_s`` (default 1.0); any message counts as a
+beat (for the broker: any message from the worker's registration socket, and
+any REPLY or ERROR carrying a token the worker holds, so a worker answering on
+its second socket is alive too). A peer silent for ``heartbeat_liveness``
+(default 3) intervals is dead: the broker removes the worker and re-dispatches
+what it held under a FRESH token (up to ``max_redispatch`` times, then ERROR
+worker_lost), so a late reply under the old token matches nothing and is
+dropped and counted, never delivered twice; the worker reconnects and says
+READY again. Tokens start at a random 64-bit value per broker process, so a
+reply from before a broker restart cannot match a token of the new broker.
+The worker beats from its I/O thread, never from the thread that runs the
+model, so a long batch never makes it look dead.
 
 Arrays travel as ``{"__nd__": True, "dtype": str, "shape": [...], "data": bytes}``
 (raw little-endian bytes, never Python lists). Reply ``probabilities`` is such
@@ -69,7 +97,16 @@ an array of float32 [2]; ``timings`` is a map of milliseconds:
 batch to fill), ``compute_ms`` (the model call for the whole batch).
 
 BP3 changed from BP2, incompatibly: REQUEST may carry ``deadline_ms``; HEARTBEAT
-is live on both links; ERROR codes ``deadline_exceeded`` and ``worker_lost``.
+is live on both links; ERROR codes ``deadline_exceeded``, ``worker_lost`` and
+``shutting_down`` (new REQUESTs while the broker drains on SIGTERM); the
+broker's REQUEST to a worker carries a sixth frame, the time left to the
+deadline; the broker's DISCONNECT tells a worker to re-register (not to exit).
+
+Decoding: the broker decodes with parse_from_client (frontend) and
+parse_from_worker (backend), the worker with parse_from_broker; each raises
+ProtocolError (with a stable code) on anything malformed, never another
+exception. Encoders for every backend message are here too (request_frames,
+reply_frames, ready_frames, ...).
 
 BP2 changed from BP1, incompatibly: STATS requests and replies carry an id
 (BP1 matched STATS replies first in, first out, so a late one answered the
@@ -133,6 +170,14 @@ def check_endpoint(name: str, endpoint: str) -> str:
     if not isinstance(endpoint, str) or not endpoint.startswith(TRANSPORTS):
         raise ConfigError(f"{name} {endpoint!r} must start with {', '.join(TRANSPORTS)}")
     return endpoint
+
+
+def check_heartbeat(interval_s: float, liveness: int) -> None:
+    """ConfigError unless the heartbeat settings (broker's or worker's) can detect anything."""
+    if isinstance(interval_s, bool) or not isinstance(interval_s, (int, float)) or not 0 < interval_s <= 3600:
+        raise ConfigError(f"heartbeat_interval_s must be in (0, 3600], got {interval_s!r}")
+    if isinstance(liveness, bool) or not isinstance(liveness, int) or liveness < 1:
+        raise ConfigError(f"heartbeat_liveness must be an int >= 1, got {liveness!r}")
 
 
 def encode_queue_time(seconds: float) -> bytes:
@@ -445,3 +490,177 @@ def _name(body: dict[str, Any], field: str) -> str | None:
     if not isinstance(value, str) or len(value) > MAX_NAME_LEN:
         raise ProtocolError(E_BAD_FIELD, f"{field}: must be a str of at most {MAX_NAME_LEN} characters")
     return value
+
+
+# ------------------------------------------------------- frames and decoders
+
+DISCONNECT_UNKNOWN = "unknown_worker"   # broker -> worker DISCONNECT reasons
+DISCONNECT_SHUTDOWN = "shutting_down"
+_DISCONNECT_REASONS = (DISCONNECT_UNKNOWN, DISCONNECT_SHUTDOWN)
+# Longest a duration frame may say (a day, as MAX_DEADLINE_MS), in microseconds.
+_MAX_DURATION_US = int(MAX_DEADLINE_MS * 1000)
+
+
+def encode_deadline(seconds_left: float | None) -> bytes:
+    """The REQUEST's ``deadline`` frame: empty for none, else 8-byte big-endian microseconds (>= 1)."""
+    if seconds_left is None:
+        return b""
+    return min(_MAX_DURATION_US, max(1, int(seconds_left * 1e6))).to_bytes(8, "big")
+
+
+def decode_deadline(frame: bytes) -> float | None:
+    """Inverse of encode_deadline, in milliseconds; ProtocolError(bad_field) if malformed."""
+    if frame == b"":
+        return None
+    if len(frame) != 8:
+        raise ProtocolError(E_BAD_FIELD, f"deadline frame of {len(frame)} bytes, expected 0 or 8")
+    micros = int.from_bytes(frame, "big")
+    if not 1 <= micros <= _MAX_DURATION_US:
+        raise ProtocolError(E_BAD_FIELD, f"deadline frame says {micros} us, outside [1, {_MAX_DURATION_US}]")
+    return micros / 1000.0
+
+
+def request_deadline_ms(raw_body: bytes) -> float | None:
+    """The ``deadline_ms`` of a raw REQUEST body (None when it has none); ProtocolError when the body
+    names one that is malformed. Decodes the body only when it can hold the field, so the broker's
+    request path stays decode-free for requests without a deadline."""
+    if b"deadline_ms" not in raw_body:
+        return None
+    return parse_deadline_ms(unpack(raw_body))
+
+
+@dataclass(frozen=True)
+class FromClient:
+    """A decoded client -> broker message (frontend)."""
+    kind: bytes      # REQUEST, STATS or HEARTBEAT
+    body: bytes      # raw: a REQUEST body travels to the worker untouched
+
+
+def parse_from_client(frames: list[bytes]) -> FromClient:
+    """``[VERSION, kind, body]`` (the ROUTER identity already removed) -> FromClient.
+
+    ProtocolError with code bad_frames, bad_version or bad_kind otherwise (the
+    body itself is validated by whoever reads it: STATS here, REQUEST by the worker).
+    """
+    if len(frames) < 2:
+        raise ProtocolError(E_BAD_FRAMES, f"expected [version, kind, body], got {len(frames)} frames")
+    if frames[0] != VERSION:
+        raise ProtocolError(E_BAD_VERSION, f"unknown protocol version {frames[0][:16]!r}; this broker speaks "
+                                           f"{VERSION.decode()}")
+    if len(frames) != 3:
+        raise ProtocolError(E_BAD_FRAMES, f"expected [version, kind, body], got {len(frames)} frames")
+    kind = frames[1]
+    if kind not in (REQUEST, STATS, HEARTBEAT):
+        raise ProtocolError(E_BAD_KIND, f"clients may send REQUEST, STATS or HEARTBEAT, not {kind[:8]!r}")
+    return FromClient(kind, frames[2])
+
+
+@dataclass(frozen=True)
+class FromWorker:
+    """A decoded worker -> broker message (backend)."""
+    kind: bytes                       # READY, REPLY, ERROR, STATS, HEARTBEAT or DISCONNECT
+    token: bytes = b""                # REPLY, ERROR: the broker's handle
+    body: bytes = b""                 # REPLY, ERROR: raw, forwarded to the client untouched
+    ready: Ready | None = None        # READY
+    stats: dict[str, int] | None = None  # STATS: the integer counters
+    incarnation: str | None = None    # DISCONNECT: who leaves (None: the sending socket's worker)
+
+
+def parse_from_worker(frames: list[bytes]) -> FromWorker:
+    """A worker's message (the ROUTER identity already removed); ProtocolError if malformed."""
+    if len(frames) < 3 or frames[0] != VERSION:
+        raise ProtocolError(E_BAD_VERSION if frames and frames[0] != VERSION else E_BAD_FRAMES,
+                            f"worker message of {len(frames)} frames, version {frames[:1]!r}")
+    kind = frames[1]
+    if kind in (REPLY, ERROR):
+        if len(frames) != 4 or len(frames[2]) != TOKEN_BYTES:
+            raise ProtocolError(E_BAD_FRAMES, f"{KIND_NAMES[kind]} needs [version, kind, token, body]")
+        return FromWorker(kind, token=frames[2], body=frames[3])
+    if len(frames) != 3:
+        raise ProtocolError(E_BAD_FRAMES, f"{KIND_NAMES.get(kind, kind[:8])} of {len(frames)} frames")
+    if kind == HEARTBEAT:
+        return FromWorker(kind)
+    body = unpack(frames[2])
+    if kind == READY:
+        return FromWorker(kind, ready=parse_ready(body))
+    if kind == STATS:
+        return FromWorker(kind, stats={k: v for k, v in body.items()
+                                       if isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)})
+    if kind == DISCONNECT:
+        return FromWorker(kind, incarnation=parse_disconnect(body))
+    raise ProtocolError(E_BAD_KIND, f"workers may not send {kind[:8]!r}")
+
+
+@dataclass(frozen=True)
+class FromBroker:
+    """A decoded broker -> worker message (backend)."""
+    kind: bytes                    # REQUEST, HEARTBEAT or DISCONNECT
+    token: bytes = b""             # REQUEST: the handle to answer under
+    body: bytes = b""              # REQUEST: the client's body (validated by parse_request)
+    queue_ms: float = 0.0          # REQUEST: time it waited in the broker's queue
+    deadline_ms: float | None = None  # REQUEST: time left to its deadline when sent (None: none)
+    reason: str | None = None      # DISCONNECT: DISCONNECT_UNKNOWN or DISCONNECT_SHUTDOWN
+
+
+def parse_from_broker(frames: list[bytes]) -> FromBroker:
+    """A broker's message to a worker; ProtocolError if malformed."""
+    if len(frames) < 3 or frames[0] != VERSION:
+        raise ProtocolError(E_BAD_VERSION if frames and frames[0] != VERSION else E_BAD_FRAMES,
+                            f"broker message of {len(frames)} frames, version {frames[:1]!r}")
+    kind = frames[1]
+    if kind == REQUEST:
+        if len(frames) != 6 or len(frames[2]) != TOKEN_BYTES or len(frames[4]) != 8:
+            raise ProtocolError(E_BAD_FRAMES, "REQUEST needs [version, kind, token, body, queued, deadline]")
+        return FromBroker(kind, token=frames[2], body=frames[3], queue_ms=decode_queue_time(frames[4]),
+                          deadline_ms=decode_deadline(frames[5]))
+    if len(frames) != 3:
+        raise ProtocolError(E_BAD_FRAMES, f"{KIND_NAMES.get(kind, kind[:8])} of {len(frames)} frames")
+    if kind == HEARTBEAT:
+        return FromBroker(kind)
+    if kind == DISCONNECT:
+        reason = unpack(frames[2]).get("reason")
+        return FromBroker(kind, reason=reason if reason in _DISCONNECT_REASONS else DISCONNECT_UNKNOWN)
+    raise ProtocolError(E_BAD_KIND, f"brokers may not send workers {kind[:8]!r}")
+
+
+# Encoders for every backend message, so no role builds frames by hand.
+
+def request_frames(token: bytes, body: bytes, queued_s: float, deadline_left_s: float | None) -> list[bytes]:
+    """Broker -> worker REQUEST."""
+    return [VERSION, REQUEST, token, body, encode_queue_time(queued_s), encode_deadline(deadline_left_s)]
+
+
+def heartbeat_frames() -> list[bytes]:
+    """HEARTBEAT on the backend, either direction."""
+    return [VERSION, HEARTBEAT, heartbeat_body()]
+
+
+def broker_disconnect_frames(reason: str) -> list[bytes]:
+    """Broker -> worker DISCONNECT: re-register (reason: DISCONNECT_UNKNOWN or DISCONNECT_SHUTDOWN)."""
+    return [VERSION, DISCONNECT, pack({"reason": reason})]
+
+
+def reply_frames(token: bytes, body: bytes) -> list[bytes]:
+    """Worker -> broker REPLY (body: reply_body)."""
+    return [VERSION, REPLY, token, body]
+
+
+def error_frames(token: bytes, body: bytes) -> list[bytes]:
+    """Worker -> broker ERROR (body: error_body)."""
+    return [VERSION, ERROR, token, body]
+
+
+def ready_frames(worker: str, slot: str | None, incarnation: str, pid: int, capacity: int,
+                 backend: str, batch_size: int) -> list[bytes]:
+    """Worker -> broker READY."""
+    return [VERSION, READY, ready_body(worker, slot, incarnation, pid, capacity, backend, batch_size)]
+
+
+def stats_frames(counters: dict[str, int]) -> list[bytes]:
+    """Worker -> broker STATS (cumulative integer counters)."""
+    return [VERSION, STATS, pack(counters)]
+
+
+def worker_disconnect_frames(worker: str, incarnation: str) -> list[bytes]:
+    """Worker -> broker DISCONNECT."""
+    return [VERSION, DISCONNECT, disconnect_body(worker, incarnation)]

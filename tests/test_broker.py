@@ -26,18 +26,21 @@ def broker(tmp_path):
     running = []
 
     def start(**kwargs) -> Broker:
+        # Raw test sockets do not beat: heartbeats only where a test asks for them.
+        kwargs.setdefault("heartbeat_interval_s", 60.0)
         config = BrokerConfig(frontend=f"ipc://{tmp_path}/f{len(running)}",
                               backend=f"ipc://{tmp_path}/b{len(running)}", **kwargs)
         b = Broker(config)
         b.bind()
         t = threading.Thread(target=b.run, daemon=True)
         t.start()
+        b.test_thread = t
         running.append((b, t))
         return b
 
     yield start
     for b, t in running:
-        b.stop()
+        b.stop(drain=False)
         t.join(5)
         assert not t.is_alive()
 
@@ -111,8 +114,8 @@ def test_credit_based_dispatch_never_exceeds_capacity(broker, sockets):
     assert nothing(worker)  # capacity 2: the third waits in the broker's queue
     assert [P.unpack(f[3])["id"] for f in got] == [0, 1]
     # One reply returns one credit, so exactly one more request arrives.
-    version, kind, token, body, queued = got[0]
-    assert len(token) == P.TOKEN_BYTES and len(queued) == 8
+    version, kind, token, body, queued, deadline = got[0]
+    assert len(token) == P.TOKEN_BYTES and len(queued) == 8 and deadline == b""
     worker.send_multipart([P.VERSION, P.REPLY, token, P.reply_body(0, [0.1, 0.9], {})])
     reply = recv(client)
     assert reply[:2] == [P.VERSION, P.REPLY] and P.unpack(reply[2])["id"] == 0
@@ -308,7 +311,9 @@ def _echo_worker(address: str, stop: threading.Event) -> None:
     ready(sock, 4, "echo")
     while not stop.is_set():
         if sock.poll(50):
-            _, _, token, body, _ = sock.recv_multipart()
+            _, kind, token, body, *_ = sock.recv_multipart()
+            if kind != P.REQUEST:
+                continue
             sock.send_multipart([P.VERSION, P.REPLY, token,
                                  P.reply_body(P.unpack(body)["id"], [0.3, 0.7], {})])
     sock.close()
@@ -349,3 +354,238 @@ def test_a_client_that_stops_reading_is_dropped_not_waited_for(broker, sockets):
     finally:
         stop.set()
         worker.join(5)
+
+
+# ------------------------------------------------ heartbeats and re-dispatch
+
+def recv_kind(sock: zmq.Socket, kind: bytes) -> list[bytes]:
+    """The next message of ``kind`` (skipping heartbeats and anything else; bounded in time)."""
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while time.monotonic() < deadline:
+        if sock.poll(100):
+            frames = sock.recv_multipart()
+            if frames[1] == kind:
+                return frames
+    raise AssertionError(f"no {P.KIND_NAMES[kind]} in time")
+
+
+def drain_kind(sock: zmq.Socket, kind: bytes, ms: int = 300) -> list[list[bytes]]:
+    """Every message of ``kind`` that arrives within ``ms`` of quiet."""
+    got = []
+    while sock.poll(ms):
+        frames = sock.recv_multipart()
+        if frames[1] == kind:
+            got.append(frames)
+    return got
+
+
+def beat(sock: zmq.Socket) -> None:
+    sock.send_multipart(P.heartbeat_frames())
+
+
+def test_silent_worker_is_removed_its_requests_redispatched_and_its_late_reply_dropped(broker, sockets):
+    b = broker(heartbeat_interval_s=0.1, heartbeat_liveness=3)
+    client = sockets(b.config.frontend)
+    hung, live = sockets(b.config.backend), sockets(b.config.backend)
+    ready(hung, 2, "hung")
+    wait_workers(b, client, 1)
+    request(client, "r")
+    old_token = recv_kind(hung, P.REQUEST)[2]
+    assert recv_kind(hung, P.HEARTBEAT)  # the broker beats its workers
+    got = wait_stats(client, lambda s: s["broker"]["workers_lost"] == 1)  # hung never beats back
+    assert got["workers"] == {} and got["broker"]["redispatched"] == 1
+    ready(live, 2, "live")
+    frames = recv_kind(live, P.REQUEST)
+    assert P.unpack(frames[3])["id"] == "r" and frames[2] != old_token  # fresh token
+    # The hung worker wakes up and answers under its old token: dropped, counted, not delivered.
+    hung.send_multipart(P.reply_frames(old_token, P.reply_body("r", [0.9, 0.1], {})))
+    wait_stats(client, lambda s: s["broker"]["late_replies_dropped"] == 1)
+    live.send_multipart(P.reply_frames(frames[2], P.reply_body("r", [0.2, 0.8], {})))
+    reply = recv_kind(client, P.REPLY)
+    assert P.parse_prediction(P.unpack(reply[2]))[0] == 1
+    assert nothing(client)  # exactly one answer
+    # Its next beat tells it it is unknown here: it must register afresh.
+    beat(hung)
+    frames = recv_kind(hung, P.DISCONNECT)
+    assert P.parse_from_broker(frames).reason == P.DISCONNECT_UNKNOWN
+    assert len(stats(client)["workers"]) == 1  # never evicts the live worker
+
+
+def test_request_fails_worker_lost_after_max_redispatch(broker, sockets):
+    b = broker(heartbeat_interval_s=0.1, heartbeat_liveness=2, max_redispatch=1)
+    client = sockets(b.config.frontend)
+    request(client, "doomed")
+    for n in (1, 2):  # two workers in turn take it and go silent
+        worker = sockets(b.config.backend)
+        ready(worker, 1, f"w{n}")
+        assert P.unpack(recv_kind(worker, P.REQUEST)[3])["id"] == "doomed"
+        if n == 1:
+            wait_stats(client, lambda s: s["broker"]["workers_lost"] == 1)
+    reply = recv_kind(client, P.ERROR)
+    assert P.parse_error(P.unpack(reply[2]))[0] == P.E_WORKER_LOST
+    got = stats(client)["broker"]
+    assert got["workers_lost"] == 2 and got["redispatched"] == 1 and got["worker_lost"] == 1
+
+
+def test_a_busy_worker_that_beats_is_never_presumed_dead(broker, sockets):
+    b = broker(heartbeat_interval_s=0.1, heartbeat_liveness=5)
+    client = sockets(b.config.frontend)
+    worker, outbox = sockets(b.config.backend), sockets(b.config.backend)
+    ready(worker, 1, "busy")
+    wait_workers(b, client, 1)
+    request(client, "long")
+    token = recv_kind(worker, P.REQUEST)[2]
+    for _ in range(30):  # a long batch: only the I/O socket speaks, 1.5 s = 15 intervals
+        beat(worker)
+        time.sleep(0.05)
+    outbox.send_multipart(P.reply_frames(token, P.reply_body("long", [0.5, 0.5], {})))  # compute socket
+    assert P.unpack(recv_kind(client, P.REPLY)[2])["id"] == "long"
+    got = stats(client)["broker"]
+    assert got["workers_lost"] == 0 and got["redispatched"] == 0
+
+
+# ------------------------------------------------------------------ deadlines
+
+def request_with_deadline(client: zmq.Socket, rid, deadline_ms) -> None:
+    client.send_multipart([P.VERSION, P.REQUEST, P.text_request(rid, "a", "b", deadline_ms=deadline_ms)])
+
+
+def test_expired_requests_are_answered_and_never_dispatched(broker, sockets):
+    b = broker(heartbeat_interval_s=0.1)
+    client = sockets(b.config.frontend)
+    request_with_deadline(client, "soon", 30)  # no worker yet: it expires in the queue
+    reply = recv_kind(client, P.ERROR)
+    assert P.unpack(reply[2])["id"] == "soon" and P.parse_error(P.unpack(reply[2]))[0] == P.E_DEADLINE
+    request_with_deadline(client, "later", 60_000)
+    worker = sockets(b.config.backend)
+    ready(worker, 2, "w")
+    message = P.parse_from_broker(recv_kind(worker, P.REQUEST))
+    assert P.unpack(message.body)["id"] == "later"
+    assert 0 < message.deadline_ms <= 60_000  # the time left travels with it
+    assert stats(client)["broker"]["expired"] == 1
+
+
+@pytest.mark.parametrize("bad", [-1, 0, "soon", True, 1e12])
+def test_malformed_deadline_is_a_bad_field(broker, sockets, bad):
+    b = broker()
+    client = sockets(b.config.frontend)
+    client.send_multipart([P.VERSION, P.REQUEST, P.pack({"id": "d", "text_a": "a", "text_b": "b",
+                                                         "deadline_ms": bad})])
+    reply = recv_kind(client, P.ERROR)
+    assert P.unpack(reply[2])["id"] == "d" and P.parse_error(P.unpack(reply[2]))[0] == P.E_BAD_FIELD
+
+
+def test_request_held_past_its_deadline_by_a_hung_worker_is_answered_once(broker, sockets):
+    b = broker(heartbeat_interval_s=0.1, heartbeat_liveness=1000)
+    client = sockets(b.config.frontend)
+    worker = sockets(b.config.backend)
+    ready(worker, 1, "stuck")
+    wait_workers(b, client, 1)
+    request_with_deadline(client, "held", 200)
+    token = recv_kind(worker, P.REQUEST)[2]
+    reply = recv_kind(client, P.ERROR)  # the worker never answered
+    assert P.parse_error(P.unpack(reply[2]))[0] == P.E_DEADLINE
+    worker.send_multipart(P.reply_frames(token, P.reply_body("held", [0.5, 0.5], {})))
+    wait_stats(client, lambda s: s["broker"]["late_replies_dropped"] == 1)
+    assert not drain_kind(client, P.REPLY)  # never answered twice
+
+
+# ------------------------------------------------------------------- overload
+
+def test_queue_is_bounded_in_bytes(broker, sockets):
+    b = broker(max_queue_bytes=1000, max_request_bytes=400, max_message_bytes=4000)
+    client = sockets(b.config.frontend)  # no workers: everything queues
+    body_of = lambda i: P.text_request(i, "x" * 250, "y")  # noqa: E731
+    assert 3 * len(body_of(0)) <= 1000 < 4 * len(body_of(0))
+    for i in range(4):
+        client.send_multipart([P.VERSION, P.REQUEST, body_of(i)])
+    reply = recv_kind(client, P.BUSY)
+    assert P.unpack(reply[2])["id"] == 3
+    got = stats(client)
+    assert got["queue"] == 3 and got["queue_bytes"] <= 1000 and got["broker"]["busy"] == 1
+
+
+def test_oversized_frame_is_refused_before_it_is_read(broker, sockets):
+    b = broker(max_request_bytes=1000, max_message_bytes=2000, max_queue_bytes=10_000)
+    hostile, client = sockets(b.config.frontend), sockets(b.config.frontend)
+    hostile.send_multipart([P.VERSION, P.REQUEST, P.text_request("huge", "x" * 100_000, "y")])
+    client.send_multipart([P.VERSION, P.REQUEST, P.text_request("big", "x" * 1500, "y")])
+    reply = recv_kind(client, P.ERROR)  # under MAXMSGSIZE, over max_request_bytes: a typed error
+    assert P.parse_error(P.unpack(reply[2]))[0] == P.E_TOO_LARGE
+    assert nothing(hostile)  # disconnected by ZeroMQ, never read
+    assert stats(client)["broker"]["requests"] == 0
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_queue_bytes": 10, "max_request_bytes": 100}, "max_queue_bytes"),
+    ({"max_message_bytes": 100, "max_request_bytes": 100}, "max_message_bytes"),
+    ({"heartbeat_interval_s": 0}, "heartbeat_interval_s"),
+    ({"heartbeat_liveness": 0}, "heartbeat_liveness"),
+    ({"max_redispatch": -1}, "max_redispatch"),
+    ({"drain_timeout_s": -1}, "drain_timeout_s"),
+    ({"frontend_rcvhwm_msgs": 0}, "frontend_rcvhwm_msgs"),
+])
+def test_reliability_settings_are_validated(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        BrokerConfig(**kwargs)
+
+
+# ----------------------------------------------------------- client liveness
+
+def test_client_heartbeat_is_answered_at_once(broker, sockets):
+    b = broker()
+    client = sockets(b.config.frontend)
+    client.send_multipart([P.VERSION, P.HEARTBEAT, P.heartbeat_body()])
+    frames = recv(client)
+    assert frames[:2] == [P.VERSION, P.HEARTBEAT] and P.unpack(frames[2]) == {}
+
+
+@pytest.mark.parametrize("frames, code", [
+    ([b"BP1", P.REQUEST, P.text_request(1, "a", "b")], P.E_BAD_VERSION),
+    ([P.VERSION, P.REQUEST], P.E_BAD_FRAMES),
+    ([P.VERSION, P.REQUEST, b"x", b"y"], P.E_BAD_FRAMES),
+    ([P.VERSION, P.READY, P.pack({"id": 1})], P.E_BAD_KIND),
+    ([P.VERSION, P.STATS, b"\xc1"], P.E_BAD_ENCODING),
+])
+def test_malformed_client_messages_get_typed_errors(broker, sockets, frames, code):
+    b = broker()
+    client = sockets(b.config.frontend)
+    client.send_multipart(frames)
+    reply = recv_kind(client, P.ERROR)
+    assert P.parse_error(P.unpack(reply[2]))[0] == code
+
+
+# ------------------------------------------------------------- graceful stop
+
+def test_stop_refuses_new_work_lets_held_requests_finish_and_dismisses_workers(broker, sockets):
+    b = broker(drain_timeout_s=30)
+    client, worker = sockets(b.config.frontend), sockets(b.config.backend)
+    ready(worker, 1, "w")
+    wait_workers(b, client, 1)
+    request(client, "held")
+    token = recv_kind(worker, P.REQUEST)[2]
+    b.stop()
+    request(client, "new")
+    reply = recv_kind(client, P.ERROR)
+    assert P.unpack(reply[2])["id"] == "new" and P.parse_error(P.unpack(reply[2]))[0] == P.E_SHUTDOWN
+    worker.send_multipart(P.reply_frames(token, P.reply_body("held", [0.5, 0.5], {})))
+    assert P.unpack(recv_kind(client, P.REPLY)[2])["id"] == "held"
+    frames = recv_kind(worker, P.DISCONNECT)
+    assert P.parse_from_broker(frames).reason == P.DISCONNECT_SHUTDOWN
+    b.test_thread.join(10)
+    assert not b.test_thread.is_alive()
+
+
+def test_drain_timeout_answers_what_is_left_shutting_down(broker, sockets):
+    b = broker(drain_timeout_s=0.3)
+    client, worker = sockets(b.config.frontend), sockets(b.config.backend)
+    ready(worker, 1, "stuck")
+    wait_workers(b, client, 1)
+    request(client, "held")
+    request(client, "queued")
+    recv_kind(worker, P.REQUEST)
+    b.stop()
+    answers = {P.unpack(recv_kind(client, P.ERROR)[2])["id"] for _ in range(2)}
+    assert answers == {"held", "queued"}
+    b.test_thread.join(10)
+    assert not b.test_thread.is_alive() and b.counters.shutting_down == 2

@@ -166,3 +166,75 @@ def test_fuzz_reply_bodies_only_raise_protocol_errors(body):
             decode(P.unpack(P.pack(body)))
         except ProtocolError:
             pass
+
+
+# ------------------------------------------------------- frames and decoders
+
+def test_backend_frames_round_trip():
+    token = b"\x00" * 7 + b"\x05"
+    m = P.parse_from_broker(P.request_frames(token, b"body", 0.0125, 2.5))
+    assert (m.kind, m.token, m.body) == (P.REQUEST, token, b"body")
+    assert m.queue_ms == pytest.approx(12.5) and m.deadline_ms == pytest.approx(2500)
+    assert P.parse_from_broker(P.request_frames(token, b"b", 0, None)).deadline_ms is None
+    assert P.parse_from_broker(P.heartbeat_frames()).kind == P.HEARTBEAT
+    assert P.parse_from_broker(P.broker_disconnect_frames(P.DISCONNECT_SHUTDOWN)).reason == P.DISCONNECT_SHUTDOWN
+    w = P.parse_from_worker(P.reply_frames(token, b"r"))
+    assert (w.kind, w.token, w.body) == (P.REPLY, token, b"r")
+    assert P.parse_from_worker(P.error_frames(token, b"e")).kind == P.ERROR
+    assert P.parse_from_worker(P.ready_frames("w", "s", "inc", 1, 8, "echo", 4)).ready.capacity == 8
+    assert P.parse_from_worker(P.stats_frames({"batches": 3, "flag": True})).stats == {"batches": 3}
+    assert P.parse_from_worker(P.worker_disconnect_frames("w", "inc")).incarnation == "inc"
+    assert P.parse_from_worker(P.heartbeat_frames()).kind == P.HEARTBEAT
+    c = P.parse_from_client([P.VERSION, P.REQUEST, b"x"])
+    assert (c.kind, c.body) == (P.REQUEST, b"x")
+
+
+def test_deadline_frame_bounds():
+    assert P.decode_deadline(P.encode_deadline(-5)) == pytest.approx(0.001)  # expired: the least left
+    assert P.decode_deadline(P.encode_deadline(1e9)) == P.MAX_DEADLINE_MS
+    for bad in (b"\x00" * 8, b"\x01", (P.MAX_DEADLINE_MS * 1000 + 1).__int__().to_bytes(8, "big")):
+        with pytest.raises(ProtocolError):
+            P.decode_deadline(bad)
+    assert P.request_deadline_ms(P.text_request(1, "a", "b")) is None
+    assert P.request_deadline_ms(P.text_request(1, "a", "b", deadline_ms=5)) == 5.0
+    with pytest.raises(ProtocolError):
+        P.request_deadline_ms(P.pack({"deadline_ms": "soon"}))
+
+
+@pytest.mark.parametrize("decode, frames", [
+    (P.parse_from_worker, [P.VERSION, P.REPLY, b"short", b"x"]),
+    (P.parse_from_worker, [P.VERSION, P.REQUEST, b"x"]),
+    (P.parse_from_worker, [b"BP2", P.HEARTBEAT, b"\x80"]),
+    (P.parse_from_worker, [P.VERSION, P.READY, b"\xc1"]),
+    (P.parse_from_broker, [P.VERSION, P.REQUEST, b"t" * 8, b"x", b"q" * 8]),
+    (P.parse_from_broker, [P.VERSION, P.REPLY, b"x"]),
+    (P.parse_from_broker, []),
+    (P.parse_from_client, [P.VERSION, P.REPLY, b"x"]),
+    (P.parse_from_client, [P.VERSION]),
+])
+def test_malformed_frames_are_protocol_errors(decode, frames):
+    with pytest.raises(ProtocolError):
+        decode(frames)
+
+
+_KINDS = st.sampled_from([P.REQUEST, P.REPLY, P.ERROR, P.BUSY, P.READY, P.STATS, P.HEARTBEAT, P.DISCONNECT])
+_frame = st.one_of(st.binary(max_size=40), _KINDS, st.just(P.VERSION), st.binary(min_size=8, max_size=8),
+                   st.builds(P.pack, st.dictionaries(st.sampled_from(
+                       ["capacity", "incarnation", "slot", "reason", "id", "deadline_ms", "batches"]),
+                       _values, max_size=4)))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_frame, max_size=7))
+def test_fuzz_frame_decoders_only_raise_protocol_errors(frames):
+    for decode in (P.parse_from_client, P.parse_from_worker, P.parse_from_broker):
+        try:
+            decode(frames)
+        except ProtocolError:
+            pass
+    for frame in frames:
+        for decode in (P.decode_deadline, P.request_deadline_ms):
+            try:
+                decode(frame)
+            except ProtocolError:
+                pass

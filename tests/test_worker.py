@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -46,6 +47,8 @@ def harness(tmp_path):
         router.setsockopt(zmq.LINGER, 0)
         address = f"ipc://{tmp_path}/w{len(started)}"
         router.bind(address)
+        # A raw ROUTER does not beat: heartbeats only where a test asks for them.
+        kwargs.setdefault("heartbeat_interval_s", 60.0)
         worker = Worker(WorkerConfig(broker_address=address, **kwargs), backend=backend)
         thread = threading.Thread(target=worker.run, daemon=True)
         thread.start()
@@ -63,9 +66,8 @@ def harness(tmp_path):
         router.close()
 
 
-def send(router, identity, token: int, body: bytes) -> None:
-    router.send_multipart([identity, P.VERSION, P.REQUEST, token.to_bytes(8, "big"), body,
-                           P.encode_queue_time(0.001)])
+def send(router, identity, token: int, body: bytes, deadline_s: float | None = None) -> None:
+    router.send_multipart([identity, *P.request_frames(token.to_bytes(8, "big"), body, 0.001, deadline_s)])
 
 
 def replies(router, n: int) -> dict[int, tuple[bytes, dict]]:
@@ -74,7 +76,7 @@ def replies(router, n: int) -> dict[int, tuple[bytes, dict]]:
     while len(out) < n:
         assert router.poll(WAIT_MS), f"only {len(out)} of {n} replies"
         _, _, kind, *rest = router.recv_multipart()
-        if kind in (P.REPLY, P.ERROR):
+        if kind in (P.REPLY, P.ERROR):  # STATS and HEARTBEAT are skipped
             out[int.from_bytes(rest[0], "big")] = (kind, P.unpack(rest[1]))
     return out
 
@@ -187,7 +189,7 @@ def test_tokenizer_failure_fails_only_text_requests(harness):
 
 
 class _NullSocket:
-    def send_multipart(self, frames) -> None:
+    def send_multipart(self, frames, flags=0) -> None:
         pass
 
 
@@ -207,7 +209,7 @@ def test_counters_updated_from_both_threads_stay_exact_and_consistent():
     io_errors = [0]
 
     def pause_at_each_line(frame, event, arg):
-        if frame.f_code is not Worker._run_batch.__code__:
+        if frame.f_code not in (Worker._run_batch.__code__, Worker._compute.__code__):
             return None
         if event == "line":
             at_line.release()
@@ -242,4 +244,91 @@ def test_counters_updated_from_both_threads_stay_exact_and_consistent():
     assert not torn, torn[:3]
     assert io_errors[0] >= rounds  # the I/O side really ran between the lines
     assert worker.stats.as_dict() == {"inferences": 3 * rounds, "batches": rounds, "padded_rows": rounds,
-                                      "errors": io_errors[0]}
+                                      "errors": io_errors[0], "expired": 0, "stale_dropped": 0,
+                                      "reconnects": 0, "dropped_malformed": 0}
+
+
+# ------------------------------------------------------------ reliability
+
+def collect(router, until, beat_to: bytes | None = None, timeout_s: float = WAIT_MS / 1000):
+    """Messages (identity, kind, rest) until ``until(messages)`` holds; beats ``beat_to`` every
+    50 ms meanwhile, as a broker would. Bounded in time."""
+    got, deadline, next_beat = [], time.monotonic() + timeout_s, 0.0
+    while not until(got):
+        assert time.monotonic() < deadline, f"condition never held; got {[m[1] for m in got]}"
+        if beat_to is not None and time.monotonic() >= next_beat:
+            router.send_multipart([beat_to, *P.heartbeat_frames()])
+            next_beat = time.monotonic() + 0.05
+        if router.poll(50):
+            identity, _, kind, *rest = router.recv_multipart()
+            got.append((identity, kind, rest))
+    return got
+
+
+def kinds(messages, kind) -> list:
+    return [m for m in messages if m[1] == kind]
+
+
+def test_worker_beats_from_its_io_thread_while_a_long_batch_runs(harness):
+    router, ident, worker = harness(EchoBackend(BackendConfig(echo_delay_ms=1500)), batch_size=1,
+                                    batch_timeout_ms=0, heartbeat_interval_s=0.1, heartbeat_liveness=5)
+    send(router, ident, 1, P.text_request(1, "slow", "model"))
+    got = collect(router, lambda m: kinds(m, P.REPLY), beat_to=ident)
+    assert len(kinds(got, P.HEARTBEAT)) >= 5  # 1.5 s of compute, a beat every 0.1 s
+    assert not kinds(got, P.READY) and worker.stats.reconnects == 0
+
+
+def test_worker_reregisters_when_the_broker_falls_silent_or_says_disconnect(harness):
+    router, ident, worker = harness(EchoBackend(BackendConfig()), heartbeat_interval_s=0.1,
+                                    heartbeat_liveness=3)
+    first = worker.incarnation
+    got = collect(router, lambda m: kinds(m, P.READY))  # we never beat: it gives up on us
+    identity, _, (body,) = kinds(got, P.READY)[0]
+    second = P.parse_ready(P.unpack(body)).incarnation
+    assert second not in (None, first) and identity != ident  # a new socket, a new registration
+    router.send_multipart([identity, *P.broker_disconnect_frames(P.DISCONNECT_UNKNOWN)])
+    got = collect(router, lambda m: kinds(m, P.READY), beat_to=identity)
+    third_identity, _, (body,) = kinds(got, P.READY)[0]
+    assert P.parse_ready(P.unpack(body)).incarnation not in (first, second)
+    assert worker.stats.reconnects >= 2
+    send(router, third_identity, 7, P.text_request(7, "still", "serving"))
+    got = collect(router, lambda m: kinds(m, P.REPLY), beat_to=third_identity)
+    assert int.from_bytes(kinds(got, P.REPLY)[0][2][0], "big") == 7
+
+
+def test_what_a_worker_held_before_re_registering_is_dropped_not_answered(harness):
+    router, ident, worker = harness(EchoBackend(BackendConfig(echo_delay_ms=400)), batch_size=1,
+                                    batch_timeout_ms=0, capacity=4)
+    send(router, ident, 1, P.text_request(1, "computing", "now"))
+    send(router, ident, 2, P.text_request(2, "waiting", "in the batcher"))
+    router.send_multipart([ident, *P.broker_disconnect_frames(P.DISCONNECT_UNKNOWN)])
+    got = collect(router, lambda m: worker.stats.stale_dropped >= 2 and kinds(m, P.READY), beat_to=ident)
+    assert not kinds(got, P.REPLY) and not kinds(got, P.ERROR)
+
+
+def test_worker_skips_requests_whose_deadline_passed_in_its_batcher(harness):
+    router, ident, worker = harness(EchoBackend(BackendConfig()), batch_size=4, batch_timeout_ms=300)
+    send(router, ident, 1, P.text_request(1, "too", "late"), deadline_s=0.02)
+    send(router, ident, 2, P.text_request(2, "no", "deadline"))
+    got = replies(router, 2)
+    assert got[1][0] == P.ERROR and got[1][1]["code"] == P.E_DEADLINE
+    assert got[2][0] == P.REPLY
+    assert worker.stats.expired == 1 and worker.stats.inferences == 1
+
+
+def test_malformed_broker_messages_are_counted_and_dropped(harness):
+    router, ident, worker = harness(EchoBackend(BackendConfig()), batch_timeout_ms=0)
+    for frames in ([b"junk"], [P.VERSION, P.REQUEST, b"short", b"x", b"q", b""],
+                   [P.VERSION, P.REQUEST, b"t" * 8, b"x", b"q" * 8, b"bad"], [P.VERSION, b"\x99", b""],
+                   [b"BP1", P.HEARTBEAT, P.heartbeat_body()]):
+        router.send_multipart([ident, *frames])
+    send(router, ident, 3, P.text_request(3, "fine", "request"))
+    assert replies(router, 1)[3][0] == P.REPLY
+    assert worker.stats.dropped_malformed == 5
+
+
+@pytest.mark.parametrize("kwargs", [{"heartbeat_interval_s": 0}, {"heartbeat_liveness": 0},
+                                    {"max_message_bytes": 1000}])
+def test_bad_worker_reliability_config(kwargs):
+    with pytest.raises(ConfigError):
+        WorkerConfig(**kwargs)

@@ -1,8 +1,9 @@
 """bertpool-serve: the broker and a supervised worker pool in one command.
 
 The broker runs on a thread of this process; the workers are child processes.
-Ctrl-C or SIGTERM stops the workers first (they answer what they hold), then
-the broker.
+Ctrl-C or SIGTERM makes the broker refuse new requests (ERROR shutting_down) and
+stops the workers, which answer what they hold; then the broker answers what is
+left with shutting_down and exits (0).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     thread = threading.Thread(target=broker.run, name="broker", daemon=True)
     thread.start()
     gateway = start_gateway_process(args)
-    install_stop_handlers(supervisor.stop)
+    # SIGTERM: the broker refuses new requests at once while the workers finish what they hold.
+    install_stop_handlers(lambda: (broker.stop(), supervisor.stop()))
     backend = supervisor.config.worker.backend
     served = f" serving {backend.model_dir}" if backend.model_dir else ""
     print(f"bertpool-serve: clients on {args.address}, workers on {args.worker_address}, "
@@ -56,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         supervisor.run()  # returns after stop() (signal) or a worker that cannot load
     finally:
         stop_gateway_process(gateway)
-        broker.stop()
-        thread.join(10)
+        if not broker.stopping:  # the workers stopped on their own (a load failure)
+            broker.stop()
+        # The workers are gone, having answered what they held; the broker answers the rest.
+        thread.join(broker.config.drain_timeout_s + 10)
     if supervisor.failed:
         return report_error("bertpool-serve", supervisor.failed, code=1)
     return 0

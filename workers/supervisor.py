@@ -59,7 +59,10 @@ def worker_argv(config: WorkerConfig, load_error_file: str | None = None) -> lis
             "--worker-address", config.broker_address, "--backend", b.name,
             "--batch-size", str(config.batch_size), "--batch-timeout-ms", str(config.batch_timeout_ms),
             "--capacity", str(config.capacity), "--echo-delay-ms", str(b.echo_delay_ms),
-            "--threads", str(b.threads), "--name", config.name, "--slot", config.slot]
+            "--threads", str(b.threads), "--name", config.name, "--slot", config.slot,
+            "--heartbeat-interval-s", str(config.heartbeat_interval_s),
+            "--heartbeat-liveness", str(config.heartbeat_liveness),
+            "--max-message-bytes", str(config.max_message_bytes)]
     if b.model_dir:
         argv += ["--model", str(b.model_dir)]
     if config.vocab_path:

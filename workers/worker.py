@@ -4,8 +4,9 @@ Two threads, so the model never waits on I/O and batch deadlines stay honest:
 
 * the I/O thread (``Worker.run``) owns the DEALER socket the broker sends
   requests to: it validates and tokenizes each REQUEST, answers bad ones with
-  ERROR at once, puts good ones into the :class:`Batcher`, and sends STATS
-  every ``stats_interval_s``.
+  ERROR at once, puts good ones into the :class:`Batcher`, sends STATS every
+  ``stats_interval_s`` and HEARTBEAT every ``heartbeat_interval_s`` (from this
+  thread, so a long model call never makes the worker look dead).
 * the compute thread takes batches (flush at ``batch_size`` or
   ``batch_timeout_ms``), pads them with dummy rows to the model's fixed batch,
   runs the model, and replies to every real request on its own DEALER socket
@@ -14,6 +15,15 @@ Two threads, so the model never waits on I/O and batch deadlines stay honest:
   ``inference_failed``. On stop it answers what it holds, then says DISCONNECT.
 
 A worker says READY (with its capacity) only after its warm-up batch ran.
+
+Broker loss: when the broker is silent for ``heartbeat_liveness`` intervals,
+or says DISCONNECT (it does not know us: it presumed us dead, or it restarted),
+the worker closes and reopens its sockets and says READY again under a new
+incarnation. What it held under the old registration is dropped (counted in
+``stale_dropped``): those tokens are void, the broker has re-dispatched the
+requests or, after a restart, never knew them. A request whose deadline (the
+time left that the broker forwarded) passes before its batch runs is answered
+ERROR deadline_exceeded and never computed (``expired``).
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ import numpy as np
 import zmq
 
 from ..common import protocol as P
-from ..common.cli import install_stop_handlers, report_error, setup_logging
+from ..common.cli import add_link_arguments, install_stop_handlers, report_error, setup_logging
 from ..common.errors import BertpoolError, ConfigError, ProtocolError
 from ..common.tokenizer import BertTokenizer
 from .backends import (BACKENDS, Backend, BackendConfig, choose_backend, fallback_vocab_path, load_backend,
@@ -40,6 +50,7 @@ from .batcher import Batcher, BatcherClosed, BatcherConfig
 log = logging.getLogger("bertpool.worker")
 
 EXIT_LOAD_FAILED = 2  # exit code for "cannot load the model or configuration": restarting would not help
+MIN_MESSAGE_BYTES = 256 << 10  # smallest max_message_bytes that still takes every valid request
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,9 @@ class WorkerConfig:
     name: str = ""                    # label in logs and stats (default: worker-<pid>)
     slot: str = ""                    # supervisor slot: the broker lets our READY replace the slot's
                                       # previous process; "" (no supervisor) replaces nothing
+    heartbeat_interval_s: float = 1.0  # beat the broker this often; expect its beats as often
+    heartbeat_liveness: int = 3       # the broker is presumed dead after this many silent intervals
+    max_message_bytes: int = 4 << 20  # ZeroMQ MAXMSGSIZE on our sockets (> the broker's max_request_bytes)
 
     def __post_init__(self) -> None:
         P.check_endpoint("worker address", self.broker_address)
@@ -63,6 +77,10 @@ class WorkerConfig:
             raise ConfigError(f"batch_timeout_ms must be >= 0, got {self.batch_timeout_ms}")
         if self.capacity < 0:
             raise ConfigError(f"capacity must be >= 0, got {self.capacity}")
+        P.check_heartbeat(self.heartbeat_interval_s, self.heartbeat_liveness)
+        # Below this a valid text request (2 x MAX_TEXT_CHARS of UTF-8) could not reach us.
+        if self.max_message_bytes < MIN_MESSAGE_BYTES:
+            raise ConfigError(f"max_message_bytes must be >= {MIN_MESSAGE_BYTES}, got {self.max_message_bytes}")
 
     @property
     def effective_capacity(self) -> int:
@@ -77,6 +95,8 @@ class _Pending:
     request_id: Any
     features: tuple[np.ndarray, np.ndarray, np.ndarray]  # input_ids, input_mask, segment_ids [S]
     queue_ms: float  # time it waited in the broker's queue
+    deadline: float | None = None  # absolute on this process's monotonic clock (None: no deadline)
+    generation: int = 0            # the registration it came under; a later one voids its token
 
 
 @dataclass
@@ -87,7 +107,11 @@ class WorkerStats:
     inferences: int = 0    # real requests answered with a prediction
     batches: int = 0       # model calls
     padded_rows: int = 0   # dummy rows added to fill fixed-size batches
-    errors: int = 0        # ERROR replies sent (bad input or failed batch)
+    errors: int = 0        # ERROR replies sent (bad input, failed batch, deadline)
+    expired: int = 0       # requests skipped because their deadline passed before their batch ran
+    stale_dropped: int = 0  # requests and replies dropped because their registration ended
+    reconnects: int = 0    # times we re-registered (broker silent, or it said DISCONNECT)
+    dropped_malformed: int = 0  # malformed broker messages dropped
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **deltas: int) -> None:
@@ -119,6 +143,10 @@ class Worker:
         self.backend: Backend | None = backend
         self.tokenizer: BertTokenizer | None = None
         self.failed = False  # set when the compute thread died of an unexpected error
+        self._sock: zmq.Socket | None = None  # the I/O thread's registration socket
+        # Bumped (by the I/O thread) at each re-registration; the compute thread reads it to drop
+        # what belongs to an older one and to reopen its own socket.
+        self._generation = 0
 
     # ------------------------------------------------------------ lifecycle
 
@@ -140,54 +168,114 @@ class Worker:
         """Connect, say READY, and serve until stop(); load() first if not done."""
         if self.tokenizer is None:
             self.load()
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 2000)
         compute = threading.Thread(target=self._compute_loop, name=f"{self.name}-compute", daemon=True)
         try:
-            sock.connect(self.config.broker_address)
             compute.start()
-            sock.send_multipart([P.VERSION, P.READY, P.ready_body(
-                self.name, self.config.slot or None, self.incarnation, os.getpid(),
-                self.config.effective_capacity, self.backend.name, self.config.batch_size)])
+            self._register()
             log.info("%s ready: backend %s, batch %d, timeout %.1f ms", self.name, self.backend.name,
                      self.config.batch_size, self.config.batch_timeout_ms)
-            self._io_loop(sock)
+            self._io_loop()
         finally:
-            # The compute thread answers what the batcher holds, then says DISCONNECT.
+            # The compute thread answers what the batcher holds, then says DISCONNECT; we keep
+            # beating meanwhile, so a long last batch does not make the broker presume us dead.
             self._batcher.close()
-            compute.join()
-            sock.close()
+            while compute.is_alive():
+                compute.join(self.config.heartbeat_interval_s)
+                if compute.is_alive() and self._sock is not None:
+                    self._send(self._sock, P.heartbeat_frames())
+            if self._sock is not None:
+                self._sock.close(linger=2000)
+
+    def _open_socket(self) -> zmq.Socket:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
+        sock.connect(self.config.broker_address)
+        return sock
+
+    def _register(self) -> None:
+        """Open the registration socket and say READY (queued until the broker is there)."""
+        self._sock = self._open_socket()
+        self._send(self._sock, P.ready_frames(
+            self.name, self.config.slot or None, self.incarnation, os.getpid(),
+            self.config.effective_capacity, self.backend.name, self.config.batch_size))
+
+    def _reconnect(self, why: str) -> None:
+        """Drop this registration (its tokens are void) and register afresh (Paranoid Pirate)."""
+        log.warning("%s: %s; re-registering", self.name, why)
+        self.stats.add(reconnects=1)
+        self._generation += 1
+        self._sock.close(linger=0)  # what it still queued belongs to the old registration
+        self.incarnation = P.new_incarnation()
+        self._register()
+
+    def _send(self, sock: zmq.Socket, frames: list[bytes]) -> bool:
+        """Send without blocking: with the broker gone and the queue full, a message is dropped
+        (counted in stale_dropped) rather than hang a thread."""
+        try:
+            sock.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            self.stats.add(stale_dropped=1)
+            return False
+        return True
 
     # ------------------------------------------------------------- I/O side
 
-    def _io_loop(self, sock: zmq.Socket) -> None:
-        next_stats = time.monotonic() + self.config.stats_interval_s
+    def _io_loop(self) -> None:
+        interval = self.config.heartbeat_interval_s
+        silence_limit = interval * self.config.heartbeat_liveness
+        now = time.monotonic()
+        next_stats, next_beat, last_heard = now + self.config.stats_interval_s, now + interval, now
         while not self._stop.is_set():
-            timeout_ms = max(0.0, (next_stats - time.monotonic()) * 1000)
-            if sock.poll(min(timeout_ms, 200)):
+            timeout_ms = max(0.0, (min(next_stats, next_beat) - time.monotonic()) * 1000)
+            if self._sock.poll(min(timeout_ms, 200)):
                 batch = []
                 for _ in range(256):  # bounded drain keeps replies flowing under load
                     try:
-                        batch.append(sock.recv_multipart(zmq.NOBLOCK))
+                        batch.append(self._sock.recv_multipart(zmq.NOBLOCK))
                     except zmq.Again:
                         break
-                self._on_messages(sock, batch)
-            if time.monotonic() >= next_stats:
-                self._send_stats(sock)
+                last_heard = time.monotonic()  # any message counts as a beat
+                if self._on_messages(self._sock, batch):
+                    self._reconnect("the broker said DISCONNECT")
+                    last_heard = time.monotonic()
+                    continue
+            now = time.monotonic()
+            # Judge silence only with nothing waiting to be read: a worker that was itself starved
+            # (or stopped) must first hear the beats waiting for it.
+            if now - last_heard > silence_limit and not self._sock.poll(0):
+                self._reconnect(f"no word from the broker for {now - last_heard:.1f} s")
+                last_heard = now
+            if now >= next_beat:
+                self._send(self._sock, P.heartbeat_frames())
+                next_beat = now + interval
+            if now >= next_stats:
+                self._send_stats(self._sock)
                 next_stats = time.monotonic() + self.config.stats_interval_s
 
-    def _on_messages(self, sock: zmq.Socket, messages: list[list[bytes]]) -> None:
+    def _on_messages(self, sock: zmq.Socket, messages: list[list[bytes]]) -> bool:
         """Handle broker messages: queue valid REQUESTs, answer bad ones with ERROR at once.
+        True when the broker said DISCONNECT (the caller re-registers; the rest is dropped).
 
         Text pairs received together are tokenized in one call (about half the
         cost per pair of one call each).
         """
         arrived = time.monotonic()
-        parsed: list[tuple[bytes, Any, float, str, Any]] = []
+        parsed: list[tuple[bytes, Any, P.FromBroker, str, Any]] = []
         for frames in messages:
-            request = self._parse_frames(sock, frames)
-            if request is not None:
-                parsed.append(request)
+            try:
+                message = P.parse_from_broker(frames)
+            except ProtocolError as exc:
+                self.stats.add(dropped_malformed=1)
+                log.debug("%s: dropping malformed broker message: %s", self.name, exc)
+                continue
+            if message.kind == P.DISCONNECT:
+                self.stats.add(stale_dropped=len(parsed))  # received under the registration that ends
+                return True
+            if message.kind == P.REQUEST:
+                request = self._parse_request(sock, message)
+                if request is not None:
+                    parsed.append(request)
         texts = [value for _, _, _, kind, value in parsed if kind == "text"]
         try:
             encoded = self.tokenizer.encode_pairs(texts) if texts else None
@@ -198,29 +286,22 @@ class Worker:
                     self._reply_error(sock, token, request_id, P.E_BAD_TEXT, f"tokenizer failed: {exc}")
             parsed = [p for p in parsed if p[3] != "text"]
         row = 0
-        for token, request_id, queue_ms, kind, value in parsed:
+        for token, request_id, message, kind, value in parsed:
             if kind == "text":
                 value = (encoded.input_ids[row], encoded.input_mask[row], encoded.segment_ids[row])
                 row += 1
-            self._batcher.put(_Pending(token, request_id, value, queue_ms), arrived)
+            deadline = None if message.deadline_ms is None else arrived + message.deadline_ms / 1000.0
+            self._batcher.put(_Pending(token, request_id, value, message.queue_ms, deadline, self._generation),
+                              arrived)
+        return False
 
     def _reply_error(self, sock: zmq.Socket, token: bytes, request_id: Any, code: str, message: str) -> None:
         self.stats.add(errors=1)
-        sock.send_multipart([P.VERSION, P.ERROR, token, P.error_body(request_id, code, message)])
+        self._send(sock, P.error_frames(token, P.error_body(request_id, code, message)))
 
-    def _parse_frames(self, sock: zmq.Socket, frames: list[bytes]):
-        """Validate one broker message; returns (token, id, queue_ms, kind, value) or None."""
-        if len(frames) < 2 or frames[0] != P.VERSION:
-            log.warning("%s: dropping malformed broker message (%d frames)", self.name, len(frames))
-            return None
-        kind = frames[1]
-        if kind == P.DISCONNECT:
-            self._stop.set()
-            return None
-        if kind != P.REQUEST or len(frames) != 5:
-            log.warning("%s: dropping unexpected %s", self.name, P.KIND_NAMES.get(kind, kind))
-            return None
-        token, raw = frames[2], frames[3]
+    def _parse_request(self, sock: zmq.Socket, message: P.FromBroker):
+        """Validate one REQUEST's body; returns (token, id, message, kind, value) or None (answered)."""
+        token, raw = message.token, message.body
         try:
             body = P.unpack(raw)
             request_id = P.check_id(body)
@@ -230,7 +311,7 @@ class Worker:
         except ProtocolError as exc:
             self._reply_error(sock, token, P.peek_id(raw), exc.code, exc.message)
             return None
-        return token, request_id, P.decode_queue_time(frames[4]), what, value
+        return token, request_id, message, what, value
 
     def _check_features(self, ids: np.ndarray, mask: np.ndarray, segments: np.ndarray) -> None:
         """Reject feature values the model cannot take, so they never fail a shared batch."""
@@ -242,7 +323,7 @@ class Worker:
             raise ProtocolError(P.E_BAD_FIELD, "segment_ids: values must be 0 or 1")
 
     def _send_stats(self, sock: zmq.Socket) -> None:
-        sock.send_multipart([P.VERSION, P.STATS, P.pack(self.stats.as_dict())])
+        self._send(sock, P.stats_frames(self.stats.as_dict()))
 
     # --------------------------------------------------------- compute side
 
@@ -252,16 +333,25 @@ class Worker:
     def _compute_loop(self) -> None:
         # Replies leave on this thread's own socket: no hop back through the I/O
         # thread. The broker matches them by token, whichever socket they come on.
-        out = self._ctx.socket(zmq.DEALER)
-        out.connect(self.config.broker_address)
+        out, out_generation = self._open_socket(), self._generation
         try:
             while True:
                 try:
                     batch = self._batcher.next_batch()
                 except BatcherClosed:
                     break
-                for frames in self._run_batch(batch):
-                    out.send_multipart(frames)
+                generation = self._generation
+                replies = self._run_batch(batch)
+                if generation != self._generation:
+                    # Re-registered while the batch ran: its tokens are void.
+                    self.stats.add(stale_dropped=len(replies))
+                    replies = []
+                if out_generation != self._generation:
+                    # Re-registered: what this socket still queued is void; start clean.
+                    out.close(linger=0)
+                    out, out_generation = self._open_socket(), self._generation
+                for frames in replies:
+                    self._send(out, frames)
         except Exception:  # a bug, not a model error: stop, so the supervisor restarts us
             log.exception("%s: compute thread failed", self.name)
             self.failed = True
@@ -270,12 +360,32 @@ class Worker:
             # Last word, on the same socket as the replies so it cannot overtake them;
             # the broker re-queues whatever we still held.
             self._send_stats(out)
-            out.send_multipart([P.VERSION, P.DISCONNECT, P.disconnect_body(self.name, self.incarnation)])
+            self._send(out, P.worker_disconnect_frames(self.name, self.incarnation))
             out.close(linger=5000)
 
     def _run_batch(self, batch: list[tuple[float, _Pending]]) -> list[list[bytes]]:
-        """Run one batch; return the reply frames, one message per real request."""
+        """Run one batch; return the reply frames, one message per request still wanted: requests
+        of an older registration are dropped, expired ones answered deadline_exceeded."""
         assert batch, "the batcher never hands out an empty batch"
+        generation, now = self._generation, time.monotonic()
+        live = [(arrived, it) for arrived, it in batch if it.generation == generation]
+        if len(live) < len(batch):
+            self.stats.add(stale_dropped=len(batch) - len(live))
+        out = []
+        batch = []
+        for arrived, it in live:
+            if it.deadline is not None and it.deadline <= now:
+                self.stats.add(expired=1, errors=1)
+                out.append(P.error_frames(it.token, P.error_body(
+                    it.request_id, P.E_DEADLINE, "the request's deadline passed before its batch ran")))
+            else:
+                batch.append((arrived, it))
+        if not batch:
+            return out
+        return out + self._compute(batch)
+
+    def _compute(self, batch: list[tuple[float, _Pending]]) -> list[list[bytes]]:
+        """Run the model on a non-empty batch; one REPLY (or ERROR if it fails) per request."""
         started = time.monotonic()
         items = [item for _, item in batch]
         ids, mask, segs = (np.stack([it.features[k] for it in items]) for k in range(3))
@@ -286,7 +396,7 @@ class Worker:
             log.exception("%s: batch of %d failed", self.name, len(items))
             self.stats.add(errors=len(items))
             message = f"model call failed: {type(exc).__name__}: {exc}"
-            return [[P.VERSION, P.ERROR, it.token, P.error_body(it.request_id, P.E_INFERENCE, message)]
+            return [P.error_frames(it.token, P.error_body(it.request_id, P.E_INFERENCE, message))
                     for it in items]
         done = time.monotonic()
         step = self.backend.batch_size or self.config.batch_size
@@ -294,12 +404,12 @@ class Worker:
         self.stats.add(batches=1, inferences=len(items), padded_rows=padded)
         compute_ms = (done - started) * 1000
         oldest = batch[0][0]
-        return [[P.VERSION, P.REPLY, it.token, P.reply_body(it.request_id, probs[i], {
+        return [P.reply_frames(it.token, P.reply_body(it.request_id, probs[i], {
                     "queue_ms": it.queue_ms,
                     "batch_wait_ms": round((started - arrived) * 1000, 3),
                     "batch_oldest_ms": round((started - oldest) * 1000, 3),
                     "compute_ms": round(compute_ms, 3),
-                    "batch_size": len(items)})]
+                    "batch_size": len(items)}))
                 for i, ((arrived, _), it) in enumerate(zip(batch, items))]
 
 
@@ -327,6 +437,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                         help="echo backend: simulated compute time per batch (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=0,
                         help="tf backend: intra-op threads per worker (default: cores / parallel)")
+    add_link_arguments(parser)
 
 
 def worker_config_from_args(args: argparse.Namespace, broker_address: str,
@@ -338,7 +449,8 @@ def worker_config_from_args(args: argparse.Namespace, broker_address: str,
                               echo_delay_ms=args.echo_delay_ms,
                               threads=args.threads if threads is None else threads),
         vocab_path=args.vocab, batch_size=args.batch_size, batch_timeout_ms=args.batch_timeout_ms,
-        capacity=args.capacity, name=name, slot=slot)
+        capacity=args.capacity, name=name, slot=slot, heartbeat_interval_s=args.heartbeat_interval_s,
+        heartbeat_liveness=args.heartbeat_liveness, max_message_bytes=args.max_message_bytes)
 
 
 def main(argv: list[str] | None = None) -> int:

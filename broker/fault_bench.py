@@ -1,0 +1,313 @@
+"""bertpool-bench-faults: steady many-client load while workers are SIGKILLed or SIGSTOPped.
+
+Starts ``bertpool-serve`` (broker + supervised workers, echo backend with a
+fixed per-batch delay standing in for a model: a test and bench aid, not a
+model), drives it with ``--clients`` closed-loop clients (each waits for its
+reply, then sends the next request, every one with distinct text whose echo
+answer is recomputed and checked), and injects faults for ``--duration-s``
+per phase:
+
+* ``kill``: SIGKILL the busiest worker every ``--kill-every-s`` (the supervisor
+  restarts it; the broker re-dispatches what it held);
+* ``stop``: SIGSTOP the busiest worker every ``--stop-every-s``, SIGCONT it
+  ``--stop-for-s`` later (heartbeats notice it; it re-registers on waking).
+
+Per phase it reports requests answered correctly, wrong answers, typed errors,
+lost ones (no reply within the client timeout; goal 0), duplicates, latency
+(overall, and for requests in flight at a fault or sent within
+``recovery_window_s`` after it: p99 and max), and per fault the time until the pool is whole again (all
+``--parallel`` workers registered, the faulty one gone or re-registered).
+Writes a JSON report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..clients.bench import wait_for_workers
+from ..clients.client import Client
+from ..common.errors import ConfigError, RequestError, RequestTimeout
+
+PHASES = ("kill", "stop")
+
+
+@dataclass(frozen=True)
+class FaultBenchConfig:
+    clients: int = 48                 # closed-loop clients
+    client_procs: int = 4             # processes the clients are spread over
+    parallel: int = 4                 # workers
+    duration_s: float = 60.0          # length of each phase
+    kill_every_s: float = 5.0         # kill phase: one SIGKILL this often
+    stop_every_s: float = 10.0        # stop phase: one SIGSTOP this often
+    stop_for_s: float = 5.0           # ... lasting this long before SIGCONT
+    echo_delay_ms: float = 20.0       # per-batch compute the echo backend simulates
+    batch_timeout_ms: float = 5.0     # workers' batch fill timeout
+    heartbeat_interval_s: float = 1.0  # broker and workers (the defaults of bertpool-serve)
+    heartbeat_liveness: int = 3
+    client_timeout_s: float = 30.0    # a request unanswered this long counts as lost
+    recovery_window_s: float = 5.0    # requests sent this soon after a fault are "during recovery"
+    phases: tuple[str, ...] = PHASES
+
+    def __post_init__(self) -> None:
+        if min(self.clients, self.client_procs, self.parallel) < 1:
+            raise ConfigError("clients, client_procs and parallel must be >= 1")
+        if self.parallel < 2:
+            raise ConfigError("parallel must be >= 2: a pool of one has no survivor to fail over to")
+        if not set(self.phases) <= set(PHASES):
+            raise ConfigError(f"phases must be among {PHASES}, got {self.phases}")
+
+
+def _client_proc(address: str, first: int, n: int, timeout_s: float, stop, out) -> None:
+    """Run n closed-loop client threads until stop; put one record list per process on out:
+    (sent_at wall-clock, latency_s, outcome) where outcome is ok, wrong, lost or an error code."""
+    from ..common.tokenizer import BertTokenizer
+    from ..workers.backends import echo_probabilities, fallback_vocab_path
+
+    tokenizer = BertTokenizer(fallback_vocab_path())
+    records: list[tuple[float, float, str]] = []
+    late = [0]
+    lock = threading.Lock()
+
+    def run(c: int) -> None:
+        mine = []
+        with Client(address, timeout_s=timeout_s) as client:
+            i = 0
+            while not stop.is_set():
+                a, b = f"client {c} request {i}", f"distinct text {i * 7919 + c}"
+                sent, t0 = time.time(), time.perf_counter()
+                try:
+                    result = client.predict(a, b)
+                    f = tokenizer.encode_pairs([(a, b)])
+                    want = echo_probabilities(f.input_ids, f.input_mask)[0]
+                    outcome = "ok" if np.allclose(result.probabilities, want) else "wrong"
+                except RequestTimeout:
+                    outcome = "lost"
+                except RequestError as exc:
+                    outcome = getattr(exc, "code", type(exc).__name__)
+                mine.append((sent, time.perf_counter() - t0, outcome))
+                i += 1
+            with lock:
+                late[0] += client.counters.late_replies
+        with lock:
+            records.extend(mine)
+
+    threads = [threading.Thread(target=run, args=(first + k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out.put((records, late[0]))
+
+
+class _Monitor(threading.Thread):
+    """Polls the broker's stats; answers "is the pool whole" questions."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(daemon=True)
+        self.address = address
+        self.stop = threading.Event()
+        self.latest: dict[str, Any] = {}
+        self.changed = threading.Condition()
+
+    def run(self) -> None:
+        with Client(self.address, timeout_s=10) as client:
+            while not self.stop.is_set():
+                try:
+                    stats = client.stats()
+                except RequestError:
+                    continue
+                with self.changed:
+                    self.latest = stats
+                    self.changed.notify_all()
+                self.stop.wait(0.05)
+
+    def wait_for(self, predicate, timeout_s: float) -> float | None:
+        """Seconds until predicate(stats) held, or None on timeout."""
+        start = time.monotonic()
+        with self.changed:
+            while not (self.latest and predicate(self.latest)):
+                left = start + timeout_s - time.monotonic()
+                if left <= 0:
+                    return None
+                self.changed.wait(left)
+        return time.monotonic() - start
+
+    def busiest(self) -> int | None:
+        workers = list(self.latest.get("workers", {}).values())
+        if not workers:
+            return None
+        return max(workers, key=lambda w: w.get("inflight", 0)).get("pid")
+
+
+def _pids(stats: dict) -> set[int]:
+    return {w.get("pid") for w in stats.get("workers", {}).values()}
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)) * 1000, 1) if values else None
+
+
+def _run_phase(config: FaultBenchConfig, phase: str, workdir: Path) -> dict[str, Any]:
+    front, back = f"ipc://{workdir}/{phase}-front", f"ipc://{workdir}/{phase}-back"
+    log_path = workdir / f"{phase}-serve.log"
+    cmd = [sys.executable, "-m", "bertpool.workers.serve", "--address", front, "--worker-address", back,
+           "--parallel", str(config.parallel), "--backend", "echo", "--echo-delay-ms", str(config.echo_delay_ms),
+           "--batch-timeout-ms", str(config.batch_timeout_ms), "--stats-interval-s", "0",
+           "--heartbeat-interval-s", str(config.heartbeat_interval_s),
+           "--heartbeat-liveness", str(config.heartbeat_liveness)]
+    with open(log_path, "wb") as log:
+        serve = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    ctx = mp.get_context("spawn")
+    stop, out = ctx.Event(), ctx.Queue()
+    faults: list[dict[str, Any]] = []
+    stopped: set[int] = set()
+    try:
+        wait_for_workers(front, config.parallel, timeout_s=120)
+        monitor = _Monitor(front)
+        monitor.start()
+        share = [config.clients // config.client_procs + (i < config.clients % config.client_procs)
+                 for i in range(config.client_procs)]
+        procs = [ctx.Process(target=_client_proc, args=(front, sum(share[:i]), n, config.client_timeout_s,
+                                                        stop, out))
+                 for i, n in enumerate(share) if n]
+        for p in procs:
+            p.start()
+        time.sleep(2.0)  # let every client connect and the load settle before the first fault
+        every = config.kill_every_s if phase == "kill" else config.stop_every_s
+        started = time.monotonic()
+        while time.monotonic() - started < config.duration_s:
+            pid = monitor.busiest()
+            if pid is None:
+                time.sleep(0.1)
+                continue
+            at = time.time()
+            if phase == "kill":
+                os.kill(pid, signal.SIGKILL)
+                whole = monitor.wait_for(lambda s: len(s["workers"]) == config.parallel and pid not in _pids(s),
+                                         timeout_s=every * 4)
+                faults.append({"at": at, "pid": pid, "pool_whole_after_s": _round(whole)})
+            else:
+                os.kill(pid, signal.SIGSTOP)
+                stopped.add(pid)
+                removed = monitor.wait_for(lambda s: pid not in _pids(s), timeout_s=config.stop_for_s)
+                time.sleep(max(0.0, config.stop_for_s - (removed or config.stop_for_s)))
+                os.kill(pid, signal.SIGCONT)
+                stopped.discard(pid)
+                back_in = monitor.wait_for(lambda s: pid in _pids(s) and len(s["workers"]) == config.parallel,
+                                           timeout_s=every * 2)
+                faults.append({"at": at, "pid": pid, "presumed_dead_after_s": _round(removed),
+                               "stopped_for_s": config.stop_for_s,
+                               "pool_whole_after_sigcont_s": _round(back_in)})
+            time.sleep(max(0.0, at + every - time.time()))
+        stop.set()
+        results = [out.get(timeout=config.client_timeout_s + 60) for _ in procs]
+        for p in procs:
+            p.join(30)
+        monitor.stop.set()
+        final = monitor.latest
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        stop.set()
+        serve.send_signal(signal.SIGTERM)
+        try:
+            serve.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+            serve.wait()
+    return _report(config, phase, results, faults, final)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def _report(config: FaultBenchConfig, phase: str, results, faults, final) -> dict[str, Any]:
+    records = [r for recs, _ in results for r in recs]
+    late = sum(n for _, n in results)
+    outcomes = Counter(outcome for _, _, outcome in records)
+    latencies = [lat for _, lat, _ in records]
+    fault_times = [f["at"] for f in faults]
+    # In flight at a fault, or sent within the recovery window after it.
+    during = [lat for sent, lat, _ in records
+              if any(sent <= t + config.recovery_window_s and sent + lat >= t for t in fault_times)]
+    broker = final.get("broker", {})
+    return {
+        "phase": phase, "faults": len(faults), "requests": len(records),
+        "answered_correctly": outcomes.pop("ok", 0), "wrong_answers": outcomes.pop("wrong", 0),
+        "lost": outcomes.pop("lost", 0), "typed_errors": dict(outcomes),
+        "duplicates_seen_by_clients": late,
+        "latency_ms": {"p50": _percentile(latencies, 50), "p99": _percentile(latencies, 99),
+                       "max": _percentile(latencies, 100)},
+        "latency_during_recovery_ms": {"requests": len(during), "p99": _percentile(during, 99),
+                                       "max": _percentile(during, 100)},
+        "per_fault": faults,
+        "broker_counters": {k: broker.get(k) for k in ("replies", "redispatched", "worker_lost",
+                                                        "late_replies_dropped", "workers_lost", "requeued")},
+    }
+
+
+def run_fault_bench(config: FaultBenchConfig) -> dict[str, Any]:
+    """Run each phase in config.phases on a fresh pool; return the report."""
+    report: dict[str, Any] = {"config": asdict(config), "phases": {}}
+    with tempfile.TemporaryDirectory(prefix="bertpool-faults-") as tmp:
+        for phase in config.phases:
+            report["phases"][phase] = _run_phase(config, phase, Path(tmp))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    d = FaultBenchConfig()
+    parser = argparse.ArgumentParser(
+        prog="bertpool-bench-faults",
+        description="Steady closed-loop load on a bertpool-serve pool (echo backend with a fixed per-batch "
+                    "delay) while workers are SIGKILLed, then SIGSTOPped; reports correct answers, typed "
+                    "errors, lost requests, latency during recovery and time until the pool is whole.")
+    parser.add_argument("--clients", type=int, default=d.clients)
+    parser.add_argument("--client-procs", type=int, default=d.client_procs)
+    parser.add_argument("--parallel", type=int, default=d.parallel)
+    parser.add_argument("--duration-s", type=float, default=d.duration_s, help="per phase")
+    parser.add_argument("--kill-every-s", type=float, default=d.kill_every_s)
+    parser.add_argument("--stop-every-s", type=float, default=d.stop_every_s)
+    parser.add_argument("--stop-for-s", type=float, default=d.stop_for_s)
+    parser.add_argument("--echo-delay-ms", type=float, default=d.echo_delay_ms)
+    parser.add_argument("--heartbeat-interval-s", type=float, default=d.heartbeat_interval_s)
+    parser.add_argument("--heartbeat-liveness", type=int, default=d.heartbeat_liveness)
+    parser.add_argument("--client-timeout-s", type=float, default=d.client_timeout_s)
+    parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of kill,stop")
+    parser.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
+    args = parser.parse_args(argv)
+    try:
+        config = FaultBenchConfig(
+            clients=args.clients, client_procs=args.client_procs, parallel=args.parallel,
+            duration_s=args.duration_s, kill_every_s=args.kill_every_s, stop_every_s=args.stop_every_s,
+            stop_for_s=args.stop_for_s, echo_delay_ms=args.echo_delay_ms,
+            heartbeat_interval_s=args.heartbeat_interval_s, heartbeat_liveness=args.heartbeat_liveness,
+            client_timeout_s=args.client_timeout_s, phases=tuple(p for p in args.phases.split(",") if p))
+    except ConfigError as exc:
+        parser.error(str(exc))
+    report = run_fault_bench(config)
+    text = json.dumps(report, indent=2)
+    print(text, flush=True)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
