@@ -32,6 +32,7 @@ from typing import Any, TextIO
 import zmq
 
 from ..common import protocol as P
+from ..common import security
 from ..common.cli import install_stop_handlers, report_error, setup_logging
 from ..common.errors import BertpoolError, ConfigError, ProtocolError
 
@@ -46,6 +47,7 @@ class BrokerConfig:
     max_request_bytes: int = 1 << 20         # larger request bodies are refused (too_large)
     stats_interval_s: float = 0.0            # print a stats line this often (0 = never)
     frontend_sndhwm_msgs: int = 1000         # replies queued for one client before more are dropped
+    curve: security.CurveServerConfig | None = None  # CURVE on both links; None = plain text
 
     def __post_init__(self) -> None:
         # 0 would make every request BUSY: each one is queued before any worker can take it.
@@ -111,13 +113,17 @@ class Broker:
         self._last_totals: tuple[float, int, int, int] | None = None
         self.frontend: zmq.Socket | None = None
         self.backend: zmq.Socket | None = None
+        self._auth: security.Authenticator | None = None  # ZAP handler while CURVE is on
 
     # ------------------------------------------------------------ lifecycle
 
     def bind(self) -> None:
         """Bind both sockets (raises ConfigError when an address is taken or invalid)."""
+        self._auth = security.start_authenticator(self._ctx, self.config.curve)
         self.frontend = self._ctx.socket(zmq.ROUTER)
+        security.apply_server(self.frontend, self.config.curve, security.CLIENTS)
         self.backend = self._ctx.socket(zmq.ROUTER)
+        security.apply_server(self.backend, self.config.curve, security.WORKERS)
         # Sending to a worker that has gone must fail loudly, so its request is re-queued; to a
         # client, so the drop is counted (always non-blocking there: see _to_client).
         for sock in (self.frontend, self.backend):
@@ -143,6 +149,9 @@ class Broker:
             if sock is not None:
                 sock.close(linger=0)
         self.frontend = self.backend = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
 
     def run(self) -> None:
         """Serve until stop(); binds first if needed, closes the sockets on return."""
@@ -350,7 +359,7 @@ class Broker:
         totals = {k: sum(w.stats.get(k, 0) for w in self._workers.values())
                   for k in ("inferences", "batches", "padded_rows")}
         return {"broker": dict(self.counters.__dict__), "queue": len(self._queue),
-                "workers": workers, "totals": totals}
+                "workers": workers, "totals": totals, **security.server_stats(self._auth)}
 
     def _print_stats(self) -> None:
         """One line: inferences/s (replies forwarded, so real requests only) and batch fill."""
@@ -382,11 +391,13 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=int, default=4096,
                         help="requests waiting for a worker before clients get BUSY, >= 1 "
                              "(default: %(default)s)")
+    security.add_server_arguments(parser)
 
 
 def broker_config_from_args(args: argparse.Namespace, stats_interval_s: float) -> BrokerConfig:
     return BrokerConfig(frontend=args.address, backend=args.worker_address,
-                        max_queue=args.max_queue, stats_interval_s=stats_interval_s)
+                        max_queue=args.max_queue, stats_interval_s=stats_interval_s,
+                        curve=security.server_config_from_args(args))
 
 
 def main(argv: list[str] | None = None) -> int:

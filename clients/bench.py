@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..common import security
 from ..common.cli import report_error
 from ..common.data import Pair, default_pairs, read_mrpc_tsv
 from ..common.errors import BertpoolError, ConfigError, RequestError, RequestTimeout
@@ -37,6 +38,7 @@ class BenchConfig:
     start_timeout_s: float = 120.0         # longest wait for all clients to connect and warm up
     wait_workers: int = 0                  # first wait until the pool has this many workers
     wait_timeout_s: float = 600.0          # longest wait for those workers
+    curve: security.CurveClientConfig | None = None  # CURVE keys for every client; None = plain text
 
     def __post_init__(self) -> None:
         for name in ("clients", "cycle"):
@@ -61,7 +63,7 @@ def _client_main(index: int, config: BenchConfig, pairs: list[Pair], barrier, re
     errors: Counter = Counter()
     latencies, labels, timings = [], [], []
     try:
-        with Client(config.address, timeout_s=config.timeout_s) as client:
+        with Client(config.address, timeout_s=config.timeout_s, curve=config.curve) as client:
             for i in range(config.warmup):
                 pair = pairs[(index + i) % len(pairs)]
                 try:
@@ -99,10 +101,11 @@ def percentiles(values: list[float]) -> dict[str, float]:
             "p999": round(float(q[3]), 3), "mean": round(float(a.mean()), 3), "max": round(float(a.max()), 3)}
 
 
-def wait_for_workers(address: str, n: int, timeout_s: float) -> None:
+def wait_for_workers(address: str, n: int, timeout_s: float,
+                     curve: security.CurveClientConfig | None = None) -> None:
     """Block until the broker at ``address`` reports ``n`` ready workers; RequestTimeout if not."""
     deadline = time.monotonic() + timeout_s
-    with Client(address) as client:
+    with Client(address, curve=curve) as client:
         while True:
             try:
                 if len(client.stats(timeout_s=max(0.1, min(5.0, deadline - time.monotonic())))["workers"]) >= n:
@@ -119,7 +122,7 @@ def run_bench(config: BenchConfig, pairs: list[Pair]) -> dict[str, Any]:
     if not pairs:
         raise ConfigError("no sentence pairs to send")
     if config.wait_workers:
-        wait_for_workers(config.address, config.wait_workers, config.wait_timeout_s)
+        wait_for_workers(config.address, config.wait_workers, config.wait_timeout_s, config.curve)
     ctx = mp.get_context("spawn")  # no inherited ZeroMQ state in the children
     barrier = ctx.Barrier(config.clients + 1)
     results = ctx.Queue()
@@ -143,14 +146,15 @@ def run_bench(config: BenchConfig, pairs: list[Pair]) -> dict[str, Any]:
     if failures:
         raise RequestError(f"{len(failures)} bench clients failed, first: {failures[0]}")
     report = summarize(config, collected)
-    report["backends"] = pool_backends(config.address)
+    report["backends"] = pool_backends(config.address, curve=config.curve)
     return report
 
 
-def pool_backends(address: str, timeout_s: float = 5.0) -> dict[str, int] | None:
+def pool_backends(address: str, timeout_s: float = 5.0,
+                  curve: security.CurveClientConfig | None = None) -> dict[str, int] | None:
     """How many ready workers serve each backend (echo, tf, neuron); None if the broker does not say."""
     try:
-        with Client(address) as client:
+        with Client(address, curve=curve) as client:
             workers = client.stats(timeout_s=timeout_s)["workers"]
     except RequestError:
         return None
@@ -177,7 +181,7 @@ def summarize(config: BenchConfig, results: list[_ClientResult]) -> dict[str, An
     server = {k: round(float(np.mean([t.get(k, 0.0) for t in timings])), 3) if timings else None
               for k in ("queue_ms", "batch_wait_ms", "compute_ms", "batch_size")}
     return {
-        "config": asdict(config),
+        "config": {**asdict(config), "curve": config.curve is not None},  # never the keys
         "requests": len(latencies) + sum(errors.values()),
         "replies": len(latencies),
         "errors": sum(errors.values()),
@@ -245,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-note", metavar="TEXT",
                         help="a line about the model served, printed and kept in the report "
                              "(e.g. 'random weights: chance-level accuracy')")
+    security.add_client_arguments(parser, own="the bench clients' own (all of them use it)")
     return parser
 
 
@@ -253,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = BenchConfig(address=args.address, clients=args.clients, cycle=args.cycle,
                              warmup=args.warmup, timeout_s=args.timeout_s,
-                             wait_workers=args.wait_workers, wait_timeout_s=args.wait_timeout_s)
+                             wait_workers=args.wait_workers, wait_timeout_s=args.wait_timeout_s,
+                             curve=security.client_config_from_args(args))
         pairs, source = load_pairs(args.tsv)
         report = run_bench(config, pairs)
     except BertpoolError as exc:

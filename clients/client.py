@@ -35,6 +35,7 @@ import numpy as np
 import zmq
 
 from ..common import protocol as P
+from ..common import security
 from ..common.errors import (BertpoolError, ClientClosed, ConfigError, MalformedReply, ProtocolError,
                              RemoteError, RequestTimeout, ServerBusy)
 
@@ -46,6 +47,7 @@ class ClientConfig:
     address: str = "tcp://127.0.0.1:5555"  # the broker's client endpoint
     timeout_s: float = 30.0                # default deadline of every request
     max_in_flight: int = 64                # predict_many keeps at most this many pending
+    curve: security.CurveClientConfig | None = None  # CURVE keys (files or loaded); None = plain text
 
     def __post_init__(self) -> None:
         P.check_endpoint("address", self.address)
@@ -83,8 +85,9 @@ class Client:
     """A thread-safe connection to a bertpool broker (see module docstring)."""
 
     def __init__(self, address: str = "tcp://127.0.0.1:5555", timeout_s: float = 30.0,
-                 max_in_flight: int = 64, context: zmq.Context | None = None) -> None:
-        self.config = ClientConfig(address, timeout_s, max_in_flight)
+                 max_in_flight: int = 64, context: zmq.Context | None = None,
+                 curve: security.CurveClientConfig | None = None) -> None:
+        self.config = ClientConfig(address, timeout_s, max_in_flight, curve)
         self.counters = ClientCounters()
         self._ctx = context or zmq.Context.instance()
         self._ids = itertools.count()
@@ -102,6 +105,7 @@ class Client:
         self._wake_send = self._ctx.socket(zmq.PAIR)
         self._wake_send.connect(self._wake_addr)
         self._sock = self._ctx.socket(zmq.DEALER)
+        security.apply_client(self._sock, self.config.curve)
         self._sock.setsockopt(zmq.LINGER, 0)
         try:
             self._sock.connect(address)

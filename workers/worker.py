@@ -30,6 +30,7 @@ import numpy as np
 import zmq
 
 from ..common import protocol as P
+from ..common import security
 from ..common.cli import install_stop_handlers, report_error, setup_logging
 from ..common.errors import BertpoolError, ConfigError, ProtocolError
 from ..common.tokenizer import BertTokenizer
@@ -54,6 +55,7 @@ class WorkerConfig:
     name: str = ""                    # label in logs and stats (default: worker-<pid>)
     slot: str = ""                    # supervisor slot: the broker lets our READY replace the slot's
                                       # previous process; "" (no supervisor) replaces nothing
+    curve: security.CurveClientConfig | None = None  # CURVE keys for the broker link; None = plain text
 
     def __post_init__(self) -> None:
         P.check_endpoint("worker address", self.broker_address)
@@ -141,6 +143,7 @@ class Worker:
         if self.tokenizer is None:
             self.load()
         sock = self._ctx.socket(zmq.DEALER)
+        security.apply_client(sock, self.config.curve)
         sock.setsockopt(zmq.LINGER, 2000)
         compute = threading.Thread(target=self._compute_loop, name=f"{self.name}-compute", daemon=True)
         try:
@@ -253,6 +256,7 @@ class Worker:
         # Replies leave on this thread's own socket: no hop back through the I/O
         # thread. The broker matches them by token, whichever socket they come on.
         out = self._ctx.socket(zmq.DEALER)
+        security.apply_client(out, self.config.curve)
         out.connect(self.config.broker_address)
         try:
             while True:
@@ -338,7 +342,7 @@ def worker_config_from_args(args: argparse.Namespace, broker_address: str,
                               echo_delay_ms=args.echo_delay_ms,
                               threads=args.threads if threads is None else threads),
         vocab_path=args.vocab, batch_size=args.batch_size, batch_timeout_ms=args.batch_timeout_ms,
-        capacity=args.capacity, name=name, slot=slot)
+        capacity=args.capacity, name=name, slot=slot, curve=security.client_config_from_args(args))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -355,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-error-file", metavar="FILE",
                         help="if the model cannot be loaded, also write why to FILE (the supervisor reports it)")
     add_worker_arguments(parser)
+    security.add_client_arguments(parser, own="this worker's own")
     args = parser.parse_args(argv)
     setup_logging()
     try:
