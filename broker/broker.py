@@ -119,6 +119,7 @@ class Broker:
 
     def bind(self) -> None:
         """Bind both sockets (raises ConfigError when an address is taken or invalid)."""
+        security.warn_if_exposed([self.config.frontend, self.config.backend], self.config.curve)
         self._auth = security.start_authenticator(self._ctx, self.config.curve)
         self.frontend = self._ctx.socket(zmq.ROUTER)
         security.apply_server(self.frontend, self.config.curve, security.CLIENTS)

@@ -238,7 +238,13 @@ class Client:
                 return
             pending[rid] = entry
             heapq.heappush(deadlines, (entry.deadline, next(self._seq), rid))
-            self._sock.send_multipart([P.VERSION, entry.kind, body])
+            try:
+                self._sock.send_multipart([P.VERSION, entry.kind, body], zmq.NOBLOCK)
+            except zmq.Again:
+                # No peer can take it: the broker refused our CURVE handshake (libzmq does not
+                # retry that) or the send queue is full. Blocking here would hang every request;
+                # this one fails at its deadline instead (RequestTimeout), like a lost one.
+                pass
 
     def _fail_unsent(self) -> None:
         while True:

@@ -296,6 +296,26 @@ class Authenticator:
         self._auth.stop()
 
 
+def warn_if_exposed(endpoints: list[str], curve: CurveServerConfig | None) -> list[str]:
+    """Log a warning for each tcp endpoint bound beyond loopback without CURVE (its traffic is
+    plain text and anyone who can reach it may connect); returns those endpoints."""
+    if curve is not None:
+        return []
+    exposed = [e for e in endpoints if e.startswith("tcp://") and _host(e) not in _LOOPBACK]
+    for endpoint in exposed:
+        log.warning("%s is reachable beyond this host WITHOUT CURVE: its traffic is plain text and any "
+                    "peer may connect (see README, Security: --curve-secret-key)", endpoint)
+    return exposed
+
+
+_LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+def _host(endpoint: str) -> str:
+    """The host part of ``tcp://HOST:PORT`` (``[v6]`` kept in brackets)."""
+    return endpoint[len("tcp://"):].rsplit(":", 1)[0]
+
+
 def start_authenticator(context: zmq.Context, curve: CurveServerConfig | None) -> Authenticator | None:
     """Start the ZAP handler on ``context`` (before any CURVE server socket binds); None when off."""
     return None if curve is None else Authenticator(context, curve)

@@ -27,7 +27,7 @@ from bertpool.clients.client import Client
 from bertpool.common import keys as keys_cli
 from bertpool.common.errors import ConfigError, RequestTimeout
 from bertpool.common.security import (CurveClientConfig, CurveServerConfig, generate_key_pairs,
-                                      load_key_pair)
+                                      load_key_pair, warn_if_exposed)
 
 from conftest import free_tcp_port
 
@@ -340,8 +340,9 @@ def test_client_without_an_allowed_key_is_refused(curve_pool, keys, who):
     curve = {"no key": None, "unknown key": keys.client("stranger"), "worker's key": keys.client("worker"),
              "wrong server key": keys.client("client", server="stranger")}[who]
     with Client(curve_pool.front, timeout_s=0.7, curve=curve) as refused:
-        with pytest.raises(RequestTimeout):
-            refused.predict("not", "served")
+        for _ in range(2):  # the second is sent after the refusal: it must time out too, not hang
+            with pytest.raises(RequestTimeout):
+                refused.predict("not", "served")
         with Client(curve_pool.front, timeout_s=20, curve=keys.client()) as allowed:
             assert allowed.predict("still", "served").label in (0, 1)
     if who in ("unknown key", "worker's key"):  # refused by ZAP, which counts it
@@ -398,5 +399,38 @@ def test_serve_enables_curve_for_its_broker_and_workers_with_one_set_of_flags(ke
     with Client(pool.address, timeout_s=20, curve=keys.client()) as client:
         assert len(client.predict_many([("serve", "curve")] * 8)) == 8
     with Client(pool.address, timeout_s=0.7) as plain:
-        with pytest.raises(RequestTimeout):
-            plain.predict("plain", "refused")
+        for _ in range(2):
+            with pytest.raises(RequestTimeout):
+                plain.predict("plain", "refused")
+
+
+def test_defaults_bind_loopback_only_and_exposed_plain_binds_are_warned(caplog, keys):
+    import argparse
+
+    from bertpool.broker.broker import BrokerConfig, add_broker_arguments, broker_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_broker_arguments(parser)
+    for config in (BrokerConfig(), broker_config_from_args(parser.parse_args([]), 0.0)):
+        assert config.curve is None
+        assert config.frontend.startswith("tcp://127.0.0.1:") and config.backend.startswith("tcp://127.0.0.1:")
+        assert warn_if_exposed([config.frontend, config.backend], config.curve) == []
+    exposed = ["tcp://0.0.0.0:1", "tcp://*:2", "tcp://10.1.2.3:3"]
+    with caplog.at_level("WARNING", logger="bertpool.security"):
+        assert warn_if_exposed([*exposed, "tcp://localhost:4", "ipc:///tmp/x"], None) == exposed
+    assert caplog.text.count("WITHOUT CURVE") == 3
+    server = CurveServerConfig(keys.secret("broker"), str(keys.allow_clients), str(keys.allow_workers))
+    assert warn_if_exposed(exposed, server) == []
+
+
+def test_bench_passes_curve_keys_to_its_clients(curve_pool, keys, tmp_path):
+    report = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "bertpool.clients.bench", "--address", curve_pool.front,
+                           "--clients", "2", "--cycle", "4", "--warmup", "1", "--timeout-s", "20",
+                           "--json", str(report), "--curve-server-key", keys.public("broker"),
+                           "--curve-secret-key", keys.secret("client")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = report.read_text()
+    assert '"requests": 8' in text and '"curve": true' in text
+    assert load_key_pair(keys.secret("client"))[1].decode() not in text
