@@ -55,6 +55,7 @@ from typing import Any, TextIO
 import zmq
 
 from ..common import protocol as P
+from ..common import security
 from ..common.cli import add_link_arguments, install_stop_handlers, report_error, setup_logging
 from ..common.errors import BertpoolError, ConfigError, ProtocolError
 
@@ -80,6 +81,7 @@ class BrokerConfig:
     heartbeat_liveness: int = 3              # a worker silent this many intervals is dead
     max_redispatch: int = 2                  # times a request is re-sent after its worker died
     drain_timeout_s: float = 10.0            # on stop(), longest wait for held requests to finish
+    curve: security.CurveServerConfig | None = None  # CURVE on both links; None = plain text
 
     def __post_init__(self) -> None:
         # 0 would make every request BUSY: each one is queued before any worker can take it.
@@ -181,13 +183,18 @@ class Broker:
         self._last_totals: tuple[float, int, int, int] | None = None
         self.frontend: zmq.Socket | None = None
         self.backend: zmq.Socket | None = None
+        self._auth: security.Authenticator | None = None  # ZAP handler while CURVE is on
 
     # ------------------------------------------------------------ lifecycle
 
     def bind(self) -> None:
         """Bind both sockets (raises ConfigError when an address is taken or invalid)."""
+        security.warn_if_exposed([self.config.frontend, self.config.backend], self.config.curve)
+        self._auth = security.start_authenticator(self._ctx, self.config.curve)
         self.frontend = self._ctx.socket(zmq.ROUTER)
+        security.apply_server(self.frontend, self.config.curve, security.CLIENTS)
         self.backend = self._ctx.socket(zmq.ROUTER)
+        security.apply_server(self.backend, self.config.curve, security.WORKERS)
         # Sending to a worker that has gone must fail loudly, so its request is re-queued; to a
         # client, so the drop is counted (always non-blocking there: see _to_client).
         for sock in (self.frontend, self.backend):
@@ -225,6 +232,9 @@ class Broker:
             if sock is not None:
                 sock.close(linger=0)
         self.frontend = self.backend = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
 
     def run(self) -> None:
         """Serve until stop(); binds first if needed, closes the sockets on return."""
@@ -581,7 +591,8 @@ class Broker:
                   for k in ("inferences", "batches", "padded_rows")}
         return {"broker": dict(self.counters.__dict__), "queue": len(self._queue),
                 "queue_bytes": self._queue_bytes, "draining": self._draining_until is not None,
-                "workers": workers, "totals": totals}
+                "workers": workers, "totals": totals,
+                **security.server_stats(self._auth)}
 
     def _print_stats(self) -> None:
         """One line: inferences/s (replies forwarded, so real requests only) and batch fill."""
@@ -632,6 +643,7 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain-timeout-s", type=float, default=d.drain_timeout_s,
                         help="on SIGTERM, longest wait for requests in flight to finish "
                              "(default: %(default)s)")
+    security.add_server_arguments(parser)
 
 
 def broker_config_from_args(args: argparse.Namespace, stats_interval_s: float) -> BrokerConfig:
@@ -643,7 +655,8 @@ def broker_config_from_args(args: argparse.Namespace, stats_interval_s: float) -
                         stats_interval_s=stats_interval_s, frontend_sndhwm_msgs=args.frontend_sndhwm_msgs,
                         heartbeat_interval_s=args.heartbeat_interval_s,
                         heartbeat_liveness=args.heartbeat_liveness, max_redispatch=args.max_redispatch,
-                        drain_timeout_s=args.drain_timeout_s)
+                        drain_timeout_s=args.drain_timeout_s,
+                        curve=security.server_config_from_args(args))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,7 @@ from typing import Any, TextIO
 import numpy as np
 from tqdm import tqdm
 
+from ..common import security
 from ..common.cli import report_error
 from ..common.data import Pair, default_pairs, read_mrpc_tsv
 from ..common.errors import BertpoolError, ConfigError, RemoteError, RequestError, RequestTimeout
@@ -55,6 +56,7 @@ class BenchConfig:
     wait_timeout_s: float = 600.0          # longest wait for those workers
     duration_s: float | None = None        # measured seconds per client instead of `cycle` requests
     connect_timeout_s: float = 5.0         # longest wait for the broker's STATS answer before the run
+    curve: security.CurveClientConfig | None = None  # CURVE keys for every client; None = plain text
 
     def __post_init__(self) -> None:
         for name in ("clients", "cycle"):
@@ -98,7 +100,7 @@ def _client_main(index: int, config: BenchConfig, pairs: list[Pair], barrier, re
     samples: dict[str, str] = {}
     latencies, labels, timings = [], [], []
     try:
-        with Client(config.address, timeout_s=config.timeout_s) as client:
+        with Client(config.address, timeout_s=config.timeout_s, curve=config.curve) as client:
             for i in range(config.warmup):
                 pair = pairs[(index + i) % len(pairs)]
                 try:
@@ -144,10 +146,11 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
             "p999": round(float(q[3]), 3), "mean": round(float(a.mean()), 3), "max": round(float(a.max()), 3)}
 
 
-def wait_for_workers(address: str, n: int, timeout_s: float) -> None:
+def wait_for_workers(address: str, n: int, timeout_s: float,
+                     curve: security.CurveClientConfig | None = None) -> None:
     """Block until the broker at ``address`` reports ``n`` ready workers; RequestTimeout if not."""
     deadline = time.monotonic() + timeout_s
-    with Client(address) as client:
+    with Client(address, curve=curve) as client:
         while True:
             try:
                 if len(client.stats(timeout_s=max(0.1, min(5.0, deadline - time.monotonic())))["workers"]) >= n:
@@ -166,7 +169,8 @@ def no_broker_message(address: str, timeout_s: float, cause: BaseException | Non
             f"Is bertpool-serve (or bertpool-broker) running with --address {address}?")
 
 
-def probe_broker(address: str, timeout_s: float) -> dict[str, Any]:
+def probe_broker(address: str, timeout_s: float,
+                 curve: security.CurveClientConfig | None = None) -> dict[str, Any]:
     """The broker's STATS at ``address``.
 
     Raises RequestTimeout saying "no broker answered at ADDRESS" when nothing
@@ -175,7 +179,7 @@ def probe_broker(address: str, timeout_s: float) -> dict[str, Any]:
     answers STATS with an ERROR (not a bertpool broker of this version).
     """
     try:
-        with Client(address) as client:
+        with Client(address, curve=curve) as client:
             return client.stats(timeout_s=timeout_s)
     except RemoteError as exc:
         raise RequestError(f"the server at {address} refused a STATS request ({exc}): "
@@ -184,10 +188,11 @@ def probe_broker(address: str, timeout_s: float) -> dict[str, Any]:
         raise RequestTimeout(no_broker_message(address, timeout_s, exc)) from exc
 
 
-def try_stats(address: str, timeout_s: float) -> dict[str, Any] | None:
+def try_stats(address: str, timeout_s: float,
+              curve: security.CurveClientConfig | None = None) -> dict[str, Any] | None:
     """The broker's STATS, or None if it does not answer within ``timeout_s``."""
     try:
-        with Client(address) as client:
+        with Client(address, curve=curve) as client:
             return client.stats(timeout_s=timeout_s)
     except RequestError:
         return None
@@ -205,12 +210,6 @@ def pool_info(stats: dict[str, Any] | None) -> dict[str, Any] | None:
         values = sorted({w[key] for w in workers if isinstance(w.get(key), (int, float, str))}, key=str)
         info[key] = None if not values else values[0] if len(values) == 1 else values
     return info
-
-
-def pool_backends(address: str, timeout_s: float = 5.0) -> dict[str, int] | None:
-    """How many ready workers serve each backend (echo, tf, neuron); None if the broker does not say."""
-    info = pool_info(try_stats(address, timeout_s))
-    return None if info is None else info["backends"]
 
 
 def show_progress(quiet: bool, stream: TextIO | None = None) -> bool:
@@ -261,8 +260,9 @@ def run_bench(config: BenchConfig, pairs: list[Pair], progress: bool = False,
     if not pairs:
         raise ConfigError("no sentence pairs to send")
     if config.wait_workers:
+        wait_for_workers(config.address, config.wait_workers, config.wait_timeout_s, config.curve)
         wait_for_workers(config.address, config.wait_workers, config.wait_timeout_s)
-    before = probe_broker(config.address, config.connect_timeout_s)
+    before = probe_broker(config.address, config.connect_timeout_s, config.curve)
     ctx = mp.get_context("spawn")  # no inherited ZeroMQ state in the children
     barrier = ctx.Barrier(config.clients + 1)
     results = ctx.Queue()
@@ -302,7 +302,7 @@ def run_bench(config: BenchConfig, pairs: list[Pair], progress: bool = False,
     if failures:
         raise RequestError(f"{len(failures)} bench clients failed, first: {failures[0]}")
     report = summarize(config, collected)
-    after = try_stats(config.address, config.connect_timeout_s)
+    after = try_stats(config.address, config.connect_timeout_s, config.curve)
     report["pool"] = pool_info(after or before)
     report["backends"] = report["pool"]["backends"] if after is not None else None
     report["diagnosis"] = diagnose(config.address, report, after, config.connect_timeout_s)
@@ -364,7 +364,7 @@ def summarize(config: BenchConfig, results: list[_ClientResult]) -> dict[str, An
     server = {k: round(float(np.mean([t.get(k, 0.0) for t in timings])), 3) if timings else None
               for k in ("queue_ms", "batch_wait_ms", "compute_ms", "batch_size")}
     return {
-        "config": asdict(config),
+        "config": {**asdict(config), "curve": config.curve is not None},  # never the keys
         "clients": config.clients,
         "requests": len(latencies) + sum(errors.values()),
         "replies": len(latencies),
@@ -456,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-note", metavar="TEXT",
                         help="a line about the model served, printed, kept in the report and used in "
                              "the plot's title (e.g. 'random weights: chance-level accuracy')")
+    security.add_client_arguments(parser, own="the bench clients' own (all of them use it)")
     return parser
 
 
@@ -470,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
         config = BenchConfig(address=args.address, clients=clients, cycle=args.cycle,
                              warmup=args.warmup, timeout_s=args.timeout_s,
                              wait_workers=args.wait_workers, wait_timeout_s=args.wait_timeout_s,
-                             duration_s=args.duration_s, connect_timeout_s=args.connect_timeout_s)
+                             duration_s=args.duration_s, connect_timeout_s=args.connect_timeout_s,
+                             curve=security.client_config_from_args(args))
         pairs, source = load_pairs(args.tsv)
         if args.plot:
             plot.require_matplotlib()  # refuse before the run, not after it

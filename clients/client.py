@@ -73,6 +73,7 @@ import numpy as np
 import zmq
 
 from ..common import protocol as P
+from ..common import security
 from ..common.errors import (BertpoolError, BrokerUnavailable, ClientClosed, ConfigError, DeadlineExceeded,
                              MalformedReply, ProtocolError, RemoteError, ServerBusy)
 
@@ -93,6 +94,7 @@ class ClientConfig:
     lost_retries: int = 2                  # resends of a request lost with its broker (or shutting_down)
     backoff_initial_s: float = 0.05        # first backoff before a resend; doubles per retry, with jitter
     backoff_max_s: float = 1.0             # longest single backoff
+    curve: security.CurveClientConfig | None = None  # CURVE keys (files or loaded); None = plain text
 
     def __post_init__(self) -> None:
         P.check_endpoint("address", self.address)
@@ -306,6 +308,7 @@ class Client:
     def _open_link(self) -> None:
         """A fresh DEALER connected to the broker, with a monitor that reports a closed connection."""
         sock = self._ctx.socket(zmq.DEALER)
+        security.apply_client(sock, self.config.curve)
         sock.setsockopt(zmq.LINGER, 0)
         monitor_addr = f"inproc://bertpool-client-monitor-{uuid.uuid4().hex}"
         try:

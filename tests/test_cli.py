@@ -18,6 +18,7 @@ MODULES = {
     "bertpool-compile": "bertpool.compile.cli",
     "bertpool-demo-model": "bertpool.compile.demo_model",
     "bertpool-finetune": "bertpool.compile.finetune",
+    "bertpool-keys": "bertpool.common.keys",
 }
 
 SHARED_FLAGS = {

@@ -13,6 +13,7 @@ import sys
 import threading
 
 from ..broker.broker import Broker, add_broker_arguments, broker_config_from_args
+from ..common import security
 from ..common.cli import install_stop_handlers, report_error, setup_logging
 from ..common.errors import BertpoolError
 from ..gateway.launch import add_serve_gateway_arguments, start_gateway_process, stop_gateway_process
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: bertpool-serve --model runs/model-cpu --parallel 4")
     add_broker_arguments(parser)
     add_supervisor_arguments(parser)
+    security.add_serve_arguments(parser)
     parser.add_argument("--stats-interval-s", type=float, default=1.0,
                         help="print inferences/s and batch fill this often; 0 disables (default: %(default)s)")
     add_serve_gateway_arguments(parser)
@@ -39,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         broker = Broker(broker_config_from_args(args, args.stats_interval_s))
+        security.complete_serve_args(args, broker.config.curve)  # its workers get the broker's public key
         supervisor = Supervisor(supervisor_config_from_args(args, args.worker_address))
         broker.bind()
     except BertpoolError as exc:

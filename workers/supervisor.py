@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..common import security
 from ..common.cli import install_stop_handlers, report_error, setup_logging
 from ..common.errors import BertpoolError, ConfigError
 from .backends import ECHO_WARNING
@@ -69,6 +70,7 @@ def worker_argv(config: WorkerConfig, load_error_file: str | None = None) -> lis
         argv += ["--vocab", str(config.vocab_path)]
     if load_error_file:
         argv += ["--load-error-file", load_error_file]
+    argv += security.client_argv(config.curve)
     return argv
 
 
@@ -214,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-address", default="tcp://127.0.0.1:5556",
                         help="the broker's worker endpoint (default: %(default)s)")
     add_supervisor_arguments(parser)
+    security.add_client_arguments(parser, own="the workers' own (all of this command's workers use it)")
     args = parser.parse_args(argv)
     setup_logging()
     try:

@@ -40,6 +40,7 @@ import numpy as np
 import zmq
 
 from ..common import protocol as P
+from ..common import security
 from ..common.cli import add_link_arguments, install_stop_handlers, report_error, setup_logging
 from ..common.errors import BertpoolError, ConfigError, ProtocolError
 from ..common.tokenizer import BertTokenizer
@@ -68,6 +69,7 @@ class WorkerConfig:
     heartbeat_interval_s: float = 1.0  # beat the broker this often; expect its beats as often
     heartbeat_liveness: int = 3       # the broker is presumed dead after this many silent intervals
     max_message_bytes: int = 4 << 20  # ZeroMQ MAXMSGSIZE on our sockets (> the broker's max_request_bytes)
+    curve: security.CurveClientConfig | None = None  # CURVE keys for the broker link; None = plain text
 
     def __post_init__(self) -> None:
         P.check_endpoint("worker address", self.broker_address)
@@ -188,6 +190,7 @@ class Worker:
 
     def _open_socket(self) -> zmq.Socket:
         sock = self._ctx.socket(zmq.DEALER)
+        security.apply_client(sock, self.config.curve)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
         sock.connect(self.config.broker_address)
@@ -450,7 +453,8 @@ def worker_config_from_args(args: argparse.Namespace, broker_address: str,
                               threads=args.threads if threads is None else threads),
         vocab_path=args.vocab, batch_size=args.batch_size, batch_timeout_ms=args.batch_timeout_ms,
         capacity=args.capacity, name=name, slot=slot, heartbeat_interval_s=args.heartbeat_interval_s,
-        heartbeat_liveness=args.heartbeat_liveness, max_message_bytes=args.max_message_bytes)
+        heartbeat_liveness=args.heartbeat_liveness, max_message_bytes=args.max_message_bytes,
+        curve=security.client_config_from_args(args))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -467,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-error-file", metavar="FILE",
                         help="if the model cannot be loaded, also write why to FILE (the supervisor reports it)")
     add_worker_arguments(parser)
+    security.add_client_arguments(parser, own="this worker's own")
     args = parser.parse_args(argv)
     setup_logging()
     try:

@@ -1,0 +1,418 @@
+"""ZeroMQ CURVE for bertpool's two links: clients -> frontend, workers -> backend.
+
+Off by default: without it both links are plain text, and every default
+address binds 127.0.0.1 only. With it, the broker is the CURVE server on both
+ROUTERs and each link has its own allow-list of public keys, kept apart by
+ZAP domain (:data:`CLIENTS`, :data:`WORKERS`): a client key cannot register as
+a worker, nor a worker key send requests. A peer with no key, or one not on
+its link's list, never completes the handshake, so nothing it sends is read.
+
+Keys are ZeroMQ certificate files as pyzmq's :func:`zmq.auth.create_certificates`
+writes them (``NAME.key``: public; ``NAME.key_secret``: both halves);
+``bertpool-keys`` (:mod:`bertpool.common.keys`) makes them.
+
+The role modules call one function per socket, before bind/connect:
+:func:`apply_server` (broker ROUTERs, after :func:`start_authenticator`) and
+:func:`apply_client` (client and worker DEALERs). Both do nothing when the
+config is ``None``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
+
+from .errors import ConfigError
+
+log = logging.getLogger("bertpool.security")
+
+CLIENTS = "bertpool-clients"  # ZAP domain of the frontend (clients' link)
+WORKERS = "bertpool-workers"  # ZAP domain of the backend (workers' link)
+PUBLIC_SUFFIX = ".key"
+SECRET_SUFFIX = ".key_secret"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+# ------------------------------------------------------------------ key files
+
+def _check_z85_key(key: bytes, what: str, path: str) -> bytes:
+    """``key`` if it is a 40-character Z85 CURVE key, else ConfigError naming the file."""
+    try:
+        if len(key) == 40 and len(z85.decode(key)) == 32:
+            return key
+    except (ValueError, KeyError, IndexError, TypeError):
+        pass
+    raise ConfigError(f"{path}: the {what} is not a 40-character Z85 CURVE key")
+
+
+def load_public_key(path: str | os.PathLike) -> bytes:
+    """The public key (Z85) in a certificate file (``.key``, or ``.key_secret``, which holds it too)."""
+    public, _ = _load(path)
+    return public
+
+
+def load_key_pair(path: str | os.PathLike) -> tuple[bytes, bytes]:
+    """(public, secret) from a ``.key_secret`` file; ConfigError if it holds no secret key or they differ."""
+    public, secret = _load(path)
+    if secret is None:
+        raise ConfigError(f"{path} holds only a public key; give the secret key file "
+                          f"(NAME{SECRET_SUFFIX}, made by bertpool-keys)")
+    secret = _check_z85_key(secret, "secret-key", str(path))
+    if zmq.curve_public(secret) != public:
+        raise ConfigError(f"{path}: its public-key does not belong to its secret-key")
+    return public, secret
+
+
+def _load(path: str | os.PathLike) -> tuple[bytes, bytes | None]:
+    """Read one certificate file with pyzmq, translating every failure into ConfigError."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"key file {p} does not exist")
+    if not p.is_file():
+        raise ConfigError(f"key file {p} is not a regular file")
+    try:
+        public, secret = zmq.auth.load_certificate(p)
+    except OSError as exc:
+        raise ConfigError(f"cannot read key file {p}: {exc.strerror or exc}") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p} is not a ZeroMQ certificate (no public-key line): {exc}") from exc
+    return _check_z85_key(public, "public-key", str(p)), secret
+
+
+def load_allow_list(directory: str | os.PathLike, what: str) -> frozenset[bytes]:
+    """The public keys of every ``*.key`` file in ``directory``; ConfigError if none or one is bad."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise ConfigError(f"{what} allow-list {d} is not a directory")
+    try:
+        files = sorted(f for f in d.iterdir() if f.name.endswith(PUBLIC_SUFFIX))
+    except OSError as exc:
+        raise ConfigError(f"cannot list {what} allow-list {d}: {exc.strerror or exc}") from exc
+    if not files:
+        # An empty list refuses everyone: surely a mistake, so say so instead of serving nobody.
+        raise ConfigError(f"{what} allow-list {d} holds no public keys (*{PUBLIC_SUFFIX}): "
+                          f"no {what} could connect")
+    return frozenset(load_public_key(f) for f in files)
+
+
+def generate_key_pairs(directory: str | os.PathLike, names: list[str],
+                       force: bool = False) -> list[tuple[str, str]]:
+    """Write ``NAME.key`` and ``NAME.key_secret`` (mode 0600) for each name into ``directory``
+    (created if missing) with pyzmq; returns their paths. ConfigError, before writing anything,
+    on a bad name or directory, or files that exist (unless ``force``)."""
+    if not names:
+        raise ConfigError("give at least one key name")
+    for name in names:
+        if not _NAME.match(name):
+            raise ConfigError(f"bad key name {name!r}: use letters, digits, '.', '_' and '-' "
+                              f"(no '/'), starting with a letter or digit")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"key names repeat: {' '.join(names)}")
+    d = Path(directory)
+    if d.exists() and not d.is_dir():
+        raise ConfigError(f"{d} exists and is not a directory")
+    try:
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create key directory {d}: {exc.strerror or exc}") from exc
+    existing = [str(d / f"{n}{s}") for n in names for s in (PUBLIC_SUFFIX, SECRET_SUFFIX)
+                if (d / f"{n}{s}").exists()]
+    if existing and not force:
+        raise ConfigError(f"refusing to overwrite {', '.join(existing)} (use --force)")
+    written = []
+    old_umask = os.umask(0o077)  # the secret file is never readable by others, not even briefly
+    try:
+        for name in names:
+            for suffix in (PUBLIC_SUFFIX, SECRET_SUFFIX):  # pyzmq opens with "w": replace, don't follow
+                target = d / f"{name}{suffix}"
+                if target.is_symlink() or target.exists():
+                    target.unlink()
+            public, secret = zmq.auth.create_certificates(d, name)
+            os.chmod(public, 0o644)
+            os.chmod(secret, 0o600)
+            written.append((public, secret))
+    except OSError as exc:
+        raise ConfigError(f"cannot write keys into {d}: {exc.strerror or exc}") from exc
+    finally:
+        os.umask(old_umask)
+    return written
+
+
+# -------------------------------------------------------------------- configs
+
+@dataclass(frozen=True)
+class CurveClientConfig:
+    """CURVE for a connecting socket (a client's or a worker's DEALER). Give the files, or the
+    loaded keys (Z85 bytes) instead; files are loaded and every key is checked at construction."""
+    server_key_file: str | None = None   # the broker's public key file (NAME.key)
+    secret_key_file: str | None = None   # our own key pair (NAME.key_secret)
+    server_key: bytes = field(default=b"", repr=False)  # the broker's public key, Z85 (from the file if empty)
+    public_key: bytes = field(default=b"", repr=False)  # our public key, Z85 (from the file if empty)
+    secret_key: bytes = field(default=b"", repr=False)  # our secret key, Z85 (from the file if empty)
+
+    def __post_init__(self) -> None:
+        if self.server_key_file is not None:
+            if self.server_key:
+                raise ConfigError("give the broker's public key as a file or as a key, not both")
+            object.__setattr__(self, "server_key", load_public_key(self.server_key_file))
+        if self.secret_key_file is not None:
+            if self.public_key or self.secret_key:
+                raise ConfigError("give our key pair as a file or as keys, not both")
+            public, secret = load_key_pair(self.secret_key_file)
+            object.__setattr__(self, "public_key", public)
+            object.__setattr__(self, "secret_key", secret)
+        if not self.server_key:
+            raise ConfigError("CURVE needs the broker's public key (--curve-server-key FILE)")
+        if not self.secret_key:
+            raise ConfigError("CURVE needs our own key pair (--curve-secret-key FILE.key_secret)")
+        _check_z85_key(self.server_key, "server key", "server_key")
+        _check_z85_key(self.public_key, "public key", "public_key")
+        if zmq.curve_public(_check_z85_key(self.secret_key, "secret key", "secret_key")) != self.public_key:
+            raise ConfigError("public_key does not belong to secret_key")
+
+
+@dataclass(frozen=True)
+class CurveServerConfig:
+    """CURVE for the broker: its key pair and one allow-list directory per link; the files
+    are loaded and checked at construction (ConfigError)."""
+    secret_key_file: str     # the broker's key pair (NAME.key_secret)
+    allow_clients_dir: str   # public keys (*.key) of the clients allowed on the frontend
+    allow_workers_dir: str   # public keys (*.key) of the workers allowed on the backend
+    public_key: bytes = field(init=False, repr=False)  # loaded from secret_key_file
+    secret_key: bytes = field(init=False, repr=False)  # loaded from secret_key_file
+
+    def __post_init__(self) -> None:
+        public, secret = load_key_pair(self.secret_key_file)
+        object.__setattr__(self, "public_key", public)
+        object.__setattr__(self, "secret_key", secret)
+        same = (Path(self.allow_clients_dir).resolve() == Path(self.allow_workers_dir).resolve())
+        if same:
+            raise ConfigError("--curve-allow-clients and --curve-allow-workers must be different "
+                              "directories, so a client's key cannot register as a worker")
+        self.allowed(CLIENTS)
+        self.allowed(WORKERS)
+
+    def allowed(self, domain: str) -> frozenset[bytes]:
+        """The public keys allowed in ``domain`` (re-read from its directory; ConfigError if bad)."""
+        if domain == CLIENTS:
+            return load_allow_list(self.allow_clients_dir, "client")
+        if domain == WORKERS:
+            return load_allow_list(self.allow_workers_dir, "worker")
+        raise ConfigError(f"unknown ZAP domain {domain!r}")
+
+
+# -------------------------------------------------------------------- sockets
+
+def apply_client(sock: zmq.Socket, curve: CurveClientConfig | None) -> None:
+    """Make ``sock`` (before connect) a CURVE client of the broker; nothing when ``curve`` is None."""
+    if curve is None:
+        return
+    sock.setsockopt(zmq.CURVE_SERVERKEY, curve.server_key)
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, curve.public_key)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, curve.secret_key)
+
+
+def apply_server(sock: zmq.Socket, curve: CurveServerConfig | None, domain: str) -> None:
+    """Make ``sock`` (before bind) a CURVE server whose peers ZAP checks against ``domain``'s
+    allow-list; nothing when ``curve`` is None. Call :func:`start_authenticator` first."""
+    if curve is None:
+        return
+    sock.setsockopt(zmq.CURVE_SERVER, 1)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, curve.secret_key)
+    sock.setsockopt(zmq.ZAP_DOMAIN, domain.encode())
+
+
+class _AllowList:
+    """pyzmq credentials provider for one ZAP domain: allows the listed keys, counts and logs
+    the refused ones (each refused key is logged once, so a peer retrying cannot flood the log)."""
+
+    _MAX_LOGGED = 1024
+
+    def __init__(self, domain: str, keys: frozenset[bytes]) -> None:
+        self.domain = domain
+        self.keys = keys
+        self.allowed = 0
+        self.denied = 0
+        self._logged: set[bytes] = set()
+        self._lock = threading.Lock()
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        ok = key in self.keys
+        with self._lock:
+            if ok:
+                self.allowed += 1
+                return True
+            self.denied += 1
+            first = key not in self._logged and len(self._logged) < self._MAX_LOGGED
+            if first:
+                self._logged.add(key)
+        if first:
+            log.warning("CURVE: refused a %s with unknown public key %s", _peer(domain),
+                        key.decode("ascii", "replace"))
+        return False
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return {"allowed": self.allowed, "denied": self.denied}
+
+
+def _peer(domain: str) -> str:
+    return {CLIENTS: "client", WORKERS: "worker"}.get(domain, domain)
+
+
+class Authenticator:
+    """The broker's ZAP handler (a pyzmq ThreadAuthenticator) with one allow-list per link."""
+
+    def __init__(self, context: zmq.Context, curve: CurveServerConfig) -> None:
+        self.lists = {d: _AllowList(d, curve.allowed(d)) for d in (CLIENTS, WORKERS)}
+        self._auth = ThreadAuthenticator(context, log=logging.getLogger("bertpool.security.zap"))
+        # Configured before it starts: no handshake is ever judged without the lists (and a
+        # domain with no list is refused by pyzmq anyway).
+        for domain, allow in self.lists.items():
+            self._auth.configure_curve_callback(domain, credentials_provider=allow)
+        try:
+            self._auth.start()
+        except zmq.ZMQError as exc:  # EADDRINUSE: this context already has a ZAP handler
+            raise ConfigError(f"cannot start the CURVE authenticator: {exc} (one broker per "
+                              f"ZeroMQ context)") from exc
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Handshakes ZAP allowed and denied, per link (peers with no key at all fail before ZAP
+        and are not counted)."""
+        return {_peer(d) + "s": a.counts() for d, a in self.lists.items()}
+
+    def stop(self) -> None:
+        self._auth.stop()
+
+
+def warn_if_exposed(endpoints: list[str], curve: CurveServerConfig | None) -> list[str]:
+    """Log a warning for each tcp endpoint bound beyond loopback without CURVE (its traffic is
+    plain text and anyone who can reach it may connect); returns those endpoints."""
+    if curve is not None:
+        return []
+    exposed = [e for e in endpoints if e.startswith("tcp://") and _host(e) not in _LOOPBACK]
+    for endpoint in exposed:
+        log.warning("%s is reachable beyond this host WITHOUT CURVE: its traffic is plain text and any "
+                    "peer may connect (see README, Security: --curve-secret-key)", endpoint)
+    return exposed
+
+
+_LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+def _host(endpoint: str) -> str:
+    """The host part of ``tcp://HOST:PORT`` (``[v6]`` kept in brackets)."""
+    return endpoint[len("tcp://"):].rsplit(":", 1)[0]
+
+
+def start_authenticator(context: zmq.Context, curve: CurveServerConfig | None) -> Authenticator | None:
+    """Start the ZAP handler on ``context`` (before any CURVE server socket binds); None when off."""
+    return None if curve is None else Authenticator(context, curve)
+
+
+def server_stats(auth: Authenticator | None) -> dict[str, Any]:
+    """``{"curve": {...}}`` for the broker's stats when CURVE is on, else ``{}``."""
+    return {} if auth is None else {"curve": auth.stats()}
+
+
+# ------------------------------------------------------------------------ CLI
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """The broker's CURVE flags (bertpool-broker, bertpool-serve)."""
+    g = parser.add_argument_group("CURVE security (off unless --curve-secret-key is given)")
+    g.add_argument("--curve-secret-key", metavar="FILE",
+                   help="the broker's NAME.key_secret (from bertpool-keys): encrypt and authenticate both "
+                        "links with CURVE; needs --curve-allow-clients and --curve-allow-workers")
+    g.add_argument("--curve-allow-clients", metavar="DIR",
+                   help="directory of the public keys (*.key) of the clients allowed to connect")
+    g.add_argument("--curve-allow-workers", metavar="DIR",
+                   help="directory of the public keys (*.key) of the workers allowed to register")
+
+
+def server_config_from_args(args: argparse.Namespace) -> CurveServerConfig | None:
+    """CurveServerConfig from the broker's flags; None without --curve-secret-key (ConfigError
+    for an allow-list without it, or a key without both allow-lists)."""
+    key, clients, workers = args.curve_secret_key, args.curve_allow_clients, args.curve_allow_workers
+    if key is None:
+        if clients or workers:
+            raise ConfigError("--curve-allow-clients/--curve-allow-workers need --curve-secret-key")
+        return None
+    if not clients or not workers:
+        raise ConfigError("--curve-secret-key needs both --curve-allow-clients DIR and "
+                          "--curve-allow-workers DIR (who may connect on each link)")
+    return CurveServerConfig(key, clients, workers)
+
+
+def add_client_arguments(parser: argparse.ArgumentParser, own: str = "this client's own") -> None:
+    """A connecting peer's CURVE flags (bertpool-worker(s), bertpool-bench)."""
+    g = parser.add_argument_group("CURVE security (off unless both flags are given)")
+    g.add_argument("--curve-server-key", metavar="FILE",
+                   help="the broker's public NAME.key: connect with CURVE (needs --curve-secret-key)")
+    g.add_argument("--curve-secret-key", dest="curve_client_secret_key", metavar="FILE",
+                   help=f"{own} NAME.key_secret; its NAME.key must be in the broker's "
+                        f"allow-list")
+
+
+def client_config_from_args(args: argparse.Namespace) -> CurveClientConfig | None:
+    """CurveClientConfig from --curve-server-key/--curve-secret-key; None when neither is given."""
+    server = getattr(args, "curve_server_key", None)
+    secret = getattr(args, "curve_client_secret_key", None)
+    if server is None and secret is None:
+        return None
+    if server is None or secret is None:
+        raise ConfigError("CURVE needs both --curve-server-key FILE and --curve-secret-key FILE")
+    return CurveClientConfig(server_key_file=server, secret_key_file=secret)
+
+
+def client_argv(curve: CurveClientConfig | None) -> list[str]:
+    """The flags that give a child process (a worker) the same CURVE config."""
+    if curve is None:
+        return []
+    if curve.server_key_file is None or curve.secret_key_file is None:
+        raise ConfigError("worker processes need CURVE keys as files (server_key_file, secret_key_file)")
+    return ["--curve-server-key", curve.server_key_file, "--curve-secret-key", curve.secret_key_file]
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """bertpool-serve's one extra flag: the key pair its own workers present to its broker."""
+    parser.add_argument("--curve-worker-secret-key", dest="curve_client_secret_key", metavar="FILE",
+                        help="with --curve-secret-key: the NAME.key_secret this command's workers use; "
+                             "its NAME.key must be in --curve-allow-workers")
+
+
+def complete_serve_args(args: argparse.Namespace, server: CurveServerConfig | None) -> None:
+    """Point bertpool-serve's workers at its own broker's public key (sets ``args.curve_server_key``),
+    and check up front that their key is on the worker allow-list (ConfigError if not)."""
+    worker_secret = getattr(args, "curve_client_secret_key", None)
+    if server is None:
+        if worker_secret is not None:
+            raise ConfigError("--curve-worker-secret-key needs --curve-secret-key (the broker's key)")
+        args.curve_server_key = None
+        return
+    if worker_secret is None:
+        raise ConfigError("--curve-secret-key needs --curve-worker-secret-key FILE: the key pair this "
+                          "command's own workers present (its .key in --curve-allow-workers)")
+    public, _ = load_key_pair(worker_secret)
+    if public not in server.allowed(WORKERS):
+        raise ConfigError(f"{worker_secret}: its public key is not in --curve-allow-workers "
+                          f"{server.allow_workers_dir}, so the workers could never register")
+    # The workers need only the broker's public half: its .key beside the secret file if there is one.
+    secret = Path(server.secret_key_file)
+    public_file = secret.with_name(secret.name[:-len(SECRET_SUFFIX)] + PUBLIC_SUFFIX) \
+        if secret.name.endswith(SECRET_SUFFIX) else secret
+    try:
+        use_public = public_file != secret and load_public_key(public_file) == server.public_key
+    except ConfigError:
+        use_public = False
+    args.curve_server_key = str(public_file if use_public else secret)

@@ -1,0 +1,440 @@
+"""CURVE on both links: the key tool, allow-lists per link, refusals, encryption on the wire.
+
+Real processes (bertpool-broker, bertpool-workers/-worker/-serve with the echo backend) on
+127.0.0.1; the client library in this process.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import zmq
+import zmq.auth
+
+from bertpool.clients.bench import wait_for_workers
+from bertpool.clients.client import Client
+from bertpool.common import keys as keys_cli
+from bertpool.common.errors import BrokerUnavailable, ConfigError, RequestTimeout
+from bertpool.common.security import (CurveClientConfig, CurveServerConfig, generate_key_pairs,
+                                      load_key_pair, warn_if_exposed)
+
+from conftest import free_tcp_port
+
+pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="this libzmq has no CURVE (built without libsodium)")
+
+SECRET_TEXT = "zebra-quartz-7319 never in plain text"
+
+
+# ------------------------------------------------------------------ helpers
+
+@dataclass
+class Keys:
+    dir: Path
+    allow_clients: Path
+    allow_workers: Path
+
+    def public(self, name: str) -> str:
+        return str(self.dir / f"{name}.key")
+
+    def secret(self, name: str) -> str:
+        return str(self.dir / f"{name}.key_secret")
+
+    def client(self, name: str = "client", server: str = "broker") -> CurveClientConfig:
+        return CurveClientConfig(server_key_file=self.public(server), secret_key_file=self.secret(name))
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> Keys:
+    root = tmp_path_factory.mktemp("keys")
+    generate_key_pairs(root / "all", ["broker", "client", "worker", "stranger"])
+    k = Keys(root / "all", root / "allow-clients", root / "allow-workers")
+    k.allow_clients.mkdir()
+    k.allow_workers.mkdir()
+    shutil.copy(k.public("client"), k.allow_clients)
+    shutil.copy(k.public("worker"), k.allow_workers)
+    return k
+
+
+def start(log_dir: Path, module: str, *args: str) -> subprocess.Popen:
+    """``python -m module args`` in its own session, logging to log_dir."""
+    log_path = log_dir / f"{module}-{len(list(log_dir.glob('*.log')))}.log"
+    with open(log_path, "wb") as log:
+        return subprocess.Popen([sys.executable, "-m", module, *args], stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM the newest first (workers before their broker), SIGKILL what lingers."""
+    for p in reversed(procs):
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in reversed(procs):
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def logs(log_dir: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')}" for p in sorted(log_dir.glob("*.log")))
+
+
+@dataclass
+class CurvePool:
+    front: str
+    back: str
+    log_dir: Path
+    procs: list[subprocess.Popen]
+
+
+@pytest.fixture(scope="module")
+def curve_pool(keys, tmp_path_factory):
+    """bertpool-broker with CURVE and allow-lists + bertpool-workers (1 echo worker) with its keys, over tcp."""
+    log_dir = tmp_path_factory.mktemp("curve-pool")
+    front, back = f"tcp://127.0.0.1:{free_tcp_port()}", f"tcp://127.0.0.1:{free_tcp_port()}"
+    procs = [start(log_dir, "bertpool.broker.broker", "--address", front, "--worker-address", back,
+                   "--stats-interval-s", "0", "--curve-secret-key", keys.secret("broker"),
+                   "--curve-allow-clients", str(keys.allow_clients),
+                   "--curve-allow-workers", str(keys.allow_workers))]
+    try:
+        procs.append(start(log_dir, "bertpool.workers.supervisor", "--worker-address", back, "--parallel", "1",
+                           "--backend", "echo", "--batch-timeout-ms", "1",
+                           "--curve-server-key", keys.public("broker"),
+                           "--curve-secret-key", keys.secret("worker")))
+        try:
+            wait_for_workers(front, 1, 60, curve=keys.client())
+        except RequestTimeout as exc:
+            raise AssertionError(f"{exc}\n{logs(log_dir)}") from exc
+        yield CurvePool(front, back, log_dir, procs)
+    finally:
+        stop(procs)
+
+
+def broker_stats(pool: CurvePool, keys: Keys) -> dict:
+    with Client(pool.front, timeout_s=10, curve=keys.client()) as client:
+        return client.stats()
+
+
+def wait_stats(pool: CurvePool, keys: Keys, predicate, timeout_s: float = 60.0) -> dict:
+    """Poll the broker's stats (a remote counter: no event to wait on) until predicate holds."""
+    deadline = time.monotonic() + timeout_s
+    stats: dict = {}
+    while time.monotonic() < deadline:
+        stats = broker_stats(pool, keys)
+        if predicate(stats):
+            return stats
+        time.sleep(0.1)
+    raise AssertionError(f"stats never satisfied the condition; last: {stats}\n{logs(pool.log_dir)}")
+
+
+class TcpTap:
+    """A TCP proxy on 127.0.0.1 that forwards every connection to ``target_port`` and keeps a copy
+    of the bytes sent upstream (client -> server)."""
+
+    def __init__(self, target_port: int) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.setblocking(False)
+        self.port = self._listener.getsockname()[1]
+        self._target = target_port
+        self.upstream = bytearray()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tcp-tap", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self._listener, selectors.EVENT_READ)
+        peers: dict[socket.socket, tuple[socket.socket, bool]] = {}  # sock -> (other end, is client side)
+        try:
+            while not self._stop.is_set():
+                for key, _ in sel.select(0.05):
+                    sock = key.fileobj
+                    if sock is self._listener:
+                        down, _ = self._listener.accept()
+                        up = socket.create_connection(("127.0.0.1", self._target), timeout=5)
+                        for s, other, is_client in ((down, up, True), (up, down, False)):
+                            s.setblocking(True)
+                            peers[s] = (other, is_client)
+                            sel.register(s, selectors.EVENT_READ)
+                        continue
+                    other, is_client = peers[sock]
+                    try:
+                        data = sock.recv(65536)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        for s in (sock, other):
+                            sel.unregister(s)
+                            peers.pop(s)
+                            s.close()
+                        continue
+                    if is_client:
+                        self.upstream += data
+                    other.sendall(data)
+        finally:
+            for s in list(peers):
+                s.close()
+            sel.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._listener.close()
+
+
+# ----------------------------------------------------------------- key tool
+
+def test_keys_tool_writes_certificates_pyzmq_loads(tmp_path, capsys):
+    assert keys_cli.main([str(tmp_path / "new" / "keys"), "broker", "client-1"]) == 0
+    for name in ("broker", "client-1"):
+        public, none = zmq.auth.load_certificate(tmp_path / "new" / "keys" / f"{name}.key")
+        public2, secret = zmq.auth.load_certificate(tmp_path / "new" / "keys" / f"{name}.key_secret")
+        assert none is None and public == public2 and zmq.curve_public(secret) == public
+        assert (tmp_path / "new" / "keys" / f"{name}.key_secret").stat().st_mode & 0o077 == 0
+    assert "client-1.key_secret" in capsys.readouterr().out
+
+
+def test_keys_tool_refuses_to_overwrite_without_force(tmp_path, capsys):
+    assert keys_cli.main([str(tmp_path), "a"]) == 0
+    before = (tmp_path / "a.key_secret").read_bytes()
+    assert keys_cli.main([str(tmp_path), "b", "a"]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert (tmp_path / "a.key_secret").read_bytes() == before and not (tmp_path / "b.key").exists()
+    assert keys_cli.main([str(tmp_path), "a", "--force"]) == 0
+    assert (tmp_path / "a.key_secret").read_bytes() != before
+    load_key_pair(tmp_path / "a.key_secret")
+
+
+@pytest.mark.parametrize("where, name, message", [
+    ("file", "a", "is not a directory"),
+    ("file/sub", "a", "cannot create key directory"),
+    ("dir", "../escape", "bad key name"),
+    ("dir", "", "bad key name"),
+])
+def test_keys_tool_bad_paths_exit_2(tmp_path, where, name, message):
+    (tmp_path / "file").write_text("not a directory")
+    proc = subprocess.run([sys.executable, "-m", "bertpool.common.keys", str(tmp_path / where), name],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not list(tmp_path.rglob("*.key*"))
+
+
+# ------------------------------------------------------------- bad key files
+
+def _bad_files(tmp_path: Path, keys: Keys) -> dict[str, str]:
+    (tmp_path / "text.key_secret").write_text("hello, I am not a certificate\n")
+    (tmp_path / "short.key_secret").write_text('public-key = "abc"\nsecret-key = "def"\n')
+    good = Path(keys.secret("client")).read_text()
+    other_secret = Path(keys.secret("stranger")).read_text().split("secret-key")[1]
+    mixed = good.split("secret-key")[0] + "secret-key" + other_secret
+    (tmp_path / "mixed.key_secret").write_text(mixed)
+    return {"missing": str(tmp_path / "nope.key_secret"), "directory": str(tmp_path),
+            "text": str(tmp_path / "text.key_secret"), "short": str(tmp_path / "short.key_secret"),
+            "mixed": str(tmp_path / "mixed.key_secret"), "public": keys.public("client")}
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("missing", "does not exist"), ("directory", "not a regular file"), ("text", "not a ZeroMQ certificate"),
+    ("short", "not a 40-character Z85"), ("mixed", "does not belong"), ("public", "holds only a public key"),
+])
+def test_bad_secret_key_files_are_config_errors(tmp_path, keys, bad, message):
+    path = _bad_files(tmp_path, keys)[bad]
+    with pytest.raises(ConfigError, match=message):
+        CurveClientConfig(server_key_file=keys.public("broker"), secret_key_file=path)
+    with pytest.raises(ConfigError, match=message):
+        CurveServerConfig(path, str(keys.allow_clients), str(keys.allow_workers))
+
+
+def test_bad_server_key_and_allow_lists_are_config_errors(tmp_path, keys):
+    files = _bad_files(tmp_path, keys)
+    with pytest.raises(ConfigError, match="not a ZeroMQ certificate"):
+        CurveClientConfig(server_key_file=files["text"], secret_key_file=keys.secret("client"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        CurveClientConfig(server_key_file=files["missing"], secret_key_file=keys.secret("client"))
+    with pytest.raises(ConfigError, match="needs our own key pair"):
+        CurveClientConfig(server_key_file=keys.public("broker"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="holds no public keys"):
+        CurveServerConfig(keys.secret("broker"), str(tmp_path / "empty"), str(keys.allow_workers))
+    with pytest.raises(ConfigError, match="must be different directories"):
+        CurveServerConfig(keys.secret("broker"), str(keys.allow_clients), str(keys.allow_clients))
+    bad_list = tmp_path / "bad-list"
+    bad_list.mkdir()
+    shutil.copy(files["text"], bad_list / "junk.key")
+    with pytest.raises(ConfigError, match="junk.key is not a ZeroMQ certificate"):
+        CurveServerConfig(keys.secret("broker"), str(keys.allow_clients), str(bad_list))
+
+
+def test_loaded_keys_work_like_files(keys):
+    public, secret = load_key_pair(keys.secret("client"))
+    from_keys = CurveClientConfig(server_key=load_key_pair(keys.secret("broker"))[0],
+                                  public_key=public, secret_key=secret)
+    assert from_keys.secret_key == keys.client().secret_key and "secret" not in repr(from_keys).split("(")[0]
+    assert secret.decode() not in repr(from_keys)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_key_file_is_a_config_error(tmp_path, keys):
+    path = tmp_path / "locked.key_secret"
+    shutil.copy(keys.secret("client"), path)
+    path.chmod(0)
+    with pytest.raises(ConfigError, match="cannot read key file"):
+        CurveClientConfig(server_key_file=keys.public("broker"), secret_key_file=str(path))
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("bertpool.broker.broker", ["--curve-secret-key", "{all}/nope.key_secret", "--curve-allow-clients",
+                                "{allow_clients}", "--curve-allow-workers", "{allow_workers}"], "does not exist"),
+    ("bertpool.broker.broker", ["--curve-secret-key", "{all}/broker.key_secret"], "needs both"),
+    ("bertpool.broker.broker", ["--curve-allow-clients", "{allow_clients}"], "need --curve-secret-key"),
+    ("bertpool.broker.broker", ["--curve-secret-key", "{all}/broker.key", "--curve-allow-clients",
+                                "{allow_clients}", "--curve-allow-workers", "{allow_workers}"],
+     "holds only a public key"),
+    ("bertpool.workers.worker", ["--curve-server-key", "{all}/broker.key", "--curve-secret-key",
+                                 "{all}/worker.key"], "holds only a public key"),
+    ("bertpool.workers.supervisor", ["--curve-server-key", "{all}/broker.key"], "needs both"),
+    ("bertpool.clients.bench", ["--curve-server-key", "{all}/nope.key", "--curve-secret-key",
+                                "{all}/client.key_secret"], "does not exist"),
+    ("bertpool.workers.serve", ["--curve-secret-key", "{all}/broker.key_secret", "--curve-allow-clients",
+                                "{allow_clients}", "--curve-allow-workers", "{allow_workers}"],
+     "needs --curve-worker-secret-key"),
+    ("bertpool.workers.serve", ["--curve-secret-key", "{all}/broker.key_secret", "--curve-allow-clients",
+                                "{allow_clients}", "--curve-allow-workers", "{allow_workers}",
+                                "--curve-worker-secret-key", "{all}/stranger.key_secret"],
+     "not in --curve-allow-workers"),
+    ("bertpool.workers.serve", ["--curve-worker-secret-key", "{all}/worker.key_secret"],
+     "needs --curve-secret-key"),
+])
+def test_bad_curve_flags_exit_2_with_a_clear_message(keys, module, args, message):
+    fill = {"all": keys.dir, "allow_clients": keys.allow_clients, "allow_workers": keys.allow_workers}
+    proc = subprocess.run([sys.executable, "-m", module, *(a.format(**fill) for a in args)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+# -------------------------------------------------------------- live pools
+
+def test_allowed_client_and_worker_are_served(curve_pool, keys):
+    with Client(curve_pool.front, timeout_s=20, curve=keys.client()) as client:
+        results = client.predict_many([(f"secret {i}", "pair") for i in range(20)])
+        stats = client.stats()
+    assert len(results) == 20 and all(r.label in (0, 1) for r in results)
+    assert len(stats["workers"]) == 1 and stats["broker"]["replies"] >= 20
+    assert stats["curve"]["clients"]["allowed"] >= 1 and stats["curve"]["workers"]["allowed"] >= 1
+
+
+@pytest.mark.parametrize("who", ["no key", "unknown key", "worker's key", "wrong server key"])
+def test_client_without_an_allowed_key_is_refused(curve_pool, keys, who):
+    curve = {"no key": None, "unknown key": keys.client("stranger"), "worker's key": keys.client("worker"),
+             "wrong server key": keys.client("client", server="stranger")}[who]
+    with Client(curve_pool.front, timeout_s=0.7, curve=curve) as refused:
+        for _ in range(2):  # the second is sent after the refusal: it must fail too, not hang
+            # A typed error, whichever comes first: its deadline, or the client's finding that the
+            # peer drops every connection it opens (resent lost_retries times) and never answers.
+            with pytest.raises((RequestTimeout, BrokerUnavailable)):
+                refused.predict("not", "served")
+        with Client(curve_pool.front, timeout_s=20, curve=keys.client()) as allowed:
+            assert allowed.predict("still", "served").label in (0, 1)
+    if who in ("unknown key", "worker's key"):  # refused by ZAP, which counts it
+        assert broker_stats(curve_pool, keys)["curve"]["clients"]["denied"] >= 1
+
+
+@pytest.mark.parametrize("key", ["stranger", "client"])
+def test_worker_without_an_allowed_key_never_registers(curve_pool, keys, key, tmp_path):
+    """An unknown key, and a client's key (allowed on the frontend only), cannot register as a worker."""
+    before = broker_stats(curve_pool, keys)
+    names = set(before["workers"])
+    denied = before["curve"]["workers"]["denied"]
+    proc = start(tmp_path, "bertpool.workers.worker", "--worker-address", curve_pool.back, "--backend", "echo",
+                 "--name", f"intruder-{key}", "--curve-server-key", keys.public("broker"),
+                 "--curve-secret-key", keys.secret(key))
+    try:
+        stats = wait_stats(curve_pool, keys, lambda s: s["curve"]["workers"]["denied"] > denied)
+        assert set(stats["workers"]) == names
+        assert "CURVE: refused a worker with unknown public key" in logs(curve_pool.log_dir)
+        with Client(curve_pool.front, timeout_s=20, curve=keys.client()) as client:
+            assert len(client.predict_many([("still", "served")] * 8)) == 8
+            assert set(client.stats()["workers"]) == names
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.parametrize("curve", [True, False], ids=["curve", "plain-control"])
+def test_payload_is_not_plain_text_on_the_wire(curve_pool, keys, start_pool, curve):
+    if curve:
+        front, client_curve = curve_pool.front, keys.client()
+    else:
+        front, client_curve = start_pool(parallel=1, transport="tcp").address, None
+    tap = TcpTap(int(front.rsplit(":", 1)[1]))
+    try:
+        with Client(f"tcp://127.0.0.1:{tap.port}", timeout_s=20, curve=client_curve) as client:
+            assert client.predict(SECRET_TEXT, "the other sentence").label in (0, 1)
+    finally:
+        tap.close()
+    assert len(tap.upstream) > 0
+    assert (SECRET_TEXT.encode() in bytes(tap.upstream)) is not curve
+
+
+def test_serve_enables_curve_for_its_broker_and_workers_with_one_set_of_flags(keys, start_pool):
+    pool = start_pool("--backend", "echo", "--curve-secret-key", keys.secret("broker"),
+                      "--curve-allow-clients", str(keys.allow_clients),
+                      "--curve-allow-workers", str(keys.allow_workers),
+                      "--curve-worker-secret-key", keys.secret("worker"),
+                      parallel=2, transport="tcp", wait=False)
+    try:
+        wait_for_workers(pool.address, 2, 60, curve=keys.client())
+    except RequestTimeout as exc:
+        raise AssertionError(f"{exc}\n{pool.log()}") from exc
+    with Client(pool.address, timeout_s=20, curve=keys.client()) as client:
+        assert len(client.predict_many([("serve", "curve")] * 8)) == 8
+    with Client(pool.address, timeout_s=0.7) as plain:
+        for _ in range(2):
+            with pytest.raises((RequestTimeout, BrokerUnavailable)):
+                plain.predict("plain", "refused")
+
+
+def test_defaults_bind_loopback_only_and_exposed_plain_binds_are_warned(caplog, keys):
+    import argparse
+
+    from bertpool.broker.broker import BrokerConfig, add_broker_arguments, broker_config_from_args
+    from bertpool.common.cli import add_link_arguments
+
+    parser = argparse.ArgumentParser()
+    add_broker_arguments(parser)
+    add_link_arguments(parser)
+    for config in (BrokerConfig(), broker_config_from_args(parser.parse_args([]), 0.0)):
+        assert config.curve is None
+        assert config.frontend.startswith("tcp://127.0.0.1:") and config.backend.startswith("tcp://127.0.0.1:")
+        assert warn_if_exposed([config.frontend, config.backend], config.curve) == []
+    exposed = ["tcp://0.0.0.0:1", "tcp://*:2", "tcp://10.1.2.3:3"]
+    with caplog.at_level("WARNING", logger="bertpool.security"):
+        assert warn_if_exposed([*exposed, "tcp://localhost:4", "ipc:///tmp/x"], None) == exposed
+    assert caplog.text.count("WITHOUT CURVE") == 3
+    server = CurveServerConfig(keys.secret("broker"), str(keys.allow_clients), str(keys.allow_workers))
+    assert warn_if_exposed(exposed, server) == []
+
+
+def test_bench_passes_curve_keys_to_its_clients(curve_pool, keys, tmp_path):
+    report = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "bertpool.clients.bench", "--address", curve_pool.front,
+                           "--clients", "2", "--cycle", "4", "--warmup", "1", "--timeout-s", "20",
+                           "--json", str(report), "--curve-server-key", keys.public("broker"),
+                           "--curve-secret-key", keys.secret("client")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = report.read_text()
+    assert '"requests": 8' in text and '"curve": true' in text
+    assert load_key_pair(keys.secret("client"))[1].decode() not in text
