@@ -49,8 +49,10 @@ def test_gateway_matches_native_on_a_compiled_tiny_model(tmp_path):
         assert http_get(f"http://{http}/v2/health/ready")[0] == 200
         got_http = client.infer(MODEL, text_inputs(httpclient, pairs)).as_numpy("probabilities")
         got_grpc = grpcclient.InferenceServerClient(grpc).infer(MODEL, text_inputs(grpcclient, pairs))
-        np.testing.assert_array_equal(got_http, want)
-        np.testing.assert_array_equal(got_grpc.as_numpy("probabilities"), want)
+        # Same math, but rows may be batched with different neighbours than the native run's, and a
+        # CPU matmul's per-row rounding depends on the batch it is in: equal to float32 rounding.
+        np.testing.assert_allclose(got_http, want, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(got_grpc.as_numpy("probabilities"), want, rtol=0, atol=1e-6)
         f = BertTokenizer(compiled / "vocab.txt").encode_pairs(pairs)
         arrays = (f.input_ids, f.input_mask, f.segment_ids)
         got_features = client.infer(MODEL, feature_inputs(httpclient, arrays)).as_numpy("probabilities")
