@@ -58,6 +58,8 @@ from ..common import protocol as P
 from ..common import security
 from ..common.cli import add_link_arguments, install_stop_handlers, report_error, setup_logging
 from ..common.errors import BertpoolError, ConfigError, ProtocolError
+from ..common.metrics_export import parse_metrics_address
+from .metrics import BrokerMetrics, MetricsServer
 
 log = logging.getLogger("bertpool.broker")
 
@@ -82,6 +84,8 @@ class BrokerConfig:
     max_redispatch: int = 2                  # times a request is re-sent after its worker died
     drain_timeout_s: float = 10.0            # on stop(), longest wait for held requests to finish
     curve: security.CurveServerConfig | None = None  # CURVE on both links; None = plain text
+    metrics_address: str = ""                # serve Prometheus metrics on HOST:PORT (or PORT: 127.0.0.1);
+                                             # "" = no metrics endpoint, and nothing recorded for one
 
     def __post_init__(self) -> None:
         # 0 would make every request BUSY: each one is queued before any worker can take it.
@@ -109,6 +113,8 @@ class BrokerConfig:
             raise ConfigError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         if not self.stats_interval_s >= 0:
             raise ConfigError(f"stats_interval_s must be >= 0, got {self.stats_interval_s}")
+        if self.metrics_address:
+            parse_metrics_address(self.metrics_address)
         P.check_endpoint("frontend address", self.frontend)
         P.check_endpoint("backend address", self.backend)
 
@@ -135,6 +141,7 @@ class _WorkerState:
     last_heard: float = 0.0     # time.monotonic() of its last message (any counts as a beat)
     inflight: dict[bytes, _Request] = field(default_factory=dict)  # token -> request
     stats: dict[str, int] = field(default_factory=dict)            # last STATS counters
+    ready: P.Ready | None = None  # its READY (model info for the metrics)
 
     @property
     def free(self) -> int:
@@ -184,6 +191,9 @@ class Broker:
         self.frontend: zmq.Socket | None = None
         self.backend: zmq.Socket | None = None
         self._auth: security.Authenticator | None = None  # ZAP handler while CURVE is on
+        # Recorded for the Prometheus endpoint only when it is on (config.metrics_address).
+        self.metrics: BrokerMetrics | None = BrokerMetrics() if config.metrics_address else None
+        self.metrics_server: MetricsServer | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -213,6 +223,12 @@ class Broker:
             except zmq.ZMQError as exc:
                 self.close()
                 raise ConfigError(f"cannot bind {endpoint}: {exc}") from exc
+        if self.metrics is not None:
+            try:
+                self.metrics_server = MetricsServer(self, self.config.metrics_address)
+            except ConfigError:
+                self.close()
+                raise
 
     def stop(self, drain: bool = True) -> None:
         """Ask run() to return (thread- and signal-safe). With ``drain`` (the default; SIGTERM) it
@@ -235,6 +251,9 @@ class Broker:
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
 
     def run(self) -> None:
         """Serve until stop(); binds first if needed, closes the sockets on return."""
@@ -384,6 +403,8 @@ class Broker:
 
     def _client_error(self, client: bytes, request_id: Any, code: str, message: str) -> None:
         self.counters.errors += 1
+        if self.metrics is not None:
+            self.metrics.count_error(code)
         self._to_client(client, P.ERROR, P.error_body(request_id, code, message))
 
     def _to_client(self, client: bytes, kind: bytes, body: bytes) -> bool:
@@ -417,6 +438,9 @@ class Broker:
         elif kind == P.STATS:
             if worker is not None:
                 worker.stats = message.stats
+            if self.metrics is not None and (message.epoch or worker is not None):
+                # A worker's last STATS may come on its second socket: its epoch names it.
+                self.metrics.on_stats(message.epoch or identity.hex(), message)
         elif kind == P.DISCONNECT:
             self._on_disconnect(identity, message.incarnation)
         elif kind == P.HEARTBEAT and worker is None:
@@ -449,7 +473,10 @@ class Broker:
         incarnation = ready.incarnation or identity.hex()
         name = self._unique_name(ready.worker or identity.hex(), incarnation)
         self._workers[identity] = _WorkerState(identity, name, incarnation, ready.capacity, ready.slot,
-                                               ready.pid, ready.backend, last_heard=time.monotonic())
+                                               ready.pid, ready.backend, last_heard=time.monotonic(),
+                                               ready=ready)
+        if self.metrics is not None:
+            self.metrics.on_ready(ready.slot)
         log.info("worker %s ready, capacity %d (%d workers)", name, ready.capacity, len(self._workers))
 
     def _unique_name(self, name: str, incarnation: str) -> str:
@@ -467,11 +494,15 @@ class Broker:
             # the broker answered it already: delivering it would answer the request twice.
             self.counters.late_replies_dropped += 1
             return
-        worker.last_heard = time.monotonic()  # a reply on its second socket is a beat too
+        worker.last_heard = now = time.monotonic()  # a reply on its second socket is a beat too
         if kind == P.REPLY:
             self.counters.replies += 1
         else:
             self.counters.errors += 1
+        if self.metrics is not None:
+            self.metrics.request_latency.observe(now - request.enqueued)
+            if kind == P.ERROR:
+                self.metrics.count_error(P.peek_error_code(body))
         self._to_client(request.client, kind, body)
 
     def _remove_worker(self, identity: bytes, why: str, lost: bool = False) -> None:
@@ -579,6 +610,8 @@ class Broker:
                 continue
             worker.inflight[token] = request
             self._owners[token] = worker.identity
+            if self.metrics is not None:
+                self.metrics.queue_wait.observe(now - request.enqueued)
 
     # ---------------------------------------------------------------- stats
 
@@ -644,6 +677,9 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
                         help="on SIGTERM, longest wait for requests in flight to finish "
                              "(default: %(default)s)")
     security.add_server_arguments(parser)
+    parser.add_argument("--metrics-address", metavar="HOST:PORT", default=d.metrics_address,
+                        help="serve Prometheus metrics for the whole pool at http://HOST:PORT/metrics; "
+                             "a bare PORT means 127.0.0.1 (needs the [metrics] extra; default: off)")
 
 
 def broker_config_from_args(args: argparse.Namespace, stats_interval_s: float) -> BrokerConfig:
@@ -656,7 +692,8 @@ def broker_config_from_args(args: argparse.Namespace, stats_interval_s: float) -
                         heartbeat_interval_s=args.heartbeat_interval_s,
                         heartbeat_liveness=args.heartbeat_liveness, max_redispatch=args.max_redispatch,
                         drain_timeout_s=args.drain_timeout_s,
-                        curve=security.server_config_from_args(args))
+                        curve=security.server_config_from_args(args),
+                        metrics_address=args.metrics_address)
 
 
 def main(argv: list[str] | None = None) -> int:

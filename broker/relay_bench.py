@@ -126,8 +126,9 @@ def _load(address: str, sockets: int, warmup_s: float, duration_s: float, body: 
 
 
 def measure(setup: str, clients: int, workers: int, load_procs: int, warmup_s: float,
-            duration_s: float, body: bytes) -> float:
-    """Round trips per second for one set-up."""
+            duration_s: float, body: bytes, metrics_address: str = "") -> float:
+    """Round trips per second for one set-up (``metrics_address``: the broker's, to measure the
+    cost of recording metrics)."""
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
     tmp = tempfile.mkdtemp(prefix="bertpool-relay-")
@@ -141,7 +142,8 @@ def measure(setup: str, clients: int, workers: int, load_procs: int, warmup_s: f
         thread = threading.Thread(target=_proxy, args=(f, b), daemon=True)
         target = _relay_echo
     else:
-        broker = Broker(BrokerConfig(frontend=front, backend=back), context=zctx)
+        broker = Broker(BrokerConfig(frontend=front, backend=back, metrics_address=metrics_address),
+                        context=zctx)
         broker.bind()
         thread = threading.Thread(target=broker.run, daemon=True)
         target = _protocol_echo if setup == "broker" else _pool_worker
@@ -195,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--request", choices=("text", "features"), default="text",
                         help="send a text pair (workers tokenize) or pre-tokenized features "
                              "(default: %(default)s)")
+    parser.add_argument("--metrics-address", metavar="HOST:PORT", default="",
+                        help="run the broker with its Prometheus endpoint on, to measure what recording "
+                             "metrics costs (default: off)")
     parser.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
     args = parser.parse_args(argv)
     setups = [s for s in args.setups.split(",") if s]
@@ -203,10 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"bad --setups {sorted(unknown)} or non-positive count")
     body = request_body(args.request)
     report: dict[str, Any] = {"clients": args.clients, "workers": args.workers, "request": args.request,
-                              "duration_s": args.duration_s, "round_trips_per_s": {}}
+                              "duration_s": args.duration_s, "metrics": bool(args.metrics_address),
+                              "round_trips_per_s": {}}
     for setup in setups:
         rate = measure(setup, args.clients, args.workers, args.load_procs, args.warmup_s, args.duration_s,
-                       body)
+                       body, args.metrics_address)
         report["round_trips_per_s"][setup] = round(rate, 1)
         print(f"{setup:>6}: {rate:10.1f} round trips/s", flush=True)
     relay = report["round_trips_per_s"].get("relay")

@@ -35,10 +35,26 @@ Broker -> client (frontend)            [VERSION, kind, body]
     ProtocolError on anything malformed, never another exception.
 
 Worker -> broker (backend)             [VERSION, kind, ...]
-    READY     [VERSION, READY, body {worker, slot, incarnation, pid, capacity, backend, batch_size}]
+    READY     [VERSION, READY, body {worker, slot, incarnation, pid, capacity, backend, batch_size,
+                                     model?, version?}]
+                                                  model (optional): {hash, dtype, target}, what the
+                                                  worker serves, from the compiled model's manifest
+                                                  (hash: the source weights' sha256) where it has one;
+                                                  version (optional): the worker's bertpool version.
+                                                  Each a str of at most MAX_LABEL_LEN characters; the
+                                                  broker exports them as bertpool_model_info labels
     REPLY     [VERSION, REPLY, token, body]       token: the broker's 8-byte request handle
     ERROR     [VERSION, ERROR, token, body]
-    STATS     [VERSION, STATS, body {inferences, batches, padded_rows, ...}]   cumulative counters
+    STATS     [VERSION, STATS, body {inferences, batches, padded_rows, ..., epoch?, histograms?}]
+                                                  cumulative integer counters since the worker process
+                                                  started; epoch (optional): a str naming that process's
+                                                  counter stream (random per process, kept across its
+                                                  re-registrations), so the broker can total the counts
+                                                  of a pool whose workers come and go without counting
+                                                  any twice; histograms (optional): cumulative
+                                                  {name: {counts: [int per bucket, +Inf last], sum:
+                                                  float}}, at most MAX_HISTOGRAMS of MAX_BUCKETS buckets
+                                                  (names and buckets: common.metrics_export)
     HEARTBEAT [VERSION, HEARTBEAT, body {}]       "I am alive"; sent every heartbeat_interval_s on the
                                                   worker's registration socket (the one READY left on)
     DISCONNECT[VERSION, DISCONNECT, body {worker, incarnation}]
@@ -154,11 +170,16 @@ E_INFERENCE = "inference_failed"     # the model call for this request's batch f
 E_SHUTDOWN = "shutting_down"         # worker or broker is stopping
 E_DEADLINE = "deadline_exceeded"     # the request's deadline passed before it was computed
 E_WORKER_LOST = "worker_lost"        # the workers that held it died, more times than the re-dispatch bound
+ERROR_CODES = (E_BAD_FRAMES, E_BAD_VERSION, E_BAD_KIND, E_BAD_ENCODING, E_BAD_FIELD, E_BAD_TEXT, E_TOO_LARGE,
+               E_INFERENCE, E_SHUTDOWN, E_DEADLINE, E_WORKER_LOST)
 
 # Bounds on input, so one bad client cannot make a worker tokenize megabytes.
 MAX_TEXT_CHARS = 20_000
 MAX_ID_LEN = 256
 MAX_NAME_LEN = 256  # worker names, slots and incarnations in READY and DISCONNECT
+MAX_LABEL_LEN = 128  # READY's model and version strings (metric labels)
+MAX_HISTOGRAMS = 16  # histograms in one STATS
+MAX_BUCKETS = 64     # buckets in one of them
 
 TOKEN_BYTES = 8
 
@@ -374,6 +395,15 @@ def stats_reply(request_id: Any, stats: dict[str, Any]) -> bytes:
     return pack({"id": request_id, "stats": stats})
 
 
+def peek_error_code(data: bytes) -> str | None:
+    """Best-effort ``code`` of a raw ERROR body; None if unreadable."""
+    try:
+        code = unpack(data).get("code")
+    except ProtocolError:
+        return None
+    return code if isinstance(code, str) else None
+
+
 def peek_id(data: bytes) -> Any:
     """Best-effort request id of a raw body, for error replies; None if unreadable."""
     try:
@@ -446,6 +476,10 @@ class Ready:
     pid: int | None
     capacity: int            # requests the broker may hand it at once
     backend: str | None      # what it serves (echo, tf, neuron)
+    model_hash: str | None = None  # READY's model.hash (None: not sent)
+    dtype: str | None = None       # READY's model.dtype
+    target: str | None = None      # READY's model.target
+    version: str | None = None     # the worker's bertpool version
 
 
 def new_incarnation() -> str:
@@ -454,10 +488,16 @@ def new_incarnation() -> str:
 
 
 def ready_body(worker: str, slot: str | None, incarnation: str, pid: int, capacity: int,
-               backend: str, batch_size: int) -> bytes:
-    """Body of a worker's READY."""
-    return pack({"worker": worker, "slot": slot, "incarnation": incarnation, "pid": pid,
-                 "capacity": capacity, "backend": backend, "batch_size": batch_size})
+               backend: str, batch_size: int, model: dict[str, str] | None = None,
+               version: str | None = None) -> bytes:
+    """Body of a worker's READY; ``model``: {hash, dtype, target} (see the module docstring)."""
+    body = {"worker": worker, "slot": slot, "incarnation": incarnation, "pid": pid,
+            "capacity": capacity, "backend": backend, "batch_size": batch_size}
+    if model is not None:
+        body["model"] = {k: model.get(k, "") for k in ("hash", "dtype", "target")}
+    if version is not None:
+        body["version"] = version
+    return pack(body)
 
 
 def parse_ready(body: dict[str, Any]) -> Ready:
@@ -467,10 +507,27 @@ def parse_ready(body: dict[str, Any]) -> Ready:
         raise ProtocolError(E_BAD_FIELD, f"READY capacity must be a positive int, got {capacity!r}")
     pid = body.get("pid")
     backend = body.get("backend")
+    model = body.get("model")
+    if model is None:
+        model = {}
+    if not isinstance(model, dict):
+        raise ProtocolError(E_BAD_FIELD, "READY model must be a map {hash, dtype, target}")
     return Ready(worker=_name(body, "worker"), slot=_name(body, "slot"),
                  incarnation=_name(body, "incarnation"),
                  pid=pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
-                 capacity=capacity, backend=backend[:32] if isinstance(backend, str) else None)
+                 capacity=capacity, backend=backend[:32] if isinstance(backend, str) else None,
+                 model_hash=_label(model, "hash"), dtype=_label(model, "dtype"),
+                 target=_label(model, "target"), version=_label(body, "version"))
+
+
+def _label(body: dict[str, Any], field: str) -> str | None:
+    """An optional short string (a metric label value); ProtocolError(bad_field) if malformed."""
+    value = body.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > MAX_LABEL_LEN:
+        raise ProtocolError(E_BAD_FIELD, f"{field}: must be a str of at most {MAX_LABEL_LEN} characters")
+    return value
 
 
 def disconnect_body(worker: str, incarnation: str) -> bytes:
@@ -563,6 +620,8 @@ class FromWorker:
     body: bytes = b""                 # REPLY, ERROR: raw, forwarded to the client untouched
     ready: Ready | None = None        # READY
     stats: dict[str, int] | None = None  # STATS: the integer counters
+    epoch: str | None = None          # STATS: the worker process's counter stream (None: not sent)
+    histograms: dict[str, tuple[list[int], float]] | None = None  # STATS: name -> (bucket counts, sum)
     incarnation: str | None = None    # DISCONNECT: who leaves (None: the sending socket's worker)
 
 
@@ -585,10 +644,31 @@ def parse_from_worker(frames: list[bytes]) -> FromWorker:
         return FromWorker(kind, ready=parse_ready(body))
     if kind == STATS:
         return FromWorker(kind, stats={k: v for k, v in body.items()
-                                       if isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)})
+                                       if isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)},
+                          epoch=_label(body, "epoch"), histograms=_parse_histograms(body.get("histograms")))
     if kind == DISCONNECT:
         return FromWorker(kind, incarnation=parse_disconnect(body))
     raise ProtocolError(E_BAD_KIND, f"workers may not send {kind[:8]!r}")
+
+
+def _parse_histograms(value: Any) -> dict[str, tuple[list[int], float]] | None:
+    """A STATS body's ``histograms`` (None when absent); ProtocolError(bad_field) if malformed."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) > MAX_HISTOGRAMS:
+        raise ProtocolError(E_BAD_FIELD, f"STATS histograms: must be a map of at most {MAX_HISTOGRAMS}")
+    out = {}
+    for name, h in value.items():
+        counts = h.get("counts") if isinstance(h, dict) else None
+        total = h.get("sum") if isinstance(h, dict) else None
+        if (not isinstance(name, str) or len(name) > MAX_LABEL_LEN or not isinstance(counts, list)
+                or not 1 <= len(counts) <= MAX_BUCKETS
+                or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
+                or isinstance(total, bool) or not isinstance(total, (int, float)) or not total >= 0):
+            raise ProtocolError(E_BAD_FIELD, f"STATS histogram {str(name)[:32]!r}: need {{counts: [int >= 0], "
+                                             f"sum: number >= 0}}, at most {MAX_BUCKETS} buckets")
+        out[name] = (counts, float(total))
+    return out
 
 
 @dataclass(frozen=True)
@@ -651,14 +731,22 @@ def error_frames(token: bytes, body: bytes) -> list[bytes]:
 
 
 def ready_frames(worker: str, slot: str | None, incarnation: str, pid: int, capacity: int,
-                 backend: str, batch_size: int) -> list[bytes]:
+                 backend: str, batch_size: int, model: dict[str, str] | None = None,
+                 version: str | None = None) -> list[bytes]:
     """Worker -> broker READY."""
-    return [VERSION, READY, ready_body(worker, slot, incarnation, pid, capacity, backend, batch_size)]
+    return [VERSION, READY, ready_body(worker, slot, incarnation, pid, capacity, backend, batch_size,
+                                       model, version)]
 
 
-def stats_frames(counters: dict[str, int]) -> list[bytes]:
-    """Worker -> broker STATS (cumulative integer counters)."""
-    return [VERSION, STATS, pack(counters)]
+def stats_frames(counters: dict[str, int], epoch: str | None = None,
+                 histograms: dict[str, dict[str, Any]] | None = None) -> list[bytes]:
+    """Worker -> broker STATS (cumulative integer counters; optional epoch and histograms)."""
+    body: dict[str, Any] = dict(counters)
+    if epoch is not None:
+        body["epoch"] = epoch
+    if histograms is not None:
+        body["histograms"] = histograms
+    return [VERSION, STATS, pack(body)]
 
 
 def worker_disconnect_frames(worker: str, incarnation: str) -> list[bytes]:

@@ -144,8 +144,35 @@ def test_membership_round_trip():
     assert P.new_incarnation() != P.new_incarnation()
 
 
+def test_ready_and_stats_carry_model_info_and_histograms():
+    ready = P.parse_from_worker(P.ready_frames("w", None, "inc", 1, 8, "tf", 4, version="1.2",
+                                               model={"hash": "ab", "dtype": "float16", "target": "neuron"})).ready
+    assert (ready.model_hash, ready.dtype, ready.target, ready.version) == ("ab", "float16", "neuron", "1.2")
+    assert P.parse_ready({"capacity": 1}).model_hash is None  # optional: older workers send none
+    stats = P.parse_from_worker(P.stats_frames({"batches": 3}, "epoch-1", {"compute_seconds": {"counts": [1, 0, 2],
+                                                                                              "sum": 0.5}}))
+    assert stats.stats == {"batches": 3} and stats.epoch == "epoch-1"
+    assert stats.histograms == {"compute_seconds": ([1, 0, 2], 0.5)}
+    plain = P.parse_from_worker(P.stats_frames({"batches": 3}))
+    assert plain.epoch is None and plain.histograms is None
+
+
+@pytest.mark.parametrize("histograms", [
+    [1, 2], {"h": [1, 2]}, {"h": {"counts": [1, -1], "sum": 0.0}}, {"h": {"counts": [], "sum": 0.0}},
+    {"h": {"counts": [1] * (P.MAX_BUCKETS + 1), "sum": 0.0}}, {"h": {"counts": [True], "sum": 0.0}},
+    {"h": {"counts": [1], "sum": -1.0}}, {"h": {"counts": [1], "sum": "x"}}, {"h": {"counts": [1]}},
+    {f"h{i}": {"counts": [1], "sum": 0.0} for i in range(P.MAX_HISTOGRAMS + 1)}, {b"h": {"counts": [1], "sum": 0.0}},
+])
+def test_bad_stats_histograms(histograms):
+    frames = [P.VERSION, P.STATS, P.pack({"batches": 1, "histograms": histograms})]
+    with pytest.raises(ProtocolError) as err:
+        P.parse_from_worker(frames)
+    assert err.value.code == P.E_BAD_FIELD
+
+
 @pytest.mark.parametrize("body", [{"capacity": 0}, {"capacity": True}, {"capacity": 1, "slot": 5},
-                                  {"capacity": 1, "incarnation": "x" * 300}])
+                                  {"capacity": 1, "incarnation": "x" * 300}, {"capacity": 1, "model": "x"},
+                                  {"capacity": 1, "model": {"hash": 5}}, {"capacity": 1, "version": "x" * 300}])
 def test_bad_ready(body):
     with pytest.raises(ProtocolError) as err:
         P.parse_ready(body)
@@ -158,7 +185,7 @@ _REPLY_DECODERS = (P.check_id, P.parse_prediction, P.parse_error, P.parse_busy, 
 
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(st.sampled_from(["id", "label", "probabilities", "timings", "code", "message", "stats",
-                                        "capacity", "slot", "incarnation", "pid", "__nd__", "dtype", "shape",
+                                        "capacity", "slot", "incarnation", "pid", "model", "version", "__nd__", "dtype", "shape",
                                         "data"]), _values, max_size=6))
 def test_fuzz_reply_bodies_only_raise_protocol_errors(body):
     for decode in _REPLY_DECODERS:

@@ -47,6 +47,12 @@ class Backend:
                 segment_ids: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def model_info(self) -> dict[str, str]:
+        """What READY tells the broker it serves (metric labels): ``hash`` (the source weights'
+        sha256), ``dtype`` and ``target``, from a compiled model's manifest; "unknown" where the
+        backend cannot tell, "none" where there is no model (echo)."""
+        return {"hash": "unknown", "dtype": "unknown", "target": "unknown"}
+
 
 # ----------------------------------------------------------------------- echo
 
@@ -72,6 +78,9 @@ class EchoBackend(Backend):
     def __init__(self, config: BackendConfig) -> None:
         self.seq_length = config.seq_length
         self._delay_s = config.echo_delay_ms / 1000.0
+
+    def model_info(self) -> dict[str, str]:
+        return {"hash": "none", "dtype": "none", "target": "none"}
 
     def predict(self, input_ids, input_mask, segment_ids):
         if self._delay_s > 0:
@@ -158,6 +167,12 @@ class CompiledBackend(Backend):
 
     def predict(self, input_ids, input_mask, segment_ids):
         return self._model.predict(input_ids, input_mask, segment_ids)
+
+    def model_info(self) -> dict[str, str]:
+        manifest = self._model.manifest
+        source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
+        return {"hash": str(source.get("sha256") or "unknown"), "dtype": str(manifest.get("dtype") or "unknown"),
+                "target": str(manifest.get("target") or "unknown")}
 
 
 def _model_dir(config: BackendConfig) -> Path:

@@ -39,10 +39,12 @@ from typing import Any
 import numpy as np
 import zmq
 
+from .. import __version__
 from ..common import protocol as P
 from ..common import security
 from ..common.cli import add_link_arguments, install_stop_handlers, report_error, setup_logging
 from ..common.errors import BertpoolError, ConfigError, ProtocolError
+from ..common.metrics_export import WorkerHistograms
 from ..common.tokenizer import BertTokenizer
 from .backends import (BACKENDS, Backend, BackendConfig, choose_backend, fallback_vocab_path, load_backend,
                        run_padded)
@@ -138,6 +140,10 @@ class Worker:
         self.name = config.name or f"worker-{os.getpid()}"
         self.incarnation = P.new_incarnation()  # this process, as the broker tells it from its restart
         self.stats = WorkerStats()
+        # Batch wait, compute and fill histograms, sent with the counters in STATS under this
+        # process's epoch (kept across re-registrations: the counts are per process).
+        self.histograms = WorkerHistograms()
+        self.stats_epoch = P.new_incarnation()
         self._ctx = context or zmq.Context.instance()
         self._stop = threading.Event()
         self._batcher: Batcher[_Pending] = Batcher(
@@ -201,7 +207,8 @@ class Worker:
         self._sock = self._open_socket()
         self._send(self._sock, P.ready_frames(
             self.name, self.config.slot or None, self.incarnation, os.getpid(),
-            self.config.effective_capacity, self.backend.name, self.config.batch_size))
+            self.config.effective_capacity, self.backend.name, self.config.batch_size,
+            model=self.backend.model_info(), version=__version__))
 
     def _reconnect(self, why: str) -> None:
         """Drop this registration (its tokens are void) and register afresh (Paranoid Pirate)."""
@@ -326,7 +333,7 @@ class Worker:
             raise ProtocolError(P.E_BAD_FIELD, "segment_ids: values must be 0 or 1")
 
     def _send_stats(self, sock: zmq.Socket) -> None:
-        self._send(sock, P.stats_frames(self.stats.as_dict()))
+        self._send(sock, P.stats_frames(self.stats.as_dict(), self.stats_epoch, self.histograms.as_wire()))
 
     # --------------------------------------------------------- compute side
 
@@ -405,6 +412,7 @@ class Worker:
         step = self.backend.batch_size or self.config.batch_size
         padded = -(-len(items) // step) * step - len(items)
         self.stats.add(batches=1, inferences=len(items), padded_rows=padded)
+        self.histograms.observe_batch([started - arrived for arrived, _ in batch], done - started)
         compute_ms = (done - started) * 1000
         oldest = batch[0][0]
         return [P.reply_frames(it.token, P.reply_body(it.request_id, probs[i], {
