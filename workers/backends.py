@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..common.errors import BackendUnavailable, ConfigError, ModelFormatError
+from ..common.vocab import bert_vocab
 from ..compile.runtime import is_compiled_model, read_manifest
 
 BACKENDS = ("echo", "tf", "neuron")
@@ -284,10 +285,8 @@ def fallback_vocab_path() -> Path:
     Written once per process into a temporary directory.
     """
     path = Path(tempfile.gettempdir()) / f"bertpool-echo-vocab-{os.getuid()}.txt"
-    tokens = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     chars = [chr(c) for c in range(33, 127) if not chr(c).isupper()]
-    tokens += chars + ["##" + c for c in chars]
-    text = "\n".join(tokens) + "\n"
+    text = "".join(t + "\n" for t in bert_vocab(chars + ["##" + c for c in chars]))
     if not path.is_file() or path.read_text() != text:
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(text)
