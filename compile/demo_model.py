@@ -29,9 +29,11 @@ import numpy as np
 
 from ..common.errors import ConfigError
 from .formats import write_checkpoint, write_hf
-from .reference import GELUS, build_reference_graph, load_weights
+from .gelu import GELUS, check_gelu
+from .reference import build_reference_graph, load_weights
 from .shape import PRESETS, BertShape
-from .vocab import generate_vocab, write_vocab
+from ..common.vocab import write_vocab
+from .vocab import generate_vocab
 
 SEQ_LENGTH = 128  # the run_classifier export's fixed max_seq_length
 INIT_STD = 0.02  # google-research initializer_range (embedding tables)
@@ -121,8 +123,7 @@ def build_demo_model(output_dir, size: str = "tiny", seed: int = 0, gelu: str = 
     from tqdm import tqdm
 
     shape = _resolve_size(size)
-    if gelu not in GELUS:
-        raise ConfigError(f"unknown GELU {gelu!r}; expected one of {', '.join(GELUS)}")
+    check_gelu(gelu)
     if fmt not in FORMATS:
         raise ConfigError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if fmt == "checkpoint" and gelu == "crude":

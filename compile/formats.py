@@ -11,6 +11,7 @@ import pathlib
 
 import numpy as np
 
+from ..common.errors import ConfigError
 from .shape import BertShape
 from .weights import hf_name
 
@@ -35,7 +36,7 @@ def write_checkpoint(directory, shape: BertShape, tensors: dict[str, np.ndarray]
     import tensorflow as tf
 
     if gelu not in GOOGLE_ACT:
-        raise ValueError(f"a google-research bert_config.json cannot express GELU {gelu!r}")
+        raise ConfigError(f"a google-research bert_config.json cannot express GELU {gelu!r}")
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = dict(_config(shape), hidden_act=GOOGLE_ACT[gelu])
