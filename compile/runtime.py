@@ -2,7 +2,8 @@
 
 A compiled model directory holds::
 
-    manifest.json     what it is (see MANIFEST_VERSION and .cli.write_manifest)
+    manifest.json     what it is: written by .build (``_manifest``), checked by :func:`read_manifest`
+                      (MANIFEST_VERSION, REQUIRED_KEYS)
     vocab.txt         the WordPiece vocabulary the model was trained with
     embeddings.npz    host part: word/token type/position embeddings + LayerNorm (fp32)
     accelerated/      the rebuilt encoder+pooler+classifier: a TF SavedModel (cpu, gpu)
