@@ -55,12 +55,11 @@ from ..common.data import Pair, read_mrpc_tsv
 from ..common.errors import BertpoolError, ConfigError
 from ..common.metrics import binary_report
 from ..common.tokenizer import BertTokenizer, Features
-from .formats import GOOGLE_ACT, write_checkpoint
 from .gelu import check_gelu, gelu
 from .reference import build_reference_graph, load_weights
 from .shape import EMBEDDINGS, POOLER, BertShape
 from .vocab import check_vocab
-from .weights import CLASSIFIER, BertWeights, load_pretrained
+from .weights import CLASSIFIER, GOOGLE_ACT, BertWeights, load_pretrained, write_checkpoint
 
 PROG = "bertpool-finetune"
 RECIPE_VERSION = 2  # bump when a change to this module changes what training produces

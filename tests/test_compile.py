@@ -114,7 +114,7 @@ def test_detect_format(models, tmp_path):
 
 def test_extraction_round_trip_through_every_format(models, tmp_path):
     """SavedModel -> numpy -> checkpoint -> numpy -> HF -> numpy: identical tensors."""
-    from bertpool.compile.formats import write_checkpoint, write_hf
+    from bertpool.compile.weights import write_checkpoint, write_hf
 
     import tensorflow as tf
 
