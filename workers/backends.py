@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..common.errors import BackendUnavailable, ConfigError, ModelFormatError
+from ..common.errors import ConfigError, ModelFormatError
 from ..common.vocab import bert_vocab
-from ..compile.runtime import is_compiled_model, read_manifest
+from ..compile.runtime import import_tensorflow, is_compiled_model, read_manifest
 
 BACKENDS = ("echo", "tf", "neuron")
 
@@ -85,10 +85,7 @@ class EchoBackend(Backend):
 
 def _configure_tf_threads(threads: int):
     """Import TensorFlow, limiting this process to ``threads`` intra-op threads."""
-    try:
-        import tensorflow as tf
-    except ImportError as exc:
-        raise BackendUnavailable("the tf backend needs TensorFlow: pip install 'bertpool[tf]'") from exc
+    tf = import_tensorflow("the tf backend")
     if threads > 0:
         try:
             tf.config.threading.set_intra_op_parallelism_threads(threads)
