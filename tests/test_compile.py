@@ -550,3 +550,37 @@ def test_bucket_is_the_shortest_that_holds_every_real_token(models, tmp_path, re
 def test_bad_sequence_buckets_are_refused(models, tmp_path, options, message):
     with pytest.raises(ConfigError, match=message):
         quiet_compile(models["savedmodel-erf"], tmp_path / "x", **options)
+
+
+def test_compile_options_are_frozen_and_validated_into_a_copy(tmp_path):
+    import dataclasses
+
+    from bertpool.compile.build import CompileOptions
+
+    options = CompileOptions(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    checked = options.validated()
+    assert checked is not options and options.input == str(tmp_path / "in")  # the caller's object is untouched
+    assert checked.input == tmp_path / "in" and isinstance(checked.output, pathlib.Path)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.target = "neuron"
+    for bad, message in (({"gelu": "relu"}, "unknown gelu"), ({"source_gelu": "x"}, "unknown source gelu"),
+                         ({"xla": "maybe"}, "unknown xla")):
+        with pytest.raises(ConfigError, match=message):
+            dataclasses.replace(options, **bad).validated()
+
+
+@pytest.mark.parametrize("build", ["reference", "rebuild", "finetune", "demo"])
+def test_an_unknown_gelu_is_the_same_config_error_everywhere(build):
+    import tensorflow as tf
+
+    from bertpool.compile import reference
+    from bertpool.compile.demo_model import build_demo_model
+    from bertpool.compile.finetune import TrainableBert
+    from bertpool.compile.rebuild import RebuildConfig
+
+    make = {"reference": lambda: reference.gelu(tf.constant([1.0]), "relu"),
+            "rebuild": lambda: RebuildConfig(gelu="relu"),
+            "finetune": lambda: TrainableBert(TINY, {}, "relu", 0.1),
+            "demo": lambda: build_demo_model("/nonexistent/never-written", gelu="relu")}[build]
+    with pytest.raises(ConfigError, match="unknown GELU 'relu'; expected one of erf, tanh, crude"):
+        make()
