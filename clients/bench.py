@@ -39,7 +39,7 @@ from tqdm import tqdm
 from ..common import security
 from ..common.cli import report_error
 from ..common.data import Pair, default_pairs, read_mrpc_tsv
-from ..common.errors import BertpoolError, ConfigError, RemoteError, RequestError, RequestTimeout
+from ..common.errors import BenchError, BertpoolError, ConfigError, RemoteError, RequestError, RequestTimeout
 from ..common.metrics import binary_report
 from .client import Client
 
@@ -175,14 +175,14 @@ def probe_broker(address: str, timeout_s: float,
 
     Raises RequestTimeout saying "no broker answered at ADDRESS" when nothing
     answers within ``timeout_s`` (or the client reports any other non-remote
-    RequestError, e.g. a BrokerUnavailable), and RequestError when the peer
+    RequestError, e.g. a BrokerUnavailable), and BenchError when the peer
     answers STATS with an ERROR (not a bertpool broker of this version).
     """
     try:
         with Client(address, curve=curve) as client:
             return client.stats(timeout_s=timeout_s)
     except RemoteError as exc:
-        raise RequestError(f"the server at {address} refused a STATS request ({exc}): "
+        raise BenchError(f"the server at {address} refused a STATS request ({exc}): "
                            f"is it a bertpool broker of this version?") from exc
     except RequestError as exc:
         raise RequestTimeout(no_broker_message(address, timeout_s, exc)) from exc
@@ -275,7 +275,7 @@ def run_bench(config: BenchConfig, pairs: list[Pair], progress: bool = False,
         barrier.wait(config.start_timeout_s)
     except Exception as exc:
         _stop(procs)
-        raise RequestError(f"clients did not all start within {config.start_timeout_s} s") from exc
+        raise BenchError(f"clients did not all start within {config.start_timeout_s} s") from exc
     bar = None
     if progress:
         total = None if config.duration_s is not None else config.clients * config.cycle
@@ -286,7 +286,7 @@ def run_bench(config: BenchConfig, pairs: list[Pair], progress: bool = False,
         while len(collected) + len(failures) < config.clients:
             left = limit - time.monotonic()
             if left <= 0:
-                raise RequestError(f"bench clients did not finish within {config.max_measured_s:g} s")
+                raise BenchError(f"bench clients did not finish within {config.max_measured_s:g} s")
             try:
                 status, index, value = results.get(timeout=min(left, 0.25) if bar else left)
             except queue.Empty:
@@ -300,7 +300,7 @@ def run_bench(config: BenchConfig, pairs: list[Pair], progress: bool = False,
             bar.close()
         _stop(procs)
     if failures:
-        raise RequestError(f"{len(failures)} bench clients failed, first: {failures[0]}")
+        raise BenchError(f"{len(failures)} bench clients failed, first: {failures[0]}")
     report = summarize(config, collected)
     after = try_stats(config.address, config.connect_timeout_s, config.curve)
     report["pool"] = pool_info(after or before)
@@ -482,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             report = run_bench(config, pairs, progress=progress)
     except BertpoolError as exc:
-        if args.json and config is not None and isinstance(exc, RequestError):
+        if args.json and config is not None and isinstance(exc, (RequestError, BenchError)):
             write_json(args.json, failure_report(config, exc))
         return report_error("bertpool-bench", exc)
     report["pairs_source"] = source

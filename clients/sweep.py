@@ -18,7 +18,7 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from ..common.data import Pair
-from ..common.errors import ConfigError, RequestError
+from ..common.errors import BenchError, ConfigError, RequestError
 from .bench import BenchConfig, format_errors, format_footer, ms, run_bench
 
 MAX_STEPS = 64  # a sweep is a handful of concurrencies, not a loop
@@ -58,7 +58,7 @@ def run_sweep(config: BenchConfig, clients: list[int], pairs: list[Pair], progre
         try:
             steps.append(run_bench(step_config, pairs, progress=progress,
                                    desc=f"{count} client{'' if count == 1 else 's'} ({n + 1}/{len(clients)})"))
-        except RequestError as exc:
+        except (RequestError, BenchError) as exc:
             if not steps:
                 raise
             stopped = {"clients": count, "error": {"type": type(exc).__name__, "message": str(exc)}}

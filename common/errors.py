@@ -6,14 +6,16 @@ only guards internal invariants.
 
     BertpoolError
     ├── ConfigError            bad CLI flag, config value or file path (also a ValueError)
-    ├── ProtocolError          a message that breaks the wire protocol
-    ├── InputError             a well-formed request whose content is invalid
+    ├── ProtocolError          a message that breaks the wire protocol (has ``.code``)
+    │   └── InputError         a well-formed request whose content is invalid (same ``.code`` path:
+    │                          the worker answers it with an ERROR reply, like any protocol error)
     ├── ModelError             a model directory that cannot be read or served
     │   ├── ModelFormatError   missing tensor, wrong shape, bad vocabulary, unknown format
     │   ├── EquivalenceError   rebuilt model differs from the original beyond tolerance
     │   ├── PlacementError     the Neuron compiler left the encoder (or too much) on the CPU
     │   └── BinaryMismatchError  a loaded compiled binary disagrees with its reference pairs
     ├── BackendUnavailable     the requested backend's runtime is not installed
+    ├── BenchError             a benchmark's own machinery failed (clients did not start or finish)
     └── RequestError           a client request did not produce a prediction
         ├── RequestTimeout     no reply within the deadline (also a TimeoutError)
         │   └── DeadlineExceeded  the request's deadline passed, at the client or the server
@@ -22,6 +24,8 @@ only guards internal invariants.
         ├── RemoteError        the server answered ERROR (has ``.code``)
         │   └── MalformedReply the server's reply to the request could not be decoded
         └── ClientClosed       the client was closed while the request was pending
+
+tests/test_errors.py parses this drawing and checks it against the classes, both ways.
 """
 
 from __future__ import annotations
@@ -74,6 +78,12 @@ class BinaryMismatchError(ModelError):
 
 class BackendUnavailable(BertpoolError):
     """The requested backend's runtime (e.g. tensorflow-neuron) cannot be imported."""
+
+
+class BenchError(BertpoolError):
+    """A benchmark could not run or finish for reasons of its own machinery (its client
+    processes did not start, did not finish in time, or crashed; the peer is not a bertpool
+    broker), as opposed to a request's RequestError, which the bench counts."""
 
 
 class RequestError(BertpoolError):

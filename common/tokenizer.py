@@ -44,10 +44,10 @@ import numpy as np
 from tokenizers import Encoding, Tokenizer, models, normalizers, pre_tokenizers
 
 from .errors import ConfigError
+from .vocab import REQUIRED_TOKENS, read_vocab
 
 DEFAULT_MAX_SEQ_LENGTH = 128
 MAX_CHARS_PER_WORD = 200  # google's max_input_chars_per_word (HF's default is 100)
-REQUIRED_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")
 
 # Characters for which HF's BertNormalizer + BertPreTokenizer were checked to
 # behave exactly like google's BasicTokenizer, one character at a time (see
@@ -98,9 +98,9 @@ class Features:
 class BertTokenizer:
     """google-research/bert sentence-pair features from a WordPiece vocabulary file.
 
-    ``vocab_path``: one token per line, id = 0-based line number, each line
-    stripped of surrounding whitespace (a later duplicate wins, as in google's
-    ``load_vocab``); it must contain ``[PAD]``, ``[UNK]``, ``[CLS]`` and ``[SEP]``.
+    ``vocab_path``: one token per line, id = 0-based line number, read by
+    :func:`bertpool.common.vocab.read_vocab` (google's ``load_vocab`` rules; a
+    later duplicate wins); it must contain ``[PAD]``, ``[UNK]``, ``[CLS]`` and ``[SEP]``.
     ``do_lower_case``: ``None`` decides from the vocabulary: lower-case unless
     some entry other than a bracketed marker like ``[CLS]`` or ``[unused0]``
     has an ASCII capital. ``max_seq_length``: length S of every feature row,
@@ -322,22 +322,13 @@ def _encode_batch(
 
 
 def _load_vocab(path: str | os.PathLike) -> tuple[dict[str, int], int]:
-    """(token -> id, number of lines) of a vocabulary file, or ConfigError."""
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read vocabulary file {os.fspath(path)!r}: {exc}") from exc
-    lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()  # text after the final newline is not a line
-    if not lines:
-        raise ConfigError(f"vocabulary file {os.fspath(path)!r} is empty")
-    vocab = {line.strip(): index for index, line in enumerate(lines)}
+    """(token -> id, number of lines) of a vocabulary file (:func:`.vocab.read_vocab`), or ConfigError."""
+    tokens = read_vocab(path, error=ConfigError)
+    vocab = {token: index for index, token in enumerate(tokens)}  # a later duplicate wins, as in google's
     missing = [token for token in REQUIRED_TOKENS if token not in vocab]
     if missing:
         raise ConfigError(f"vocabulary file {os.fspath(path)!r} lacks required token(s) {', '.join(missing)}")
-    return vocab, len(lines)
+    return vocab, len(tokens)
 
 
 def _looks_uncased(vocab: dict[str, int]) -> bool:

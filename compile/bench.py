@@ -28,6 +28,8 @@ import time
 
 import numpy as np
 
+from .gelu import GELUS
+from .rebuild import DTYPES
 from .shape import PRESETS
 
 
@@ -50,23 +52,6 @@ def _features(vocab: pathlib.Path, n: int, seed: int = 0):
     return BertTokenizer(vocab).encode_pairs(pairs)
 
 
-class _TF2Original:
-    """The SavedModel through TF2 signatures, as the tf worker backend serves it."""
-
-    def __init__(self, path: pathlib.Path) -> None:
-        import tensorflow as tf
-
-        self._tf = tf
-        self._loaded = tf.saved_model.load(str(path))
-        self._fn = self._loaded.signatures["serving_default"]
-
-    def predict(self, ids, mask, segments):
-        tf, n = self._tf, len(ids)
-        out = self._fn(input_ids=tf.constant(ids), input_mask=tf.constant(mask), segment_ids=tf.constant(segments),
-                       label_ids=tf.zeros([n], tf.int32), is_real_example=tf.ones([n], tf.int32))
-        return out["probabilities"].numpy()
-
-
 def _rate(model, batches, seconds: float) -> float:
     """pairs/s over as many batch-4 calls as fit in ``seconds`` (at least 3)."""
     calls, started = 0, time.perf_counter()
@@ -79,6 +64,9 @@ def _rate(model, batches, seconds: float) -> float:
 
 def throughput(size: str, work: pathlib.Path, rounds: int, seconds: float, batch_size: int = 4,
                xla: str = "auto", dtype: str | None = None) -> dict:
+    import tensorflow as tf
+
+    from ..workers.backends import SavedModelBackend  # a bench sits above the roles it measures
     from .build import CompileOptions, compile_model
     from .equivalence import SavedModelOriginal
     from .runtime import load_compiled
@@ -95,7 +83,7 @@ def throughput(size: str, work: pathlib.Path, rounds: int, seconds: float, batch
                for i in range(0, 8 * batch_size, batch_size)]
     models = {
         "original_session": SavedModelOriginal(src, load_weights(src)),
-        "original_tf2": _TF2Original(src),
+        "original_tf2": SavedModelBackend(src, tf),  # what the tf worker backend serves, itself
         "compiled": load_compiled(out),
     }
     for model in models.values():  # warm-up: graph optimisation, XLA, caches
@@ -128,8 +116,8 @@ def tolerance(size: str, work: pathlib.Path, pairs: int, gelus: list[str]) -> li
     import tensorflow as tf
 
     from .equivalence import SavedModelOriginal
-    from .host import HostEmbeddings, mask_bias, softmax
-    from .rebuild import DTYPES, RebuildConfig, build_module
+    from .host import HostEmbeddings, embedding_arrays, mask_bias, softmax
+    from .rebuild import RebuildConfig, build_module
     from .weights import load_weights
 
     rows = []
@@ -142,13 +130,8 @@ def tolerance(size: str, work: pathlib.Path, pairs: int, gelus: list[str]) -> li
                                                     f.segment_ids[i:i + 16]) for i in range(0, pairs, 16)])
         original.close()
         t = weights.tensors
-        embeddings = HostEmbeddings({"word_embeddings": t["bert/embeddings/word_embeddings"],
-                                     "token_type_embeddings": t["bert/embeddings/token_type_embeddings"],
-                                     "position_embeddings": t["bert/embeddings/position_embeddings"],
-                                     "gamma": t["bert/embeddings/LayerNorm/gamma"],
-                                     "beta": t["bert/embeddings/LayerNorm/beta"]}, 128, weights.shape.layer_norm_eps)
-        combos = [(d, source_gelu) for d in DTYPES] + [("float32", g) for g in ("erf", "tanh", "crude")
-                                                       if g != source_gelu]
+        embeddings = HostEmbeddings(embedding_arrays(t), 128, weights.shape.layer_norm_eps)
+        combos = [(d, source_gelu) for d in DTYPES] + [("float32", g) for g in GELUS if g != source_gelu]
         for dtype, gelu in combos:
             module = build_module(weights.shape, t, RebuildConfig(dtype=dtype, gelu=gelu, batch_size=4))
             fn = module.__call__.get_concrete_function()
@@ -177,10 +160,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="throughput: interleaved rounds (default: 5)")
     parser.add_argument("--seconds", type=float, default=3.0, help="throughput: seconds per model per round")
     parser.add_argument("--xla", choices=("auto", "on", "off"), default="auto", help="throughput: bertpool-compile --xla")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
+    parser.add_argument("--dtype", choices=DTYPES,
                         help="throughput: bertpool-compile --dtype (default float32)")
     parser.add_argument("--pairs", type=int, default=64, help="tolerance: pairs per combination (default: 64)")
-    parser.add_argument("--gelus", nargs="+", default=["erf", "tanh", "crude"],
+    parser.add_argument("--gelus", nargs="+", choices=GELUS, default=list(GELUS),
                         help="tolerance: source GELUs to build demo models with")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -22,7 +23,8 @@ from ..common.errors import BertpoolError, ConfigError, EquivalenceError, ModelF
 from . import neuron
 from .equivalence import TOLERANCES, compare, describe_original, load_pairs, open_original, tolerance_for
 from .host import HostEmbeddings, save_embeddings
-from .rebuild import DTYPES, GELUS, OUTPUT_KEY, RebuildConfig, build_module
+from .gelu import check_gelu
+from .rebuild import DTYPES, OUTPUT_KEY, RebuildConfig, build_module
 from .runtime import (ACCELERATED_DIR, BUCKET_SIGNATURE, EMBEDDINGS_FILE, MANIFEST, MANIFEST_VERSION, TARGETS,
                       VOCAB_FILE, CompiledModel, load_compiled)
 from .selfcheck import REFERENCE_PAIRS, write_reference
@@ -33,9 +35,12 @@ DEFAULT_DTYPE = {"neuron": "float16", "cpu": "float32", "gpu": "float32"}
 DEFAULT_BUCKET_STEP = 32  # cpu/gpu: also compile every multiple of this below seq_length
 
 
-@dataclass
+@dataclass(frozen=True)
 class CompileOptions:
-    """Everything bertpool-compile is asked to do (see cli.py for the flags)."""
+    """Everything bertpool-compile is asked to do (see cli.py for the flags).
+
+    Frozen: :meth:`validated` checks it and returns a copy with paths as ``pathlib.Path``.
+    """
 
     input: pathlib.Path  # SavedModel, checkpoint dir/prefix, or HF dir
     output: pathlib.Path  # directory to write
@@ -60,6 +65,10 @@ class CompileOptions:
     source_gelu: str | None = None  # override the source's detected GELU
     progress: bool = True  # show progress bars
     log: object = field(default=print, repr=False)  # where status lines go
+
+    def validated(self) -> CompileOptions:
+        """This request, checked (ConfigError naming the flag), with ``input``/``output`` as Paths."""
+        return _validate(self)
 
 
 @dataclass
@@ -106,7 +115,7 @@ def compile_model(options: CompileOptions) -> dict:
     output is written, marked ``equivalence.passed: false``, and will not load).
     """
     log = options.log
-    o = _validate(options)
+    o = options.validated()
     dtype = o.dtype or DEFAULT_DTYPE[o.target]
     nb = _neuron_build(o, dtype) if o.target == "neuron" else None
     started = time.perf_counter()
@@ -163,15 +172,16 @@ def _neuron_build(o: CompileOptions, dtype: str) -> NeuronBuild:
 
 
 def _validate(o: CompileOptions) -> CompileOptions:
-    o.input, o.output = pathlib.Path(o.input), pathlib.Path(o.output)
+    o = dataclasses.replace(o, input=pathlib.Path(o.input), output=pathlib.Path(o.output))
     if o.target not in TARGETS:
         raise ConfigError(f"unknown target {o.target!r}; expected one of {', '.join(TARGETS)}")
     if o.dtype is not None and o.dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {o.dtype!r}; expected one of {', '.join(DTYPES)}")
-    for name, value, choices in (("gelu", o.gelu, GELUS), ("source gelu", o.source_gelu, GELUS),
-                                 ("xla", o.xla, ("auto", "on", "off"))):
-        if value is not None and value not in choices:
-            raise ConfigError(f"unknown {name} {value!r}; expected one of {', '.join(choices)}")
+    for name, value in (("gelu", o.gelu), ("source gelu", o.source_gelu)):
+        if value is not None:
+            check_gelu(value, name)
+    if o.xla is not None and o.xla not in ("auto", "on", "off"):
+        raise ConfigError(f"unknown xla {o.xla!r}; expected one of auto, on, off")
     if o.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {o.batch_size}")
     if o.seq_length < 3:

@@ -14,13 +14,17 @@ import os
 import pathlib
 import sys
 
-from ..common.errors import BackendUnavailable, BertpoolError, ConfigError, EquivalenceError, ModelError
+from ..common.cli import report_error
+from ..common.errors import BertpoolError, EquivalenceError
 from .build import CompileOptions, compile_model, default_target
 from .neuron import DEFAULT_MIN_ON_NEURON, NEURON_TARGETS
-from .rebuild import DTYPES, GELUS
+from .gelu import GELUS
+from .rebuild import DTYPES
 from .runtime import TARGETS
 
 PROG = "bertpool-compile"
+EXIT_PROOF_FAILED = 1  # the equivalence proof failed (output kept, marked failed)
+EXIT_BAD_INPUT = 2  # any other typed error: bad flag, unreadable model, unavailable backend
 
 
 def _buckets(text: str) -> tuple[int, ...]:
@@ -133,15 +137,8 @@ def main(argv=None) -> int:
             heads=args.heads, source_gelu=args.source_gelu, progress=not args.quiet, log=log,
         )
         manifest = compile_model(options)
-    except EquivalenceError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
-    except (ConfigError, ModelError, BackendUnavailable) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except BertpoolError as exc:  # any other typed error is still the user's input
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+    except BertpoolError as exc:  # every typed error is the user's input; a failed proof keeps its output
+        return report_error(PROG, exc, EXIT_PROOF_FAILED if isinstance(exc, EquivalenceError) else EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

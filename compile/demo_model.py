@@ -28,10 +28,12 @@ import sys
 import numpy as np
 
 from ..common.errors import ConfigError
-from .formats import write_checkpoint, write_hf
-from .reference import GELUS, build_reference_graph, load_weights
+from ..common.vocab import write_vocab
+from .gelu import GELUS, check_gelu
+from .reference import build_reference_graph, load_weights
 from .shape import PRESETS, BertShape
-from .vocab import generate_vocab, write_vocab
+from .vocab import generate_vocab
+from .weights import FORMATS, write_checkpoint, write_hf
 
 SEQ_LENGTH = 128  # the run_classifier export's fixed max_seq_length
 INIT_STD = 0.02  # google-research initializer_range (embedding tables)
@@ -39,7 +41,6 @@ KERNEL_GAIN = 1.0  # dense kernels: std = KERNEL_GAIN / sqrt(fan_in)
 ATTENTION_GAIN = 1.5  # query/key a bit larger: peakier attention, so tokens matter
 LOGIT_SPREAD = 2.0  # std of the calibrated logit difference across inputs
 CALIBRATION_SEQUENCES = 64  # random sequences used to calibrate the classifier
-FORMATS = ("savedmodel", "checkpoint", "hf")  # what build_demo_model can write
 
 
 def random_weights(shape: BertShape, seed: int = 0) -> dict[str, np.ndarray]:
@@ -121,8 +122,7 @@ def build_demo_model(output_dir, size: str = "tiny", seed: int = 0, gelu: str = 
     from tqdm import tqdm
 
     shape = _resolve_size(size)
-    if gelu not in GELUS:
-        raise ConfigError(f"unknown GELU {gelu!r}; expected one of {', '.join(GELUS)}")
+    check_gelu(gelu)
     if fmt not in FORMATS:
         raise ConfigError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if fmt == "checkpoint" and gelu == "crude":

@@ -55,11 +55,11 @@ from ..common.data import Pair, read_mrpc_tsv
 from ..common.errors import BertpoolError, ConfigError
 from ..common.metrics import binary_report
 from ..common.tokenizer import BertTokenizer, Features
-from .formats import GOOGLE_ACT, write_checkpoint
-from .reference import GELUS, build_reference_graph, load_weights
+from .gelu import check_gelu, gelu
+from .reference import build_reference_graph, load_weights
 from .shape import EMBEDDINGS, POOLER, BertShape
 from .vocab import check_vocab
-from .weights import CLASSIFIER, BertWeights, load_pretrained
+from .weights import CLASSIFIER, GOOGLE_ACT, BertWeights, load_pretrained, write_checkpoint
 
 PROG = "bertpool-finetune"
 RECIPE_VERSION = 2  # bump when a change to this module changes what training produces
@@ -208,16 +208,6 @@ def trimmed(features: Features, rows: np.ndarray, lengths: np.ndarray) -> tuple[
 
 # ---------------------------------------------------------------------- model
 
-def _gelu(x, kind: str):
-    import tensorflow as tf
-
-    if kind == "erf":
-        return 0.5 * x * (1.0 + tf.math.erf(x / math.sqrt(2.0)))
-    if kind == "tanh":
-        return 0.5 * x * (1.0 + tf.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
-    return x * tf.sigmoid(1.702 * x)  # crude
-
-
 class TrainableBert:
     """BERT + classifier head as TF2 variables under google-research names, with dropout.
 
@@ -228,8 +218,7 @@ class TrainableBert:
     def __init__(self, shape: BertShape, tensors: dict[str, np.ndarray], gelu: str, dropout: float) -> None:
         import tensorflow as tf
 
-        if gelu not in GELUS:
-            raise ConfigError(f"unknown GELU {gelu!r}; expected one of {', '.join(GELUS)}")
+        check_gelu(gelu)
         self.shape, self.gelu, self.dropout = shape, gelu, dropout
         self.variables = {}
         for name, dims in shape.expected_shapes().items():
@@ -284,7 +273,7 @@ class TrainableBert:
         context = tf.reshape(tf.transpose(tf.matmul(probs, val), [0, 2, 1, 3]), [B * S, H])  # [B*S,H]
         attended = self._drop(self._dense(context, f"{scope}/attention/output/dense"), training)
         x = self._layer_norm(attended + x, f"{scope}/attention/output/LayerNorm")
-        inner = _gelu(self._dense(x, f"{scope}/intermediate/dense"), self.gelu)  # [B*S,I]
+        inner = gelu(self._dense(x, f"{scope}/intermediate/dense"), self.gelu)  # [B*S,I]
         out = self._drop(self._dense(inner, f"{scope}/output/dense"), training)
         return self._layer_norm(out + x, f"{scope}/output/LayerNorm")
 

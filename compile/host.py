@@ -17,22 +17,25 @@ import pathlib
 import numpy as np
 
 from ..common.errors import ModelFormatError
+from .shape import EMBEDDINGS
 
 EMBEDDING_KEYS = ("word_embeddings", "token_type_embeddings", "position_embeddings", "gamma", "beta")
 MASK_NEG = -10000.0  # additive bias of padded positions, as google-research BERT
 
 
+# EMBEDDING_KEYS -> the google-research tensor (under bert/embeddings/) each is read from
+_SOURCE_NAMES = {"word_embeddings": "word_embeddings", "token_type_embeddings": "token_type_embeddings",
+                 "position_embeddings": "position_embeddings", "gamma": "LayerNorm/gamma", "beta": "LayerNorm/beta"}
+
+
+def embedding_arrays(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The host part of a model's tensors (google-research names), keyed by EMBEDDING_KEYS, fp32."""
+    return {key: np.asarray(tensors[f"{EMBEDDINGS}/{_SOURCE_NAMES[key]}"], np.float32) for key in EMBEDDING_KEYS}
+
+
 def save_embeddings(path: pathlib.Path, tensors: dict[str, np.ndarray]) -> None:
     """Write the embedding tensors (google-research names) to an uncompressed .npz."""
-    prefix = "bert/embeddings/"
-    arrays = {
-        "word_embeddings": tensors[prefix + "word_embeddings"],
-        "token_type_embeddings": tensors[prefix + "token_type_embeddings"],
-        "position_embeddings": tensors[prefix + "position_embeddings"],
-        "gamma": tensors[prefix + "LayerNorm/gamma"],
-        "beta": tensors[prefix + "LayerNorm/beta"],
-    }
-    np.savez(path, **{k: np.asarray(v, np.float32) for k, v in arrays.items()})
+    np.savez(path, **embedding_arrays(tensors))
 
 
 class HostEmbeddings:

@@ -27,6 +27,12 @@ tensorflow-neuron source):
 Both packages read their compiler flags only from the ``NEURON_CC_FLAGS``
 environment variable, at trace() time: :func:`scoped_env` sets it for that call
 and restores the caller's value afterwards.
+
+The one home of Neuron detection, for building and serving alike: ``bertpool-compile``
+(:mod:`.build`) and the serving path (:mod:`.runtime`, loaded by the ``neuron`` worker
+backend) both call :func:`import_package`, which writes the "needs tensorflow-neuron(x)"
+message. This module imports only the standard library, so serving pays nothing for
+the build-time parts (flags, tracing, placement).
 """
 
 from __future__ import annotations

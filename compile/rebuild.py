@@ -14,8 +14,8 @@ What differs from open-source BERT (:mod:`.reference`), and why:
     * matmuls run in ``dtype`` (float16 on Neuron); the residual stream, bias adds,
       attention softmax, GELU and LayerNorm stay in fp32, where fp16 would lose
       precision (variance, exp) for no speed;
-    * GELU is selectable: exact erf, tanh approximation, or the demo's crude
-      x*sigmoid(1.702x);
+    * GELU is selectable (:mod:`.gelu`, the formulas fine-tuning used): exact erf,
+      tanh approximation, or the demo's crude x*sigmoid(1.702x);
     * the last block computes queries, attention output and feed-forward for the
       [CLS] row only: the pooler reads nothing else, so the other S-1 rows of the
       last block are dead work (1/L of the encoder's FLOPs);
@@ -33,10 +33,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..common.errors import ConfigError
+from .gelu import check_gelu
 from .shape import BertShape
 
 DTYPES = ("float32", "float16", "bfloat16")
-GELUS = ("erf", "tanh", "crude")
 OUTPUT_KEY = "logits"  # the accelerated signature's only output
 
 
@@ -53,8 +53,7 @@ class RebuildConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
-        if self.gelu not in GELUS:
-            raise ConfigError(f"unknown GELU {self.gelu!r}; expected one of {', '.join(GELUS)}")
+        check_gelu(self.gelu)
         if self.batch_size < 1 or self.seq_length < 3:
             raise ConfigError(f"batch size must be >= 1 and sequence length >= 3, "
                               f"got {self.batch_size} and {self.seq_length}")
@@ -96,107 +95,10 @@ def fold_weights(shape: BertShape, tensors: dict[str, np.ndarray]) -> dict[str, 
 
 
 def build_module(shape: BertShape, tensors: dict[str, np.ndarray], config: RebuildConfig):
-    """A tf.Module whose ``__call__(embeddings [B,S,H] f32, mask_bias [B,1,1,S] f32)``
-    returns ``{"logits": [B,C] f32}``; a tf.function with a fixed input signature over
-    ``forward``, the same graph as plain Python."""
-    import tensorflow as tf
+    """A :class:`.lean_bert.LeanBert` (a tf.Module) whose ``__call__(embeddings [B,S,H] f32,
+    mask_bias [B,1,1,S] f32)`` returns ``{"logits": [B,C] f32}``; a tf.function with a fixed
+    input signature over ``forward``, the same graph as plain Python. TensorFlow is imported
+    here, not when this module is."""
+    from .lean_bert import LeanBert
 
-    folded = fold_weights(shape, tensors)
-    dt = tf.as_dtype(config.dtype)
-    B, S, H, N, D = config.batch_size, config.seq_length, shape.hidden, shape.heads, shape.head_size
-    eps = float(shape.layer_norm_eps)
-
-    class LeanBert(tf.Module):
-        def __init__(self) -> None:
-            super().__init__(name="lean_bert")
-            # kernels live in the matmul dtype; biases and LayerNorm parameters in fp32
-            self.w = {name: tf.Variable(tf.cast(value, dt) if name.endswith("/kernel") else value,
-                                        trainable=False, name=name.replace("/", "_"))
-                      for name, value in folded.items()}
-
-        def dense(self, x, name):
-            """x [M,K] fp32 -> x @ kernel + bias, matmul in dt, result fp32 [M,O]."""
-            y = tf.matmul(tf.cast(x, dt), self.w[f"{name}/kernel"])
-            return tf.cast(y, tf.float32) + self.w[f"{name}/bias"]
-
-        def layer_norm(self, x, name):
-            """LayerNorm over the last axis, fp32."""
-            mean = tf.reduce_mean(x, axis=-1, keepdims=True)
-            centred = x - mean
-            variance = tf.reduce_mean(tf.square(centred), axis=-1, keepdims=True)
-            return centred * tf.math.rsqrt(variance + eps) * self.w[f"{name}/gamma"] + self.w[f"{name}/beta"]
-
-        def attention(self, q, key, v, bias, rows):
-            """Scaled dot-product attention; q [B,N,R,D] (already scaled), key/v [B,N,S,D]
-            -> context [B*R,H] fp32, R = rows (S, or 1 for [CLS] only)."""
-            scores = tf.cast(tf.matmul(q, key, transpose_b=True), tf.float32) + bias  # [B,N,R,S]
-            probs = tf.nn.softmax(scores, axis=-1)  # fp32: exp of fp16 scores loses digits
-            context = tf.matmul(tf.cast(probs, dt), v)  # [B,N,R,D]
-            return tf.cast(tf.reshape(tf.transpose(context, [0, 2, 1, 3]), [B * rows, H]), tf.float32)  # [B*R,H]
-
-        def block(self, x, bias, k):
-            """One transformer block on the fp32 residual stream x [B*S,H] -> [B*S,H]."""
-            qkv = tf.cast(self.dense(x, f"layer_{k}/qkv"), dt)  # [B*S,3H]
-            S = bias.shape[-1]  # static in every traced function: the full S or a bucket
-            qkv = tf.reshape(qkv, [B, S, 3, N, D])  # [B,S,3,N,D]
-            qkv = tf.transpose(qkv, [2, 0, 3, 1, 4])  # [3,B,N,S,D]
-            context = self.attention(qkv[0], qkv[1], qkv[2], bias, S)  # [B*S,H]
-            return self.feed_forward(context, x, k)
-
-        def last_block(self, x, bias, k):
-            """The last block for the [CLS] rows only: x [B*S,H] -> [B,H]."""
-            S = bias.shape[-1]
-            kv = tf.cast(self.dense(x, f"layer_{k}/kv"), dt)  # [B*S,2H]
-            kv = tf.transpose(tf.reshape(kv, [B, S, 2, N, D]), [2, 0, 3, 1, 4])  # [2,B,N,S,D]
-            first = tf.reshape(x, [B, S, H])[:, 0, :]  # [B,H], the [CLS] rows
-            q = tf.cast(self.dense(first, f"layer_{k}/q"), dt)  # [B,H]
-            q = tf.transpose(tf.reshape(q, [B, 1, N, D]), [0, 2, 1, 3])  # [B,N,1,D]
-            context = self.attention(q, kv[0], kv[1], bias, 1)  # [B,H]
-            return self.feed_forward(context, first, k)
-
-        def feed_forward(self, context, x, k):
-            """Attention output + LayerNorm, then GELU feed-forward + LayerNorm; rows of x [M,H]."""
-            x = self.layer_norm(self.dense(context, f"layer_{k}/attention_output") + x, f"layer_{k}/attention_ln")
-            inner = gelu(self.dense(x, f"layer_{k}/intermediate"), config.gelu)  # [M,I]
-            return self.layer_norm(self.dense(inner, f"layer_{k}/output") + x, f"layer_{k}/output_ln")
-
-        @tf.function(
-            input_signature=[tf.TensorSpec([B, S, H], tf.float32, name="embeddings"),
-                             tf.TensorSpec([B, 1, 1, S], tf.float32, name="mask_bias")],
-            jit_compile=config.jit_compile,
-        )
-        def __call__(self, embeddings, mask_bias):
-            return self.forward(embeddings, mask_bias)
-
-        @tf.function(jit_compile=config.jit_compile)
-        def call_at(self, embeddings, mask_bias):
-            """``__call__`` for a shorter sequence S' (embeddings [B,S',H], mask_bias [B,1,1,S']):
-            one trace per S'. Exact: past its last real token a row's positions only ever get
-            exp(-10000) = 0 attention, so cutting them off changes nothing but the work."""
-            return self.forward(embeddings, mask_bias)
-
-        def forward(self, embeddings, mask_bias):
-            """The graph itself, as plain Python: a tracer that wraps it (tensorflow-neuron) gets one flat
-            graph, not a call into __call__'s function (whose ops its on_neuron_ratio would not count)."""
-            S = mask_bias.shape[-1]  # static: the compiled S, or a bucket's
-            x = tf.reshape(embeddings, [B * S, H])  # [B*S,H]
-            for k in range(shape.layers - 1):
-                x = self.block(x, mask_bias, k)
-            first = self.last_block(x, mask_bias, shape.layers - 1)  # [B,H], the [CLS] rows
-            pooled = tf.tanh(self.dense(first, "pooler"))  # [B,H]
-            return {OUTPUT_KEY: self.dense(pooled, "classifier")}  # [B,C] logits, fp32
-
-    return LeanBert()
-
-
-def gelu(x, kind: str):
-    """GELU on fp32 x; see RebuildConfig.gelu."""
-    import tensorflow as tf
-
-    if kind == "erf":
-        return 0.5 * x * (1.0 + tf.math.erf(x * (1.0 / math.sqrt(2.0))))
-    if kind == "tanh":
-        return 0.5 * x * (1.0 + tf.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
-    if kind == "crude":
-        return x * tf.sigmoid(1.702 * x)
-    raise ConfigError(f"unknown GELU {kind!r}")
+    return LeanBert(shape, fold_weights(shape, tensors), config)

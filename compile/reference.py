@@ -17,13 +17,13 @@ I intermediate, C labels.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from .gelu import check_gelu
 from .shape import BertShape
-
-GELUS = ("erf", "tanh", "crude")
 
 
 @dataclass
@@ -42,16 +42,19 @@ class ReferenceGraph:
 
 
 def gelu(x, kind: str):
-    """GELU as open-source BERT variants define it (tf ops, graph mode)."""
+    """GELU as open-source BERT variants define it (tf ops, graph mode).
+
+    Written out here rather than taken from :func:`.gelu.gelu` on purpose: this is the
+    independent model the rebuilt graph is proved against. Unknown kinds: ConfigError.
+    """
     import tensorflow as tf
 
+    check_gelu(kind)
     if kind == "erf":  # the exact definition (HF "gelu", early google-research)
         return x * 0.5 * (1.0 + tf.math.erf(x / math.sqrt(2.0)))
     if kind == "tanh":  # google-research modeling.py / HF "gelu_new"
         return x * 0.5 * (1.0 + tf.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * tf.pow(x, 3))))
-    if kind == "crude":  # the Neuron demo's --crude_gelu
-        return x * tf.sigmoid(1.702 * x)
-    raise ValueError(f"unknown GELU {kind!r}; expected one of {GELUS}")
+    return x * tf.sigmoid(1.702 * x)  # crude: the Neuron demo's --crude_gelu
 
 
 def build_reference_graph(shape: BertShape, seq_length: int = 128, gelu_kind: str = "erf") -> ReferenceGraph:
@@ -108,7 +111,7 @@ def build_reference_graph(shape: BertShape, seq_length: int = 128, gelu_kind: st
         with v1.variable_scope("encoder"):
             for k in range(shape.layers):
                 with v1.variable_scope(f"layer_{k}"):
-                    x = _block(x, adder, batch, seq_length, shape, dense, layer_norm, gelu_kind)
+                    x = _block(x, adder, _Ops(batch, seq_length, shape, dense, layer_norm, gelu_kind))
         x = tf.reshape(x, [batch, seq_length, H])
         with v1.variable_scope("pooler"):
             first = tf.squeeze(x[:, 0:1, :], axis=1)  # [B,H]
@@ -122,15 +125,28 @@ def build_reference_graph(shape: BertShape, seq_length: int = 128, gelu_kind: st
                           pooled, logits, probabilities, variables)
 
 
-def _block(x, adder, batch, seq_length, shape, dense, layer_norm, gelu_kind):
-    """One transformer block on x [B*S,H] (post-LayerNorm, as in BERT)."""
+@dataclass(frozen=True)
+class _Ops:
+    """What every block of one reference graph shares: its sizes and its layer builders."""
+
+    batch: object  # B: the dynamic batch size, a scalar int32 tensor
+    seq_length: int  # S
+    shape: BertShape
+    dense: Callable  # dense(x, scope, activation=None): kernel + bias variables under ``scope``
+    layer_norm: Callable  # layer_norm(x, scope="LayerNorm"): gamma + beta variables under ``scope``
+    gelu_kind: str  # erf, tanh or crude
+
+
+def _block(x, adder, ops: _Ops):
+    """One transformer block on x [B*S,H] (post-LayerNorm, as in BERT); adder [B,1,S,S]."""
     import tensorflow as tf
 
     v1 = tf.compat.v1
-    H, N, D = shape.hidden, shape.heads, shape.head_size
+    dense, layer_norm = ops.dense, ops.layer_norm
+    H, N, D = ops.shape.hidden, ops.shape.heads, ops.shape.head_size
 
     def split_heads(t):
-        t = tf.reshape(t, [batch, seq_length, N, D])  # [B,S,N,D]
+        t = tf.reshape(t, [ops.batch, ops.seq_length, N, D])  # [B,S,N,D]
         return tf.transpose(t, [0, 2, 1, 3])  # [B,N,S,D]
 
     with v1.variable_scope("attention"):
@@ -146,7 +162,7 @@ def _block(x, adder, batch, seq_length, shape, dense, layer_norm, gelu_kind):
         with v1.variable_scope("output"):
             attention = layer_norm(dense(context, "dense") + x)
     with v1.variable_scope("intermediate"):
-        inner = dense(attention, "dense", activation=lambda t: gelu(t, gelu_kind))
+        inner = dense(attention, "dense", activation=lambda t: gelu(t, ops.gelu_kind))
     with v1.variable_scope("output"):
         return layer_norm(dense(inner, "dense") + attention)
 

@@ -2,7 +2,8 @@
 
 A compiled model directory holds::
 
-    manifest.json     what it is (see MANIFEST_VERSION and .cli.write_manifest)
+    manifest.json     what it is: written by .build (``_manifest``), checked by :func:`read_manifest`
+                      (MANIFEST_VERSION, REQUIRED_KEYS)
     vocab.txt         the WordPiece vocabulary the model was trained with
     embeddings.npz    host part: word/token type/position embeddings + LayerNorm (fp32)
     accelerated/      the rebuilt encoder+pooler+classifier: a TF SavedModel (cpu, gpu)
@@ -185,17 +186,19 @@ def _warm_buckets(model: CompiledModel) -> None:
         model.logits(ids, mask, ids)
 
 
-def _import_tf():
+def import_tensorflow(who: str = "a compiled model"):
+    """``import tensorflow``, or BackendUnavailable saying that ``who`` needs it and how to install it
+    (the one place that message is written; the serving backends use it too)."""
     try:
         import tensorflow as tf
     except ImportError as exc:
-        raise BackendUnavailable(f"TensorFlow is not installed ({exc}); install bertpool[tf]") from None
+        raise BackendUnavailable(f"{who} needs TensorFlow ({exc}): pip install 'bertpool[tf]'") from None
     return tf
 
 
 def _load_tf(path: pathlib.Path, manifest: dict):
     """The cpu/gpu SavedModel's serving signature as a numpy -> numpy function."""
-    tf = _import_tf()
+    tf = import_tensorflow()
     try:
         loaded = tf.saved_model.load(str(path))
         fns = {int(manifest["seq_length"]): loaded.signatures["serving_default"]}
@@ -219,7 +222,7 @@ def _load_neuron(path: pathlib.Path, manifest: dict):
     """The traced model, loaded with the Neuron package it was compiled with (which registers NeuronOp)."""
     from . import neuron
 
-    tf = _import_tf()
+    tf = import_tensorflow()
     neuron.import_package(neuron.runtime_toolchain(manifest))
     model = neuron.load_traced(tf, str(path))
     expected = (int(manifest["batch_size"]), int(manifest["model"]["num_labels"]))

@@ -1,11 +1,9 @@
-"""WordPiece vocabularies: a deterministic generated one for demo models, and checks.
+"""The demo models' vocabulary and the check that a vocabulary fits a model.
 
-The generated vocabulary follows the layout of Google's uncased BERT vocab.txt
-so that any BERT tokenizer handles it: ``[PAD]`` = 0, ``[unused0..98]`` = 1..99,
-``[UNK]`` = 100, ``[CLS]`` = 101, ``[SEP]`` = 102, ``[MASK]`` = 103, then
-single characters, ``##`` continuations, common English words, letter
-bigrams/trigrams (so unknown words split into a few pieces instead of single
-characters) and finally ``[unusedK]`` filler up to the requested size.
+:func:`generate_vocab` is Google's uncased layout (:mod:`bertpool.common.vocab`, which
+also reads and writes vocab.txt) with a deterministic body: single characters, ``##``
+continuations, common English words, letter bigrams/trigrams (so unknown words split
+into a few pieces instead of single characters), then ``[unusedK]`` filler.
 """
 
 from __future__ import annotations
@@ -14,9 +12,8 @@ import itertools
 import pathlib
 import string
 
-from ..common.errors import ModelFormatError
-
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+from ..common.errors import ConfigError, ModelFormatError
+from ..common.vocab import HEAD, REQUIRED_TOKENS, bert_vocab, read_vocab
 
 # Common English words (lower case). Part of the deterministic demo vocabulary;
 # changing this list changes every generated demo model.
@@ -60,20 +57,10 @@ water food money car road street town village country land sea river air fire
 """.split()
 
 
-def _dedup(tokens):
-    """Yield each token once, first occurrence wins (keeps the order stable)."""
-    seen: set[str] = set()
-    for token in tokens:
-        if token not in seen:
-            seen.add(token)
-            yield token
-
-
 def generate_vocab(size: int) -> list[str]:
-    """The deterministic demo vocabulary of exactly ``size`` tokens (size >= 104)."""
-    if size < 104 + len(string.ascii_lowercase):
-        raise ValueError(f"vocabulary size {size} is too small for the BERT layout")
-    head = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    """The deterministic demo vocabulary of exactly ``size`` tokens (size >= 130)."""
+    if size < len(HEAD) + len(string.ascii_lowercase):
+        raise ConfigError(f"vocabulary size {size} is too small for the BERT layout")
     chars = list(string.punctuation) + list(string.digits) + list(string.ascii_lowercase)
     letters = string.ascii_lowercase
     bigrams = ["".join(p) for p in itertools.product(letters, repeat=2)]
@@ -86,34 +73,7 @@ def generate_vocab(size: int) -> list[str]:
         ("##" + b for b in bigrams),
         itertools.chain.from_iterable((t, "##" + t) for t in trigrams),
     )
-    tokens = head + list(itertools.islice(_dedup(t for t in body if t not in head), size - len(head)))
-    filler = (f"[unused{i}]" for i in itertools.count(99))
-    while len(tokens) < size:
-        tokens.append(next(filler))
-    return tokens
-
-
-def write_vocab(path: pathlib.Path, tokens: list[str]) -> pathlib.Path:
-    """Write one token per line (the vocab.txt format)."""
-    path = pathlib.Path(path)
-    path.write_text("".join(t + "\n" for t in tokens), encoding="utf-8")
-    return path
-
-
-def read_vocab(path: pathlib.Path) -> list[str]:
-    """Read a vocab.txt; a missing or unreadable file is a ModelFormatError."""
-    path = pathlib.Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ModelFormatError(f"cannot read vocabulary {path}: {exc}") from None
-    tokens = text.split("\n")
-    if tokens and tokens[-1] == "":
-        tokens.pop()  # the trailing newline
-    tokens = [t.rstrip("\r") for t in tokens]
-    if not tokens:
-        raise ModelFormatError(f"vocabulary {path} is empty")
-    return tokens
+    return bert_vocab(body, size)
 
 
 def check_vocab(path: pathlib.Path, vocab_size: int) -> list[str]:
@@ -122,13 +82,13 @@ def check_vocab(path: pathlib.Path, vocab_size: int) -> list[str]:
     A mismatch means the vocabulary belongs to another model: token ids would
     index the wrong (or no) embedding rows, so it is an error, not a warning.
     """
-    tokens = read_vocab(path)
+    tokens = read_vocab(path, error=ModelFormatError)
     if len(tokens) != vocab_size:
         raise ModelFormatError(
             f"vocabulary {path} has {len(tokens)} tokens but bert/embeddings/word_embeddings "
             f"has {vocab_size} rows; pass the model's own vocab.txt with --vocab"
         )
-    for token in ("[PAD]", "[CLS]", "[SEP]", "[UNK]"):
+    for token in REQUIRED_TOKENS:
         if token not in tokens:
             raise ModelFormatError(f"vocabulary {path} lacks the special token {token}")
     return tokens

@@ -14,9 +14,10 @@ import numpy as np
 
 from bertpool.compile.build import CompileOptions, compile_model
 from bertpool.compile.demo_model import build_demo_model, random_weights
-from bertpool.compile.formats import write_checkpoint, write_hf
+from bertpool.compile.weights import write_checkpoint, write_hf
 from bertpool.compile.shape import PRESETS
-from bertpool.compile.vocab import generate_vocab, write_vocab
+from bertpool.common.vocab import write_vocab
+from bertpool.compile.vocab import generate_vocab
 
 TINY = PRESETS["tiny"]
 

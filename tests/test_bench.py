@@ -285,3 +285,16 @@ def test_progress_bar_shows_live_throughput_during_a_run(start_pool):
     assert report["replies"] == 10
     drawn = terminal.getvalue()
     assert "2 clients" in drawn and "10/10" in drawn and "req/s" in drawn and "errors=0" in drawn
+
+
+def test_clients_that_do_not_start_are_a_bench_error_not_a_request_error(start_pool):
+    """The bench's own machinery failing is BenchError; RequestError is kept for requests."""
+    from bertpool.clients.bench import BenchConfig, run_bench
+    from bertpool.common.data import default_pairs
+    from bertpool.common.errors import BenchError, RequestError
+
+    pool = start_pool("--backend", "echo", parallel=1)
+    with pytest.raises(BenchError, match="did not all start") as err:
+        run_bench(BenchConfig(address=pool.address, clients=2, cycle=1, warmup=0, start_timeout_s=0.001),
+                  default_pairs())
+    assert not isinstance(err.value, RequestError)

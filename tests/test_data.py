@@ -153,7 +153,12 @@ def test_shared_data_dir_env_override(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert shared_data_dir() == tmp_path / "elsewhere"
 
 
-def test_shared_data_dir_default(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_shared_data_dir_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Default: ``shared/data`` beside the clone (the repo root is the package), only if it exists."""
     monkeypatch.delenv("BERTPOOL_SHARED_DATA", raising=False)
-    expected = Path(data.__file__).resolve().parents[1].parent / "shared" / "data"
-    assert shared_data_dir() == (expected if expected.is_dir() else None)
+    module = tmp_path / "work" / "clone" / "common" / "data.py"  # as if the clone lived at work/clone
+    module.parent.mkdir(parents=True)
+    monkeypatch.setattr(data, "__file__", str(module))
+    assert shared_data_dir() is None  # work/shared/data does not exist yet
+    (tmp_path / "work" / "shared" / "data").mkdir(parents=True)
+    assert shared_data_dir() == tmp_path / "work" / "shared" / "data"

@@ -87,7 +87,7 @@ def test_training_lowers_the_loss_and_reports_quality(trained):
 
 
 def test_export_has_run_classifiers_signature(trained, data):
-    from bertpool.compile.weights import _classifier_signature, _serve_meta_graph
+    from bertpool.compile.weights.savedmodel import _classifier_signature, _serve_meta_graph
 
     out, _ = trained
     saved = out / "saved_model"

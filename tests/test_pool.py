@@ -26,6 +26,16 @@ def expected_echo(tokenizer: BertTokenizer, a: str, b: str) -> np.ndarray:
     return echo_probabilities(f.input_ids, f.input_mask)[0]
 
 
+def assert_echo_answers(results, pairs) -> None:
+    """Each result is the echo backend's answer to the pair at the same index (and the pairs' answers differ)."""
+    tokenizer = BertTokenizer(fallback_vocab_path())
+    wants = [expected_echo(tokenizer, a, b) for a, b in pairs]
+    assert len({tuple(np.round(w, 6)) for w in wants}) == len(wants)  # distinct: a swap would show
+    for result, want, pair in zip(results, wants, pairs, strict=True):
+        assert np.allclose(result.probabilities, want), (pair, result.probabilities, want)
+        assert result.label == int(np.argmax(want)), pair
+
+
 @pytest.mark.parametrize("transport", ["ipc", "tcp"])
 def test_48_clients_every_reply_matches_its_request(start_pool, transport):
     pool = start_pool("--backend", "echo", "--batch-timeout-ms", "2", parallel=4, transport=transport)
@@ -65,13 +75,17 @@ def test_48_clients_every_reply_matches_its_request(start_pool, transport):
 
 
 def test_batches_fill_under_load_and_pad_only_the_rest(start_pool):
-    pool = start_pool("--backend", "echo", "--echo-delay-ms", "20", "--batch-timeout-ms", "50", parallel=1)
+    # All 42 are sent at once; a 1 s deadline (not 50 ms) lets full batches form on a loaded machine,
+    # and the last 2 rows wait it out and run padded.
+    pool = start_pool("--backend", "echo", "--echo-delay-ms", "20", "--batch-timeout-ms", "1000", parallel=1)
+    pairs = [(f"a {i}", f"b {i}") for i in range(42)]
     with Client(pool.address, timeout_s=30) as client:
-        results = client.predict_many([(f"a {i}", f"b {i}") for i in range(40)], max_in_flight=40)
+        results = client.predict_many(pairs, max_in_flight=42)
     assert max(r.timings["batch_size"] for r in results) == 4
-    stats = pool.wait_stats(lambda s: s["totals"]["inferences"] >= 40)
+    assert_echo_answers(results, pairs)
+    stats = pool.wait_stats(lambda s: s["totals"]["inferences"] >= 42)
     totals = stats["totals"]
-    assert totals["inferences"] == 40
+    assert totals["inferences"] == 42 and totals["padded_rows"] >= 2
     # Every batch is padded to 4 rows: padded rows make up the difference exactly.
     assert totals["batches"] * 4 == totals["inferences"] + totals["padded_rows"]
 
@@ -141,7 +155,9 @@ def test_bad_wire_input_gets_error_and_pool_keeps_serving(start_pool):
     finally:
         sock.close()
     with Client(pool.address, timeout_s=10) as client:
-        assert client.predict("still", "serving").label in (0, 1)
+        result = client.predict("still", "serving")
+    want = expected_echo(BertTokenizer(fallback_vocab_path()), "still", "serving")
+    assert np.allclose(result.probabilities, want) and result.label == int(np.argmax(want))
     assert pool.stats()["broker"]["replies"] >= 2
 
 
@@ -157,12 +173,15 @@ def test_features_request_served(start_pool):
 def test_dead_worker_is_restarted_and_its_requests_are_answered(start_pool):
     pool = start_pool("--backend", "echo", "--echo-delay-ms", "1500", "--batch-timeout-ms", "1", parallel=1)
     (pid,) = _worker_pids(pool)
+    pairs = [("held by", f"the worker {i}") for i in range(4)]
     with Client(pool.address, timeout_s=60) as client:
-        futures = [client.submit("held by", f"the worker {i}") for i in range(4)]
+        futures = [client.submit(a, b) for a, b in pairs]
         pool.wait_stats(lambda s: sum(w["inflight"] for w in s["workers"].values()) == 4)
         os.kill(pid, signal.SIGKILL)  # dies holding all four
         results = [f.result() for f in futures]
-    assert len({r.id for r in results}) == 4 and all(r.label in (0, 1) for r in results)
+    assert len({r.id for r in results}) == 4
+    # Each re-queued request is answered with its own pair's echo, not another's.
+    assert_echo_answers(results, pairs)
     stats = pool.wait_stats(lambda s: s["broker"]["replies"] == 4)
     assert stats["broker"]["requeued"] == 4 and stats["broker"]["errors"] == 0
     assert _stats_pids(stats) != {pid}  # a new process took its place

@@ -472,3 +472,40 @@ def test_reference_sanity() -> None:
     a, b = [1, 2, 3], [4, 5, 6]
     ref.truncate_pair(a, b, 4)
     assert (a, b) == ([1, 2], [4, 5])
+
+
+# ------------------------------------------------------ the one vocabulary reader
+
+# Where the two readers used to differ: "\r\n" endings, spaces or a tab around a token,
+# and a lone "\r" inside a line (google's reader splits at "\n" only).
+AWKWARD_VOCAB = "[PAD]\r\n[UNK]\n [CLS] \n[SEP]\t\nhel\rlo\nworld\n"
+
+
+def test_serving_and_compile_read_a_vocabulary_alike(tmp_path: Path) -> None:
+    """google's load_vocab rules, for the tokenizer and bertpool-compile's check alike."""
+    from bertpool.common.vocab import read_vocab
+    from bertpool.compile.vocab import check_vocab
+
+    path = tmp_path / "vocab.txt"
+    path.write_bytes(AWKWARD_VOCAB.encode())
+    want = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "hel\rlo", "world"]
+    assert read_vocab(path) == want
+    assert list(ref.load_vocab(path)) == want  # the independent reference agrees
+    assert check_vocab(path, 6) == want  # 6 rows: the lone "\r" is no line break
+    tok = BertTokenizer(path)
+    assert (tok.vocab_size, tok.cls_id, tok.sep_id) == (6, 2, 3)
+    assert tok.tokenize("world") == ["world"]
+
+
+def test_generated_vocabularies_share_googles_layout() -> None:
+    from bertpool.common.vocab import HEAD, bert_vocab
+    from bertpool.compile.vocab import generate_vocab
+
+    for tokens in (generate_vocab(300), bert_vocab(["a", "[CLS]", "a", "##a"])):
+        assert tokens[:104] == list(HEAD)
+        assert (tokens[0], tokens[100], tokens[101], tokens[102], tokens[103]) == (
+            "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+        assert len(set(tokens)) == len(tokens)
+    assert len(generate_vocab(300)) == 300
+    assert bert_vocab(["a", "[CLS]", "a", "##a"])[104:] == ["a", "##a"]
+    assert bert_vocab(["a"], 106)[104:] == ["a", "[unused99]"]

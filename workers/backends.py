@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..common.errors import BackendUnavailable, ConfigError, ModelFormatError
-from ..compile.runtime import is_compiled_model, read_manifest
+from ..common.errors import ConfigError, ModelFormatError
+from ..common.vocab import bert_vocab
+from ..compile.runtime import import_tensorflow, is_compiled_model, read_manifest
 
 BACKENDS = ("echo", "tf", "neuron")
 
@@ -93,10 +94,7 @@ class EchoBackend(Backend):
 
 def _configure_tf_threads(threads: int):
     """Import TensorFlow, limiting this process to ``threads`` intra-op threads."""
-    try:
-        import tensorflow as tf
-    except ImportError as exc:
-        raise BackendUnavailable("the tf backend needs TensorFlow: pip install 'bertpool[tf]'") from exc
+    tf = import_tensorflow("the tf backend")
     if threads > 0:
         try:
             tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -299,10 +297,8 @@ def fallback_vocab_path() -> Path:
     Written once per process into a temporary directory.
     """
     path = Path(tempfile.gettempdir()) / f"bertpool-echo-vocab-{os.getuid()}.txt"
-    tokens = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     chars = [chr(c) for c in range(33, 127) if not chr(c).isupper()]
-    tokens += chars + ["##" + c for c in chars]
-    text = "\n".join(tokens) + "\n"
+    text = "".join(t + "\n" for t in bert_vocab(chars + ["##" + c for c in chars]))
     if not path.is_file() or path.read_text() != text:
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(text)
