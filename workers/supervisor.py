@@ -32,7 +32,7 @@ from ..common.cli import add_address_arguments, install_stop_handlers, report_er
 from ..common.errors import BertpoolError, ConfigError
 from .backends import ECHO_WARNING
 from .neuron_cores import NEURON_SYSFS, check_cores
-from .worker import EXIT_LOAD_FAILED, WorkerConfig, add_worker_arguments, worker_config_from_args
+from .worker import EXIT_LOAD_FAILED, WorkerConfig, add_worker_arguments, flags_given, worker_config_from_args
 
 log = logging.getLogger("bertpool.supervisor")
 
@@ -187,16 +187,38 @@ def add_supervisor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--neuron-sysfs", default=NEURON_SYSFS, metavar="DIR",
                         help="neuron backend: where the Neuron driver lists its devices, to count the "
                              "NeuronCores --parallel may use (default: %(default)s)")
+    parser.add_argument("--worker-config-json", metavar="FILE",
+                        help="the workers' whole config as JSON, every WorkerConfig field (how benches "
+                             "start a pool); its broker_address must be --worker-address; not combined "
+                             "with the other worker flags")
     add_worker_arguments(parser)
 
 
 def supervisor_config_from_args(args: argparse.Namespace, worker_address: str) -> SupervisorConfig:
     if args.parallel < 1:
         raise ConfigError(f"--parallel must be >= 1, got {args.parallel}")
+    if args.worker_config_json is not None:
+        worker = _worker_config_from_json(args, worker_address)
+        return SupervisorConfig(worker=worker, parallel=args.parallel, first_core=args.first_core,
+                                neuron_sysfs=args.neuron_sysfs)
     # Share the machine's cores between TensorFlow workers unless told otherwise.
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
     return SupervisorConfig(worker=worker_config_from_args(args, worker_address, threads=threads),
                             parallel=args.parallel, first_core=args.first_core, neuron_sysfs=args.neuron_sysfs)
+
+
+def _worker_config_from_json(args: argparse.Namespace, worker_address: str) -> WorkerConfig:
+    """--worker-config-json: refuse worker flags beside it, and a broker address it would not reach."""
+    flags = argparse.ArgumentParser(add_help=False)
+    add_worker_arguments(flags)
+    given = flags_given(flags, args)
+    if given:
+        raise ConfigError(f"--worker-config-json holds the workers' whole config: drop {', '.join(given)}")
+    worker = configdata.read_json(WorkerConfig, args.worker_config_json)
+    if worker.broker_address != worker_address:
+        raise ConfigError(f"--worker-config-json: broker_address {worker.broker_address} is not "
+                          f"--worker-address {worker_address}")
+    return worker
 
 
 def main(argv: list[str] | None = None) -> int:

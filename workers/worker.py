@@ -487,14 +487,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def flags_given(parser: argparse.ArgumentParser, args: argparse.Namespace, keep: tuple[str, ...] = ()) -> list[str]:
+    """The flags of ``parser`` whose value in ``args`` is not their default (bar ``keep`` dests)."""
+    return sorted(a.option_strings[0] for a in parser._actions
+                  if a.option_strings and a.dest not in ("help", *keep)
+                  and getattr(args, a.dest, a.default) != a.default)
+
+
 def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> WorkerConfig:
     """The WorkerConfig ``args`` describe: from ``--config-json`` or from the flags, never a mix
     (ConfigError when a config flag is given beside ``--config-json``)."""
     if args.config_json is None:
         return worker_config_from_args(args, args.worker_address, name=args.name, slot=args.slot)
-    given = sorted(a.option_strings[0] for a in parser._actions
-                   if a.dest not in ("help", "config_json", "load_error_file")
-                   and getattr(args, a.dest, None) != a.default)
+    given = flags_given(parser, args, keep=("config_json", "load_error_file"))
     if given:
         raise ConfigError(f"--config-json holds the whole config: drop {', '.join(given)}")
     return configdata.read_json(WorkerConfig, args.config_json)
