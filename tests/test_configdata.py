@@ -142,3 +142,37 @@ def test_worker_process_with_a_bad_config_file_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2
     assert "bertpool-worker: error: WorkerConfig: unknown field(s) surprise" in proc.stderr
     assert "unknown field(s) surprise" in error.read_text()
+
+
+def _pool_parser():
+    import argparse
+
+    from bertpool.common.cli import add_address_arguments
+    from bertpool.workers.supervisor import add_supervisor_arguments
+    parser = argparse.ArgumentParser()
+    add_address_arguments(parser, frontend=False)
+    add_supervisor_arguments(parser)
+    return parser
+
+
+def test_pool_takes_the_workers_config_as_data(tmp_path, key_dir):
+    """bertpool-serve/bertpool-workers --worker-config-json: the template reaches the supervisor whole."""
+    from bertpool.workers.supervisor import supervisor_config_from_args
+    config = _every_field_set(key_dir)
+    configdata.write_json(config, tmp_path / "w.json")
+    args = _pool_parser().parse_args(["--worker-address", config.broker_address, "--parallel", "2",
+                                      "--worker-config-json", str(tmp_path / "w.json")])
+    supervisor = supervisor_config_from_args(args, args.worker_address)
+    assert supervisor.worker == config and supervisor.parallel == 2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "2"], "drop --batch-size"),
+    (["--worker-address", "ipc:///tmp/elsewhere"], "is not --worker-address ipc:///tmp/elsewhere"),
+])
+def test_pool_refuses_worker_config_json_that_would_not_hold(tmp_path, flags, message):
+    from bertpool.workers.supervisor import supervisor_config_from_args
+    configdata.write_json(WorkerConfig(), tmp_path / "w.json")
+    args = _pool_parser().parse_args(["--worker-config-json", str(tmp_path / "w.json"), *flags])
+    with pytest.raises(ConfigError, match=message):
+        supervisor_config_from_args(args, args.worker_address)
