@@ -56,7 +56,8 @@ import zmq
 
 from ..common import protocol as P
 from ..common import security
-from ..common.cli import add_link_arguments, install_stop_handlers, report_error, setup_logging
+from ..common.cli import add_address_arguments, add_link_arguments, install_stop_handlers, report_error, setup_logging
+from ..common.defaults import DEFAULT_BACKEND, DEFAULT_FRONTEND
 from ..common.errors import BertpoolError, ConfigError, ProtocolError
 from ..common.metrics_export import parse_metrics_address
 from .metrics import BrokerMetrics, MetricsServer
@@ -68,8 +69,8 @@ _TOKEN_MASK = (1 << (8 * P.TOKEN_BYTES)) - 1
 
 @dataclass(frozen=True)
 class BrokerConfig:
-    frontend: str = "tcp://127.0.0.1:5555"   # where clients connect (tcp:// or ipc://)
-    backend: str = "tcp://127.0.0.1:5556"    # where workers connect (tcp:// or ipc://)
+    frontend: str = DEFAULT_FRONTEND         # where clients connect (tcp:// or ipc://)
+    backend: str = DEFAULT_BACKEND           # where workers connect (tcp:// or ipc://)
     max_queue: int = 4096                    # requests waiting for a worker before BUSY (>= 1)
     max_queue_bytes: int = 128 << 20         # bytes of request bodies waiting before BUSY
     max_request_bytes: int = 1 << 20         # larger request bodies are refused (too_large)
@@ -651,11 +652,7 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags shared by bertpool-broker and bertpool-serve (the heartbeat and message-size flags,
     which workers share, come from common.cli.add_link_arguments)."""
     d = BrokerConfig()
-    parser.add_argument("--address", default=d.frontend,
-                        help="where clients connect, tcp:// or ipc:// (default: %(default)s)")
-    parser.add_argument("--worker-address", default=d.backend,
-                        help="where workers connect; bind tcp://0.0.0.0:PORT for workers on other "
-                             "hosts (default: %(default)s)")
+    add_address_arguments(parser, bind=True)
     parser.add_argument("--max-queue", type=int, default=d.max_queue,
                         help="requests waiting for a worker before clients get BUSY, >= 1 "
                              "(default: %(default)s)")

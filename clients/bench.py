@@ -37,7 +37,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ..common import security
-from ..common.cli import report_error
+from ..common.cli import add_address_arguments, report_error
+from ..common.defaults import DEFAULT_FRONTEND
 from ..common.data import Pair, default_pairs, read_mrpc_tsv
 from ..common.errors import BenchError, BertpoolError, ConfigError, RemoteError, RequestError, RequestTimeout
 from ..common.metrics import binary_report
@@ -46,7 +47,7 @@ from .client import Client
 
 @dataclass(frozen=True)
 class BenchConfig:
-    address: str = "tcp://127.0.0.1:5555"  # the broker's client endpoint
+    address: str = DEFAULT_FRONTEND        # the broker's client endpoint
     clients: int = 48                      # client processes
     cycle: int = 128                       # measured requests per client
     warmup: int = 2                        # unmeasured requests per client first
@@ -420,8 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples: bertpool-bench --clients 48 --cycle 128 --tsv ../shared/data/glue_mrpc_dev.tsv "
                "--json bench.json;  bertpool-bench --sweep-clients 1,4,16,48 --cycle 32 --json sweep.json "
                "--plot sweep.png")
-    parser.add_argument("--address", default="tcp://127.0.0.1:5555",
-                        help="the broker's client endpoint (default: %(default)s)")
+    add_address_arguments(parser, backend=False)
     load = parser.add_mutually_exclusive_group()
     load.add_argument("--clients", type=int, default=None, help="client processes (default: 48)")
     load.add_argument("--sweep-clients", metavar="C1,C2,...",

@@ -74,6 +74,7 @@ import zmq
 
 from ..common import protocol as P
 from ..common import security
+from ..common.defaults import DEFAULT_FRONTEND
 from ..common.errors import (BertpoolError, BrokerUnavailable, ClientClosed, ConfigError, DeadlineExceeded,
                              MalformedReply, ProtocolError, RemoteError, ServerBusy)
 
@@ -85,7 +86,7 @@ _REMEMBERED_IDS = 16384
 
 @dataclass(frozen=True)
 class ClientConfig:
-    address: str = "tcp://127.0.0.1:5555"  # the broker's client endpoint
+    address: str = DEFAULT_FRONTEND        # the broker's client endpoint
     timeout_s: float = 30.0                # default deadline of every request, all its retries included
     max_in_flight: int = 64                # predict_many keeps at most this many pending
     heartbeat_interval_s: float = 1.0      # with requests in flight, ping the broker after this long unheard
@@ -157,7 +158,7 @@ class Client:
     every other ClientConfig field by keyword (``heartbeat_interval_s=0.5``...).
     """
 
-    def __init__(self, address: str = "tcp://127.0.0.1:5555", timeout_s: float = 30.0,
+    def __init__(self, address: str = DEFAULT_FRONTEND, timeout_s: float = 30.0,
                  max_in_flight: int = 64, context: zmq.Context | None = None, **settings: Any) -> None:
         self.config = ClientConfig(address, timeout_s, max_in_flight, **settings)
         self.counters = ClientCounters()

@@ -7,6 +7,8 @@ import signal
 import sys
 from typing import Callable
 
+from .defaults import DEFAULT_BACKEND, DEFAULT_FRONTEND
+
 
 def setup_logging() -> None:
     """Timestamped INFO logging to stderr, the same for every process role."""
@@ -36,3 +38,17 @@ def add_link_arguments(parser) -> None:
     parser.add_argument("--max-message-bytes", type=int, default=4 << 20,
                         help="ZeroMQ MAXMSGSIZE: a peer sending a larger frame is disconnected before it "
                              "is read; must exceed the broker's --max-request-bytes (default: %(default)s)")
+
+
+def add_address_arguments(parser, frontend: bool = True, backend: bool = True, bind: bool = False) -> None:
+    """The broker's endpoints, declared once: ``--address`` (clients) and ``--worker-address``
+    (workers). ``bind``: the command binds them (the broker, bertpool-serve); else it connects."""
+    if frontend:
+        parser.add_argument("--address", default=DEFAULT_FRONTEND,
+                            help="where clients connect, tcp:// or ipc:// (default: %(default)s)" if bind
+                            else "the broker's client endpoint (default: %(default)s)")
+    if backend:
+        parser.add_argument("--worker-address", default=DEFAULT_BACKEND,
+                            help="where workers connect; bind tcp://0.0.0.0:PORT for workers on other "
+                                 "hosts (default: %(default)s)" if bind
+                            else "the broker's worker endpoint (default: %(default)s)")

@@ -34,6 +34,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 from .errors import ConfigError
+from .configdata import SECRET
 
 log = logging.getLogger("bertpool.security")
 
@@ -157,9 +158,11 @@ class CurveClientConfig:
     loaded keys (Z85 bytes) instead; files are loaded and every key is checked at construction."""
     server_key_file: str | None = None   # the broker's public key file (NAME.key)
     secret_key_file: str | None = None   # our own key pair (NAME.key_secret)
-    server_key: bytes = field(default=b"", repr=False)  # the broker's public key, Z85 (from the file if empty)
-    public_key: bytes = field(default=b"", repr=False)  # our public key, Z85 (from the file if empty)
-    secret_key: bytes = field(default=b"", repr=False)  # our secret key, Z85 (from the file if empty)
+    # Z85 keys, loaded from the files when empty. Secret: they never travel to a child process
+    # (configdata), which loads them from the files again.
+    server_key: bytes = field(default=b"", repr=False, metadata={SECRET: True})  # the broker's public key
+    public_key: bytes = field(default=b"", repr=False, metadata={SECRET: True})  # our public key
+    secret_key: bytes = field(default=b"", repr=False, metadata={SECRET: True})  # our secret key
 
     def __post_init__(self) -> None:
         if self.server_key_file is not None:
@@ -375,13 +378,11 @@ def client_config_from_args(args: argparse.Namespace) -> CurveClientConfig | Non
     return CurveClientConfig(server_key_file=server, secret_key_file=secret)
 
 
-def client_argv(curve: CurveClientConfig | None) -> list[str]:
-    """The flags that give a child process (a worker) the same CURVE config."""
-    if curve is None:
-        return []
-    if curve.server_key_file is None or curve.secret_key_file is None:
+def check_key_files(curve: CurveClientConfig | None) -> None:
+    """A child process (a worker) gets CURVE keys as file paths, never as key material:
+    ConfigError when ``curve`` was built from loaded keys instead of files."""
+    if curve is not None and (curve.server_key_file is None or curve.secret_key_file is None):
         raise ConfigError("worker processes need CURVE keys as files (server_key_file, secret_key_file)")
-    return ["--curve-server-key", curve.server_key_file, "--curve-secret-key", curve.secret_key_file]
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:

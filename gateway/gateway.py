@@ -35,6 +35,7 @@ from ..clients.client import Client
 from ..common import errors as E
 from ..common import protocol as P
 from ..common.cli import report_error, setup_logging
+from ..common.defaults import DEFAULT_FRONTEND, DEFAULT_GATEWAY_GRPC, DEFAULT_GATEWAY_HTTP
 from ..common.errors import BertpoolError, ConfigError
 from . import kserve
 from .kserve import KServeError, Limits, ModelInfo
@@ -53,9 +54,9 @@ _UNAVAILABLE_CODES = {P.E_SHUTDOWN, P.E_WORKER_LOST}
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    broker: str = "tcp://127.0.0.1:5555"    # the broker's client endpoint
-    http: str | None = "127.0.0.1:8000"     # HTTP/REST listen address host:port; None: no HTTP
-    grpc: str | None = "127.0.0.1:8001"     # gRPC listen address host:port; None: no gRPC
+    broker: str = DEFAULT_FRONTEND          # the broker's client endpoint
+    http: str | None = DEFAULT_GATEWAY_HTTP  # HTTP/REST listen address host:port; None: no HTTP
+    grpc: str | None = DEFAULT_GATEWAY_GRPC  # gRPC listen address host:port; None: no gRPC
     model_name: str = DEFAULT_MODEL_NAME    # the name v2 clients call the model by
     model_dir: str | None = None            # the served model's directory, for its version hash and S
     model_version: str | None = None        # overrides the version read from model_dir
@@ -248,12 +249,12 @@ async def serve(config: GatewayConfig, stop: asyncio.Event, on_listening=None) -
 # -------------------------------------------------------------------- CLI
 
 def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--broker", default="tcp://127.0.0.1:5555",
+    parser.add_argument("--broker", default=DEFAULT_FRONTEND,
                         help="the broker's client endpoint (default: %(default)s)")
-    parser.add_argument("--http", default="127.0.0.1:8000", metavar="HOST:PORT",
+    parser.add_argument("--http", default=DEFAULT_GATEWAY_HTTP, metavar="HOST:PORT",
                         help="HTTP/REST listen address, a bare port means 127.0.0.1; 'off' disables "
                              "(default: %(default)s)")
-    parser.add_argument("--grpc", default="127.0.0.1:8001", metavar="HOST:PORT",
+    parser.add_argument("--grpc", default=DEFAULT_GATEWAY_GRPC, metavar="HOST:PORT",
                         help="gRPC listen address, a bare port means 127.0.0.1; 'off' disables "
                              "(default: %(default)s)")
     parser.add_argument("--model", "--dir", dest="model", metavar="DIR",

@@ -85,7 +85,7 @@ def start_pool(tmp_path):
     def start(*args: str, parallel: int = 2, transport: str = "ipc", wait: bool = True) -> Pool:
         front, back = addresses(tmp_path, transport)
         log_path = tmp_path / f"serve-{len(pools)}.log"
-        cmd = [sys.executable, "-m", "bertpool.workers.serve", "--address", front,
+        cmd = [sys.executable, "-m", "bertpool.pool.serve", "--address", front,
                "--worker-address", back, "--parallel", str(parallel), "--stats-interval-s", "0", *args]
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

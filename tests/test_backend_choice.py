@@ -71,7 +71,7 @@ def test_serve_announces_echo_loudly(start_pool):
 
 
 def test_serve_refuses_a_directory_that_holds_no_model(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "bertpool.workers.serve", "--model", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "bertpool.pool.serve", "--model", str(tmp_path),
                            "--address", f"ipc://{tmp_path}/f", "--worker-address", f"ipc://{tmp_path}/b"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "nothing to serve" in proc.stderr and "Traceback" not in proc.stderr

@@ -72,7 +72,7 @@ def test_bench_without_a_server_times_out_cleanly():
 @pytest.mark.parametrize("request_kind", ["text", "features"])
 def test_broker_bench_runs_all_setups(tmp_path, request_kind):
     out = tmp_path / "broker.json"
-    proc = subprocess.run([sys.executable, "-m", "bertpool.broker.relay_bench", "--clients", "4",
+    proc = subprocess.run([sys.executable, "-m", "bertpool.bench.relay", "--clients", "4",
                            "--workers", "1", "--load-procs", "1", "--warmup-s", "0.2", "--duration-s", "0.5",
                            "--request", request_kind, "--json", str(out)],
                           capture_output=True, text=True, timeout=180)
@@ -85,7 +85,7 @@ def test_broker_bench_runs_all_setups(tmp_path, request_kind):
 
 def test_backend_bench_reports_ratio_and_latency(tmp_path):
     out = tmp_path / "backend.json"
-    proc = subprocess.run([sys.executable, "-m", "bertpool.workers.backend_bench", "--backend", "echo",
+    proc = subprocess.run([sys.executable, "-m", "bertpool.bench.backend", "--backend", "echo",
                            "--echo-delay-ms", "2", "--seconds", "0.3", "--parallel", "1", "--cycle", "3",
                            "--single-cycle", "3", "--json", str(out)],
                           capture_output=True, text=True, timeout=180)

@@ -8,13 +8,13 @@ import sys
 import pytest
 
 MODULES = {
-    "bertpool-serve": "bertpool.workers.serve",
+    "bertpool-serve": "bertpool.pool.serve",
     "bertpool-broker": "bertpool.broker.broker",
     "bertpool-workers": "bertpool.workers.supervisor",
     "bertpool-worker": "bertpool.workers.worker",
     "bertpool-bench": "bertpool.clients.bench",
-    "bertpool-bench-broker": "bertpool.broker.relay_bench",
-    "bertpool-bench-backend": "bertpool.workers.backend_bench",
+    "bertpool-bench-broker": "bertpool.bench.relay",
+    "bertpool-bench-backend": "bertpool.bench.backend",
     "bertpool-compile": "bertpool.compile.cli",
     "bertpool-demo-model": "bertpool.compile.demo_model",
     "bertpool-finetune": "bertpool.compile.finetune",
@@ -54,16 +54,16 @@ def test_help_is_complete(command):
 
 
 @pytest.mark.parametrize("module, args, message", [
-    ("bertpool.workers.serve", ["--backend", "nope"], "invalid choice"),
-    ("bertpool.workers.serve", ["--parallel", "0"], "parallel must be >= 1"),
-    ("bertpool.workers.serve", ["--address", "localhost:1"], "must start with tcp://"),
-    ("bertpool.workers.serve", ["--batch-size", "0"], "batch_size must be >= 1"),
+    ("bertpool.pool.serve", ["--backend", "nope"], "invalid choice"),
+    ("bertpool.pool.serve", ["--parallel", "0"], "parallel must be >= 1"),
+    ("bertpool.pool.serve", ["--address", "localhost:1"], "must start with tcp://"),
+    ("bertpool.pool.serve", ["--batch-size", "0"], "batch_size must be >= 1"),
     ("bertpool.broker.broker", ["--worker-address", "nope"], "must start with tcp://"),
     ("bertpool.broker.broker", ["--max-queue", "0"], "max_queue must be >= 1"),
     ("bertpool.broker.broker", ["--heartbeat-interval-s", "0"], "heartbeat_interval_s must be"),
     ("bertpool.broker.broker", ["--max-queue-bytes", "10"], "max_queue_bytes"),
     ("bertpool.broker.broker", ["--frontend-sndhwm-msgs", "0"], "frontend_sndhwm_msgs must be >= 1"),
-    ("bertpool.workers.serve", ["--heartbeat-liveness", "0"], "heartbeat_liveness must be"),
+    ("bertpool.pool.serve", ["--heartbeat-liveness", "0"], "heartbeat_liveness must be"),
     ("bertpool.workers.supervisor", ["--max-message-bytes", "100"], "max_message_bytes must be"),
     ("bertpool.workers.worker", ["--backend", "tf"], "needs --model"),
     ("bertpool.workers.supervisor", ["--worker-address", "localhost:5556"], "must start with tcp://"),
@@ -76,7 +76,7 @@ def test_bad_flags_are_clear_errors(module, args, message, tmp_path):
 
 
 def test_serve_with_a_model_that_cannot_load_exits_nonzero(tmp_path):
-    proc = run("bertpool.workers.serve", "--backend", "tf", "--model", str(tmp_path), "--parallel", "1",
+    proc = run("bertpool.pool.serve", "--backend", "tf", "--model", str(tmp_path), "--parallel", "1",
                "--address", f"ipc://{tmp_path}/f", "--worker-address", f"ipc://{tmp_path}/b",
                "--stats-interval-s", "0", timeout=180)
     assert proc.returncode == 1

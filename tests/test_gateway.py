@@ -98,7 +98,7 @@ def served(tmp_path_factory):
     http, grpc = f"127.0.0.1:{free_tcp_port()}", str(free_tcp_port())  # a bare port: 127.0.0.1
     log_path = tmp / "serve.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "bertpool.workers.serve", "--address", front,
+        proc = subprocess.Popen([sys.executable, "-m", "bertpool.pool.serve", "--address", front,
                                  "--worker-address", back, "--parallel", "2", "--stats-interval-s", "0",
                                  "--batch-timeout-ms", "2", "--gateway-http", http, "--gateway-grpc", grpc],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -477,8 +477,8 @@ def test_fuzzed_http_bodies_never_crash_the_gateway(served):
 @pytest.mark.parametrize("module, flags", [
     ("bertpool.gateway.gateway", ["--broker", "--http", "--grpc", "--model", "--model-name", "--model-version",
                                   "--timeout-s", "--max-body-bytes", "--max-rows"]),
-    ("bertpool.gateway.bench", ["--clients", "--cycle", "--model", "--modes", "--json"]),
-    ("bertpool.workers.serve", ["--gateway-http", "--gateway-grpc"]),
+    ("bertpool.bench.gateway", ["--clients", "--cycle", "--model", "--modes", "--json"]),
+    ("bertpool.pool.serve", ["--gateway-http", "--gateway-grpc"]),
 ])
 def test_help_lists_the_gateway_flags(module, flags):
     out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60)

@@ -10,7 +10,7 @@ pytest.importorskip("aiohttp")
 pytest.importorskip("tritonclient.http")
 pytest.importorskip("tritonclient.grpc")
 
-from bertpool.gateway.bench import MODES, main  # noqa: E402
+from bertpool.bench.gateway import MODES, main  # noqa: E402
 
 
 def test_bench_gateway_reports_every_mode(tmp_path, capsys):

@@ -32,7 +32,7 @@ def test_gateway_matches_native_on_a_compiled_tiny_model(tmp_path):
     http, grpc = f"127.0.0.1:{free_tcp_port()}", f"127.0.0.1:{free_tcp_port()}"
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "bertpool.workers.serve", "--address", front,
+        proc = subprocess.Popen([sys.executable, "-m", "bertpool.pool.serve", "--address", front,
                                  "--worker-address", f"ipc://{tmp_path}/back.ipc", "--parallel", "1",
                                  "--stats-interval-s", "0", "--backend", "tf", "--model", str(compiled),
                                  # One request per batch: a batch runs at the sequence bucket of its longest

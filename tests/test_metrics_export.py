@@ -32,7 +32,7 @@ from bertpool.common.metrics_export import (BATCH_FILL_BUCKETS_ROWS, LATENCY_BUC
 from conftest import free_tcp_port  # noqa: E402
 
 CLIENTS, CYCLE, WARMUP = 48, 3, 1
-SERVE = [sys.executable, "-m", "bertpool.workers.serve"]
+SERVE = [sys.executable, "-m", "bertpool.pool.serve"]
 BROKER = [sys.executable, "-m", "bertpool.broker.broker"]
 
 

@@ -296,7 +296,7 @@ def test_backends_refuse_the_other_targets_model(fake_neuron, hf_models, tmp_pat
 def test_too_many_workers_for_the_visible_cores_is_a_clear_error(tmp_path):
     sysfs = fake_sysfs(tmp_path / "sysfs", [2])  # inf2.xlarge: one device, 2 NeuronCores
     result = subprocess.run(
-        [sys.executable, "-m", "bertpool.workers.serve", "--address", f"ipc://{tmp_path}/f.ipc",
+        [sys.executable, "-m", "bertpool.pool.serve", "--address", f"ipc://{tmp_path}/f.ipc",
          "--worker-address", f"ipc://{tmp_path}/b.ipc", "--backend", "neuron", "--model", str(tmp_path),
          "--parallel", "4", "--neuron-sysfs", str(sysfs)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2

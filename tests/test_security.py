@@ -307,14 +307,14 @@ def test_unreadable_key_file_is_a_config_error(tmp_path, keys):
     ("bertpool.workers.supervisor", ["--curve-server-key", "{all}/broker.key"], "needs both"),
     ("bertpool.clients.bench", ["--curve-server-key", "{all}/nope.key", "--curve-secret-key",
                                 "{all}/client.key_secret"], "does not exist"),
-    ("bertpool.workers.serve", ["--curve-secret-key", "{all}/broker.key_secret", "--curve-allow-clients",
+    ("bertpool.pool.serve", ["--curve-secret-key", "{all}/broker.key_secret", "--curve-allow-clients",
                                 "{allow_clients}", "--curve-allow-workers", "{allow_workers}"],
      "needs --curve-worker-secret-key"),
-    ("bertpool.workers.serve", ["--curve-secret-key", "{all}/broker.key_secret", "--curve-allow-clients",
+    ("bertpool.pool.serve", ["--curve-secret-key", "{all}/broker.key_secret", "--curve-allow-clients",
                                 "{allow_clients}", "--curve-allow-workers", "{allow_workers}",
                                 "--curve-worker-secret-key", "{all}/stranger.key_secret"],
      "not in --curve-allow-workers"),
-    ("bertpool.workers.serve", ["--curve-worker-secret-key", "{all}/worker.key_secret"],
+    ("bertpool.pool.serve", ["--curve-worker-secret-key", "{all}/worker.key_secret"],
      "needs --curve-secret-key"),
 ])
 def test_bad_curve_flags_exit_2_with_a_clear_message(keys, module, args, message):

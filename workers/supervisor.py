@@ -27,12 +27,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..common import security
-from ..common.cli import install_stop_handlers, report_error, setup_logging
+from ..common import configdata, security
+from ..common.cli import add_address_arguments, install_stop_handlers, report_error, setup_logging
 from ..common.errors import BertpoolError, ConfigError
 from .backends import ECHO_WARNING
 from .neuron_cores import NEURON_SYSFS, check_cores
-from .worker import EXIT_LOAD_FAILED, WorkerConfig, add_worker_arguments, worker_config_from_args
+from .worker import EXIT_LOAD_FAILED, WorkerConfig, add_worker_arguments, flags_given, worker_config_from_args
 
 log = logging.getLogger("bertpool.supervisor")
 
@@ -53,24 +53,15 @@ class SupervisorConfig:
             raise ConfigError(f"parallel must be >= 1, got {self.parallel}")
 
 
-def worker_argv(config: WorkerConfig, load_error_file: str | None = None) -> list[str]:
-    """The command line that runs one worker process with ``config`` (its load error goes to the file)."""
-    b = config.backend
-    argv = [sys.executable, "-m", "bertpool.workers.worker",
-            "--worker-address", config.broker_address, "--backend", b.name,
-            "--batch-size", str(config.batch_size), "--batch-timeout-ms", str(config.batch_timeout_ms),
-            "--capacity", str(config.capacity), "--echo-delay-ms", str(b.echo_delay_ms),
-            "--threads", str(b.threads), "--name", config.name, "--slot", config.slot,
-            "--heartbeat-interval-s", str(config.heartbeat_interval_s),
-            "--heartbeat-liveness", str(config.heartbeat_liveness),
-            "--max-message-bytes", str(config.max_message_bytes)]
-    if b.model_dir:
-        argv += ["--model", str(b.model_dir)]
-    if config.vocab_path:
-        argv += ["--vocab", str(config.vocab_path)]
+def worker_argv(config: WorkerConfig, config_file: str | Path, load_error_file: str | None = None) -> list[str]:
+    """The command line that runs one worker process with ``config``, which it writes as data (every
+    field, CURVE keys as file paths only) to ``config_file`` (mode 0600); its load error goes to
+    ``load_error_file``."""
+    security.check_key_files(config.curve)
+    configdata.write_json(config, config_file)
+    argv = [sys.executable, "-m", "bertpool.workers.worker", "--config-json", str(config_file)]
     if load_error_file:
         argv += ["--load-error-file", load_error_file]
-    argv += security.client_argv(config.curve)
     return argv
 
 
@@ -110,7 +101,7 @@ class Supervisor:
         # supervisors share a hostname and a pid. Two supervisors' slots never coincide.
         self._run_id = f"{os.getpid()}.{secrets.token_hex(2)}"
         self.failed: str | None = None  # set when a worker could not load its model
-        self._errors_dir: Path | None = None  # where workers write why they could not load
+        self._errors_dir: Path | None = None  # workers' configs (0600), and why they could not load
 
     def stop(self) -> None:
         """Ask run() to stop the workers and return (thread- and signal-safe)."""
@@ -135,7 +126,8 @@ class Supervisor:
         # broker spots a restart by the slot (and tells the processes apart by their incarnation).
         name = f"{self.config.worker.name or socket.gethostname()}:{self._run_id}:core-{slot.core}"
         cfg = WorkerConfig(**{**self.config.worker.__dict__, "name": name, "slot": name})
-        slot.process = subprocess.Popen(worker_argv(cfg, str(self._error_file(slot))), env=worker_env(slot.core))
+        argv = worker_argv(cfg, self._errors_dir / f"worker-{slot.index}.json", str(self._error_file(slot)))
+        slot.process = subprocess.Popen(argv, env=worker_env(slot.core))
         slot.started = time.monotonic()
         log.info("started %s (pid %d) on NeuronCore %d", name, slot.process.pid, slot.core)
 
@@ -195,16 +187,38 @@ def add_supervisor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--neuron-sysfs", default=NEURON_SYSFS, metavar="DIR",
                         help="neuron backend: where the Neuron driver lists its devices, to count the "
                              "NeuronCores --parallel may use (default: %(default)s)")
+    parser.add_argument("--worker-config-json", metavar="FILE",
+                        help="the workers' whole config as JSON, every WorkerConfig field (how benches "
+                             "start a pool); its broker_address must be --worker-address; not combined "
+                             "with the other worker flags")
     add_worker_arguments(parser)
 
 
 def supervisor_config_from_args(args: argparse.Namespace, worker_address: str) -> SupervisorConfig:
     if args.parallel < 1:
         raise ConfigError(f"--parallel must be >= 1, got {args.parallel}")
+    if args.worker_config_json is not None:
+        worker = _worker_config_from_json(args, worker_address)
+        return SupervisorConfig(worker=worker, parallel=args.parallel, first_core=args.first_core,
+                                neuron_sysfs=args.neuron_sysfs)
     # Share the machine's cores between TensorFlow workers unless told otherwise.
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
     return SupervisorConfig(worker=worker_config_from_args(args, worker_address, threads=threads),
                             parallel=args.parallel, first_core=args.first_core, neuron_sysfs=args.neuron_sysfs)
+
+
+def _worker_config_from_json(args: argparse.Namespace, worker_address: str) -> WorkerConfig:
+    """--worker-config-json: refuse worker flags beside it, and a broker address it would not reach."""
+    flags = argparse.ArgumentParser(add_help=False)
+    add_worker_arguments(flags)
+    given = flags_given(flags, args)
+    if given:
+        raise ConfigError(f"--worker-config-json holds the workers' whole config: drop {', '.join(given)}")
+    worker = configdata.read_json(WorkerConfig, args.worker_config_json)
+    if worker.broker_address != worker_address:
+        raise ConfigError(f"--worker-config-json: broker_address {worker.broker_address} is not "
+                          f"--worker-address {worker_address}")
+    return worker
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,8 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="bertpool-workers",
         description="Start N bertpool workers (one per NeuronCore) that connect to a broker, "
                     "and restart any that die.")
-    parser.add_argument("--worker-address", default="tcp://127.0.0.1:5556",
-                        help="the broker's worker endpoint (default: %(default)s)")
+    add_address_arguments(parser, frontend=False)
     add_supervisor_arguments(parser)
     security.add_client_arguments(parser, own="the workers' own (all of this command's workers use it)")
     args = parser.parse_args(argv)

@@ -41,8 +41,10 @@ import zmq
 
 from .. import __version__
 from ..common import protocol as P
-from ..common import security
-from ..common.cli import add_link_arguments, install_stop_handlers, report_error, setup_logging
+from ..common import configdata, security
+from ..common.cli import (add_address_arguments, add_link_arguments, install_stop_handlers, report_error,
+                          setup_logging)
+from ..common.defaults import DEFAULT_BACKEND
 from ..common.errors import BertpoolError, ConfigError, ProtocolError
 from ..common.metrics_export import WorkerHistograms
 from ..common.tokenizer import BertTokenizer
@@ -58,7 +60,7 @@ MIN_MESSAGE_BYTES = 256 << 10  # smallest max_message_bytes that still takes eve
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    broker_address: str = "tcp://127.0.0.1:5556"      # the broker's worker endpoint
+    broker_address: str = DEFAULT_BACKEND             # the broker's worker endpoint
     backend: BackendConfig = field(default_factory=BackendConfig)  # what model to serve
     vocab_path: str | None = None     # WordPiece vocabulary; default: the model's, else a fallback
     batch_size: int = 4               # most real requests in one model call
@@ -465,25 +467,51 @@ def worker_config_from_args(args: argparse.Namespace, broker_address: str,
         curve=security.client_config_from_args(args))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """bertpool-worker: one worker process (normally started by the supervisor)."""
+def build_parser() -> argparse.ArgumentParser:
+    """bertpool-worker's flags: a human's, or the supervisor's ``--config-json FILE``."""
     parser = argparse.ArgumentParser(
         prog="bertpool-worker",
         description="Run one bertpool worker: load a model, batch requests from the broker, reply.")
-    parser.add_argument("--worker-address", default="tcp://127.0.0.1:5556",
-                        help="the broker's worker endpoint (default: %(default)s)")
+    add_address_arguments(parser, frontend=False)
     parser.add_argument("--name", default="", help="worker name in logs and stats")
     parser.add_argument("--slot", default="",
                         help="the supervisor slot this process fills: the broker treats a READY for a "
                              "slot it knows as that slot's restart (set by bertpool-workers)")
     parser.add_argument("--load-error-file", metavar="FILE",
                         help="if the model cannot be loaded, also write why to FILE (the supervisor reports it)")
+    parser.add_argument("--config-json", metavar="FILE",
+                        help="the whole worker config as JSON, every field (how bertpool-workers starts its "
+                             "workers); not combined with the other config flags")
     add_worker_arguments(parser)
     security.add_client_arguments(parser, own="this worker's own")
+    return parser
+
+
+def flags_given(parser: argparse.ArgumentParser, args: argparse.Namespace, keep: tuple[str, ...] = ()) -> list[str]:
+    """The flags of ``parser`` whose value in ``args`` is not their default (bar ``keep`` dests)."""
+    return sorted(a.option_strings[0] for a in parser._actions
+                  if a.option_strings and a.dest not in ("help", *keep)
+                  and getattr(args, a.dest, a.default) != a.default)
+
+
+def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> WorkerConfig:
+    """The WorkerConfig ``args`` describe: from ``--config-json`` or from the flags, never a mix
+    (ConfigError when a config flag is given beside ``--config-json``)."""
+    if args.config_json is None:
+        return worker_config_from_args(args, args.worker_address, name=args.name, slot=args.slot)
+    given = flags_given(parser, args, keep=("config_json", "load_error_file"))
+    if given:
+        raise ConfigError(f"--config-json holds the whole config: drop {', '.join(given)}")
+    return configdata.read_json(WorkerConfig, args.config_json)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """bertpool-worker: one worker process (normally started by the supervisor)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        worker = Worker(worker_config_from_args(args, args.worker_address, name=args.name, slot=args.slot))
+        worker = Worker(config_from_args(parser, args))
         worker.load()
     except Exception as exc:  # typed or not (e.g. the Neuron runtime's own), a load failure is final
         return _load_failed(exc, args.load_error_file)

@@ -31,7 +31,7 @@ import zmq
 
 from ..clients.bench import wait_for_workers
 from ..common import protocol as P
-from .broker import Broker, BrokerConfig
+from ..broker.broker import Broker, BrokerConfig
 
 SETUPS = ("relay", "broker", "pool")
 

@@ -185,7 +185,7 @@ class _Pool:
         self._tmp = tempfile.TemporaryDirectory(prefix="bertpool-gwbench-")
         self.endpoints = {"native": f"ipc://{self._tmp.name}/front.ipc", "http": f"127.0.0.1:{_free_port()}",
                           "grpc": f"127.0.0.1:{_free_port()}"}
-        cmd = [sys.executable, "-m", "bertpool.workers.serve", "--address", self.endpoints["native"],
+        cmd = [sys.executable, "-m", "bertpool.pool.serve", "--address", self.endpoints["native"],
                "--worker-address", f"ipc://{self._tmp.name}/back.ipc", "--parallel", str(config.parallel),
                "--stats-interval-s", "0", "--gateway-http", self.endpoints["http"],
                "--gateway-grpc", self.endpoints["grpc"]]

@@ -17,8 +17,8 @@ from ..common import security
 from ..common.cli import install_stop_handlers, report_error, setup_logging
 from ..common.errors import BertpoolError
 from ..gateway.launch import add_serve_gateway_arguments, start_gateway_process, stop_gateway_process
-from .backends import ECHO_WARNING
-from .supervisor import Supervisor, add_supervisor_arguments, supervisor_config_from_args
+from ..workers.backends import ECHO_WARNING
+from ..workers.supervisor import Supervisor, add_supervisor_arguments, supervisor_config_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,12 +20,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..clients.bench import BenchConfig, load_pairs, run_bench
+from ..common import configdata
 from ..common.tokenizer import BertTokenizer
-from .backends import BACKENDS, BackendConfig, fallback_vocab_path, load_backend, run_padded
+from ..workers.backends import (BACKENDS, BackendConfig, choose_backend, fallback_vocab_path, load_backend,
+                                run_padded)
+from ..workers.worker import WorkerConfig
 
 
 def tight_loop(config: BackendConfig, batch_size: int, seconds: float, pairs) -> dict[str, float]:
@@ -42,16 +46,16 @@ def tight_loop(config: BackendConfig, batch_size: int, seconds: float, pairs) ->
             "batch_ms": round(elapsed / batches * 1000, 3), "batches": batches}
 
 
-def served(args, pairs, parallel: int, threads: int) -> dict[str, Any]:
-    """Saturation throughput and single-request latency of a bertpool-serve pool."""
+def served(args, worker: WorkerConfig, pairs, parallel: int, threads: int) -> dict[str, Any]:
+    """Saturation throughput and single-request latency of a bertpool-serve pool whose workers run
+    ``worker`` (handed over as data, every field) with ``threads`` threads each."""
     tmp = tempfile.mkdtemp(prefix="bertpool-bb-")
     front, back = f"ipc://{tmp}/front", f"ipc://{tmp}/back"
-    cmd = [sys.executable, "-m", "bertpool.workers.serve", "--address", front, "--worker-address", back,
-           "--backend", args.backend, "--parallel", str(parallel), "--threads", str(threads),
-           "--batch-size", str(args.batch_size), "--batch-timeout-ms", str(args.batch_timeout_ms),
-           "--stats-interval-s", "0", "--echo-delay-ms", str(args.echo_delay_ms)]
-    if args.model:
-        cmd += ["--model", args.model]
+    worker = replace(worker, broker_address=back, backend=replace(worker.backend, threads=threads))
+    configdata.write_json(worker, Path(tmp) / "worker.json")
+    cmd = [sys.executable, "-m", "bertpool.pool.serve", "--address", front, "--worker-address", back,
+           "--parallel", str(parallel), "--stats-interval-s", "0",
+           "--worker-config-json", str(Path(tmp) / "worker.json")]
     log = open(Path(tmp) / "serve.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -94,13 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     pairs, _ = load_pairs(args.tsv)
     cores = os.cpu_count() or 1
-    config = BackendConfig(name=args.backend, model_dir=args.model, echo_delay_ms=args.echo_delay_ms)
+    backend = BackendConfig(name=choose_backend(args.backend, args.model), model_dir=args.model,
+                            echo_delay_ms=args.echo_delay_ms)
+    worker = WorkerConfig(backend=backend,
+                          batch_size=args.batch_size, batch_timeout_ms=args.batch_timeout_ms)
     report: dict[str, Any] = {"backend": args.backend, "model": args.model, "batch_size": args.batch_size,
-                              "cores": cores, "tight": tight_loop(config, args.batch_size, args.seconds, pairs)}
+                              "cores": cores, "tight": tight_loop(worker.backend, args.batch_size, args.seconds,
+                                                                  pairs)}
     print("tight loop:", report["tight"], flush=True)
     report["served"] = []
     for parallel in (int(p) for p in args.parallel.split(",")):
-        result = served(args, pairs, parallel, max(1, cores // parallel))
+        result = served(args, worker, pairs, parallel, max(1, cores // parallel))
         result["ratio_to_tight"] = round(result["inferences_per_s"] / report["tight"]["inferences_per_s"], 3)
         report["served"].append(result)
         print(f"served x{parallel}: {result['inferences_per_s']} inf/s, ratio {result['ratio_to_tight']}, "

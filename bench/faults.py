@@ -165,7 +165,7 @@ def _percentile(values: list[float], q: float) -> float | None:
 def _run_phase(config: FaultBenchConfig, phase: str, workdir: Path) -> dict[str, Any]:
     front, back = f"ipc://{workdir}/{phase}-front", f"ipc://{workdir}/{phase}-back"
     log_path = workdir / f"{phase}-serve.log"
-    cmd = [sys.executable, "-m", "bertpool.workers.serve", "--address", front, "--worker-address", back,
+    cmd = [sys.executable, "-m", "bertpool.pool.serve", "--address", front, "--worker-address", back,
            "--parallel", str(config.parallel), "--backend", "echo", "--echo-delay-ms", str(config.echo_delay_ms),
            "--batch-timeout-ms", str(config.batch_timeout_ms), "--stats-interval-s", "0",
            "--heartbeat-interval-s", str(config.heartbeat_interval_s),
