@@ -12,5 +12,5 @@ Entry points (TensorFlow is imported lazily by each):
   SavedModel (tiny/base/large) that needs no download.
 * :mod:`.runtime`: ``is_compiled_model`` / ``load_compiled`` for the workers (which
   checks the loaded binary against its reference pairs).
-* ``python -m bertpool.compile.bench``: throughput and tolerance benchmarks.
+* ``python -m bertpool.bench.compile``: throughput and tolerance benchmarks.
 """

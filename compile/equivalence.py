@@ -11,7 +11,7 @@ neuron build on a host without Inferentia, the rebuilt graph run on the CPU at
 the same dtype before tracing.
 
 Tolerances on max |p_original - p_rebuilt| over all pairs and both classes,
-measured with ``python -m bertpool.compile.bench tolerance`` on the demo
+measured with ``python -m bertpool.bench.compile tolerance`` on the demo
 models (generated pairs; max over 64 pairs for tiny/base/large x every source
 GELU, and 512 pairs for tiny/base):
 

@@ -9,8 +9,8 @@ tolerance   max |dp| of the rebuilt graph vs the original SavedModel per size,
             GELU and dtype on N generated pairs: the data behind
             :data:`.equivalence.TOLERANCES`.
 
-    python -m bertpool.compile.bench throughput --sizes tiny base --json runs/bench-compile.json
-    python -m bertpool.compile.bench tolerance --sizes tiny base large --pairs 64 --json runs/tol.json
+    python -m bertpool.bench.compile throughput --sizes tiny base --json runs/bench-compile.json
+    python -m bertpool.bench.compile tolerance --sizes tiny base large --pairs 64 --json runs/tol.json
 
 Demo models are built under ``--work`` (default runs/bench-compile) and reused.
 """
@@ -28,13 +28,13 @@ import time
 
 import numpy as np
 
-from .gelu import GELUS
-from .rebuild import DTYPES
-from .shape import PRESETS
+from ..compile.gelu import GELUS
+from ..compile.rebuild import DTYPES
+from ..compile.shape import PRESETS
 
 
 def _demo(work: pathlib.Path, size: str, gelu: str = "erf") -> pathlib.Path:
-    from .demo_model import build_demo_model
+    from ..compile.demo_model import build_demo_model
 
     path = work / f"original-{size}-{gelu}"
     if not (path / "saved_model.pb").is_file():
@@ -67,10 +67,10 @@ def throughput(size: str, work: pathlib.Path, rounds: int, seconds: float, batch
     import tensorflow as tf
 
     from ..workers.backends import SavedModelBackend  # a bench sits above the roles it measures
-    from .build import CompileOptions, compile_model
-    from .equivalence import SavedModelOriginal
-    from .runtime import load_compiled
-    from .weights import load_weights
+    from ..compile.build import CompileOptions, compile_model
+    from ..compile.equivalence import SavedModelOriginal
+    from ..compile.runtime import load_compiled
+    from ..compile.weights import load_weights
 
     src = _demo(work, size)
     out = work / f"cpu-{size}"
@@ -115,10 +115,10 @@ def tolerance(size: str, work: pathlib.Path, pairs: int, gelus: list[str]) -> li
     """max |dp| of the rebuilt graph (in process) vs the SavedModel, per GELU x dtype."""
     import tensorflow as tf
 
-    from .equivalence import SavedModelOriginal
-    from .host import HostEmbeddings, embedding_arrays, mask_bias, softmax
-    from .rebuild import RebuildConfig, build_module
-    from .weights import load_weights
+    from ..compile.equivalence import SavedModelOriginal
+    from ..compile.host import HostEmbeddings, embedding_arrays, mask_bias, softmax
+    from ..compile.rebuild import RebuildConfig, build_module
+    from ..compile.weights import load_weights
 
     rows = []
     for source_gelu in gelus:
@@ -150,7 +150,7 @@ def tolerance(size: str, work: pathlib.Path, pairs: int, gelus: list[str]) -> li
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bertpool.compile.bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bertpool.bench.compile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=("throughput", "tolerance"))
     parser.add_argument("--sizes", nargs="+", choices=sorted(PRESETS), default=["tiny", "base"])
