@@ -24,7 +24,7 @@ ALLOWED = {
     "compile": {"common"},
     "gateway": {"common", "clients", "compile"},  # the served model's version: its manifest
     "pool": {"common", "broker", "workers", "gateway"},
-    "bench": {"common", "broker", "clients", "workers", "gateway", "pool"},
+    "bench": {"common", "broker", "clients", "workers", "gateway", "pool", "compile"},
 }
 # The finer edge: of compile/, the serving path (workers, gateway) touches only the runtime that
 # loads and describes compiled models, never the build-time toolchain.
