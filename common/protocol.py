@@ -307,7 +307,7 @@ def heartbeat_body() -> bytes:
 
 
 def check_id(body: dict[str, Any]) -> Any:
-    """Return the request id (str, int or None when absent); reject other types."""
+    """The request id, a str or int; ProtocolError(bad_field) if it is missing or of another type."""
     rid = body.get("id")
     if rid is None or isinstance(rid, bool):
         raise ProtocolError(E_BAD_FIELD, "id: missing (need a str or int)")
