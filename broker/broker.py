@@ -57,6 +57,7 @@ import zmq
 from ..common import protocol as P
 from ..common.cli import add_link_arguments, install_stop_handlers, report_error, setup_logging
 from ..common.errors import BertpoolError, ConfigError, ProtocolError
+from ..common.fastzmq import recv_nowait, send_nowait
 
 log = logging.getLogger("bertpool.broker")
 
@@ -274,7 +275,7 @@ class Broker:
         True when the socket was read empty."""
         for _ in range(512):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = recv_nowait(sock)
             except zmq.Again:
                 return True
             handler(frames)
@@ -380,7 +381,7 @@ class Broker:
         """Send without ever blocking; False (counted in ``dropped``) when the client is gone
         or already has frontend_sndhwm_msgs messages waiting."""
         try:
-            self.frontend.send_multipart([client, P.VERSION, kind, body], zmq.NOBLOCK)
+            send_nowait(self.frontend, [client, P.VERSION, kind, body])
         except zmq.ZMQError:  # EAGAIN: its queue is full; EHOSTUNREACH: it disconnected
             self.counters.dropped += 1
             return False
@@ -417,7 +418,7 @@ class Broker:
     def _send_worker(self, identity: bytes, frames: list[bytes]) -> bool:
         """Send to a worker socket; False when it is gone (never blocks: no SNDHWM on the backend)."""
         try:
-            self.backend.send_multipart([identity, *frames], zmq.NOBLOCK)
+            send_nowait(self.backend, [identity, *frames])
         except zmq.ZMQError:  # EHOSTUNREACH: the socket disconnected
             return False
         return True

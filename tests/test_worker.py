@@ -78,7 +78,7 @@ def replies(router, n: int) -> dict[int, tuple[bytes, dict]]:
         _, _, kind, *rest = router.recv_multipart()
         if kind in (P.REPLY, P.ERROR):  # STATS and HEARTBEAT are skipped
             out[int.from_bytes(rest[0], "big")] = (kind, P.unpack(rest[1]))
-    return out
+    return out, sink
 
 
 @pytest.mark.parametrize("n", [1, 3, 4, 6])
@@ -188,9 +188,15 @@ def test_tokenizer_failure_fails_only_text_requests(harness):
     assert got[2][0] == P.REPLY and got[2][1]["id"] == "f"
 
 
-class _NullSocket:
-    def send_multipart(self, frames, flags=0) -> None:
-        pass
+def _null_socket(ctx: zmq.Context) -> tuple[zmq.Socket, zmq.Socket]:
+    """A real socket whose messages are queued and never read (the worker sends through pyzmq's
+    Cython layer, so a stand-in object will not do), and its reader (keep it referenced)."""
+    sink = ctx.socket(zmq.PULL)
+    sink.bind("inproc://null-sink")
+    out = ctx.socket(zmq.PUSH)
+    out.setsockopt(zmq.SNDHWM, 0)
+    out.connect("inproc://null-sink")
+    return out, sink
 
 
 def test_counters_updated_from_both_threads_stay_exact_and_consistent():
@@ -207,6 +213,8 @@ def test_counters_updated_from_both_threads_stay_exact_and_consistent():
     at_line, resume, finished = threading.Semaphore(0), threading.Semaphore(0), threading.Event()
     torn: list[dict] = []
     io_errors = [0]
+    null_ctx = zmq.Context()
+    null, _sink = _null_socket(null_ctx)
 
     def pause_at_each_line(frame, event, arg):
         if frame.f_code not in (Worker._run_batch.__code__, Worker._compute.__code__):
@@ -228,7 +236,7 @@ def test_counters_updated_from_both_threads_stay_exact_and_consistent():
 
     def io() -> None:
         while at_line.acquire(timeout=wait_s) and not finished.is_set():
-            worker._reply_error(_NullSocket(), b"t" * 8, "r", P.E_BAD_TEXT, "bad")
+            worker._reply_error(null, b"t" * 8, "r", P.E_BAD_TEXT, "bad")
             io_errors[0] += 1
             snap = worker.stats.as_dict()
             if snap["inferences"] != 3 * snap["batches"] or snap["padded_rows"] != snap["batches"]:
@@ -240,6 +248,7 @@ def test_counters_updated_from_both_threads_stay_exact_and_consistent():
         t.start()
     for t in threads:
         t.join(60)
+    null_ctx.destroy(linger=0)
     assert not any(t.is_alive() for t in threads)
     assert not torn, torn[:3]
     assert io_errors[0] >= rounds  # the I/O side really ran between the lines

@@ -42,6 +42,7 @@ import zmq
 from ..common import protocol as P
 from ..common.cli import add_link_arguments, install_stop_handlers, report_error, setup_logging
 from ..common.errors import BertpoolError, ConfigError, ProtocolError
+from ..common.fastzmq import recv_many, send_nowait
 from ..common.tokenizer import BertTokenizer
 from .backends import (BACKENDS, Backend, BackendConfig, choose_backend, fallback_vocab_path, load_backend,
                        run_padded)
@@ -213,7 +214,7 @@ class Worker:
         """Send without blocking: with the broker gone and the queue full, a message is dropped
         (counted in stale_dropped) rather than hang a thread."""
         try:
-            sock.send_multipart(frames, zmq.NOBLOCK)
+            send_nowait(sock, frames)
         except zmq.Again:
             self.stats.add(stale_dropped=1)
             return False
@@ -229,12 +230,7 @@ class Worker:
         while not self._stop.is_set():
             timeout_ms = max(0.0, (min(next_stats, next_beat) - time.monotonic()) * 1000)
             if self._sock.poll(min(timeout_ms, 200)):
-                batch = []
-                for _ in range(256):  # bounded drain keeps replies flowing under load
-                    try:
-                        batch.append(self._sock.recv_multipart(zmq.NOBLOCK))
-                    except zmq.Again:
-                        break
+                batch = recv_many(self._sock, 256)  # bounded drain keeps beats and stats flowing
                 last_heard = time.monotonic()  # any message counts as a beat
                 if self._on_messages(self._sock, batch):
                     self._reconnect("the broker said DISCONNECT")
@@ -285,14 +281,15 @@ class Worker:
                 if kind == "text":
                     self._reply_error(sock, token, request_id, P.E_BAD_TEXT, f"tokenizer failed: {exc}")
             parsed = [p for p in parsed if p[3] != "text"]
-        row = 0
+        row, generation, pending = 0, self._generation, []
         for token, request_id, message, kind, value in parsed:
             if kind == "text":
                 value = (encoded.input_ids[row], encoded.input_mask[row], encoded.segment_ids[row])
                 row += 1
             deadline = None if message.deadline_ms is None else arrived + message.deadline_ms / 1000.0
-            self._batcher.put(_Pending(token, request_id, value, message.queue_ms, deadline, self._generation),
-                              arrived)
+            pending.append(_Pending(token, request_id, value, message.queue_ms, deadline, generation))
+        # One handoff for the whole burst: one lock, at most one wake-up of the compute thread.
+        self._batcher.put_many(pending, arrived)
         return False
 
     def _reply_error(self, sock: zmq.Socket, token: bytes, request_id: Any, code: str, message: str) -> None:
@@ -402,15 +399,15 @@ class Worker:
         step = self.backend.batch_size or self.config.batch_size
         padded = -(-len(items) // step) * step - len(items)
         self.stats.add(batches=1, inferences=len(items), padded_rows=padded)
-        compute_ms = (done - started) * 1000
-        oldest = batch[0][0]
-        return [P.reply_frames(it.token, P.reply_body(it.request_id, probs[i], {
+        compute_ms = round((done - started) * 1000, 3)
+        oldest_ms = round((started - batch[0][0]) * 1000, 3)
+        bodies = P.reply_bodies([it.request_id for it in items], probs, [{
                     "queue_ms": it.queue_ms,
                     "batch_wait_ms": round((started - arrived) * 1000, 3),
-                    "batch_oldest_ms": round((started - oldest) * 1000, 3),
-                    "compute_ms": round(compute_ms, 3),
-                    "batch_size": len(items)}))
-                for i, ((arrived, _), it) in enumerate(zip(batch, items))]
+                    "batch_oldest_ms": oldest_ms,
+                    "compute_ms": compute_ms,
+                    "batch_size": len(items)} for (arrived, _), it in zip(batch, items)])
+        return [P.reply_frames(it.token, body) for it, body in zip(items, bodies)]
 
 
 # ------------------------------------------------------------------- CLI
