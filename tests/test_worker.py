@@ -78,7 +78,7 @@ def replies(router, n: int) -> dict[int, tuple[bytes, dict]]:
         _, _, kind, *rest = router.recv_multipart()
         if kind in (P.REPLY, P.ERROR):  # STATS and HEARTBEAT are skipped
             out[int.from_bytes(rest[0], "big")] = (kind, P.unpack(rest[1]))
-    return out, sink
+    return out
 
 
 @pytest.mark.parametrize("n", [1, 3, 4, 6])
@@ -341,3 +341,96 @@ def test_malformed_broker_messages_are_counted_and_dropped(harness):
 def test_bad_worker_reliability_config(kwargs):
     with pytest.raises(ConfigError):
         WorkerConfig(**kwargs)
+
+
+# ------------------------------------------------------------ inline mode (no handoff)
+
+class SwitchableBackend(EchoBackend):
+    """Echo, but each batch sleeps ``delay_s`` (0 at first, so warm-up finds it fast)."""
+
+    def __init__(self):
+        super().__init__(BackendConfig())
+        self.delay_s = 0.0
+
+    def predict(self, input_ids, input_mask, segment_ids):
+        time.sleep(self.delay_s)
+        return super().predict(input_ids, input_mask, segment_ids)
+
+
+@pytest.mark.parametrize("delay_ms, inline_batch_ms, inline", [(0, 1.0, True), (20, 1.0, False), (0, 0, False)])
+def test_inline_mode_only_for_batches_under_the_limit(delay_ms, inline_batch_ms, inline):
+    worker = Worker(WorkerConfig(inline_batch_ms=inline_batch_ms),
+                    backend=EchoBackend(BackendConfig(echo_delay_ms=delay_ms)))
+    worker.load()
+    assert worker.inline is inline
+
+
+def test_inline_worker_flushes_at_size_and_at_the_deadline(harness):
+    router, ident, worker = harness(EchoBackend(BackendConfig()), batch_size=4, batch_timeout_ms=150)
+    assert worker.inline and worker._compute_thread is None
+    sent = time.monotonic()
+    for i in range(5):
+        send(router, ident, i, P.text_request(i, f"text {i}", "other"))
+    got = replies(router, 5)
+    assert sorted(b["timings"]["batch_size"] for _, b in got.values()) == [1, 4, 4, 4, 4]
+    assert time.monotonic() - sent >= 0.15  # the fifth waited for its deadline: nothing else came
+    assert worker.stats.batches == 2 and worker.stats.padded_rows == 3
+
+
+def test_inline_stop_answers_held_requests_then_says_disconnect(harness):
+    router, ident, worker = harness(EchoBackend(BackendConfig()), batch_size=4, batch_timeout_ms=60_000)
+    assert worker.inline
+    for i in range(3):
+        send(router, ident, i, P.text_request(i, "a", "b"))
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while len(worker._batcher) < 3:  # held, waiting for a fourth
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    worker.stop()
+    got = []
+    while router.poll(WAIT_MS):
+        got.append(router.recv_multipart()[2])
+        if got[-1] == P.DISCONNECT:
+            break
+    assert got.count(P.REPLY) == 3 and got[-1] == P.DISCONNECT
+
+
+def test_a_slow_batch_moves_batching_to_a_compute_thread(harness):
+    backend = SwitchableBackend()
+    router, ident, worker = harness(backend, batch_size=1, batch_timeout_ms=0)
+    assert worker.inline
+    backend.delay_s = 0.02  # now slower than inline_batch_ms
+    send(router, ident, 1, P.text_request(1, "now", "slow"))
+    assert replies(router, 1)[1][0] == P.REPLY
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while worker.inline:  # it switches right after sending that reply
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert worker._compute_thread.is_alive()
+    send(router, ident, 2, P.text_request(2, "still", "served"))
+    assert replies(router, 1)[2][0] == P.REPLY
+
+
+@pytest.mark.parametrize("delay_ms", [0, 2])  # inline, and with a compute thread
+def test_batched_receive_never_starves_heartbeats(harness, delay_ms):
+    """A flood of requests, always more waiting than one drain takes: the worker still beats every
+    interval and still hears the broker's beats (it never re-registers)."""
+    router, ident, worker = harness(EchoBackend(BackendConfig(echo_delay_ms=delay_ms)), batch_size=4,
+                                    batch_timeout_ms=0, heartbeat_interval_s=0.1, heartbeat_liveness=3)
+    body = P.text_request("f", "flood", "of requests")
+    beats, answered, token, next_beat = 0, 0, 0, 0.0
+    end = time.monotonic() + 1.5
+    while time.monotonic() < end:
+        if token - answered < 600:  # a bounded backlog, so stop() finishes it quickly
+            for _ in range(300):  # more than one bounded drain (256) per round
+                send(router, ident, token, body)
+                token += 1
+        if time.monotonic() >= next_beat:
+            router.send_multipart([ident, *P.heartbeat_frames()])
+            next_beat = time.monotonic() + 0.05
+        while router.poll(0):
+            kind = router.recv_multipart()[2]
+            beats += kind == P.HEARTBEAT
+            answered += kind == P.REPLY
+    assert beats >= 8  # 1.5 s at one beat per 0.1 s, with slack for a loaded machine
+    assert answered > 0 and worker.stats.reconnects == 0

@@ -62,7 +62,8 @@ def worker_argv(config: WorkerConfig, load_error_file: str | None = None) -> lis
             "--threads", str(b.threads), "--name", config.name, "--slot", config.slot,
             "--heartbeat-interval-s", str(config.heartbeat_interval_s),
             "--heartbeat-liveness", str(config.heartbeat_liveness),
-            "--max-message-bytes", str(config.max_message_bytes)]
+            "--max-message-bytes", str(config.max_message_bytes),
+            "--inline-batch-ms", str(config.inline_batch_ms)]
     if b.model_dir:
         argv += ["--model", str(b.model_dir)]
     if config.vocab_path:

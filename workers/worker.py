@@ -16,6 +16,14 @@ Two threads, so the model never waits on I/O and batch deadlines stay honest:
 
 A worker says READY (with its capacity) only after its warm-up batch ran.
 
+Inline mode: when the backend's batches take under ``inline_batch_ms`` (the echo
+backend, trivial models), handing each batch to another thread costs more CPU than
+the batch itself (a lock, a wake-up, a GIL handover per batch). Then the I/O thread
+runs the batches itself, between reads, under the same batcher contract (its poll
+wakes when the oldest request's batch is due), and replies on its own socket; beats
+are late by at most one such batch. If a batch ever takes longer than that, the
+worker starts the compute thread and hands batches to it from then on.
+
 Broker loss: when the broker is silent for ``heartbeat_liveness`` intervals,
 or says DISCONNECT (it does not know us: it presumed us dead, or it restarted),
 the worker closes and reopens its sockets and says READY again under a new
@@ -69,6 +77,8 @@ class WorkerConfig:
     heartbeat_interval_s: float = 1.0  # beat the broker this often; expect its beats as often
     heartbeat_liveness: int = 3       # the broker is presumed dead after this many silent intervals
     max_message_bytes: int = 4 << 20  # ZeroMQ MAXMSGSIZE on our sockets (> the broker's max_request_bytes)
+    inline_batch_ms: float = 1.0      # run batches on the I/O thread while they take under this long
+                                      # (warm-up and every batch measured); 0 = always a compute thread
 
     def __post_init__(self) -> None:
         P.check_endpoint("worker address", self.broker_address)
@@ -82,6 +92,8 @@ class WorkerConfig:
         # Below this a valid text request (2 x MAX_TEXT_CHARS of UTF-8) could not reach us.
         if self.max_message_bytes < MIN_MESSAGE_BYTES:
             raise ConfigError(f"max_message_bytes must be >= {MIN_MESSAGE_BYTES}, got {self.max_message_bytes}")
+        if not self.inline_batch_ms >= 0:
+            raise ConfigError(f"inline_batch_ms must be >= 0, got {self.inline_batch_ms}")
 
     @property
     def effective_capacity(self) -> int:
@@ -148,6 +160,8 @@ class Worker:
         # Bumped (by the I/O thread) at each re-registration; the compute thread reads it to drop
         # what belongs to an older one and to reopen its own socket.
         self._generation = 0
+        self.inline = False  # batches run on the I/O thread (set by load(); cleared for good if one is slow)
+        self._compute_thread: threading.Thread | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -158,8 +172,15 @@ class Worker:
         vocab = self.config.vocab_path or self.backend.vocab_path or fallback_vocab_path()
         self.tokenizer = BertTokenizer(vocab, max_seq_length=self.backend.seq_length)
         warm = self.tokenizer.encode_pairs([("warm up", "warm up")])
-        run_padded(self.backend, warm.input_ids, warm.input_mask, warm.segment_ids,
-                   self.config.batch_size, self._dummy_tokens())
+        limit_s = self.config.inline_batch_ms / 1000
+        for _ in range(2):  # the first call may pay one-off set-up: judge the second when it is close
+            started = time.monotonic()
+            run_padded(self.backend, warm.input_ids, warm.input_mask, warm.segment_ids,
+                       self.config.batch_size, self._dummy_tokens())
+            took_s = time.monotonic() - started
+            if took_s >= 10 * limit_s:
+                break
+        self.inline = took_s < limit_s
 
     def stop(self) -> None:
         """Ask run() to finish: stop taking requests, answer those held, say DISCONNECT."""
@@ -169,23 +190,33 @@ class Worker:
         """Connect, say READY, and serve until stop(); load() first if not done."""
         if self.tokenizer is None:
             self.load()
-        compute = threading.Thread(target=self._compute_loop, name=f"{self.name}-compute", daemon=True)
         try:
-            compute.start()
+            if not self.inline:
+                self._start_compute()
             self._register()
-            log.info("%s ready: backend %s, batch %d, timeout %.1f ms", self.name, self.backend.name,
-                     self.config.batch_size, self.config.batch_timeout_ms)
+            log.info("%s ready: backend %s, batch %d, timeout %.1f ms%s", self.name, self.backend.name,
+                     self.config.batch_size, self.config.batch_timeout_ms,
+                     ", batches inline" if self.inline else "")
             self._io_loop()
         finally:
+            self._batcher.close()
+            compute = self._compute_thread
+            if compute is None:
+                self._finish_inline()
             # The compute thread answers what the batcher holds, then says DISCONNECT; we keep
             # beating meanwhile, so a long last batch does not make the broker presume us dead.
-            self._batcher.close()
-            while compute.is_alive():
+            while compute is not None and compute.is_alive():
                 compute.join(self.config.heartbeat_interval_s)
                 if compute.is_alive() and self._sock is not None:
                     self._send(self._sock, P.heartbeat_frames())
             if self._sock is not None:
                 self._sock.close(linger=2000)
+
+    def _start_compute(self) -> None:
+        self.inline = False
+        self._compute_thread = threading.Thread(target=self._compute_loop, name=f"{self.name}-compute",
+                                                daemon=True)
+        self._compute_thread.start()
 
     def _open_socket(self) -> zmq.Socket:
         sock = self._ctx.socket(zmq.DEALER)
@@ -228,7 +259,10 @@ class Worker:
         now = time.monotonic()
         next_stats, next_beat, last_heard = now + self.config.stats_interval_s, now + interval, now
         while not self._stop.is_set():
-            timeout_ms = max(0.0, (min(next_stats, next_beat) - time.monotonic()) * 1000)
+            wake = min(next_stats, next_beat)
+            if self.inline and (due := self._batcher.due_at()) is not None:
+                wake = min(wake, due)  # we flush the batcher ourselves: wake when its batch is due
+            timeout_ms = max(0.0, (wake - time.monotonic()) * 1000)
             if self._sock.poll(min(timeout_ms, 200)):
                 batch = recv_many(self._sock, 256)  # bounded drain keeps beats and stats flowing
                 last_heard = time.monotonic()  # any message counts as a beat
@@ -236,6 +270,8 @@ class Worker:
                     self._reconnect("the broker said DISCONNECT")
                     last_heard = time.monotonic()
                     continue
+            if self.inline:
+                self._run_due_inline()
             now = time.monotonic()
             # Judge silence only with nothing waiting to be read: a worker that was itself starved
             # (or stopped) must first hear the beats waiting for it.
@@ -248,6 +284,37 @@ class Worker:
             if now >= next_stats:
                 self._send_stats(self._sock)
                 next_stats = time.monotonic() + self.config.stats_interval_s
+
+    def _run_due_inline(self) -> None:
+        """Inline mode: run every batch that is due, replying on the registration socket. A batch
+        slower than inline_batch_ms moves batching to the compute thread for good."""
+        limit_s = self.config.inline_batch_ms / 1000
+        while batch := self._batcher.take_due():
+            started = time.monotonic()
+            try:
+                replies = self._run_batch(batch)
+            except Exception:  # a bug, not a model error (those are replies): stop, to be restarted
+                log.exception("%s: inline batch failed", self.name)
+                self.failed = True
+                self._stop.set()
+                return
+            for frames in replies:
+                self._send(self._sock, frames)
+            took_s = time.monotonic() - started
+            if took_s >= limit_s and not self._batcher.closed:
+                log.info("%s: a batch took %.1f ms (inline limit %.1f ms); batches move to a compute "
+                         "thread", self.name, took_s * 1000, self.config.inline_batch_ms)
+                self._start_compute()
+                return
+
+    def _finish_inline(self) -> None:
+        """Inline mode's last word (the batcher is closed): answer what it holds, then STATS and
+        DISCONNECT, all on the registration socket, so nothing can overtake the replies."""
+        if self._sock is None:
+            return
+        self._run_due_inline()
+        self._send_stats(self._sock)
+        self._send(self._sock, P.worker_disconnect_frames(self.name, self.incarnation))
 
     def _on_messages(self, sock: zmq.Socket, messages: list[list[bytes]]) -> bool:
         """Handle broker messages: queue valid REQUESTs, answer bad ones with ERROR at once.
@@ -430,6 +497,10 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                         help="longest a request waits for its batch to fill (default: %(default)s)")
     parser.add_argument("--capacity", type=int, default=0,
                         help="requests the broker may hand one worker at once (default: 2 x batch size)")
+    parser.add_argument("--inline-batch-ms", type=float, default=WorkerConfig.inline_batch_ms,
+                        help="run batches on the worker's I/O thread, without a handoff, while they take "
+                             "under this long (echo, trivial models); 0 = always a compute thread "
+                             "(default: %(default)s)")
     parser.add_argument("--echo-delay-ms", type=float, default=0.0,
                         help="echo backend: simulated compute time per batch (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=0,
@@ -447,7 +518,8 @@ def worker_config_from_args(args: argparse.Namespace, broker_address: str,
                               threads=args.threads if threads is None else threads),
         vocab_path=args.vocab, batch_size=args.batch_size, batch_timeout_ms=args.batch_timeout_ms,
         capacity=args.capacity, name=name, slot=slot, heartbeat_interval_s=args.heartbeat_interval_s,
-        heartbeat_liveness=args.heartbeat_liveness, max_message_bytes=args.max_message_bytes)
+        heartbeat_liveness=args.heartbeat_liveness, max_message_bytes=args.max_message_bytes,
+        inline_batch_ms=args.inline_batch_ms)
 
 
 def main(argv: list[str] | None = None) -> int:
