@@ -159,6 +159,11 @@ class BrokerCounters:
     dropped: int = 0              # messages for clients dropped: client gone, or frontend_sndhwm_msgs waiting
 
 
+def _free_credit(worker: _WorkerState) -> int:
+    # _WorkerState.free without the property call: dispatch ranks every worker for every request.
+    return worker.capacity - len(worker.inflight)
+
+
 class Broker:
     """Route requests and replies until stop(); see the module docstring."""
 
@@ -550,7 +555,7 @@ class Broker:
     def _dispatch(self) -> None:
         """Hand queued requests to the workers with the most free credit."""
         while self._queue and self._workers:
-            worker = max(self._workers.values(), key=lambda w: w.free)
+            worker = max(self._workers.values(), key=_free_credit)
             if worker.free <= 0:
                 return
             request = self._queue.popleft()

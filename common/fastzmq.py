@@ -18,10 +18,8 @@ from zmq.backend import Socket as _CSocket
 
 _send = _CSocket.send
 _recv = _CSocket.recv
-_get = _CSocket.get
 _MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _NOBLOCK = int(zmq.NOBLOCK)
-_RCVMORE = int(zmq.RCVMORE)
 
 
 def send_nowait(sock: zmq.Socket, frames: list[bytes]) -> None:
@@ -36,10 +34,15 @@ def send_nowait(sock: zmq.Socket, frames: list[bytes]) -> None:
 
 
 def recv_nowait(sock: zmq.Socket) -> list[bytes]:
-    """Receive one whole multipart message without blocking; ``zmq.Again`` when none waits."""
-    parts = [_recv(sock, _NOBLOCK)]
-    while _get(sock, _RCVMORE):
-        parts.append(_recv(sock, _NOBLOCK))
+    """Receive one whole multipart message without blocking; ``zmq.Again`` when none waits.
+
+    Each frame is read as a Frame, whose ``more`` flag is one C call, instead of asking the socket
+    for RCVMORE (pyzmq builds an enum per getsockopt); ``bytes`` then copies it out as recv() would."""
+    frame = _recv(sock, _NOBLOCK, False)
+    parts = [frame.bytes]
+    while frame.more:
+        frame = _recv(sock, _NOBLOCK, False)
+        parts.append(frame.bytes)
     return parts
 
 

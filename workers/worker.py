@@ -262,8 +262,12 @@ class Worker:
             wake = min(next_stats, next_beat)
             if self.inline and (due := self._batcher.due_at()) is not None:
                 wake = min(wake, due)  # we flush the batcher ourselves: wake when its batch is due
-            timeout_ms = max(0.0, (wake - time.monotonic()) * 1000)
-            if self._sock.poll(min(timeout_ms, 200)):
+            timeout_ms = min(200.0, max(0.0, (wake - time.monotonic()) * 1000))
+            ready = self._sock.poll(int(timeout_ms))  # whole ms: zmq_poll takes no finer timeout
+            if not ready and 0 < timeout_ms < 1:
+                time.sleep(timeout_ms / 1000)  # the last fraction of a batch deadline, without spinning
+                ready = self._sock.poll(0)
+            if ready:
                 batch = recv_many(self._sock, 256)  # bounded drain keeps beats and stats flowing
                 last_heard = time.monotonic()  # any message counts as a beat
                 if self._on_messages(self._sock, batch):
