@@ -434,3 +434,18 @@ def test_batched_receive_never_starves_heartbeats(harness, delay_ms):
             answered += kind == P.REPLY
     assert beats >= 8  # 1.5 s at one beat per 0.1 s, with slack for a loaded machine
     assert answered > 0 and worker.stats.reconnects == 0
+
+
+@pytest.mark.parametrize("field, value, ok", [("input_mask", 2, False), ("input_mask", -1, False),
+                                              ("segment_ids", 2, False), ("segment_ids", -1, False),
+                                              ("input_ids", 10**6, False), ("input_ids", -5, False),
+                                              ("segment_ids", 1, True)])
+def test_feature_values_the_model_cannot_take_are_refused_alone(harness, field, value, ok):
+    router, ident, worker = harness(EchoBackend(BackendConfig()), batch_size=4, batch_timeout_ms=0)
+    f = worker.tokenizer.encode_pairs([("a", "b")])
+    arrays = {"input_ids": f.input_ids[0].copy(), "input_mask": f.input_mask[0].copy(),
+              "segment_ids": f.segment_ids[0].copy()}
+    arrays[field][1] = value
+    send(router, ident, 1, P.features_request(1, **arrays))
+    kind, body = replies(router, 1)[1]
+    assert (kind, body.get("code")) == ((P.REPLY, None) if ok else (P.ERROR, P.E_BAD_FIELD))

@@ -385,9 +385,10 @@ class Worker:
         """Reject feature values the model cannot take, so they never fail a shared batch."""
         if int(ids.min(initial=0)) < 0 or int(ids.max(initial=0)) >= self.tokenizer.vocab_size:
             raise ProtocolError(P.E_BAD_FIELD, "input_ids: token id outside the vocabulary")
-        if not np.isin(mask, (0, 1)).all():
+        # min/max, not np.isin: the same test for integer arrays at a fraction of the cost.
+        if mask.size and (int(mask.min()) < 0 or int(mask.max()) > 1):
             raise ProtocolError(P.E_BAD_FIELD, "input_mask: values must be 0 or 1")
-        if not np.isin(segments, (0, 1)).all():
+        if segments.size and (int(segments.min()) < 0 or int(segments.max()) > 1):
             raise ProtocolError(P.E_BAD_FIELD, "segment_ids: values must be 0 or 1")
 
     def _send_stats(self, sock: zmq.Socket) -> None:
