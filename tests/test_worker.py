@@ -399,16 +399,33 @@ def test_a_slow_batch_moves_batching_to_a_compute_thread(harness):
     backend = SwitchableBackend()
     router, ident, worker = harness(backend, batch_size=1, batch_timeout_ms=0)
     assert worker.inline
-    backend.delay_s = 0.02  # now slower than inline_batch_ms
-    send(router, ident, 1, P.text_request(1, "now", "slow"))
-    assert replies(router, 1)[1][0] == P.REPLY
+    backend.delay_s = 0.02  # now slower than inline_batch_ms, batch after batch
+    for i in range(40):  # the moving mean reaches the limit within a few batches
+        send(router, ident, i, P.text_request(i, "now", "slow"))
+        assert replies(router, 1)[i][0] == P.REPLY
+        if not worker.inline:
+            break
     deadline = time.monotonic() + WAIT_MS / 1000
-    while worker.inline:  # it switches right after sending that reply
+    while worker.inline:  # it switches right after sending a reply
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert worker._compute_thread.is_alive()
-    send(router, ident, 2, P.text_request(2, "still", "served"))
-    assert replies(router, 1)[2][0] == P.REPLY
+    send(router, ident, 99, P.text_request(99, "still", "served"))
+    assert replies(router, 1)[99][0] == P.REPLY
+
+
+def test_one_batch_as_long_as_a_quarter_beat_moves_batching_at_once(harness):
+    backend = SwitchableBackend()
+    router, ident, worker = harness(backend, batch_size=1, batch_timeout_ms=0, heartbeat_interval_s=0.2,
+                                    heartbeat_liveness=50)
+    assert worker.inline
+    backend.delay_s = 0.06  # > 0.2 s / 4
+    send(router, ident, 1, P.text_request(1, "one", "long batch"))
+    assert replies(router, 1)[1][0] == P.REPLY
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while worker.inline:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
 
 
 @pytest.mark.parametrize("delay_ms", [0, 2])  # inline, and with a compute thread
