@@ -12,7 +12,9 @@ request in flight, for ``--duration-s`` after a warm-up):
   backend and zero delay: the whole serving path (decode, tokenize, batch,
   reply) without a model.
 
-Writes a JSON report with each set-up's round trips/s and the ratios to relay.
+Writes a JSON report with each set-up's round trips/s, the ratios to relay, and the CPU
+microseconds per round trip of the router (proxy or broker), the workers and the load (Linux
+/proc; left out elsewhere): on a shared machine these move less than the rates do.
 """
 
 from __future__ import annotations
@@ -112,23 +114,46 @@ def _load(address: str, sockets: int, warmup_s: float, duration_s: float, body: 
         s.send_multipart([P.VERSION, P.REQUEST, body])
     start = time.monotonic() + warmup_s
     end = start + duration_s
-    count = 0
+    results.put(("start", start))
+    count, cpu_start = 0, None
     while (now := time.monotonic()) < end:
+        if cpu_start is None and now >= start:
+            cpu_start = time.process_time()
         for s, _ in poller.poll(100):
             s.recv_multipart()
             if start <= now:
                 count += 1
             s.send_multipart([P.VERSION, P.REQUEST, body])
-    results.put(count)
+    results.put((count, time.process_time() - (cpu_start or time.process_time())))
     for s in socks:
         s.close()
     ctx.term()
 
 
+def _cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds a process has used so far (None where /proc is not there)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_us_per_round_trip(pids: list[int], before: list[float | None], round_trips: float) -> float | None:
+    """CPU microseconds the processes ``pids`` spent per round trip since ``before``."""
+    after = [_cpu_s(pid) for pid in pids]
+    if round_trips <= 0 or any(v is None for v in before + after):
+        return None
+    return round(sum(a - b for a, b in zip(after, before)) / round_trips * 1e6, 1)
+
+
 def measure(setup: str, clients: int, workers: int, load_procs: int, warmup_s: float,
-            duration_s: float, body: bytes, metrics_address: str = "") -> float:
+            duration_s: float, body: bytes, metrics_address: str = "",
+            cpu: dict[str, Any] | None = None) -> float:
     """Round trips per second for one set-up (``metrics_address``: the broker's, to measure the
-    cost of recording metrics)."""
+    cost of recording metrics); with ``cpu``, also the CPU microseconds per round trip
+    of the router (this process: the relay's proxy or the broker) and of the workers, from the
+    window's start until every load process reported, and of the load processes (their window)."""
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
     tmp = tempfile.mkdtemp(prefix="bertpool-relay-")
@@ -159,7 +184,17 @@ def measure(setup: str, clients: int, workers: int, load_procs: int, warmup_s: f
                for n in share if n]
     for p in loaders:
         p.start()
-    total = sum(results.get(timeout=warmup_s + duration_s + 60) for _ in loaders)
+    # The window starts at the same monotonic instant in every loader (it is system-wide).
+    window_start = max(results.get(timeout=120)[1] for _ in loaders)
+    time.sleep(max(0.0, window_start - time.monotonic()))
+    worker_pids = [p.pid for p in procs]
+    router_cpu, worker_cpu = [_cpu_s(os.getpid())], [_cpu_s(pid) for pid in worker_pids]
+    counts = [results.get(timeout=warmup_s + duration_s + 60) for _ in loaders]
+    total = sum(n for n, _ in counts)
+    if cpu is not None and total:
+        cpu["router"] = _cpu_us_per_round_trip([os.getpid()], router_cpu, total)
+        cpu["workers"] = _cpu_us_per_round_trip(worker_pids, worker_cpu, total)
+        cpu["load"] = round(sum(c for _, c in counts) / total * 1e6, 1)
     for p in loaders:
         p.join(10)
     stop.set()
@@ -210,11 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"clients": args.clients, "workers": args.workers, "request": args.request,
                               "duration_s": args.duration_s, "metrics": bool(args.metrics_address),
                               "round_trips_per_s": {}}
+    report["cpu_us_per_round_trip"] = {}
     for setup in setups:
+        cpu: dict[str, Any] = {}
         rate = measure(setup, args.clients, args.workers, args.load_procs, args.warmup_s, args.duration_s,
-                       body, args.metrics_address)
+                       body, args.metrics_address, cpu)
         report["round_trips_per_s"][setup] = round(rate, 1)
-        print(f"{setup:>6}: {rate:10.1f} round trips/s", flush=True)
+        report["cpu_us_per_round_trip"][setup] = cpu
+        print(f"{setup:>6}: {rate:10.1f} round trips/s; CPU us per round trip: router {cpu.get('router')}, "
+              f"workers {cpu.get('workers')}, load {cpu.get('load')}", flush=True)
     relay = report["round_trips_per_s"].get("relay")
     if relay:
         report["ratio_to_relay"] = {k: round(v / relay, 3) for k, v in report["round_trips_per_s"].items()}

@@ -61,6 +61,7 @@ from ..common.defaults import DEFAULT_BACKEND, DEFAULT_FRONTEND
 from ..common.errors import BertpoolError, ConfigError, ProtocolError
 from ..common.metrics_export import parse_metrics_address
 from .metrics import BrokerMetrics, MetricsServer
+from ..common.fastzmq import recv_nowait, send_nowait
 
 log = logging.getLogger("bertpool.broker")
 
@@ -166,6 +167,11 @@ class BrokerCounters:
     shutting_down: int = 0        # requests answered shutting_down
     heartbeats: int = 0           # client HEARTBEATs answered
     dropped: int = 0              # messages for clients dropped: client gone, or frontend_sndhwm_msgs waiting
+
+
+def _free_credit(worker: _WorkerState) -> int:
+    # _WorkerState.free without the property call: dispatch ranks every worker for every request.
+    return worker.capacity - len(worker.inflight)
 
 
 class Broker:
@@ -304,7 +310,7 @@ class Broker:
         True when the socket was read empty."""
         for _ in range(512):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = recv_nowait(sock)
             except zmq.Again:
                 return True
             handler(frames)
@@ -412,7 +418,7 @@ class Broker:
         """Send without ever blocking; False (counted in ``dropped``) when the client is gone
         or already has frontend_sndhwm_msgs messages waiting."""
         try:
-            self.frontend.send_multipart([client, P.VERSION, kind, body], zmq.NOBLOCK)
+            send_nowait(self.frontend, [client, P.VERSION, kind, body])
         except zmq.ZMQError:  # EAGAIN: its queue is full; EHOSTUNREACH: it disconnected
             self.counters.dropped += 1
             return False
@@ -452,7 +458,7 @@ class Broker:
     def _send_worker(self, identity: bytes, frames: list[bytes]) -> bool:
         """Send to a worker socket; False when it is gone (never blocks: no SNDHWM on the backend)."""
         try:
-            self.backend.send_multipart([identity, *frames], zmq.NOBLOCK)
+            send_nowait(self.backend, [identity, *frames])
         except zmq.ZMQError:  # EHOSTUNREACH: the socket disconnected
             return False
         return True
@@ -591,7 +597,7 @@ class Broker:
     def _dispatch(self) -> None:
         """Hand queued requests to the workers with the most free credit."""
         while self._queue and self._workers:
-            worker = max(self._workers.values(), key=lambda w: w.free)
+            worker = max(self._workers.values(), key=_free_credit)
             if worker.free <= 0:
                 return
             request = self._queue.popleft()

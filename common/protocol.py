@@ -370,6 +370,20 @@ def reply_body(request_id: Any, probabilities: np.ndarray, timings: dict[str, fl
                  "probabilities": encode_array(probs), "timings": timings})
 
 
+def reply_bodies(request_ids: list[Any], probabilities: np.ndarray, timings: list[dict[str, float]]) -> list[bytes]:
+    """``reply_body`` for each row of float32 [B, 2] probabilities, byte for byte, at a fraction of
+    the cost: the labels and the rows' bytes are computed once for the batch."""
+    probs = np.ascontiguousarray(probabilities, dtype="<f4")
+    labels = probs.argmax(axis=1).tolist()
+    data, width = probs.tobytes(), probs.shape[1] * 4
+    packb = msgpack.Packer(use_bin_type=True).pack
+    return [packb({"id": rid, "label": label,
+                   "probabilities": {"__nd__": True, "dtype": "f4", "shape": [probs.shape[1]],
+                                     "data": data[i * width:(i + 1) * width]},
+                   "timings": t})
+            for i, (rid, label, t) in enumerate(zip(request_ids, labels, timings))]
+
+
 def error_body(request_id: Any, code: str, message: str) -> bytes:
     """Body of an ERROR reply."""
     return pack({"id": request_id, "code": code, "message": message})
@@ -586,7 +600,7 @@ def request_deadline_ms(raw_body: bytes) -> float | None:
     return parse_deadline_ms(unpack(raw_body))
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen init costs 3x, and this is per message
 class FromClient:
     """A decoded client -> broker message (frontend)."""
     kind: bytes      # REQUEST, STATS or HEARTBEAT
@@ -612,7 +626,7 @@ def parse_from_client(frames: list[bytes]) -> FromClient:
     return FromClient(kind, frames[2])
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen init costs 3x, and this is per message
 class FromWorker:
     """A decoded worker -> broker message (backend)."""
     kind: bytes                       # READY, REPLY, ERROR, STATS, HEARTBEAT or DISCONNECT
@@ -671,7 +685,7 @@ def _parse_histograms(value: Any) -> dict[str, tuple[list[int], float]] | None:
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen init costs 3x, and this is per message
 class FromBroker:
     """A decoded broker -> worker message (backend)."""
     kind: bytes                    # REQUEST, HEARTBEAT or DISCONNECT

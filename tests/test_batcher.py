@@ -103,3 +103,63 @@ def test_concurrent_producers_lose_nothing_and_keep_per_producer_order():
 def test_bad_config_is_rejected(kwargs):
     with pytest.raises(ValueError):
         BatcherConfig(**kwargs)
+
+
+# ------------------------------------------- burst handoff and the non-blocking consumer
+
+@pytest.mark.parametrize("size", [1, 4])
+def test_put_many_flushes_at_size_and_wakes_a_waiting_consumer(size):
+    """A burst handed over at once (one lock, one wake-up) makes the same batches as puts would."""
+    b = make(size, batch_timeout_ms=60_000)
+    got = []
+    consumer = threading.Thread(target=lambda: got.append(b.next_batch(timeout_s=10)))
+    consumer.start()
+    b.put_many(list(range(size + 2)))
+    consumer.join(10)
+    assert not consumer.is_alive()
+    assert [item for _, item in got[0]] == list(range(size))
+    assert len(b) == 2
+
+
+def test_put_many_partial_burst_flushes_at_the_deadline():
+    b = make(4, batch_timeout_ms=40)
+    arrived = time.monotonic()
+    b.put_many(["a", "b"], arrived)
+    b.put_many([])  # nothing to hand over: no change, no wake-up
+    batch = b.next_batch(timeout_s=5)
+    assert [item for _, item in batch] == ["a", "b"]
+    assert 0.039 <= time.monotonic() - arrived < 5
+
+
+def test_take_due_never_blocks_and_never_returns_a_batch_before_it_is_due():
+    b = make(4, batch_timeout_ms=60_000)
+    assert b.take_due() == [] and b.due_at() is None  # empty: nothing due, never empty batches
+    arrived = time.monotonic()
+    b.put_many(["a", "b", "c"], arrived)
+    assert b.take_due() == []  # partial, deadline far ahead
+    assert b.due_at() == pytest.approx(arrived + 60.0)
+    b.put("d")
+    assert b.due_at() == arrived  # full: due now
+    assert [item for _, item in b.take_due()] == ["a", "b", "c", "d"]
+
+
+def test_take_due_flushes_a_partial_batch_at_its_deadline():
+    b = make(4, batch_timeout_ms=30)
+    b.put("a")
+    deadline = time.monotonic() + 5
+    while not (batch := b.take_due()):
+        assert time.monotonic() < deadline
+        time.sleep(max(0.0, b.due_at() - time.monotonic()))
+    assert [item for _, item in batch] == ["a"]
+
+
+def test_take_due_after_close_hands_out_everything_then_nothing():
+    b = make(2, batch_timeout_ms=60_000)
+    b.put_many([1, 2, 3])
+    b.close()
+    assert b.closed
+    assert [item for _, item in b.take_due()] == [1, 2]
+    assert [item for _, item in b.take_due()] == [3]
+    assert b.take_due() == []
+    with pytest.raises(BatcherClosed):
+        b.put_many([4])

@@ -191,9 +191,15 @@ def test_tokenizer_failure_fails_only_text_requests(harness):
     assert got[2][0] == P.REPLY and got[2][1]["id"] == "f"
 
 
-class _NullSocket:
-    def send_multipart(self, frames, flags=0) -> None:
-        pass
+def _null_socket(ctx: zmq.Context) -> tuple[zmq.Socket, zmq.Socket]:
+    """A real socket whose messages are queued and never read (the worker sends through pyzmq's
+    Cython layer, so a stand-in object will not do), and its reader (keep it referenced)."""
+    sink = ctx.socket(zmq.PULL)
+    sink.bind("inproc://null-sink")
+    out = ctx.socket(zmq.PUSH)
+    out.setsockopt(zmq.SNDHWM, 0)
+    out.connect("inproc://null-sink")
+    return out, sink
 
 
 def test_counters_updated_from_both_threads_stay_exact_and_consistent():
@@ -210,6 +216,8 @@ def test_counters_updated_from_both_threads_stay_exact_and_consistent():
     at_line, resume, finished = threading.Semaphore(0), threading.Semaphore(0), threading.Event()
     torn: list[dict] = []
     io_errors = [0]
+    null_ctx = zmq.Context()
+    null, _sink = _null_socket(null_ctx)
 
     def pause_at_each_line(frame, event, arg):
         if frame.f_code not in (Worker._run_batch.__code__, Worker._compute.__code__):
@@ -231,7 +239,7 @@ def test_counters_updated_from_both_threads_stay_exact_and_consistent():
 
     def io() -> None:
         while at_line.acquire(timeout=wait_s) and not finished.is_set():
-            worker._reply_error(_NullSocket(), b"t" * 8, "r", P.E_BAD_TEXT, "bad")
+            worker._reply_error(null, b"t" * 8, "r", P.E_BAD_TEXT, "bad")
             io_errors[0] += 1
             snap = worker.stats.as_dict()
             if snap["inferences"] != 3 * snap["batches"] or snap["padded_rows"] != snap["batches"]:
@@ -243,6 +251,7 @@ def test_counters_updated_from_both_threads_stay_exact_and_consistent():
         t.start()
     for t in threads:
         t.join(60)
+    null_ctx.destroy(linger=0)
     assert not any(t.is_alive() for t in threads)
     assert not torn, torn[:3]
     assert io_errors[0] >= rounds  # the I/O side really ran between the lines
@@ -335,3 +344,128 @@ def test_malformed_broker_messages_are_counted_and_dropped(harness):
 def test_bad_worker_reliability_config(kwargs):
     with pytest.raises(ConfigError):
         WorkerConfig(**kwargs)
+
+
+# ------------------------------------------------------------ inline mode (no handoff)
+
+class SwitchableBackend(EchoBackend):
+    """Echo, but each batch sleeps ``delay_s`` (0 at first, so warm-up finds it fast)."""
+
+    def __init__(self):
+        super().__init__(BackendConfig())
+        self.delay_s = 0.0
+
+    def predict(self, input_ids, input_mask, segment_ids):
+        time.sleep(self.delay_s)
+        return super().predict(input_ids, input_mask, segment_ids)
+
+
+@pytest.mark.parametrize("delay_ms, inline_batch_ms, inline", [(0, 1.0, True), (20, 1.0, False), (0, 0, False)])
+def test_inline_mode_only_for_batches_under_the_limit(delay_ms, inline_batch_ms, inline):
+    worker = Worker(WorkerConfig(inline_batch_ms=inline_batch_ms),
+                    backend=EchoBackend(BackendConfig(echo_delay_ms=delay_ms)))
+    worker.load()
+    assert worker.inline is inline
+
+
+def test_inline_worker_flushes_at_size_and_at_the_deadline(harness):
+    router, ident, worker = harness(EchoBackend(BackendConfig()), batch_size=4, batch_timeout_ms=150)
+    assert worker.inline and worker._compute_thread is None
+    sent = time.monotonic()
+    for i in range(5):
+        send(router, ident, i, P.text_request(i, f"text {i}", "other"))
+    got = replies(router, 5)
+    assert sorted(b["timings"]["batch_size"] for _, b in got.values()) == [1, 4, 4, 4, 4]
+    assert time.monotonic() - sent >= 0.15  # the fifth waited for its deadline: nothing else came
+    assert worker.stats.batches == 2 and worker.stats.padded_rows == 3
+
+
+def test_inline_stop_answers_held_requests_then_says_disconnect(harness):
+    router, ident, worker = harness(EchoBackend(BackendConfig()), batch_size=4, batch_timeout_ms=60_000)
+    assert worker.inline
+    for i in range(3):
+        send(router, ident, i, P.text_request(i, "a", "b"))
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while len(worker._batcher) < 3:  # held, waiting for a fourth
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    worker.stop()
+    got = []
+    while router.poll(WAIT_MS):
+        got.append(router.recv_multipart()[2])
+        if got[-1] == P.DISCONNECT:
+            break
+    assert got.count(P.REPLY) == 3 and got[-1] == P.DISCONNECT
+
+
+def test_a_slow_batch_moves_batching_to_a_compute_thread(harness):
+    backend = SwitchableBackend()
+    router, ident, worker = harness(backend, batch_size=1, batch_timeout_ms=0)
+    assert worker.inline
+    backend.delay_s = 0.02  # now slower than inline_batch_ms, batch after batch
+    for i in range(40):  # the moving mean reaches the limit within a few batches
+        send(router, ident, i, P.text_request(i, "now", "slow"))
+        assert replies(router, 1)[i][0] == P.REPLY
+        if not worker.inline:
+            break
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while worker.inline:  # it switches right after sending a reply
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert worker._compute_thread.is_alive()
+    send(router, ident, 99, P.text_request(99, "still", "served"))
+    assert replies(router, 1)[99][0] == P.REPLY
+
+
+def test_one_batch_as_long_as_a_quarter_beat_moves_batching_at_once(harness):
+    backend = SwitchableBackend()
+    router, ident, worker = harness(backend, batch_size=1, batch_timeout_ms=0, heartbeat_interval_s=0.2,
+                                    heartbeat_liveness=50)
+    assert worker.inline
+    backend.delay_s = 0.06  # > 0.2 s / 4
+    send(router, ident, 1, P.text_request(1, "one", "long batch"))
+    assert replies(router, 1)[1][0] == P.REPLY
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while worker.inline:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("delay_ms", [0, 2])  # inline, and with a compute thread
+def test_batched_receive_never_starves_heartbeats(harness, delay_ms):
+    """A flood of requests, always more waiting than one drain takes: the worker still beats every
+    interval and still hears the broker's beats (it never re-registers)."""
+    router, ident, worker = harness(EchoBackend(BackendConfig(echo_delay_ms=delay_ms)), batch_size=4,
+                                    batch_timeout_ms=0, heartbeat_interval_s=0.1, heartbeat_liveness=3)
+    body = P.text_request("f", "flood", "of requests")
+    beats, answered, token, next_beat = 0, 0, 0, 0.0
+    end = time.monotonic() + 1.5
+    while time.monotonic() < end:
+        if token - answered < 600:  # a bounded backlog, so stop() finishes it quickly
+            for _ in range(300):  # more than one bounded drain (256) per round
+                send(router, ident, token, body)
+                token += 1
+        if time.monotonic() >= next_beat:
+            router.send_multipart([ident, *P.heartbeat_frames()])
+            next_beat = time.monotonic() + 0.05
+        while router.poll(0):
+            kind = router.recv_multipart()[2]
+            beats += kind == P.HEARTBEAT
+            answered += kind == P.REPLY
+    assert beats >= 8  # 1.5 s at one beat per 0.1 s, with slack for a loaded machine
+    assert answered > 0 and worker.stats.reconnects == 0
+
+
+@pytest.mark.parametrize("field, value, ok", [("input_mask", 2, False), ("input_mask", -1, False),
+                                              ("segment_ids", 2, False), ("segment_ids", -1, False),
+                                              ("input_ids", 10**6, False), ("input_ids", -5, False),
+                                              ("segment_ids", 1, True)])
+def test_feature_values_the_model_cannot_take_are_refused_alone(harness, field, value, ok):
+    router, ident, worker = harness(EchoBackend(BackendConfig()), batch_size=4, batch_timeout_ms=0)
+    f = worker.tokenizer.encode_pairs([("a", "b")])
+    arrays = {"input_ids": f.input_ids[0].copy(), "input_mask": f.input_mask[0].copy(),
+              "segment_ids": f.segment_ids[0].copy()}
+    arrays[field][1] = value
+    send(router, ident, 1, P.features_request(1, **arrays))
+    kind, body = replies(router, 1)[1]
+    assert (kind, body.get("code")) == ((P.REPLY, None) if ok else (P.ERROR, P.E_BAD_FIELD))

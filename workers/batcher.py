@@ -57,6 +57,27 @@ class Batcher(Generic[T]):
             if len(self._items) == 1 or len(self._items) >= self.config.max_batch_size:
                 self._cond.notify()
 
+    def put_many(self, items: list[T], arrived: float | None = None) -> None:
+        """Queue ``items`` in order, all arrived at ``arrived`` (default now), under one lock and
+        with at most one wake-up of the consumer: the cheap way to hand over a burst received
+        together. Same contract as put() for each item: the batch boundaries do not depend on
+        how items were handed over (a full batch is due at once, a partial one at its deadline)."""
+        if not items:
+            return
+        stamp = time.monotonic() if arrived is None else arrived
+        with self._cond:
+            if self._closed:
+                raise BatcherClosed("batcher is closed")
+            was = len(self._items)
+            self._items.extend((stamp, item) for item in items)
+            if was == 0 or len(self._items) >= self.config.max_batch_size:
+                self._cond.notify()
+
+    @property
+    def closed(self) -> bool:
+        """close() was called."""
+        return self._closed
+
     def __len__(self) -> int:
         with self._cond:
             return len(self._items)
@@ -86,6 +107,29 @@ class Batcher(Generic[T]):
                 else:
                     wait = None if give_up is None else give_up - now
                 self._cond.wait(wait)
+
+    def take_due(self) -> list[tuple[float, T]]:
+        """The batch next_batch() would return now, without waiting: ``[]`` when none is due yet
+        (nothing queued, or fewer than max items whose deadline is still ahead). After close(),
+        whatever is queued is due. For a consumer that also does other work (the worker's I/O
+        thread); pair it with :meth:`due_at` to know how long it may block elsewhere."""
+        with self._cond:
+            if self._items and (len(self._items) >= self.config.max_batch_size or self._closed
+                                or time.monotonic() >= self._due()):
+                return self._take()
+            return []
+
+    def due_at(self) -> float | None:
+        """time.monotonic() at which the queued items make a batch due (None: nothing queued)."""
+        with self._cond:
+            if not self._items:
+                return None
+            if len(self._items) >= self.config.max_batch_size or self._closed:
+                return self._items[0][0]
+            return self._due()
+
+    def _due(self) -> float:
+        return self._items[0][0] + self.config.batch_timeout_ms / 1000.0
 
     def close(self) -> None:
         """Stop accepting items; the consumer drains what is queued, then gets BatcherClosed."""

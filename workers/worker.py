@@ -16,6 +16,15 @@ Two threads, so the model never waits on I/O and batch deadlines stay honest:
 
 A worker says READY (with its capacity) only after its warm-up batch ran.
 
+Inline mode: when the backend's batches take under ``inline_batch_ms`` (the echo
+backend, trivial models), handing each batch to another thread costs more CPU than
+the batch itself (a lock, a wake-up, a GIL handover per batch). Then the I/O thread
+runs the batches itself, between reads, under the same batcher contract (its poll
+wakes when the oldest request's batch is due), and replies on its own socket; beats
+are late by at most one such batch. When batches get slower (their moving mean
+reaches the limit, or one takes a quarter of a heartbeat interval), the worker
+starts the compute thread and hands batches to it from then on.
+
 Broker loss: when the broker is silent for ``heartbeat_liveness`` intervals,
 or says DISCONNECT (it does not know us: it presumed us dead, or it restarted),
 the worker closes and reopens its sockets and says READY again under a new
@@ -47,6 +56,7 @@ from ..common.cli import (add_address_arguments, add_link_arguments, install_sto
 from ..common.defaults import DEFAULT_BACKEND
 from ..common.errors import BertpoolError, ConfigError, ProtocolError
 from ..common.metrics_export import WorkerHistograms
+from ..common.fastzmq import recv_many, send_nowait
 from ..common.tokenizer import BertTokenizer
 from .backends import (BACKENDS, Backend, BackendConfig, choose_backend, fallback_vocab_path, load_backend,
                        run_padded)
@@ -74,6 +84,8 @@ class WorkerConfig:
     heartbeat_liveness: int = 3       # the broker is presumed dead after this many silent intervals
     max_message_bytes: int = 4 << 20  # ZeroMQ MAXMSGSIZE on our sockets (> the broker's max_request_bytes)
     curve: security.CurveClientConfig | None = None  # CURVE keys for the broker link; None = plain text
+    inline_batch_ms: float = 1.0      # run batches on the I/O thread while they take under this long
+                                      # (warm-up and every batch measured); 0 = always a compute thread
 
     def __post_init__(self) -> None:
         P.check_endpoint("worker address", self.broker_address)
@@ -87,6 +99,8 @@ class WorkerConfig:
         # Below this a valid text request (2 x MAX_TEXT_CHARS of UTF-8) could not reach us.
         if self.max_message_bytes < MIN_MESSAGE_BYTES:
             raise ConfigError(f"max_message_bytes must be >= {MIN_MESSAGE_BYTES}, got {self.max_message_bytes}")
+        if not self.inline_batch_ms >= 0:
+            raise ConfigError(f"inline_batch_ms must be >= 0, got {self.inline_batch_ms}")
 
     @property
     def effective_capacity(self) -> int:
@@ -157,6 +171,9 @@ class Worker:
         # Bumped (by the I/O thread) at each re-registration; the compute thread reads it to drop
         # what belongs to an older one and to reopen its own socket.
         self._generation = 0
+        self.inline = False  # batches run on the I/O thread (set by load(); cleared for good if they get slow)
+        self._inline_mean_s = 0.0  # moving mean of inline batch times
+        self._compute_thread: threading.Thread | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -167,8 +184,17 @@ class Worker:
         vocab = self.config.vocab_path or self.backend.vocab_path or fallback_vocab_path()
         self.tokenizer = BertTokenizer(vocab, max_seq_length=self.backend.seq_length)
         warm = self.tokenizer.encode_pairs([("warm up", "warm up")])
-        run_padded(self.backend, warm.input_ids, warm.input_mask, warm.segment_ids,
-                   self.config.batch_size, self._dummy_tokens())
+        limit_s = self.config.inline_batch_ms / 1000
+        took_s = float("inf")
+        for _ in range(3):  # the fastest of a few: the first may pay set-up, any may be preempted
+            started = time.monotonic()
+            run_padded(self.backend, warm.input_ids, warm.input_mask, warm.segment_ids,
+                       self.config.batch_size, self._dummy_tokens())
+            took_s = min(took_s, time.monotonic() - started)
+            if took_s >= 10 * limit_s:
+                break  # clearly slow: do not spend more warm-up batches on it
+        self.inline = took_s < limit_s
+        self._inline_mean_s = took_s
 
     def stop(self) -> None:
         """Ask run() to finish: stop taking requests, answer those held, say DISCONNECT."""
@@ -178,23 +204,33 @@ class Worker:
         """Connect, say READY, and serve until stop(); load() first if not done."""
         if self.tokenizer is None:
             self.load()
-        compute = threading.Thread(target=self._compute_loop, name=f"{self.name}-compute", daemon=True)
         try:
-            compute.start()
+            if not self.inline:
+                self._start_compute()
             self._register()
-            log.info("%s ready: backend %s, batch %d, timeout %.1f ms", self.name, self.backend.name,
-                     self.config.batch_size, self.config.batch_timeout_ms)
+            log.info("%s ready: backend %s, batch %d, timeout %.1f ms%s", self.name, self.backend.name,
+                     self.config.batch_size, self.config.batch_timeout_ms,
+                     ", batches inline" if self.inline else "")
             self._io_loop()
         finally:
+            self._batcher.close()
+            compute = self._compute_thread
+            if compute is None:
+                self._finish_inline()
             # The compute thread answers what the batcher holds, then says DISCONNECT; we keep
             # beating meanwhile, so a long last batch does not make the broker presume us dead.
-            self._batcher.close()
-            while compute.is_alive():
+            while compute is not None and compute.is_alive():
                 compute.join(self.config.heartbeat_interval_s)
                 if compute.is_alive() and self._sock is not None:
                     self._send(self._sock, P.heartbeat_frames())
             if self._sock is not None:
                 self._sock.close(linger=2000)
+
+    def _start_compute(self) -> None:
+        self.inline = False
+        self._compute_thread = threading.Thread(target=self._compute_loop, name=f"{self.name}-compute",
+                                                daemon=True)
+        self._compute_thread.start()
 
     def _open_socket(self) -> zmq.Socket:
         sock = self._ctx.socket(zmq.DEALER)
@@ -225,7 +261,7 @@ class Worker:
         """Send without blocking: with the broker gone and the queue full, a message is dropped
         (counted in stale_dropped) rather than hang a thread."""
         try:
-            sock.send_multipart(frames, zmq.NOBLOCK)
+            send_nowait(sock, frames)
         except zmq.Again:
             self.stats.add(stale_dropped=1)
             return False
@@ -239,19 +275,23 @@ class Worker:
         now = time.monotonic()
         next_stats, next_beat, last_heard = now + self.config.stats_interval_s, now + interval, now
         while not self._stop.is_set():
-            timeout_ms = max(0.0, (min(next_stats, next_beat) - time.monotonic()) * 1000)
-            if self._sock.poll(min(timeout_ms, 200)):
-                batch = []
-                for _ in range(256):  # bounded drain keeps replies flowing under load
-                    try:
-                        batch.append(self._sock.recv_multipart(zmq.NOBLOCK))
-                    except zmq.Again:
-                        break
+            wake = min(next_stats, next_beat)
+            if self.inline and (due := self._batcher.due_at()) is not None:
+                wake = min(wake, due)  # we flush the batcher ourselves: wake when its batch is due
+            timeout_ms = min(200.0, max(0.0, (wake - time.monotonic()) * 1000))
+            ready = self._sock.poll(int(timeout_ms))  # whole ms: zmq_poll takes no finer timeout
+            if not ready and 0 < timeout_ms < 1:
+                time.sleep(timeout_ms / 1000)  # the last fraction of a batch deadline, without spinning
+                ready = self._sock.poll(0)
+            if ready:
+                batch = recv_many(self._sock, 256)  # bounded drain keeps beats and stats flowing
                 last_heard = time.monotonic()  # any message counts as a beat
                 if self._on_messages(self._sock, batch):
                     self._reconnect("the broker said DISCONNECT")
                     last_heard = time.monotonic()
                     continue
+            if self.inline:
+                self._run_due_inline()
             now = time.monotonic()
             # Judge silence only with nothing waiting to be read: a worker that was itself starved
             # (or stopped) must first hear the beats waiting for it.
@@ -264,6 +304,42 @@ class Worker:
             if now >= next_stats:
                 self._send_stats(self._sock)
                 next_stats = time.monotonic() + self.config.stats_interval_s
+
+    def _run_due_inline(self) -> None:
+        """Inline mode: run every batch that is due, replying on the registration socket. Batching
+        moves to the compute thread for good when the moving mean of batch times reaches
+        inline_batch_ms (a batch or two preempted on a busy host does not move it), or at once when
+        one batch takes a quarter of a heartbeat interval (our beats must not be late)."""
+        limit_s = self.config.inline_batch_ms / 1000
+        beat_bound_s = self.config.heartbeat_interval_s / 4
+        while batch := self._batcher.take_due():
+            started = time.monotonic()
+            try:
+                replies = self._run_batch(batch)
+            except Exception:  # a bug, not a model error (those are replies): stop, to be restarted
+                log.exception("%s: inline batch failed", self.name)
+                self.failed = True
+                self._stop.set()
+                return
+            for frames in replies:
+                self._send(self._sock, frames)
+            took_s = time.monotonic() - started
+            self._inline_mean_s += 0.02 * (took_s - self._inline_mean_s)  # about the last 50 batches
+            if (self._inline_mean_s >= limit_s or took_s >= beat_bound_s) and not self._batcher.closed:
+                log.info("%s: batches take %.1f ms (this one %.1f ms; inline limit %.1f ms); they move to "
+                         "a compute thread", self.name, self._inline_mean_s * 1000, took_s * 1000,
+                         self.config.inline_batch_ms)
+                self._start_compute()
+                return
+
+    def _finish_inline(self) -> None:
+        """Inline mode's last word (the batcher is closed): answer what it holds, then STATS and
+        DISCONNECT, all on the registration socket, so nothing can overtake the replies."""
+        if self._sock is None:
+            return
+        self._run_due_inline()
+        self._send_stats(self._sock)
+        self._send(self._sock, P.worker_disconnect_frames(self.name, self.incarnation))
 
     def _on_messages(self, sock: zmq.Socket, messages: list[list[bytes]]) -> bool:
         """Handle broker messages: queue valid REQUESTs, answer bad ones with ERROR at once.
@@ -297,14 +373,15 @@ class Worker:
                 if kind == "text":
                     self._reply_error(sock, token, request_id, P.E_BAD_TEXT, f"tokenizer failed: {exc}")
             parsed = [p for p in parsed if p[3] != "text"]
-        row = 0
+        row, generation, pending = 0, self._generation, []
         for token, request_id, message, kind, value in parsed:
             if kind == "text":
                 value = (encoded.input_ids[row], encoded.input_mask[row], encoded.segment_ids[row])
                 row += 1
             deadline = None if message.deadline_ms is None else arrived + message.deadline_ms / 1000.0
-            self._batcher.put(_Pending(token, request_id, value, message.queue_ms, deadline, self._generation),
-                              arrived)
+            pending.append(_Pending(token, request_id, value, message.queue_ms, deadline, generation))
+        # One handoff for the whole burst: one lock, at most one wake-up of the compute thread.
+        self._batcher.put_many(pending, arrived)
         return False
 
     def _reply_error(self, sock: zmq.Socket, token: bytes, request_id: Any, code: str, message: str) -> None:
@@ -329,9 +406,10 @@ class Worker:
         """Reject feature values the model cannot take, so they never fail a shared batch."""
         if int(ids.min(initial=0)) < 0 or int(ids.max(initial=0)) >= self.tokenizer.vocab_size:
             raise ProtocolError(P.E_BAD_FIELD, "input_ids: token id outside the vocabulary")
-        if not np.isin(mask, (0, 1)).all():
+        # min/max, not np.isin: the same test for integer arrays at a fraction of the cost.
+        if mask.size and (int(mask.min()) < 0 or int(mask.max()) > 1):
             raise ProtocolError(P.E_BAD_FIELD, "input_mask: values must be 0 or 1")
-        if not np.isin(segments, (0, 1)).all():
+        if segments.size and (int(segments.min()) < 0 or int(segments.max()) > 1):
             raise ProtocolError(P.E_BAD_FIELD, "segment_ids: values must be 0 or 1")
 
     def _send_stats(self, sock: zmq.Socket) -> None:
@@ -415,15 +493,15 @@ class Worker:
         padded = -(-len(items) // step) * step - len(items)
         self.stats.add(batches=1, inferences=len(items), padded_rows=padded)
         self.histograms.observe_batch([started - arrived for arrived, _ in batch], done - started)
-        compute_ms = (done - started) * 1000
-        oldest = batch[0][0]
-        return [P.reply_frames(it.token, P.reply_body(it.request_id, probs[i], {
+        compute_ms = round((done - started) * 1000, 3)
+        oldest_ms = round((started - batch[0][0]) * 1000, 3)
+        bodies = P.reply_bodies([it.request_id for it in items], probs, [{
                     "queue_ms": it.queue_ms,
                     "batch_wait_ms": round((started - arrived) * 1000, 3),
-                    "batch_oldest_ms": round((started - oldest) * 1000, 3),
-                    "compute_ms": round(compute_ms, 3),
-                    "batch_size": len(items)}))
-                for i, ((arrived, _), it) in enumerate(zip(batch, items))]
+                    "batch_oldest_ms": oldest_ms,
+                    "compute_ms": compute_ms,
+                    "batch_size": len(items)} for (arrived, _), it in zip(batch, items)])
+        return [P.reply_frames(it.token, body) for it, body in zip(items, bodies)]
 
 
 # ------------------------------------------------------------------- CLI
@@ -446,6 +524,10 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                         help="longest a request waits for its batch to fill (default: %(default)s)")
     parser.add_argument("--capacity", type=int, default=0,
                         help="requests the broker may hand one worker at once (default: 2 x batch size)")
+    parser.add_argument("--inline-batch-ms", type=float, default=WorkerConfig.inline_batch_ms,
+                        help="run batches on the worker's I/O thread, without a handoff, while they take "
+                             "under this long (echo, trivial models); 0 = always a compute thread "
+                             "(default: %(default)s)")
     parser.add_argument("--echo-delay-ms", type=float, default=0.0,
                         help="echo backend: simulated compute time per batch (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=0,
@@ -464,7 +546,8 @@ def worker_config_from_args(args: argparse.Namespace, broker_address: str,
         vocab_path=args.vocab, batch_size=args.batch_size, batch_timeout_ms=args.batch_timeout_ms,
         capacity=args.capacity, name=name, slot=slot, heartbeat_interval_s=args.heartbeat_interval_s,
         heartbeat_liveness=args.heartbeat_liveness, max_message_bytes=args.max_message_bytes,
-        curve=security.client_config_from_args(args))
+        curve=security.client_config_from_args(args),
+        inline_batch_ms=args.inline_batch_ms)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,58 @@
+"""Lean non-blocking multipart send and receive for the per-request paths.
+
+pyzmq's ``send_multipart``/``recv_multipart`` are Python loops over the sugar
+``Socket.send``/``recv``/``getsockopt``, which re-check every frame's type and
+build enum flags on every call. On the broker's and the worker's hot paths
+(about ten frames a request each way) that Python overhead was most of the
+cost of moving a message. These helpers call the Cython socket methods
+directly with plain int flags; what goes on the wire, and which exceptions
+come out, are the same as ``send_multipart(frames, NOBLOCK)`` and
+``recv_multipart(NOBLOCK)`` (``zmq.Again`` when nothing can be sent or read,
+``zmq.ZMQError`` otherwise). Frames must be ``bytes`` (or buffers).
+"""
+
+from __future__ import annotations
+
+import zmq
+from zmq.backend import Socket as _CSocket
+
+_send = _CSocket.send
+_recv = _CSocket.recv
+_MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
+_NOBLOCK = int(zmq.NOBLOCK)
+
+
+def send_nowait(sock: zmq.Socket, frames: list[bytes]) -> None:
+    """Send one multipart message without blocking (as ``send_multipart(frames, zmq.NOBLOCK)``).
+
+    ZeroMQ queues a multipart message atomically: once the first frame is taken the rest are too,
+    so a ``zmq.Again`` (or EHOSTUNREACH) can only come from the first frame."""
+    last = len(frames) - 1
+    for i in range(last):
+        _send(sock, frames[i], _MORE_NOBLOCK)
+    _send(sock, frames[last], _NOBLOCK)
+
+
+def recv_nowait(sock: zmq.Socket) -> list[bytes]:
+    """Receive one whole multipart message without blocking; ``zmq.Again`` when none waits.
+
+    Each frame is read as a Frame, whose ``more`` flag is one C call, instead of asking the socket
+    for RCVMORE (pyzmq builds an enum per getsockopt); ``bytes`` then copies it out as recv() would."""
+    frame = _recv(sock, _NOBLOCK, False)
+    parts = [frame.bytes]
+    while frame.more:
+        frame = _recv(sock, _NOBLOCK, False)
+        parts.append(frame.bytes)
+    return parts
+
+
+def recv_many(sock: zmq.Socket, limit: int) -> list[list[bytes]]:
+    """Receive up to ``limit`` waiting messages without blocking (``[]`` when none waits). The bound
+    keeps one busy socket from starving whatever else the caller serves (heartbeats, replies)."""
+    messages = []
+    try:
+        for _ in range(limit):
+            messages.append(recv_nowait(sock))
+    except zmq.Again:
+        pass
+    return messages

@@ -1,0 +1,55 @@
+"""The lean send/receive helpers move the same messages as pyzmq's multipart calls."""
+
+from __future__ import annotations
+
+import pytest
+import zmq
+
+from bertpool.common.fastzmq import recv_many, recv_nowait, send_nowait
+
+WAIT_MS = 10_000
+
+
+@pytest.fixture
+def pair():
+    ctx = zmq.Context()
+    router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    router.bind("inproc://fastzmq")
+    dealer.connect("inproc://fastzmq")
+    yield router, dealer
+    ctx.destroy(linger=0)
+
+
+@pytest.mark.parametrize("frames", [[b"one"], [b"BP3", b"\x01", b"t" * 8, b"", b"x" * 100_000]])
+def test_round_trip_matches_send_and_recv_multipart(pair, frames):
+    router, dealer = pair
+    send_nowait(dealer, frames)
+    assert router.poll(WAIT_MS)
+    identity, *got = recv_nowait(router)
+    assert got == frames
+    send_nowait(router, [identity, *frames])
+    assert dealer.poll(WAIT_MS) and dealer.recv_multipart() == frames
+
+
+def test_nothing_waiting_raises_again_and_recv_many_is_bounded(pair):
+    router, dealer = pair
+    with pytest.raises(zmq.Again):
+        recv_nowait(router)
+    assert recv_many(router, 10) == []
+    for i in range(5):
+        dealer.send_multipart([b"m", str(i).encode()])
+    assert router.poll(WAIT_MS)
+    got = []
+    while len(got) < 5:
+        assert router.poll(WAIT_MS)
+        batch = recv_many(router, 2)
+        assert 1 <= len(batch) <= 2  # never more than asked
+        got += batch
+    assert [m[2] for m in got] == [b"0", b"1", b"2", b"3", b"4"]
+
+
+def test_unroutable_send_raises_like_send_multipart(pair):
+    router, _ = pair
+    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    with pytest.raises(zmq.ZMQError):
+        send_nowait(router, [b"nobody", b"BP3", b"x"])
