@@ -52,7 +52,7 @@ def _every_field_set(key_dir) -> WorkerConfig:
         backend=BackendConfig(name="tf", model_dir="/models/x", echo_delay_ms=2.5, seq_length=64, threads=3),
         vocab_path="/models/x/vocab.txt", batch_size=8, batch_timeout_ms=7.5, capacity=11,
         stats_interval_s=0.25, name="host:1.ab:core-3", slot="host:1.ab:core-3",
-        heartbeat_interval_s=0.5, heartbeat_liveness=5, max_message_bytes=8 << 20,
+        heartbeat_interval_s=0.5, heartbeat_liveness=5, max_message_bytes=8 << 20, inline_batch_ms=2.5,
         curve=CurveClientConfig(server_key_file=str(key_dir / "broker.key"),
                                 secret_key_file=str(key_dir / "worker.key_secret")))
 
