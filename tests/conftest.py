@@ -71,6 +71,38 @@ class Pool:
         return self.process.returncode
 
 
+def start_module(tmp_path: Path, module: str, *args: str) -> subprocess.Popen:
+    """``python -m module args`` in its own session (so stop_processes can reach what it starts),
+    logging to a new file in tmp_path."""
+    with open(tmp_path / f"{module}-{len(list(tmp_path.glob('*.log')))}.log", "wb") as log:
+        return subprocess.Popen([sys.executable, "-m", module, *args], stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def stop_processes(*procs: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """SIGTERM every live process (each in its own session), wait up to ``timeout_s`` for each
+    (SIGKILL its session after that), then SIGKILL what is left in the sessions: processes they
+    started must not outlive the test."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_session(p)
+            p.wait()
+    for p in procs:
+        _kill_session(p)
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def addresses(tmp_path: Path, transport: str) -> tuple[str, str]:
     if transport == "ipc":
         return f"ipc://{tmp_path}/front.ipc", f"ipc://{tmp_path}/back.ipc"

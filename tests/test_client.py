@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -20,14 +18,9 @@ from bertpool.clients.client import Client, Prediction
 from bertpool.common import protocol as P
 from bertpool.common.errors import (BrokerUnavailable, ClientClosed, ConfigError, DeadlineExceeded,
                                     MalformedReply, RemoteError, RequestTimeout, ServerBusy)
+from conftest import free_tcp_port, start_module, stop_processes
 
 WAIT_MS = 5000
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -696,19 +689,12 @@ def test_real_broker_answers_heartbeats_so_a_long_wait_is_not_a_dead_broker(bare
     assert bare_broker.counters.errors == 0
 
 
-def _start(tmp_path, module: str, *args: str) -> subprocess.Popen:
-    """``python -m module args`` in its own session, logging to tmp_path."""
-    with open(tmp_path / f"{module}-{len(list(tmp_path.glob('*.log')))}.log", "wb") as log:
-        return subprocess.Popen([sys.executable, "-m", module, *args], stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-
 def test_real_broker_sigkilled_and_restarted_with_requests_in_flight(tmp_path):
     """bertpool-broker SIGKILLed holding queued requests; a new one on the same addresses, then a
     worker: the client resends what the dead broker held and every request is answered."""
     front, back = f"tcp://127.0.0.1:{free_tcp_port()}", f"tcp://127.0.0.1:{free_tcp_port()}"
     broker_args = ("--address", front, "--worker-address", back, "--stats-interval-s", "0")
-    procs = [_start(tmp_path, "bertpool.broker.broker", *broker_args)]
+    procs = [start_module(tmp_path, "bertpool.broker.broker", *broker_args)]
     try:
         # lost_retries covers many seconds of restart: 0.9 s of silence per resend
         with Client(front, timeout_s=60, heartbeat_interval_s=0.3, lost_retries=30) as client:
@@ -719,22 +705,14 @@ def test_real_broker_sigkilled_and_restarted_with_requests_in_flight(tmp_path):
                 threading.Event().wait(0.05)
             os.killpg(procs[0].pid, signal.SIGKILL)
             procs[0].wait(10)
-            procs.append(_start(tmp_path, "bertpool.broker.broker", *broker_args))
-            procs.append(_start(tmp_path, "bertpool.workers.supervisor", "--worker-address", back,
+            procs.append(start_module(tmp_path, "bertpool.broker.broker", *broker_args))
+            procs.append(start_module(tmp_path, "bertpool.workers.supervisor", "--worker-address", back,
                                 "--parallel", "1", "--batch-timeout-ms", "1"))
             results = [f.result(timeout=60) for f in futures]
             stats = client.stats()
             assert client.counters.reconnects >= 1 and client.counters.lost_resends >= 4
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+        stop_processes(*reversed(procs))
     assert sorted(r.id for r in results) == sorted(f.result().id for f in futures)
     assert all(r.label in (0, 1) for r in results)
     assert stats["broker"]["replies"] >= 4  # by the new broker

@@ -12,15 +12,12 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
-import pytest
 import zmq
 
 from bertpool.clients.bench import wait_for_workers
@@ -30,7 +27,7 @@ from bertpool.common.errors import RequestError
 from bertpool.common.tokenizer import BertTokenizer
 from bertpool.workers.backends import BackendConfig, EchoBackend, echo_probabilities, fallback_vocab_path
 from bertpool.workers.worker import Worker, WorkerConfig
-from conftest import free_tcp_port
+from conftest import free_tcp_port, start_module, stop_processes
 
 HEARTBEAT = ("--heartbeat-interval-s", "0.2", "--heartbeat-liveness", "3")
 CLIENT_TIMEOUT_S = 60.0
@@ -170,31 +167,12 @@ def test_sigstopped_worker_is_presumed_dead_and_comes_back_as_a_fresh_registrati
     assert stats["broker"]["replies"] == load.ok
 
 
-def _start(tmp_path, module: str, *args: str) -> subprocess.Popen:
-    log = open(tmp_path / f"{module}-{len(list(tmp_path.glob('*.log')))}.log", "wb")
-    with log:
-        return subprocess.Popen([sys.executable, "-m", module, *args], stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-
-def _kill_all(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-
-
 def test_workers_re_register_with_a_broker_restarted_after_sigkill(tmp_path):
     front, back = f"tcp://127.0.0.1:{free_tcp_port()}", f"tcp://127.0.0.1:{free_tcp_port()}"
     broker_args = ("bertpool.broker.broker", "--address", front, "--worker-address", back,
                    "--stats-interval-s", "0", *HEARTBEAT)
-    procs = [_start(tmp_path, *broker_args),
-             _start(tmp_path, "bertpool.workers.supervisor", "--worker-address", back, "--parallel", "2",
+    procs = [start_module(tmp_path, *broker_args),
+             start_module(tmp_path, "bertpool.workers.supervisor", "--worker-address", back, "--parallel", "2",
                     "--batch-timeout-ms", "1", *HEARTBEAT)]
     try:
         wait_for_workers(front, 2, timeout_s=60)
@@ -204,7 +182,7 @@ def test_workers_re_register_with_a_broker_restarted_after_sigkill(tmp_path):
             assert all(np.allclose(r.probabilities, expected(*p)) for r, p in zip(client.predict_many(pairs), pairs))
             procs[0].kill()
             procs[0].wait()
-            procs[0] = _start(tmp_path, *broker_args)  # same addresses
+            procs[0] = start_module(tmp_path, *broker_args)  # same addresses
             wait_for_workers(front, 2, timeout_s=60)
             pairs = [(f"after {i}", f"restart {i}") for i in range(20)]
             # The same client (its socket reconnects) is served by the same, re-registered, workers.
@@ -214,7 +192,7 @@ def test_workers_re_register_with_a_broker_restarted_after_sigkill(tmp_path):
         assert set(worker_pids(stats).values()) == pids  # re-registered, not restarted
         assert procs[1].poll() is None
     finally:
-        _kill_all(procs)
+        stop_processes(*procs)
 
 
 def test_broker_sigkilled_under_load_and_restarted_loses_no_request(tmp_path):
@@ -224,8 +202,8 @@ def test_broker_sigkilled_under_load_and_restarted_loses_no_request(tmp_path):
     front, back = f"tcp://127.0.0.1:{free_tcp_port()}", f"tcp://127.0.0.1:{free_tcp_port()}"
     broker_args = ("bertpool.broker.broker", "--address", front, "--worker-address", back,
                    "--stats-interval-s", "0", *HEARTBEAT)
-    procs = [_start(tmp_path, *broker_args),
-             _start(tmp_path, "bertpool.workers.supervisor", "--worker-address", back, "--parallel", "2",
+    procs = [start_module(tmp_path, *broker_args),
+             start_module(tmp_path, "bertpool.workers.supervisor", "--worker-address", back, "--parallel", "2",
                     "--backend", "echo", "--echo-delay-ms", "20", "--batch-timeout-ms", "2", *HEARTBEAT)]
     # Resends are bounded per request: enough of them to outlast a broker restart on a busy machine.
     load = Load(front, clients=8, client_settings=dict(heartbeat_interval_s=0.2, heartbeat_liveness=3,
@@ -237,12 +215,12 @@ def test_broker_sigkilled_under_load_and_restarted_loses_no_request(tmp_path):
         for _ in range(2):
             procs[0].kill()
             procs[0].wait()
-            procs[0] = _start(tmp_path, *broker_args)  # same addresses
+            procs[0] = start_module(tmp_path, *broker_args)  # same addresses
             wait_for_workers(front, 2, timeout_s=60)
             load.wait_ok(40)
     finally:
         load.stop()
-        _kill_all(procs)
+        stop_processes(*procs)
     load.check()
 
 
@@ -452,7 +430,7 @@ def test_sigterm_drains_requests_in_flight_and_refuses_new_ones(start_pool):
 
 def test_broker_sigterm_refuses_new_work_and_exits_zero(tmp_path):
     front, back = f"ipc://{tmp_path}/front", f"ipc://{tmp_path}/back"
-    broker = _start(tmp_path, "bertpool.broker.broker", "--address", front, "--worker-address", back,
+    broker = start_module(tmp_path, "bertpool.broker.broker", "--address", front, "--worker-address", back,
                     "--stats-interval-s", "0", "--drain-timeout-s", "30", *HEARTBEAT)
     worker = raw_client(back)
     client = raw_client(front)
@@ -493,4 +471,4 @@ def test_broker_sigterm_refuses_new_work_and_exits_zero(tmp_path):
     finally:
         worker.close()
         client.close()
-        _kill_all([broker])
+        stop_processes(broker)

@@ -7,7 +7,6 @@ bertpool-broker + bertpool-gateway for the error cases that need a pool with no 
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from bertpool.clients.client import Client  # noqa: E402
 from bertpool.common.data import default_pairs, read_mrpc_tsv, shared_data_dir  # noqa: E402
-from conftest import free_tcp_port  # noqa: E402
+from conftest import free_tcp_port, stop_processes  # noqa: E402
 
 MODEL = "bertpool-mrpc"
 S = 128
@@ -56,13 +55,8 @@ def wait_live(http: str, proc: subprocess.Popen, log_path, timeout_s: float = 60
 
 
 def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """SIGTERM, then SIGKILL the process's whole session (its broker and workers included)."""
+    stop_processes(proc, timeout_s=20)
 
 
 def http_get(url: str) -> tuple[int, dict]:
@@ -112,11 +106,6 @@ def served(tmp_path_factory):
         yield s
     finally:
         stop(proc)
-        try:
-            import os
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     assert proc.returncode == 0, log_path.read_text()
 
 
@@ -393,11 +382,12 @@ def workerless(tmp_path):
     with open(tmp_path / "broker.log", "wb") as log:
         procs.append(subprocess.Popen([sys.executable, "-m", "bertpool.broker.broker", "--address", front,
                                        "--worker-address", f"ipc://{tmp_path}/back.ipc", "--max-queue", "2",
-                                       "--stats-interval-s", "0"], stdout=log, stderr=subprocess.STDOUT))
+                                       "--stats-interval-s", "0"], stdout=log, stderr=subprocess.STDOUT,
+                                      start_new_session=True))
     with open(log_path, "wb") as log:
         procs.append(subprocess.Popen([sys.executable, "-m", "bertpool.gateway.gateway", "--broker", front,
                                        "--http", http, "--grpc", grpc, "--model-version", "7"],
-                                      stdout=log, stderr=subprocess.STDOUT))
+                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
     try:
         wait_live(http, procs[1], log_path)
         yield Served(front, http, grpc)
