@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import zmq
 
 from bertpool.clients.bench import wait_for_workers
 from bertpool.clients.client import Client
@@ -69,6 +70,24 @@ class Pool:
                 self.process.kill()
                 self.process.wait()
         return self.process.returncode
+
+
+@pytest.fixture
+def sockets():
+    """``dealer(address)``: a connected DEALER socket (LINGER 0), closed at teardown."""
+    ctx = zmq.Context.instance()
+    made = []
+
+    def dealer(address: str) -> zmq.Socket:
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(address)
+        made.append(s)
+        return s
+
+    yield dealer
+    for s in made:
+        s.close()
 
 
 def start_module(tmp_path: Path, module: str, *args: str) -> subprocess.Popen:

@@ -45,23 +45,6 @@ def broker(tmp_path):
         assert not t.is_alive()
 
 
-@pytest.fixture
-def sockets():
-    ctx = zmq.Context.instance()
-    made = []
-
-    def dealer(address: str) -> zmq.Socket:
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.connect(address)
-        made.append(s)
-        return s
-
-    yield dealer
-    for s in made:
-        s.close()
-
-
 def recv(sock: zmq.Socket) -> list[bytes]:
     assert sock.poll(WAIT_MS), "nothing received in time"
     return sock.recv_multipart()

@@ -307,27 +307,15 @@ def test_with_the_flag_exactly_the_metrics_port_listens(bench_run):
 # ------------------------------------------- broker accounting, raw sockets
 
 @pytest.fixture
-def raw_broker(tmp_path):
-    """A broker with metrics on a thread, and DEALER sockets; all closed at teardown."""
-    ctx = zmq.Context.instance()
+def raw_broker(tmp_path, sockets):
+    """A broker with metrics on a thread, and DEALER sockets (conftest ``sockets``); all closed at teardown."""
     port = free_tcp_port()
     b = Broker(BrokerConfig(frontend=f"ipc://{tmp_path}/f", backend=f"ipc://{tmp_path}/b",
                             heartbeat_interval_s=60.0, metrics_address=f"127.0.0.1:{port}"))
     b.bind()
     thread = threading.Thread(target=b.run, daemon=True)
     thread.start()
-    made = []
-
-    def dealer(address: str) -> zmq.Socket:
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.connect(address)
-        made.append(s)
-        return s
-
-    yield b, port, dealer
-    for s in made:
-        s.close()
+    yield b, port, sockets
     b.stop(drain=False)
     thread.join(5)
     assert not thread.is_alive()
