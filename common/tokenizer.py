@@ -34,6 +34,7 @@ so an empty b gives ``[CLS] a [SEP] [SEP]``.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import re
 import unicodedata
@@ -136,6 +137,9 @@ class BertTokenizer:
         self._sep_id = vocab["[SEP]"]
         self._full = _full_pipeline(vocab, self._do_lower_case)
         self._wordpiece_only = Tokenizer(_wordpiece_model(vocab))
+        self._encode_fast = functools.partial(_encode_batch, self._full, with_tokens=False)
+        self._columns = np.arange(max_seq_length, dtype=np.int32)
+        self._columns.flags.writeable = False
 
     @property
     def vocab_size(self) -> int:
@@ -171,14 +175,13 @@ class BertTokenizer:
 
         Texts may be empty. Raises TypeError if a pair is not two ``str``.
         """
-        texts: list[str] = []
-        for pair in pairs:
-            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-                raise TypeError(f"each pair must be a (text_a, text_b) tuple, got {type(pair).__name__}")
-            texts.append(_check_text(pair[0]))
-            texts.append(_check_text(pair[1]))
-        encodings = self._encode_texts(texts)
-        return self._assemble([e.ids for e in encodings[0::2]], [e.ids for e in encodings[1::2]])
+        texts = _pair_texts(pairs)
+        joined = "".join(texts)
+        if joined.isascii() or not _SLOW_CHAR.search(joined):
+            encodings = self._encode_fast(texts)  # one check per call, not per text
+        else:
+            encodings = self._encode_texts(texts)
+        return self._assemble(encodings)
 
     def _encode_texts(self, texts: list[str], with_tokens: bool = False) -> list[Encoding]:
         """HF encodings (no special tokens) of ``texts``, in order; ``.tokens`` only if ``with_tokens``."""
@@ -195,29 +198,46 @@ class BertTokenizer:
                 encodings[i] = enc
         return encodings  # type: ignore[return-value]
 
-    def _assemble(self, a_ids: list[list[int]], b_ids: list[list[int]]) -> Features:
-        """Truncate each pair google's way and lay out ``[CLS] a [SEP] b [SEP]`` + padding."""
-        n, seq = len(a_ids), self._max_seq_length
-        keep_a, keep_b = _truncated_lengths(
-            np.fromiter(map(len, a_ids), np.int64, n), np.fromiter(map(len, b_ids), np.int64, n), seq - 3
-        )
+    def _assemble(self, encodings: Sequence[Encoding]) -> Features:
+        """Rows ``[CLS] a [SEP] b [SEP]`` + padding from the encodings of a0, b0, a1, b1, ...
+
+        Each pair is truncated google's way (:func:`_truncated_pair_lengths`).
+        One Python pass concatenates the kept ids of all rows (list
+        concatenation runs in C); numpy then scatters them into the zero
+        matrix through the input mask in one assignment, since a row's real
+        tokens are exactly its first ``used`` columns in row-major order.
+        """
+        seq = self._max_seq_length
+        room = seq - 3
+        cls, sep = [self._cls_id], [self._sep_id]
+        flat: list[int] = []
+        bounds: list[int] = []  # per row: first column of b, then number of real tokens
+        pairs = iter(encodings)
+        for enc_a, enc_b in zip(pairs, pairs):
+            a, b = enc_a.ids, enc_b.ids
+            len_a, len_b = len(a), len(b)
+            if len_a + len_b > room:
+                len_a, len_b = _truncated_pair_lengths(len_a, len_b, room)
+                a, b = a[:len_a], b[:len_b]
+            flat += cls
+            flat += a
+            flat += sep
+            flat += b
+            flat += sep
+            bounds += (len_a + 2, len_a + len_b + 3)
+        n = len(bounds) // 2
+        bound = np.array(bounds, np.int32).reshape(n, 2, 1)
+        real = self._columns < bound[:, 1]
         input_ids = np.zeros((n, seq), np.int32)
-        segment_ids = np.zeros((n, seq), np.int32)
-        for i, (a, b, ka, kb) in enumerate(zip(a_ids, b_ids, keep_a.tolist(), keep_b.tolist())):
-            row = input_ids[i]
-            row[0] = self._cls_id
-            row[1 : 1 + ka] = a[:ka]
-            row[1 + ka] = self._sep_id
-            row[2 + ka : 2 + ka + kb] = b[:kb]
-            row[2 + ka + kb] = self._sep_id
-            segment_ids[i, 2 + ka : 3 + ka + kb] = 1
-        used = keep_a + keep_b + 3
-        input_mask = (np.arange(seq) < used[:, None]).astype(np.int32)
+        input_ids[real] = np.fromiter(flat, np.int32, len(flat))
+        input_mask = real.astype(np.int32)
+        # 1 on real tokens from b's first column on: the mask less the columns before b.
+        segment_ids = input_mask - (self._columns < bound[:, 0])
         return Features(input_ids=input_ids, input_mask=input_mask, segment_ids=segment_ids)
 
 
-def _truncated_lengths(len_a: np.ndarray, len_b: np.ndarray, max_total: int) -> tuple[np.ndarray, np.ndarray]:
-    """Lengths google's ``_truncate_seq_pair`` keeps, computed without its loop.
+def _truncated_pair_lengths(len_a: int, len_b: int, max_total: int) -> tuple[int, int]:
+    """Lengths google's ``_truncate_seq_pair`` keeps of a pair, computed without its loop.
 
     The loop pops from the longer side (b on a tie) until ``a + b <= max_total``.
     A pair that fits is untouched. Otherwise b keeps ``m - a`` if a is short
@@ -226,10 +246,10 @@ def _truncated_lengths(len_a: np.ndarray, len_b: np.ndarray, max_total: int) -> 
     and ``floor(m/2)`` for b (the tie rule leaves a the longer one); a keeps
     the rest. ``min(b, max(floor(m/2), m - a))`` covers all three cases.
     """
-    over = len_a + len_b > max_total
-    keep_b = np.where(over, np.minimum(len_b, np.maximum(max_total // 2, max_total - len_a)), len_b)
-    keep_a = np.where(over, max_total - keep_b, len_a)
-    return keep_a, keep_b
+    if len_a + len_b <= max_total:
+        return len_a, len_b
+    keep_b = min(len_b, max(max_total // 2, max_total - len_a))
+    return max_total - keep_b, keep_b
 
 
 def _basic_tokenize(text: str, lower: bool) -> list[str]:
@@ -302,6 +322,31 @@ def _split_punctuation(word: str) -> list[str]:
     if start < len(word):
         pieces.append(word[start:])
     return pieces
+
+
+_PAIR_TYPES = frozenset((tuple, list))
+_TEXT_TYPES = frozenset((str,))
+
+
+def _pair_texts(pairs: Sequence[tuple[str, str]]) -> list[str]:
+    """``[a0, b0, a1, b1, ...]`` of ``pairs``, or TypeError if a pair is not two ``str``.
+
+    The common case (lists or tuples of exact ``str``) is checked by C-level
+    passes over type and len; anything else gets the exact per-pair check.
+    """
+    if not isinstance(pairs, (list, tuple)):
+        pairs = list(pairs)
+    if _PAIR_TYPES.issuperset(map(type, pairs)) and all(map((2).__eq__, map(len, pairs))):
+        texts = list(itertools.chain.from_iterable(pairs))
+        if _TEXT_TYPES.issuperset(map(type, texts)):
+            return texts
+    texts = []
+    for pair in pairs:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise TypeError(f"each pair must be a (text_a, text_b) tuple, got {type(pair).__name__}")
+        texts.append(_check_text(pair[0]))
+        texts.append(_check_text(pair[1]))
+    return texts
 
 
 def _check_text(text: object) -> str:
