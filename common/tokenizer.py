@@ -59,6 +59,15 @@ MAX_CHARS_PER_WORD = 200  # google's max_input_chars_per_word (HF's default is 1
 FAST_PATH_CHARS = "\u0000-\u036f\u2000-\u2064\u2066-\u206f\u20a0-\u20bf"
 _SLOW_CHAR = re.compile(f"[^{FAST_PATH_CHARS}]")
 
+# Text made only of printable ASCII, tab, newline and carriage return needs
+# none of BertNormalizer's work but lower-casing: it has no control characters
+# to drop, no accents, no CJK, and the three whitespace controls are split on
+# by BertPreTokenizer exactly as the spaces clean_text would turn them into.
+# Such text skips HF's normalizer (about a third of HF's time per text) and is
+# lower-cased by str.lower, which equals HF's lower-casing on ASCII (see
+# tests/test_tokenizer.py::test_lean_path_equals_full_pipeline).
+_NOT_LEAN_CHAR = re.compile(r"[^\t\n\r\x20-\x7e]")
+
 # google's CJK ideograph ranges (Unified Ideographs + extensions A-E and the
 # compatibility ideographs); Hangul, kana and CJK punctuation are not in it.
 _CJK_RANGES = (
@@ -136,8 +145,11 @@ class BertTokenizer:
         self._cls_id = vocab["[CLS]"]
         self._sep_id = vocab["[SEP]"]
         self._full = _full_pipeline(vocab, self._do_lower_case)
+        self._lean = _lean_pipeline(vocab)
         self._wordpiece_only = Tokenizer(_wordpiece_model(vocab))
-        self._encode_fast = functools.partial(_encode_batch, self._full, with_tokens=False)
+        # Bound once: encode_batch_fast skips offsets, which features never use (tokenizers >= 0.20).
+        self._encode_lean_raw = getattr(self._lean, "encode_batch_fast", self._lean.encode_batch)
+        self._encode_full_raw = getattr(self._full, "encode_batch_fast", self._full.encode_batch)
         self._columns = np.arange(max_seq_length, dtype=np.int32)
         self._columns.flags.writeable = False
 
@@ -176,25 +188,39 @@ class BertTokenizer:
         Texts may be empty. Raises TypeError if a pair is not two ``str``.
         """
         texts = _pair_texts(pairs)
+        # One character check over all texts per call; per text only when the batch mixes kinds.
         joined = "".join(texts)
-        if joined.isascii() or not _SLOW_CHAR.search(joined):
-            encodings = self._encode_fast(texts)  # one check per call, not per text
+        if not _NOT_LEAN_CHAR.search(joined):
+            encodings = self._encode_lean(texts)
+        elif not _SLOW_CHAR.search(joined):
+            encodings = self._encode_full_raw(texts, add_special_tokens=False)
         else:
             encodings = self._encode_texts(texts)
         return self._assemble(encodings)
 
+    def _encode_lean(self, texts: list[str], with_tokens: bool = False) -> list[Encoding]:
+        """HF encodings of texts without a :data:`_NOT_LEAN_CHAR`: no normalizer, ``str.lower``."""
+        if self._do_lower_case:
+            texts = list(map(str.lower, texts))
+        if with_tokens:
+            return self._lean.encode_batch(texts, add_special_tokens=False)
+        return self._encode_lean_raw(texts, add_special_tokens=False)
+
     def _encode_texts(self, texts: list[str], with_tokens: bool = False) -> list[Encoding]:
         """HF encodings (no special tokens) of ``texts``, in order; ``.tokens`` only if ``with_tokens``."""
-        slow = [i for i, text in enumerate(texts) if _SLOW_CHAR.search(text)]
-        if not slow:
-            return _encode_batch(self._full, texts, with_tokens=with_tokens)
         encodings: list[Encoding | None] = [None] * len(texts)
-        words = [_basic_tokenize(texts[i], self._do_lower_case) for i in slow]
-        for i, enc in zip(slow, _encode_batch(self._wordpiece_only, words, with_tokens, is_pretokenized=True)):
-            encodings[i] = enc
-        fast = [i for i, enc in enumerate(encodings) if enc is None]
-        if fast:
-            for i, enc in zip(fast, _encode_batch(self._full, [texts[i] for i in fast], with_tokens)):
+        lean = [i for i, text in enumerate(texts) if not _NOT_LEAN_CHAR.search(text)]
+        if lean:
+            for i, enc in zip(lean, self._encode_lean([texts[i] for i in lean], with_tokens)):
+                encodings[i] = enc
+        slow = [i for i, text in enumerate(texts) if _SLOW_CHAR.search(text)]
+        if slow:
+            words = [_basic_tokenize(texts[i], self._do_lower_case) for i in slow]
+            for i, enc in zip(slow, _encode_batch(self._wordpiece_only, words, with_tokens, is_pretokenized=True)):
+                encodings[i] = enc
+        full = [i for i, enc in enumerate(encodings) if enc is None]
+        if full:
+            for i, enc in zip(full, _encode_batch(self._full, [texts[i] for i in full], with_tokens)):
                 encodings[i] = enc
         return encodings  # type: ignore[return-value]
 
@@ -385,6 +411,13 @@ def _wordpiece_model(vocab: dict[str, int]) -> models.WordPiece:
     return models.WordPiece(
         vocab, unk_token="[UNK]", continuing_subword_prefix="##", max_input_chars_per_word=MAX_CHARS_PER_WORD
     )
+
+
+def _lean_pipeline(vocab: dict[str, int]) -> Tokenizer:
+    """HF pre-tokenizer + WordPiece, no normalizer: for text without a :data:`_NOT_LEAN_CHAR`."""
+    tokenizer = Tokenizer(_wordpiece_model(vocab))
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    return tokenizer
 
 
 def _full_pipeline(vocab: dict[str, int], lower: bool) -> Tokenizer:

@@ -8,6 +8,7 @@ and skip otherwise; everything else runs on small vocabularies written to tmp.
 
 from __future__ import annotations
 
+import collections
 import csv
 import os
 import re
@@ -22,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bertpool.common import tokenizer as tokenizer_module
 from bertpool.common.errors import ConfigError
 from bertpool.common.tokenizer import FAST_PATH_CHARS, BertTokenizer, Features, _truncated_pair_lengths
 
@@ -410,6 +412,137 @@ def test_random_pairs_agree_with_reference(property_setup, pairs, seq) -> None:
     vocab, lower, tokenizers = property_setup
     got = tokenizers[seq].encode_pairs(pairs)
     assert_same_features(got, reference_features(vocab, lower, pairs, seq))
+
+
+# --- the lean path (printable ASCII skips HF's normalizer) ----------------
+
+LEAN_CHARS = "\t\n\r" + "".join(chr(c) for c in range(0x20, 0x7F))
+
+
+@pytest.mark.parametrize("lower", [True, False])
+def test_lean_path_equals_full_pipeline(tmp_path: Path, lower: bool) -> None:
+    """Every lean character gives the full HF pipeline's ids, and google's features, in both casings."""
+    texts = [f"x{c}y {c} A{c}B{c}{c}z{c}" for c in LEAN_CHARS] + ["  Hello,\tWORLD!\r\n", "", " ", "DON'T U.S.A."]
+    assert not any(tokenizer_module._NOT_LEAN_CHAR.search(t) for t in texts)
+    for bad in ("\x00", "\x01", "\x0b", "\x0c", "\x1f", "\x7f", "\x85", "\xa0", "é"):
+        assert tokenizer_module._NOT_LEAN_CHAR.search(f"a{bad}b"), ascii(bad)
+    tokens = char_vocab(texts, lower)
+    vocab = ref.load_vocab(write_vocab(tmp_path, tokens))
+    tok = BertTokenizer(tmp_path / "vocab.txt", do_lower_case=lower, max_seq_length=64)
+    lean = [e.ids for e in tok._encode_lean(texts)]
+    full = [e.ids for e in tok._full.encode_batch(texts, add_special_tokens=False)]
+    assert lean == full
+    pairs = list(zip(texts, reversed(texts)))
+    assert_same_features(tok.encode_pairs(pairs), reference_features(vocab, lower, pairs, 64))
+    for text in texts:
+        assert tok.tokenize(text) == ref.tokenize(text, vocab, lower), ascii(text)
+
+
+def test_mrpc_lean_path_equals_full_pipeline(real_vocab_path: Path, mrpc_pairs) -> None:
+    texts = [t for pair in mrpc_pairs for t in pair if not tokenizer_module._NOT_LEAN_CHAR.search(t)]
+    assert len(texts) > len(mrpc_pairs)  # most MRPC texts are plain ASCII
+    tok = BertTokenizer(real_vocab_path)
+    lean = [e.ids for e in tok._encode_lean(texts)]
+    assert lean == [e.ids for e in tok._full.encode_batch(texts, add_special_tokens=False)]
+
+
+def test_batch_mixing_lean_full_and_slow_texts(tmp_path: Path) -> None:
+    """One call whose texts take all three routes keeps every text in its row and place."""
+    texts = ["Hello, World!", "Café  naïve", "ΟΔΟΣ ΑΣ", "", "a\x01b\x7fc", "中文 and ASCII"]
+    pairs = [(a, b) for a in texts for b in texts]
+    tokens = char_vocab(texts, True)
+    vocab = ref.load_vocab(write_vocab(tmp_path, tokens))
+    tok = BertTokenizer(tmp_path / "vocab.txt", max_seq_length=24)
+    assert_same_features(tok.encode_pairs(pairs), reference_features(vocab, True, pairs, 24))
+    for i in range(0, len(pairs), 7):  # and each pair alone equals its row in the batch
+        np.testing.assert_array_equal(tok.encode_pairs([pairs[i]]).input_ids[0], tok.encode_pairs(pairs).input_ids[i])
+
+
+lean_texts = st.one_of(
+    st.text(alphabet=st.sampled_from(LEAN_CHARS), max_size=60),
+    st.lists(st.sampled_from(WORDS[:8] + list(" \t\n\r.,'!?-$^`~")), max_size=60).map(" ".join),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pairs=st.lists(st.tuples(lean_texts, lean_texts), min_size=1, max_size=6), seq=st.sampled_from([3, 8, 24]))
+def test_random_lean_pairs_agree_with_reference(property_setup, pairs, seq) -> None:
+    vocab, lower, tokenizers = property_setup
+    assert_same_features(tokenizers[seq].encode_pairs(pairs), reference_features(vocab, lower, pairs, seq))
+
+
+# --- row assembly against a plain per-row layout ------------------------------
+
+
+def plain_rows(ids: list[list[int]], seq: int) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """google's convert_single_example layout, one row at a time, truncating with google's loop."""
+    input_ids, input_mask, segment_ids = [], [], []
+    for a, b in zip(ids[0::2], ids[1::2]):
+        a, b = list(a), list(b)
+        ref.truncate_pair(a, b, seq - 3)
+        tokens = [CLS] + a + [SEP] + b + [SEP]
+        pad = [0] * (seq - len(tokens))
+        input_ids.append(tokens + pad)
+        input_mask.append([1] * len(tokens) + pad)
+        segment_ids.append([0] * (len(a) + 2) + [1] * (len(b) + 1) + pad)
+    return input_ids, input_mask, segment_ids
+
+
+class FakeEncoding:
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids
+
+
+@pytest.fixture(scope="module")
+def assemblers(tmp_path_factory: pytest.TempPathFactory) -> dict[int, BertTokenizer]:
+    path = write_vocab(tmp_path_factory.mktemp("asm"), TINY)
+    return {seq: BertTokenizer(path, max_seq_length=seq) for seq in (3, 4, 5, 6, 9, 16)}
+
+
+lengths = st.one_of(st.integers(0, 3), st.integers(0, 20))  # small values make ties and empties common
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lens=st.lists(st.tuples(lengths, lengths), min_size=0, max_size=17).map(lambda ls: [n for p in ls for n in p]),
+    seq=st.sampled_from([3, 4, 5, 6, 9, 16]),
+    data=st.data(),
+)
+def test_assembly_equals_plain_rows(assemblers, lens, seq, data) -> None:
+    ids = [data.draw(st.lists(st.integers(4, 30000), min_size=n, max_size=n)) for n in lens]
+    got = assemblers[seq]._assemble([FakeEncoding(x) for x in ids])
+    want = plain_rows(ids, seq)
+    for field, rows in zip(("input_ids", "input_mask", "segment_ids"), want):
+        arr = getattr(got, field)
+        assert arr.dtype == np.int32 and arr.shape == (len(lens) // 2, seq), field
+        assert arr.tolist() == rows, field
+
+
+def test_pair_containers_and_text_subclasses_are_accepted(tiny: BertTokenizer) -> None:
+    class Text(str):
+        pass
+
+    Pair = collections.namedtuple("Pair", "a b")
+    want = tiny.encode_pairs([("hello", "world"), ("the", "cafe")]).input_ids
+    for pairs in (
+        [["hello", "world"], ("the", "cafe")],
+        (("hello", "world"), ("the", "cafe")),
+        iter([("hello", "world"), ("the", "cafe")]),
+        [Pair("hello", "world"), (Text("the"), "cafe")],
+    ):
+        np.testing.assert_array_equal(tiny.encode_pairs(pairs).input_ids, want)
+
+
+@pytest.mark.parametrize("pairs", [
+    [("a", "b", "c"), ("d",)],  # four texts for two pairs, but not two per pair
+    [("a", "b"), "ab"],  # a str is a sequence of two characters, not a pair
+    [("a", "b"), ("c", 1)],
+    [("a", "b"), None],
+    [{"a": 1, "b": 2}],
+])  # fmt: skip
+def test_malformed_pairs_are_type_errors(tiny: BertTokenizer, pairs) -> None:
+    with pytest.raises(TypeError):
+        tiny.encode_pairs(pairs)
 
 
 # --- concurrency and speed ---------------------------------------------------
