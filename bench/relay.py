@@ -33,6 +33,7 @@ import zmq
 
 from ..clients.bench import wait_for_workers
 from ..common import protocol as P
+from ..common.fastzmq import recv_many, send_nowait
 from ..broker.broker import Broker, BrokerConfig
 
 SETUPS = ("relay", "broker", "pool")
@@ -53,25 +54,26 @@ def _relay_echo(address: str, stop) -> None:
 
 
 def _protocol_echo(address: str, stop) -> None:
-    """A minimal bertpool worker: READY, then a canned REPLY to each REQUEST at once; it beats
-    every second like a real worker, so the broker never presumes it dead while idle."""
+    """A minimal bertpool worker: READY (taking up to 64 requests per message), then a canned answer
+    to each REQUEST at once, one REPLIES message for each message received; it beats every second
+    like a real worker, so the broker never presumes it dead while idle."""
     sock = zmq.Context().socket(zmq.DEALER)
     sock.connect(address)
     # Named by pid and a random incarnation: unique across processes (id(sock) was not).
     incarnation = P.new_incarnation()
     name = f"echo-{os.getpid()}-{incarnation[:8]}"
-    sock.send_multipart(P.ready_frames(name, None, incarnation, os.getpid(), 64, "echo", 1))
+    sock.send_multipart(P.ready_frames(name, None, incarnation, os.getpid(), 64, "echo", 1,
+                                       requests_per_message=64))
     reply = P.reply_body("x", [0.5, 0.5], {})
     next_beat = time.monotonic() + 1.0
     while not stop.is_set():
         if sock.poll(100):
-            for _ in range(256):
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                if frames[1] == P.REQUEST:
-                    sock.send_multipart(P.reply_frames(frames[2], reply))
+            for frames in recv_many(sock, 256):
+                message = P.parse_from_broker(frames)
+                requests = message.requests if message.kind == P.REQUESTS else [message]
+                answers = [(P.REPLY, r.token, reply) for r in requests if r.kind == P.REQUEST]
+                if answers:
+                    send_nowait(sock, P.replies_frames(answers))
         if time.monotonic() >= next_beat:
             sock.send_multipart(P.heartbeat_frames())
             next_beat = time.monotonic() + 1.0

@@ -144,6 +144,8 @@ class _WorkerState:
     inflight: dict[bytes, _Request] = field(default_factory=dict)  # token -> request
     stats: dict[str, int] = field(default_factory=dict)            # last STATS counters
     ready: P.Ready | None = None  # its READY (model info for the metrics)
+    per_message: int = 1        # most requests it takes in one REQUESTS message (READY's word)
+    batch_size: int = 1         # most requests in one of its model calls (READY's word)
 
     @property
     def free(self) -> int:
@@ -438,7 +440,10 @@ class Broker:
         if worker is not None:
             worker.last_heard = time.monotonic()  # any message counts as a beat
         kind = message.kind
-        if kind in (P.REPLY, P.ERROR):
+        if kind == P.REPLIES:
+            for answer_kind, token, body in message.replies:
+                self._on_reply(answer_kind, token, body)
+        elif kind in (P.REPLY, P.ERROR):
             self._on_reply(kind, message.token, message.body)
         elif kind == P.READY:
             self._on_ready(identity, message.ready)
@@ -469,6 +474,8 @@ class Broker:
             return
         if identity in self._workers:
             self._workers[identity].capacity = ready.capacity
+            self._workers[identity].per_message = ready.requests_per_message
+            self._workers[identity].batch_size = ready.batch_size
             return
         # A READY for a registered slot from another socket is that slot's restart: the old
         # process is dead, so what it held is re-dispatched (unless heartbeats caught it sooner).
@@ -481,7 +488,8 @@ class Broker:
         name = self._unique_name(ready.worker or identity.hex(), incarnation)
         self._workers[identity] = _WorkerState(identity, name, incarnation, ready.capacity, ready.slot,
                                                ready.pid, ready.backend, last_heard=time.monotonic(),
-                                               ready=ready)
+                                               ready=ready, per_message=ready.requests_per_message,
+                                               batch_size=ready.batch_size)
         if self.metrics is not None:
             self.metrics.on_ready(ready.slot)
         log.info("worker %s ready, capacity %d (%d workers)", name, ready.capacity, len(self._workers))
@@ -595,30 +603,59 @@ class Broker:
     # ------------------------------------------------------------- dispatch
 
     def _dispatch(self) -> None:
-        """Hand queued requests to the workers with the most free credit."""
+        """Hand queued requests to the workers with the most free credit; a worker found gone on
+        the way is removed and what it was being sent goes to the others."""
+        while self._dispatch_round():
+            pass
+
+    def _dispatch_round(self) -> bool:
+        """One round: assign queued requests, a batch at a time (up to its batch_size and free credit)
+        to the worker with the most free credit, so a burst fills batches rather than spreading one
+        request per worker; then send each worker its share in as few messages as it takes (REQUESTS
+        of up to its requests_per_message, else single REQUESTs). True when a send found a worker
+        gone: its share went back to the head of the queue, and the caller runs another round."""
+        shares: dict[bytes, list[tuple[bytes, bytes, float, float | None]]] = {}
         while self._queue and self._workers:
             worker = max(self._workers.values(), key=_free_credit)
-            if worker.free <= 0:
-                return
-            request = self._queue.popleft()
-            self._queue_bytes -= len(request.body)
-            now = time.monotonic()
-            left = None if request.deadline is None else request.deadline - now
-            if left is not None and left <= 0:
-                self._expire(request, "before dispatch")
-                continue
-            # A fresh token on every dispatch: a late answer to an earlier one matches nothing.
-            token = self._next_token.to_bytes(P.TOKEN_BYTES, "big")
-            self._next_token = (self._next_token + 1) & _TOKEN_MASK
-            if not self._send_worker(worker.identity,
-                                     P.request_frames(token, request.body, now - request.enqueued, left)):
-                self._enqueue(request, front=True)
-                self._remove_worker(worker.identity, "unreachable", lost=True)
-                continue
-            worker.inflight[token] = request
-            self._owners[token] = worker.identity
-            if self.metrics is not None:
-                self.metrics.queue_wait.observe(now - request.enqueued)
+            take = min(_free_credit(worker), worker.batch_size)
+            if take <= 0:
+                break
+            share = shares.setdefault(worker.identity, [])
+            while take > 0 and self._queue:
+                request = self._queue.popleft()
+                self._queue_bytes -= len(request.body)
+                now = time.monotonic()
+                left = None if request.deadline is None else request.deadline - now
+                if left is not None and left <= 0:
+                    self._expire(request, "before dispatch")
+                    continue
+                # A fresh token on every dispatch: a late answer to an earlier one matches nothing.
+                token = self._next_token.to_bytes(P.TOKEN_BYTES, "big")
+                self._next_token = (self._next_token + 1) & _TOKEN_MASK
+                worker.inflight[token] = request
+                self._owners[token] = worker.identity
+                share.append((token, request.body, now - request.enqueued, left))
+                take -= 1
+                if self.metrics is not None:
+                    self.metrics.queue_wait.observe(now - request.enqueued)
+        gone = False
+        for identity, share in shares.items():
+            if share and not self._send_share(self._workers[identity], share):
+                gone = True
+                worker = self._workers[identity]
+                for token, *_ in reversed(share):  # back at the head, in their order
+                    self._owners.pop(token, None)
+                    self._enqueue(worker.inflight.pop(token), front=True)
+                self._remove_worker(identity, "unreachable", lost=True)
+        return gone
+
+    def _send_share(self, worker: _WorkerState, share: list[tuple[bytes, bytes, float, float | None]]) -> bool:
+        """Send ``share`` to ``worker``; False when its socket is gone."""
+        step = worker.per_message
+        if step == 1:
+            return all(self._send_worker(worker.identity, P.request_frames(*item)) for item in share)
+        return all(self._send_worker(worker.identity, P.requests_frames(share[i:i + step]))
+                   for i in range(0, len(share), step))
 
     # ---------------------------------------------------------------- stats
 

@@ -1,4 +1,4 @@
-"""The bertpool wire protocol, version ``BP3``: every frame layout in one place.
+"""The bertpool wire protocol, version ``BP4``: every frame layout in one place.
 
 Transport: ZeroMQ. Clients and workers are DEALER sockets; the broker has a
 frontend ROUTER (clients) and a backend ROUTER (workers). Every message starts
@@ -36,15 +36,24 @@ Broker -> client (frontend)            [VERSION, kind, body]
 
 Worker -> broker (backend)             [VERSION, kind, ...]
     READY     [VERSION, READY, body {worker, slot, incarnation, pid, capacity, backend, batch_size,
-                                     model?, version?}]
+                                     model?, version?, requests_per_message?}]
                                                   model (optional): {hash, dtype, target}, what the
                                                   worker serves, from the compiled model's manifest
                                                   (hash: the source weights' sha256) where it has one;
                                                   version (optional): the worker's bertpool version.
                                                   Each a str of at most MAX_LABEL_LEN characters; the
-                                                  broker exports them as bertpool_model_info labels
+                                                  broker exports them as bertpool_model_info labels;
+                                                  requests_per_message (optional int >= 1, default 1):
+                                                  the most requests the worker takes in one REQUESTS
+                                                  message (1: it is sent single REQUESTs only)
     REPLY     [VERSION, REPLY, token, body]       token: the broker's 8-byte request handle
     ERROR     [VERSION, ERROR, token, body]
+    REPLIES   [VERSION, REPLIES, table, bodies]   several REPLYs and ERRORs in one message (a batch's
+                                                  answers: one ZeroMQ message instead of one each).
+                                                  table: per answer, 13 bytes: token (8), kind (1:
+                                                  REPLY or ERROR), body length (4, big-endian);
+                                                  bodies: the answers' bodies back to back, in table
+                                                  order. At least 1, at most MAX_PER_MESSAGE answers
     STATS     [VERSION, STATS, body {inferences, batches, padded_rows, ..., epoch?, histograms?}]
                                                   cumulative integer counters since the worker process
                                                   started; epoch (optional): a str naming that process's
@@ -81,6 +90,14 @@ Broker -> worker (backend)             [VERSION, kind, ...]
                                                   8-byte big-endian microseconds left to the
                                                   request's deadline when the broker sent it (>= 1).
                                                   Both are durations, so no shared clock is needed
+    REQUESTS [VERSION, REQUESTS, table, bodies]   several REQUESTs in one message, to a worker whose
+                                                  READY said requests_per_message > 1 (at most that
+                                                  many): the requests the broker hands that worker in
+                                                  one dispatch round. table: per request, 28 bytes:
+                                                  token (8), queued (8), deadline (8; 0 = none), body
+                                                  length (4), all big-endian, queued and deadline in
+                                                  microseconds as in REQUEST; bodies: the clients'
+                                                  bodies back to back, in table order
     HEARTBEAT [VERSION, HEARTBEAT, body {}]       sent to every registered worker every
                                                   heartbeat_interval_s
     DISCONNECT [VERSION, DISCONNECT, body {reason}]
@@ -112,6 +129,10 @@ an array of float32 [2]; ``timings`` is a map of milliseconds:
 ``queue_ms`` (broker queue + worker inbox), ``batch_wait_ms`` (waiting for the
 batch to fill), ``compute_ms`` (the model call for the whole batch).
 
+BP4 changed from BP3, incompatibly: REQUESTS and REPLIES carry many requests or
+answers in one message (fewer ZeroMQ calls and wake-ups per request on both
+sides of the backend), and READY may carry ``requests_per_message``.
+
 BP3 changed from BP2, incompatibly: REQUEST may carry ``deadline_ms``; HEARTBEAT
 is live on both links; ERROR codes ``deadline_exceeded``, ``worker_lost`` and
 ``shutting_down`` (new REQUESTs while the broker drains on SIGTERM); the
@@ -133,6 +154,7 @@ worker of the same name, live or not); DISCONNECT names its incarnation.
 from __future__ import annotations
 
 import secrets
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,7 +163,7 @@ import numpy as np
 
 from .errors import ConfigError, InputError, ProtocolError
 
-VERSION = b"BP3"
+VERSION = b"BP4"
 
 # Message kinds: one byte each, so routing never decodes a body.
 REQUEST = b"\x01"
@@ -152,10 +174,13 @@ READY = b"\x05"
 STATS = b"\x06"
 HEARTBEAT = b"\x07"
 DISCONNECT = b"\x08"
+REQUESTS = b"\x09"
+REPLIES = b"\x0a"
 
 KIND_NAMES = {
     REQUEST: "REQUEST", REPLY: "REPLY", ERROR: "ERROR", BUSY: "BUSY", READY: "READY",
-    STATS: "STATS", HEARTBEAT: "HEARTBEAT", DISCONNECT: "DISCONNECT",
+    STATS: "STATS", HEARTBEAT: "HEARTBEAT", DISCONNECT: "DISCONNECT", REQUESTS: "REQUESTS",
+    REPLIES: "REPLIES",
 }
 
 # Stable error codes carried by ERROR replies.
@@ -182,6 +207,7 @@ MAX_HISTOGRAMS = 16  # histograms in one STATS
 MAX_BUCKETS = 64     # buckets in one of them
 
 TOKEN_BYTES = 8
+MAX_PER_MESSAGE = 4096  # most requests in one REQUESTS, or answers in one REPLIES
 
 TRANSPORTS = ("tcp://", "ipc://", "inproc://")
 
@@ -494,6 +520,9 @@ class Ready:
     dtype: str | None = None       # READY's model.dtype
     target: str | None = None      # READY's model.target
     version: str | None = None     # the worker's bertpool version
+    requests_per_message: int = 1  # most requests it takes in one REQUESTS (1: single REQUESTs only)
+    batch_size: int = 1            # most requests in one of its model calls (the broker hands it that many
+                                   # at a time, so a burst fills its batch instead of spreading thin)
 
 
 def new_incarnation() -> str:
@@ -503,10 +532,12 @@ def new_incarnation() -> str:
 
 def ready_body(worker: str, slot: str | None, incarnation: str, pid: int, capacity: int,
                backend: str, batch_size: int, model: dict[str, str] | None = None,
-               version: str | None = None) -> bytes:
+               version: str | None = None, requests_per_message: int = 1) -> bytes:
     """Body of a worker's READY; ``model``: {hash, dtype, target} (see the module docstring)."""
     body = {"worker": worker, "slot": slot, "incarnation": incarnation, "pid": pid,
             "capacity": capacity, "backend": backend, "batch_size": batch_size}
+    if requests_per_message != 1:
+        body["requests_per_message"] = requests_per_message
     if model is not None:
         body["model"] = {k: model.get(k, "") for k in ("hash", "dtype", "target")}
     if version is not None:
@@ -521,6 +552,8 @@ def parse_ready(body: dict[str, Any]) -> Ready:
         raise ProtocolError(E_BAD_FIELD, f"READY capacity must be a positive int, got {capacity!r}")
     pid = body.get("pid")
     backend = body.get("backend")
+    per_message = _count(body, "requests_per_message")
+    batch_size = _count(body, "batch_size")
     model = body.get("model")
     if model is None:
         model = {}
@@ -531,7 +564,16 @@ def parse_ready(body: dict[str, Any]) -> Ready:
                  pid=pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
                  capacity=capacity, backend=backend[:32] if isinstance(backend, str) else None,
                  model_hash=_label(model, "hash"), dtype=_label(model, "dtype"),
-                 target=_label(model, "target"), version=_label(body, "version"))
+                 target=_label(model, "target"), version=_label(body, "version"),
+                 requests_per_message=per_message, batch_size=batch_size)
+
+
+def _count(body: dict[str, Any], field: str) -> int:
+    """An optional count in [1, MAX_PER_MESSAGE] (1 when absent); ProtocolError(bad_field) if malformed."""
+    value = body.get(field, 1)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_PER_MESSAGE:
+        raise ProtocolError(E_BAD_FIELD, f"READY {field} must be an int in [1, {MAX_PER_MESSAGE}], got {value!r}")
+    return value
 
 
 def _label(body: dict[str, Any], field: str) -> str | None:
@@ -632,6 +674,7 @@ class FromWorker:
     kind: bytes                       # READY, REPLY, ERROR, STATS, HEARTBEAT or DISCONNECT
     token: bytes = b""                # REPLY, ERROR: the broker's handle
     body: bytes = b""                 # REPLY, ERROR: raw, forwarded to the client untouched
+    replies: list[tuple[bytes, bytes, bytes]] | None = None  # REPLIES: (REPLY or ERROR, token, body) each
     ready: Ready | None = None        # READY
     stats: dict[str, int] | None = None  # STATS: the integer counters
     epoch: str | None = None          # STATS: the worker process's counter stream (None: not sent)
@@ -649,6 +692,8 @@ def parse_from_worker(frames: list[bytes]) -> FromWorker:
         if len(frames) != 4 or len(frames[2]) != TOKEN_BYTES:
             raise ProtocolError(E_BAD_FRAMES, f"{KIND_NAMES[kind]} needs [version, kind, token, body]")
         return FromWorker(kind, token=frames[2], body=frames[3])
+    if kind == REPLIES:
+        return FromWorker(kind, replies=_parse_replies(frames))
     if len(frames) != 3:
         raise ProtocolError(E_BAD_FRAMES, f"{KIND_NAMES.get(kind, kind[:8])} of {len(frames)} frames")
     if kind == HEARTBEAT:
@@ -694,6 +739,7 @@ class FromBroker:
     queue_ms: float = 0.0          # REQUEST: time it waited in the broker's queue
     deadline_ms: float | None = None  # REQUEST: time left to its deadline when sent (None: none)
     reason: str | None = None      # DISCONNECT: DISCONNECT_UNKNOWN or DISCONNECT_SHUTDOWN
+    requests: list[FromBroker] | None = None  # REQUESTS: each as a REQUEST
 
 
 def parse_from_broker(frames: list[bytes]) -> FromBroker:
@@ -707,6 +753,8 @@ def parse_from_broker(frames: list[bytes]) -> FromBroker:
             raise ProtocolError(E_BAD_FRAMES, "REQUEST needs [version, kind, token, body, queued, deadline]")
         return FromBroker(kind, token=frames[2], body=frames[3], queue_ms=decode_queue_time(frames[4]),
                           deadline_ms=decode_deadline(frames[5]))
+    if kind == REQUESTS:
+        return FromBroker(kind, requests=_parse_requests(frames))
     if len(frames) != 3:
         raise ProtocolError(E_BAD_FRAMES, f"{KIND_NAMES.get(kind, kind[:8])} of {len(frames)} frames")
     if kind == HEARTBEAT:
@@ -722,6 +770,67 @@ def parse_from_broker(frames: list[bytes]) -> FromBroker:
 def request_frames(token: bytes, body: bytes, queued_s: float, deadline_left_s: float | None) -> list[bytes]:
     """Broker -> worker REQUEST."""
     return [VERSION, REQUEST, token, body, encode_queue_time(queued_s), encode_deadline(deadline_left_s)]
+
+
+# REQUESTS and REPLIES tables: one fixed-size big-endian record per request or answer.
+_REQUEST_ENTRY = struct.Struct(">8sQQI")  # token, queued us, deadline us (0: none), body length
+_REPLY_ENTRY = struct.Struct(">8scI")     # token, kind (REPLY or ERROR), body length
+
+
+def requests_frames(requests: list[tuple[bytes, bytes, float, float | None]]) -> list[bytes]:
+    """Broker -> worker REQUESTS: ``(token, body, queued_s, deadline_left_s or None)`` each, in order."""
+    assert 1 <= len(requests) <= MAX_PER_MESSAGE, "a REQUESTS message holds 1..MAX_PER_MESSAGE requests"
+    table = b"".join([_REQUEST_ENTRY.pack(
+        token, max(0, int(queued_s * 1e6)),
+        0 if left_s is None else min(_MAX_DURATION_US, max(1, int(left_s * 1e6))), len(body))
+        for token, body, queued_s, left_s in requests])
+    return [VERSION, REQUESTS, table, b"".join([body for _, body, _, _ in requests])]
+
+
+def replies_frames(answers: list[tuple[bytes, bytes, bytes]]) -> list[bytes]:
+    """Worker -> broker REPLIES: ``(REPLY or ERROR, token, body)`` each, in order."""
+    assert 1 <= len(answers) <= MAX_PER_MESSAGE, "a REPLIES message holds 1..MAX_PER_MESSAGE answers"
+    table = b"".join([_REPLY_ENTRY.pack(token, kind, len(body)) for kind, token, body in answers])
+    return [VERSION, REPLIES, table, b"".join([body for _, _, body in answers])]
+
+
+def _table(frames: list[bytes], entry: struct.Struct, name: str) -> tuple[list[tuple], bytes]:
+    """The records and the bodies frame of a REQUESTS or REPLIES message; ProtocolError unless the
+    table holds 1..MAX_PER_MESSAGE whole records whose body lengths add up to the bodies frame."""
+    if len(frames) != 4:
+        raise ProtocolError(E_BAD_FRAMES, f"{name} needs [version, kind, table, bodies], got {len(frames)} frames")
+    table, bodies = frames[2], frames[3]
+    count, rest = divmod(len(table), entry.size)
+    if rest or not 1 <= count <= MAX_PER_MESSAGE:
+        raise ProtocolError(E_BAD_FRAMES, f"{name} table of {len(table)} bytes: need 1..{MAX_PER_MESSAGE} "
+                                          f"records of {entry.size} bytes")
+    records = list(entry.iter_unpack(table))
+    if sum(r[-1] for r in records) != len(bodies):
+        raise ProtocolError(E_BAD_FRAMES, f"{name} body lengths do not add up to the {len(bodies)}-byte bodies frame")
+    return records, bodies
+
+
+def _parse_requests(frames: list[bytes]) -> list[FromBroker]:
+    records, bodies = _table(frames, _REQUEST_ENTRY, "REQUESTS")
+    out, start = [], 0
+    for token, queued_us, deadline_us, length in records:
+        if deadline_us > _MAX_DURATION_US:
+            raise ProtocolError(E_BAD_FIELD, f"REQUESTS deadline of {deadline_us} us, above {_MAX_DURATION_US}")
+        out.append(FromBroker(REQUEST, token=token, body=bodies[start:start + length], queue_ms=queued_us / 1000.0,
+                              deadline_ms=deadline_us / 1000.0 if deadline_us else None))
+        start += length
+    return out
+
+
+def _parse_replies(frames: list[bytes]) -> list[tuple[bytes, bytes, bytes]]:
+    records, bodies = _table(frames, _REPLY_ENTRY, "REPLIES")
+    out, start = [], 0
+    for token, kind, length in records:
+        if kind != REPLY and kind != ERROR:
+            raise ProtocolError(E_BAD_KIND, f"REPLIES may hold REPLY and ERROR answers, not {kind!r}")
+        out.append((kind, token, bodies[start:start + length]))
+        start += length
+    return out
 
 
 def heartbeat_frames() -> list[bytes]:
@@ -746,10 +855,10 @@ def error_frames(token: bytes, body: bytes) -> list[bytes]:
 
 def ready_frames(worker: str, slot: str | None, incarnation: str, pid: int, capacity: int,
                  backend: str, batch_size: int, model: dict[str, str] | None = None,
-                 version: str | None = None) -> list[bytes]:
+                 version: str | None = None, requests_per_message: int = 1) -> list[bytes]:
     """Worker -> broker READY."""
     return [VERSION, READY, ready_body(worker, slot, incarnation, pid, capacity, backend, batch_size,
-                                       model, version)]
+                                       model, version, requests_per_message)]
 
 
 def stats_frames(counters: dict[str, int], epoch: str | None = None,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
+import sys
 import threading
 import time
 
 import pytest
 
-from bertpool.workers.batcher import Batcher, BatcherClosed, BatcherConfig
+from bertpool.workers.batcher import (PRECISE_TIMER_SLACK_NS, Batcher, BatcherClosed, BatcherConfig,
+                                      precise_deadlines)
 
 
 def make(max_batch_size=4, batch_timeout_ms=50.0) -> Batcher:
@@ -163,3 +166,20 @@ def test_take_due_after_close_hands_out_everything_then_nothing():
     assert b.take_due() == []
     with pytest.raises(BatcherClosed):
         b.put_many([4])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="timer slack is a Linux setting")
+def test_precise_deadlines_sets_this_threads_timer_slack_only():
+    get_slack = lambda: ctypes.CDLL(None).prctl(30, 0, 0, 0, 0)  # PR_GET_TIMERSLACK
+    seen = {}
+
+    def thread():
+        seen["before"] = get_slack()
+        seen["took"] = precise_deadlines()
+        seen["after"] = get_slack()
+
+    t = threading.Thread(target=thread)
+    t.start()
+    t.join(10)
+    assert seen["took"] and seen["after"] == PRECISE_TIMER_SLACK_NS != seen["before"]
+    assert get_slack() != PRECISE_TIMER_SLACK_NS  # other threads keep theirs

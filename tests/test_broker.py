@@ -214,6 +214,55 @@ def test_worker_error_reply_is_forwarded(broker, sockets):
     assert reply[1] == P.ERROR and P.unpack(reply[2])["code"] == P.E_INFERENCE
 
 
+def test_a_worker_that_takes_many_gets_a_round_in_one_message_and_answers_in_one(broker, sockets):
+    """READY with requests_per_message: what one dispatch round hands the worker goes in one
+    REQUESTS message (bodies untouched, each under its own token); one REPLIES message carries
+    answers of both kinds back, each routed to its client; an unknown token in it is dropped alone."""
+    b = broker()
+    client, worker = sockets(b.config.frontend), sockets(b.config.backend)
+    for i in range(6):
+        request(client, i)
+    stats(client)  # the broker has queued all six: one round dispatches them
+    worker.send_multipart([P.VERSION, P.READY, P.ready_body("w", None, "inc", 1, 8, "test", 4,
+                                                            requests_per_message=8)])
+    message = P.parse_from_broker(recv(worker))
+    assert message.kind == P.REQUESTS and nothing(worker)
+    assert [P.unpack(r.body)["id"] for r in message.requests] == list(range(6))
+    assert len({r.token for r in message.requests}) == 6
+    answers = [(P.REPLY, r.token, P.reply_body(i, [0.2, 0.8], {})) for i, r in enumerate(message.requests[:5])]
+    answers[2] = (P.ERROR, message.requests[2].token, P.error_body(2, P.E_INFERENCE, "boom"))
+    answers.append((P.REPLY, b"\xff" * 8, P.reply_body("ghost", [0.5, 0.5], {})))
+    worker.send_multipart(P.replies_frames(answers))
+    got = {P.unpack(f[2])["id"]: f[1] for f in (recv(client) for _ in range(5))}
+    assert got == {0: P.REPLY, 1: P.REPLY, 2: P.ERROR, 3: P.REPLY, 4: P.REPLY}
+    assert nothing(client)
+    assert stats(client)["broker"]["late_replies_dropped"] == 1
+
+
+@pytest.mark.parametrize("per_message", [1, 3])
+def test_dispatch_hands_out_whole_batches_in_messages_the_worker_takes(per_message):
+    """A round gives the worker with the most free credit up to its batch_size at a time (a burst
+    fills batches instead of spreading one request per worker), in single REQUESTs or REQUESTS of
+    at most requests_per_message."""
+    b = Broker(BrokerConfig(frontend="ipc:///nonexistent/f", backend="ipc:///nonexistent/b"))
+    sent: list[tuple[bytes, list[bytes]]] = []
+    b._send_worker = lambda identity, frames: sent.append((identity, frames)) or True
+    for identity in (b"one", b"two"):
+        b._on_ready(identity, P.parse_ready(P.unpack(P.ready_body(
+            identity.decode(), None, identity.decode(), 1, 8, "test", 4, requests_per_message=per_message))))
+    for i in range(6):
+        b._accept(b"client", P.text_request(i, "a", "b"))
+    b._dispatch()
+    ids: dict[bytes, list[int]] = {}
+    for identity, frames in sent:
+        message = P.parse_from_broker(frames)
+        requests = message.requests if message.kind == P.REQUESTS else [message]
+        assert len(requests) <= per_message
+        ids.setdefault(identity, []).extend(P.unpack(r.body)["id"] for r in requests)
+    assert ids == {b"one": [0, 1, 2, 3], b"two": [4, 5]}
+    assert len(sent) == (6 if per_message == 1 else 3)  # two: [0 1 2] [3]; one: [4 5]
+
+
 def test_oversized_request_is_refused(broker, sockets):
     b = broker(max_request_bytes=100)
     client = sockets(b.config.frontend)

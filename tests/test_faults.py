@@ -318,7 +318,8 @@ def test_a_client_that_vanishes_with_requests_in_flight_disturbs_no_one(start_po
 
 def random_frames(rng: random.Random) -> list[bytes]:
     """A random, truncated or corrupted multipart message, biased toward almost-valid ones."""
-    kinds = [P.REQUEST, P.REPLY, P.ERROR, P.BUSY, P.READY, P.STATS, P.HEARTBEAT, P.DISCONNECT, b"\x00", b"\xff"]
+    kinds = [P.REQUEST, P.REPLY, P.ERROR, P.BUSY, P.READY, P.STATS, P.HEARTBEAT, P.DISCONNECT, P.REQUESTS,
+             P.REPLIES, b"\x00", b"\xff"]
     valid = [
         [P.VERSION, P.REQUEST, P.text_request(rng.randrange(1 << 40), "fuzz", "me")],
         [P.VERSION, P.REQUEST, P.pack({"id": "x", "deadline_ms": rng.choice([-1, 0, "x", 1e30, None])})],
@@ -329,6 +330,10 @@ def random_frames(rng: random.Random) -> list[bytes]:
         P.stats_frames({"batches": rng.randrange(10)}),
         P.worker_disconnect_frames("w", P.new_incarnation()),
         P.request_frames(rng.randbytes(8), P.text_request(1, "a", "b"), 0.1, rng.choice([None, 0.001, 5.0])),
+        P.requests_frames([(rng.randbytes(8), P.text_request(i, "a", "b"), 0.1, rng.choice([None, 0.001, 5.0]))
+                           for i in range(rng.randrange(1, 5))]),
+        P.replies_frames([(rng.choice([P.REPLY, P.ERROR]), rng.randbytes(8), P.reply_body("x", [0.5, 0.5], {}))
+                          for _ in range(rng.randrange(1, 5))]),
         P.broker_disconnect_frames(P.DISCONNECT_UNKNOWN),
     ]
     how = rng.randrange(5)
@@ -401,9 +406,11 @@ def test_thousands_of_hostile_frames_at_a_worker_crash_nothing(tmp_path):
             assert time.monotonic() < deadline and thread.is_alive()
             if router.poll(100):
                 frames = router.recv_multipart()
-                if frames[2] == P.REPLY and frames[3] == token:
-                    break
-        assert np.allclose(P.parse_prediction(P.unpack(frames[4]))[1], expected("a", "b"))
+                if frames[2] == P.REPLIES:
+                    answer = dict((t, (k, b)) for k, t, b in P.parse_from_worker(frames[1:]).replies).get(token)
+                    if answer is not None and answer[0] == P.REPLY:
+                        break
+        assert np.allclose(P.parse_prediction(P.unpack(answer[1]))[1], expected("a", "b"))
         assert worker.stats.dropped_malformed > 0 and not worker.failed
     finally:
         worker.stop()

@@ -137,8 +137,11 @@ def test_reply_decoders_round_trip():
 
 def test_membership_round_trip():
     ready = P.parse_ready(P.unpack(P.ready_body("w", "host:1.ab:core-0", "inc", 42, 8, "echo", 4)))
-    assert ready == P.Ready("w", "host:1.ab:core-0", "inc", 42, 8, "echo")
+    assert ready == P.Ready("w", "host:1.ab:core-0", "inc", 42, 8, "echo", batch_size=4)
     assert P.parse_ready({"capacity": 1}) == P.Ready(None, None, None, None, 1, None)
+    assert P.parse_ready({"capacity": 1}).requests_per_message == 1  # older workers: single REQUESTs
+    many = P.parse_ready(P.unpack(P.ready_body("w", None, "inc", 1, 8, "echo", 4, requests_per_message=8)))
+    assert (many.requests_per_message, many.batch_size) == (8, 4)
     assert P.parse_disconnect(P.unpack(P.disconnect_body("w", "inc"))) == "inc"
     assert P.parse_disconnect({}) is None
     assert P.new_incarnation() != P.new_incarnation()
@@ -172,7 +175,11 @@ def test_bad_stats_histograms(histograms):
 
 @pytest.mark.parametrize("body", [{"capacity": 0}, {"capacity": True}, {"capacity": 1, "slot": 5},
                                   {"capacity": 1, "incarnation": "x" * 300}, {"capacity": 1, "model": "x"},
-                                  {"capacity": 1, "model": {"hash": 5}}, {"capacity": 1, "version": "x" * 300}])
+                                  {"capacity": 1, "model": {"hash": 5}}, {"capacity": 1, "version": "x" * 300},
+                                  {"capacity": 1, "requests_per_message": 0},
+                                  {"capacity": 1, "requests_per_message": P.MAX_PER_MESSAGE + 1},
+                                  {"capacity": 1, "requests_per_message": 2.0},
+                                  {"capacity": 1, "batch_size": True}, {"capacity": 1, "batch_size": -4}])
 def test_bad_ready(body):
     with pytest.raises(ProtocolError) as err:
         P.parse_ready(body)
@@ -216,6 +223,68 @@ def test_backend_frames_round_trip():
     assert (c.kind, c.body) == (P.REQUEST, b"x")
 
 
+def test_many_requests_and_replies_in_one_message_round_trip():
+    tokens = [i.to_bytes(8, "big") for i in range(3)]
+    frames = P.requests_frames([(tokens[0], b"first", 0.0125, 2.5), (tokens[1], b"", 0, None),
+                                (tokens[2], b"\x00third", 1e-7, -1.0)])
+    assert len(frames) == 4  # version, kind, table, bodies: not a frame per request
+    m = P.parse_from_broker(frames)
+    assert m.kind == P.REQUESTS
+    assert [(r.kind, r.token, r.body) for r in m.requests] == [
+        (P.REQUEST, tokens[0], b"first"), (P.REQUEST, tokens[1], b""), (P.REQUEST, tokens[2], b"\x00third")]
+    assert m.requests[0].queue_ms == pytest.approx(12.5) and m.requests[0].deadline_ms == pytest.approx(2500)
+    assert m.requests[1].deadline_ms is None
+    assert m.requests[2].deadline_ms == pytest.approx(0.001)  # expired: the least left, never "none"
+    answers = [(P.REPLY, tokens[0], b"r0"), (P.ERROR, tokens[1], b""), (P.REPLY, tokens[2], b"r2" * 100)]
+    frames = P.replies_frames(answers)
+    assert len(frames) == 4
+    w = P.parse_from_worker(frames)
+    assert (w.kind, w.replies) == (P.REPLIES, answers)
+
+
+_ENTRY = (b"t" * 8) + (0).to_bytes(8, "big") + (0).to_bytes(8, "big")  # a REQUESTS record, less its length
+
+
+@pytest.mark.parametrize("decode, frames", [
+    (P.parse_from_broker, [P.VERSION, P.REQUESTS, b"", b""]),  # no record
+    (P.parse_from_broker, [P.VERSION, P.REQUESTS, _ENTRY + (3).to_bytes(4, "big"), b"ab"]),  # lengths short
+    (P.parse_from_broker, [P.VERSION, P.REQUESTS, _ENTRY + (1).to_bytes(4, "big"), b"ab"]),  # lengths long
+    (P.parse_from_broker, [P.VERSION, P.REQUESTS, _ENTRY + b"\x00", b""]),  # a partial record
+    (P.parse_from_broker, [P.VERSION, P.REQUESTS, _ENTRY + (0).to_bytes(4, "big")]),  # no bodies frame
+    (P.parse_from_broker, [P.VERSION, P.REQUESTS, (b"t" * 8) + (0).to_bytes(8, "big")
+                           + (1 << 62).to_bytes(8, "big") + (0).to_bytes(4, "big"), b""]),  # deadline too far
+    (P.parse_from_broker, [P.VERSION, P.REQUESTS, _ENTRY * (P.MAX_PER_MESSAGE + 1)
+                           + b"\x00" * 4 * (P.MAX_PER_MESSAGE + 1), b""]),  # too many
+    (P.parse_from_worker, [P.VERSION, P.REPLIES, b"t" * 8 + P.READY + (0).to_bytes(4, "big"), b""]),  # kind
+    (P.parse_from_worker, [P.VERSION, P.REPLIES, b"t" * 8 + P.REPLY + (5).to_bytes(4, "big"), b"abc"]),
+    (P.parse_from_worker, [P.VERSION, P.REPLIES, b"t" * 8 + P.REPLY, b""]),
+    (P.parse_from_worker, [P.VERSION, P.REQUESTS, _ENTRY + (0).to_bytes(4, "big"), b""]),  # broker's kind
+    (P.parse_from_broker, [P.VERSION, P.REPLIES, b"t" * 8 + P.REPLY + (0).to_bytes(4, "big"), b""]),  # worker's
+])
+def test_malformed_batched_messages_are_protocol_errors(decode, frames):
+    with pytest.raises(ProtocolError):
+        decode(frames)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.binary(min_size=8, max_size=8), st.binary(max_size=30),
+                          st.floats(0, 1e5), st.one_of(st.none(), st.floats(-1, 1e5))), min_size=1, max_size=20),
+       st.binary(max_size=12), st.integers(0, 60))
+def test_fuzz_batched_messages(requests, junk, cut):
+    """Whole messages round-trip; truncated or padded tables and bodies are ProtocolErrors, never others."""
+    frames = P.requests_frames(requests)
+    assert [(r.token, r.body) for r in P.parse_from_broker(frames).requests] == [(t, b) for t, b, _, _ in requests]
+    answers = [(P.REPLY if i % 2 else P.ERROR, t, b) for i, (t, b, _, _) in enumerate(requests)]
+    assert P.parse_from_worker(P.replies_frames(answers)).replies == answers
+    for broken in ([*frames[:2], frames[2][:-cut or None], frames[3]], [*frames[:3], frames[3] + junk],
+                   [*frames[:2], frames[2] + junk, frames[3]]):
+        for decode in (P.parse_from_broker, P.parse_from_worker):
+            try:
+                decode(broken)
+            except ProtocolError:
+                pass
+
+
 def test_deadline_frame_bounds():
     assert P.decode_deadline(P.encode_deadline(-5)) == pytest.approx(0.001)  # expired: the least left
     assert P.decode_deadline(P.encode_deadline(1e9)) == P.MAX_DEADLINE_MS
@@ -244,7 +313,8 @@ def test_malformed_frames_are_protocol_errors(decode, frames):
         decode(frames)
 
 
-_KINDS = st.sampled_from([P.REQUEST, P.REPLY, P.ERROR, P.BUSY, P.READY, P.STATS, P.HEARTBEAT, P.DISCONNECT])
+_KINDS = st.sampled_from([P.REQUEST, P.REPLY, P.ERROR, P.BUSY, P.READY, P.STATS, P.HEARTBEAT, P.DISCONNECT,
+                          P.REQUESTS, P.REPLIES])
 _frame = st.one_of(st.binary(max_size=40), _KINDS, st.just(P.VERSION), st.binary(min_size=8, max_size=8),
                    st.builds(P.pack, st.dictionaries(st.sampled_from(
                        ["capacity", "incarnation", "slot", "reason", "id", "deadline_ms", "batches"]),

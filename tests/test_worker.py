@@ -54,7 +54,8 @@ def harness(tmp_path):
         thread.start()
         assert router.poll(WAIT_MS)
         identity, version, kind, body = router.recv_multipart()
-        assert kind == P.READY and P.unpack(body)["capacity"] == worker.config.effective_capacity
+        ready = P.parse_ready(P.unpack(body))
+        assert kind == P.READY and ready.capacity == ready.requests_per_message == worker.config.effective_capacity
         started.append((router, worker, thread))
         return router, identity, worker
 
@@ -70,14 +71,28 @@ def send(router, identity, token: int, body: bytes, deadline_s: float | None = N
     router.send_multipart([identity, *P.request_frames(token.to_bytes(8, "big"), body, 0.001, deadline_s)])
 
 
+def expand(frames: list[bytes]) -> list[tuple[bytes, bytes, list[bytes]]]:
+    """A message the router received as ``(identity, kind, rest)`` items, a REPLIES message as one
+    ``(identity, REPLY or ERROR, [token, body])`` item per answer it carries."""
+    identity, _, kind, *rest = frames
+    if kind != P.REPLIES:
+        return [(identity, kind, rest)]
+    return [(identity, k, [token, body]) for k, token, body in P.parse_from_worker(frames[1:]).replies]
+
+
+def next_kinds(router) -> list[bytes]:
+    """The kinds of the next message's items (see expand)."""
+    return [kind for _, kind, _ in expand(router.recv_multipart())]
+
+
 def replies(router, n: int) -> dict[int, tuple[bytes, dict]]:
-    """The next n REPLY/ERROR messages by token (STATS are skipped)."""
+    """The next n REPLY/ERROR answers by token (STATS are skipped)."""
     out = {}
     while len(out) < n:
         assert router.poll(WAIT_MS), f"only {len(out)} of {n} replies"
-        _, _, kind, *rest = router.recv_multipart()
-        if kind in (P.REPLY, P.ERROR):  # STATS and HEARTBEAT are skipped
-            out[int.from_bytes(rest[0], "big")] = (kind, P.unpack(rest[1]))
+        for _, kind, rest in expand(router.recv_multipart()):
+            if kind in (P.REPLY, P.ERROR):  # STATS and HEARTBEAT are skipped
+                out[int.from_bytes(rest[0], "big")] = (kind, P.unpack(rest[1]))
     return out
 
 
@@ -91,12 +106,33 @@ def test_padding_to_fixed_batch_and_dummies_never_replied(harness, n):
     got = replies(router, n)
     assert sorted(got) == list(range(n))
     assert all(kind == P.REPLY and body["id"] == tok for tok, (kind, body) in got.items())
-    assert not router.poll(300) or router.recv_multipart()[2] == P.STATS  # nothing for dummies
+    assert not router.poll(300) or next_kinds(router) == [P.STATS]  # nothing for dummies
     rows = np.concatenate(backend.batches)
     assert len(rows) % 4 == 0
     assert (rows == 2).sum() == len(rows) - n  # dummy rows: [CLS] [SEP] only
     assert worker.stats.inferences == n
     assert worker.stats.padded_rows == len(rows) - n
+
+
+def test_many_requests_in_one_message_and_a_batch_answered_in_one(harness):
+    """READY offers requests_per_message (its capacity); a REQUESTS message is served request by
+    request (a malformed body in it fails alone, at once), and a batch's answers come back in one
+    REPLIES message."""
+    router, ident, worker = harness(EchoBackend(BackendConfig()), batch_size=4, batch_timeout_ms=600_000,
+                                    capacity=8)
+    tokens = [i.to_bytes(8, "big") for i in range(5)]
+    router.send_multipart([ident, *P.requests_frames(
+        [(tokens[0], P.text_request(0, "a", "b"), 0.001, None), (tokens[1], b"\xc1", 0.0, None),
+         (tokens[2], P.text_request(2, "c", "d"), 0.0, 30.0), (tokens[3], P.text_request(3, "e", "f"), 0.0, None),
+         (tokens[4], P.text_request(4, "g", "h"), 0.0, None)])])
+    messages = []
+    while sum(len(m) for m in messages) < 5:
+        assert router.poll(WAIT_MS)
+        messages.append([item for item in expand(router.recv_multipart()) if item[1] != P.STATS])
+    bad, batch = [m for m in messages if m]
+    assert [(kind, rest[0]) for _, kind, rest in bad] == [(P.ERROR, tokens[1])]
+    assert [(kind, rest[0]) for _, kind, rest in batch] == [(P.REPLY, t) for t in tokens[:1] + tokens[2:]]
+    assert [P.unpack(rest[1])["id"] for _, _, rest in batch] == [0, 2, 3, 4]
 
 
 def test_a_failing_batch_fails_each_of_its_requests_and_only_those(harness):
@@ -136,7 +172,7 @@ def test_stop_answers_held_requests_then_says_disconnect(harness):
     worker.stop()
     kinds = []
     while router.poll(WAIT_MS):
-        kinds.append(router.recv_multipart()[2])
+        kinds += next_kinds(router)
         if kinds[-1] == P.DISCONNECT:
             break
     assert kinds.count(P.REPLY) == 3 and kinds[-1] == P.DISCONNECT
@@ -272,8 +308,7 @@ def collect(router, until, beat_to: bytes | None = None, timeout_s: float = WAIT
             router.send_multipart([beat_to, *P.heartbeat_frames()])
             next_beat = time.monotonic() + 0.05
         if router.poll(50):
-            identity, _, kind, *rest = router.recv_multipart()
-            got.append((identity, kind, rest))
+            got += expand(router.recv_multipart())
     return got
 
 
@@ -392,7 +427,7 @@ def test_inline_stop_answers_held_requests_then_says_disconnect(harness):
     worker.stop()
     got = []
     while router.poll(WAIT_MS):
-        got.append(router.recv_multipart()[2])
+        got += next_kinds(router)
         if got[-1] == P.DISCONNECT:
             break
     assert got.count(P.REPLY) == 3 and got[-1] == P.DISCONNECT
@@ -403,7 +438,7 @@ def test_a_slow_batch_moves_batching_to_a_compute_thread(harness):
     router, ident, worker = harness(backend, batch_size=1, batch_timeout_ms=0)
     assert worker.inline
     backend.delay_s = 0.02  # now slower than inline_batch_ms, batch after batch
-    for i in range(40):  # the moving mean reaches the limit within a few batches
+    for i in range(40):  # SLOW_RUN slow batches in a row move it
         send(router, ident, i, P.text_request(i, "now", "slow"))
         assert replies(router, 1)[i][0] == P.REPLY
         if not worker.inline:
@@ -449,9 +484,9 @@ def test_batched_receive_never_starves_heartbeats(harness, delay_ms):
             router.send_multipart([ident, *P.heartbeat_frames()])
             next_beat = time.monotonic() + 0.05
         while router.poll(0):
-            kind = router.recv_multipart()[2]
-            beats += kind == P.HEARTBEAT
-            answered += kind == P.REPLY
+            got = next_kinds(router)
+            beats += got.count(P.HEARTBEAT)
+            answered += got.count(P.REPLY)
     assert beats >= 8  # 1.5 s at one beat per 0.1 s, with slack for a loaded machine
     assert answered > 0 and worker.stats.reconnects == 0
 

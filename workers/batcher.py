@@ -14,12 +14,31 @@ queued the moment there is at least one item. Items keep arrival order.
 from __future__ import annotations
 
 import collections
+import ctypes
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+
+
+_PR_SET_TIMERSLACK = 29  # linux/prctl.h
+PRECISE_TIMER_SLACK_NS = 1000  # the slack precise_deadlines() asks for
+
+
+def precise_deadlines() -> bool:
+    """Let the calling thread's timed waits end within about a microsecond of their timeout, where
+    Linux would otherwise add up to its default 50 us of timer slack (measured here: a batch
+    deadline met 80-110 us late instead of 40-60 us). Call it on a thread that waits for batch
+    deadlines; True where it took effect (Linux), False elsewhere (nothing changes)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_TIMERSLACK, PRECISE_TIMER_SLACK_NS, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 class BatcherClosed(Exception):

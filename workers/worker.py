@@ -9,7 +9,7 @@ Two threads, so the model never waits on I/O and batch deadlines stay honest:
   thread, so a long model call never makes the worker look dead).
 * the compute thread takes batches (flush at ``batch_size`` or
   ``batch_timeout_ms``), pads them with dummy rows to the model's fixed batch,
-  runs the model, and replies to every real request on its own DEALER socket
+  runs the model, and answers every real request (one REPLIES message per batch) on its own DEALER socket
   (ZeroMQ sockets must not be shared between threads; a second socket also
   saves a hop); a failing batch fails each of its requests with ERROR
   ``inference_failed``. On stop it answers what it holds, then says DISCONNECT.
@@ -21,8 +21,8 @@ backend, trivial models), handing each batch to another thread costs more CPU th
 the batch itself (a lock, a wake-up, a GIL handover per batch). Then the I/O thread
 runs the batches itself, between reads, under the same batcher contract (its poll
 wakes when the oldest request's batch is due), and replies on its own socket; beats
-are late by at most one such batch. When batches get slower (their moving mean
-reaches the limit, or one takes a quarter of a heartbeat interval), the worker
+are late by at most one such batch. When batches get slower (SLOW_RUN in a row
+reach the limit, or one takes a quarter of a heartbeat interval), the worker
 starts the compute thread and hands batches to it from then on.
 
 Broker loss: when the broker is silent for ``heartbeat_liveness`` intervals,
@@ -60,12 +60,13 @@ from ..common.fastzmq import recv_many, send_nowait
 from ..common.tokenizer import BertTokenizer
 from .backends import (BACKENDS, Backend, BackendConfig, choose_backend, fallback_vocab_path, load_backend,
                        run_padded)
-from .batcher import Batcher, BatcherClosed, BatcherConfig
+from .batcher import Batcher, BatcherClosed, BatcherConfig, precise_deadlines
 
 log = logging.getLogger("bertpool.worker")
 
 EXIT_LOAD_FAILED = 2  # exit code for "cannot load the model or configuration": restarting would not help
 MIN_MESSAGE_BYTES = 256 << 10  # smallest max_message_bytes that still takes every valid request
+SLOW_RUN = 8  # inline batches in a row over inline_batch_ms that move batching to a compute thread
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ class Worker:
         # what belongs to an older one and to reopen its own socket.
         self._generation = 0
         self.inline = False  # batches run on the I/O thread (set by load(); cleared for good if they get slow)
-        self._inline_mean_s = 0.0  # moving mean of inline batch times
+        self._slow_run = 0  # inline batches in a row that took inline_batch_ms or longer
         self._compute_thread: threading.Thread | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -184,17 +185,27 @@ class Worker:
         vocab = self.config.vocab_path or self.backend.vocab_path or fallback_vocab_path()
         self.tokenizer = BertTokenizer(vocab, max_seq_length=self.backend.seq_length)
         warm = self.tokenizer.encode_pairs([("warm up", "warm up")])
+        self.inline = self._batches_are_quick(warm)
+
+    def _batches_are_quick(self, warm) -> bool:
+        """Warm up, and tell whether batches take under inline_batch_ms: one untimed batch (it may pay
+        set-up), then up to 5 timed ones; any one under the limit says yes (on a busy host the others
+        may have been preempted), two of ten times the limit say no."""
         limit_s = self.config.inline_batch_ms / 1000
-        took_s = float("inf")
-        for _ in range(3):  # the fastest of a few: the first may pay set-up, any may be preempted
+        clearly_slow = 0
+        for timed in range(6):
             started = time.monotonic()
             run_padded(self.backend, warm.input_ids, warm.input_mask, warm.segment_ids,
                        self.config.batch_size, self._dummy_tokens())
-            took_s = min(took_s, time.monotonic() - started)
-            if took_s >= 10 * limit_s:
-                break  # clearly slow: do not spend more warm-up batches on it
-        self.inline = took_s < limit_s
-        self._inline_mean_s = took_s
+            took_s = time.monotonic() - started
+            if not timed:
+                continue
+            if took_s < limit_s:
+                return True
+            clearly_slow += took_s >= 10 * limit_s
+            if clearly_slow == 2:
+                return False
+        return False
 
     def stop(self) -> None:
         """Ask run() to finish: stop taking requests, answer those held, say DISCONNECT."""
@@ -246,7 +257,8 @@ class Worker:
         self._send(self._sock, P.ready_frames(
             self.name, self.config.slot or None, self.incarnation, os.getpid(),
             self.config.effective_capacity, self.backend.name, self.config.batch_size,
-            model=self.backend.model_info(), version=__version__))
+            model=self.backend.model_info(), version=__version__,
+            requests_per_message=self.config.effective_capacity))
 
     def _reconnect(self, why: str) -> None:
         """Drop this registration (its tokens are void) and register afresh (Paranoid Pirate)."""
@@ -270,6 +282,7 @@ class Worker:
     # ------------------------------------------------------------- I/O side
 
     def _io_loop(self) -> None:
+        precise_deadlines()  # inline, this thread flushes batches at their deadline
         interval = self.config.heartbeat_interval_s
         silence_limit = interval * self.config.heartbeat_liveness
         now = time.monotonic()
@@ -307,28 +320,29 @@ class Worker:
 
     def _run_due_inline(self) -> None:
         """Inline mode: run every batch that is due, replying on the registration socket. Batching
-        moves to the compute thread for good when the moving mean of batch times reaches
-        inline_batch_ms (a batch or two preempted on a busy host does not move it), or at once when
-        one batch takes a quarter of a heartbeat interval (our beats must not be late)."""
+        moves to the compute thread for good when SLOW_RUN batches in a row take inline_batch_ms or
+        longer, or at once when one batch takes a quarter of a heartbeat interval (our beats must
+        not be late). Wall time, since an accelerator call blocks without using CPU; but a run of
+        them, since on a busy host cheap batches are often preempted (a moving mean of wall times
+        crossed the limit there, and the handoff then only added CPU)."""
         limit_s = self.config.inline_batch_ms / 1000
         beat_bound_s = self.config.heartbeat_interval_s / 4
         while batch := self._batcher.take_due():
             started = time.monotonic()
             try:
-                replies = self._run_batch(batch)
+                answers = self._run_batch(batch)
             except Exception:  # a bug, not a model error (those are replies): stop, to be restarted
                 log.exception("%s: inline batch failed", self.name)
                 self.failed = True
                 self._stop.set()
                 return
-            for frames in replies:
-                self._send(self._sock, frames)
+            self._send_answers(self._sock, answers)
             took_s = time.monotonic() - started
-            self._inline_mean_s += 0.02 * (took_s - self._inline_mean_s)  # about the last 50 batches
-            if (self._inline_mean_s >= limit_s or took_s >= beat_bound_s) and not self._batcher.closed:
-                log.info("%s: batches take %.1f ms (this one %.1f ms; inline limit %.1f ms); they move to "
-                         "a compute thread", self.name, self._inline_mean_s * 1000, took_s * 1000,
-                         self.config.inline_batch_ms)
+            self._slow_run = self._slow_run + 1 if took_s >= limit_s else 0
+            if (self._slow_run >= SLOW_RUN or took_s >= beat_bound_s) and not self._batcher.closed:
+                log.info("%s: %d batches in a row took over %.1f ms (the last %.1f ms); they move to "
+                         "a compute thread", self.name, self._slow_run, self.config.inline_batch_ms,
+                         took_s * 1000)
                 self._start_compute()
                 return
 
@@ -360,8 +374,9 @@ class Worker:
             if message.kind == P.DISCONNECT:
                 self.stats.add(stale_dropped=len(parsed))  # received under the registration that ends
                 return True
-            if message.kind == P.REQUEST:
-                request = self._parse_request(sock, message)
+            for one in (message.requests if message.kind == P.REQUESTS
+                        else [message] if message.kind == P.REQUEST else ()):
+                request = self._parse_request(sock, one)
                 if request is not None:
                     parsed.append(request)
         texts = [value for _, _, _, kind, value in parsed if kind == "text"]
@@ -424,6 +439,7 @@ class Worker:
         # Replies leave on this thread's own socket: no hop back through the I/O
         # thread. The broker matches them by token, whichever socket they come on.
         out, out_generation = self._open_socket(), self._generation
+        precise_deadlines()
         try:
             while True:
                 try:
@@ -431,17 +447,16 @@ class Worker:
                 except BatcherClosed:
                     break
                 generation = self._generation
-                replies = self._run_batch(batch)
+                answers = self._run_batch(batch)
                 if generation != self._generation:
                     # Re-registered while the batch ran: its tokens are void.
-                    self.stats.add(stale_dropped=len(replies))
-                    replies = []
+                    self.stats.add(stale_dropped=len(answers))
+                    answers = []
                 if out_generation != self._generation:
                     # Re-registered: what this socket still queued is void; start clean.
                     out.close(linger=0)
                     out, out_generation = self._open_socket(), self._generation
-                for frames in replies:
-                    self._send(out, frames)
+                self._send_answers(out, answers)
         except Exception:  # a bug, not a model error: stop, so the supervisor restarts us
             log.exception("%s: compute thread failed", self.name)
             self.failed = True
@@ -453,9 +468,14 @@ class Worker:
             self._send(out, P.worker_disconnect_frames(self.name, self.incarnation))
             out.close(linger=5000)
 
-    def _run_batch(self, batch: list[tuple[float, _Pending]]) -> list[list[bytes]]:
-        """Run one batch; return the reply frames, one message per request still wanted: requests
-        of an older registration are dropped, expired ones answered deadline_exceeded."""
+    def _send_answers(self, sock: zmq.Socket, answers: list[tuple[bytes, bytes, bytes]]) -> None:
+        """A batch's answers, ``(REPLY or ERROR, token, body)`` each, in one REPLIES message."""
+        if answers and not self._send(sock, P.replies_frames(answers)):
+            self.stats.add(stale_dropped=len(answers) - 1)  # _send counted the message as one
+
+    def _run_batch(self, batch: list[tuple[float, _Pending]]) -> list[tuple[bytes, bytes, bytes]]:
+        """Run one batch; return its answers, ``(REPLY or ERROR, token, body)`` for each request still
+        wanted: requests of an older registration are dropped, expired ones answered deadline_exceeded."""
         assert batch, "the batcher never hands out an empty batch"
         generation, now = self._generation, time.monotonic()
         live = [(arrived, it) for arrived, it in batch if it.generation == generation]
@@ -466,7 +486,7 @@ class Worker:
         for arrived, it in live:
             if it.deadline is not None and it.deadline <= now:
                 self.stats.add(expired=1, errors=1)
-                out.append(P.error_frames(it.token, P.error_body(
+                out.append((P.ERROR, it.token, P.error_body(
                     it.request_id, P.E_DEADLINE, "the request's deadline passed before its batch ran")))
             else:
                 batch.append((arrived, it))
@@ -474,7 +494,7 @@ class Worker:
             return out
         return out + self._compute(batch)
 
-    def _compute(self, batch: list[tuple[float, _Pending]]) -> list[list[bytes]]:
+    def _compute(self, batch: list[tuple[float, _Pending]]) -> list[tuple[bytes, bytes, bytes]]:
         """Run the model on a non-empty batch; one REPLY (or ERROR if it fails) per request."""
         started = time.monotonic()
         items = [item for _, item in batch]
@@ -486,7 +506,7 @@ class Worker:
             log.exception("%s: batch of %d failed", self.name, len(items))
             self.stats.add(errors=len(items))
             message = f"model call failed: {type(exc).__name__}: {exc}"
-            return [P.error_frames(it.token, P.error_body(it.request_id, P.E_INFERENCE, message))
+            return [(P.ERROR, it.token, P.error_body(it.request_id, P.E_INFERENCE, message))
                     for it in items]
         done = time.monotonic()
         step = self.backend.batch_size or self.config.batch_size
@@ -501,7 +521,7 @@ class Worker:
                     "batch_oldest_ms": oldest_ms,
                     "compute_ms": compute_ms,
                     "batch_size": len(items)} for (arrived, _), it in zip(batch, items)])
-        return [P.reply_frames(it.token, body) for it, body in zip(items, bodies)]
+        return [(P.REPLY, it.token, body) for it, body in zip(items, bodies)]
 
 
 # ------------------------------------------------------------------- CLI
