@@ -14,6 +14,7 @@ from bertpool.common import protocol as P
 from bertpool.common.errors import ConfigError, ModelFormatError
 from bertpool.workers.backends import (Backend, BackendConfig, EchoBackend, echo_probabilities,
                                        load_backend, run_padded)
+from bertpool.workers import worker as worker_module
 from bertpool.workers.worker import Worker, WorkerConfig, _Pending
 
 WAIT_MS = 10_000
@@ -450,6 +451,34 @@ def test_a_slow_batch_moves_batching_to_a_compute_thread(harness):
     assert worker._compute_thread.is_alive()
     send(router, ident, 99, P.text_request(99, "still", "served"))
     assert replies(router, 1)[99][0] == P.REPLY
+
+
+def test_slow_batches_that_only_waited_for_a_cpu_stay_inline(harness, monkeypatch):
+    """Time a batch spent runnable but preempted is not its own: a run of such batches keeps
+    batching inline (the clock below says the thread waited for a CPU the whole time)."""
+    class AlwaysWaiting:
+        def __call__(self):
+            return time.monotonic()
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(worker_module, "CpuWaitClock", AlwaysWaiting)
+    backend = SwitchableBackend()
+    router, ident, worker = harness(backend, batch_size=1, batch_timeout_ms=0)
+    backend.delay_s = 0.01  # ten times inline_batch_ms, but "preempted"
+    for i in range(3 * worker_module.SLOW_RUN):
+        send(router, ident, i, P.text_request(i, "busy", "host"))
+        assert replies(router, 1)[i][0] == P.REPLY
+    assert worker.inline and worker._compute_thread is None
+
+
+def test_cpu_wait_clock_reads_this_threads_run_delay():
+    clock = worker_module.CpuWaitClock()
+    readings = [clock() for _ in range(3)]
+    assert all(r >= 0.0 for r in readings) and readings == sorted(readings)
+    clock.close()
+    assert clock() == 0.0
 
 
 def test_one_batch_as_long_as_a_quarter_beat_moves_batching_at_once(harness):

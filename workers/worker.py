@@ -43,7 +43,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import zmq
@@ -147,6 +147,30 @@ class WorkerStats:
             return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "_lock"}
 
 
+class CpuWaitClock:
+    """Seconds the creating thread has spent runnable but waiting for a CPU (Linux's schedstat
+    run_delay for that thread); always 0.0 where the kernel does not say. Cheap (one pread)."""
+
+    def __init__(self) -> None:
+        try:
+            self._fd: int | None = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+        except OSError:
+            self._fd = None
+
+    def __call__(self) -> float:
+        if self._fd is None:
+            return 0.0
+        try:
+            return int(os.pread(self._fd, 128, 0).split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            return 0.0
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 class Worker:
     """Serve one backend to one broker until stop() is called."""
 
@@ -174,6 +198,7 @@ class Worker:
         self._generation = 0
         self.inline = False  # batches run on the I/O thread (set by load(); cleared for good if they get slow)
         self._slow_run = 0  # inline batches in a row that took inline_batch_ms or longer
+        self._cpu_wait: Callable[[], float] = lambda: 0.0  # while run() runs: the I/O thread's CpuWaitClock
         self._compute_thread: threading.Thread | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -215,6 +240,7 @@ class Worker:
         """Connect, say READY, and serve until stop(); load() first if not done."""
         if self.tokenizer is None:
             self.load()
+        self._cpu_wait = cpu_wait = CpuWaitClock()  # this (the I/O) thread's
         try:
             if not self.inline:
                 self._start_compute()
@@ -236,6 +262,7 @@ class Worker:
                     self._send(self._sock, P.heartbeat_frames())
             if self._sock is not None:
                 self._sock.close(linger=2000)
+            cpu_wait.close()
 
     def _start_compute(self) -> None:
         self.inline = False
@@ -322,13 +349,13 @@ class Worker:
         """Inline mode: run every batch that is due, replying on the registration socket. Batching
         moves to the compute thread for good when SLOW_RUN batches in a row take inline_batch_ms or
         longer, or at once when one batch takes a quarter of a heartbeat interval (our beats must
-        not be late). Wall time, since an accelerator call blocks without using CPU; but a run of
-        them, since on a busy host cheap batches are often preempted (a moving mean of wall times
-        crossed the limit there, and the handoff then only added CPU)."""
+        not be late). A batch's time is its wall time less what this thread spent waiting for a CPU
+        (a busy host preempts cheap batches all the time, and a handoff would then only add CPU);
+        time blocked counts, since an accelerator call blocks without using CPU."""
         limit_s = self.config.inline_batch_ms / 1000
         beat_bound_s = self.config.heartbeat_interval_s / 4
         while batch := self._batcher.take_due():
-            started = time.monotonic()
+            started, waited = time.monotonic(), self._cpu_wait()
             try:
                 answers = self._run_batch(batch)
             except Exception:  # a bug, not a model error (those are replies): stop, to be restarted
@@ -338,7 +365,8 @@ class Worker:
                 return
             self._send_answers(self._sock, answers)
             took_s = time.monotonic() - started
-            self._slow_run = self._slow_run + 1 if took_s >= limit_s else 0
+            own_s = took_s - (self._cpu_wait() - waited)
+            self._slow_run = self._slow_run + 1 if own_s >= limit_s else 0
             if (self._slow_run >= SLOW_RUN or took_s >= beat_bound_s) and not self._batcher.closed:
                 log.info("%s: %d batches in a row took over %.1f ms (the last %.1f ms); they move to "
                          "a compute thread", self.name, self._slow_run, self.config.inline_batch_ms,
