@@ -247,8 +247,8 @@ def test_counters_updated_from_both_threads_stay_exact_and_consistent():
     worker = Worker(WorkerConfig(batch_size=4), backend=RecordingBackend())
     worker.load()
     features = worker.tokenizer.encode_pairs([("a", "b")])
-    item = (0.0, _Pending(b"t" * 8, "r", (features.input_ids[0], features.input_mask[0],
-                                          features.segment_ids[0]), 0.0))
+    item = (0.0, _Pending(b"t" * 8, "r", np.stack((features.input_ids[0], features.input_mask[0],
+                                                   features.segment_ids[0])), 0.0))
     rounds, wait_s = 50, WAIT_MS / 1000
     at_line, resume, finished = threading.Semaphore(0), threading.Semaphore(0), threading.Event()
     torn: list[dict] = []

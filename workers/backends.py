@@ -262,29 +262,35 @@ def load_backend(config: BackendConfig) -> Backend:
 def run_padded(backend: Backend, input_ids: np.ndarray, input_mask: np.ndarray,
                segment_ids: np.ndarray, batch_size: int,
                dummy_tokens: tuple[int, int] = (101, 102)) -> np.ndarray:
+    """Run ``n`` real rows (features [n, S] each) through the backend in batches of its fixed
+    size (see :func:`run_rows`); float32 [n, 2] for the real rows only."""
+    return run_rows(backend, np.stack((input_ids, input_mask, segment_ids), axis=1), batch_size, dummy_tokens)
+
+
+def run_rows(backend: Backend, rows, batch_size: int, dummy_tokens: tuple[int, int] = (101, 102)) -> np.ndarray:
     """Run ``n`` real rows through the backend in batches of its fixed size.
 
-    Rows are padded with dummy rows (``dummy_tokens`` = the [CLS] and [SEP]
-    ids, mask on those two tokens) up
-    to ``batch_size`` (or the backend's own fixed batch); dummy outputs are
-    dropped, so the result is float32 [n, 2] for the real rows only.
+    ``rows``: n int32 arrays [3, S] (input_ids, input_mask, segment_ids of one
+    row), or one array [n, 3, S]. They are padded with dummy rows
+    (``dummy_tokens`` = the [CLS] and [SEP] ids, mask on those two tokens) up
+    to a multiple of ``batch_size`` (or of the backend's own fixed batch);
+    dummy outputs are dropped, so the result is float32 [n, 2].
     """
-    n, seq = input_ids.shape
+    n = len(rows)
     step = backend.batch_size or batch_size
     padded = -(-n // step) * step
-    ids = np.zeros((padded, seq), np.int32)
-    mask = np.zeros((padded, seq), np.int32)
-    segs = np.zeros((padded, seq), np.int32)
-    ids[:n], mask[:n], segs[:n] = input_ids, input_mask, segment_ids
+    features = np.zeros((3, padded, rows[0].shape[-1]), np.int32)  # ids, mask, segs: each [padded, S]
+    for i, row in enumerate(rows):
+        features[:, i] = row
     # Dummy rows: a minimal valid sequence, so no model sees an all-masked row.
-    ids[n:, 0], ids[n:, 1] = dummy_tokens
-    mask[n:, :2] = 1
+    features[0, n:, 0], features[0, n:, 1] = dummy_tokens
+    features[1, n:, :2] = 1
+    ids, mask, segs = features
     out = [backend.predict(ids[i:i + step], mask[i:i + step], segs[i:i + step])
            for i in range(0, padded, step)]
-    probs = np.concatenate(out, axis=0)
+    probs = out[0] if len(out) == 1 else np.concatenate(out, axis=0)
     assert probs.shape == (padded, 2), probs.shape
     return probs[:n]
-
 
 
 # -------------------------------------------------------------- vocabularies

@@ -59,7 +59,7 @@ from ..common.metrics_export import WorkerHistograms
 from ..common.fastzmq import recv_many, send_nowait
 from ..common.tokenizer import BertTokenizer
 from .backends import (BACKENDS, Backend, BackendConfig, choose_backend, fallback_vocab_path, load_backend,
-                       run_padded)
+                       run_padded, run_rows)
 from .batcher import Batcher, BatcherClosed, BatcherConfig, precise_deadlines
 
 log = logging.getLogger("bertpool.worker")
@@ -114,7 +114,7 @@ class _Pending:
     """One validated request waiting in the batcher."""
     token: bytes
     request_id: Any
-    features: tuple[np.ndarray, np.ndarray, np.ndarray]  # input_ids, input_mask, segment_ids [S]
+    features: np.ndarray  # int32 [3, S]: input_ids, input_mask, segment_ids
     queue_ms: float  # time it waited in the broker's queue
     deadline: float | None = None  # absolute on this process's monotonic clock (None: no deadline)
     generation: int = 0            # the registration it came under; a later one voids its token
@@ -408,8 +408,11 @@ class Worker:
                 if request is not None:
                     parsed.append(request)
         texts = [value for _, _, _, kind, value in parsed if kind == "text"]
+        rows = None  # [N, 3, S]: each text request's input_ids, input_mask, segment_ids rows
         try:
-            encoded = self.tokenizer.encode_pairs(texts) if texts else None
+            if texts:
+                f = self.tokenizer.encode_pairs(texts)
+                rows = np.stack((f.input_ids, f.input_mask, f.segment_ids), axis=1)
         except Exception as exc:  # not expected for validated str input; fail those requests only
             log.exception("%s: tokenizer failed on %d pairs", self.name, len(texts))
             for token, request_id, _, kind, _ in parsed:
@@ -419,8 +422,10 @@ class Worker:
         row, generation, pending = 0, self._generation, []
         for token, request_id, message, kind, value in parsed:
             if kind == "text":
-                value = (encoded.input_ids[row], encoded.input_mask[row], encoded.segment_ids[row])
+                value = rows[row]
                 row += 1
+            else:
+                value = np.stack(value)
             deadline = None if message.deadline_ms is None else arrived + message.deadline_ms / 1000.0
             pending.append(_Pending(token, request_id, value, message.queue_ms, deadline, generation))
         # One handoff for the whole burst: one lock, at most one wake-up of the compute thread.
@@ -526,10 +531,9 @@ class Worker:
         """Run the model on a non-empty batch; one REPLY (or ERROR if it fails) per request."""
         started = time.monotonic()
         items = [item for _, item in batch]
-        ids, mask, segs = (np.stack([it.features[k] for it in items]) for k in range(3))
         try:
-            probs = run_padded(self.backend, ids, mask, segs, self.config.batch_size,
-                               self._dummy_tokens())
+            probs = run_rows(self.backend, [it.features for it in items], self.config.batch_size,
+                             self._dummy_tokens())
         except Exception as exc:  # any model failure fails the whole batch, never the worker
             log.exception("%s: batch of %d failed", self.name, len(items))
             self.stats.add(errors=len(items))
