@@ -169,10 +169,18 @@ class Client:
         self._random = random.Random()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_addr = f"inproc://bertpool-client-{uuid.uuid4().hex}"
-        # Guards _closed, the outbox puts and the wake-up socket: once _closed is set under it,
-        # no request can enter the outbox, so the I/O thread's last drain fails every one left.
+        # Guards _closed, the outbox puts, the wake-up socket and _io_wanted: once _closed is set
+        # under it, no request can enter the outbox, so the I/O thread's last drain fails every one left.
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        # Whoever holds _drive is the one thread that may use the DEALER, the monitor and the
+        # wake-up receiver and touch the request state below: the I/O thread, or a caller blocked in
+        # predict()/stats() that found nobody driving (lock order: _drive, then _lock).
+        self._drive = threading.Lock()
+        self._driver_ident: int | None = None  # thread id of the _drive holder, for re-entry checks
+        # Set (under _lock) when the I/O thread must drive: a request came through the outbox, or
+        # close(). Cleared by the I/O thread (holding _drive and _lock) when it parks with nothing pending.
+        self._io_wanted = threading.Event()
         self._sockets_closed = False
         self._wake_recv = self._ctx.socket(zmq.PAIR)
         self._wake_recv.bind(self._wake_addr)
@@ -185,7 +193,7 @@ class Client:
         except zmq.ZMQError as exc:
             self._close_sockets()
             raise ConfigError(f"cannot connect to {address}: {exc}") from exc
-        # I/O thread state (only that thread touches these after start).
+        # Request state (only the _drive holder touches these after start).
         self._pending: dict[Any, _Pending] = {}
         self._deadlines: list[tuple[float, int, Any]] = []  # heap of (deadline, seq, id)
         self._retries: list[tuple[float, int, Any]] = []    # heap of (retry_at, seq, id)
@@ -195,6 +203,8 @@ class Client:
         self._pinged_at = 0.0               # last HEARTBEAT sent
         self._ever_heard = False            # any message from any broker since the client started
         self._ever_connected = False        # any connection accepted at the address since then
+        self._poller: zmq.Poller | None = None  # over wake_recv, the DEALER and its monitor
+        self._polled: zmq.Socket | None = None  # the DEALER _poller was built for (a reconnect replaces it)
         self._thread = threading.Thread(target=self._io_loop, name="bertpool-client-io", daemon=True)
         self._thread.start()
 
@@ -217,7 +227,10 @@ class Client:
     def predict(self, text_a: str, text_b: str, timeout_s: float | None = None) -> Prediction:
         """Classify one pair, blocking; raises DeadlineExceeded, ServerBusy, BrokerUnavailable or RemoteError."""
         self._check_may_block("predict")
-        return self.submit(text_a, text_b, timeout_s).result()
+        if not isinstance(text_a, str) or not isinstance(text_b, str):
+            raise TypeError("text_a and text_b must be str")
+        rid = self._new_id()
+        return self._call(rid, functools.partial(P.text_request, rid, text_a, text_b), timeout_s)
 
     def predict_many(self, pairs: Iterable[tuple[str, str]], timeout_s: float | None = None,
                      max_in_flight: int | None = None) -> list[Prediction]:
@@ -239,7 +252,7 @@ class Client:
         """The broker's pool statistics (counters, queue, per-worker STATS)."""
         self._check_may_block("stats")
         rid = self._new_id()
-        return self._send(rid, lambda _deadline_ms: P.stats_request(rid), timeout_s, kind=P.STATS).result()
+        return self._call(rid, lambda _deadline_ms: P.stats_request(rid), timeout_s, kind=P.STATS)
 
     def close(self) -> None:
         """Stop the I/O thread; pending requests fail with ClientClosed. Idempotent, thread-safe.
@@ -252,8 +265,9 @@ class Client:
         with self._lock:
             self._closed.set()
             self._wake_locked()
-        if threading.current_thread() is self._thread:
-            return  # joining ourselves would deadlock; _io_loop's finally closes the sockets
+            self._io_wanted.set()
+        if threading.current_thread() is self._thread or threading.get_ident() == self._driver_ident:
+            return  # a done-callback: joining would deadlock; _io_loop's finally closes the sockets
         self._thread.join()
         self._close_sockets()
 
@@ -269,23 +283,71 @@ class Client:
         return f"{self._prefix}{next(self._ids)}"
 
     def _check_may_block(self, what: str) -> None:
-        if threading.current_thread() is self._thread:
+        if threading.get_ident() == self._driver_ident or threading.current_thread() is self._thread:
             raise RuntimeError(f"Client.{what}() called from a Future's done-callback would wait on the "
                                "thread that delivers its reply (a deadlock); use submit() there instead")
 
-    def _send(self, rid: Any, encode: Callable[[float], bytes], timeout_s: float | None,
-              kind: bytes = P.REQUEST) -> Future:
+    def _entry(self, rid: Any, encode: Callable[[float], bytes], timeout_s: float | None,
+               kind: bytes) -> _Pending:
         timeout = self.config.timeout_s if timeout_s is None else timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ConfigError(f"timeout_s must be a number > 0, got {timeout!r}")
-        future: Future = Future()
-        entry = _Pending(rid, future, time.monotonic() + timeout, timeout, kind, encode)
+        return _Pending(rid, Future(), time.monotonic() + timeout, timeout, kind, encode)
+
+    def _send(self, rid: Any, encode: Callable[[float], bytes], timeout_s: float | None,
+              kind: bytes = P.REQUEST) -> Future:
+        """Hand a request to whoever drives the socket (through the outbox); its Future."""
+        entry = self._entry(rid, encode, timeout_s, kind)
+        self._enqueue(entry)
+        return entry.future
+
+    def _enqueue(self, entry: _Pending) -> None:
         with self._lock:
             if self._closed.is_set():
                 raise ClientClosed("client is closed")
             self._outbox.put(entry)
-            self._wake_locked()
-        return future
+            self._wake_locked()  # a thread driving now sends it at once
+            if not self._io_wanted.is_set():
+                self._io_wanted.set()  # and the I/O thread drives once that one is done
+
+    def _call(self, rid: Any, encode: Callable[[float], bytes], timeout_s: float | None,
+              kind: bytes = P.REQUEST) -> Any:
+        """A blocking request: sent and waited for on this thread when nobody else drives the socket
+        (no thread handoff either way), else through the outbox like submit(). Its result."""
+        entry = self._entry(rid, encode, timeout_s, kind)
+        if not self._drive.acquire(blocking=False):
+            self._enqueue(entry)
+            return entry.future.result()
+        leftover = True
+        try:
+            self._driver_ident = threading.get_ident()
+            if self._closed.is_set():  # checked holding _drive: the I/O thread's last drain is done or to come
+                raise ClientClosed("client is closed")
+            self._admit(entry)
+            self._drive_until(entry.future)
+            leftover = bool(self._pending)
+        finally:
+            self._driver_ident = None
+            self._drive.release()
+            if leftover:  # others' requests (or ours, on an exception): the I/O thread takes over
+                self._want_io()
+        return entry.future.result()
+
+    def _want_io(self) -> None:
+        with self._lock:
+            self._io_wanted.set()
+
+    def _drive_until(self, future: Future) -> None:
+        """Serve the socket for everyone (replies, timers, the outbox) until ``future`` settles."""
+        try:
+            while not future.done() and not self._closed.is_set():
+                self._turn()
+        except Exception:  # a bug here must not strand anyone: close, and the I/O thread fails what is left
+            log.exception("client I/O failed on a calling thread")
+            with self._lock:
+                self._closed.set()
+                self._wake_locked()
+                self._io_wanted.set()
 
     def _wake_locked(self) -> None:
         """Nudge the I/O thread (caller holds _lock, which also keeps the socket open)."""
@@ -341,36 +403,62 @@ class Client:
     # ------------------------------------------------------------- I/O thread
 
     def _io_loop(self) -> None:
+        """Drive the socket whenever asked to (_io_wanted) until nothing is pending, then park."""
+        me = threading.get_ident()
         try:
-            poller, polled = zmq.Poller(), None
-            while not self._closed.is_set():
-                if polled is not self._sock:  # first turn, or a reconnect replaced the sockets
-                    poller, polled = zmq.Poller(), self._sock
-                    for sock in (self._wake_recv, self._sock, self._monitor):
-                        poller.register(sock, zmq.POLLIN)
-                events = dict(poller.poll(self._wait_ms()))
-                if self._wake_recv in events:
-                    while self._wake_recv.poll(0):
-                        self._wake_recv.recv()
-                    self._flush_outbox()
-                if self._sock in events:
-                    self._read_replies()
-                if self._monitor in events and self._connection_closed() and self._in_flight:
-                    self._reconnect("its connection closed")
-                now = time.monotonic()
-                self._resend_due(now)
-                self._check_liveness(now)
-                self._expire(time.monotonic())
+            while True:
+                self._io_wanted.wait()
+                if self._closed.is_set():
+                    break
+                with self._drive:
+                    self._driver_ident = me
+                    try:
+                        while not self._closed.is_set() and not (not self._pending and self._park()):
+                            self._turn()
+                    finally:
+                        self._driver_ident = None
         except Exception:  # a bug here must not strand the callers: fail what is pending, loudly
             log.exception("client I/O thread failed")
         finally:
-            with self._lock:
-                self._closed.set()  # from here on submit() refuses, so the drain below is the last
-            self._fail_unsent()
-            for entry in self._pending.values():
-                _fail(entry.future, ClientClosed("client closed before the reply arrived"))
-            self._pending.clear()
-            self._close_sockets()  # close() may have come from a callback and not wait for us
+            with self._drive:  # a calling thread that drives sees _closed and lets go
+                self._driver_ident = me  # so close() from a done-callback below returns at once
+                with self._lock:
+                    self._closed.set()  # from here on submit() refuses, so the drain below is the last
+                self._fail_unsent()
+                for entry in list(self._pending.values()):
+                    _fail(entry.future, ClientClosed("client closed before the reply arrived"))
+                self._pending.clear()
+                self._close_sockets()  # close() may have come from a callback and not wait for us
+                self._driver_ident = None
+
+    def _park(self) -> bool:
+        """With nothing pending: True, and the I/O thread waits for _io_wanted, unless the outbox
+        had requests after all (then they are sent now, and False). Holding _drive."""
+        with self._lock:  # no submit() can put between this last look and the clear
+            if self._flush_outbox():
+                return False
+            self._io_wanted.clear()
+            return True
+
+    def _turn(self) -> None:
+        """One wait for the sockets (bounded by the next timer), then everything due. Holding _drive."""
+        if self._polled is not self._sock:  # first turn, or a reconnect replaced the sockets
+            self._poller, self._polled = zmq.Poller(), self._sock
+            for sock in (self._wake_recv, self._sock, self._monitor):
+                self._poller.register(sock, zmq.POLLIN)
+        events = dict(self._poller.poll(self._wait_ms()))
+        if self._wake_recv in events:
+            while self._wake_recv.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self._wake_recv.recv()
+            self._flush_outbox()
+        if self._sock in events:
+            self._read_replies()
+        if self._monitor in events and self._connection_closed() and self._in_flight:
+            self._reconnect("its connection closed")
+        now = time.monotonic()
+        self._resend_due(now)
+        self._check_liveness(now)
+        self._expire(time.monotonic())
 
     def _wait_ms(self) -> int | None:
         """Milliseconds until the next deadline, backoff end or liveness check (None: none)."""
@@ -383,15 +471,22 @@ class Client:
             return None
         return max(0, int((min(times) - time.monotonic()) * 1000) + 1)
 
-    def _flush_outbox(self) -> None:
+    def _flush_outbox(self) -> bool:
+        """Send what submit() queued; True if there was any."""
+        sent = False
         while True:
             try:
                 entry = self._outbox.get_nowait()
             except queue.Empty:
-                return
-            self._pending[entry.rid] = entry
-            heapq.heappush(self._deadlines, (entry.deadline, next(self._seq), entry.rid))
-            self._transmit(entry, time.monotonic())
+                return sent
+            self._admit(entry)
+            sent = True
+
+    def _admit(self, entry: _Pending) -> None:
+        """Make ``entry`` pending and send it (holding _drive)."""
+        self._pending[entry.rid] = entry
+        heapq.heappush(self._deadlines, (entry.deadline, next(self._seq), entry.rid))
+        self._transmit(entry, time.monotonic())
 
     def _transmit(self, entry: _Pending, now: float) -> None:
         """Send (or resend) ``entry`` with the time left to its deadline."""
@@ -400,7 +495,9 @@ class Client:
             return  # _expire settles it
         body = entry.encode(min(left_ms, P.MAX_DEADLINE_MS))
         entry.retry_at = None
-        try:  # never block the I/O thread: a full send queue (a long-dead broker) waits and tries again
+        if not self._in_flight:
+            self._connection_closed()  # nobody may have read the monitor while idle: a close then is old news
+        try:  # never block the driving thread: a full send queue (a long-dead broker) waits and tries again
             self._sock.send_multipart([P.VERSION, entry.kind, body], zmq.NOBLOCK)
         except zmq.Again:
             at = now + self.config.backoff_initial_s
@@ -435,7 +532,7 @@ class Client:
     def _connection_closed(self) -> bool:
         """Drain the monitor; True if it reported the broker's connection closed."""
         closed = False
-        while self._monitor.poll(0):
+        while self._monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             frames = self._monitor.recv_multipart()
             event = int.from_bytes(frames[0][:2], "little") if frames and len(frames[0]) >= 2 else 0
             closed = closed or event == zmq.EVENT_DISCONNECTED
