@@ -80,8 +80,13 @@ from ..common.errors import (BertpoolError, BrokerUnavailable, ClientClosed, Con
 
 log = logging.getLogger("bertpool.client")
 
-# How many settled request ids the I/O thread remembers, to tell a duplicate reply from a late one.
+# How many settled request ids the client remembers, to tell a duplicate reply from a late one.
 _REMEMBERED_IDS = 16384
+
+# Plain ints: pyzmq's enum flags cost microseconds per operation on the per-request path.
+_NOBLOCK, _POLLIN, _EVENTS = int(zmq.NOBLOCK), int(zmq.POLLIN), int(zmq.EVENTS)
+_MORE = int(zmq.SNDMORE) | _NOBLOCK  # a frame of a message with more to come; once the first is
+                                     # queued, ZeroMQ takes the rest of the message whole
 
 
 @dataclass(frozen=True)
@@ -341,7 +346,7 @@ class Client:
         """Serve the socket for everyone (replies, timers, the outbox) until ``future`` settles."""
         try:
             while not future.done() and not self._closed.is_set():
-                self._turn()
+                self._turn(future)
         except Exception:  # a bug here must not strand anyone: close, and the I/O thread fails what is left
             log.exception("client I/O failed on a calling thread")
             with self._lock:
@@ -354,7 +359,7 @@ class Client:
         if self._sockets_closed:
             return
         try:
-            self._wake_send.send(b"", zmq.NOBLOCK)
+            self._wake_send.send(b"", _NOBLOCK)
         except zmq.Again:
             pass  # a wake-up is already pending; one is enough
 
@@ -440,7 +445,7 @@ class Client:
             self._io_wanted.clear()
             return True
 
-    def _turn(self) -> None:
+    def _turn(self, until: Future | None = None) -> None:
         """One wait for the sockets (bounded by the next timer), then everything due. Holding _drive."""
         if self._polled is not self._sock:  # first turn, or a reconnect replaced the sockets
             self._poller, self._polled = zmq.Poller(), self._sock
@@ -448,11 +453,11 @@ class Client:
                 self._poller.register(sock, zmq.POLLIN)
         events = dict(self._poller.poll(self._wait_ms()))
         if self._wake_recv in events:
-            while self._wake_recv.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            while self._wake_recv.getsockopt(_EVENTS) & _POLLIN:
                 self._wake_recv.recv()
             self._flush_outbox()
         if self._sock in events:
-            self._read_replies()
+            self._read_replies(until)
         if self._monitor in events and self._connection_closed() and self._in_flight:
             self._reconnect("its connection closed")
         now = time.monotonic()
@@ -498,7 +503,10 @@ class Client:
         if not self._in_flight:
             self._connection_closed()  # nobody may have read the monitor while idle: a close then is old news
         try:  # never block the driving thread: a full send queue (a long-dead broker) waits and tries again
-            self._sock.send_multipart([P.VERSION, entry.kind, body], zmq.NOBLOCK)
+            sock = self._sock  # send_multipart's frames, minus its per-frame enum arithmetic
+            sock.send(P.VERSION, _MORE)
+            sock.send(entry.kind, _MORE)
+            sock.send(body, _NOBLOCK)
         except zmq.Again:
             at = now + self.config.backoff_initial_s
             if at < entry.deadline:
@@ -519,20 +527,27 @@ class Client:
                 return
             _fail(entry.future, ClientClosed("client closed before the request was sent"))
 
-    def _read_replies(self) -> None:
+    def _read_replies(self, until: Future | None = None) -> None:
+        """Read what the broker sent (a bounded burst); a driving caller stops once ``until`` settles
+        (what is left waits for the next turn, its own or the I/O thread's)."""
+        sock = self._sock
         for _ in range(1024):
             try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart(_NOBLOCK)
             except zmq.Again:
                 return
             self._heard_at = time.monotonic()  # any message is a beat, even one we cannot use
             self._ever_heard = True
             self._on_reply(frames)
+            if until is not None and until.done():
+                return
+            if not sock.getsockopt(_EVENTS) & _POLLIN:  # cheaper than a recv that raises Again
+                return
 
     def _connection_closed(self) -> bool:
         """Drain the monitor; True if it reported the broker's connection closed."""
         closed = False
-        while self._monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while self._monitor.getsockopt(_EVENTS) & _POLLIN:
             frames = self._monitor.recv_multipart()
             event = int.from_bytes(frames[0][:2], "little") if frames and len(frames[0]) >= 2 else 0
             closed = closed or event == zmq.EVENT_DISCONNECTED
@@ -652,7 +667,7 @@ class Client:
             self._pinged_at = now
             self.counters.heartbeats_sent += 1
             try:
-                self._sock.send_multipart([P.VERSION, P.HEARTBEAT, P.heartbeat_body()], zmq.NOBLOCK)
+                self._sock.send_multipart([P.VERSION, P.HEARTBEAT, P.heartbeat_body()], _NOBLOCK)
             except zmq.Again:
                 pass  # requests fill the queue to the broker; they are pings enough
 
