@@ -6,14 +6,28 @@
         results = client.predict_many(pairs)          # many requests in flight
         future = client.submit("a", "b")              # concurrent.futures.Future
 
-Thread safety: a Client may be shared by any number of threads. One
-background I/O thread owns the ZeroMQ DEALER socket (ZeroMQ sockets must not
-be shared between threads); callers hand it requests through a thread-safe
-queue and an inproc wake-up pipe, and it completes each request's Future
-when the reply, an ERROR/BUSY, or the deadline comes. Futures' done-callbacks
-run on that thread: they may call submit() and close(), but a blocking call
-(predict, predict_many, stats) from one raises RuntimeError instead of
-deadlocking.
+Thread safety: a Client may be shared by any number of threads. ZeroMQ
+sockets must not be used by two threads at once, so one thread at a time
+"drives" the DEALER (sends, reads replies, runs the timers: deadlines,
+backoffs, heartbeats, reconnects) for every request of the client, holding a
+lock while it does:
+- A blocking call (predict, stats) that finds nobody driving drives itself:
+  it sends its request and waits on the socket on its own thread until its
+  answer comes, with no thread handoff (the low-latency path for one request
+  at a time). Whatever else arrives meanwhile (other threads' replies, BUSY,
+  a closed connection) it handles for everyone.
+- Otherwise (someone else drives, or the call is submit(), submit_features()
+  or predict_many()) the request goes through a thread-safe queue and an
+  inproc wake-up pipe to whoever drives: the calling thread that drives now,
+  else the background I/O thread, which drives as long as requests are
+  pending and parks when none are. A driving caller that returns with others'
+  requests still pending leaves them to the I/O thread.
+While nobody drives (nothing pending), replies nobody waits for any more
+(late, duplicate) stay queued in the socket and are read and counted by the
+next driver. Futures' done-callbacks run on the thread that settles the Future:
+the I/O thread or a caller blocked in predict()/stats() that drives. They may
+call submit() and close(), but a blocking call (predict, predict_many, stats)
+from one raises RuntimeError instead of deadlocking.
 
 Deadlines. Every request has one (``timeout_s``, default
 ``ClientConfig.timeout_s``) that covers all its retries. Each send carries the
@@ -145,7 +159,8 @@ class _Pending:
 
 @dataclass
 class ClientCounters:
-    """What the I/O thread did and dropped (it alone writes these; read them from any thread)."""
+    """What the client did and dropped (only the thread driving the socket writes these; read them
+    from any thread). Replies nobody waits for are counted when the next driver reads them."""
     late_replies: int = 0       # named a request of ours that had already settled (e.g. after its deadline)
     duplicate_replies: int = 0  # a second answer to a request that already had one
     unknown_replies: int = 0    # named an id this client never sent
@@ -262,10 +277,12 @@ class Client:
     def close(self) -> None:
         """Stop the I/O thread; pending requests fail with ClientClosed. Idempotent, thread-safe.
 
-        A submit() racing with close() either raises ClientClosed or returns a
-        Future that settles (with ClientClosed if it was not answered). Called
-        from a done-callback (on the I/O thread) it returns at once; the I/O
-        thread then fails what is left and closes the sockets itself.
+        A submit() or predict() racing with close() either raises ClientClosed
+        or returns a Future/answer (a Future that settles, with ClientClosed if
+        it was not answered). A predict() blocked while close() runs raises
+        ClientClosed. Called from a done-callback (on the I/O thread or a
+        driving caller) it returns at once; the I/O thread then fails what is
+        left and closes the sockets itself.
         """
         with self._lock:
             self._closed.set()
@@ -355,7 +372,7 @@ class Client:
                 self._io_wanted.set()
 
     def _wake_locked(self) -> None:
-        """Nudge the I/O thread (caller holds _lock, which also keeps the socket open)."""
+        """Nudge whoever drives the socket (caller holds _lock, which also keeps the socket open)."""
         if self._sockets_closed:
             return
         try:
@@ -405,7 +422,7 @@ class Client:
             self._monitor.close(linger=0)
         self._sock = self._monitor = None
 
-    # ------------------------------------------------------------- I/O thread
+    # ------------------------------------------- driving the socket (I/O thread or caller)
 
     def _io_loop(self) -> None:
         """Drive the socket whenever asked to (_io_wanted) until nothing is pending, then park."""
