@@ -442,10 +442,11 @@ class Client:
         except Exception:  # a bug here must not strand the callers: fail what is pending, loudly
             log.exception("client I/O thread failed")
         finally:
-            with self._drive:  # a calling thread that drives sees _closed and lets go
+            with self._lock:
+                self._closed.set()  # from here on submit() refuses, so the drain below is the last
+                self._wake_locked()  # and a calling thread that drives sees it and lets go
+            with self._drive:
                 self._driver_ident = me  # so close() from a done-callback below returns at once
-                with self._lock:
-                    self._closed.set()  # from here on submit() refuses, so the drain below is the last
                 self._fail_unsent()
                 for entry in list(self._pending.values()):
                     _fail(entry.future, ClientClosed("client closed before the reply arrived"))
