@@ -939,3 +939,19 @@ def test_done_callback_on_a_driving_thread_may_close_but_not_block(tmp_path, fak
     client._thread.join(WAIT_MS / 1000)
     assert not client._thread.is_alive()
     client.close()
+
+
+def test_a_bug_while_driving_closes_the_client_instead_of_stranding_callers(tmp_path, fake_brokers):
+    broker = fake_brokers(f"ipc://{tmp_path}/b", echo)
+    client = Client(broker.address, timeout_s=30)
+
+    def bug(frames) -> None:
+        raise ValueError("a bug in reply handling")
+    client._on_reply = bug
+    with pytest.raises(ClientClosed):
+        client.predict("a", "b")
+    client._thread.join(WAIT_MS / 1000)
+    assert not client._thread.is_alive()
+    with pytest.raises(ClientClosed):
+        client.submit("c", "d")
+    client.close()
