@@ -457,7 +457,9 @@ class Client:
     def _park(self) -> bool:
         """With nothing pending: True, and the I/O thread waits for _io_wanted, unless the outbox
         had requests after all (then they are sent now, and False). Holding _drive."""
-        with self._lock:  # no submit() can put between this last look and the clear
+        with self._lock:  # no submit() nor close() can come between this last look and the clear
+            if self._closed.is_set():
+                return True  # and _io_wanted stays set, so the I/O thread goes on to its last drain
             if self._flush_outbox():
                 return False
             self._io_wanted.clear()
