@@ -6,14 +6,28 @@
         results = client.predict_many(pairs)          # many requests in flight
         future = client.submit("a", "b")              # concurrent.futures.Future
 
-Thread safety: a Client may be shared by any number of threads. One
-background I/O thread owns the ZeroMQ DEALER socket (ZeroMQ sockets must not
-be shared between threads); callers hand it requests through a thread-safe
-queue and an inproc wake-up pipe, and it completes each request's Future
-when the reply, an ERROR/BUSY, or the deadline comes. Futures' done-callbacks
-run on that thread: they may call submit() and close(), but a blocking call
-(predict, predict_many, stats) from one raises RuntimeError instead of
-deadlocking.
+Thread safety: a Client may be shared by any number of threads. ZeroMQ
+sockets must not be used by two threads at once, so one thread at a time
+"drives" the DEALER (sends, reads replies, runs the timers: deadlines,
+backoffs, heartbeats, reconnects) for every request of the client, holding a
+lock while it does:
+- A blocking call (predict, stats) that finds nobody driving drives itself:
+  it sends its request and waits on the socket on its own thread until its
+  answer comes, with no thread handoff (the low-latency path for one request
+  at a time). Whatever else arrives meanwhile (other threads' replies, BUSY,
+  a closed connection) it handles for everyone.
+- Otherwise (someone else drives, or the call is submit(), submit_features()
+  or predict_many()) the request goes through a thread-safe queue and an
+  inproc wake-up pipe to whoever drives: the calling thread that drives now,
+  else the background I/O thread, which drives as long as requests are
+  pending and parks when none are. A driving caller that returns with others'
+  requests still pending leaves them to the I/O thread.
+While nobody drives (nothing pending), replies nobody waits for any more
+(late, duplicate) stay queued in the socket and are read and counted by the
+next driver. Futures' done-callbacks run on the thread that settles the Future:
+the I/O thread or a caller blocked in predict()/stats() that drives. They may
+call submit() and close(), but a blocking call (predict, predict_many, stats)
+from one raises RuntimeError instead of deadlocking.
 
 Deadlines. Every request has one (``timeout_s``, default
 ``ClientConfig.timeout_s``) that covers all its retries. Each send carries the
@@ -80,8 +94,13 @@ from ..common.errors import (BertpoolError, BrokerUnavailable, ClientClosed, Con
 
 log = logging.getLogger("bertpool.client")
 
-# How many settled request ids the I/O thread remembers, to tell a duplicate reply from a late one.
+# How many settled request ids the client remembers, to tell a duplicate reply from a late one.
 _REMEMBERED_IDS = 16384
+
+# Plain ints: pyzmq's enum flags cost microseconds per operation on the per-request path.
+_NOBLOCK, _POLLIN, _EVENTS = int(zmq.NOBLOCK), int(zmq.POLLIN), int(zmq.EVENTS)
+_MORE = int(zmq.SNDMORE) | _NOBLOCK  # a frame of a message with more to come; once the first is
+                                     # queued, ZeroMQ takes the rest of the message whole
 
 
 @dataclass(frozen=True)
@@ -140,7 +159,8 @@ class _Pending:
 
 @dataclass
 class ClientCounters:
-    """What the I/O thread did and dropped (it alone writes these; read them from any thread)."""
+    """What the client did and dropped (only the thread driving the socket writes these; read them
+    from any thread). Replies nobody waits for are counted when the next driver reads them."""
     late_replies: int = 0       # named a request of ours that had already settled (e.g. after its deadline)
     duplicate_replies: int = 0  # a second answer to a request that already had one
     unknown_replies: int = 0    # named an id this client never sent
@@ -169,10 +189,18 @@ class Client:
         self._random = random.Random()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_addr = f"inproc://bertpool-client-{uuid.uuid4().hex}"
-        # Guards _closed, the outbox puts and the wake-up socket: once _closed is set under it,
-        # no request can enter the outbox, so the I/O thread's last drain fails every one left.
+        # Guards _closed, the outbox puts, the wake-up socket and _io_wanted: once _closed is set
+        # under it, no request can enter the outbox, so the I/O thread's last drain fails every one left.
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        # Whoever holds _drive is the one thread that may use the DEALER, the monitor and the
+        # wake-up receiver and touch the request state below: the I/O thread, or a caller blocked in
+        # predict()/stats() that found nobody driving (lock order: _drive, then _lock).
+        self._drive = threading.Lock()
+        self._driver_ident: int | None = None  # thread id of the _drive holder, for re-entry checks
+        # Set (under _lock) when the I/O thread must drive: a request came through the outbox, or
+        # close(). Cleared by the I/O thread (holding _drive and _lock) when it parks with nothing pending.
+        self._io_wanted = threading.Event()
         self._sockets_closed = False
         self._wake_recv = self._ctx.socket(zmq.PAIR)
         self._wake_recv.bind(self._wake_addr)
@@ -185,7 +213,7 @@ class Client:
         except zmq.ZMQError as exc:
             self._close_sockets()
             raise ConfigError(f"cannot connect to {address}: {exc}") from exc
-        # I/O thread state (only that thread touches these after start).
+        # Request state (only the _drive holder touches these after start).
         self._pending: dict[Any, _Pending] = {}
         self._deadlines: list[tuple[float, int, Any]] = []  # heap of (deadline, seq, id)
         self._retries: list[tuple[float, int, Any]] = []    # heap of (retry_at, seq, id)
@@ -195,6 +223,8 @@ class Client:
         self._pinged_at = 0.0               # last HEARTBEAT sent
         self._ever_heard = False            # any message from any broker since the client started
         self._ever_connected = False        # any connection accepted at the address since then
+        self._poller: zmq.Poller | None = None  # over wake_recv, the DEALER and its monitor
+        self._polled: zmq.Socket | None = None  # the DEALER _poller was built for (a reconnect replaces it)
         self._thread = threading.Thread(target=self._io_loop, name="bertpool-client-io", daemon=True)
         self._thread.start()
 
@@ -217,7 +247,10 @@ class Client:
     def predict(self, text_a: str, text_b: str, timeout_s: float | None = None) -> Prediction:
         """Classify one pair, blocking; raises DeadlineExceeded, ServerBusy, BrokerUnavailable or RemoteError."""
         self._check_may_block("predict")
-        return self.submit(text_a, text_b, timeout_s).result()
+        if not isinstance(text_a, str) or not isinstance(text_b, str):
+            raise TypeError("text_a and text_b must be str")
+        rid = self._new_id()
+        return self._call(rid, functools.partial(P.text_request, rid, text_a, text_b), timeout_s)
 
     def predict_many(self, pairs: Iterable[tuple[str, str]], timeout_s: float | None = None,
                      max_in_flight: int | None = None) -> list[Prediction]:
@@ -239,21 +272,24 @@ class Client:
         """The broker's pool statistics (counters, queue, per-worker STATS)."""
         self._check_may_block("stats")
         rid = self._new_id()
-        return self._send(rid, lambda _deadline_ms: P.stats_request(rid), timeout_s, kind=P.STATS).result()
+        return self._call(rid, lambda _deadline_ms: P.stats_request(rid), timeout_s, kind=P.STATS)
 
     def close(self) -> None:
         """Stop the I/O thread; pending requests fail with ClientClosed. Idempotent, thread-safe.
 
-        A submit() racing with close() either raises ClientClosed or returns a
-        Future that settles (with ClientClosed if it was not answered). Called
-        from a done-callback (on the I/O thread) it returns at once; the I/O
-        thread then fails what is left and closes the sockets itself.
+        A submit() or predict() racing with close() either raises ClientClosed
+        or returns a Future/answer (a Future that settles, with ClientClosed if
+        it was not answered). A predict() blocked while close() runs raises
+        ClientClosed. Called from a done-callback (on the I/O thread or a
+        driving caller) it returns at once; the I/O thread then fails what is
+        left and closes the sockets itself.
         """
         with self._lock:
             self._closed.set()
             self._wake_locked()
-        if threading.current_thread() is self._thread:
-            return  # joining ourselves would deadlock; _io_loop's finally closes the sockets
+            self._io_wanted.set()
+        if threading.current_thread() is self._thread or threading.get_ident() == self._driver_ident:
+            return  # a done-callback: joining would deadlock; _io_loop's finally closes the sockets
         self._thread.join()
         self._close_sockets()
 
@@ -269,30 +305,78 @@ class Client:
         return f"{self._prefix}{next(self._ids)}"
 
     def _check_may_block(self, what: str) -> None:
-        if threading.current_thread() is self._thread:
+        if threading.get_ident() == self._driver_ident or threading.current_thread() is self._thread:
             raise RuntimeError(f"Client.{what}() called from a Future's done-callback would wait on the "
                                "thread that delivers its reply (a deadlock); use submit() there instead")
 
-    def _send(self, rid: Any, encode: Callable[[float], bytes], timeout_s: float | None,
-              kind: bytes = P.REQUEST) -> Future:
+    def _entry(self, rid: Any, encode: Callable[[float], bytes], timeout_s: float | None,
+               kind: bytes) -> _Pending:
         timeout = self.config.timeout_s if timeout_s is None else timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ConfigError(f"timeout_s must be a number > 0, got {timeout!r}")
-        future: Future = Future()
-        entry = _Pending(rid, future, time.monotonic() + timeout, timeout, kind, encode)
+        return _Pending(rid, Future(), time.monotonic() + timeout, timeout, kind, encode)
+
+    def _send(self, rid: Any, encode: Callable[[float], bytes], timeout_s: float | None,
+              kind: bytes = P.REQUEST) -> Future:
+        """Hand a request to whoever drives the socket (through the outbox); its Future."""
+        entry = self._entry(rid, encode, timeout_s, kind)
+        self._enqueue(entry)
+        return entry.future
+
+    def _enqueue(self, entry: _Pending) -> None:
         with self._lock:
             if self._closed.is_set():
                 raise ClientClosed("client is closed")
             self._outbox.put(entry)
-            self._wake_locked()
-        return future
+            self._wake_locked()  # a thread driving now sends it at once
+            if not self._io_wanted.is_set():
+                self._io_wanted.set()  # and the I/O thread drives once that one is done
+
+    def _call(self, rid: Any, encode: Callable[[float], bytes], timeout_s: float | None,
+              kind: bytes = P.REQUEST) -> Any:
+        """A blocking request: sent and waited for on this thread when nobody else drives the socket
+        (no thread handoff either way), else through the outbox like submit(). Its result."""
+        entry = self._entry(rid, encode, timeout_s, kind)
+        if not self._drive.acquire(blocking=False):
+            self._enqueue(entry)
+            return entry.future.result()
+        leftover = True
+        try:
+            self._driver_ident = threading.get_ident()
+            if self._closed.is_set():  # checked holding _drive: the I/O thread's last drain is done or to come
+                raise ClientClosed("client is closed")
+            self._admit(entry)
+            self._drive_until(entry.future)
+            leftover = bool(self._pending)
+        finally:
+            self._driver_ident = None
+            self._drive.release()
+            if leftover:  # others' requests (or ours, on an exception): the I/O thread takes over
+                self._want_io()
+        return entry.future.result()
+
+    def _want_io(self) -> None:
+        with self._lock:
+            self._io_wanted.set()
+
+    def _drive_until(self, future: Future) -> None:
+        """Serve the socket for everyone (replies, timers, the outbox) until ``future`` settles."""
+        try:
+            while not future.done() and not self._closed.is_set():
+                self._turn(future)
+        except Exception:  # a bug here must not strand anyone: close, and the I/O thread fails what is left
+            log.exception("client I/O failed on a calling thread")
+            with self._lock:
+                self._closed.set()
+                self._wake_locked()
+                self._io_wanted.set()
 
     def _wake_locked(self) -> None:
-        """Nudge the I/O thread (caller holds _lock, which also keeps the socket open)."""
+        """Nudge whoever drives the socket (caller holds _lock, which also keeps the socket open)."""
         if self._sockets_closed:
             return
         try:
-            self._wake_send.send(b"", zmq.NOBLOCK)
+            self._wake_send.send(b"", _NOBLOCK)
         except zmq.Again:
             pass  # a wake-up is already pending; one is enough
 
@@ -338,39 +422,68 @@ class Client:
             self._monitor.close(linger=0)
         self._sock = self._monitor = None
 
-    # ------------------------------------------------------------- I/O thread
+    # ------------------------------------------- driving the socket (I/O thread or caller)
 
     def _io_loop(self) -> None:
+        """Drive the socket whenever asked to (_io_wanted) until nothing is pending, then park."""
+        me = threading.get_ident()
         try:
-            poller, polled = zmq.Poller(), None
-            while not self._closed.is_set():
-                if polled is not self._sock:  # first turn, or a reconnect replaced the sockets
-                    poller, polled = zmq.Poller(), self._sock
-                    for sock in (self._wake_recv, self._sock, self._monitor):
-                        poller.register(sock, zmq.POLLIN)
-                events = dict(poller.poll(self._wait_ms()))
-                if self._wake_recv in events:
-                    while self._wake_recv.poll(0):
-                        self._wake_recv.recv()
-                    self._flush_outbox()
-                if self._sock in events:
-                    self._read_replies()
-                if self._monitor in events and self._connection_closed() and self._in_flight:
-                    self._reconnect("its connection closed")
-                now = time.monotonic()
-                self._resend_due(now)
-                self._check_liveness(now)
-                self._expire(time.monotonic())
+            while True:
+                self._io_wanted.wait()
+                if self._closed.is_set():
+                    break
+                with self._drive:
+                    self._driver_ident = me
+                    try:
+                        while not self._closed.is_set() and not (not self._pending and self._park()):
+                            self._turn()
+                    finally:
+                        self._driver_ident = None
         except Exception:  # a bug here must not strand the callers: fail what is pending, loudly
             log.exception("client I/O thread failed")
         finally:
             with self._lock:
                 self._closed.set()  # from here on submit() refuses, so the drain below is the last
-            self._fail_unsent()
-            for entry in self._pending.values():
-                _fail(entry.future, ClientClosed("client closed before the reply arrived"))
-            self._pending.clear()
-            self._close_sockets()  # close() may have come from a callback and not wait for us
+                self._wake_locked()  # and a calling thread that drives sees it and lets go
+            with self._drive:
+                self._driver_ident = me  # so close() from a done-callback below returns at once
+                self._fail_unsent()
+                for entry in list(self._pending.values()):
+                    _fail(entry.future, ClientClosed("client closed before the reply arrived"))
+                self._pending.clear()
+                self._close_sockets()  # close() may have come from a callback and not wait for us
+                self._driver_ident = None
+
+    def _park(self) -> bool:
+        """With nothing pending: True, and the I/O thread waits for _io_wanted, unless the outbox
+        had requests after all (then they are sent now, and False). Holding _drive."""
+        with self._lock:  # no submit() nor close() can come between this last look and the clear
+            if self._closed.is_set():
+                return True  # and _io_wanted stays set, so the I/O thread goes on to its last drain
+            if self._flush_outbox():
+                return False
+            self._io_wanted.clear()
+            return True
+
+    def _turn(self, until: Future | None = None) -> None:
+        """One wait for the sockets (bounded by the next timer), then everything due. Holding _drive."""
+        if self._polled is not self._sock:  # first turn, or a reconnect replaced the sockets
+            self._poller, self._polled = zmq.Poller(), self._sock
+            for sock in (self._wake_recv, self._sock, self._monitor):
+                self._poller.register(sock, zmq.POLLIN)
+        events = dict(self._poller.poll(self._wait_ms()))
+        if self._wake_recv in events:
+            while self._wake_recv.getsockopt(_EVENTS) & _POLLIN:
+                self._wake_recv.recv()
+            self._flush_outbox()
+        if self._sock in events:
+            self._read_replies(until)
+        if self._monitor in events and self._connection_closed() and self._in_flight:
+            self._reconnect("its connection closed")
+        now = time.monotonic()
+        self._resend_due(now)
+        self._check_liveness(now)
+        self._expire(time.monotonic())
 
     def _wait_ms(self) -> int | None:
         """Milliseconds until the next deadline, backoff end or liveness check (None: none)."""
@@ -383,15 +496,22 @@ class Client:
             return None
         return max(0, int((min(times) - time.monotonic()) * 1000) + 1)
 
-    def _flush_outbox(self) -> None:
+    def _flush_outbox(self) -> bool:
+        """Send what submit() queued; True if there was any."""
+        sent = False
         while True:
             try:
                 entry = self._outbox.get_nowait()
             except queue.Empty:
-                return
-            self._pending[entry.rid] = entry
-            heapq.heappush(self._deadlines, (entry.deadline, next(self._seq), entry.rid))
-            self._transmit(entry, time.monotonic())
+                return sent
+            self._admit(entry)
+            sent = True
+
+    def _admit(self, entry: _Pending) -> None:
+        """Make ``entry`` pending and send it (holding _drive)."""
+        self._pending[entry.rid] = entry
+        heapq.heappush(self._deadlines, (entry.deadline, next(self._seq), entry.rid))
+        self._transmit(entry, time.monotonic())
 
     def _transmit(self, entry: _Pending, now: float) -> None:
         """Send (or resend) ``entry`` with the time left to its deadline."""
@@ -400,8 +520,13 @@ class Client:
             return  # _expire settles it
         body = entry.encode(min(left_ms, P.MAX_DEADLINE_MS))
         entry.retry_at = None
-        try:  # never block the I/O thread: a full send queue (a long-dead broker) waits and tries again
-            self._sock.send_multipart([P.VERSION, entry.kind, body], zmq.NOBLOCK)
+        if not self._in_flight:
+            self._connection_closed()  # nobody may have read the monitor while idle: a close then is old news
+        try:  # never block the driving thread: a full send queue (a long-dead broker) waits and tries again
+            sock = self._sock  # send_multipart's frames, minus its per-frame enum arithmetic
+            sock.send(P.VERSION, _MORE)
+            sock.send(entry.kind, _MORE)
+            sock.send(body, _NOBLOCK)
         except zmq.Again:
             at = now + self.config.backoff_initial_s
             if at < entry.deadline:
@@ -422,20 +547,27 @@ class Client:
                 return
             _fail(entry.future, ClientClosed("client closed before the request was sent"))
 
-    def _read_replies(self) -> None:
+    def _read_replies(self, until: Future | None = None) -> None:
+        """Read what the broker sent (a bounded burst); a driving caller stops once ``until`` settles
+        (what is left waits for the next turn, its own or the I/O thread's)."""
+        sock = self._sock
         for _ in range(1024):
             try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK)
+                frames = sock.recv_multipart(_NOBLOCK)
             except zmq.Again:
                 return
             self._heard_at = time.monotonic()  # any message is a beat, even one we cannot use
             self._ever_heard = True
             self._on_reply(frames)
+            if until is not None and until.done():
+                return
+            if not sock.getsockopt(_EVENTS) & _POLLIN:  # cheaper than a recv that raises Again
+                return
 
     def _connection_closed(self) -> bool:
         """Drain the monitor; True if it reported the broker's connection closed."""
         closed = False
-        while self._monitor.poll(0):
+        while self._monitor.getsockopt(_EVENTS) & _POLLIN:
             frames = self._monitor.recv_multipart()
             event = int.from_bytes(frames[0][:2], "little") if frames and len(frames[0]) >= 2 else 0
             closed = closed or event == zmq.EVENT_DISCONNECTED
@@ -555,7 +687,7 @@ class Client:
             self._pinged_at = now
             self.counters.heartbeats_sent += 1
             try:
-                self._sock.send_multipart([P.VERSION, P.HEARTBEAT, P.heartbeat_body()], zmq.NOBLOCK)
+                self._sock.send_multipart([P.VERSION, P.HEARTBEAT, P.heartbeat_body()], _NOBLOCK)
             except zmq.Again:
                 pass  # requests fill the queue to the broker; they are pings enough
 

@@ -726,3 +726,232 @@ def test_a_full_send_queue_never_blocks_the_client():
         _, not_done = wait(futures, timeout=WAIT_MS / 1000 * 2)
         assert not not_done, f"{len(not_done)} of {len(futures)} futures never settled"
         assert all(isinstance(f.exception(), DeadlineExceeded) for f in futures)
+
+
+# ------------------------- a caller blocked in predict() drives the socket itself
+
+def wait_until(condition, timeout_s: float = WAIT_MS / 1000) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition never came true"
+        threading.Event().wait(0.005)
+
+
+def by_text(kind: bytes, body: dict, seen: int):
+    """label = int(text_b) % 2, so every answer says which request it belongs to."""
+    if kind == P.STATS:
+        return echo(kind, body, seen)
+    label = int(body["text_b"]) % 2
+    return [(P.REPLY, P.reply_body(body["id"], [1.0 - label, float(label)], {}))]
+
+
+def driven_predict(client: Client, *args, **kwargs):
+    """predict() on a new thread, once it drives the socket: (thread, outcome list)."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(client.predict(*args, **kwargs))
+        except BaseException as exc:  # checked by the caller
+            outcome.append(exc)
+    thread = threading.Thread(target=run)
+    thread.start()
+    wait_until(lambda: client._driver_ident == thread.ident)
+    return thread, outcome
+
+
+@pytest.mark.parametrize("threads", [1, 8])
+def test_threads_calling_predict_at_once_each_get_their_own_answer(tmp_path, fake_brokers, threads):
+    broker = fake_brokers(f"ipc://{tmp_path}/b", by_text)
+    wrong: list = []
+    with Client(broker.address, timeout_s=30) as client:
+        def work(t: int) -> None:
+            for i in range(60):
+                n = t * 1000 + i
+                try:
+                    if client.predict("t", str(n)).label != n % 2:
+                        wrong.append(n)
+                except BaseException as exc:  # surfaced below
+                    wrong.append(exc)
+        pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join(WAIT_MS / 1000 * 4)
+        assert not any(t.is_alive() for t in pool)
+        assert client.stats() == {"answered_by": "fake"}
+        assert client.counters.duplicate_replies == client.counters.late_replies == 0
+    assert not wrong, wrong[:3]
+    assert len({r["id"] for r in broker.requests()}) == threads * 60
+
+
+def test_requests_of_others_are_served_by_the_thread_that_drives(tmp_path, fake_brokers):
+    """While one caller waits in predict() driving the socket, other threads' predict() and
+    submit() calls are sent and answered (it reads their replies), not held until it returns."""
+    broker = fake_brokers(f"ipc://{tmp_path}/b", by_text)
+    with Client(broker.address, timeout_s=30) as client:
+        driver, outcome = driven_predict(client, "hold", "1")
+        assert client.predict("quick", "3").label == 1
+        futures = [client.submit("async", str(i)) for i in range(20)]
+        assert [f.result(WAIT_MS / 1000).label for f in futures] == [i % 2 for i in range(20)]
+        assert driver.is_alive() and client._driver_ident == driver.ident  # still waiting, still driving
+        broker.release()
+        driver.join(WAIT_MS / 1000)
+        assert outcome[0].label == 1
+
+
+def test_a_request_left_pending_when_its_driver_returns_is_settled(tmp_path, fake_brokers):
+    """The I/O thread takes over what the driving caller leaves behind: here a request that is
+    never answered, which must still fail at its deadline."""
+    broker = fake_brokers(f"ipc://{tmp_path}/b", echo)
+    with Client(broker.address, timeout_s=30) as client:
+        driver, outcome = driven_predict(client, "hold", "1")
+        never = client.submit("hold", "2", timeout_s=0.3)
+        broker.wait_for(P.REQUEST, 2)
+        with pytest.raises(DeadlineExceeded):
+            never.result(WAIT_MS / 1000)
+        broker.release()
+        driver.join(WAIT_MS / 1000)
+        assert outcome[0].label == 1
+
+
+def test_close_during_a_driven_call_fails_it_with_client_closed(tmp_path, fake_brokers):
+    broker = fake_brokers(f"ipc://{tmp_path}/b", echo)
+    client = Client(broker.address, timeout_s=30)
+    driver, outcome = driven_predict(client, "hold", "forever")
+    broker.wait_for(P.REQUEST, 1)
+    client.close()
+    driver.join(WAIT_MS / 1000)
+    assert not driver.is_alive() and isinstance(outcome[0], ClientClosed)
+    assert not client._thread.is_alive()
+    with pytest.raises(ClientClosed):
+        client.predict("a", "b")
+
+
+def test_close_while_many_threads_predict_ends_every_call(tmp_path, fake_brokers):
+    """Each predict() racing close() returns an answer or raises ClientClosed; none hangs."""
+    broker = fake_brokers(f"ipc://{tmp_path}/b", echo)
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        for _ in range(5):
+            client = Client(broker.address, timeout_s=30)
+            unexpected: list = []
+            answered = threading.Semaphore(0)
+
+            def work() -> None:
+                for i in range(2000):
+                    try:
+                        client.predict("a", str(i))
+                    except ClientClosed:
+                        return
+                    except BaseException as exc:  # surfaced below
+                        unexpected.append(exc)
+                        return
+                    answered.release()
+            threads = [threading.Thread(target=work) for _ in range(4)]
+            for t in threads:
+                t.start()
+            for _ in range(20):
+                assert answered.acquire(timeout=WAIT_MS / 1000)
+            client.close()
+            for t in threads:
+                t.join(WAIT_MS / 1000)
+            assert not any(t.is_alive() for t in threads)
+            assert not unexpected, unexpected[:3]
+    finally:
+        sys.setswitchinterval(switch_interval)
+
+
+def test_deadline_while_driving(tmp_path, fake_brokers):
+    broker = fake_brokers(f"ipc://{tmp_path}/b", silent)
+    with Client(broker.address, timeout_s=30, heartbeat_interval_s=60) as client:
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            client.predict("nobody", "answers", timeout_s=0.2)
+        assert time.monotonic() - started < WAIT_MS / 1000
+        with pytest.raises(DeadlineExceeded):
+            client.stats(timeout_s=0.1)
+        assert client.counters.reconnects == 0
+
+
+def test_broker_restart_during_a_driven_call(tmp_path, fake_brokers):
+    """The calling thread that drives notices the closed connection, reconnects and resends."""
+    address = f"ipc://{tmp_path}/b"
+    first = fake_brokers(address, silent)
+    with Client(address, timeout_s=10, heartbeat_interval_s=60) as client:
+        driver, outcome = driven_predict(client, "a", "b")
+        first.wait_for(P.REQUEST, 1)
+        first.stop()
+        second = fake_brokers(address, echo)
+        driver.join(WAIT_MS / 1000)
+        assert outcome[0].label == 1, outcome
+        assert client.counters.reconnects >= 1 and client.counters.lost_resends >= 1
+    assert [r["id"] for r in second.requests()] == [outcome[0].id]
+
+
+def test_hung_broker_found_by_heartbeats_during_a_driven_call(tmp_path, fake_brokers):
+    address = f"ipc://{tmp_path}/b"
+    hung = fake_brokers(address, silent, heartbeats=False)
+    with Client(address, timeout_s=10, **FAST) as client:
+        driver, outcome = driven_predict(client, "a", "b")
+        hung.wait_for(P.REQUEST, 1)
+        fake_brokers(address, echo)  # takes the path over; the hung one keeps its connection
+        driver.join(WAIT_MS / 1000)
+        assert outcome[0].label == 1, outcome
+        assert client.counters.reconnects == 1
+    assert hung.count(P.HEARTBEAT) >= 2
+
+
+@pytest.mark.parametrize("answer", [busy_then_reply(2), lambda k, body, s: (
+    [(P.ERROR, P.error_body(body["id"], P.E_SHUTDOWN, "restarting"))] if s == 1 else echo(k, body, s))])
+def test_retries_after_a_backoff_while_driving(tmp_path, fake_brokers, answer):
+    broker = fake_brokers(f"ipc://{tmp_path}/b", answer)
+    with Client(broker.address, timeout_s=10, backoff_initial_s=0.02, backoff_max_s=0.05) as client:
+        assert client.predict("a", "b").label == 1
+    assert len(broker.requests()) in (2, 3)
+
+
+def test_done_callback_on_a_driving_thread_may_close_but_not_block(tmp_path, fake_brokers):
+    """A future settled by a thread blocked in predict() runs its callbacks there: close() from one
+    returns at once (the driven call then fails with ClientClosed), a blocking call raises."""
+    broker = fake_brokers(f"ipc://{tmp_path}/b", echo)
+    client = Client(broker.address, timeout_s=30)
+    seen: list = []
+    called = threading.Event()
+
+    def callback(_future: Future) -> None:
+        try:
+            client.predict("inside", "callback")
+        except BaseException as exc:  # checked below
+            seen.append(exc)
+        seen.append(threading.get_ident())
+        client.close()
+        called.set()
+
+    driver, outcome = driven_predict(client, "hold", "forever")
+    client.submit("a", "b").add_done_callback(callback)
+    assert called.wait(WAIT_MS / 1000)
+    driver.join(WAIT_MS / 1000)
+    assert isinstance(seen[0], RuntimeError) and "deadlock" in str(seen[0])
+    assert seen[1] == driver.ident  # the driving caller delivered the reply
+    assert isinstance(outcome[0], ClientClosed)
+    client._thread.join(WAIT_MS / 1000)
+    assert not client._thread.is_alive()
+    client.close()
+
+
+def test_a_bug_while_driving_closes_the_client_instead_of_stranding_callers(tmp_path, fake_brokers):
+    broker = fake_brokers(f"ipc://{tmp_path}/b", echo)
+    client = Client(broker.address, timeout_s=30)
+
+    def bug(frames) -> None:
+        raise ValueError("a bug in reply handling")
+    client._on_reply = bug
+    with pytest.raises(ClientClosed):
+        client.predict("a", "b")
+    client._thread.join(WAIT_MS / 1000)
+    assert not client._thread.is_alive()
+    with pytest.raises(ClientClosed):
+        client.submit("c", "d")
+    client.close()
