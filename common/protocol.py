@@ -153,6 +153,7 @@ worker of the same name, live or not); DISCONNECT names its incarnation.
 
 from __future__ import annotations
 
+import math
 import secrets
 import struct
 from dataclasses import dataclass
@@ -265,6 +266,8 @@ def encode_array(array: np.ndarray) -> dict[str, Any]:
 
 
 _ALLOWED_DTYPES = {"i4", "i8", "f4", "f2", "f8", "u1", "b1"}
+# Each allowed dtype name's little-endian numpy dtype, built once (decode_array runs per reply).
+_DTYPES = {name: np.dtype(name if name in ("u1", "b1") else "<" + name) for name in _ALLOWED_DTYPES}
 
 
 def decode_array(obj: Any, field: str = "array") -> np.ndarray:
@@ -279,8 +282,8 @@ def decode_array(obj: Any, field: str = "array") -> np.ndarray:
         raise ProtocolError(E_BAD_FIELD, f"{field}: bad shape {shape!r}")
     if not isinstance(data, bytes):
         raise ProtocolError(E_BAD_FIELD, f"{field}: data must be bytes")
-    dt = np.dtype("<" + dtype) if dtype not in ("u1", "b1") else np.dtype(dtype)
-    if len(data) != dt.itemsize * int(np.prod(shape, dtype=np.int64)):
+    dt = _DTYPES[dtype]
+    if len(data) != dt.itemsize * math.prod(shape):
         raise ProtocolError(E_BAD_FIELD, f"{field}: {len(data)} bytes do not match {dtype}{shape}")
     return np.frombuffer(data, dtype=dt).reshape(shape)
 
