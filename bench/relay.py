@@ -81,12 +81,13 @@ def _protocol_echo(address: str, stop) -> None:
     sock.close(linger=100)
 
 
-def _pool_worker(address: str, stop) -> None:
-    """A real bertpool worker, echo backend, no delay."""
+def _pool_worker(address: str, stop, vocab: str | None = None) -> None:
+    """A real bertpool worker, echo backend, no delay; ``vocab``: its WordPiece vocabulary (None:
+    the echo backend's built-in character vocabulary)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from ..workers.worker import Worker, WorkerConfig
 
-    worker = Worker(WorkerConfig(broker_address=address, batch_timeout_ms=0))
+    worker = Worker(WorkerConfig(broker_address=address, batch_timeout_ms=0, vocab_path=vocab))
     threading.Thread(target=lambda: (stop.wait(), worker.stop()), daemon=True).start()
     worker.run()
 
@@ -151,10 +152,10 @@ def _cpu_us_per_round_trip(pids: list[int], before: list[float | None], round_tr
 
 def measure(setup: str, clients: int, workers: int, load_procs: int, warmup_s: float,
             duration_s: float, body: bytes, metrics_address: str = "",
-            cpu: dict[str, Any] | None = None) -> float:
+            cpu: dict[str, Any] | None = None, vocab: str | None = None) -> float:
     """Round trips per second for one set-up (``metrics_address``: the broker's, to measure the
-    cost of recording metrics); with ``cpu``, also the CPU microseconds per round trip
-    of the router (this process: the relay's proxy or the broker) and of the workers, from the
+    cost of recording metrics; ``vocab``: the pool workers' vocabulary); with ``cpu``, also the
+    CPU microseconds per round trip of the router (this process: the relay's proxy or the broker) and of the workers, from the
     window's start until every load process reported, and of the load processes (their window)."""
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
@@ -175,7 +176,8 @@ def measure(setup: str, clients: int, workers: int, load_procs: int, warmup_s: f
         thread = threading.Thread(target=broker.run, daemon=True)
         target = _protocol_echo if setup == "broker" else _pool_worker
     thread.start()
-    procs = [ctx.Process(target=target, args=(back, stop), daemon=True) for _ in range(workers)]
+    args = (back, stop, vocab) if setup == "pool" else (back, stop)
+    procs = [ctx.Process(target=target, args=args, daemon=True) for _ in range(workers)]
     for p in procs:
         p.start()
     if broker is not None:
@@ -237,21 +239,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-address", metavar="HOST:PORT", default="",
                         help="run the broker with its Prometheus endpoint on, to measure what recording "
                              "metrics costs (default: off)")
+    parser.add_argument("--vocab", metavar="FILE",
+                        help="the pool workers' WordPiece vocabulary, e.g. a real BERT vocab.txt (default: the "
+                             "echo backend's built-in character vocabulary, which splits every word into "
+                             "characters and so costs more to tokenize)")
     parser.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
     args = parser.parse_args(argv)
     setups = [s for s in args.setups.split(",") if s]
     unknown = set(setups) - set(SETUPS)
     if unknown or min(args.clients, args.workers, args.load_procs) < 1:
         parser.error(f"bad --setups {sorted(unknown)} or non-positive count")
+    if args.vocab and not Path(args.vocab).is_file():
+        parser.error(f"--vocab {args.vocab}: no such file")
     body = request_body(args.request)
     report: dict[str, Any] = {"clients": args.clients, "workers": args.workers, "request": args.request,
+                              "vocab": args.vocab or "built-in character vocabulary",
                               "duration_s": args.duration_s, "metrics": bool(args.metrics_address),
                               "round_trips_per_s": {}}
     report["cpu_us_per_round_trip"] = {}
     for setup in setups:
         cpu: dict[str, Any] = {}
         rate = measure(setup, args.clients, args.workers, args.load_procs, args.warmup_s, args.duration_s,
-                       body, args.metrics_address, cpu)
+                       body, args.metrics_address, cpu, args.vocab)
         report["round_trips_per_s"][setup] = round(rate, 1)
         report["cpu_us_per_round_trip"][setup] = cpu
         print(f"{setup:>6}: {rate:10.1f} round trips/s; CPU us per round trip: router {cpu.get('router')}, "

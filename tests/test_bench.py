@@ -83,6 +83,22 @@ def test_broker_bench_runs_all_setups(tmp_path, request_kind):
     assert report["ratio_to_relay"]["relay"] == 1.0
 
 
+def test_broker_bench_pool_workers_take_a_given_vocabulary(tmp_path):
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "quick", "fox", "a", "fast", "."]) + "\n")
+    out = tmp_path / "pool.json"
+    args = [sys.executable, "-m", "bertpool.bench.relay", "--clients", "2", "--workers", "1", "--load-procs", "1",
+            "--warmup-s", "0.2", "--duration-s", "0.3", "--setups", "pool"]
+    proc = subprocess.run([*args, "--vocab", str(vocab), "--json", str(out)], capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["vocab"] == str(vocab) and report["round_trips_per_s"]["pool"] > 0
+    missing = subprocess.run([*args, "--vocab", str(tmp_path / "none.txt")], capture_output=True, text=True,
+                             timeout=60)
+    assert missing.returncode == 2 and "no such file" in missing.stderr
+
+
 def test_backend_bench_reports_ratio_and_latency(tmp_path):
     out = tmp_path / "backend.json"
     proc = subprocess.run([sys.executable, "-m", "bertpool.bench.backend", "--backend", "echo",
