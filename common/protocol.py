@@ -394,14 +394,12 @@ def _check_feature(body: dict[str, Any], field: str, seq_length: int) -> np.ndar
 
 def reply_body(request_id: Any, probabilities: np.ndarray, timings: dict[str, float]) -> bytes:
     """Body of a REPLY: label is the argmax of probabilities (float32 [2])."""
-    probs = np.asarray(probabilities, dtype=np.float32)
-    return pack({"id": request_id, "label": int(np.argmax(probs)),
-                 "probabilities": encode_array(probs), "timings": timings})
+    return reply_bodies([request_id], np.asarray(probabilities, dtype=np.float32)[None], [timings])[0]
 
 
 def reply_bodies(request_ids: list[Any], probabilities: np.ndarray, timings: list[dict[str, float]]) -> list[bytes]:
-    """``reply_body`` for each row of float32 [B, 2] probabilities, byte for byte, at a fraction of
-    the cost: the labels and the rows' bytes are computed once for the batch."""
+    """REPLY bodies for a batch: one per row of float32 [B, 2] probabilities, each row an array in
+    encode_array's layout; the labels and the rows' bytes are computed once for the batch."""
     probs = np.ascontiguousarray(probabilities, dtype="<f4")
     labels = probs.argmax(axis=1).tolist()
     data, width = probs.tobytes(), probs.shape[1] * 4

@@ -335,3 +335,15 @@ def test_fuzz_frame_decoders_only_raise_protocol_errors(frames):
                 decode(frame)
             except ProtocolError:
                 pass
+
+
+def test_reply_bodies_decode_to_their_rows():
+    probs = np.array([[0.9, 0.1], [0.25, 0.75], [0.5, 0.5]], np.float32)
+    bodies = P.reply_bodies(["a", 7, "c"], probs, [{"compute_ms": 1.0}, {}, {"batch_size": 3}])
+    for body, rid, row, timings in zip(bodies, ["a", 7, "c"], probs, [{"compute_ms": 1.0}, {}, {"batch_size": 3}]):
+        decoded = P.unpack(body)
+        label, got, got_timings = P.parse_prediction(decoded)
+        assert decoded["id"] == rid and label == int(np.argmax(row)) and got_timings == timings
+        assert got.dtype == np.float32 and np.array_equal(got, row)
+        assert P.decode_array(P.encode_array(row)).tobytes() == got.tobytes()  # encode_array's layout
+    assert P.reply_body("a", probs[0], {"compute_ms": 1.0}) == bodies[0]
