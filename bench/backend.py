@@ -32,10 +32,11 @@ from ..workers.backends import (BACKENDS, BackendConfig, choose_backend, fallbac
 from ..workers.worker import WorkerConfig
 
 
-def tight_loop(config: BackendConfig, batch_size: int, seconds: float, pairs) -> dict[str, float]:
+def tight_loop(config: BackendConfig, batch_size: int, seconds: float, pairs,
+               vocab: str | None = None) -> dict[str, float]:
     """Inferences/s and mean batch time of the backend called back to back in this process."""
     backend = load_backend(config)
-    tokenizer = BertTokenizer(backend.vocab_path or fallback_vocab_path(), max_seq_length=backend.seq_length)
+    tokenizer = BertTokenizer(vocab or backend.vocab_path or fallback_vocab_path(), max_seq_length=backend.seq_length)
     f = tokenizer.encode_pairs([(p.text_a, p.text_b) for p in pairs[:batch_size]])
     run_padded(backend, f.input_ids, f.input_mask, f.segment_ids, batch_size)  # warm-up
     batches, start = 0, time.perf_counter()
@@ -94,17 +95,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cycle", type=int, default=8, help="requests per saturation client")
     parser.add_argument("--single-cycle", type=int, default=20, help="requests for the single-client run")
     parser.add_argument("--tsv", help="MRPC-format pairs (default: the pairs bertpool ships)")
+    parser.add_argument("--vocab", metavar="FILE",
+                        help="the workers' WordPiece vocabulary (default: the model's own; for echo the built-in "
+                             "character vocabulary, which splits every word into characters and so costs more "
+                             "to tokenize than a real one such as BERT's vocab.txt)")
     parser.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
     args = parser.parse_args(argv)
+    if args.vocab and not Path(args.vocab).is_file():
+        parser.error(f"--vocab {args.vocab}: no such file")
     pairs, _ = load_pairs(args.tsv)
     cores = os.cpu_count() or 1
     backend = BackendConfig(name=choose_backend(args.backend, args.model), model_dir=args.model,
                             echo_delay_ms=args.echo_delay_ms)
-    worker = WorkerConfig(backend=backend,
+    worker = WorkerConfig(backend=backend, vocab_path=args.vocab,
                           batch_size=args.batch_size, batch_timeout_ms=args.batch_timeout_ms)
-    report: dict[str, Any] = {"backend": args.backend, "model": args.model, "batch_size": args.batch_size,
+    report: dict[str, Any] = {"backend": args.backend, "model": args.model, "vocab": args.vocab,
+                              "batch_size": args.batch_size,
                               "cores": cores, "tight": tight_loop(worker.backend, args.batch_size, args.seconds,
-                                                                  pairs)}
+                                                                  pairs, args.vocab)}
     print("tight loop:", report["tight"], flush=True)
     report["served"] = []
     for parallel in (int(p) for p in args.parallel.split(",")):

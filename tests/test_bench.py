@@ -99,6 +99,22 @@ def test_broker_bench_pool_workers_take_a_given_vocabulary(tmp_path):
     assert missing.returncode == 2 and "no such file" in missing.stderr
 
 
+def test_backend_bench_workers_take_a_given_vocabulary(tmp_path):
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "a", "."]) + "\n")
+    out = tmp_path / "backend.json"
+    args = [sys.executable, "-m", "bertpool.bench.backend", "--backend", "echo", "--seconds", "0.2", "--parallel",
+            "1", "--cycle", "2", "--single-cycle", "2"]
+    proc = subprocess.run([*args, "--vocab", str(vocab), "--json", str(out)], capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["vocab"] == str(vocab) and report["served"][0]["errors"] == 0
+    missing = subprocess.run([*args, "--vocab", str(tmp_path / "none.txt")], capture_output=True, text=True,
+                             timeout=60)
+    assert missing.returncode == 2 and "no such file" in missing.stderr
+
+
 def test_backend_bench_reports_ratio_and_latency(tmp_path):
     out = tmp_path / "backend.json"
     proc = subprocess.run([sys.executable, "-m", "bertpool.bench.backend", "--backend", "echo",
