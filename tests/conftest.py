@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,18 @@ def sockets():
     yield dealer
     for s in made:
         s.close()
+
+
+def run_threads(target, count: int, timeout_s: float) -> None:
+    """Run ``target(i)`` for i in range(count), each on its own thread, and wait for all of them
+    (failing the test if one is still running after ``timeout_s``)."""
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout_s
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), "threads still running after their timeout"
 
 
 def start_module(tmp_path: Path, module: str, *args: str) -> subprocess.Popen:

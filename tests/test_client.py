@@ -18,7 +18,7 @@ from bertpool.clients.client import Client, Prediction
 from bertpool.common import protocol as P
 from bertpool.common.errors import (BrokerUnavailable, ClientClosed, ConfigError, DeadlineExceeded,
                                     MalformedReply, RemoteError, RequestTimeout, ServerBusy)
-from conftest import free_tcp_port, start_module, stop_processes
+from conftest import free_tcp_port, run_threads, start_module, stop_processes
 
 WAIT_MS = 5000
 
@@ -773,12 +773,7 @@ def test_threads_calling_predict_at_once_each_get_their_own_answer(tmp_path, fak
                         wrong.append(n)
                 except BaseException as exc:  # surfaced below
                     wrong.append(exc)
-        pool = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
-        for t in pool:
-            t.start()
-        for t in pool:
-            t.join(WAIT_MS / 1000 * 4)
-        assert not any(t.is_alive() for t in pool)
+        run_threads(work, threads, WAIT_MS / 1000 * 4)
         assert client.stats() == {"answered_by": "fake"}
         assert client.counters.duplicate_replies == client.counters.late_replies == 0
     assert not wrong, wrong[:3]

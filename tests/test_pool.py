@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -18,7 +17,7 @@ from bertpool.clients.client import Client
 from bertpool.common import protocol as P
 from bertpool.common.tokenizer import BertTokenizer
 from bertpool.workers.backends import echo_probabilities, fallback_vocab_path
-from conftest import free_tcp_port
+from conftest import free_tcp_port, run_threads
 
 
 def expected_echo(tokenizer: BertTokenizer, a: str, b: str) -> np.ndarray:
@@ -56,12 +55,7 @@ def test_48_clients_every_reply_matches_its_request(start_pool, transport):
         except BaseException as exc:  # surfaced below
             failures.append(exc)
 
-    threads = [threading.Thread(target=one_client, args=(c,)) for c in range(n_clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not any(t.is_alive() for t in threads)
+    run_threads(one_client, n_clients, 120)
     assert not failures, failures[:3]
     assert not mismatches, mismatches[:3]
     total = n_clients * cycle
