@@ -553,8 +553,8 @@ def parse_ready(body: dict[str, Any]) -> Ready:
         raise ProtocolError(E_BAD_FIELD, f"READY capacity must be a positive int, got {capacity!r}")
     pid = body.get("pid")
     backend = body.get("backend")
-    per_message = _count(body, "requests_per_message")
-    batch_size = _count(body, "batch_size")
+    per_message = _count(body, "requests_per_message", MAX_PER_MESSAGE)
+    batch_size = _count(body, "batch_size", 1 << 31)
     model = body.get("model")
     if model is None:
         model = {}
@@ -569,11 +569,11 @@ def parse_ready(body: dict[str, Any]) -> Ready:
                  requests_per_message=per_message, batch_size=batch_size)
 
 
-def _count(body: dict[str, Any], field: str) -> int:
-    """An optional count in [1, MAX_PER_MESSAGE] (1 when absent); ProtocolError(bad_field) if malformed."""
+def _count(body: dict[str, Any], field: str, most: int) -> int:
+    """An optional count in [1, most] (1 when absent); ProtocolError(bad_field) if malformed."""
     value = body.get(field, 1)
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_PER_MESSAGE:
-        raise ProtocolError(E_BAD_FIELD, f"READY {field} must be an int in [1, {MAX_PER_MESSAGE}], got {value!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
+        raise ProtocolError(E_BAD_FIELD, f"READY {field} must be an int in [1, {most}], got {value!r}")
     return value
 
 

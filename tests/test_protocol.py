@@ -142,6 +142,9 @@ def test_membership_round_trip():
     assert P.parse_ready({"capacity": 1}).requests_per_message == 1  # older workers: single REQUESTs
     many = P.parse_ready(P.unpack(P.ready_body("w", None, "inc", 1, 8, "echo", 4, requests_per_message=8)))
     assert (many.requests_per_message, many.batch_size) == (8, 4)
+    big = P.parse_ready(P.unpack(P.ready_body("w", None, "inc", 1, 9000, "echo", 9000,
+                                              requests_per_message=P.MAX_PER_MESSAGE)))
+    assert (big.capacity, big.batch_size, big.requests_per_message) == (9000, 9000, P.MAX_PER_MESSAGE)
     assert P.parse_disconnect(P.unpack(P.disconnect_body("w", "inc"))) == "inc"
     assert P.parse_disconnect({}) is None
     assert P.new_incarnation() != P.new_incarnation()

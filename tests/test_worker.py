@@ -56,7 +56,8 @@ def harness(tmp_path):
         assert router.poll(WAIT_MS)
         identity, version, kind, body = router.recv_multipart()
         ready = P.parse_ready(P.unpack(body))
-        assert kind == P.READY and ready.capacity == ready.requests_per_message == worker.config.effective_capacity
+        assert kind == P.READY and ready.capacity == worker.config.effective_capacity
+        assert ready.requests_per_message == min(worker.config.effective_capacity, P.MAX_PER_MESSAGE)
         started.append((router, worker, thread))
         return router, identity, worker
 
@@ -134,6 +135,13 @@ def test_many_requests_in_one_message_and_a_batch_answered_in_one(harness):
     assert [(kind, rest[0]) for _, kind, rest in bad] == [(P.ERROR, tokens[1])]
     assert [(kind, rest[0]) for _, kind, rest in batch] == [(P.REPLY, t) for t in tokens[:1] + tokens[2:]]
     assert [P.unpack(rest[1])["id"] for _, _, rest in batch] == [0, 2, 3, 4]
+
+
+def test_a_capacity_beyond_one_message_still_registers_and_is_served(harness):
+    router, ident, worker = harness(EchoBackend(BackendConfig()), batch_size=4, batch_timeout_ms=0,
+                                    capacity=P.MAX_PER_MESSAGE + 1)  # the harness checks READY
+    send(router, ident, 1, P.text_request(1, "a", "b"))
+    assert replies(router, 1)[1][0] == P.REPLY
 
 
 def test_a_failing_batch_fails_each_of_its_requests_and_only_those(harness):
