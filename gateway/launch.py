@@ -7,8 +7,18 @@ whether or not the ``gateway`` extra is installed; the child reports a missing o
 from __future__ import annotations
 
 import argparse
+import logging
 import subprocess
 import sys
+import threading
+import time
+from typing import Callable
+
+from ..common.errors import ConfigError
+
+log = logging.getLogger("bertpool.serve")
+
+LISTENING_PREFIX = "bertpool-gateway: "  # the gateway's first stdout line once it listens
 
 
 def add_serve_gateway_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,21 +39,69 @@ def gateway_command(broker: str, http: str | None, grpc: str | None, model_dir: 
     return cmd
 
 
-def start_gateway_process(args: argparse.Namespace) -> subprocess.Popen | None:
-    """Start the gateway child when bertpool-serve was asked for one (None otherwise)."""
+class GatewayChild:
+    """bertpool-serve's gateway child process: started, waited for, watched and stopped.
+
+    Its stdout is relayed line by line to ours; the line it prints once listening marks it started.
+    """
+
+    def __init__(self, cmd: list[str]) -> None:
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self._listening = threading.Event()
+        self._stopping = False
+        threading.Thread(target=self._relay, name="gateway-stdout", daemon=True).start()
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def _relay(self) -> None:
+        for line in self._proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if line.startswith(LISTENING_PREFIX):
+                self._listening.set()
+
+    def wait_listening(self, timeout_s: float) -> None:
+        """Return once the gateway listens; ConfigError when it exits first (it said why on stderr:
+        a port in use, a missing extra, a bad model directory) or is not listening by ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while not self._listening.wait(0.1):
+            code = self._proc.poll()
+            if code is not None and not self._listening.wait(1.0):  # its last line may still be on the way
+                raise ConfigError(f"the gateway (bertpool-gateway) exited with code {code} before listening; "
+                                  "its error is above")
+            if time.monotonic() >= deadline:
+                self.stop()
+                raise ConfigError(f"the gateway (bertpool-gateway) was not listening after {timeout_s:.0f} s")
+
+    def watch(self, on_exit: Callable[[int], None]) -> None:
+        """Call ``on_exit(returncode)`` (on another thread) if the gateway exits before stop()."""
+        def wait() -> None:
+            code = self._proc.wait()
+            if not self._stopping:
+                on_exit(code)
+        threading.Thread(target=wait, name="gateway-watch", daemon=True).start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM the gateway and wait for it (SIGKILL after ``timeout_s``)."""
+        self._stopping = True
+        if self._proc.poll() is not None:
+            return
+        self._proc.terminate()
+        try:
+            self._proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+
+
+def start_gateway_process(args: argparse.Namespace, timeout_s: float = 120.0) -> GatewayChild | None:
+    """Start the gateway child when bertpool-serve was asked for one (None otherwise) and wait until
+    it listens; ConfigError (and no child left) when it cannot start."""
     if not (args.gateway_http or args.gateway_grpc):
         return None
-    return subprocess.Popen(gateway_command(args.address, args.gateway_http, args.gateway_grpc,
-                                            getattr(args, "model", None)))
-
-
-def stop_gateway_process(proc: subprocess.Popen | None, timeout_s: float = 10.0) -> None:
-    """SIGTERM the gateway child and wait for it (SIGKILL after ``timeout_s``)."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    child = GatewayChild(gateway_command(args.address, args.gateway_http, args.gateway_grpc,
+                                         getattr(args, "model", None)))
+    child.wait_listening(timeout_s)
+    return child

@@ -9,6 +9,7 @@ left with shutting_down and exits (0).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import threading
 
@@ -16,9 +17,11 @@ from ..broker.broker import Broker, add_broker_arguments, broker_config_from_arg
 from ..common import security
 from ..common.cli import install_stop_handlers, report_error, setup_logging
 from ..common.errors import BertpoolError
-from ..gateway.launch import add_serve_gateway_arguments, start_gateway_process, stop_gateway_process
+from ..gateway.launch import add_serve_gateway_arguments, start_gateway_process
 from ..workers.backends import ECHO_WARNING
 from ..workers.supervisor import Supervisor, add_supervisor_arguments, supervisor_config_from_args
+
+log = logging.getLogger("bertpool.serve")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +51,25 @@ def main(argv: list[str] | None = None) -> int:
         return report_error("bertpool-serve", exc)
     thread = threading.Thread(target=broker.run, name="broker", daemon=True)
     thread.start()
-    gateway = start_gateway_process(args)
+    try:
+        gateway = start_gateway_process(args)
+    except BertpoolError as exc:  # asked for a gateway and cannot have one: serve nothing
+        broker.stop(drain=False)
+        thread.join(10)
+        return report_error("bertpool-serve", exc)
+    gateway_lost: list[int] = []
+    if gateway is not None:
+        def on_gateway_exit(code: int) -> None:
+            # Never serve on without the gateway that was asked for: stop the whole pool, loudly
+            # unless the gateway was stopped by a signal to us all (it then exits 0).
+            if broker.stopping:
+                return
+            if code:
+                log.error("the gateway (bertpool-gateway) exited with code %d; stopping", code)
+                gateway_lost.append(code)
+            broker.stop()
+            supervisor.stop()
+        gateway.watch(on_gateway_exit)
     # SIGTERM: the broker refuses new requests at once while the workers finish what they hold.
     install_stop_handlers(lambda: (broker.stop(), supervisor.stop()))
     backend = supervisor.config.worker.backend
@@ -58,15 +79,18 @@ def main(argv: list[str] | None = None) -> int:
     if backend.name == "echo":
         print(f"bertpool-serve: WARNING: {ECHO_WARNING}", file=sys.stderr, flush=True)
     try:
-        supervisor.run()  # returns after stop() (signal) or a worker that cannot load
+        supervisor.run()  # returns after stop() (signal), a worker that cannot load, or a lost gateway
     finally:
-        stop_gateway_process(gateway)
+        if gateway is not None:
+            gateway.stop()
         if not broker.stopping:  # the workers stopped on their own (a load failure)
             broker.stop()
         # The workers are gone, having answered what they held; the broker answers the rest.
         thread.join(broker.config.drain_timeout_s + 10)
     if supervisor.failed:
         return report_error("bertpool-serve", supervisor.failed, code=1)
+    if gateway_lost:
+        return report_error("bertpool-serve", f"the gateway exited with code {gateway_lost[0]}", code=1)
     return 0
 
 

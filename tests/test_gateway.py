@@ -7,11 +7,15 @@ bertpool-broker + bertpool-gateway for the error cases that need a pool with no 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -430,6 +434,48 @@ def test_busy_is_503_and_unavailable(workerless):
         grpcclient.InferenceServerClient(workerless.grpc).infer(MODEL, text_inputs(grpcclient, pairs),
                                                                 timeout=5_000_000)
     assert exc.value.status() == "StatusCode.UNAVAILABLE"
+
+
+def serve_with_gateway(tmp_path, http: str) -> tuple[subprocess.Popen, Path]:
+    """bertpool-serve (1 echo worker) with a gateway child on ``http``, logging to a file."""
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "bertpool.pool.serve", "--address", f"ipc://{tmp_path}/f",
+                                 "--worker-address", f"ipc://{tmp_path}/b", "--parallel", "1",
+                                 "--stats-interval-s", "0", "--gateway-http", http],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, log_path
+
+
+def test_serve_refuses_to_start_when_its_gateway_cannot(tmp_path):
+    with socket.socket() as taken:  # the gateway's port is in use
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc, log_path = serve_with_gateway(tmp_path, f"127.0.0.1:{taken.getsockname()[1]}")
+        try:
+            assert proc.wait(120) == 2
+        finally:
+            stop(proc)
+    log = log_path.read_text(errors="replace")
+    assert "bertpool-serve: error: the gateway (bertpool-gateway) exited with code 2 before listening" in log, log
+    assert "Traceback" not in log
+
+
+def test_serve_stops_loudly_when_its_gateway_dies(tmp_path):
+    http = f"127.0.0.1:{free_tcp_port()}"
+    proc, log_path = serve_with_gateway(tmp_path, http)
+    try:
+        wait_live(http, proc, log_path)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        gateways = [int(pid) for pid in children
+                    if "bertpool.gateway.gateway" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
+        assert len(gateways) == 1
+        os.kill(gateways[0], signal.SIGKILL)
+        assert proc.wait(60) == 1  # the pool does not serve on without the gateway it was asked for
+    finally:
+        stop(proc)
+    log = log_path.read_text(errors="replace")
+    assert "the gateway (bertpool-gateway) exited with code -9; stopping" in log, log
 
 
 def test_gateway_cli_refuses_bad_flags(tmp_path):
