@@ -650,12 +650,19 @@ class Broker:
         return gone
 
     def _send_share(self, worker: _WorkerState, share: list[tuple[bytes, bytes, float, float | None]]) -> bool:
-        """Send ``share`` to ``worker``; False when its socket is gone."""
-        step = worker.per_message
-        if step == 1:
+        """Send ``share`` to ``worker``; False when its socket is gone. A REQUESTS message holds at
+        most the worker's requests_per_message, and bodies of at most max_request_bytes in all (the
+        most one REQUEST may carry, which the worker's MAXMSGSIZE must take: so must this)."""
+        if worker.per_message == 1:
             return all(self._send_worker(worker.identity, P.request_frames(*item)) for item in share)
-        return all(self._send_worker(worker.identity, P.requests_frames(share[i:i + step]))
-                   for i in range(0, len(share), step))
+        start, size = 0, 0
+        for i, item in enumerate(share):
+            if i > start and (i - start == worker.per_message or size + len(item[1]) > self.config.max_request_bytes):
+                if not self._send_worker(worker.identity, P.requests_frames(share[start:i])):
+                    return False
+                start, size = i, 0
+            size += len(item[1])
+        return self._send_worker(worker.identity, P.requests_frames(share[start:]))
 
     # ---------------------------------------------------------------- stats
 

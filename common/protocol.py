@@ -97,7 +97,9 @@ Broker -> worker (backend)             [VERSION, kind, ...]
                                                   token (8), queued (8), deadline (8; 0 = none), body
                                                   length (4), all big-endian, queued and deadline in
                                                   microseconds as in REQUEST; bodies: the clients'
-                                                  bodies back to back, in table order
+                                                  bodies back to back, in table order, at most the
+                                                  broker's max_request_bytes in all (so a worker that
+                                                  takes the largest REQUEST takes any REQUESTS)
     HEARTBEAT [VERSION, HEARTBEAT, body {}]       sent to every registered worker every
                                                   heartbeat_interval_s
     DISCONNECT [VERSION, DISCONNECT, body {reason}]
@@ -131,7 +133,8 @@ batch to fill), ``compute_ms`` (the model call for the whole batch).
 
 BP4 changed from BP3, incompatibly: REQUESTS and REPLIES carry many requests or
 answers in one message (fewer ZeroMQ calls and wake-ups per request on both
-sides of the backend), and READY may carry ``requests_per_message``.
+sides of the backend), READY may carry ``requests_per_message``, and the broker
+reads READY's ``batch_size``: it hands a worker up to that many requests at a time.
 
 BP3 changed from BP2, incompatibly: REQUEST may carry ``deadline_ms``; HEARTBEAT
 is live on both links; ERROR codes ``deadline_exceeded``, ``worker_lost`` and

@@ -263,6 +263,24 @@ def test_dispatch_hands_out_whole_batches_in_messages_the_worker_takes(per_messa
     assert len(sent) == (6 if per_message == 1 else 3)  # two: [0 1 2] [3]; one: [4 5]
 
 
+def test_a_many_request_message_never_carries_more_bytes_than_one_request_may():
+    """Bodies in one REQUESTS add up to at most max_request_bytes, so a worker whose MAXMSGSIZE
+    takes the largest single request takes every message."""
+    b = Broker(BrokerConfig(frontend="ipc:///nonexistent/f", backend="ipc:///nonexistent/b",
+                            max_request_bytes=1000, max_queue_bytes=1 << 20))
+    sent: list[list[bytes]] = []
+    b._send_worker = lambda identity, frames: sent.append(frames) or True
+    b._on_ready(b"w", P.parse_ready(P.unpack(P.ready_body("w", None, "w", 1, 16, "test", 16,
+                                                          requests_per_message=16))))
+    sizes = [400, 400, 400, 900, 100, 1000, 30, 30]
+    for i, size in enumerate(sizes):
+        body = P.text_request(i, "a", "b")
+        b._accept(b"client", body + b"\x00" * (size - len(body)))  # padded to ``size`` bytes
+    b._dispatch()
+    messages = [P.parse_from_broker(frames).requests for frames in sent]
+    assert [[len(r.body) for r in m] for m in messages] == [[400, 400], [400], [900, 100], [1000], [30, 30]]
+
+
 def test_oversized_request_is_refused(broker, sockets):
     b = broker(max_request_bytes=100)
     client = sockets(b.config.frontend)
