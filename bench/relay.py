@@ -155,8 +155,9 @@ def measure(setup: str, clients: int, workers: int, load_procs: int, warmup_s: f
             cpu: dict[str, Any] | None = None, vocab: str | None = None) -> float:
     """Round trips per second for one set-up (``metrics_address``: the broker's, to measure the
     cost of recording metrics; ``vocab``: the pool workers' vocabulary); with ``cpu``, also the
-    CPU microseconds per round trip of the router (this process: the relay's proxy or the broker) and of the workers, from the
-    window's start until every load process reported, and of the load processes (their window)."""
+    CPU microseconds per round trip of the router (this process: the relay's proxy or the broker)
+    and of the workers, from the window's start until every load process reported, and of the
+    load processes (their window)."""
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
     tmp = tempfile.mkdtemp(prefix="bertpool-relay-")

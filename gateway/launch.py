@@ -56,11 +56,14 @@ class GatewayChild:
         return self._proc.pid
 
     def _relay(self) -> None:
-        for line in self._proc.stdout:
-            sys.stdout.write(line)
-            sys.stdout.flush()
+        for line in self._proc.stdout:  # read to the end, whatever happens to ours: a full pipe would block it
             if line.startswith(LISTENING_PREFIX):
                 self._listening.set()
+            try:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            except (OSError, ValueError):
+                pass  # our stdout is gone (closed, a broken pipe): the line is lost, not the gateway
 
     def wait_listening(self, timeout_s: float) -> None:
         """Return once the gateway listens; ConfigError when it exits first (it said why on stderr:
