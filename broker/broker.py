@@ -121,7 +121,7 @@ class BrokerConfig:
         P.check_endpoint("backend address", self.backend)
 
 
-@dataclass
+@dataclass(slots=True)  # one per request: slots make it cheaper to build and to read
 class _Request:
     client: bytes                 # the client's ROUTER identity
     body: bytes                   # the request body, untouched

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,18 +56,22 @@ class Backend:
 
 # ----------------------------------------------------------------------- echo
 
+# Per-position odd multipliers for the echo hash (int64: 30522 ids x 2**31 x 128 positions fits).
+_ECHO_WEIGHTS = (np.arange(1, 2 * 4096, 2, dtype=np.int64) * 2654435761) % (1 << 31)
+
+
 def echo_probabilities(input_ids: np.ndarray, input_mask: np.ndarray) -> np.ndarray:
     """The echo backend's deterministic answer for features [B,S]: float32 [B,2].
 
-    p(paraphrase) is a hash of the real tokens, so every request gets an answer
-    that tests can recompute and that differs between requests.
+    p(paraphrase) is a hash of the real tokens (each id, where the mask is 1, weighted by its
+    position), computed for the whole batch at once, so every request gets an answer that tests
+    can recompute and that differs between requests.
     """
-    out = np.empty((input_ids.shape[0], 2), np.float32)
-    for row, (ids, mask) in enumerate(zip(input_ids, input_mask)):
-        real = np.ascontiguousarray(ids[mask.astype(bool)], dtype="<i4")
-        p = (zlib.crc32(real.tobytes()) % 10_007) / 10_007.0
-        out[row] = (1.0 - p, p)
-    return out
+    seq = input_ids.shape[1]
+    assert seq <= len(_ECHO_WEIGHTS), "sequence longer than the echo hash's weights"
+    real = input_ids.astype(np.int64) * (input_mask != 0)  # [B, S]
+    p = ((real @ _ECHO_WEIGHTS[:seq]) % 1_000_003 / 1_000_003.0).astype(np.float32)  # [B]
+    return np.stack((1.0 - p, p), axis=1)
 
 
 class EchoBackend(Backend):
