@@ -11,6 +11,7 @@ without it.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import time
@@ -56,8 +57,11 @@ class Backend:
 
 # ----------------------------------------------------------------------- echo
 
-# Per-position odd multipliers for the echo hash (int64: 30522 ids x 2**31 x 128 positions fits).
-_ECHO_WEIGHTS = (np.arange(1, 2 * 4096, 2, dtype=np.int64) * 2654435761) % (1 << 31)
+@functools.lru_cache(maxsize=8)
+def _echo_weights(seq: int) -> np.ndarray:
+    """Per-position odd multipliers for the echo hash, int64 [seq] (below 2**31: a BERT vocabulary's ids
+    x 128 positions stay within int64; beyond, numpy's wrap-around is just another deterministic hash)."""
+    return (np.arange(1, 2 * seq, 2, dtype=np.int64) * 2654435761) % (1 << 31)
 
 
 def echo_probabilities(input_ids: np.ndarray, input_mask: np.ndarray) -> np.ndarray:
@@ -67,10 +71,8 @@ def echo_probabilities(input_ids: np.ndarray, input_mask: np.ndarray) -> np.ndar
     position), computed for the whole batch at once, so every request gets an answer that tests
     can recompute and that differs between requests.
     """
-    seq = input_ids.shape[1]
-    assert seq <= len(_ECHO_WEIGHTS), "sequence longer than the echo hash's weights"
     real = input_ids.astype(np.int64) * (input_mask != 0)  # [B, S]
-    p = ((real @ _ECHO_WEIGHTS[:seq]) % 1_000_003 / 1_000_003.0).astype(np.float32)  # [B]
+    p = ((real @ _echo_weights(input_ids.shape[1])) % 1_000_003 / 1_000_003.0).astype(np.float32)  # [B]
     return np.stack((1.0 - p, p), axis=1)
 
 

@@ -266,10 +266,11 @@ class Worker:
             cpu_wait.close()
 
     def _start_compute(self) -> None:
-        self.inline = False
+        """Hand batching to a compute thread from now on (called by the I/O thread, between batches)."""
         self._compute_thread = threading.Thread(target=self._compute_loop, name=f"{self.name}-compute",
                                                 daemon=True)
         self._compute_thread.start()
+        self.inline = False  # only now: whoever sees it False finds the compute thread running
 
     def _open_socket(self) -> zmq.Socket:
         sock = self._ctx.socket(zmq.DEALER)
