@@ -24,6 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from . import add_vocab_argument
 from ..clients.bench import BenchConfig, load_pairs, run_bench
 from ..common import configdata
 from ..common.tokenizer import BertTokenizer
@@ -95,14 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cycle", type=int, default=8, help="requests per saturation client")
     parser.add_argument("--single-cycle", type=int, default=20, help="requests for the single-client run")
     parser.add_argument("--tsv", help="MRPC-format pairs (default: the pairs bertpool ships)")
-    parser.add_argument("--vocab", metavar="FILE",
-                        help="the workers' WordPiece vocabulary (default: the model's own; for echo the built-in "
-                             "character vocabulary, which splits every word into characters and so costs more "
-                             "to tokenize than a real one such as BERT's vocab.txt)")
+    add_vocab_argument(parser)
     parser.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
     args = parser.parse_args(argv)
-    if args.vocab and not Path(args.vocab).is_file():
-        parser.error(f"--vocab {args.vocab}: no such file")
     pairs, _ = load_pairs(args.tsv)
     cores = os.cpu_count() or 1
     backend = BackendConfig(name=choose_backend(args.backend, args.model), model_dir=args.model,

@@ -31,6 +31,7 @@ from typing import Any
 
 import zmq
 
+from . import add_vocab_argument
 from ..clients.bench import wait_for_workers
 from ..common import protocol as P
 from ..common.fastzmq import recv_many, send_nowait
@@ -240,18 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-address", metavar="HOST:PORT", default="",
                         help="run the broker with its Prometheus endpoint on, to measure what recording "
                              "metrics costs (default: off)")
-    parser.add_argument("--vocab", metavar="FILE",
-                        help="the pool workers' WordPiece vocabulary, e.g. a real BERT vocab.txt (default: the "
-                             "echo backend's built-in character vocabulary, which splits every word into "
-                             "characters and so costs more to tokenize)")
+    add_vocab_argument(parser)
     parser.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
     args = parser.parse_args(argv)
     setups = [s for s in args.setups.split(",") if s]
     unknown = set(setups) - set(SETUPS)
     if unknown or min(args.clients, args.workers, args.load_procs) < 1:
         parser.error(f"bad --setups {sorted(unknown)} or non-positive count")
-    if args.vocab and not Path(args.vocab).is_file():
-        parser.error(f"--vocab {args.vocab}: no such file")
     body = request_body(args.request)
     report: dict[str, Any] = {"clients": args.clients, "workers": args.workers, "request": args.request,
                               "vocab": args.vocab or "built-in character vocabulary",
