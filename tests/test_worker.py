@@ -87,6 +87,17 @@ def next_kinds(router) -> list[bytes]:
     return [kind for _, kind, _ in expand(router.recv_multipart())]
 
 
+def kinds_until_disconnect(router) -> list[bytes]:
+    """The kinds of the items received (see expand) up to and including a DISCONNECT, or up to a
+    silence of WAIT_MS."""
+    kinds: list[bytes] = []
+    while router.poll(WAIT_MS):
+        kinds += next_kinds(router)
+        if kinds[-1] == P.DISCONNECT:
+            break
+    return kinds
+
+
 def replies(router, n: int) -> dict[int, tuple[bytes, dict]]:
     """The next n REPLY/ERROR answers by token (STATS are skipped)."""
     out = {}
@@ -179,11 +190,7 @@ def test_stop_answers_held_requests_then_says_disconnect(harness):
         send(router, ident, i, P.text_request(i, "a", "b"))
     assert router.poll(WAIT_MS)
     worker.stop()
-    kinds = []
-    while router.poll(WAIT_MS):
-        kinds += next_kinds(router)
-        if kinds[-1] == P.DISCONNECT:
-            break
+    kinds = kinds_until_disconnect(router)
     assert kinds.count(P.REPLY) == 3 and kinds[-1] == P.DISCONNECT
 
 
@@ -434,12 +441,8 @@ def test_inline_stop_answers_held_requests_then_says_disconnect(harness):
         assert time.monotonic() < deadline
         time.sleep(0.01)
     worker.stop()
-    got = []
-    while router.poll(WAIT_MS):
-        got += next_kinds(router)
-        if got[-1] == P.DISCONNECT:
-            break
-    assert got.count(P.REPLY) == 3 and got[-1] == P.DISCONNECT
+    kinds = kinds_until_disconnect(router)
+    assert kinds.count(P.REPLY) == 3 and kinds[-1] == P.DISCONNECT
 
 
 def test_a_slow_batch_moves_batching_to_a_compute_thread(harness):
