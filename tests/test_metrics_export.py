@@ -4,7 +4,6 @@ prometheus-client's own parser."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from bertpool.common.errors import ConfigError, RemoteError  # noqa: E402
 from bertpool.common.metrics_export import (BATCH_FILL_BUCKETS_ROWS, LATENCY_BUCKETS_S,  # noqa: E402
                                             WorkerHistograms, parse_metrics_address)
 
-from conftest import free_tcp_port  # noqa: E402
+from conftest import free_tcp_port, stop_processes  # noqa: E402
 
 CLIENTS, CYCLE, WARMUP = 48, 3, 1
 SERVE = [sys.executable, "-m", "bertpool.pool.serve"]
@@ -105,17 +104,7 @@ class Serve:
             raise AssertionError(f"{exc}: {self.log_path.read_text(errors='replace')}") from exc
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait()
+        stop_processes(self.process, timeout_s=30)
 
 
 def wait_scrape(port: int, done, timeout_s: float = 30.0) -> dict:
