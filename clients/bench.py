@@ -191,11 +191,10 @@ def probe_broker(address: str, timeout_s: float,
 
 def try_stats(address: str, timeout_s: float,
               curve: security.CurveClientConfig | None = None) -> dict[str, Any] | None:
-    """The broker's STATS, or None if it does not answer within ``timeout_s``."""
+    """The broker's STATS, or None if it does not answer within ``timeout_s`` (or refuses them)."""
     try:
-        with Client(address, curve=curve) as client:
-            return client.stats(timeout_s=timeout_s)
-    except RequestError:
+        return probe_broker(address, timeout_s, curve)
+    except (RequestError, BenchError):
         return None
 
 
