@@ -89,6 +89,7 @@ import zmq
 from ..common import protocol as P
 from ..common import security
 from ..common.defaults import DEFAULT_FRONTEND
+from ..common.fastzmq import recv_nowait, send_nowait
 from ..common.errors import (BertpoolError, BrokerUnavailable, ClientClosed, ConfigError, DeadlineExceeded,
                              MalformedReply, ProtocolError, RemoteError, ServerBusy)
 
@@ -97,10 +98,9 @@ log = logging.getLogger("bertpool.client")
 # How many settled request ids the client remembers, to tell a duplicate reply from a late one.
 _REMEMBERED_IDS = 16384
 
-# Plain ints: pyzmq's enum flags cost microseconds per operation on the per-request path.
+# Plain ints: pyzmq's enum flags cost microseconds per operation on the per-request path (the
+# request and reply frames go through common.fastzmq for the same reason).
 _NOBLOCK, _POLLIN, _EVENTS = int(zmq.NOBLOCK), int(zmq.POLLIN), int(zmq.EVENTS)
-_MORE = int(zmq.SNDMORE) | _NOBLOCK  # a frame of a message with more to come; once the first is
-                                     # queued, ZeroMQ takes the rest of the message whole
 
 
 @dataclass(frozen=True)
@@ -523,10 +523,7 @@ class Client:
         if not self._in_flight:
             self._connection_closed()  # nobody may have read the monitor while idle: a close then is old news
         try:  # never block the driving thread: a full send queue (a long-dead broker) waits and tries again
-            sock = self._sock  # send_multipart's frames, minus its per-frame enum arithmetic
-            sock.send(P.VERSION, _MORE)
-            sock.send(entry.kind, _MORE)
-            sock.send(body, _NOBLOCK)
+            send_nowait(self._sock, [P.VERSION, entry.kind, body])
         except zmq.Again:
             at = now + self.config.backoff_initial_s
             if at < entry.deadline:
@@ -553,7 +550,7 @@ class Client:
         sock = self._sock
         for _ in range(1024):
             try:
-                frames = sock.recv_multipart(_NOBLOCK)
+                frames = recv_nowait(sock)
             except zmq.Again:
                 return
             self._heard_at = time.monotonic()  # any message is a beat, even one we cannot use
@@ -687,7 +684,7 @@ class Client:
             self._pinged_at = now
             self.counters.heartbeats_sent += 1
             try:
-                self._sock.send_multipart([P.VERSION, P.HEARTBEAT, P.heartbeat_body()], _NOBLOCK)
+                send_nowait(self._sock, [P.VERSION, P.HEARTBEAT, P.heartbeat_body()])
             except zmq.Again:
                 pass  # requests fill the queue to the broker; they are pings enough
 
