@@ -152,9 +152,6 @@ class BertTokenizer:
         self._full = _full_pipeline(vocab, self._do_lower_case)
         self._lean = _lean_pipeline(vocab)
         self._wordpiece_only = Tokenizer(_wordpiece_model(vocab))
-        # Bound once: encode_batch_fast skips offsets, which features never use (tokenizers >= 0.20).
-        self._encode_lean_raw = getattr(self._lean, "encode_batch_fast", self._lean.encode_batch)
-        self._encode_full_raw = getattr(self._full, "encode_batch_fast", self._full.encode_batch)
         self._columns = np.arange(max_seq_length, dtype=np.int32)
         self._columns.flags.writeable = False
 
@@ -198,7 +195,7 @@ class BertTokenizer:
         if not _NOT_LEAN_CHAR.search(joined):
             encodings = self._encode_lean(texts)
         elif not _SLOW_CHAR.search(joined):
-            encodings = self._encode_full_raw(texts, add_special_tokens=False)
+            encodings = _encode_batch(self._full, texts, with_tokens=False)
         else:
             encodings = self._encode_texts(texts)
         return self._assemble(encodings)
@@ -207,9 +204,7 @@ class BertTokenizer:
         """HF encodings of texts without a :data:`_NOT_LEAN_CHAR`: no normalizer, ``str.lower``."""
         if self._do_lower_case:
             texts = list(map(str.lower, texts))
-        if with_tokens:
-            return self._lean.encode_batch(texts, add_special_tokens=False)
-        return self._encode_lean_raw(texts, add_special_tokens=False)
+        return _encode_batch(self._lean, texts, with_tokens)
 
     def _encode_texts(self, texts: list[str], with_tokens: bool = False) -> list[Encoding]:
         """HF encodings (no special tokens) of ``texts``, in order; ``.tokens`` only if ``with_tokens``."""
