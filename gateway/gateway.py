@@ -39,6 +39,7 @@ from ..common.defaults import DEFAULT_FRONTEND, DEFAULT_GATEWAY_GRPC, DEFAULT_GA
 from ..common.errors import BertpoolError, ConfigError
 from . import kserve
 from .kserve import KServeError, Limits, ModelInfo
+from .launch import LISTENING_PREFIX
 
 log = logging.getLogger("bertpool.gateway")
 
@@ -304,7 +305,7 @@ async def _run(config: GatewayConfig) -> int:
 
     def listening(bound: dict[str, str], model: ModelInfo) -> None:
         where = ", ".join(f"{k} on {v}" for k, v in bound.items())
-        print(f"bertpool-gateway: {where}; broker {config.broker}; model {model.name} version "
+        print(f"{LISTENING_PREFIX}{where}; broker {config.broker}; model {model.name} version "
               f"{model.version}", flush=True)
 
     await serve(config, stop, listening)

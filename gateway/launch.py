@@ -51,10 +51,6 @@ class GatewayChild:
         self._stopping = False
         threading.Thread(target=self._relay, name="gateway-stdout", daemon=True).start()
 
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
-
     def _relay(self) -> None:
         for line in self._proc.stdout:  # read to the end, whatever happens to ours: a full pipe would block it
             if line.startswith(LISTENING_PREFIX):
