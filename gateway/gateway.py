@@ -22,7 +22,6 @@ import asyncio
 import hashlib
 import logging
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
