@@ -5,13 +5,29 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..common.data import shared_vocab_path
+
+ECHO_VOCAB_BUILT_IN = "built-in character vocabulary"
+
 
 def add_vocab_argument(parser: argparse.ArgumentParser) -> None:
     """``--vocab FILE`` for the workers a bench starts; a FILE that does not exist is a usage error."""
     parser.add_argument("--vocab", metavar="FILE", type=_existing_file,
                         help="the workers' WordPiece vocabulary, e.g. a real BERT vocab.txt (default: the model's "
-                             "own; for the echo backend its built-in character vocabulary, which splits every "
-                             "word into characters and so costs more to tokenize)")
+                             "own; for the echo backend the uncased BERT vocabulary of the shared data directory "
+                             "where it is present, else the backend's built-in character vocabulary, which "
+                             "splits every word into characters and so costs more to tokenize)")
+
+
+def echo_vocab(given: str | None) -> tuple[str | None, str]:
+    """The vocabulary echo workers of a bench use, and how its report names it.
+
+    A model comes with a real vocabulary; the echo backend's built-in one tokenizes each word into
+    characters, several times the work. So a bench's echo workers take ``given``, else the shared
+    uncased BERT vocabulary where present, and fall back to the built-in one (None) only without it.
+    """
+    path = given or shared_vocab_path()
+    return (None, ECHO_VOCAB_BUILT_IN) if path is None else (str(path), str(path))
 
 
 def _existing_file(value: str) -> str:

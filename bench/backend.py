@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import add_vocab_argument
+from . import add_vocab_argument, echo_vocab
 from ..clients.bench import BenchConfig, load_pairs, run_bench
 from ..common import configdata
 from ..common.tokenizer import BertTokenizer
@@ -103,12 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     cores = os.cpu_count() or 1
     backend = BackendConfig(name=choose_backend(args.backend, args.model), model_dir=args.model,
                             echo_delay_ms=args.echo_delay_ms)
-    worker = WorkerConfig(backend=backend, vocab_path=args.vocab,
+    vocab, vocab_name = echo_vocab(args.vocab) if backend.name == "echo" else (args.vocab, args.vocab)
+    worker = WorkerConfig(backend=backend, vocab_path=vocab,
                           batch_size=args.batch_size, batch_timeout_ms=args.batch_timeout_ms)
-    report: dict[str, Any] = {"backend": args.backend, "model": args.model, "vocab": args.vocab,
-                              "batch_size": args.batch_size,
+    report: dict[str, Any] = {"backend": args.backend, "model": args.model,
+                              "vocab": vocab_name or "the model's own", "batch_size": args.batch_size,
                               "cores": cores, "tight": tight_loop(worker.backend, args.batch_size, args.seconds,
-                                                                  pairs, args.vocab)}
+                                                                  pairs, vocab)}
     print("tight loop:", report["tight"], flush=True)
     report["served"] = []
     for parallel in (int(p) for p in args.parallel.split(",")):

@@ -31,7 +31,7 @@ from typing import Any
 
 import zmq
 
-from . import add_vocab_argument
+from . import add_vocab_argument, echo_vocab
 from ..clients.bench import wait_for_workers
 from ..common import protocol as P
 from ..common.fastzmq import recv_many, send_nowait
@@ -249,15 +249,16 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or min(args.clients, args.workers, args.load_procs) < 1:
         parser.error(f"bad --setups {sorted(unknown)} or non-positive count")
     body = request_body(args.request)
+    vocab, vocab_name = echo_vocab(args.vocab)
     report: dict[str, Any] = {"clients": args.clients, "workers": args.workers, "request": args.request,
-                              "vocab": args.vocab or "built-in character vocabulary",
+                              "vocab": vocab_name,
                               "duration_s": args.duration_s, "metrics": bool(args.metrics_address),
                               "round_trips_per_s": {}}
     report["cpu_us_per_round_trip"] = {}
     for setup in setups:
         cpu: dict[str, Any] = {}
         rate = measure(setup, args.clients, args.workers, args.load_procs, args.warmup_s, args.duration_s,
-                       body, args.metrics_address, cpu, args.vocab)
+                       body, args.metrics_address, cpu, vocab)
         report["round_trips_per_s"][setup] = round(rate, 1)
         report["cpu_us_per_round_trip"][setup] = cpu
         print(f"{setup:>6}: {rate:10.1f} round trips/s; CPU us per round trip: router {cpu.get('router')}, "

@@ -6,7 +6,8 @@
   with no files and no network.
 * :func:`default_pairs` is what the bench sends when given no ``--tsv``.
 * :func:`shared_data_dir` finds the optional shared data directory (MRPC dev
-  set, BERT vocabulary) that tests and benchmarks use when it is present.
+  set, BERT vocabulary) that tests and benchmarks use when it is present;
+  :func:`shared_vocab_path` is the uncased BERT vocabulary in it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .errors import ConfigError
 MRPC_HEADER = ("Quality", "#1 ID", "#2 ID", "#1 String", "#2 String")
 SHARED_DATA_ENV = "BERTPOOL_SHARED_DATA"
 SAMPLE_PAIRS_FILE = "sample_pairs.tsv"
+SHARED_VOCAB_FILE = "uncased_L-24_H-1024_A-16.vocab.txt"  # the uncased BERT vocabulary (30,522 lines)
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,13 @@ def shared_data_dir() -> Path | None:
         return Path(override)
     candidate = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
     return candidate if candidate.is_dir() else None
+
+
+def shared_vocab_path() -> Path | None:
+    """The uncased BERT vocabulary in :func:`shared_data_dir`, or None where it is not present."""
+    data = shared_data_dir()
+    path = None if data is None else data / SHARED_VOCAB_FILE
+    return path if path is not None and path.is_file() else None
 
 
 # --- generated pairs --------------------------------------------------------

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from bertpool.common.data import shared_data_dir
+from bertpool.bench import ECHO_VOCAB_BUILT_IN, echo_vocab
+from bertpool.common.data import SHARED_VOCAB_FILE, shared_data_dir
 
 BENCH = [sys.executable, "-m", "bertpool.clients.bench"]
 
@@ -97,6 +98,26 @@ def test_broker_bench_pool_workers_take_a_given_vocabulary(tmp_path):
     missing = subprocess.run([*args, "--vocab", str(tmp_path / "none.txt")], capture_output=True, text=True,
                              timeout=60)
     assert missing.returncode == 2 and "no such file" in missing.stderr
+
+
+@pytest.mark.parametrize("present", [True, False])
+def test_echo_benches_default_to_the_shared_bert_vocabulary(monkeypatch, tmp_path, present):
+    """Echo workers of a bench tokenize with a real vocabulary where the shared one is present (the built-in
+    character vocabulary costs several times the work); a given --vocab still wins."""
+    monkeypatch.setenv("BERTPOOL_SHARED_DATA", str(tmp_path))
+    shared = tmp_path / SHARED_VOCAB_FILE
+    if present:
+        shared.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "fox", "."]) + "\n")
+    assert echo_vocab(None) == ((str(shared), str(shared)) if present else (None, ECHO_VOCAB_BUILT_IN))
+    assert echo_vocab("/given/vocab.txt") == ("/given/vocab.txt", "/given/vocab.txt")
+    out = tmp_path / "pool.json"
+    proc = subprocess.run([sys.executable, "-m", "bertpool.bench.relay", "--clients", "2", "--workers", "1",
+                           "--load-procs", "1", "--warmup-s", "0.2", "--duration-s", "0.3", "--setups", "pool",
+                           "--json", str(out)], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["vocab"] == (str(shared) if present else ECHO_VOCAB_BUILT_IN)
+    assert report["round_trips_per_s"]["pool"] > 0
 
 
 def test_backend_bench_workers_take_a_given_vocabulary(tmp_path):

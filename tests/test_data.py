@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from bertpool.common import data
-from bertpool.common.data import Pair, default_pairs, generate_pairs, read_mrpc_tsv, shared_data_dir
+from bertpool.common.data import (SHARED_VOCAB_FILE, Pair, default_pairs, generate_pairs, read_mrpc_tsv,
+                                  shared_data_dir, shared_vocab_path)
 from bertpool.common.errors import ConfigError
 
 HEADER = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
@@ -162,3 +163,12 @@ def test_shared_data_dir_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     assert shared_data_dir() is None  # work/shared/data does not exist yet
     (tmp_path / "work" / "shared" / "data").mkdir(parents=True)
     assert shared_data_dir() == tmp_path / "work" / "shared" / "data"
+
+
+@pytest.mark.parametrize("present", [True, False])
+def test_shared_vocab_path_only_where_the_file_is(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                  present: bool) -> None:
+    monkeypatch.setenv("BERTPOOL_SHARED_DATA", str(tmp_path))
+    if present:
+        (tmp_path / SHARED_VOCAB_FILE).write_text("[PAD]\n")
+    assert shared_vocab_path() == (tmp_path / SHARED_VOCAB_FILE if present else None)

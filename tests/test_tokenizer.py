@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bertpool.common import tokenizer as tokenizer_module
+from bertpool.common.data import SHARED_VOCAB_FILE, shared_vocab_path
 from bertpool.common.errors import ConfigError
 from bertpool.common.tokenizer import FAST_PATH_CHARS, BertTokenizer, Features, _truncated_pair_lengths
 
@@ -33,7 +34,6 @@ except ImportError:
     import google_reference_tokenization as ref
 
 MRPC_FILE = "glue_mrpc_dev.tsv"
-VOCAB_FILE = "uncased_L-24_H-1024_A-16.vocab.txt"
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PAD, UNK, CLS, SEP = 0, 1, 2, 3  # ids of SPECIALS in every tiny vocabulary below
 
@@ -79,9 +79,9 @@ def assert_same_features(got: Features, want: Features) -> None:
 
 @pytest.fixture(scope="module")
 def real_vocab_path() -> Path:
-    path = shared_data() / VOCAB_FILE
-    if not path.is_file():
-        pytest.skip(f"shared BERT vocabulary not found at {path}")
+    path = shared_vocab_path()
+    if path is None:
+        pytest.skip(f"shared BERT vocabulary {SHARED_VOCAB_FILE} not found in {shared_data()}")
     return path
 
 
@@ -381,8 +381,8 @@ INTERESTING = list(TRICKY + " \t\n\r\x00\ufffd\u00a0\u3000aZé É\u0301¿¡—�
 
 def _property_vocab(directory: Path) -> tuple[Path, bool]:
     """The real uncased vocabulary when present (lower case), else a small synthetic one."""
-    real = shared_data() / VOCAB_FILE
-    if real.is_file():
+    real = shared_vocab_path()
+    if real is not None:
         return real, True
     ascii_chars = [chr(c) for c in range(33, 127)]
     pieces = ["hello", "world", "the", "cafe", "un", "##aff", "##able", "don", "re", "run", "naive", "##s"]
