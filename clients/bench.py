@@ -363,6 +363,10 @@ def summarize(config: BenchConfig, results: list[_ClientResult]) -> dict[str, An
     timings = [t for r in results for t in r.timings]
     server = {k: round(float(np.mean([t.get(k, 0.0) for t in timings])), 3) if timings else None
               for k in ("queue_ms", "batch_wait_ms", "compute_ms", "batch_size")}
+    # Each reply's latency less its own batch's model time: what the pool adds (batch wait included),
+    # request by request, so that compute times varying from batch to batch do not blur it.
+    beyond = [lat - t["compute_ms"] for r in results for lat, t in zip(r.latencies_ms, r.timings)
+              if isinstance(t.get("compute_ms"), (int, float))]
     return {
         "config": {**asdict(config), "curve": config.curve is not None},  # never the keys
         "clients": config.clients,
@@ -376,6 +380,7 @@ def summarize(config: BenchConfig, results: list[_ClientResult]) -> dict[str, An
         "latency_ms": percentiles(latencies),
         "latency_histogram_ms": latency_histogram(latencies),
         "server_mean": server,
+        "beyond_compute_ms": percentiles(beyond),
         "accuracy": round(sum(p == e for p, e in known) / len(known), 4) if known else None,
         "labelled": len(known),
         "quality": quality(labels),

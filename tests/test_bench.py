@@ -29,6 +29,8 @@ def test_bench_writes_the_report(start_pool, tmp_path):
     assert report["throughput_per_s"] > 0
     assert set(report["latency_ms"]) >= {"p50", "p90", "p99", "p999"}
     assert report["latency_ms"]["p50"] <= report["latency_ms"]["p99"] <= report["latency_ms"]["max"]
+    beyond = report["beyond_compute_ms"]  # each reply's latency less its own batch's compute time
+    assert 0 < beyond["p50"] <= report["latency_ms"]["p50"] and beyond["max"] <= report["latency_ms"]["max"]
     assert 0.0 <= report["accuracy"] <= 1.0 and report["labelled"] == 32  # shipped pairs are labelled
     quality = report["quality"]  # 4 x 8 requests over the 64 shipped pairs: 32 distinct pairs
     assert quality["n"] == 32 and sum(quality["confusion"].values()) == 32 and quality["inconsistent_pairs"] == 0
@@ -146,7 +148,23 @@ def test_backend_bench_reports_ratio_and_latency(tmp_path):
     report = json.loads(out.read_text())
     served = report["served"][0]
     assert report["tight"]["inferences_per_s"] > 0 and served["inferences_per_s"] > 0
-    assert served["errors"] == 0 and "single_added_latency_ms_p50" in served
+    assert served["errors"] == 0
+    # Added latency: each request's latency less its own batch's compute (the 2 ms echo delay), then the
+    # batch timeout; so it is below the latency less the delay and timeout, never the delay's size more.
+    single, timeout_ms = served["single_latency_ms"], 5.0
+    added = served["single_added_latency_ms_p50"]
+    assert added is not None and -timeout_ms < added < single["max"] - 2.0 - timeout_ms + 1e-6
+
+
+def test_beyond_compute_is_taken_request_by_request():
+    """Each reply's latency less its own batch's compute: not the median latency less the mean compute
+    (here 20 - 11/3), which a slow batch would blur. Replies without a compute time are left out."""
+    from bertpool.clients.bench import BenchConfig, _ClientResult, summarize
+
+    timings = [{"compute_ms": 9.0}, {"compute_ms": 1.0}, {"compute_ms": 1.0}, {}]
+    result = _ClientResult([10.0, 20.0, 30.0, 40.0], [], timings, {}, 0.0, 1.0)
+    beyond = summarize(BenchConfig(address="ipc:///nowhere", clients=1, cycle=4), [result])["beyond_compute_ms"]
+    assert (beyond["p50"], beyond["max"]) == (19.0, 29.0)
 
 
 def test_quality_counts_each_pair_once_with_its_first_answer():
