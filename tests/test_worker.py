@@ -148,6 +148,26 @@ def test_many_requests_in_one_message_and_a_batch_answered_in_one(harness):
     assert [P.unpack(rest[1])["id"] for _, _, rest in batch] == [0, 2, 3, 4]
 
 
+@pytest.mark.parametrize("hold_s, messages", [(10.0, [6]), (0.0, [2, 2, 2])])
+def test_answers_of_batches_due_together_share_a_message_while_held_briefly(harness, monkeypatch, hold_s,
+                                                                              messages):
+    """Three batches due at once (six requests in one message, batch 2): with a hold long enough their
+    answers leave in one REPLIES; with none, each batch's leave as it finishes."""
+    monkeypatch.setattr(worker_module, "REPLY_HOLD_S", hold_s)
+    router, ident, worker = harness(EchoBackend(BackendConfig()), batch_size=2, batch_timeout_ms=600_000,
+                                    capacity=8)
+    router.send_multipart([ident, *P.requests_frames(
+        [(i.to_bytes(8, "big"), P.text_request(i, "a", f"b{i}"), 0.0, None) for i in range(6)])])
+    sizes: list[int] = []
+    while sum(sizes) < 6:
+        assert router.poll(WAIT_MS)
+        answers = [item for item in expand(router.recv_multipart()) if item[1] == P.REPLY]
+        if answers:
+            sizes.append(len(answers))
+            assert all(P.unpack(rest[1])["timings"]["batch_size"] == 2 for _, _, rest in answers)
+    assert sizes == messages
+
+
 def test_a_capacity_beyond_one_message_still_registers_and_is_served(harness):
     router, ident, worker = harness(EchoBackend(BackendConfig()), batch_size=4, batch_timeout_ms=0,
                                     capacity=P.MAX_PER_MESSAGE + 1)  # the harness checks READY

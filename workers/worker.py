@@ -68,6 +68,7 @@ EXIT_LOAD_FAILED = 2  # exit code for "cannot load the model or configuration": 
 MIN_MESSAGE_BYTES = 256 << 10  # smallest max_message_bytes that still takes every valid request
 SLOW_RUN = 8  # inline batches in a row over inline_batch_ms that move batching to a compute thread
 DEADLINE_SPIN_S = 150e-6  # inline, the last stretch before a batch deadline is polled, not slept
+REPLY_HOLD_S = 200e-6  # inline, answers of batches run back to back share a REPLIES while held this long
 
 
 @dataclass(frozen=True)
@@ -368,28 +369,44 @@ class Worker:
         longer, or at once when one batch takes a quarter of a heartbeat interval (our beats must
         not be late). A batch's time is its wall time less what this thread spent waiting for a CPU
         (a busy host preempts cheap batches all the time, and a handoff would then only add CPU);
-        time blocked counts, since an accelerator call blocks without using CPU."""
+        time blocked counts, since an accelerator call blocks without using CPU.
+
+        Answers of batches due together leave in one REPLIES (one message, one wake-up of ZeroMQ's
+        I/O thread and of the broker, instead of one per batch) as long as the first of them would
+        wait no more than REPLY_HOLD_S for it, judged by the last batch's time; the last batch due
+        never waits."""
         limit_s = self.config.inline_batch_ms / 1000
         beat_bound_s = self.config.heartbeat_interval_s / 4
+        held: list[tuple[bytes, bytes, bytes]] = []
+        held_since = took_s = 0.0
         while batch := self._batcher.take_due():
+            if held and time.monotonic() - held_since + took_s > REPLY_HOLD_S:
+                self._send_answers(self._sock, held)
+                held = []
             started, waited = time.monotonic(), self._cpu_wait()
             try:
                 answers = self._run_batch(batch)
             except Exception:  # a bug, not a model error (those are replies): stop, to be restarted
                 log.exception("%s: inline batch failed", self.name)
+                self._send_answers(self._sock, held)
                 self.failed = True
                 self._stop.set()
                 return
-            self._send_answers(self._sock, answers)
-            took_s = time.monotonic() - started
+            done = time.monotonic()
+            if not held:
+                held_since = done
+            held += answers
+            took_s = done - started
             own_s = took_s - (self._cpu_wait() - waited)
             self._slow_run = self._slow_run + 1 if own_s >= limit_s else 0
             if (self._slow_run >= SLOW_RUN or took_s >= beat_bound_s) and not self._batcher.closed:
+                self._send_answers(self._sock, held)
                 log.info("%s: %d batches in a row took over %.1f ms (the last %.1f ms); they move to "
                          "a compute thread", self.name, self._slow_run, self.config.inline_batch_ms,
                          took_s * 1000)
                 self._start_compute()
                 return
+        self._send_answers(self._sock, held)
 
     def _finish_inline(self) -> None:
         """Inline mode's last word (the batcher is closed): answer what it holds, then STATS and
