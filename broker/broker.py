@@ -56,10 +56,10 @@ import zmq
 
 from ..common import protocol as P
 from ..common import security
-from ..common.cli import add_address_arguments, add_link_arguments, install_stop_handlers, report_error, setup_logging
+from ..common.cli import (add_address_arguments, add_link_arguments, install_stop_handlers, parse_host_port,
+                          report_error, setup_logging)
 from ..common.defaults import DEFAULT_BACKEND, DEFAULT_FRONTEND
 from ..common.errors import BertpoolError, ConfigError, ProtocolError
-from ..common.metrics_export import parse_metrics_address
 from .metrics import BrokerMetrics, MetricsServer
 from ..common.fastzmq import recv_nowait, send_nowait
 
@@ -116,7 +116,7 @@ class BrokerConfig:
         if not self.stats_interval_s >= 0:
             raise ConfigError(f"stats_interval_s must be >= 0, got {self.stats_interval_s}")
         if self.metrics_address:
-            parse_metrics_address(self.metrics_address)
+            parse_host_port(self.metrics_address, "--metrics-address")
         P.check_endpoint("frontend address", self.frontend)
         P.check_endpoint("backend address", self.backend)
 

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..common import protocol as P
 from ..common.errors import ConfigError
-from ..common.metrics_export import (BATCH_FILL_BUCKETS_ROWS, LATENCY_BUCKETS_S, WORKER_HISTOGRAMS, BucketCounts,
-                                     parse_metrics_address)
+from ..common.cli import parse_host_port
+from ..common.metrics_export import BATCH_FILL_BUCKETS_ROWS, LATENCY_BUCKETS_S, WORKER_HISTOGRAMS, BucketCounts
 
 if TYPE_CHECKING:  # no import cycle at run time
     from .broker import Broker
@@ -248,7 +248,7 @@ class MetricsServer:
         from .. import __version__
 
         prometheus_client = require_prometheus_client()
-        host, port = parse_metrics_address(address)
+        host, port = parse_host_port(address, "--metrics-address")
         self.registry = prometheus_client.CollectorRegistry(auto_describe=False)
         self.registry.register(BrokerCollector(broker, __version__))
         try:

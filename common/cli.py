@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 import sys
 from typing import Callable
 
 from .defaults import DEFAULT_BACKEND, DEFAULT_FRONTEND
+from .errors import ConfigError
 
 
 def setup_logging() -> None:
@@ -52,3 +54,39 @@ def add_address_arguments(parser, frontend: bool = True, backend: bool = True, b
                             help="where workers connect; bind tcp://0.0.0.0:PORT for workers on other "
                                  "hosts (default: %(default)s)" if bind
                             else "the broker's worker endpoint (default: %(default)s)")
+
+
+def parse_host_port(value: str, flag: str) -> tuple[str, int]:
+    """The value of a listening flag (``flag``, for messages): ``HOST:PORT`` or a bare ``PORT``
+    (meaning 127.0.0.1:PORT) -> (host, port).
+
+    HOST is an IPv4 address, ``[IPv6]`` or a host name; PORT is 1..65535.
+    ConfigError on anything else.
+    """
+    text = value.strip() if isinstance(value, str) else ""
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        host, port_text = "127.0.0.1", text
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        _check_ip(flag, value, host)
+    elif ":" in host:
+        raise ConfigError(f"{flag} {value!r}: write an IPv6 host in brackets, [::1]:PORT")
+    if not host:
+        raise ConfigError(f"{flag} {value!r}: no host before ':'; give HOST:PORT, or PORT "
+                          f"alone for 127.0.0.1")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ConfigError(f"{flag} {value!r}: the port must be a number in 1..65535 "
+                          f"(give HOST:PORT, or PORT alone for 127.0.0.1)")
+    if host[0].isdigit() and all(part.isdigit() for part in host.split(".")):
+        _check_ip(flag, value, host)  # looks like IPv4: must be one
+    elif not all(part and all(c.isalnum() or c == "-" for c in part) for part in host.split(".")):
+        _check_ip(flag, value, host)
+    return host, int(port_text)
+
+
+def _check_ip(flag: str, value: str, host: str) -> None:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise ConfigError(f"{flag} {value!r}: {host!r} is not a valid host") from exc

@@ -14,12 +14,10 @@ count is the ``+Inf`` bucket's own.
 
 from __future__ import annotations
 
-import ipaddress
 import threading
 from bisect import bisect_left
 from typing import Any
 
-from .errors import ConfigError
 
 # Latency buckets in seconds, for every *_seconds histogram (broker's and workers'):
 # 0.5 ms (an echo round trip) to 10 s (a stuck request), about 2.5x apart.
@@ -84,38 +82,3 @@ class WorkerHistograms:
         """A consistent snapshot in STATS's ``histograms`` format."""
         with self._lock:
             return {name: {"counts": list(h.counts), "sum": h.sum} for name, h in self._h.items()}
-
-
-def parse_metrics_address(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` or a bare ``PORT`` (meaning 127.0.0.1:PORT) -> (host, port).
-
-    HOST is an IPv4 address, ``[IPv6]`` or a host name; PORT is 1..65535.
-    ConfigError on anything else.
-    """
-    text = value.strip() if isinstance(value, str) else ""
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        host, port_text = "127.0.0.1", text
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        _check_ip(value, host)
-    elif ":" in host:
-        raise ConfigError(f"--metrics-address {value!r}: write an IPv6 host in brackets, [::1]:PORT")
-    if not host:
-        raise ConfigError(f"--metrics-address {value!r}: no host before ':'; give HOST:PORT, or PORT "
-                          f"alone for 127.0.0.1")
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise ConfigError(f"--metrics-address {value!r}: the port must be a number in 1..65535 "
-                          f"(give HOST:PORT, or PORT alone for 127.0.0.1)")
-    if host[0].isdigit() and all(part.isdigit() for part in host.split(".")):
-        _check_ip(value, host)  # looks like IPv4: must be one
-    elif not all(part and all(c.isalnum() or c == "-" for c in part) for part in host.split(".")):
-        _check_ip(value, host)
-    return host, int(port_text)
-
-
-def _check_ip(value: str, host: str) -> None:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError as exc:
-        raise ConfigError(f"--metrics-address {value!r}: {host!r} is not a valid host") from exc

@@ -33,7 +33,7 @@ from .. import __version__
 from ..clients.client import Client
 from ..common import errors as E
 from ..common import protocol as P
-from ..common.cli import report_error, setup_logging
+from ..common.cli import parse_host_port, report_error, setup_logging
 from ..common.defaults import DEFAULT_FRONTEND, DEFAULT_GATEWAY_GRPC, DEFAULT_GATEWAY_HTTP
 from ..common.errors import BertpoolError, ConfigError
 from . import kserve
@@ -71,7 +71,7 @@ class GatewayConfig:
             raise ConfigError("nothing to serve: give --http or --grpc (or both)")
         for flag in ("http", "grpc"):
             if getattr(self, flag) is not None:
-                parse_listen(getattr(self, flag), f"--{flag}")
+                parse_host_port(getattr(self, flag), f"--{flag}")
         if not self.model_name or "/" in self.model_name:
             raise ConfigError(f"--model-name must be non-empty without '/', got {self.model_name!r}")
         if not self.timeout_s > 0:
@@ -80,17 +80,6 @@ class GatewayConfig:
             raise ConfigError(f"--max-body-bytes must be >= 1024, got {self.max_body_bytes}")
         if self.max_rows < 1:
             raise ConfigError(f"--max-rows must be >= 1, got {self.max_rows}")
-
-
-def parse_listen(value: str, flag: str) -> tuple[str, int]:
-    """``HOST:PORT`` or a bare ``PORT`` (on 127.0.0.1) as (host, port); ConfigError otherwise."""
-    host, sep, port = value.rpartition(":")
-    if not sep:
-        host = "127.0.0.1"
-    host = host.strip("[]")
-    if not port.isdigit() or not 0 <= int(port) <= 65535 or sep and not host:
-        raise ConfigError(f"{flag} {value!r} must be HOST:PORT or PORT")
-    return host, int(port)
 
 
 # ------------------------------------------------------------------ the model
@@ -228,13 +217,13 @@ async def serve(config: GatewayConfig, stop: asyncio.Event, on_listening=None) -
         if config.http is not None:
             from .http import start_http
 
-            runner, address = await start_http(gateway, *parse_listen(config.http, "--http"))
+            runner, address = await start_http(gateway, *parse_host_port(config.http, "--http"))
             cleanups.append(runner.cleanup)
             bound["http"] = address
         if config.grpc is not None:
             from .grpc_server import start_grpc
 
-            server, address = await start_grpc(gateway, *parse_listen(config.grpc, "--grpc"))
+            server, address = await start_grpc(gateway, *parse_host_port(config.grpc, "--grpc"))
             cleanups.append(lambda: server.stop(grace=1.0))
             bound["grpc"] = address
         if on_listening is not None:

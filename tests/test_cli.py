@@ -7,6 +7,9 @@ import sys
 
 import pytest
 
+from bertpool.common.cli import parse_host_port
+from bertpool.common.errors import ConfigError
+
 MODULES = {
     "bertpool-serve": "bertpool.pool.serve",
     "bertpool-broker": "bertpool.broker.broker",
@@ -81,3 +84,20 @@ def test_serve_with_a_model_that_cannot_load_exits_nonzero(tmp_path):
                "--stats-interval-s", "0", timeout=180)
     assert proc.returncode == 1
     assert "could not load" in proc.stderr
+
+
+# ------------------------------------------------- HOST:PORT of listening flags
+
+@pytest.mark.parametrize("text, expected", [
+    ("9100", ("127.0.0.1", 9100)), ("0.0.0.0:9100", ("0.0.0.0", 9100)), ("localhost:1", ("localhost", 1)),
+    ("[::1]:65535", ("::1", 65535)), (" 127.0.0.1:9100 ", ("127.0.0.1", 9100)), ("0.0.0.0:80", ("0.0.0.0", 80))])
+def test_host_port_forms(text, expected):
+    assert parse_host_port(text, "--metrics-address") == expected
+
+
+@pytest.mark.parametrize("text", ["", "x", "nope", "1.2.3.4:99999", "h:99999", ":abc", ":9100", ":80", "h:p",
+                                  "127.0.0.1:0", "127.0.0.1:", "::1:9100", "300.1.2.3:9100", "ho st:9100",
+                                  "[nope]:9100"])
+def test_bad_host_port_is_a_config_error_naming_the_flag(text):
+    with pytest.raises(ConfigError, match="^--http "):
+        parse_host_port(text, "--http")

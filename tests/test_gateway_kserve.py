@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from bertpool.common import errors as E
 from bertpool.common import protocol as P
 from bertpool.gateway import kserve
-from bertpool.gateway.gateway import from_pool_error, parse_listen
+from bertpool.gateway.gateway import GatewayConfig, from_pool_error
 from bertpool.gateway.kserve import KServeError, Limits, ModelInfo
 
 MODEL = ModelInfo(name="m", version="v1", seq_length=8)
@@ -126,13 +126,10 @@ def test_pool_errors_map_to_v2_statuses(error, status):
     assert from_pool_error(error).status == status
 
 
-def test_parse_listen():
-    assert parse_listen("8000", "--http") == ("127.0.0.1", 8000)
-    assert parse_listen("0.0.0.0:80", "--http") == ("0.0.0.0", 80)
-    assert parse_listen("[::1]:81", "--http") == ("::1", 81)
-    for bad in ("", "x", ":80", "h:99999", "h:p"):
-        with pytest.raises(E.ConfigError):
-            parse_listen(bad, "--http")
+@pytest.mark.parametrize("flag", ["http", "grpc"])
+def test_bad_listen_address_is_a_config_error_naming_its_flag(flag):  # every form: tests/test_cli.py
+    with pytest.raises(E.ConfigError, match=f"--{flag} 'h:99999'"):
+        GatewayConfig(**{flag: "h:99999"})
 
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8),
