@@ -26,7 +26,8 @@ _LAZY = {
 _ERRORS = "bertpool.common.errors"
 # The error classes a client user meets; any other class in common.errors is importable too.
 _ERROR_NAMES = ("BertpoolError", "ConfigError", "ProtocolError", "InputError", "RequestError",
-                "RequestTimeout", "ServerBusy", "RemoteError", "MalformedReply", "ClientClosed")
+                "RequestTimeout", "DeadlineExceeded", "ServerBusy", "BrokerUnavailable", "HandshakeFailed",
+                "RemoteError", "MalformedReply", "ClientClosed")
 
 __all__ = ["__version__", *_LAZY, *_ERROR_NAMES]
 

@@ -40,7 +40,8 @@ from ..common import security
 from ..common.cli import add_address_arguments, report_error
 from ..common.defaults import DEFAULT_FRONTEND
 from ..common.data import Pair, default_pairs, read_mrpc_tsv
-from ..common.errors import BenchError, BertpoolError, ConfigError, RemoteError, RequestError, RequestTimeout
+from ..common.errors import (BenchError, BertpoolError, ConfigError, HandshakeFailed, RemoteError, RequestError,
+                             RequestTimeout)
 from ..common.metrics import binary_report
 from .client import Client
 
@@ -156,6 +157,8 @@ def wait_for_workers(address: str, n: int, timeout_s: float,
             try:
                 if len(client.stats(timeout_s=max(0.1, min(5.0, deadline - time.monotonic())))["workers"]) >= n:
                     return
+            except HandshakeFailed:
+                raise  # the broker is up but will not talk to us: waiting cannot help
             except RequestError:
                 pass  # broker not up yet: keep trying until the deadline
             if time.monotonic() > deadline:
@@ -177,11 +180,14 @@ def probe_broker(address: str, timeout_s: float,
     Raises RequestTimeout saying "no broker answered at ADDRESS" when nothing
     answers within ``timeout_s`` (or the client reports any other non-remote
     RequestError, e.g. a BrokerUnavailable), and BenchError when the peer
-    answers STATS with an ERROR (not a bertpool broker of this version).
+    answers STATS with an ERROR (not a bertpool broker of this version) or ends the connection
+    handshake (a refused CURVE key, mismatched keys or mechanisms: the message says which).
     """
     try:
         with Client(address, curve=curve) as client:
             return client.stats(timeout_s=timeout_s)
+    except HandshakeFailed as exc:
+        raise BenchError(f"cannot talk to the broker: {exc}") from exc
     except RemoteError as exc:
         raise BenchError(f"the server at {address} refused a STATS request ({exc}): "
                            f"is it a bertpool broker of this version?") from exc

@@ -91,7 +91,7 @@ from ..common import security
 from ..common.defaults import DEFAULT_FRONTEND
 from ..common.fastzmq import recv_nowait, send_nowait
 from ..common.errors import (BertpoolError, BrokerUnavailable, ClientClosed, ConfigError, DeadlineExceeded,
-                             MalformedReply, ProtocolError, RemoteError, ServerBusy)
+                             HandshakeFailed, MalformedReply, ProtocolError, RemoteError, ServerBusy)
 
 log = logging.getLogger("bertpool.client")
 
@@ -397,7 +397,7 @@ class Client:
         sock.setsockopt(zmq.LINGER, 0)
         monitor_addr = f"inproc://bertpool-client-monitor-{uuid.uuid4().hex}"
         try:
-            sock.monitor(monitor_addr, zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+            sock.monitor(monitor_addr, zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | security.HANDSHAKE_EVENTS)
             monitor = self._ctx.socket(zmq.PAIR)
             monitor.setsockopt(zmq.LINGER, 0)
             monitor.connect(monitor_addr)
@@ -405,6 +405,7 @@ class Client:
             sock.close(linger=0)
             raise
         self._sock, self._monitor = sock, monitor
+        self._handshake_error: str | None = None  # why this link's last handshake failed (None: it did not)
         try:
             sock.connect(self.config.address)
         except zmq.ZMQError:
@@ -478,8 +479,12 @@ class Client:
             self._flush_outbox()
         if self._sock in events:
             self._read_replies(until)
-        if self._monitor in events and self._connection_closed() and self._in_flight:
-            self._reconnect("its connection closed")
+        if self._monitor in events:
+            closed = self._connection_closed()
+            if self._handshake_error is not None and self._in_flight:
+                self._fail_handshake(self._handshake_error)
+            elif closed and self._in_flight:
+                self._reconnect("its connection closed")
         now = time.monotonic()
         self._resend_due(now)
         self._check_liveness(now)
@@ -522,6 +527,11 @@ class Client:
         entry.retry_at = None
         if not self._in_flight:
             self._connection_closed()  # nobody may have read the monitor while idle: a close then is old news
+            if self._handshake_error is not None:
+                # ZeroMQ gives up on a link after some handshake failures (e.g. a security mechanism
+                # mismatch): a fresh one tries again, and this request then fails, or is served.
+                self._close_link()
+                self._open_link()
         try:  # never block the driving thread: a full send queue (a long-dead broker) waits and tries again
             send_nowait(self._sock, [P.VERSION, entry.kind, body])
         except zmq.Again:
@@ -562,14 +572,32 @@ class Client:
                 return
 
     def _connection_closed(self) -> bool:
-        """Drain the monitor; True if it reported the broker's connection closed."""
+        """Drain the monitor; True if it reported the broker's connection closed. A handshake failure
+        it reports is kept in _handshake_error until a handshake succeeds (or the link is replaced)."""
         closed = False
         while self._monitor.getsockopt(_EVENTS) & _POLLIN:
             frames = self._monitor.recv_multipart()
-            event = int.from_bytes(frames[0][:2], "little") if frames and len(frames[0]) >= 2 else 0
+            head = frames[0] if frames else b""  # uint16 event, uint32 value (libzmq's monitor format)
+            event = int.from_bytes(head[:2], "little") if len(head) >= 2 else 0
+            value = int.from_bytes(head[2:6], "little") if len(head) >= 6 else 0
             closed = closed or event == zmq.EVENT_DISCONNECTED
             self._ever_connected = self._ever_connected or event == zmq.EVENT_CONNECTED
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshake_error = None
+            else:
+                why = security.handshake_failure(event, value, self.config.address, self.config.curve,
+                                                 "--curve-allow-clients")
+                self._handshake_error = why or self._handshake_error
         return closed
+
+    def _fail_handshake(self, why: str) -> None:
+        """The server ended the handshake while requests were in flight: fail each of them at once
+        (resending cannot help). The next request goes out on a fresh link (see _transmit), so it
+        finds out anew, and is served once the configuration is mended."""
+        for rid in list(self._in_flight):
+            entry = self._pending[rid]
+            self._finish(entry, answered=False)
+            _fail(entry.future, HandshakeFailed(f"{why} (request {rid})"))
 
     def _on_reply(self, frames: list[bytes]) -> None:
         """Settle the request the reply names; count and drop a reply that names none."""

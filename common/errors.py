@@ -21,6 +21,7 @@ only guards internal invariants.
         │   └── DeadlineExceeded  the request's deadline passed, at the client or the server
         ├── ServerBusy         the broker's queue stayed full through every retry
         ├── BrokerUnavailable  no broker answered at the address (after reconnecting and resending)
+        │   └── HandshakeFailed  the server at the address refused or broke the security handshake
         ├── RemoteError        the server answered ERROR (has ``.code``)
         │   └── MalformedReply the server's reply to the request could not be decoded
         └── ClientClosed       the client was closed while the request was pending
@@ -108,6 +109,13 @@ class BrokerUnavailable(RequestError):
     """No broker answered at the client's address: the broker was presumed dead (silent for
     ``heartbeat_liveness`` heartbeat intervals, or its connection closed) and the request was
     resent as often as ``lost_retries`` allows. The message names the address."""
+
+
+class HandshakeFailed(BrokerUnavailable):
+    """The server at the address ended ZeroMQ's connection handshake: the broker refused our CURVE
+    key (not in its allow-list), our --curve-server-key is not its key, one side uses CURVE and
+    the other not, or the peer does not speak ZeroMQ. Retrying cannot help until the
+    configuration changes; the message says which."""
 
 
 class RemoteError(RequestError):

@@ -217,6 +217,36 @@ class CurveServerConfig:
 
 # -------------------------------------------------------------------- sockets
 
+# Monitor events of a connecting socket that end (or complete) ZeroMQ's handshake with the server.
+HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+def handshake_failure(event: int, value: int, address: str, curve: CurveClientConfig | None,
+                      allow_flag: str) -> str | None:
+    """What a monitor ``event`` (with its ``value``) of a socket connecting to ``address`` says went
+    wrong with the handshake, for a person; None for any other event. ``curve``: the socket's own
+    CURVE settings; ``allow_flag``: the broker flag whose directory must hold our public key."""
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        ours = curve.public_key.decode() if curve is not None else "(none)"
+        return (f"the broker at {address} refused our CURVE public key {ours} (ZAP status {value}): "
+                f"copy its .key file into the broker's {allow_flag} directory")
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            return (f"the server at {address} uses CURVE and we do not (give --curve-server-key and "
+                    f"--curve-secret-key)" if curve is None else
+                    f"we use CURVE and the server at {address} does not")
+        return (f"the server at {address} broke ZeroMQ's handshake (protocol error {value:#x}): "
+                f"is it a bertpool broker, and the address the right port?")
+    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+        if curve is not None:
+            return (f"the CURVE handshake with the broker at {address} failed: is --curve-server-key "
+                    f"the broker's public key?")
+        # Without CURVE, a broker that requires it may hang up before saying so (a race).
+        return (f"the server at {address} ended ZeroMQ's handshake (errno {value}): if the broker uses "
+                f"CURVE, give --curve-server-key and --curve-secret-key")
+    return None
+
 def apply_client(sock: zmq.Socket, curve: CurveClientConfig | None) -> None:
     """Make ``sock`` (before connect) a CURVE client of the broker; nothing when ``curve`` is None."""
     if curve is None:

@@ -22,10 +22,11 @@ import pytest
 import zmq
 import zmq.auth
 
+from bertpool.broker.broker import Broker, BrokerConfig
 from bertpool.clients.bench import wait_for_workers
 from bertpool.clients.client import Client
 from bertpool.common import keys as keys_cli
-from bertpool.common.errors import BrokerUnavailable, ConfigError, RequestTimeout
+from bertpool.common.errors import BrokerUnavailable, ConfigError, HandshakeFailed, RequestTimeout
 from bertpool.common.security import (CurveClientConfig, CurveServerConfig, generate_key_pairs,
                                       load_key_pair, warn_if_exposed)
 
@@ -335,20 +336,59 @@ def test_allowed_client_and_worker_are_served(curve_pool, keys):
     assert stats["curve"]["clients"]["allowed"] >= 1 and stats["curve"]["workers"]["allowed"] >= 1
 
 
-@pytest.mark.parametrize("who", ["no key", "unknown key", "worker's key", "wrong server key"])
+REFUSALS = {"no key": "(uses CURVE and we do not|if the broker uses CURVE, give --curve-server-key)",
+            "unknown key": "refused our CURVE public key",
+            "worker's key": "refused our CURVE public key", "wrong server key": "is --curve-server-key the broker's"}
+
+
+@pytest.mark.parametrize("who", list(REFUSALS))
 def test_client_without_an_allowed_key_is_refused(curve_pool, keys, who):
+    """Refused at the handshake: each request fails at once (well before its deadline) with a
+    HandshakeFailed that says why, also one sent after the refusal, and the pool serves others."""
     curve = {"no key": None, "unknown key": keys.client("stranger"), "worker's key": keys.client("worker"),
              "wrong server key": keys.client("client", server="stranger")}[who]
-    with Client(curve_pool.front, timeout_s=0.7, curve=curve) as refused:
+    with Client(curve_pool.front, timeout_s=60, curve=curve) as refused:
         for _ in range(2):  # the second is sent after the refusal: it must fail too, not hang
-            # A typed error, whichever comes first: its deadline, or the client's finding that the
-            # peer drops every connection it opens (resent lost_retries times) and never answers.
-            with pytest.raises((RequestTimeout, BrokerUnavailable)):
+            with pytest.raises(HandshakeFailed, match=REFUSALS[who]) as caught:
                 refused.predict("not", "served")
+            assert isinstance(caught.value, BrokerUnavailable) and curve_pool.front in str(caught.value)
+        if who == "unknown key":  # the operator is told which key to allow
+            assert keys.client("stranger").public_key.decode() in str(caught.value)
         with Client(curve_pool.front, timeout_s=20, curve=keys.client()) as allowed:
             assert allowed.predict("still", "served").label in (0, 1)
     if who in ("unknown key", "worker's key"):  # refused by ZAP, which counts it
         assert broker_stats(curve_pool, keys)["curve"]["clients"]["denied"] >= 1
+
+
+def test_a_client_refused_at_the_handshake_is_served_once_the_server_is_mended(keys, tmp_path):
+    """ZeroMQ gives up on a link after a security mechanism mismatch; the client's next request goes
+    out on a fresh one, so it reaches a broker that takes it there now."""
+    address = f"tcp://127.0.0.1:{free_tcp_port()}"
+    curve_only = zmq.Context.instance().socket(zmq.ROUTER)
+    curve_only.curve_server, curve_only.curve_secretkey = True, load_key_pair(keys.secret("broker"))[1]
+    curve_only.bind(address)
+    broker, thread = None, None
+    try:
+        with Client(address, timeout_s=60) as client:
+            with pytest.raises(HandshakeFailed, match="CURVE"):
+                client.stats()
+            curve_only.close(linger=0)
+            broker = Broker(BrokerConfig(frontend=address, backend=f"ipc://{tmp_path}/back"))
+            for _ in range(100):  # the closed socket frees its port asynchronously
+                try:
+                    broker.bind()
+                    break
+                except ConfigError:
+                    time.sleep(0.05)
+            thread = threading.Thread(target=broker.run, daemon=True)
+            thread.start()
+            assert client.stats(timeout_s=30)["workers"] == {}
+    finally:
+        curve_only.close(linger=0)
+        if broker is not None:
+            broker.stop()
+        if thread is not None:
+            thread.join(10)
 
 
 @pytest.mark.parametrize("key", ["stranger", "client"])
@@ -425,6 +465,16 @@ def test_defaults_bind_loopback_only_and_exposed_plain_binds_are_warned(caplog, 
     assert caplog.text.count("WITHOUT CURVE") == 3
     server = CurveServerConfig(keys.secret("broker"), str(keys.allow_clients), str(keys.allow_workers))
     assert warn_if_exposed(exposed, server) == []
+
+
+def test_bench_with_a_refused_key_says_so_at_once(curve_pool, keys):
+    proc = subprocess.run([sys.executable, "-m", "bertpool.clients.bench", "--address", curve_pool.front,
+                           "--clients", "1", "--cycle", "1", "--connect-timeout-s", "60",
+                           "--curve-server-key", keys.public("broker"),
+                           "--curve-secret-key", keys.secret("stranger")],
+                          capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 2 and "refused our CURVE public key" in proc.stderr, proc.stdout + proc.stderr
+    assert "no broker answered" not in proc.stderr
 
 
 def test_bench_passes_curve_keys_to_its_clients(curve_pool, keys, tmp_path):
