@@ -223,6 +223,7 @@ class Client:
         self._pinged_at = 0.0               # last HEARTBEAT sent
         self._ever_heard = False            # any message from any broker since the client started
         self._ever_connected = False        # any connection accepted at the address since then
+        self._handshake_hint: str | None = None  # the last handshake failure, final or not, until one succeeds
         self._poller: zmq.Poller | None = None  # over wake_recv, the DEALER and its monitor
         self._polled: zmq.Socket | None = None  # the DEALER _poller was built for (a reconnect replaces it)
         self._thread = threading.Thread(target=self._io_loop, name="bertpool-client-io", daemon=True)
@@ -405,7 +406,7 @@ class Client:
             sock.close(linger=0)
             raise
         self._sock, self._monitor = sock, monitor
-        self._handshake_error: str | None = None  # why this link's last handshake failed (None: it did not)
+        self._handshake_error: str | None = None  # why this link's handshake failed for good (None: it did not)
         try:
             sock.connect(self.config.address)
         except zmq.ZMQError:
@@ -573,21 +574,21 @@ class Client:
 
     def _connection_closed(self) -> bool:
         """Drain the monitor; True if it reported the broker's connection closed. A handshake failure
-        it reports is kept in _handshake_error until a handshake succeeds (or the link is replaced)."""
+        that retrying cannot help is kept in _handshake_error until a handshake succeeds (or the link
+        is replaced), and any failure in _handshake_hint, for the messages of later errors."""
         closed = False
         while self._monitor.getsockopt(_EVENTS) & _POLLIN:
             frames = self._monitor.recv_multipart()
-            head = frames[0] if frames else b""  # uint16 event, uint32 value (libzmq's monitor format)
-            event = int.from_bytes(head[:2], "little") if len(head) >= 2 else 0
-            value = int.from_bytes(head[2:6], "little") if len(head) >= 6 else 0
+            event, why, final = security.handshake_failure(frames[0] if frames else b"", self.config.address,
+                                                           self.config.curve, "--curve-allow-clients")
             closed = closed or event == zmq.EVENT_DISCONNECTED
             self._ever_connected = self._ever_connected or event == zmq.EVENT_CONNECTED
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._handshake_error = None
-            else:
-                why = security.handshake_failure(event, value, self.config.address, self.config.curve,
-                                                 "--curve-allow-clients")
-                self._handshake_error = why or self._handshake_error
+                self._handshake_error = self._handshake_hint = None
+            elif why is not None:
+                self._handshake_hint = why
+                if final:
+                    self._handshake_error = why
         return closed
 
     def _fail_handshake(self, why: str) -> None:
@@ -740,6 +741,9 @@ class Client:
                 _fail(entry.future, BrokerUnavailable(self._unavailable(entry, why)))
 
     def _unavailable(self, entry: _Pending, why: str) -> str:
+        if self._handshake_hint is not None:
+            return (f"no broker answered at {self.config.address}: {self._handshake_hint}; request "
+                    f"{entry.rid} was sent {entry.sends} times")
         if not self._ever_heard and not self._ever_connected:
             return (f"nothing answered at {self.config.address} — is a broker running there? "
                     f"(request {entry.rid} sent {entry.sends} times)")
@@ -758,7 +762,9 @@ class Client:
             what = "stats request" if entry.kind == P.STATS else "request"
             message = f"{what} {rid} got no reply within its {entry.timeout_s:g} s deadline"
             silent = now - self._heard_at
-            if not self._ever_heard and not self._ever_connected:
+            if self._handshake_hint is not None:
+                message += f"; the last handshake failed: {self._handshake_hint}"
+            elif not self._ever_heard and not self._ever_connected:
                 message += f"; nothing ever answered at {self.config.address} — is a broker running there?"
             elif entry.in_flight and silent >= self.config.heartbeat_interval_s:
                 message += f"; nothing heard from the broker at {self.config.address} for {silent:.1f} s"

@@ -222,30 +222,36 @@ HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_A
                     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 
-def handshake_failure(event: int, value: int, address: str, curve: CurveClientConfig | None,
-                      allow_flag: str) -> str | None:
-    """What a monitor ``event`` (with its ``value``) of a socket connecting to ``address`` says went
-    wrong with the handshake, for a person; None for any other event. ``curve``: the socket's own
-    CURVE settings; ``allow_flag``: the broker flag whose directory must hold our public key."""
+def handshake_failure(head: bytes, address: str, curve: CurveClientConfig | None,
+                      allow_flag: str) -> tuple[int, str | None, bool]:
+    """A monitor event of a socket connecting to ``address``, from the first frame ``head`` of its
+    message (uint16 event, uint32 value): ``(event, why, final)``. ``why`` says for a person what
+    went wrong with a failed handshake (None for any other event); ``final`` is True when retrying
+    cannot help: the broker refused our key, or one side uses CURVE and the other not. A failure
+    with no detail is not final: a broker dying mid-handshake causes one too, though a wrong
+    server key causes one on every try. ``curve``: the socket's own CURVE settings;
+    ``allow_flag``: the broker flag whose directory must hold our public key."""
+    event = int.from_bytes(head[:2], "little") if len(head) >= 2 else 0
+    value = int.from_bytes(head[2:6], "little") if len(head) >= 6 else 0
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         ours = curve.public_key.decode() if curve is not None else "(none)"
-        return (f"the broker at {address} refused our CURVE public key {ours} (ZAP status {value}): "
-                f"copy its .key file into the broker's {allow_flag} directory")
+        return event, (f"the broker at {address} refused our CURVE public key {ours} (ZAP status "
+                       f"{value}): copy its .key file into the broker's {allow_flag} directory"), True
     if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
         if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
-            return (f"the server at {address} uses CURVE and we do not (give --curve-server-key and "
-                    f"--curve-secret-key)" if curve is None else
-                    f"we use CURVE and the server at {address} does not")
-        return (f"the server at {address} broke ZeroMQ's handshake (protocol error {value:#x}): "
-                f"is it a bertpool broker, and the address the right port?")
+            return event, (f"the server at {address} uses CURVE and we do not (give --curve-server-key "
+                           f"and --curve-secret-key)" if curve is None else
+                           f"we use CURVE and the server at {address} does not"), True
+        return event, (f"the server at {address} broke ZeroMQ's handshake (protocol error {value:#x}): "
+                       f"is it a bertpool broker, and the address the right port?"), True
     if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
         if curve is not None:
-            return (f"the CURVE handshake with the broker at {address} failed: is --curve-server-key "
-                    f"the broker's public key?")
+            return event, (f"the CURVE handshake with the broker at {address} failed: is "
+                           f"--curve-server-key the broker's public key?"), False
         # Without CURVE, a broker that requires it may hang up before saying so (a race).
-        return (f"the server at {address} ended ZeroMQ's handshake (errno {value}): if the broker uses "
-                f"CURVE, give --curve-server-key and --curve-secret-key")
-    return None
+        return event, (f"the server at {address} ended ZeroMQ's handshake (errno {value}): if the "
+                       f"broker uses CURVE, give --curve-server-key and --curve-secret-key"), False
+    return event, None, False
 
 def apply_client(sock: zmq.Socket, curve: CurveClientConfig | None) -> None:
     """Make ``sock`` (before connect) a CURVE client of the broker; nothing when ``curve`` is None."""

@@ -32,7 +32,7 @@ from ..common.cli import add_address_arguments, install_stop_handlers, report_er
 from ..common.errors import BertpoolError, ConfigError
 from .backends import ECHO_WARNING
 from .neuron_cores import NEURON_SYSFS, check_cores
-from .worker import EXIT_LOAD_FAILED, WorkerConfig, add_worker_arguments, flags_given, worker_config_from_args
+from .worker import EXIT_LOAD_FAILED, EXIT_REFUSED, WorkerConfig, add_worker_arguments, flags_given, worker_config_from_args
 
 log = logging.getLogger("bertpool.supervisor")
 
@@ -100,8 +100,8 @@ class Supervisor:
         # This supervisor process: its pid, plus a random part for hosts (containers) where two
         # supervisors share a hostname and a pid. Two supervisors' slots never coincide.
         self._run_id = f"{os.getpid()}.{secrets.token_hex(2)}"
-        self.failed: str | None = None  # set when a worker could not load its model
-        self._errors_dir: Path | None = None  # workers' configs (0600), and why they could not load
+        self.failed: str | None = None  # set when a worker stopped for good (no model, or refused by the broker)
+        self._errors_dir: Path | None = None  # workers' configs (0600), and why they stopped for good
 
     def stop(self) -> None:
         """Ask run() to stop the workers and return (thread- and signal-safe)."""
@@ -141,9 +141,9 @@ class Supervisor:
         code = slot.process.poll()
         if code is None:
             return
-        if code == EXIT_LOAD_FAILED:  # restarting cannot help: stop the pool, say why
-            self.failed = (f"worker {slot.index} (NeuronCore {slot.core}) could not load its model: "
-                           f"{self._load_error(slot)}")
+        if code in (EXIT_LOAD_FAILED, EXIT_REFUSED):  # restarting cannot help: stop the pool, say why
+            what = "could not load its model" if code == EXIT_LOAD_FAILED else "cannot talk to the broker"
+            self.failed = f"worker {slot.index} (NeuronCore {slot.core}) {what}: {self._load_error(slot, code)}"
             slot.process = None
             log.error("%s; stopping all workers", self.failed)
             self._stop.set()
@@ -159,11 +159,11 @@ class Supervisor:
     def _error_file(self, slot: _Slot) -> Path:
         return self._errors_dir / f"worker-{slot.index}.error"
 
-    def _load_error(self, slot: _Slot) -> str:
+    def _load_error(self, slot: _Slot, code: int) -> str:
         try:
             return self._error_file(slot).read_text(encoding="utf-8").strip() or "no reason given"
         except OSError:
-            return f"exit code {EXIT_LOAD_FAILED}, no reason recorded (see its log above)"
+            return f"exit code {code}, no reason recorded (see its log above)"
 
     def _terminate_all(self) -> None:
         procs = [s.process for s in self._slots if s.process is not None]

@@ -42,6 +42,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
@@ -54,7 +55,7 @@ from ..common import configdata, security
 from ..common.cli import (add_address_arguments, add_link_arguments, install_stop_handlers, report_error,
                           setup_logging)
 from ..common.defaults import DEFAULT_BACKEND
-from ..common.errors import BertpoolError, ConfigError, ProtocolError
+from ..common.errors import BertpoolError, ConfigError, HandshakeFailed, ProtocolError
 from ..common.metrics_export import WorkerHistograms
 from ..common.fastzmq import recv_many, send_nowait
 from ..common.tokenizer import BertTokenizer
@@ -65,6 +66,7 @@ from .batcher import Batcher, BatcherClosed, BatcherConfig, precise_deadlines
 log = logging.getLogger("bertpool.worker")
 
 EXIT_LOAD_FAILED = 2  # exit code for "cannot load the model or configuration": restarting would not help
+EXIT_REFUSED = 3  # exit code for "the broker ended the handshake" (refused key, wrong keys): neither would it
 MIN_MESSAGE_BYTES = 256 << 10  # smallest max_message_bytes that still takes every valid request
 SLOW_RUN = 8  # inline batches in a row over inline_batch_ms that move batching to a compute thread
 DEADLINE_SPIN_S = 150e-6  # inline, the last stretch before a batch deadline is polled, not slept
@@ -194,7 +196,11 @@ class Worker:
         self.backend: Backend | None = backend
         self.tokenizer: BertTokenizer | None = None
         self.failed = False  # set when the compute thread died of an unexpected error
+        self.refused: str | None = None  # why the broker ended our handshake, when that stopped us
         self._sock: zmq.Socket | None = None  # the I/O thread's registration socket
+        self._monitor: zmq.Socket | None = None  # handshake events of _sock
+        # Why _sock's handshake failed, and whether retrying cannot help (None: it did not fail).
+        self._handshake_error: tuple[str, bool] | None = None
         # Bumped (by the I/O thread) at each re-registration; the compute thread reads it to drop
         # what belongs to an older one and to reopen its own socket.
         self._generation = 0
@@ -263,7 +269,7 @@ class Worker:
                 if compute.is_alive() and self._sock is not None:
                     self._send(self._sock, P.heartbeat_frames())
             if self._sock is not None:
-                self._sock.close(linger=2000)
+                self._close_registration(linger_ms=2000)
             cpu_wait.close()
 
     def _start_compute(self) -> None:
@@ -282,8 +288,15 @@ class Worker:
         return sock
 
     def _register(self) -> None:
-        """Open the registration socket and say READY (queued until the broker is there)."""
+        """Open the registration socket (watching its handshakes) and say READY (queued until the
+        broker is there)."""
         self._sock = self._open_socket()
+        address = f"inproc://bertpool-worker-monitor-{uuid.uuid4().hex}"
+        self._sock.monitor(address, security.HANDSHAKE_EVENTS)
+        self._monitor = self._ctx.socket(zmq.PAIR)
+        self._monitor.setsockopt(zmq.LINGER, 0)
+        self._monitor.connect(address)
+        self._handshake_error = None
         self._send(self._sock, P.ready_frames(
             self.name, self.config.slot or None, self.incarnation, os.getpid(),
             self.config.effective_capacity, self.backend.name, self.config.batch_size,
@@ -295,9 +308,29 @@ class Worker:
         log.warning("%s: %s; re-registering", self.name, why)
         self.stats.add(reconnects=1)
         self._generation += 1
-        self._sock.close(linger=0)  # what it still queued belongs to the old registration
+        self._close_registration(linger_ms=0)  # what it still queued belongs to the old registration
         self.incarnation = P.new_incarnation()
         self._register()
+
+    def _close_registration(self, linger_ms: int) -> None:
+        try:
+            self._sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._sock.close(linger=linger_ms)
+        self._monitor.close(linger=0)
+
+    def _read_handshakes(self) -> None:
+        """Drain the registration socket's handshake events into _handshake_error (a failure stays
+        until a handshake succeeds). Called once a heartbeat interval, so the monitor never fills."""
+        while self._monitor.poll(0):
+            event, why, final = security.handshake_failure(
+                self._monitor.recv_multipart()[0], self.config.broker_address, self.config.curve,
+                "--curve-allow-workers")
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshake_error = None
+            elif why is not None:
+                self._handshake_error = (why, final)
 
     def _send(self, sock: zmq.Socket, frames: list[bytes]) -> bool:
         """Send without blocking: with the broker gone and the queue full, a message is dropped
@@ -336,10 +369,19 @@ class Worker:
             # Judge silence only with nothing waiting to be read: a worker that was itself starved
             # (or stopped) must first hear the beats waiting for it.
             if now - last_heard > silence_limit and not self._sock.poll(0):
-                self._reconnect(f"no word from the broker for {now - last_heard:.1f} s")
+                self._read_handshakes()
+                why, final = self._handshake_error or ("", False)
+                if final:  # silent because it will not talk to us
+                    log.error("%s: %s; stopping (restarting cannot help)", self.name, why)
+                    self.refused = why
+                    self._stop.set()
+                    break
+                self._reconnect(f"no word from the broker for {now - last_heard:.1f} s"
+                                + (f" (the last handshake failed: {why})" if why else ""))
                 last_heard = now
             if now >= next_beat:
                 self._send(self._sock, P.heartbeat_frames())
+                self._read_handshakes()
                 next_beat = now + interval
             if now >= next_stats:
                 self._send_stats(self._sock)
@@ -686,11 +728,14 @@ def main(argv: list[str] | None = None) -> int:
         return _load_failed(exc, args.load_error_file)
     install_stop_handlers(worker.stop)
     worker.run()
+    if worker.refused is not None:
+        return _load_failed(HandshakeFailed(worker.refused), args.load_error_file, EXIT_REFUSED)
     return 1 if worker.failed else 0
 
 
-def _load_failed(exc: Exception, error_file: str | None) -> int:
-    """Report why loading failed (one line; a traceback too when it was not a typed error)."""
+def _load_failed(exc: Exception, error_file: str | None, code: int = EXIT_LOAD_FAILED) -> int:
+    """Report why loading (or, with ``code`` EXIT_REFUSED, registering) failed for good: one line,
+    also written to ``error_file`` for the supervisor; a traceback too when it was not a typed error."""
     if isinstance(exc, BertpoolError):
         reason = str(exc)
     else:
@@ -702,7 +747,7 @@ def _load_failed(exc: Exception, error_file: str | None) -> int:
                 f.write(reason + "\n")
         except OSError as write_error:
             log.warning("cannot write %s: %s", error_file, write_error)
-    return report_error("bertpool-worker", reason, code=EXIT_LOAD_FAILED)
+    return report_error("bertpool-worker", reason, code=code)
 
 
 if __name__ == "__main__":
