@@ -253,6 +253,7 @@ def handshake_failure(head: bytes, address: str, curve: CurveClientConfig | None
                        f"broker uses CURVE, give --curve-server-key and --curve-secret-key"), False
     return event, None, False
 
+
 def apply_client(sock: zmq.Socket, curve: CurveClientConfig | None) -> None:
     """Make ``sock`` (before connect) a CURVE client of the broker; nothing when ``curve`` is None."""
     if curve is None:

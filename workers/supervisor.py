@@ -32,7 +32,8 @@ from ..common.cli import add_address_arguments, install_stop_handlers, report_er
 from ..common.errors import BertpoolError, ConfigError
 from .backends import ECHO_WARNING
 from .neuron_cores import NEURON_SYSFS, check_cores
-from .worker import EXIT_LOAD_FAILED, EXIT_REFUSED, WorkerConfig, add_worker_arguments, flags_given, worker_config_from_args
+from .worker import (EXIT_LOAD_FAILED, EXIT_REFUSED, WorkerConfig, add_worker_arguments, flags_given,
+                     worker_config_from_args)
 
 log = logging.getLogger("bertpool.supervisor")
 
