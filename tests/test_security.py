@@ -385,6 +385,8 @@ def test_a_client_refused_at_the_handshake_is_served_once_the_server_is_mended(k
                     break
                 except ConfigError:
                     time.sleep(0.05)
+            else:
+                pytest.fail(f"{address} was not free again within 5 s")
             thread = threading.Thread(target=broker.run, daemon=True)
             thread.start()
             assert client.stats(timeout_s=30)["workers"] == {}
