@@ -156,6 +156,22 @@ def test_backend_bench_reports_ratio_and_latency(tmp_path):
     assert added is not None and -timeout_ms < added < single["max"] - 2.0 - timeout_ms + 1e-6
 
 
+def test_backend_bench_rounds_give_each_ratio_and_their_median(tmp_path):
+    out = tmp_path / "backend.json"
+    args = [sys.executable, "-m", "bertpool.bench.backend", "--backend", "echo", "--echo-delay-ms", "2",
+            "--seconds", "0.2", "--parallel", "1", "--cycle", "2", "--single-cycle", "2"]
+    proc = subprocess.run([*args, "--rounds", "3", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert len(report["rounds"]) == 3 and all(len(r["served"]) == 1 for r in report["rounds"])
+    served = report["served"][0]
+    ratios = [r["served"][0]["inferences_per_s"] / r["tight"]["inferences_per_s"] for r in report["rounds"]]
+    assert served["ratios"] == pytest.approx(ratios, abs=1e-3)  # each against its own round's tight loop
+    assert served["ratio_to_tight"] == pytest.approx(sorted(ratios)[1], abs=1e-3) and served["errors"] == 0
+    bad = subprocess.run([*args, "--rounds", "0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "must be a whole number >= 1" in bad.stderr
+
+
 def test_beyond_compute_is_taken_request_by_request():
     """Each reply's latency less its own batch's compute: not the median latency less the mean compute
     (here 20 - 11/3), which a slow batch would blur. Replies without a compute time are left out."""
