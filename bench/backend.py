@@ -82,7 +82,8 @@ def served(args, worker: WorkerConfig, pairs, parallel: int, threads: int) -> di
     added = None if beyond is None else round(beyond - args.batch_timeout_ms, 3)
     return {"parallel": parallel, "threads": threads, "clients": clients,
             "inferences_per_s": load["throughput_per_s"], "errors": load["errors"] + single["errors"],
-            "saturation_latency_ms": load["latency_ms"], "single_latency_ms": single["latency_ms"],
+            "saturation_latency_ms": load["latency_ms"], "saturation_server_mean_ms": load["server_mean"],
+            "single_latency_ms": single["latency_ms"],
             "single_server_mean_ms": server, "single_added_latency_ms_p50": added}
 
 
