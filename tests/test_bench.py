@@ -148,7 +148,7 @@ def test_backend_bench_reports_ratio_and_latency(tmp_path):
     report = json.loads(out.read_text())
     served = report["served"][0]
     assert report["tight"]["inferences_per_s"] > 0 and served["inferences_per_s"] > 0
-    assert served["errors"] == 0
+    assert served["errors"] == 0 and served["saturation_server_mean_ms"]["compute_ms"] >= 2.0  # the echo delay
     # Added latency: each request's latency less its own batch's compute (the 2 ms echo delay), then the
     # batch timeout; so it is below the latency less the delay and timeout, never the delay's size more.
     single, timeout_ms = served["single_latency_ms"], 5.0
