@@ -231,9 +231,14 @@ def check_heartbeat(interval_s: float, liveness: int) -> None:
         raise ConfigError(f"heartbeat_liveness must be an int >= 1, got {liveness!r}")
 
 
+def _queued_us(seconds: float) -> int:
+    """A queue time in whole microseconds, never negative (REQUEST's frame, REQUESTS' table)."""
+    return max(0, int(seconds * 1e6))
+
+
 def encode_queue_time(seconds: float) -> bytes:
     """The ``queued`` frame: a non-negative duration as 8-byte big-endian microseconds."""
-    return max(0, int(seconds * 1e6)).to_bytes(8, "big")
+    return _queued_us(seconds).to_bytes(8, "big")
 
 
 def decode_queue_time(frame: bytes) -> float:
@@ -618,11 +623,24 @@ _DISCONNECT_REASONS = (DISCONNECT_UNKNOWN, DISCONNECT_SHUTDOWN)
 _MAX_DURATION_US = int(MAX_DEADLINE_MS * 1000)
 
 
+def _deadline_us(seconds_left: float) -> int:
+    """Time left to a deadline in whole microseconds, in [1, _MAX_DURATION_US] (REQUEST's frame,
+    REQUESTS' table, where 0 means none)."""
+    return min(_MAX_DURATION_US, max(1, int(seconds_left * 1e6)))
+
+
+def _deadline_ms(micros: int) -> float:
+    """Inverse of _deadline_us, in milliseconds; ProtocolError(bad_field) outside its range."""
+    if not 1 <= micros <= _MAX_DURATION_US:
+        raise ProtocolError(E_BAD_FIELD, f"deadline of {micros} us, outside [1, {_MAX_DURATION_US}]")
+    return micros / 1000.0
+
+
 def encode_deadline(seconds_left: float | None) -> bytes:
     """The REQUEST's ``deadline`` frame: empty for none, else 8-byte big-endian microseconds (>= 1)."""
     if seconds_left is None:
         return b""
-    return min(_MAX_DURATION_US, max(1, int(seconds_left * 1e6))).to_bytes(8, "big")
+    return _deadline_us(seconds_left).to_bytes(8, "big")
 
 
 def decode_deadline(frame: bytes) -> float | None:
@@ -631,10 +649,7 @@ def decode_deadline(frame: bytes) -> float | None:
         return None
     if len(frame) != 8:
         raise ProtocolError(E_BAD_FIELD, f"deadline frame of {len(frame)} bytes, expected 0 or 8")
-    micros = int.from_bytes(frame, "big")
-    if not 1 <= micros <= _MAX_DURATION_US:
-        raise ProtocolError(E_BAD_FIELD, f"deadline frame says {micros} us, outside [1, {_MAX_DURATION_US}]")
-    return micros / 1000.0
+    return _deadline_ms(int.from_bytes(frame, "big"))
 
 
 def request_deadline_ms(raw_body: bytes) -> float | None:
@@ -784,10 +799,9 @@ _REPLY_ENTRY = struct.Struct(">8scI")     # token, kind (REPLY or ERROR), body l
 def requests_frames(requests: list[tuple[bytes, bytes, float, float | None]]) -> list[bytes]:
     """Broker -> worker REQUESTS: ``(token, body, queued_s, deadline_left_s or None)`` each, in order."""
     assert 1 <= len(requests) <= MAX_PER_MESSAGE, "a REQUESTS message holds 1..MAX_PER_MESSAGE requests"
-    table = b"".join([_REQUEST_ENTRY.pack(
-        token, max(0, int(queued_s * 1e6)),
-        0 if left_s is None else min(_MAX_DURATION_US, max(1, int(left_s * 1e6))), len(body))
-        for token, body, queued_s, left_s in requests])
+    table = b"".join([_REQUEST_ENTRY.pack(token, _queued_us(queued_s), 0 if left_s is None else _deadline_us(left_s),
+                                          len(body))
+                      for token, body, queued_s, left_s in requests])
     return [VERSION, REQUESTS, table, b"".join([body for _, body, _, _ in requests])]
 
 
@@ -818,10 +832,8 @@ def _parse_requests(frames: list[bytes]) -> list[FromBroker]:
     records, bodies = _table(frames, _REQUEST_ENTRY, "REQUESTS")
     out, start = [], 0
     for token, queued_us, deadline_us, length in records:
-        if deadline_us > _MAX_DURATION_US:
-            raise ProtocolError(E_BAD_FIELD, f"REQUESTS deadline of {deadline_us} us, above {_MAX_DURATION_US}")
         out.append(FromBroker(REQUEST, token=token, body=bodies[start:start + length], queue_ms=queued_us / 1000.0,
-                              deadline_ms=deadline_us / 1000.0 if deadline_us else None))
+                              deadline_ms=_deadline_ms(deadline_us) if deadline_us else None))
         start += length
     return out
 
