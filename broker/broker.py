@@ -143,13 +143,21 @@ class _WorkerState:
     last_heard: float = 0.0     # time.monotonic() of its last message (any counts as a beat)
     inflight: dict[bytes, _Request] = field(default_factory=dict)  # token -> request
     stats: dict[str, int] = field(default_factory=dict)            # last STATS counters
-    ready: P.Ready | None = None  # its READY (model info for the metrics)
-    per_message: int = 1        # most requests it takes in one REQUESTS message (READY's word)
-    batch_size: int = 1         # most requests in one of its model calls (READY's word)
+    ready: P.Ready | None = None  # its latest READY (model info for the metrics, message and batch sizes)
 
     @property
     def free(self) -> int:
         return self.capacity - len(self.inflight)
+
+    @property
+    def per_message(self) -> int:
+        """Most requests it takes in one REQUESTS message (its READY's word; 1: single REQUESTs)."""
+        return 1 if self.ready is None else self.ready.requests_per_message
+
+    @property
+    def batch_size(self) -> int:
+        """Most requests in one of its model calls (its READY's word)."""
+        return 1 if self.ready is None else self.ready.batch_size
 
 
 @dataclass
@@ -473,9 +481,8 @@ class Broker:
             self._send_worker(identity, P.broker_disconnect_frames(P.DISCONNECT_SHUTDOWN))
             return
         if identity in self._workers:
-            self._workers[identity].capacity = ready.capacity
-            self._workers[identity].per_message = ready.requests_per_message
-            self._workers[identity].batch_size = ready.batch_size
+            worker = self._workers[identity]
+            worker.capacity, worker.ready = ready.capacity, ready
             return
         # A READY for a registered slot from another socket is that slot's restart: the old
         # process is dead, so what it held is re-dispatched (unless heartbeats caught it sooner).
@@ -488,8 +495,7 @@ class Broker:
         name = self._unique_name(ready.worker or identity.hex(), incarnation)
         self._workers[identity] = _WorkerState(identity, name, incarnation, ready.capacity, ready.slot,
                                                ready.pid, ready.backend, last_heard=time.monotonic(),
-                                               ready=ready, per_message=ready.requests_per_message,
-                                               batch_size=ready.batch_size)
+                                               ready=ready)
         if self.metrics is not None:
             self.metrics.on_ready(ready.slot)
         log.info("worker %s ready, capacity %d (%d workers)", name, ready.capacity, len(self._workers))
