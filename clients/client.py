@@ -89,7 +89,7 @@ import zmq
 from ..common import protocol as P
 from ..common import security
 from ..common.defaults import DEFAULT_FRONTEND
-from ..common.fastzmq import recv_nowait, send_nowait
+from ..common.fastzmq import close_monitored, open_monitor, recv_nowait, send_nowait
 from ..common.errors import (BertpoolError, BrokerUnavailable, ClientClosed, ConfigError, DeadlineExceeded,
                              HandshakeFailed, MalformedReply, ProtocolError, RemoteError, ServerBusy)
 
@@ -396,12 +396,9 @@ class Client:
         sock = self._ctx.socket(zmq.DEALER)
         security.apply_client(sock, self.config.curve)
         sock.setsockopt(zmq.LINGER, 0)
-        monitor_addr = f"inproc://bertpool-client-monitor-{uuid.uuid4().hex}"
         try:
-            sock.monitor(monitor_addr, zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | security.HANDSHAKE_EVENTS)
-            monitor = self._ctx.socket(zmq.PAIR)
-            monitor.setsockopt(zmq.LINGER, 0)
-            monitor.connect(monitor_addr)
+            monitor = open_monitor(sock, zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | security.HANDSHAKE_EVENTS,
+                                   "bertpool-client")
         except zmq.ZMQError:
             sock.close(linger=0)
             raise
@@ -415,13 +412,7 @@ class Client:
 
     def _close_link(self) -> None:
         if self._sock is not None:
-            try:
-                self._sock.disable_monitor()
-            except zmq.ZMQError:
-                pass
-            self._sock.close(linger=0)
-        if self._monitor is not None:
-            self._monitor.close(linger=0)
+            close_monitored(self._sock, self._monitor, linger_ms=0)
         self._sock = self._monitor = None
 
     # ------------------------------------------- driving the socket (I/O thread or caller)

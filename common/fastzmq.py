@@ -9,9 +9,15 @@ directly with plain int flags; what goes on the wire, and which exceptions
 come out, are the same as ``send_multipart(frames, NOBLOCK)`` and
 ``recv_multipart(NOBLOCK)`` (``zmq.Again`` when nothing can be sent or read,
 ``zmq.ZMQError`` otherwise). Frames must be ``bytes`` (or buffers).
+
+Also here: :func:`open_monitor` and :func:`close_monitored`, the socket monitor
+the client and the worker keep on their link to the broker (connections and
+handshakes), opened and closed the same way by both.
 """
 
 from __future__ import annotations
+
+import uuid
 
 import zmq
 from zmq.backend import Socket as _CSocket
@@ -56,3 +62,25 @@ def recv_many(sock: zmq.Socket, limit: int) -> list[list[bytes]]:
     except zmq.Again:
         pass
     return messages
+
+
+def open_monitor(sock: zmq.Socket, events: int, name: str) -> zmq.Socket:
+    """A PAIR socket receiving ``sock``'s monitor ``events`` (call it before ``sock`` connects, so
+    none is missed). Its inproc address is ``name`` plus a random part: unique however often a
+    link is reopened (pyzmq's get_monitor_socket names it by file descriptor, which is reused)."""
+    address = f"inproc://{name}-monitor-{uuid.uuid4().hex}"
+    sock.monitor(address, events)
+    monitor = sock.context.socket(zmq.PAIR)
+    monitor.setsockopt(zmq.LINGER, 0)
+    monitor.connect(address)
+    return monitor
+
+
+def close_monitored(sock: zmq.Socket, monitor: zmq.Socket, linger_ms: int) -> None:
+    """Close ``sock`` (giving what it still queues ``linger_ms``) and its :func:`open_monitor`."""
+    try:
+        sock.disable_monitor()
+    except zmq.ZMQError:
+        pass
+    sock.close(linger=linger_ms)
+    monitor.close(linger=0)

@@ -1,11 +1,12 @@
-"""The lean send/receive helpers move the same messages as pyzmq's multipart calls."""
+"""The lean send/receive helpers move the same messages as pyzmq's multipart calls; the monitor
+helpers report a link's events, however often it is reopened."""
 
 from __future__ import annotations
 
 import pytest
 import zmq
 
-from bertpool.common.fastzmq import recv_many, recv_nowait, send_nowait
+from bertpool.common.fastzmq import close_monitored, open_monitor, recv_many, recv_nowait, send_nowait
 
 WAIT_MS = 10_000
 
@@ -53,3 +54,23 @@ def test_unroutable_send_raises_like_send_multipart(pair):
     router.setsockopt(zmq.ROUTER_MANDATORY, 1)
     with pytest.raises(zmq.ZMQError):
         send_nowait(router, [b"nobody", b"BP3", b"x"])
+
+
+def test_a_link_reopened_gets_its_own_monitor_each_time(tmp_path):
+    """Each open_monitor reports its own socket's connection, also right after a close_monitored (a
+    reused address would collide with the one being torn down)."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    address = f"ipc://{tmp_path}/router"
+    router.bind(address)
+    try:
+        for _ in range(3):
+            dealer = ctx.socket(zmq.DEALER)
+            monitor = open_monitor(dealer, zmq.EVENT_CONNECTED, "test")
+            dealer.connect(address)
+            assert monitor.poll(WAIT_MS)
+            assert int.from_bytes(monitor.recv_multipart()[0][:2], "little") == zmq.EVENT_CONNECTED
+            close_monitored(dealer, monitor, linger_ms=0)
+            assert dealer.closed and monitor.closed
+    finally:
+        ctx.destroy(linger=0)

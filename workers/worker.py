@@ -42,7 +42,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
@@ -57,7 +56,7 @@ from ..common.cli import (add_address_arguments, add_link_arguments, install_sto
 from ..common.defaults import DEFAULT_BACKEND
 from ..common.errors import BertpoolError, ConfigError, HandshakeFailed, ProtocolError
 from ..common.metrics_export import WorkerHistograms
-from ..common.fastzmq import recv_many, send_nowait
+from ..common.fastzmq import close_monitored, open_monitor, recv_many, send_nowait
 from ..common.tokenizer import BertTokenizer
 from .backends import (BACKENDS, Backend, BackendConfig, choose_backend, fallback_vocab_path, load_backend,
                        run_padded, run_rows)
@@ -269,7 +268,7 @@ class Worker:
                 if compute.is_alive() and self._sock is not None:
                     self._send(self._sock, P.heartbeat_frames())
             if self._sock is not None:
-                self._close_registration(linger_ms=2000)
+                close_monitored(self._sock, self._monitor, linger_ms=2000)
             cpu_wait.close()
 
     def _start_compute(self) -> None:
@@ -291,11 +290,7 @@ class Worker:
         """Open the registration socket (watching its handshakes) and say READY (queued until the
         broker is there)."""
         self._sock = self._open_socket()
-        address = f"inproc://bertpool-worker-monitor-{uuid.uuid4().hex}"
-        self._sock.monitor(address, security.HANDSHAKE_EVENTS)
-        self._monitor = self._ctx.socket(zmq.PAIR)
-        self._monitor.setsockopt(zmq.LINGER, 0)
-        self._monitor.connect(address)
+        self._monitor = open_monitor(self._sock, security.HANDSHAKE_EVENTS, "bertpool-worker")
         self._handshake_error = None
         self._send(self._sock, P.ready_frames(
             self.name, self.config.slot or None, self.incarnation, os.getpid(),
@@ -308,17 +303,9 @@ class Worker:
         log.warning("%s: %s; re-registering", self.name, why)
         self.stats.add(reconnects=1)
         self._generation += 1
-        self._close_registration(linger_ms=0)  # what it still queued belongs to the old registration
+        close_monitored(self._sock, self._monitor, linger_ms=0)  # what it still queued belongs to the old registration
         self.incarnation = P.new_incarnation()
         self._register()
-
-    def _close_registration(self, linger_ms: int) -> None:
-        try:
-            self._sock.disable_monitor()
-        except zmq.ZMQError:
-            pass
-        self._sock.close(linger=linger_ms)
-        self._monitor.close(linger=0)
 
     def _read_handshakes(self) -> None:
         """Drain the registration socket's handshake events into _handshake_error (a failure stays
