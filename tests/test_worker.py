@@ -168,6 +168,23 @@ def test_answers_of_batches_due_together_share_a_message_while_held_briefly(harn
     assert sizes == messages
 
 
+def test_answers_beyond_one_message_leave_in_several(harness, monkeypatch):
+    """A batch with more answers than a REPLIES may carry (here the limit is lowered to 2) answers
+    every request, in messages of at most that many, instead of failing the worker."""
+    monkeypatch.setattr(P, "MAX_PER_MESSAGE", 2)
+    router, ident, worker = harness(EchoBackend(BackendConfig()), batch_size=5, batch_timeout_ms=600_000,
+                                    capacity=5)
+    for i in range(5):
+        send(router, ident, i, P.text_request(i, "a", f"b{i}"))
+    sizes: list[int] = []
+    while sum(sizes) < 5:
+        assert router.poll(WAIT_MS)
+        answers = [item for item in expand(router.recv_multipart()) if item[1] == P.REPLY]
+        if answers:
+            sizes.append(len(answers))
+    assert sizes == [2, 2, 1] and not worker.failed
+
+
 def test_a_capacity_beyond_one_message_still_registers_and_is_served(harness):
     router, ident, worker = harness(EchoBackend(BackendConfig()), batch_size=4, batch_timeout_ms=0,
                                     capacity=P.MAX_PER_MESSAGE + 1)  # the harness checks READY

@@ -565,9 +565,13 @@ class Worker:
             out.close(linger=5000)
 
     def _send_answers(self, sock: zmq.Socket, answers: list[tuple[bytes, bytes, bytes]]) -> None:
-        """A batch's answers, ``(REPLY or ERROR, token, body)`` each, in one REPLIES message."""
-        if answers and not self._send(sock, P.replies_frames(answers)):
-            self.stats.add(stale_dropped=len(answers) - 1)  # _send counted the message as one
+        """Answers, ``(REPLY or ERROR, token, body)`` each, in as few REPLIES messages as the
+        protocol allows (MAX_PER_MESSAGE answers each: a batch, or the held answers of several, may
+        hold more)."""
+        for start in range(0, len(answers), P.MAX_PER_MESSAGE):
+            chunk = answers[start:start + P.MAX_PER_MESSAGE]
+            if not self._send(sock, P.replies_frames(chunk)):
+                self.stats.add(stale_dropped=len(chunk) - 1)  # _send counted the message as one
 
     def _run_batch(self, batch: list[tuple[float, _Pending]]) -> list[tuple[bytes, bytes, bytes]]:
         """Run one batch; return its answers, ``(REPLY or ERROR, token, body)`` for each request still
