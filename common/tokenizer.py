@@ -421,10 +421,10 @@ def _lean_pipeline(vocab: dict[str, int]) -> Tokenizer:
 
 
 def _full_pipeline(vocab: dict[str, int], lower: bool) -> Tokenizer:
-    """HF normalizer + pre-tokenizer + WordPiece with google's settings."""
-    tokenizer = Tokenizer(_wordpiece_model(vocab))
+    """HF normalizer + pre-tokenizer + WordPiece with google's settings: the lean pipeline with a
+    normalizer in front."""
+    tokenizer = _lean_pipeline(vocab)
     tokenizer.normalizer = normalizers.BertNormalizer(
         clean_text=True, handle_chinese_chars=True, strip_accents=lower, lowercase=lower
     )
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     return tokenizer
