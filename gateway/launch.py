@@ -7,7 +7,6 @@ whether or not the ``gateway`` extra is installed; the child reports a missing o
 from __future__ import annotations
 
 import argparse
-import logging
 import subprocess
 import sys
 import threading
@@ -15,8 +14,6 @@ import time
 from typing import Callable
 
 from ..common.errors import ConfigError
-
-log = logging.getLogger("bertpool.serve")
 
 LISTENING_PREFIX = "bertpool-gateway: "  # the gateway's first stdout line once it listens
 
