@@ -98,6 +98,17 @@ def kinds_until_disconnect(router) -> list[bytes]:
     return kinds
 
 
+def reply_messages(router, n: int) -> list[list[tuple[bytes, bytes, list[bytes]]]]:
+    """The REPLY items (see expand) of each message the router receives that holds any, until n."""
+    got: list[list[tuple[bytes, bytes, list[bytes]]]] = []
+    while sum(map(len, got)) < n:
+        assert router.poll(WAIT_MS), f"only {sum(map(len, got))} of {n} replies"
+        answers = [item for item in expand(router.recv_multipart()) if item[1] == P.REPLY]
+        if answers:
+            got.append(answers)
+    return got
+
+
 def replies(router, n: int) -> dict[int, tuple[bytes, dict]]:
     """The next n REPLY/ERROR answers by token (STATS are skipped)."""
     out = {}
@@ -158,14 +169,9 @@ def test_answers_of_batches_due_together_share_a_message_while_held_briefly(harn
                                     capacity=8)
     router.send_multipart([ident, *P.requests_frames(
         [(i.to_bytes(8, "big"), P.text_request(i, "a", f"b{i}"), 0.0, None) for i in range(6)])])
-    sizes: list[int] = []
-    while sum(sizes) < 6:
-        assert router.poll(WAIT_MS)
-        answers = [item for item in expand(router.recv_multipart()) if item[1] == P.REPLY]
-        if answers:
-            sizes.append(len(answers))
-            assert all(P.unpack(rest[1])["timings"]["batch_size"] == 2 for _, _, rest in answers)
-    assert sizes == messages
+    got = reply_messages(router, 6)
+    assert [len(m) for m in got] == messages
+    assert all(P.unpack(rest[1])["timings"]["batch_size"] == 2 for m in got for _, _, rest in m)
 
 
 def test_answers_beyond_one_message_leave_in_several(harness, monkeypatch):
@@ -176,13 +182,7 @@ def test_answers_beyond_one_message_leave_in_several(harness, monkeypatch):
                                     capacity=5)
     for i in range(5):
         send(router, ident, i, P.text_request(i, "a", f"b{i}"))
-    sizes: list[int] = []
-    while sum(sizes) < 5:
-        assert router.poll(WAIT_MS)
-        answers = [item for item in expand(router.recv_multipart()) if item[1] == P.REPLY]
-        if answers:
-            sizes.append(len(answers))
-    assert sizes == [2, 2, 1] and not worker.failed
+    assert [len(m) for m in reply_messages(router, 5)] == [2, 2, 1] and not worker.failed
 
 
 def test_a_capacity_beyond_one_message_still_registers_and_is_served(harness):
