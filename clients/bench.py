@@ -267,7 +267,6 @@ def run_bench(config: BenchConfig, pairs: list[Pair], progress: bool = False,
         raise ConfigError("no sentence pairs to send")
     if config.wait_workers:
         wait_for_workers(config.address, config.wait_workers, config.wait_timeout_s, config.curve)
-        wait_for_workers(config.address, config.wait_workers, config.wait_timeout_s)
     before = probe_broker(config.address, config.connect_timeout_s, config.curve)
     ctx = mp.get_context("spawn")  # no inherited ZeroMQ state in the children
     barrier = ctx.Barrier(config.clients + 1)
@@ -374,7 +373,7 @@ def summarize(config: BenchConfig, results: list[_ClientResult]) -> dict[str, An
     beyond = [lat - t["compute_ms"] for r in results for lat, t in zip(r.latencies_ms, r.timings)
               if isinstance(t.get("compute_ms"), (int, float))]
     return {
-        "config": {**asdict(config), "curve": config.curve is not None},  # never the keys
+        "config": report_config(config),
         "clients": config.clients,
         "requests": len(latencies) + sum(errors.values()),
         "replies": len(latencies),
@@ -508,9 +507,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if report["ok"] else 1
 
 
+def report_config(config: BenchConfig) -> dict[str, Any]:
+    """``config`` as a report shows it: whether CURVE was on, never the keys."""
+    return {**asdict(config), "curve": config.curve is not None}
+
+
 def failure_report(config: BenchConfig, exc: BaseException) -> dict[str, Any]:
     """The JSON written when the bench could not run (e.g. no broker at the address)."""
-    return {"ok": False, "config": asdict(config), "requests": 0, "replies": 0, "errors": 0,
+    return {"ok": False, "config": report_config(config), "requests": 0, "replies": 0, "errors": 0,
             "errors_by_type": {}, "error_samples": {}, "throughput_per_s": 0.0,
             "latency_ms": percentiles([]), "error": {"type": type(exc).__name__, "message": str(exc)},
             "diagnosis": str(exc)}

@@ -14,12 +14,12 @@ why; the first step failing fails the sweep.
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Any
 
 from ..common.data import Pair
 from ..common.errors import BenchError, ConfigError, RequestError
-from .bench import BenchConfig, format_errors, format_footer, ms, run_bench
+from .bench import BenchConfig, format_errors, format_footer, ms, report_config, run_bench
 
 MAX_STEPS = 64  # a sweep is a handful of concurrencies, not a loop
 
@@ -49,7 +49,7 @@ def run_sweep(config: BenchConfig, clients: list[int], pairs: list[Pair], progre
     ``pool`` and ``backends`` (from the last step's STATS), ``stopped`` and
     ``diagnosis`` (None unless a step failed).
     """
-    base = asdict(config)
+    base = report_config(config)
     base.pop("clients")
     steps: list[dict[str, Any]] = []
     stopped = None

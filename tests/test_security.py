@@ -11,6 +11,7 @@ import selectors
 import shutil
 import signal
 import socket
+import json
 import subprocess
 import sys
 import threading
@@ -500,14 +501,31 @@ def test_bench_with_a_refused_key_says_so_at_once(curve_pool, keys):
     assert "no broker answered" not in proc.stderr
 
 
-def test_bench_passes_curve_keys_to_its_clients(curve_pool, keys, tmp_path):
+def test_bench_failure_report_with_curve_keys_holds_no_key(keys, tmp_path):
+    report = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "bertpool.clients.bench", "--address", "ipc:///nonexistent-bertpool",
+                           "--clients", "1", "--cycle", "1", "--connect-timeout-s", "0.5", "--json", str(report),
+                           "--curve-server-key", keys.public("broker"), "--curve-secret-key", keys.secret("client")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    text = report.read_text()
+    assert json.loads(text)["ok"] is False and json.loads(text)["config"]["curve"] is True
+    assert all(key.decode() not in text for key in load_key_pair(keys.secret("client")))
+
+
+@pytest.mark.parametrize("clients", [["--clients", "2"], ["--sweep-clients", "1,2"]], ids=["run", "sweep"])
+def test_bench_passes_curve_keys_to_its_clients(curve_pool, keys, tmp_path, clients):
+    """Every client the bench starts, and its wait for the workers, use the keys; the report says CURVE
+    was on and never holds a key."""
     report = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "bertpool.clients.bench", "--address", curve_pool.front,
-                           "--clients", "2", "--cycle", "4", "--warmup", "1", "--timeout-s", "20",
+                           *clients, "--cycle", "4", "--warmup", "1", "--timeout-s", "20",
+                           "--wait-workers", "1", "--wait-timeout-s", "30",
                            "--json", str(report), "--curve-server-key", keys.public("broker"),
                            "--curve-secret-key", keys.secret("client")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = report.read_text()
-    assert '"requests": 8' in text and '"curve": true' in text
-    assert load_key_pair(keys.secret("client"))[1].decode() not in text
+    assert json.loads(text)["ok"] and json.loads(text)["config"]["curve"] is True
+    assert json.loads(text)["requests"] == (8 if "--clients" in clients else 4 + 8)
+    assert all(key.decode() not in text for key in load_key_pair(keys.secret("client")))
