@@ -27,6 +27,7 @@ import multiprocessing as mp
 import os
 import queue
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -131,8 +132,11 @@ def _client_main(index: int, config: BenchConfig, pairs: list[Pair], barrier, re
                 timings.append(result.timings)
                 progress[2 * index] += 1
             finished = time.monotonic()
+    except threading.BrokenBarrierError:
+        return  # the parent gave up on the start (it reports that), or another client failed first
     except Exception as exc:  # report, never hang the parent
         results.put(("failed", index, f"{type(exc).__name__}: {exc}"))
+        barrier.abort()  # if still warming up, the parent need not wait out start_timeout_s
         return
     results.put(("ok", index, _ClientResult(latencies, labels, timings, dict(errors), started, finished,
                                             samples)))
@@ -254,6 +258,18 @@ def _size(stream: TextIO) -> tuple[int, int]:
         return 0, 0
 
 
+def _first_failure(results) -> str | None:
+    """The message of the first client failure on ``results`` (each failing client puts one before it
+    breaks the barrier), or None if none came within a second."""
+    try:
+        while True:
+            status, index, value = results.get(timeout=1.0)
+            if status == "failed":
+                return f"client {index}: {value}"
+    except queue.Empty:
+        return None
+
+
 def run_bench(config: BenchConfig, pairs: list[Pair], progress: bool = False,
               progress_stream: TextIO | None = None, desc: str | None = None) -> dict[str, Any]:
     """Run the benchmark against a live pool; return the report (see summarize()).
@@ -278,9 +294,11 @@ def run_bench(config: BenchConfig, pairs: list[Pair], progress: bool = False,
         p.start()
     try:
         barrier.wait(config.start_timeout_s)
-    except Exception as exc:
+    except Exception as exc:  # BrokenBarrierError: timed out, or a client broke it
         _stop(procs)
-        raise BenchError(f"clients did not all start within {config.start_timeout_s} s") from exc
+        why = _first_failure(results)
+        raise BenchError(f"a bench client failed while warming up: {why}" if why else
+                         f"clients did not all start within {config.start_timeout_s} s") from exc
     bar = None
     if progress:
         total = None if config.duration_s is not None else config.clients * config.cycle
