@@ -12,9 +12,15 @@ request in flight, for ``--duration-s`` after a warm-up):
   backend and zero delay: the whole serving path (decode, tokenize, batch,
   reply) without a model.
 
+Then, with ``--single N`` (the default), one client alone sends N requests one at a time through
+the same set-up: a plain DEALER for each set-up (the server side's round trip), and for ``pool``
+also a :class:`bertpool.Client` (the whole path a user sees, whose time beyond each reply's own
+compute is the single-request added latency; the pool's batch timeout is 0).
+
 Writes a JSON report with each set-up's round trips/s, the ratios to relay, and the CPU
 microseconds per round trip of the router (proxy or broker), the workers and the load (Linux
-/proc; left out elsewhere): on a shared machine these move less than the rates do.
+/proc; left out elsewhere): on a shared machine these move less than the rates do; and the
+single-client latencies with each one's excess over the relay's.
 """
 
 from __future__ import annotations
@@ -29,11 +35,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zmq
 
 from . import add_vocab_argument, echo_vocab
-from ..clients.bench import wait_for_workers
+from ..clients.bench import BenchConfig, run_bench, wait_for_workers
 from ..common import protocol as P
+from ..common.data import Pair
 from ..common.fastzmq import recv_many, send_nowait
 from ..broker.broker import Broker, BrokerConfig
 
@@ -93,9 +101,12 @@ def _pool_worker(address: str, stop, vocab: str | None = None) -> None:
     worker.run()
 
 
+PAIR = ("The quick brown fox jumps.", "A fast fox leapt over.")  # what every request asks
+
+
 def request_body(kind: str) -> bytes:
     """The REQUEST body every load socket sends: a text pair, or the same pair pre-tokenized."""
-    a, b = "The quick brown fox jumps.", "A fast fox leapt over."
+    a, b = PAIR
     if kind == "text":
         return P.text_request("bench", a, b)
     from ..common.tokenizer import BertTokenizer
@@ -134,6 +145,58 @@ def _load(address: str, sockets: int, warmup_s: float, duration_s: float, body: 
     ctx.term()
 
 
+SINGLE_LIMIT_S = 120.0  # longest the single DEALER runs; it stops early at its first unanswered request
+
+
+def _single_dealer(address: str, requests: int, body: bytes, results) -> None:
+    """One DEALER alone: ``requests`` round trips one at a time, after as many unmeasured; put their
+    latencies (ms) on ``results`` (fewer than asked if it ran out of time or got no answer)."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    latencies = []
+    limit = time.monotonic() + SINGLE_LIMIT_S
+    for n in range(2 * requests):
+        started = time.perf_counter()
+        sock.send_multipart([P.VERSION, P.REQUEST, body])
+        if not sock.poll(max(1, int((limit - time.monotonic()) * 1000))):
+            break
+        sock.recv_multipart()
+        if n >= requests:
+            latencies.append((time.perf_counter() - started) * 1000)
+    results.put(latencies)
+    sock.close()
+    ctx.term()
+
+
+def _latency(values: list[float]) -> dict[str, Any]:
+    """p50 and p99 (ms, rounded to µs) of a single client's round trips, and how many there were."""
+    if not values:
+        return {"p50": None, "p99": None, "requests": 0}
+    p50, p99 = np.percentile(values, [50, 99])
+    return {"p50": round(float(p50), 3), "p99": round(float(p99), 3), "requests": len(values)}
+
+
+def single_latency(setup: str, address: str, requests: int, body: bytes) -> dict[str, Any]:
+    """One client alone against a running set-up: a plain DEALER's round trips (``dealer``) and, for
+    the pool, a bertpool Client's (``client``, with ``beyond_compute_p50``: the median of each
+    reply's latency less its own batch's compute time)."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=_single_dealer, args=(address, requests, body, results), daemon=True)
+    proc.start()
+    out = {"dealer": _latency(results.get(timeout=SINGLE_LIMIT_S + 60))}
+    proc.join(10)
+    if setup == "pool":
+        report = run_bench(BenchConfig(address=address, clients=1, cycle=requests, warmup=requests,
+                                       timeout_s=10.0), [Pair(*PAIR, label=None)])
+        out["client"] = {"p50": report["latency_ms"]["p50"], "p99": report["latency_ms"]["p99"],
+                         "requests": report["replies"],
+                         "beyond_compute_p50": report["beyond_compute_ms"]["p50"]}
+    return out
+
+
 def _cpu_s(pid: int) -> float | None:
     """User + system CPU seconds a process has used so far (None where /proc is not there)."""
     try:
@@ -153,12 +216,14 @@ def _cpu_us_per_round_trip(pids: list[int], before: list[float | None], round_tr
 
 def measure(setup: str, clients: int, workers: int, load_procs: int, warmup_s: float,
             duration_s: float, body: bytes, metrics_address: str = "",
-            cpu: dict[str, Any] | None = None, vocab: str | None = None) -> float:
+            cpu: dict[str, Any] | None = None, vocab: str | None = None,
+            single: dict[str, Any] | None = None, single_requests: int = 0) -> float:
     """Round trips per second for one set-up (``metrics_address``: the broker's, to measure the
     cost of recording metrics; ``vocab``: the pool workers' vocabulary); with ``cpu``, also the
     CPU microseconds per round trip of the router (this process: the relay's proxy or the broker)
     and of the workers, from the window's start until every load process reported, and of the
-    load processes (their window)."""
+    load processes (their window); with ``single`` and ``single_requests``, also what
+    :func:`single_latency` measures once the load is done."""
     ctx = mp.get_context("spawn")
     stop = ctx.Event()
     tmp = tempfile.mkdtemp(prefix="bertpool-relay-")
@@ -203,6 +268,8 @@ def measure(setup: str, clients: int, workers: int, load_procs: int, warmup_s: f
         cpu["load"] = round(sum(c for _, c in counts) / total * 1e6, 1)
     for p in loaders:
         p.join(10)
+    if single is not None and single_requests:
+        single.update(single_latency(setup, front, single_requests, body))
     stop.set()
     for p in procs:
         p.join(10)
@@ -220,6 +287,30 @@ def _proxy(frontend: zmq.Socket, backend: zmq.Socket) -> None:
         zmq.proxy(frontend, backend)
     except zmq.ZMQError:
         pass  # the context was destroyed: the relay is done
+
+
+def _describe(single: dict[str, Any]) -> str:
+    line = f"DEALER p50 {single['dealer']['p50']} ms, p99 {single['dealer']['p99']} ms"
+    if "client" in single:
+        client = single["client"]
+        line += (f"; bertpool.Client p50 {client['p50']} ms, p99 {client['p99']} ms, beyond its own compute "
+                 f"p50 {client['beyond_compute_p50']} ms")
+    return line
+
+
+def _single_summary(singles: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``single_over_relay_ms``: each single-client p50 less the relay's (the DEALER through the
+    broker, through the pool, and bertpool.Client through the pool; None without a relay run or
+    an answer); ``single_added_latency_ms``: the Client's time beyond its own compute through the
+    pool (batch timeout 0), the issue's "added latency over the batch time"."""
+    def at(setup: str, who: str, field: str = "p50") -> float | None:
+        return singles.get(setup, {}).get(who, {}).get(field)
+
+    relay = at("relay", "dealer")
+    over = {name: None if relay is None or value is None else round(value - relay, 3)
+            for name, value in (("broker", at("broker", "dealer")), ("pool", at("pool", "dealer")),
+                                ("pool_client", at("pool", "client")))}
+    return {"single_over_relay_ms": over, "single_added_latency_ms": at("pool", "client", "beyond_compute_p50")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,12 +332,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-address", metavar="HOST:PORT", default="",
                         help="run the broker with its Prometheus endpoint on, to measure what recording "
                              "metrics costs (default: off)")
+    parser.add_argument("--single", type=int, default=1000, metavar="N",
+                        help="after each set-up's load, one client alone sends N requests one at a time "
+                             "(0: skip) (default: %(default)s)")
     add_vocab_argument(parser)
     parser.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
     args = parser.parse_args(argv)
     setups = [s for s in args.setups.split(",") if s]
     unknown = set(setups) - set(SETUPS)
-    if unknown or min(args.clients, args.workers, args.load_procs) < 1:
+    if unknown or min(args.clients, args.workers, args.load_procs) < 1 or args.single < 0:
         parser.error(f"bad --setups {sorted(unknown)} or non-positive count")
     body = request_body(args.request)
     vocab, vocab_name = echo_vocab(args.vocab)
@@ -255,18 +349,27 @@ def main(argv: list[str] | None = None) -> int:
                               "duration_s": args.duration_s, "metrics": bool(args.metrics_address),
                               "round_trips_per_s": {}}
     report["cpu_us_per_round_trip"] = {}
+    singles: dict[str, dict[str, Any]] = {}
     for setup in setups:
         cpu: dict[str, Any] = {}
+        single: dict[str, Any] = {}
         rate = measure(setup, args.clients, args.workers, args.load_procs, args.warmup_s, args.duration_s,
-                       body, args.metrics_address, cpu, vocab)
+                       body, args.metrics_address, cpu, vocab, single, args.single)
         report["round_trips_per_s"][setup] = round(rate, 1)
         report["cpu_us_per_round_trip"][setup] = cpu
         print(f"{setup:>6}: {rate:10.1f} round trips/s; CPU us per round trip: router {cpu.get('router')}, "
               f"workers {cpu.get('workers')}, load {cpu.get('load')}", flush=True)
+        if single:
+            singles[setup] = single
+            print(f"{'':>6}  one client alone: {_describe(single)}", flush=True)
     relay = report["round_trips_per_s"].get("relay")
     if relay:
         report["ratio_to_relay"] = {k: round(v / relay, 3) for k, v in report["round_trips_per_s"].items()}
         print("ratio to relay:", report["ratio_to_relay"])
+    if singles:
+        report["single_client_ms"] = singles
+        report.update(_single_summary(singles))
+        print("one client alone:", {k: report[k] for k in ("single_over_relay_ms", "single_added_latency_ms")})
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -77,13 +77,27 @@ def test_broker_bench_runs_all_setups(tmp_path, request_kind):
     out = tmp_path / "broker.json"
     proc = subprocess.run([sys.executable, "-m", "bertpool.bench.relay", "--clients", "4",
                            "--workers", "1", "--load-procs", "1", "--warmup-s", "0.2", "--duration-s", "0.5",
-                           "--request", request_kind, "--json", str(out)],
+                           "--single", "20", "--request", request_kind, "--json", str(out)],
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert set(report["round_trips_per_s"]) == {"relay", "broker", "pool"}
     assert all(v > 0 for v in report["round_trips_per_s"].values())
     assert report["ratio_to_relay"]["relay"] == 1.0
+    # One client alone through each set-up: a DEALER everywhere, bertpool.Client through the pool too.
+    single = report["single_client_ms"]
+    assert {setup: set(single[setup]) for setup in single} == {
+        "relay": {"dealer"}, "broker": {"dealer"}, "pool": {"dealer", "client"}}
+    for latency in (single["relay"]["dealer"], single["broker"]["dealer"], single["pool"]["dealer"],
+                    single["pool"]["client"]):
+        assert latency["requests"] == 20 and 0 < latency["p50"] <= latency["p99"]
+    client = single["pool"]["client"]
+    assert 0 < client["beyond_compute_p50"] <= client["p50"]
+    assert report["single_added_latency_ms"] == client["beyond_compute_p50"]
+    relay = single["relay"]["dealer"]["p50"]
+    assert report["single_over_relay_ms"] == {
+        "broker": round(single["broker"]["dealer"]["p50"] - relay, 3),
+        "pool": round(single["pool"]["dealer"]["p50"] - relay, 3), "pool_client": round(client["p50"] - relay, 3)}
 
 
 def test_broker_bench_pool_workers_take_a_given_vocabulary(tmp_path):
@@ -91,7 +105,7 @@ def test_broker_bench_pool_workers_take_a_given_vocabulary(tmp_path):
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "quick", "fox", "a", "fast", "."]) + "\n")
     out = tmp_path / "pool.json"
     args = [sys.executable, "-m", "bertpool.bench.relay", "--clients", "2", "--workers", "1", "--load-procs", "1",
-            "--warmup-s", "0.2", "--duration-s", "0.3", "--setups", "pool"]
+            "--warmup-s", "0.2", "--duration-s", "0.3", "--setups", "pool", "--single", "0"]
     proc = subprocess.run([*args, "--vocab", str(vocab), "--json", str(out)], capture_output=True, text=True,
                           timeout=180)
     assert proc.returncode == 0, proc.stderr
@@ -115,11 +129,11 @@ def test_echo_benches_default_to_the_shared_bert_vocabulary(monkeypatch, tmp_pat
     out = tmp_path / "pool.json"
     proc = subprocess.run([sys.executable, "-m", "bertpool.bench.relay", "--clients", "2", "--workers", "1",
                            "--load-procs", "1", "--warmup-s", "0.2", "--duration-s", "0.3", "--setups", "pool",
-                           "--json", str(out)], capture_output=True, text=True, timeout=180)
+                           "--single", "0", "--json", str(out)], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert report["vocab"] == (str(shared) if present else ECHO_VOCAB_BUILT_IN)
-    assert report["round_trips_per_s"]["pool"] > 0
+    assert report["round_trips_per_s"]["pool"] > 0 and "single_client_ms" not in report  # --single 0
 
 
 def test_backend_bench_workers_take_a_given_vocabulary(tmp_path):
@@ -385,3 +399,15 @@ def test_clients_that_do_not_start_are_a_bench_error_not_a_request_error(start_p
         run_bench(BenchConfig(address=pool.address, clients=2, cycle=1, warmup=0, start_timeout_s=0.001),
                   default_pairs())
     assert not isinstance(err.value, RequestError)
+
+
+def test_a_client_failing_while_warming_up_ends_the_wait_with_its_reason(start_pool):
+    """A bench client that dies before the barrier breaks it, so the bench fails at once with the
+    client's own error instead of waiting out start_timeout_s."""
+    from bertpool.clients.bench import BenchConfig, run_bench
+    from bertpool.common.errors import BenchError
+
+    pool = start_pool("--backend", "echo", parallel=1)
+    with pytest.raises(BenchError, match="failed while warming up: client 0: AttributeError"):
+        run_bench(BenchConfig(address=pool.address, clients=1, cycle=1, warmup=1, start_timeout_s=300),
+                  [("plain", "tuples are not Pairs")])
