@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..common.data import shared_vocab_path
+from ..common.data import SHARED_VOCAB_FILE, shared_file
 
 ECHO_VOCAB_BUILT_IN = "built-in character vocabulary"
 
@@ -26,7 +26,7 @@ def echo_vocab(given: str | None) -> tuple[str | None, str]:
     characters, several times the work. So a bench's echo workers take ``given``, else the shared
     uncased BERT vocabulary where present, and fall back to the built-in one (None) only without it.
     """
-    path = given or shared_vocab_path()
+    path = given or shared_file(SHARED_VOCAB_FILE)
     return (None, ECHO_VOCAB_BUILT_IN) if path is None else (str(path), str(path))
 
 

@@ -6,8 +6,8 @@
   with no files and no network.
 * :func:`default_pairs` is what the bench sends when given no ``--tsv``.
 * :func:`shared_data_dir` finds the optional shared data directory (MRPC dev
-  set, BERT vocabulary) that tests and benchmarks use when it is present;
-  :func:`shared_vocab_path` is the uncased BERT vocabulary in it.
+  and train sets, BERT vocabulary) that tests and benchmarks use when it is
+  present; :func:`shared_file` is one of its ``SHARED_*_FILE`` files, where present.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from .errors import ConfigError
 MRPC_HEADER = ("Quality", "#1 ID", "#2 ID", "#1 String", "#2 String")
 SHARED_DATA_ENV = "BERTPOOL_SHARED_DATA"
 SAMPLE_PAIRS_FILE = "sample_pairs.tsv"
+# Files of the shared data directory (scripts/demo, being shell, names its MRPC files itself).
 SHARED_VOCAB_FILE = "uncased_L-24_H-1024_A-16.vocab.txt"  # the uncased BERT vocabulary (30,522 lines)
+SHARED_MRPC_DEV_FILE = "glue_mrpc_dev.tsv"  # GLUE MRPC dev: 408 labelled pairs
 
 
 @dataclass(frozen=True)
@@ -100,10 +102,10 @@ def shared_data_dir() -> Path | None:
     return candidate if candidate.is_dir() else None
 
 
-def shared_vocab_path() -> Path | None:
-    """The uncased BERT vocabulary in :func:`shared_data_dir`, or None where it is not present."""
+def shared_file(name: str) -> Path | None:
+    """The file ``name`` (a ``SHARED_*_FILE``) of :func:`shared_data_dir`, or None where it is not there."""
     data = shared_data_dir()
-    path = None if data is None else data / SHARED_VOCAB_FILE
+    path = None if data is None else data / name
     return path if path is not None and path.is_file() else None
 
 

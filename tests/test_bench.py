@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from bertpool.bench import ECHO_VOCAB_BUILT_IN, echo_vocab
-from bertpool.common.data import SHARED_VOCAB_FILE, shared_data_dir
+from bertpool.common.data import SHARED_MRPC_DEV_FILE, SHARED_VOCAB_FILE, shared_file
 
 BENCH = [sys.executable, "-m", "bertpool.clients.bench"]
 
@@ -45,10 +45,9 @@ def test_bench_writes_the_report(start_pool, tmp_path):
 
 
 def test_bench_on_the_mrpc_dev_set(start_pool, tmp_path):
-    data = shared_data_dir()
-    tsv = data / "glue_mrpc_dev.tsv" if data else None
-    if tsv is None or not tsv.is_file():
-        pytest.skip("../shared/data/glue_mrpc_dev.tsv not present")
+    tsv = shared_file(SHARED_MRPC_DEV_FILE)
+    if tsv is None:
+        pytest.skip(f"shared {SHARED_MRPC_DEV_FILE} not present")
     pool = start_pool("--backend", "echo", parallel=2)
     out = tmp_path / "bench.json"
     proc = run("--address", pool.address, "--clients", "3", "--cycle", "5", "--tsv", str(tsv), "--json", str(out))

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from bertpool.common import data
-from bertpool.common.data import (SHARED_VOCAB_FILE, Pair, default_pairs, generate_pairs, read_mrpc_tsv,
-                                  shared_data_dir, shared_vocab_path)
+from bertpool.common.data import (SHARED_MRPC_DEV_FILE, SHARED_VOCAB_FILE, Pair, default_pairs, generate_pairs,
+                                  read_mrpc_tsv, shared_data_dir, shared_file)
 from bertpool.common.errors import ConfigError
 
 HEADER = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
-
-
-def shared_data() -> Path:
-    override = os.environ.get("BERTPOOL_SHARED_DATA")
-    return Path(override) if override else Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def write(tmp_path: Path, text: str, name: str = "pairs.tsv") -> Path:
@@ -30,9 +24,9 @@ def write(tmp_path: Path, text: str, name: str = "pairs.tsv") -> Path:
 
 
 def test_real_mrpc_dev_set() -> None:
-    path = shared_data() / "glue_mrpc_dev.tsv"
-    if not path.is_file():
-        pytest.skip(f"shared GLUE MRPC dev set not found at {path}")
+    path = shared_file(SHARED_MRPC_DEV_FILE)
+    if path is None:
+        pytest.skip(f"shared GLUE MRPC dev set {SHARED_MRPC_DEV_FILE} not found in {shared_data_dir()}")
     pairs = read_mrpc_tsv(path)
     assert len(pairs) == 408
     assert sum(p.label == 1 for p in pairs) == 279
@@ -166,9 +160,11 @@ def test_shared_data_dir_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 
 
 @pytest.mark.parametrize("present", [True, False])
-def test_shared_vocab_path_only_where_the_file_is(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                                  present: bool) -> None:
+def test_shared_file_only_where_the_file_is(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                           present: bool) -> None:
     monkeypatch.setenv("BERTPOOL_SHARED_DATA", str(tmp_path))
     if present:
         (tmp_path / SHARED_VOCAB_FILE).write_text("[PAD]\n")
-    assert shared_vocab_path() == (tmp_path / SHARED_VOCAB_FILE if present else None)
+    (tmp_path / SHARED_MRPC_DEV_FILE).mkdir()  # a directory of that name is not the file
+    assert shared_file(SHARED_VOCAB_FILE) == (tmp_path / SHARED_VOCAB_FILE if present else None)
+    assert shared_file(SHARED_MRPC_DEV_FILE) is None

@@ -27,7 +27,7 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from bertpool.clients.client import Client  # noqa: E402
-from bertpool.common.data import default_pairs, read_mrpc_tsv, shared_data_dir  # noqa: E402
+from bertpool.common.data import SHARED_MRPC_DEV_FILE, default_pairs, read_mrpc_tsv, shared_file  # noqa: E402
 from conftest import free_tcp_port, stop_processes  # noqa: E402
 
 MODEL = "bertpool-mrpc"
@@ -36,9 +36,8 @@ S = 128
 
 def mrpc_pairs(n: int) -> list[tuple[str, str]]:
     """MRPC dev pairs when ../shared/data has them, else the bundled MRPC-like sample."""
-    data = shared_data_dir()
-    tsv = data / "glue_mrpc_dev.tsv" if data else None
-    pairs = read_mrpc_tsv(tsv) if tsv and tsv.is_file() else default_pairs()
+    tsv = shared_file(SHARED_MRPC_DEV_FILE)
+    pairs = read_mrpc_tsv(tsv) if tsv else default_pairs()
     return [(p.text_a, p.text_b) for p in pairs[:n]]
 
 

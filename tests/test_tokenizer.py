@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import csv
-import os
 import re
 import statistics
 import time
@@ -24,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bertpool.common import tokenizer as tokenizer_module
-from bertpool.common.data import SHARED_VOCAB_FILE, shared_vocab_path
+from bertpool.common.data import SHARED_MRPC_DEV_FILE, SHARED_VOCAB_FILE, shared_data_dir, shared_file
 from bertpool.common.errors import ConfigError
 from bertpool.common.tokenizer import FAST_PATH_CHARS, BertTokenizer, Features, _truncated_pair_lengths
 
@@ -33,17 +32,11 @@ try:  # tests/ may or may not be a package
 except ImportError:
     import google_reference_tokenization as ref
 
-MRPC_FILE = "glue_mrpc_dev.tsv"
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PAD, UNK, CLS, SEP = 0, 1, 2, 3  # ids of SPECIALS in every tiny vocabulary below
 
 
 # --- helpers and fixtures ---------------------------------------------------
-
-
-def shared_data() -> Path:
-    override = os.environ.get("BERTPOOL_SHARED_DATA")
-    return Path(override) if override else Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def write_vocab(directory: Path, tokens: list[str], name: str = "vocab.txt") -> Path:
@@ -79,17 +72,17 @@ def assert_same_features(got: Features, want: Features) -> None:
 
 @pytest.fixture(scope="module")
 def real_vocab_path() -> Path:
-    path = shared_vocab_path()
+    path = shared_file(SHARED_VOCAB_FILE)
     if path is None:
-        pytest.skip(f"shared BERT vocabulary {SHARED_VOCAB_FILE} not found in {shared_data()}")
+        pytest.skip(f"shared BERT vocabulary {SHARED_VOCAB_FILE} not found in {shared_data_dir()}")
     return path
 
 
 @pytest.fixture(scope="module")
 def mrpc_pairs() -> list[tuple[str, str]]:
-    path = shared_data() / MRPC_FILE
-    if not path.is_file():
-        pytest.skip(f"shared GLUE MRPC dev set not found at {path}")
+    path = shared_file(SHARED_MRPC_DEV_FILE)
+    if path is None:
+        pytest.skip(f"shared GLUE MRPC dev set {SHARED_MRPC_DEV_FILE} not found in {shared_data_dir()}")
     with open(path, encoding="utf-8-sig", newline="") as f:
         rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     return [(row[3], row[4]) for row in rows[1:]]
@@ -381,7 +374,7 @@ INTERESTING = list(TRICKY + " \t\n\r\x00\ufffd\u00a0\u3000aZé É\u0301¿¡—�
 
 def _property_vocab(directory: Path) -> tuple[Path, bool]:
     """The real uncased vocabulary when present (lower case), else a small synthetic one."""
-    real = shared_vocab_path()
+    real = shared_file(SHARED_VOCAB_FILE)
     if real is not None:
         return real, True
     ascii_chars = [chr(c) for c in range(33, 127)]
