@@ -56,8 +56,8 @@ import zmq
 
 from ..common import protocol as P
 from ..common import security
-from ..common.cli import (add_address_arguments, add_link_arguments, install_stop_handlers, parse_host_port,
-                          report_error, setup_logging)
+from ..common.cli import (add_address_arguments, add_link_arguments, install_reload_handler, install_stop_handlers,
+                          parse_host_port, report_error, setup_logging)
 from ..common.defaults import DEFAULT_BACKEND, DEFAULT_FRONTEND
 from ..common.errors import BertpoolError, ConfigError, ProtocolError
 from .metrics import BrokerMetrics, MetricsServer
@@ -254,6 +254,21 @@ class Broker:
         if self._stop.is_set() or not drain:
             self._stop_now.set()
         self._stop.set()
+
+    def reload_allow_lists(self) -> bool:
+        """Read the CURVE allow-lists again (SIGHUP); True if the new ones are in use. Logged either
+        way: with CURVE off there is nothing to read, and lists that cannot be read (a directory
+        gone, or holding no key) leave the old ones in use."""
+        auth = self._auth
+        if auth is None:
+            log.warning("reload asked, but CURVE is off: there are no allow-lists to read")
+            return False
+        try:
+            log.info("%s", auth.reload())
+        except ConfigError as exc:
+            log.error("CURVE allow-lists NOT reloaded, the old ones stay in use: %s", exc)
+            return False
+        return True
 
     @property
     def stopping(self) -> bool:
@@ -754,7 +769,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="bertpool-broker",
         description="Run the bertpool broker: clients connect to --address, workers to --worker-address. "
-                    "SIGTERM drains: new requests are refused, those in flight get --drain-timeout-s.")
+                    "SIGTERM drains: new requests are refused, those in flight get --drain-timeout-s. "
+                    "SIGHUP reads the CURVE allow-lists again.")
     add_broker_arguments(parser)
     add_link_arguments(parser)
     parser.add_argument("--stats-interval-s", type=float, default=1.0,
@@ -767,6 +783,7 @@ def main(argv: list[str] | None = None) -> int:
     except BertpoolError as exc:
         return report_error("bertpool-broker", exc)
     install_stop_handlers(broker.stop)
+    install_reload_handler(broker.reload_allow_lists)
     print(f"bertpool-broker: clients on {args.address}, workers on {args.worker_address}", flush=True)
     broker.run()
     return 0

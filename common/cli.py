@@ -6,6 +6,7 @@ import ipaddress
 import logging
 import signal
 import sys
+import threading
 from typing import Callable
 
 from .defaults import DEFAULT_BACKEND, DEFAULT_FRONTEND
@@ -21,6 +22,13 @@ def install_stop_handlers(stop: Callable[[], None]) -> None:
     """Call ``stop()`` on SIGINT (Ctrl-C) and SIGTERM, so the process can wind down cleanly."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop())
+
+
+def install_reload_handler(reload: Callable[[], None]) -> None:
+    """Call ``reload()`` on SIGHUP (re-read files such as CURVE allow-lists without a restart), on a
+    thread of its own: a signal handler runs on the main thread between any two bytecodes, perhaps
+    while that thread holds a lock ``reload`` needs."""
+    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=reload, name="reload", daemon=True).start())
 
 
 def report_error(prog: str, exc: BaseException, code: int = 2) -> int:

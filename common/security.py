@@ -6,6 +6,9 @@ ROUTERs and each link has its own allow-list of public keys, kept apart by
 ZAP domain (:data:`CLIENTS`, :data:`WORKERS`): a client key cannot register as
 a worker, nor a worker key send requests. A peer with no key, or one not on
 its link's list, never completes the handshake, so nothing it sends is read.
+The broker reads both lists again on SIGHUP (:meth:`Authenticator.reload`):
+keys added are let in, keys removed are refused from their next handshake on
+(a peer already connected keeps its connection until it reconnects).
 
 Keys are ZeroMQ certificate files as pyzmq's :func:`zmq.auth.create_certificates`
 writes them (``NAME.key``: public; ``NAME.key_secret``: both halves);
@@ -287,6 +290,15 @@ class _AllowList:
         self._logged: set[bytes] = set()
         self._lock = threading.Lock()
 
+    def replace(self, keys: frozenset[bytes]) -> tuple[int, int]:
+        """Allow ``keys`` from now on; (keys added, keys removed). A key refused before and
+        refused again is logged again."""
+        with self._lock:
+            added, removed = len(keys - self.keys), len(self.keys - keys)
+            self.keys = keys  # one reference swap: a handshake judged meanwhile sees old or new
+            self._logged.clear()
+        return added, removed
+
     def callback(self, domain: str, key: bytes) -> bool:
         ok = key in self.keys
         with self._lock:
@@ -315,6 +327,7 @@ class Authenticator:
     """The broker's ZAP handler (a pyzmq ThreadAuthenticator) with one allow-list per link."""
 
     def __init__(self, context: zmq.Context, curve: CurveServerConfig) -> None:
+        self._curve = curve
         self.lists = {d: _AllowList(d, curve.allowed(d)) for d in (CLIENTS, WORKERS)}
         self._auth = ThreadAuthenticator(context, log=logging.getLogger("bertpool.security.zap"))
         # Configured before it starts: no handshake is ever judged without the lists (and a
@@ -326,6 +339,17 @@ class Authenticator:
         except zmq.ZMQError as exc:  # EADDRINUSE: this context already has a ZAP handler
             raise ConfigError(f"cannot start the CURVE authenticator: {exc} (one broker per "
                               f"ZeroMQ context)") from exc
+
+    def reload(self) -> str:
+        """Read both allow-list directories again and use them for every handshake from now on; a
+        line saying what changed. Both lists or neither: a directory that cannot be read, or holds
+        no key, raises ConfigError and the lists in use stay as they were."""
+        fresh = {d: self._curve.allowed(d) for d in self.lists}
+        changes = []
+        for domain, keys in fresh.items():
+            added, removed = self.lists[domain].replace(keys)
+            changes.append(f"{_peer(domain)}s {len(keys)} (+{added} -{removed})")
+        return "CURVE allow-lists reloaded: " + ", ".join(changes)
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Handshakes ZAP allowed and denied, per link (peers with no key at all fail before ZAP

@@ -3,7 +3,8 @@
 The broker runs on a thread of this process; the workers are child processes.
 Ctrl-C or SIGTERM makes the broker refuse new requests (ERROR shutting_down) and
 stops the workers, which answer what they hold; then the broker answers what is
-left with shutting_down and exits (0).
+left with shutting_down and exits (0). SIGHUP makes the broker read its CURVE
+allow-lists again.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import threading
 
 from ..broker.broker import Broker, add_broker_arguments, broker_config_from_args
 from ..common import security
-from ..common.cli import install_stop_handlers, report_error, setup_logging
+from ..common.cli import install_reload_handler, install_stop_handlers, report_error, setup_logging
 from ..common.errors import BertpoolError
 from ..gateway.launch import add_serve_gateway_arguments, start_gateway_process
 from ..workers.backends import ECHO_WARNING
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         gateway.watch(on_gateway_exit)
     # SIGTERM: the broker refuses new requests at once while the workers finish what they hold.
     install_stop_handlers(lambda: (broker.stop(), supervisor.stop()))
+    install_reload_handler(broker.reload_allow_lists)
     backend = supervisor.config.worker.backend
     served = f" serving {backend.model_dir}" if backend.model_dir else ""
     print(f"bertpool-serve: clients on {args.address}, workers on {args.worker_address}, "

@@ -468,6 +468,10 @@ def test_serve_enables_curve_for_its_broker_and_workers_with_one_set_of_flags(ke
         for _ in range(2):
             with pytest.raises((RequestTimeout, BrokerUnavailable)):
                 plain.predict("plain", "refused")
+    pool.process.send_signal(signal.SIGHUP)  # serve's broker reads its allow-lists again, and serves on
+    wait_log(pool.log_path, "CURVE allow-lists reloaded: clients 1 (+0 -0), workers 1 (+0 -0)")
+    with Client(pool.address, timeout_s=20, curve=keys.client()) as client:
+        assert client.predict("after", "reload").label in (0, 1)
 
 
 def test_defaults_bind_loopback_only_and_exposed_plain_binds_are_warned(caplog, keys):
@@ -529,3 +533,54 @@ def test_bench_passes_curve_keys_to_its_clients(curve_pool, keys, tmp_path, clie
     assert json.loads(text)["ok"] and json.loads(text)["config"]["curve"] is True
     assert json.loads(text)["requests"] == (8 if "--clients" in clients else 4 + 8)
     assert all(key.decode() not in text for key in load_key_pair(keys.secret("client")))
+
+
+def wait_log(path: Path, text: str, count: int = 1, timeout_s: float = 30.0) -> None:
+    """Poll a process's log until ``text`` appears ``count`` times (a remote event: nothing else to wait on)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.read_text(errors="replace").count(text) >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} x{count} never logged:\n{path.read_text(errors='replace')}")
+
+
+def test_sighup_reloads_the_allow_lists_without_a_restart(keys, tmp_path):
+    """A key added to an allow-list is let in after SIGHUP, even on the link of a client it refused
+    before; a key removed is refused from its next handshake on; lists that cannot be read leave the
+    old ones in use, loudly."""
+    allow_clients, allow_workers = tmp_path / "clients", tmp_path / "workers"
+    shutil.copytree(keys.allow_clients, allow_clients)
+    shutil.copytree(keys.allow_workers, allow_workers)
+    front = f"tcp://127.0.0.1:{free_tcp_port()}"
+    broker = start(tmp_path, "bertpool.broker.broker", "--address", front,
+                   "--worker-address", f"tcp://127.0.0.1:{free_tcp_port()}", "--stats-interval-s", "0",
+                   "--curve-secret-key", keys.secret("broker"), "--curve-allow-clients", str(allow_clients),
+                   "--curve-allow-workers", str(allow_workers))
+    log = next(tmp_path.glob("*.log"))
+    try:
+        with Client(front, timeout_s=30, curve=keys.client()) as client:
+            client.stats()  # the broker is up
+        with Client(front, timeout_s=30, curve=keys.client("stranger")) as stranger:
+            with pytest.raises(HandshakeFailed, match="refused our CURVE public key"):
+                stranger.stats()
+            shutil.copy(keys.public("stranger"), allow_clients)
+            broker.send_signal(signal.SIGHUP)
+            wait_log(log, "CURVE allow-lists reloaded: clients 2 (+1 -0), workers 1 (+0 -0)")
+            assert "curve" in stranger.stats()  # the same client, on a fresh link: served now
+        (allow_clients / "client.key").unlink()
+        broker.send_signal(signal.SIGHUP)
+        wait_log(log, "CURVE allow-lists reloaded: clients 1 (+0 -1)")
+        with Client(front, timeout_s=30, curve=keys.client()) as removed:
+            with pytest.raises(HandshakeFailed, match="refused our CURVE public key"):
+                removed.stats()
+        for key in allow_workers.iterdir():
+            key.unlink()  # an allow-list with no key at all is a mistake, not "refuse everyone"
+        broker.send_signal(signal.SIGHUP)
+        wait_log(log, "CURVE allow-lists NOT reloaded, the old ones stay in use")
+        assert "holds no public keys" in log.read_text()
+        with Client(front, timeout_s=30, curve=keys.client("stranger")) as stranger:
+            assert "curve" in stranger.stats()
+        assert broker.poll() is None
+    finally:
+        stop([broker])
