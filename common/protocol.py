@@ -223,6 +223,18 @@ def check_endpoint(name: str, endpoint: str) -> str:
     return endpoint
 
 
+def local_endpoint(bound: str) -> str:
+    """Where a process on this host connects to reach ``bound``, an endpoint bound here: a tcp
+    wildcard host (``*``, ``0.0.0.0``, ``[::]``) becomes loopback (ZeroMQ cannot connect to ``*``);
+    anything else is itself."""
+    if bound.startswith("tcp://"):
+        host, sep, port = bound[len("tcp://"):].rpartition(":")
+        loopback = {"*": "127.0.0.1", "0.0.0.0": "127.0.0.1", "[::]": "[::1]", "[*]": "[::1]"}.get(host)
+        if sep and loopback:
+            return f"tcp://{loopback}:{port}"
+    return bound
+
+
 def check_heartbeat(interval_s: float, liveness: int) -> None:
     """ConfigError unless the heartbeat settings (broker's or worker's) can detect anything."""
     if isinstance(interval_s, bool) or not isinstance(interval_s, (int, float)) or not 0 < interval_s <= 3600:

@@ -447,29 +447,48 @@ def check_key_files(curve: CurveClientConfig | None) -> None:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """bertpool-serve's one extra flag: the key pair its own workers present to its broker."""
+    """bertpool-serve's extra flags: the key pairs its own workers and its gateway present to its broker."""
     parser.add_argument("--curve-worker-secret-key", dest="curve_client_secret_key", metavar="FILE",
                         help="with --curve-secret-key: the NAME.key_secret this command's workers use; "
                              "its NAME.key must be in --curve-allow-workers")
+    parser.add_argument("--curve-gateway-secret-key", metavar="FILE",
+                        help="with --curve-secret-key and --gateway-http/--gateway-grpc: the NAME.key_secret "
+                             "the gateway connects with; its NAME.key must be in --curve-allow-clients")
+
+
+def _check_allowed(server: CurveServerConfig, secret_file: str, domain: str, consequence: str) -> None:
+    """ConfigError unless the public half of ``secret_file`` is on ``domain``'s allow-list."""
+    flag, directory = (("--curve-allow-workers", server.allow_workers_dir) if domain == WORKERS
+                       else ("--curve-allow-clients", server.allow_clients_dir))
+    if load_key_pair(secret_file)[0] not in server.allowed(domain):
+        raise ConfigError(f"{secret_file}: its public key is not in {flag} {directory}, so {consequence}")
 
 
 def complete_serve_args(args: argparse.Namespace, server: CurveServerConfig | None) -> None:
-    """Point bertpool-serve's workers at its own broker's public key (sets ``args.curve_server_key``),
-    and check up front that their key is on the worker allow-list (ConfigError if not)."""
+    """Point bertpool-serve's workers and gateway at its own broker's public key (sets
+    ``args.curve_server_key``), and check up front that their keys are on their links' allow-lists
+    (ConfigError if not, or if a gateway is asked for without a key)."""
     worker_secret = getattr(args, "curve_client_secret_key", None)
+    gateway_secret = getattr(args, "curve_gateway_secret_key", None)
     if server is None:
-        if worker_secret is not None:
-            raise ConfigError("--curve-worker-secret-key needs --curve-secret-key (the broker's key)")
+        for flag, given in (("--curve-worker-secret-key", worker_secret),
+                            ("--curve-gateway-secret-key", gateway_secret)):
+            if given is not None:
+                raise ConfigError(f"{flag} needs --curve-secret-key (the broker's key)")
         args.curve_server_key = None
         return
     if worker_secret is None:
         raise ConfigError("--curve-secret-key needs --curve-worker-secret-key FILE: the key pair this "
                           "command's own workers present (its .key in --curve-allow-workers)")
-    public, _ = load_key_pair(worker_secret)
-    if public not in server.allowed(WORKERS):
-        raise ConfigError(f"{worker_secret}: its public key is not in --curve-allow-workers "
-                          f"{server.allow_workers_dir}, so the workers could never register")
-    # The workers need only the broker's public half: its .key beside the secret file if there is one.
+    gateway = getattr(args, "gateway_http", None) or getattr(args, "gateway_grpc", None)
+    if gateway and gateway_secret is None:
+        raise ConfigError("with --curve-secret-key, a gateway needs --curve-gateway-secret-key FILE: the key "
+                          "pair it connects to the broker with (its .key in --curve-allow-clients)")
+    _check_allowed(server, worker_secret, WORKERS, "the workers could never register")
+    if gateway_secret is not None:
+        _check_allowed(server, gateway_secret, CLIENTS, "the gateway could never connect")
+    # The workers and the gateway need only the broker's public half: its .key beside the secret file
+    # if there is one.
     secret = Path(server.secret_key_file)
     public_file = secret.with_name(secret.name[:-len(SECRET_SUFFIX)] + PUBLIC_SUFFIX) \
         if secret.name.endswith(SECRET_SUFFIX) else secret

@@ -33,9 +33,11 @@ from .. import __version__
 from ..clients.client import Client
 from ..common import errors as E
 from ..common import protocol as P
+from ..common import security
 from ..common.cli import parse_host_port, report_error, setup_logging
 from ..common.defaults import DEFAULT_FRONTEND, DEFAULT_GATEWAY_GRPC, DEFAULT_GATEWAY_HTTP
 from ..common.errors import BertpoolError, ConfigError
+from ..common.security import CurveClientConfig
 from . import kserve
 from .kserve import KServeError, Limits, ModelInfo
 from .launch import LISTENING_PREFIX
@@ -64,6 +66,7 @@ class GatewayConfig:
     max_body_bytes: int = 16 << 20          # larger HTTP bodies get 413, gRPC messages RESOURCE_EXHAUSTED
     max_rows: int = 1024                    # rows (pool requests) one v2 request may carry
     ready_cache_s: float = 0.5              # how long a readiness answer (a broker STATS) is reused
+    curve: CurveClientConfig | None = None  # CURVE keys for the broker link; None = plain text
 
     def __post_init__(self) -> None:
         P.check_endpoint("--broker", self.broker)
@@ -209,7 +212,7 @@ async def serve(config: GatewayConfig, stop: asyncio.Event, on_listening=None) -
     """Run the configured servers until ``stop`` is set; ``on_listening(dict)`` gets the bound
     addresses ({"http": "host:port", "grpc": "host:port"})."""
     model = model_info(config)
-    client = Client(config.broker, timeout_s=config.timeout_s)
+    client = Client(config.broker, timeout_s=config.timeout_s, curve=config.curve)
     gateway = Gateway(config, model, client)
     cleanups = []
     bound: dict[str, str] = {}
@@ -259,6 +262,7 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest HTTP body / gRPC message accepted (default: %(default)s)")
     parser.add_argument("--max-rows", type=int, default=1024,
                         help="most rows one inference request may carry (default: %(default)s)")
+    security.add_client_arguments(parser, own="the gateway's own")
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
@@ -266,7 +270,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     return GatewayConfig(broker=args.broker, http=None if args.http in off else args.http,
                          grpc=None if args.grpc in off else args.grpc, model_name=args.model_name,
                          model_dir=args.model, model_version=args.model_version, timeout_s=args.timeout_s,
-                         max_body_bytes=args.max_body_bytes, max_rows=args.max_rows)
+                         max_body_bytes=args.max_body_bytes, max_rows=args.max_rows,
+                         curve=security.client_config_from_args(args))
 
 
 def main(argv: list[str] | None = None) -> int:

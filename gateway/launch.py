@@ -14,6 +14,7 @@ import time
 from typing import Callable
 
 from ..common.errors import ConfigError
+from ..common.protocol import local_endpoint
 
 LISTENING_PREFIX = "bertpool-gateway: "  # the gateway's first stdout line once it listens
 
@@ -27,12 +28,16 @@ def add_serve_gateway_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also serve KServe v2 gRPC here, through the same gateway child (default: off)")
 
 
-def gateway_command(broker: str, http: str | None, grpc: str | None, model_dir: str | None) -> list[str]:
-    """The bertpool-gateway command line serving ``broker`` on the given addresses."""
+def gateway_command(broker: str, http: str | None, grpc: str | None, model_dir: str | None,
+                    curve_server_key: str | None = None, curve_secret_key: str | None = None) -> list[str]:
+    """The bertpool-gateway command line serving ``broker`` on the given addresses (with CURVE when
+    given both key files: the broker's public key and the gateway's own key pair)."""
     cmd = [sys.executable, "-m", "bertpool.gateway.gateway", "--broker", broker,
            "--http", http or "off", "--grpc", grpc or "off"]
     if model_dir:
         cmd += ["--model", model_dir]
+    if curve_server_key and curve_secret_key:
+        cmd += ["--curve-server-key", curve_server_key, "--curve-secret-key", curve_secret_key]
     return cmd
 
 
@@ -97,7 +102,9 @@ def start_gateway_process(args: argparse.Namespace, timeout_s: float = 120.0) ->
     it listens; ConfigError (and no child left) when it cannot start."""
     if not (args.gateway_http or args.gateway_grpc):
         return None
-    child = GatewayChild(gateway_command(args.address, args.gateway_http, args.gateway_grpc,
-                                         getattr(args, "model", None)))
+    # bertpool-serve binds args.address; the gateway connects to it (a wildcard host becomes loopback).
+    child = GatewayChild(gateway_command(local_endpoint(args.address), args.gateway_http, args.gateway_grpc,
+                                         getattr(args, "model", None), getattr(args, "curve_server_key", None),
+                                         getattr(args, "curve_gateway_secret_key", None)))
     child.wait_listening(timeout_s)
     return child

@@ -18,6 +18,7 @@ from ..broker.broker import Broker, add_broker_arguments, broker_config_from_arg
 from ..common import security
 from ..common.cli import install_reload_handler, install_stop_handlers, report_error, setup_logging
 from ..common.errors import BertpoolError
+from ..common.protocol import local_endpoint
 from ..gateway.launch import add_serve_gateway_arguments, start_gateway_process
 from ..workers.backends import ECHO_WARNING
 from ..workers.supervisor import Supervisor, add_supervisor_arguments, supervisor_config_from_args
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         broker = Broker(broker_config_from_args(args, args.stats_interval_s))
         security.complete_serve_args(args, broker.config.curve)  # its workers get the broker's public key
-        supervisor = Supervisor(supervisor_config_from_args(args, args.worker_address))
+        # Its workers connect where the broker binds (a wildcard host becomes loopback).
+        supervisor = Supervisor(supervisor_config_from_args(args, local_endpoint(args.worker_address)))
         broker.bind()
     except BertpoolError as exc:
         return report_error("bertpool-serve", exc)

@@ -511,9 +511,10 @@ def test_fuzzed_http_bodies_never_crash_the_gateway(served):
 
 @pytest.mark.parametrize("module, flags", [
     ("bertpool.gateway.gateway", ["--broker", "--http", "--grpc", "--model", "--model-name", "--model-version",
-                                  "--timeout-s", "--max-body-bytes", "--max-rows"]),
+                                  "--timeout-s", "--max-body-bytes", "--max-rows", "--curve-server-key",
+                                  "--curve-secret-key"]),
     ("bertpool.bench.gateway", ["--clients", "--cycle", "--model", "--modes", "--json"]),
-    ("bertpool.pool.serve", ["--gateway-http", "--gateway-grpc"]),
+    ("bertpool.pool.serve", ["--gateway-http", "--gateway-grpc", "--curve-gateway-secret-key"]),
 ])
 def test_help_lists_the_gateway_flags(module, flags):
     out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60)

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from bertpool.common import keys as keys_cli
 from bertpool.common.errors import BrokerUnavailable, ConfigError, HandshakeFailed, RequestTimeout
 from bertpool.common.security import (CurveClientConfig, CurveServerConfig, generate_key_pairs,
                                       load_key_pair, warn_if_exposed)
+from bertpool.common.protocol import local_endpoint
 from bertpool.workers.worker import EXIT_REFUSED
 
 from conftest import free_tcp_port
@@ -584,3 +587,57 @@ def test_sighup_reloads_the_allow_lists_without_a_restart(keys, tmp_path):
         assert broker.poll() is None
     finally:
         stop([broker])
+
+
+def gateway_infer(http: str, timeout_s: float = 60.0) -> dict:
+    """One text pair through the gateway's HTTP endpoint, retried (bounded) until the pool is ready."""
+    body = json.dumps({"inputs": [{"name": n, "shape": [1], "datatype": "BYTES", "data": [t]}
+                                  for n, t in (("text_a", "gateway"), ("text_b", "with curve"))]}).encode()
+    deadline, last = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        request = urllib.request.Request(f"http://{http}/v2/models/bertpool-mrpc/infer", data=body, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as reply:
+                return json.loads(reply.read())
+        except (urllib.error.URLError, ConnectionError) as exc:  # not listening or not ready yet
+            last = exc
+        time.sleep(0.1)
+    raise AssertionError(f"the gateway never answered: {last}")
+
+
+def test_serve_gateway_connects_to_its_broker_with_curve(keys, start_pool):
+    """With CURVE on, serve's gateway child connects with --curve-gateway-secret-key, to the broker
+    bound on a wildcard address (which it reaches on loopback), and serves."""
+    http = f"127.0.0.1:{free_tcp_port()}"
+    pool = start_pool("--backend", "echo", "--address", f"tcp://*:{free_tcp_port()}",
+                      "--curve-secret-key", keys.secret("broker"), "--curve-allow-clients", str(keys.allow_clients),
+                      "--curve-allow-workers", str(keys.allow_workers),
+                      "--curve-worker-secret-key", keys.secret("worker"),
+                      "--curve-gateway-secret-key", keys.secret("client"), "--gateway-http", http,
+                      parallel=1, transport="tcp", wait=False)
+    reply = gateway_infer(http)
+    assert {o["name"] for o in reply["outputs"]} == {"probabilities", "label"}, (reply, pool.log())
+
+
+@pytest.mark.parametrize("gateway_key, message", [
+    (None, "a gateway needs --curve-gateway-secret-key FILE"),
+    ("stranger", "its public key is not in --curve-allow-clients"),
+])
+def test_serve_refuses_a_curve_gateway_that_could_not_connect(keys, tmp_path, gateway_key, message):
+    args = ["--curve-gateway-secret-key", keys.secret(gateway_key)] if gateway_key else []
+    out = subprocess.run([sys.executable, "-m", "bertpool.pool.serve", "--backend", "echo", "--parallel", "1",
+                          "--address", f"ipc://{tmp_path}/f", "--worker-address", f"ipc://{tmp_path}/b",
+                          "--curve-secret-key", keys.secret("broker"), "--curve-allow-clients", str(keys.allow_clients),
+                          "--curve-allow-workers", str(keys.allow_workers),
+                          "--curve-worker-secret-key", keys.secret("worker"), *args,
+                          "--gateway-http", str(free_tcp_port())], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("bound, local", [
+    ("tcp://*:5555", "tcp://127.0.0.1:5555"), ("tcp://0.0.0.0:5555", "tcp://127.0.0.1:5555"),
+    ("tcp://[::]:5555", "tcp://[::1]:5555"), ("tcp://10.1.2.3:5555", "tcp://10.1.2.3:5555"),
+    ("ipc:///tmp/x", "ipc:///tmp/x"),
+])
+def test_local_endpoint_of_a_bound_address(bound, local):
+    assert local_endpoint(bound) == local
