@@ -227,7 +227,8 @@ async def serve(config: GatewayConfig, stop: asyncio.Event, on_listening=None) -
             from .grpc_server import start_grpc
 
             server, address = await start_grpc(gateway, *parse_host_port(config.grpc, "--grpc"))
-            cleanups.append(lambda: server.stop(grace=1.0))
+            # Calls in flight may finish, as HTTP's do (each is bounded by its own deadline).
+            cleanups.append(lambda: server.stop(grace=config.timeout_s))
             bound["grpc"] = address
         if on_listening is not None:
             on_listening(bound, model)

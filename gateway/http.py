@@ -43,11 +43,16 @@ async def _errors(request: web.Request, handler):
         return await handler(request)
     except KServeError as exc:
         return _error(exc.status, exc.message)
+    except web.RequestPayloadError as exc:  # a body that cannot be read: bad gzip, a broken chunk
+        return _error(400, f"cannot read the request body: {exc.__cause__ or exc}")
     except web.HTTPException as exc:  # unknown path 404, 405, body too large 413
         if exc.status < 400:
             raise
         detail = exc.text if exc.text and not exc.text.startswith(str(exc.status)) else exc.reason
-        return _error(exc.status, f"{exc.reason}: {detail}" if detail != exc.reason else exc.reason)
+        response = _error(exc.status, f"{exc.reason}: {detail}" if detail != exc.reason else exc.reason)
+        if "Allow" in exc.headers:  # a 405 says which methods the path takes (RFC 9110)
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception as exc:  # a bug: answer 500 and keep serving

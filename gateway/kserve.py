@@ -286,9 +286,18 @@ def decode_http(body: bytes, header_length: str | None, limits: Limits) -> Infer
             if not isinstance(item, dict) or not isinstance(item.get("name"), str):
                 raise bad_request("every requested output must be an object with a string 'name'")
             p = _params(item.get("parameters"), f"output '{item['name']}'")
+            _no_classification(item["name"], p.get("classification"))
             binary_flag = _bool_param(p, "binary_data", f"output '{item['name']}'") if "binary_data" in p else None
             request.outputs.append((item["name"], binary_flag))
     return request
+
+
+def _no_classification(output: str, class_count: Any) -> None:
+    """400 for Triton's classification extension (``class_count``), which this server does not offer:
+    answering raw tensors instead would be a silent change of what was asked."""
+    if class_count not in (None, 0):
+        raise bad_request(f"output '{output}': classification (class_count {_short(class_count)}) is not "
+                          "supported; ask for 'probabilities' and 'label'")
 
 
 def _params(value: Any, where: str) -> dict[str, Any]:
@@ -348,6 +357,8 @@ def decode_grpc(msg, limits: Limits) -> InferRequest:
         datatype = _datatype(name, item.datatype)
         shape = _check_shape(name, list(item.shape))
         if raw:
+            if item.contents.ByteSize():
+                raise bad_request(f"input '{name}': data both in raw_input_contents and in contents")
             data = decode_raw(name, datatype, shape, raw[i], limits.max_rows * 1024)
         else:
             if datatype not in _CONTENTS_FIELD:
@@ -365,6 +376,9 @@ def decode_grpc(msg, limits: Limits) -> InferRequest:
                 except (OverflowError, ValueError) as exc:
                     raise bad_request(f"input '{name}': a value does not fit {datatype}: {exc}") from None
         _add_input(request, Tensor(name, datatype, shape, data))
+    for o in msg.outputs:
+        if "classification" in o.parameters:
+            _no_classification(o.name, _grpc_param(o.parameters["classification"]))
     if msg.outputs:
         request.outputs = [(o.name, None) for o in msg.outputs]
     return request
@@ -455,8 +469,9 @@ def _feature_rows(request: InferRequest, model: ModelInfo, limits: Limits) -> Ro
 
 
 def requested_outputs(request: InferRequest) -> list[tuple[str, bool]]:
-    """(name, binary) of each output to return, in order; 400 for a name the model lacks."""
-    if request.outputs is None:
+    """(name, binary) of each output to return, in order (all of them when none is named, as gRPC and
+    Triton read an empty list too); 400 for a name the model lacks."""
+    if not request.outputs:
         return [(name, request.binary_output) for name in OUTPUTS]
     out, seen = [], set()
     for name, binary in request.outputs:

@@ -315,6 +315,10 @@ BAD_REQUESTS = {
                                    "outputs": [{"name": "logits"}]}).encode(), "unknown output 'logits'"),
     "bad binary size": (json.dumps({"inputs": [{**_text([1], None), "parameters": {"binary_data_size": 99}}]}).encode(),
                         "binary_data_size"),
+    # Triton's classification extension is refused, not answered with raw tensors instead.
+    "classification": (json.dumps({"inputs": [_text([1], ["a"]), _text([1], ["b"], name="text_b")],
+                                   "outputs": [{"name": "probabilities", "parameters": {"classification": 1}}]}).encode(),
+                       "classification (class_count 1) is not supported"),
 }
 
 
@@ -371,6 +375,46 @@ def test_unknown_path_and_method_are_v2_errors(served):
     assert status == 404 and "error" in doc
     status, doc = http_post(served.url("/v2/health/live"), b"{}")
     assert status == 405 and "error" in doc
+    request = urllib.request.Request(served.url(f"/v2/models/{MODEL}/infer"), method="DELETE")
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(request, timeout=10)
+    assert exc.value.code == 405 and "POST" in exc.value.headers["Allow"]  # RFC 9110: a 405 says what is allowed
+    assert "error" in json.loads(exc.value.read())
+
+
+def test_an_unreadable_body_encoding_is_400(served):
+    for encoding in ("gzip", "deflate"):
+        status, doc = http_post(served.url(f"/v2/models/{MODEL}/infer"), b"not compressed at all",
+                                {"Content-Encoding": encoding})
+        assert status == 400 and "cannot read the request body" in doc["error"], doc
+    test_http_text_matches_native(served, 1, False)
+
+
+def test_an_empty_outputs_list_asks_for_every_output(served):
+    body = json.dumps({"inputs": [_text([1], ["a"]), _text([1], ["b"], name="text_b")], "outputs": []}).encode()
+    status, doc = http_post(served.url(f"/v2/models/{MODEL}/infer"), body)
+    assert status == 200 and {o["name"] for o in doc["outputs"]} == {"probabilities", "label"}, doc
+
+
+def test_grpc_refuses_classification_and_data_given_twice(served):
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb  # the same v2 messages (ours would clash in this process)
+    from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+    client = grpcclient.InferenceServerClient(served.grpc)
+    with pytest.raises(InferenceServerException) as exc:
+        client.infer(MODEL, text_inputs(grpcclient, mrpc_pairs(1)),
+                     outputs=[grpcclient.InferRequestedOutput("probabilities", class_count=2)])
+    assert exc.value.status() == "StatusCode.INVALID_ARGUMENT" and "classification" in exc.value.message()
+    request = pb.ModelInferRequest(model_name=MODEL)
+    for name, text in (("text_a", b"a"), ("text_b", b"b")):
+        tensor = request.inputs.add(name=name, datatype="BYTES", shape=[1])
+        tensor.contents.bytes_contents.append(text)  # in contents, and again in raw_input_contents
+        request.raw_input_contents.append(len(text).to_bytes(4, "little") + text)
+    with grpc.insecure_channel(served.grpc) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "both" in err.value.details()
 
 
 # ---------------------------------------- a broker without workers: ready, busy, deadline
@@ -475,6 +519,49 @@ def test_serve_stops_loudly_when_its_gateway_dies(tmp_path):
         stop(proc)
     log = log_path.read_text(errors="replace")
     assert "the gateway (bertpool-gateway) exited with code -9; stopping" in log, log
+
+
+def test_sigterm_lets_grpc_calls_in_flight_finish(tmp_path):
+    """A gRPC call in flight when the gateway is told to stop is answered, as an HTTP one is (within
+    its deadline), not cancelled."""
+    import threading
+
+    http, grpc_port = f"127.0.0.1:{free_tcp_port()}", free_tcp_port()
+    front = f"ipc://{tmp_path}/f"
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "bertpool.pool.serve", "--address", front,
+                                 "--worker-address", f"ipc://{tmp_path}/b", "--parallel", "1", "--stats-interval-s", "0",
+                                 "--echo-delay-ms", "1500", "--gateway-http", http, "--gateway-grpc", str(grpc_port)],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_live(http, proc, log_path)
+        outcome: list = []
+        call = threading.Thread(target=lambda: outcome.append(_grpc_infer(f"127.0.0.1:{grpc_port}")))
+        call.start()
+        deadline = time.monotonic() + 30
+        with Client(front, timeout_s=10) as client:  # wait until the pool holds the call's request
+            while not any(w["inflight"] for w in client.stats()["workers"].values()):
+                assert time.monotonic() < deadline and call.is_alive(), log_path.read_text()
+                time.sleep(0.02)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        gateway = next(int(pid) for pid in children
+                       if "bertpool.gateway.gateway" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"))
+        os.kill(gateway, signal.SIGTERM)
+        call.join(30)
+        assert outcome and isinstance(outcome[0], np.ndarray) and outcome[0].shape == (1, 2), outcome
+    finally:
+        stop(proc)
+
+
+def _grpc_infer(address: str):
+    """One text pair over gRPC: its probabilities, or the exception it raised."""
+    try:
+        reply = grpcclient.InferenceServerClient(address).infer(MODEL, text_inputs(grpcclient, mrpc_pairs(1)),
+                                                                client_timeout=30)
+        return reply.as_numpy("probabilities")
+    except Exception as exc:  # the test reports it
+        return exc
 
 
 def test_gateway_cli_refuses_bad_flags(tmp_path):
