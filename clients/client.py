@@ -185,7 +185,8 @@ class Client:
         self._ctx = context or zmq.Context.instance()
         self._ids = itertools.count()
         self._seq = itertools.count()  # tie-breaker for the heaps
-        self._prefix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}-"
+        self._pid = os.getpid()  # a forked child has none of our threads or sockets: it may not use us
+        self._prefix = f"{self._pid}-{uuid.uuid4().hex[:8]}-"
         self._random = random.Random()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_addr = f"inproc://bertpool-client-{uuid.uuid4().hex}"
@@ -232,24 +233,28 @@ class Client:
     # ------------------------------------------------------------ public API
 
     def submit(self, text_a: str, text_b: str, timeout_s: float | None = None) -> Future:
-        """Send one text pair; the Future resolves to a Prediction or raises a RequestError."""
-        if not isinstance(text_a, str) or not isinstance(text_b, str):
-            raise TypeError("text_a and text_b must be str")
+        """Send one text pair; the Future resolves to a Prediction or raises a RequestError. A text that
+        cannot travel raises at once: TypeError (not a str), InputError (too long, not UTF-8)."""
+        P.check_text_arg("text_a", text_a)
+        P.check_text_arg("text_b", text_b)
         rid = self._new_id()
         return self._send(rid, functools.partial(P.text_request, rid, text_a, text_b), timeout_s)
 
     def submit_features(self, input_ids, input_mask, segment_ids,
                         timeout_s: float | None = None) -> Future:
-        """Send pre-tokenized features (each [S] ints); the Future resolves to a Prediction."""
+        """Send pre-tokenized features (each [S] ints); the Future resolves to a Prediction. Values
+        that are not int32 integers, or rows not 1-D, raise InputError at once."""
+        arrays = [P.check_feature_arg(name, a) for name, a in zip(P.FEATURE_FIELDS,
+                                                                   (input_ids, input_mask, segment_ids))]
         rid = self._new_id()
-        arrays = [np.asarray(a, np.int32) for a in (input_ids, input_mask, segment_ids)]
         return self._send(rid, functools.partial(P.features_request, rid, *arrays), timeout_s)
 
     def predict(self, text_a: str, text_b: str, timeout_s: float | None = None) -> Prediction:
-        """Classify one pair, blocking; raises DeadlineExceeded, ServerBusy, BrokerUnavailable or RemoteError."""
+        """Classify one pair, blocking; raises DeadlineExceeded, ServerBusy, BrokerUnavailable or RemoteError
+        (and, at once, what submit() raises for a text that cannot travel)."""
         self._check_may_block("predict")
-        if not isinstance(text_a, str) or not isinstance(text_b, str):
-            raise TypeError("text_a and text_b must be str")
+        P.check_text_arg("text_a", text_a)
+        P.check_text_arg("text_b", text_b)
         rid = self._new_id()
         return self._call(rid, functools.partial(P.text_request, rid, text_a, text_b), timeout_s)
 
@@ -261,7 +266,9 @@ class Client:
         already sent still settle in the background and are then dropped.
         """
         self._check_may_block("predict_many")
-        window = max_in_flight or self.config.max_in_flight
+        window = self.config.max_in_flight if max_in_flight is None else max_in_flight
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ConfigError(f"max_in_flight must be an int >= 1, got {window!r}")
         futures: list[Future] = []
         for a, b in pairs:
             if len(futures) >= window:
@@ -312,6 +319,9 @@ class Client:
 
     def _entry(self, rid: Any, encode: Callable[[float], bytes], timeout_s: float | None,
                kind: bytes) -> _Pending:
+        if os.getpid() != self._pid:
+            raise ClientClosed(f"this Client belongs to process {self._pid}; a process forked from it has "
+                               "no I/O thread and shares its sockets, so it must create its own Client")
         timeout = self.config.timeout_s if timeout_s is None else timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ConfigError(f"timeout_s must be a number > 0, got {timeout!r}")
@@ -507,6 +517,11 @@ class Client:
     def _admit(self, entry: _Pending) -> None:
         """Make ``entry`` pending and send it (holding _drive)."""
         self._pending[entry.rid] = entry
+        if len(self._deadlines) > 2 * len(self._pending) + 1024:
+            # Settled requests leave their deadline in the heap until it passes (it is skipped then);
+            # with long timeouts those would pile up, so drop them once they outnumber the live ones.
+            self._deadlines = [d for d in self._deadlines if d[2] in self._pending]
+            heapq.heapify(self._deadlines)
         heapq.heappush(self._deadlines, (entry.deadline, next(self._seq), entry.rid))
         self._transmit(entry, time.monotonic())
 
@@ -697,7 +712,10 @@ class Client:
             return
         interval = self.config.heartbeat_interval_s
         silent = now - self._heard_at
-        if silent >= interval * self.config.heartbeat_liveness:
+        # Dead only if a ping went unanswered for an interval: silence while this thread was busy
+        # (a slow done-callback) proves nothing until the broker has been asked.
+        pinged = self._pinged_at > self._heard_at and now - self._pinged_at >= interval
+        if silent >= interval * self.config.heartbeat_liveness and pinged:
             self._reconnect(f"it sent nothing for {silent:.2f} s ({self.config.heartbeat_liveness} "
                             f"heartbeat intervals of {interval:g} s)")
         elif silent >= interval and now - self._pinged_at >= interval:

@@ -204,6 +204,8 @@ ERROR_CODES = (E_BAD_FRAMES, E_BAD_VERSION, E_BAD_KIND, E_BAD_ENCODING, E_BAD_FI
 
 # Bounds on input, so one bad client cannot make a worker tokenize megabytes.
 MAX_TEXT_CHARS = 20_000
+MAX_FEATURE_LEN = 8192  # longest feature row a client sends (beyond any BERT's S; keeps a request
+                        # far below every link's smallest message limit)
 MAX_ID_LEN = 256
 MAX_NAME_LEN = 256  # worker names, slots and incarnations in READY and DISCONNECT
 MAX_LABEL_LEN = 128  # READY's model and version strings (metric labels)
@@ -383,6 +385,38 @@ def parse_request(body: dict[str, Any], seq_length: int) -> tuple[str, Any]:
         return "features", arrays
     raise ProtocolError(E_BAD_FIELD, "request needs text_a and text_b, or input_ids, input_mask "
                                      "and segment_ids")
+
+
+def check_text_arg(field: str, text: Any) -> str:
+    """A text a client may put in a request: a ``str`` (TypeError otherwise) of at most MAX_TEXT_CHARS
+    that UTF-8 can encode (InputError bad_text otherwise: a lone surrogate, e.g. from
+    ``errors="surrogateescape"``, cannot travel). Whether it is empty is the server's to judge."""
+    if not isinstance(text, str):
+        raise TypeError(f"{field} must be str, got {type(text).__name__}")
+    if len(text) > MAX_TEXT_CHARS:
+        raise InputError(E_BAD_TEXT, f"{field}: {len(text)} characters, more than {MAX_TEXT_CHARS}")
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InputError(E_BAD_TEXT, f"{field}: not encodable as UTF-8 ({exc.reason} at "
+                                         f"character {exc.start})") from None
+    return text
+
+
+def check_feature_arg(field: str, values: Any) -> np.ndarray:
+    """A feature row a client may send, as int32 [S]: integer values (any integer dtype, or a list of
+    ints) that int32 holds, one dimension, S <= MAX_FEATURE_LEN; InputError bad_field otherwise
+    (never a silent cast: 2**32 + id or 0.9 + id must not become id)."""
+    array = np.asarray(values)
+    if array.dtype.kind not in "iub":
+        raise InputError(E_BAD_FIELD, f"{field}: integer values required, got {array.dtype}")
+    if array.ndim != 1 or not 0 < array.size <= MAX_FEATURE_LEN:
+        raise InputError(E_BAD_FIELD, f"{field}: shape {list(array.shape)}, expected [S] with "
+                                      f"1 <= S <= {MAX_FEATURE_LEN}")
+    if array.dtype.kind != "b" and (int(array.min()) < -(1 << 31) or int(array.max()) >= 1 << 31):
+        raise InputError(E_BAD_FIELD, f"{field}: values outside int32")
+    return array.astype(np.int32)
 
 
 def _check_text(body: dict[str, Any], field: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import threading
@@ -16,7 +17,7 @@ import zmq
 from bertpool.broker.broker import Broker, BrokerConfig
 from bertpool.clients.client import Client, Prediction
 from bertpool.common import protocol as P
-from bertpool.common.errors import (BrokerUnavailable, ClientClosed, ConfigError, DeadlineExceeded,
+from bertpool.common.errors import (BrokerUnavailable, ClientClosed, ConfigError, DeadlineExceeded, InputError,
                                     MalformedReply, RemoteError, RequestTimeout, ServerBusy)
 from conftest import free_tcp_port, run_threads, start_module, stop_processes
 
@@ -432,7 +433,7 @@ def test_deadline_ms_is_sent_and_shrinks_on_a_resend(tmp_path, fake_brokers):
     broker = fake_brokers(f"ipc://{tmp_path}/b", busy_then_reply(1))
     with Client(broker.address, timeout_s=5, backoff_initial_s=0.05, backoff_max_s=0.05) as client:
         assert client.predict("a", "b").label == 1
-        client.submit_features(np.ones(8), np.ones(8), np.zeros(8), timeout_s=2).result(WAIT_MS / 1000)
+        client.submit_features(np.ones(8, np.int32), np.ones(8, np.int32), np.zeros(8, np.int32), timeout_s=2).result(WAIT_MS / 1000)
         assert client.stats() == {"answered_by": "fake"}  # BUSY once, then answered
     first, resend, features, features_resend = broker.requests()
     assert first["id"] == resend["id"]
@@ -950,3 +951,86 @@ def test_a_bug_while_driving_closes_the_client_instead_of_stranding_callers(tmp_
     with pytest.raises(ClientClosed):
         client.submit("c", "d")
     client.close()
+
+
+# ------------------------------------------------ input that cannot travel, misuse
+
+def test_a_text_that_cannot_travel_fails_at_the_call_and_nothing_else(start_pool):
+    """A lone surrogate (text decoded with errors="surrogateescape") or a text over MAX_TEXT_CHARS is
+    refused at the call with InputError; requests in flight and the client itself carry on."""
+    pool = start_pool("--backend", "echo", "--echo-delay-ms", "200", parallel=1)
+    with Client(pool.address, timeout_s=30) as client:
+        others = [client.submit("an innocent", f"request {i}") for i in range(3)]
+        for call in (client.submit, client.predict):
+            with pytest.raises(InputError, match="text_a: not encodable as UTF-8") as err:
+                call("caf\udce9", "b")
+            assert err.value.code == P.E_BAD_TEXT
+            with pytest.raises(InputError, match=f"more than {P.MAX_TEXT_CHARS}"):
+                call("a", "x " * P.MAX_TEXT_CHARS)  # far below the link's limit, not near it
+            with pytest.raises(TypeError, match="text_b must be str"):
+                call("a", b"bytes")
+        assert all(f.result(30).label in (0, 1) for f in others)
+        assert client.predict("caf\u00e9", "still served").label in (0, 1)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda ids: ids + 2 ** 32, "values outside int32"),         # would wrap to the same ids
+    (lambda ids: ids + 0.9, "integer values required"),          # would truncate to the same ids
+    (lambda ids: ids.reshape(2, -1), "expected [S]"),
+    (lambda ids: ids[:0], "expected [S]"),
+    (lambda ids: np.ones(P.MAX_FEATURE_LEN + 1, np.int64), "expected [S]"),
+])
+def test_features_that_are_not_int32_rows_are_refused_not_cast(change, message):
+    ids = np.arange(8, dtype=np.int64)
+    with Client("ipc:///nonexistent-bertpool", timeout_s=1) as client:
+        with pytest.raises(InputError, match=re.escape(message)):
+            client.submit_features(change(ids), np.ones(8, np.int32), np.zeros(8, np.int32))
+
+
+@pytest.mark.parametrize("window", [0, -1, 1.5, True])
+def test_predict_many_refuses_a_bad_window(window):
+    with Client("ipc:///nonexistent-bertpool", timeout_s=1) as client:
+        with pytest.raises(ConfigError, match="max_in_flight"):
+            client.predict_many([("a", "b")], max_in_flight=window)
+
+
+def test_a_forked_child_gets_client_closed_at_once():
+    """A fork has none of the parent's threads and shares its sockets: the child's calls fail at once
+    with ClientClosed instead of spinning or waiting forever."""
+    with Client("ipc:///nonexistent-bertpool", timeout_s=30) as client:
+        pid = os.fork()
+        if pid == 0:  # the child: report through the exit status only
+            code = 1
+            try:
+                client.submit("from", "the child")
+            except ClientClosed as exc:
+                code = 0 if "forked" in str(exc) else 2
+            except BaseException:
+                code = 3
+            os._exit(code)
+        deadline = time.monotonic() + 30
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+            assert time.monotonic() < deadline, "the child hung"
+            time.sleep(0.01)
+        assert os.waitstatus_to_exitcode(done[1]) == 0
+
+
+def test_a_slow_done_callback_does_not_make_a_live_broker_look_dead(start_pool):
+    """Silence while the client's own thread ran a callback is not the broker's: it is pinged first,
+    answers, and the request in flight is served, not failed (lost_retries=0) or sent again."""
+    pool = start_pool("--backend", "echo", "--echo-delay-ms", "1000", "--batch-size", "1", parallel=1)
+    with Client(pool.address, timeout_s=30, heartbeat_interval_s=0.2, heartbeat_liveness=3,
+                lost_retries=0) as client:
+        first = client.submit("first", "request")
+        first.add_done_callback(lambda _: time.sleep(1.0))  # five heartbeat intervals
+        second = client.submit("second", "request")
+        assert second.result(30).label in (0, 1)
+        assert client.counters.reconnects == 0 and client.counters.lost_resends == 0
+
+
+def test_settled_requests_do_not_pile_up_in_the_deadline_heap(start_pool):
+    pool = start_pool("--backend", "echo", "--batch-timeout-ms", "0", parallel=1)
+    with Client(pool.address, timeout_s=3600) as client:
+        for _ in range(3000):
+            client.predict("a", "b")
+        assert len(client._deadlines) <= 1024 + 2  # white-box: the memory a long timeout would hold
