@@ -125,6 +125,8 @@ def _tree_hash(path: Path) -> str:
 
 def from_pool_error(exc: BaseException) -> KServeError:
     """The v2 error for a pool request that failed with ``exc``."""
+    if isinstance(exc, E.ProtocolError):  # refused by the client before sending: a text too long, an id beyond int32
+        return KServeError(400, f"invalid input: {exc.message}")
     if isinstance(exc, E.ServerBusy):
         return KServeError(503, f"server busy, retry later: {exc}")
     if isinstance(exc, E.RequestTimeout):

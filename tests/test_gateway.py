@@ -315,6 +315,11 @@ BAD_REQUESTS = {
                                    "outputs": [{"name": "logits"}]}).encode(), "unknown output 'logits'"),
     "bad binary size": (json.dumps({"inputs": [{**_text([1], None), "parameters": {"binary_data_size": 99}}]}).encode(),
                         "binary_data_size"),
+    "id beyond int32": (json.dumps({"inputs": [{"name": n, "datatype": "INT64", "shape": [1, S], "data": [2 ** 40] * S}
+                                               for n in ("input_ids", "input_mask", "segment_ids")]}).encode(),
+                        "does not fit INT32"),
+    "text too long": (json.dumps({"inputs": [_text([1], ["x " * 15000]), _text([1], ["b"], name="text_b")]}).encode(),
+                      "more than 20000"),
     # Triton's classification extension is refused, not answered with raw tensors instead.
     "classification": (json.dumps({"inputs": [_text([1], ["a"]), _text([1], ["b"], name="text_b")],
                                    "outputs": [{"name": "probabilities", "parameters": {"classification": 1}}]}).encode(),
