@@ -88,8 +88,10 @@ class GatewayConfig:
 # ------------------------------------------------------------------ the model
 
 def model_info(config: GatewayConfig) -> ModelInfo:
-    """The served model's v2 identity: name, version (hash of its directory) and S."""
-    seq_length = DEFAULT_SEQ_LENGTH
+    """The served model's v2 identity: name, version (hash of its directory) and S: a compiled
+    model's (its manifest), unknown for a SavedModel directory (its signature needs TensorFlow to
+    read; the workers check S), and DEFAULT_SEQ_LENGTH without a directory."""
+    seq_length: int | None = DEFAULT_SEQ_LENGTH
     version = config.model_version
     if config.model_dir is not None:
         from ..compile.runtime import is_compiled_model, read_manifest
@@ -101,6 +103,7 @@ def model_info(config: GatewayConfig) -> ModelInfo:
             seq_length = int(read_manifest(path)["seq_length"])
             digest = hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
         else:
+            seq_length = None
             digest = _tree_hash(path)
         version = version or digest[:16]
     if version is None:

@@ -69,12 +69,12 @@ class ModelInfo:
     """What the gateway serves under the v2 model API."""
     name: str          # the model name clients use in URLs and requests
     version: str       # the compiled model's hash (or what --model-version says)
-    seq_length: int    # S of the feature inputs
+    seq_length: int | None  # S of the feature inputs; None: not known here (the workers check it)
     platform: str = "bertpool"
 
     def metadata(self) -> dict[str, Any]:
         """The v2 model metadata object (HTTP JSON; the gRPC response has the same fields)."""
-        s = self.seq_length
+        s = -1 if self.seq_length is None else self.seq_length
         return {"name": self.name, "versions": [self.version], "platform": self.platform,
                 "inputs": [{"name": "text_a", "datatype": "BYTES", "shape": [-1]},
                            {"name": "text_b", "datatype": "BYTES", "shape": [-1]},
@@ -454,8 +454,8 @@ def _feature_rows(request: InferRequest, model: ModelInfo, limits: Limits) -> Ro
         t = request.inputs[name]
         if t.datatype not in ("INT32", "INT64"):
             raise bad_request(f"input '{name}': datatype {t.datatype}, expected INT32 (or INT64)")
-        if len(t.shape) != 2 or t.shape[1] != model.seq_length:
-            raise bad_request(f"input '{name}': shape {t.shape}, expected [N,{model.seq_length}]")
+        if len(t.shape) != 2 or t.shape[1] != (model.seq_length or t.shape[1]) or not t.shape[1]:
+            raise bad_request(f"input '{name}': shape {t.shape}, expected [N,{model.seq_length or 'S'}]")
         _rows_count(name, t.shape[0], limits)
         data = t.data
         if data.size and (data.min() < -(1 << 31) or data.max() >= 1 << 31):

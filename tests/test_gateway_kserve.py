@@ -115,12 +115,30 @@ def test_model_check():
         assert exc.value.status == 404 and exc.value.grpc_code == "NOT_FOUND"
 
 
+def test_a_savedmodel_directory_leaves_s_to_the_workers(tmp_path):
+    """A SavedModel's S is in its signature, which needs TensorFlow to read: the gateway reports it as -1
+    and passes feature rows of any length on, for the workers to check, instead of a wrong 128."""
+    from bertpool.gateway.gateway import model_info
+
+    (tmp_path / "saved_model.pb").write_bytes(b"not read here")
+    model = model_info(GatewayConfig(model_dir=str(tmp_path)))
+    assert model.seq_length is None
+    assert {i["name"]: i["shape"] for i in model.metadata()["inputs"]}["input_ids"] == [-1, -1]
+    feats = [np.ones((2, 64), "<i4")] * 3
+    body, hl = binary_request([(n, "INT32", [2, 64], f.tobytes()) for n, f in zip(kserve.FEATURE_INPUTS, feats)])
+    assert len(kserve.rows_of(kserve.decode_http(body, hl, LIMITS), model, LIMITS)) == 2
+    body, hl = binary_request([(n, "INT32", [2, 0], b"") for n in kserve.FEATURE_INPUTS])
+    with pytest.raises(KServeError, match=r"expected \[N,S\]"):
+        kserve.rows_of(kserve.decode_http(body, hl, LIMITS), model, LIMITS)
+
+
 @pytest.mark.parametrize("error, status", [
     (E.ServerBusy("full"), 503), (E.RequestTimeout("late"), 504), (E.ClientClosed("closed"), 503),
     (E.RemoteError(P.E_BAD_TEXT, "empty"), 400), (E.RemoteError(P.E_BAD_FIELD, "x"), 400),
     (E.RemoteError(P.E_DEADLINE, "late"), 504), (E.RemoteError(P.E_SHUTDOWN, "bye"), 503),
     (E.RemoteError(P.E_WORKER_LOST, "gone"), 503), (E.RemoteError(P.E_INFERENCE, "boom"), 500),
     (E.MalformedReply(P.E_BAD_FIELD, "x"), 500), (RuntimeError("bug"), 500),
+    (E.InputError(P.E_BAD_TEXT, "too long"), 400),  # refused by the client before it was sent
 ])
 def test_pool_errors_map_to_v2_statuses(error, status):
     assert from_pool_error(error).status == status
