@@ -207,8 +207,12 @@ def _validate(o: CompileOptions) -> CompileOptions:
             raise ConfigError(f"--output_saved_model {o.output} exists and is not a directory")
         if any(o.output.iterdir()) and not o.force:
             raise ConfigError(f"--output_saved_model {o.output} exists and is not empty (use --force to replace it)")
-    if o.input.exists() and o.output.resolve() == o.input.resolve():
-        raise ConfigError("--output_saved_model must differ from --input_saved_model")
+    if o.input.exists():
+        source, target = o.input.resolve(), o.output.resolve()
+        # --force replaces the output directory: never one that holds the input, or lies inside it.
+        if target == source or source.is_relative_to(target) or target.is_relative_to(source):
+            raise ConfigError(f"--output_saved_model {o.output} must lie outside --input_saved_model "
+                              f"{o.input}, and not contain it")
     return o
 
 

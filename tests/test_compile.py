@@ -506,8 +506,11 @@ def test_config_errors_before_any_work(models, tmp_path):
         quiet_compile(models["hf"], tmp_path / "out", target="cpu", seq_length=600, verify=False)
     with pytest.raises(ConfigError, match="needs --seq-length 128"):
         quiet_compile(models["savedmodel-erf"], tmp_path / "out", target="cpu", seq_length=64)
-    with pytest.raises(ConfigError, match="must differ"):
-        quiet_compile(models["hf"], models["hf"], target="cpu", force=True)
+    # --force replaces the output: never the input, a directory inside it, or one holding it.
+    for output in (models["hf"], pathlib.Path(models["hf"]) / "variables", pathlib.Path(models["hf"]).parent):
+        with pytest.raises(ConfigError, match="must lie outside --input_saved_model"):
+            quiet_compile(models["hf"], output, target="cpu", force=True)
+    assert any(pathlib.Path(models["hf"]).iterdir())
 
 
 def test_other_batch_and_sequence_length(models, tmp_path):
