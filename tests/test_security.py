@@ -641,3 +641,24 @@ def test_serve_refuses_a_curve_gateway_that_could_not_connect(keys, tmp_path, ga
 ])
 def test_local_endpoint_of_a_bound_address(bound, local):
     assert local_endpoint(bound) == local
+
+
+@pytest.mark.parametrize("module, flags", [
+    ("bertpool.workers.supervisor", ["--curve-server-key", "{broker}", "--curve-secret-key", "{worker}"]),
+    ("bertpool.pool.serve", ["--curve-secret-key", "{broker_secret}", "--curve-allow-clients", "{clients}",
+                             "--curve-allow-workers", "{workers}", "--curve-worker-secret-key", "{worker}"]),
+])
+def test_a_worker_config_file_cannot_quietly_drop_the_curve_keys_asked_for(keys, tmp_path, module, flags):
+    from bertpool.common import configdata
+    from bertpool.workers.backends import BackendConfig
+    from bertpool.workers.worker import WorkerConfig
+
+    back = f"ipc://{tmp_path}/b"
+    configdata.write_json(WorkerConfig(broker_address=back, backend=BackendConfig(name="echo")), tmp_path / "w.json")
+    names = {"broker": keys.public("broker"), "worker": keys.secret("worker"), "broker_secret": keys.secret("broker"),
+             "clients": str(keys.allow_clients), "workers": str(keys.allow_workers)}
+    address = [] if module.endswith("supervisor") else ["--address", f"ipc://{tmp_path}/f"]
+    out = subprocess.run([sys.executable, "-m", module, *address, "--worker-address", back,
+                          "--worker-config-json", str(tmp_path / "w.json"),
+                          *[f.format(**names) for f in flags]], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "CURVE keys included" in out.stderr and "Traceback" not in out.stderr, out.stderr

@@ -216,6 +216,11 @@ def _worker_config_from_json(args: argparse.Namespace, worker_address: str) -> W
     if given:
         raise ConfigError(f"--worker-config-json holds the workers' whole config: drop {', '.join(given)}")
     worker = configdata.read_json(WorkerConfig, args.worker_config_json)
+    curve = security.client_config_from_args(args)
+    if curve is not None and worker.curve != curve:  # never let the file quietly drop the keys asked for
+        raise ConfigError("--worker-config-json holds the workers' whole config, CURVE keys included, and its "
+                          "keys are not the CURVE key flags given: drop those flags, or put the same key files "
+                          "in the file")
     if worker.broker_address != worker_address:
         raise ConfigError(f"--worker-config-json: broker_address {worker.broker_address} is not "
                           f"--worker-address {worker_address}")
