@@ -119,6 +119,11 @@ class BrokerConfig:
             parse_host_port(self.metrics_address, "--metrics-address")
         P.check_endpoint("frontend address", self.frontend)
         P.check_endpoint("backend address", self.backend)
+        if self.frontend == self.backend:  # two ipc binds of one path would both "work", and mix the links
+            raise ConfigError(f"the client and worker addresses must differ, both are {self.frontend}")
+        for name in ("frontend_sndhwm_msgs", "frontend_rcvhwm_msgs", "max_message_bytes"):
+            if getattr(self, name) > P.INT32_MAX:
+                raise ConfigError(f"{name} must be <= {P.INT32_MAX}, got {getattr(self, name)}")
 
 
 @dataclass(slots=True)  # one per request: slots make it cheaper to build and to read

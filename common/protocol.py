@@ -218,10 +218,19 @@ MAX_PER_MESSAGE = 4096  # most requests in one REQUESTS, or answers in one REPLI
 TRANSPORTS = ("tcp://", "ipc://", "inproc://")
 
 
+INT32_MAX = (1 << 31) - 1  # ZeroMQ's (and gRPC's) int options: larger values overflow
+
+
 def check_endpoint(name: str, endpoint: str) -> str:
-    """Return ``endpoint`` if it names a ZeroMQ transport bertpool uses, else ConfigError."""
+    """Return ``endpoint`` if it names a ZeroMQ transport bertpool uses, else ConfigError; a tcp
+    endpoint needs a fixed port 1..65535 (ZeroMQ would wrap a larger one, and ``*`` or 0, a port
+    chosen at bind, is one no peer could know)."""
     if not isinstance(endpoint, str) or not endpoint.startswith(TRANSPORTS):
         raise ConfigError(f"{name} {endpoint!r} must start with {', '.join(TRANSPORTS)}")
+    if endpoint.startswith("tcp://"):
+        host, sep, port = endpoint[len("tcp://"):].rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ConfigError(f"{name} {endpoint!r} must be tcp://HOST:PORT with PORT in 1..65535")
     return endpoint
 
 

@@ -79,8 +79,8 @@ class GatewayConfig:
             raise ConfigError(f"--model-name must be non-empty without '/', got {self.model_name!r}")
         if not self.timeout_s > 0:
             raise ConfigError(f"--timeout-s must be > 0, got {self.timeout_s}")
-        if self.max_body_bytes < 1024:
-            raise ConfigError(f"--max-body-bytes must be >= 1024, got {self.max_body_bytes}")
+        if not 1024 <= self.max_body_bytes <= P.INT32_MAX:  # gRPC's message limit is an int32
+            raise ConfigError(f"--max-body-bytes must be in [1024, {P.INT32_MAX}], got {self.max_body_bytes}")
         if self.max_rows < 1:
             raise ConfigError(f"--max-rows must be >= 1, got {self.max_rows}")
 

@@ -16,6 +16,7 @@ import zmq
 from bertpool.broker.broker import Broker, BrokerConfig
 from bertpool.common import protocol as P
 from bertpool.common.errors import ConfigError
+from conftest import free_tcp_port
 
 WAIT_MS = 5000
 
@@ -302,9 +303,9 @@ def test_malformed_worker_messages_are_ignored(broker, sockets):
 
 
 def test_bind_conflict_is_a_config_error(tmp_path):
-    first = Broker(BrokerConfig(frontend="tcp://127.0.0.1:0", backend=f"ipc://{tmp_path}/b1"))
+    taken = f"tcp://127.0.0.1:{free_tcp_port()}"
+    first = Broker(BrokerConfig(frontend=taken, backend=f"ipc://{tmp_path}/b1"))
     first.bind()
-    taken = first.frontend.getsockopt(zmq.LAST_ENDPOINT).decode()
     try:
         with pytest.raises(ConfigError, match="cannot bind"):
             Broker(BrokerConfig(frontend=taken, backend=f"ipc://{tmp_path}/b2")).bind()

@@ -70,6 +70,17 @@ def test_help_is_complete(command):
     ("bertpool.workers.supervisor", ["--max-message-bytes", "100"], "max_message_bytes must be"),
     ("bertpool.workers.worker", ["--backend", "tf"], "needs --model"),
     ("bertpool.workers.supervisor", ["--worker-address", "localhost:5556"], "must start with tcp://"),
+    # A port ZeroMQ would wrap, or one chosen at bind that no peer could know.
+    ("bertpool.broker.broker", ["--address", "tcp://127.0.0.1:99999"], "PORT in 1..65535"),
+    ("bertpool.pool.serve", ["--worker-address", "tcp://127.0.0.1:*"], "PORT in 1..65535"),
+    ("bertpool.workers.supervisor", ["--worker-address", "tcp://127.0.0.1:0"], "PORT in 1..65535"),
+    ("bertpool.pool.serve", ["--address", "ipc:///tmp/bp-same", "--worker-address", "ipc:///tmp/bp-same"],
+     "addresses must differ"),
+    # Values past what ZeroMQ's int options hold are clear errors, not OverflowError tracebacks.
+    ("bertpool.broker.broker", ["--frontend-sndhwm-msgs", "99999999999"], "must be <= 2147483647"),
+    ("bertpool.broker.broker", ["--max-message-bytes", "99999999999999999999"], "must be <= 2147483647"),
+    ("bertpool.workers.supervisor", ["--max-message-bytes", "99999999999999999999"], "max_message_bytes must be in"),
+    ("bertpool.pool.serve", ["--batch-timeout-ms", "nan"], "batch_timeout_ms must be a number >= 0"),
 ])
 def test_bad_flags_are_clear_errors(module, args, message, tmp_path):
     proc = run(module, *args)

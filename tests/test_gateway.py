@@ -573,7 +573,9 @@ def test_gateway_cli_refuses_bad_flags(tmp_path):
     for args, fragment in ((["--http", "off", "--grpc", "off"], "nothing to serve"),
                            (["--http", "nohost:"], "HOST:PORT"),
                            (["--broker", "http://x"], "--broker"),
-                           (["--model", str(tmp_path / "absent")], "not a directory")):
+                           (["--model", str(tmp_path / "absent")], "not a directory"),
+                           (["--max-body-bytes", "3000000000"], "--max-body-bytes must be in"),
+                           (["--broker", "tcp://127.0.0.1:*"], "PORT in 1..65535")):
         out = subprocess.run([sys.executable, "-m", "bertpool.gateway.gateway", *args],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and fragment in out.stderr, out.stderr

@@ -53,8 +53,8 @@ class BatcherConfig:
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
-        if self.batch_timeout_ms < 0:
-            raise ValueError(f"batch_timeout_ms must be >= 0, got {self.batch_timeout_ms}")
+        if not 0 <= self.batch_timeout_ms < float("inf"):  # NaN would never flush a partial batch
+            raise ValueError(f"batch_timeout_ms must be a number >= 0, got {self.batch_timeout_ms}")
 
 
 class Batcher(Generic[T]):

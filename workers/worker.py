@@ -95,14 +95,15 @@ class WorkerConfig:
         P.check_endpoint("worker address", self.broker_address)
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.batch_timeout_ms < 0:
-            raise ConfigError(f"batch_timeout_ms must be >= 0, got {self.batch_timeout_ms}")
+        if not 0 <= self.batch_timeout_ms < float("inf"):  # NaN would never flush a partial batch
+            raise ConfigError(f"batch_timeout_ms must be a number >= 0, got {self.batch_timeout_ms}")
         if self.capacity < 0:
             raise ConfigError(f"capacity must be >= 0, got {self.capacity}")
         P.check_heartbeat(self.heartbeat_interval_s, self.heartbeat_liveness)
         # Below this a valid text request (2 x MAX_TEXT_CHARS of UTF-8) could not reach us.
-        if self.max_message_bytes < MIN_MESSAGE_BYTES:
-            raise ConfigError(f"max_message_bytes must be >= {MIN_MESSAGE_BYTES}, got {self.max_message_bytes}")
+        if not MIN_MESSAGE_BYTES <= self.max_message_bytes <= P.INT32_MAX:
+            raise ConfigError(f"max_message_bytes must be in [{MIN_MESSAGE_BYTES}, {P.INT32_MAX}], "
+                              f"got {self.max_message_bytes}")
         if not self.inline_batch_ms >= 0:
             raise ConfigError(f"inline_batch_ms must be >= 0, got {self.inline_batch_ms}")
 
