@@ -32,6 +32,8 @@ from typing import Any
 
 from . import add_vocab_argument, echo_vocab
 from ..clients.bench import BenchConfig, load_pairs, run_bench
+from ..common.cli import output_file, report_error
+from ..common.errors import BertpoolError
 from ..common import configdata
 from ..common.tokenizer import BertTokenizer
 from ..workers.backends import (BACKENDS, BackendConfig, choose_backend, fallback_vocab_path, load_backend,
@@ -93,6 +95,21 @@ def _positive(value: str) -> int:
     return int(value)
 
 
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value}: must be a number of seconds > 0")
+    return seconds
+
+
+def _counts(value: str) -> list[int]:
+    """--parallel: comma-separated worker counts, each >= 1."""
+    return [_positive(part.strip()) for part in value.split(",")]
+
+
 def _median(values: list[float]) -> float | None:
     return round(statistics.median(values), 3) if values else None
 
@@ -116,23 +133,37 @@ def main(argv: list[str] | None = None) -> int:
         prog="bertpool-bench-backend",
         description="Served throughput at saturation against the same backend in a tight in-process "
                     "loop at the same batch size, plus single-request added latency.")
-    parser.add_argument("--backend", choices=BACKENDS, default="tf")
+    parser.add_argument("--backend", choices=BACKENDS, default="tf",
+                        help="the backend to measure; tf and neuron need --model (default: %(default)s)")
     parser.add_argument("--model", "--dir", dest="model", metavar="DIR", help="model directory")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--batch-timeout-ms", type=float, default=5.0)
-    parser.add_argument("--echo-delay-ms", type=float, default=0.0)
-    parser.add_argument("--seconds", type=float, default=20.0, help="tight-loop duration (default: %(default)s)")
-    parser.add_argument("--parallel", default="1,2", help="comma-separated worker counts to serve with")
+    parser.add_argument("--batch-size", type=_positive, default=4, help="batch size (default: %(default)s)")
+    parser.add_argument("--batch-timeout-ms", type=float, default=5.0,
+                        help="the served workers' batch timeout (default: %(default)s)")
+    parser.add_argument("--echo-delay-ms", type=float, default=0.0,
+                        help="echo backend: simulated compute time per batch (default: %(default)s)")
+    parser.add_argument("--seconds", type=_seconds, default=20.0, help="tight-loop duration (default: %(default)s)")
+    parser.add_argument("--parallel", type=_counts, default=[1, 2],
+                        help="comma-separated worker counts to serve with (default: 1,2)")
     parser.add_argument("--clients", type=int, default=0, help="saturation clients (default: 2 x parallel x batch)")
-    parser.add_argument("--cycle", type=int, default=8, help="requests per saturation client")
-    parser.add_argument("--single-cycle", type=int, default=20, help="requests for the single-client run")
+    parser.add_argument("--cycle", type=_positive, default=8, help="requests per saturation client (default: %(default)s)")
+    parser.add_argument("--single-cycle", type=_positive, default=20,
+                        help="requests for the single-client run (default: %(default)s)")
     parser.add_argument("--rounds", type=_positive, default=1,
                         help="rounds of tight loop then served runs; the report gives the median ratio, each "
                              "served run against its own round's tight loop (default: %(default)s)")
     parser.add_argument("--tsv", help="MRPC-format pairs (default: the pairs bertpool ships)")
     add_vocab_argument(parser)
-    parser.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
+    parser.add_argument("--json", metavar="FILE", type=output_file, help="also write the report as JSON to FILE")
     args = parser.parse_args(argv)
+    if args.clients < 0:
+        parser.error(f"--clients must be >= 0, got {args.clients}")
+    try:
+        return _run(args)
+    except BertpoolError as exc:  # a bad --model or --tsv, a backend that is not installed, a failed run
+        return report_error("bertpool-bench-backend", exc)
+
+
+def _run(args: argparse.Namespace) -> int:
     pairs, _ = load_pairs(args.tsv)
     cores = os.cpu_count() or 1
     backend = BackendConfig(name=choose_backend(args.backend, args.model), model_dir=args.model,
@@ -143,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"backend": args.backend, "model": args.model,
                               "vocab": vocab_name or "the model's own", "batch_size": args.batch_size,
                               "cores": cores, "rounds": []}
-    parallels = [int(p) for p in args.parallel.split(",")]
+    parallels = args.parallel
     for number in range(1, args.rounds + 1):
         tight = tight_loop(worker.backend, args.batch_size, args.seconds, pairs, vocab)
         print(f"round {number}: tight loop: {tight}", flush=True)

@@ -41,6 +41,7 @@ import numpy as np
 
 from ..clients.bench import wait_for_workers
 from ..clients.client import Client
+from ..common.cli import output_file
 from ..common.errors import ConfigError, RequestError, RequestTimeout
 
 PHASES = ("kill", "stop")
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heartbeat-liveness", type=int, default=d.heartbeat_liveness)
     parser.add_argument("--client-timeout-s", type=float, default=d.client_timeout_s)
     parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of kill,stop")
-    parser.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
+    parser.add_argument("--json", metavar="FILE", type=output_file, help="also write the report as JSON to FILE")
     args = parser.parse_args(argv)
     try:
         config = FaultBenchConfig(

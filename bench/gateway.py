@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from ..clients.bench import percentiles
-from ..common.cli import report_error
+from ..common.cli import output_file, report_error
 from ..common.data import default_pairs
 from ..common.errors import BertpoolError, ConfigError
 
@@ -253,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", dest="model_dir", default=None,
                         help="serve this model directory with the tf backend (default: the echo backend)")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated (default: %(default)s)")
-    parser.add_argument("--json", default=None, help="also write the report here")
-    parser.add_argument("--log", default=None, help="the pool's log file (default: a temporary file)")
+    parser.add_argument("--json", default=None, type=output_file, help="also write the report here")
+    parser.add_argument("--log", default=None, type=output_file, help="the pool's log file (default: a temporary file)")
     args = parser.parse_args(argv)
     try:
         config = GatewayBenchConfig(clients=args.clients, cycle=args.cycle, warmup=args.warmup,

@@ -40,8 +40,10 @@ import zmq
 
 from . import add_vocab_argument, echo_vocab
 from ..clients.bench import BenchConfig, run_bench, wait_for_workers
+from ..common.cli import output_file, report_error
 from ..common import protocol as P
 from ..common.data import Pair
+from ..common.errors import BertpoolError
 from ..common.fastzmq import recv_many, send_nowait
 from ..broker.broker import Broker, BrokerConfig
 
@@ -336,12 +338,26 @@ def main(argv: list[str] | None = None) -> int:
                         help="after each set-up's load, one client alone sends N requests one at a time "
                              "(0: skip) (default: %(default)s)")
     add_vocab_argument(parser)
-    parser.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
+    parser.add_argument("--json", metavar="FILE", type=output_file, help="also write the report as JSON to FILE")
     args = parser.parse_args(argv)
     setups = [s for s in args.setups.split(",") if s]
     unknown = set(setups) - set(SETUPS)
-    if unknown or min(args.clients, args.workers, args.load_procs) < 1 or args.single < 0:
-        parser.error(f"bad --setups {sorted(unknown)} or non-positive count")
+    if unknown or not setups:
+        parser.error(f"--setups must name some of {', '.join(SETUPS)}, got {args.setups!r}")
+    for flag in ("clients", "workers", "load_procs"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.single < 0:
+        parser.error(f"--single must be >= 0, got {args.single}")
+    if not 0 < args.duration_s < float("inf") or not 0 <= args.warmup_s < float("inf"):
+        parser.error(f"--duration-s must be > 0 and --warmup-s >= 0, got {args.duration_s} and {args.warmup_s}")
+    try:
+        return _run(args, setups)
+    except BertpoolError as exc:  # e.g. a --metrics-address the broker cannot take
+        return report_error("bertpool-bench-broker", exc)
+
+
+def _run(args: argparse.Namespace, setups: list[str]) -> int:
     body = request_body(args.request)
     vocab, vocab_name = echo_vocab(args.vocab)
     report: dict[str, Any] = {"clients": args.clients, "workers": args.workers, "request": args.request,

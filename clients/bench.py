@@ -38,7 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..common import security
-from ..common.cli import add_address_arguments, report_error
+from ..common.cli import add_address_arguments, output_file, report_error
 from ..common.defaults import DEFAULT_FRONTEND
 from ..common.data import Pair, default_pairs, read_mrpc_tsv
 from ..common.errors import (BenchError, BertpoolError, ConfigError, HandshakeFailed, RemoteError, RequestError,
@@ -67,8 +67,10 @@ class BenchConfig:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
-        for name in ("timeout_s", "connect_timeout_s"):
-            if not getattr(self, name) > 0:
+        if self.wait_workers < 0:
+            raise ConfigError(f"--wait-workers must be >= 0, got {self.wait_workers}")
+        for name in ("timeout_s", "connect_timeout_s", "start_timeout_s", "wait_timeout_s"):
+            if not getattr(self, name) > 0:  # NaN too: a wait bounded by it would never end
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.duration_s is not None and not self.duration_s > 0:
             raise ConfigError(f"--duration-s must be > 0, got {self.duration_s}")
@@ -470,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="before the run, wait this long for the broker to answer a STATS request; "
                              "no answer means no broker at --address, and the bench exits 2 (default: "
                              "%(default)s)")
-    parser.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
+    parser.add_argument("--json", metavar="FILE", type=output_file, help="also write the report as JSON to FILE")
     parser.add_argument("--plot", metavar="FILE.png",
                         help="draw throughput against p50/p99 latency and a latency histogram to FILE "
                              "(needs matplotlib: pip install 'bertpool[plot]')")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Callable
 
 from .defaults import DEFAULT_BACKEND, DEFAULT_FRONTEND
@@ -29,6 +31,18 @@ def install_reload_handler(reload: Callable[[], None]) -> None:
     thread of its own: a signal handler runs on the main thread between any two bytecodes, perhaps
     while that thread holds a lock ``reload`` needs."""
     signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=reload, name="reload", daemon=True).start())
+
+
+def output_file(value: str) -> str:
+    """argparse ``type`` of a file a command writes after its run (``--json``, ``--log``): refused at
+    once if it could not be written then (its directory missing, or the path a directory), so an
+    hour's results are never lost to a typo."""
+    path = Path(value)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value} is a directory, not a file")
+    if not path.absolute().parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{value}: directory {path.absolute().parent} does not exist")
+    return value
 
 
 def report_error(prog: str, exc: BaseException, code: int = 2) -> int:

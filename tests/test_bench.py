@@ -410,3 +410,23 @@ def test_a_client_failing_while_warming_up_ends_the_wait_with_its_reason(start_p
     with pytest.raises(BenchError, match="failed while warming up: client 0: AttributeError"):
         run_bench(BenchConfig(address=pool.address, clients=1, cycle=1, warmup=1, start_timeout_s=300),
                   [("plain", "tuples are not Pairs")])
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("bertpool.bench.backend", [], "the tf backend needs --model"),
+    ("bertpool.bench.backend", ["--backend", "echo", "--parallel", "0"], "must be a whole number >= 1"),
+    ("bertpool.bench.backend", ["--backend", "echo", "--single-cycle", "0"], "--single-cycle"),
+    ("bertpool.bench.backend", ["--backend", "echo", "--seconds", "nan"], "number of seconds > 0"),
+    ("bertpool.bench.relay", ["--duration-s", "0"], "--duration-s must be > 0"),
+    ("bertpool.bench.relay", ["--warmup-s", "nan"], "--warmup-s >= 0"),
+    ("bertpool.bench.relay", ["--setups", ""], "--setups must name some of"),
+    ("bertpool.bench.relay", ["--clients", "0"], "--clients must be >= 1"),
+    ("bertpool.bench.relay", ["--setups", "broker", "--metrics-address", "99999"], "--metrics-address"),
+    ("bertpool.clients.bench", ["--wait-workers", "1", "--wait-timeout-s", "nan"], "--wait-timeout-s must be > 0"),
+    ("bertpool.clients.bench", ["--json", "/nonexistent-bertpool/x.json"], "does not exist"),
+    ("bertpool.bench.relay", ["--json", "/"], "is a directory"),
+])
+def test_bench_commands_refuse_bad_values_before_running(module, args, message):
+    """One line and exit 2, at once: no traceback, no hang on a NaN wait, no report lost after a run."""
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
