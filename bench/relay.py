@@ -35,11 +35,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import zmq
 
 from . import add_vocab_argument, echo_vocab
-from ..clients.bench import BenchConfig, run_bench, wait_for_workers
+from ..clients.bench import BenchConfig, percentiles, run_bench, wait_for_workers
 from ..common.cli import output_file, report_error
 from ..common import protocol as P
 from ..common.data import Pair
@@ -173,11 +172,10 @@ def _single_dealer(address: str, requests: int, body: bytes, results) -> None:
 
 
 def _latency(values: list[float]) -> dict[str, Any]:
-    """p50 and p99 (ms, rounded to µs) of a single client's round trips, and how many there were."""
-    if not values:
-        return {"p50": None, "p99": None, "requests": 0}
-    p50, p99 = np.percentile(values, [50, 99])
-    return {"p50": round(float(p50), 3), "p99": round(float(p99), 3), "requests": len(values)}
+    """p50 and p99 (ms, rounded to µs; None when empty) of a single client's round trips, and how many
+    there were."""
+    pct = percentiles(values)
+    return {"p50": pct["p50"], "p99": pct["p99"], "requests": len(values)}
 
 
 def single_latency(setup: str, address: str, requests: int, body: bytes) -> dict[str, Any]:
