@@ -218,7 +218,12 @@ MAX_PER_MESSAGE = 4096  # most requests in one REQUESTS, or answers in one REPLI
 TRANSPORTS = ("tcp://", "ipc://", "inproc://")
 
 
-INT32_MAX = (1 << 31) - 1  # ZeroMQ's (and gRPC's) int options: larger values overflow
+INT32_MAX = (1 << 31) - 1  # ZeroMQ's (and gRPC's) int options: larger values overflow; features are int32
+
+
+def fits_int32(array: np.ndarray) -> bool:
+    """Every value of the integer ``array`` is one int32 holds (a cast would keep it as it is)."""
+    return not array.size or (int(array.min()) >= -INT32_MAX - 1 and int(array.max()) <= INT32_MAX)
 
 
 def check_endpoint(name: str, endpoint: str) -> str:
@@ -402,8 +407,7 @@ def check_text_arg(field: str, text: Any) -> str:
     ``errors="surrogateescape"``, cannot travel). Whether it is empty is the server's to judge."""
     if not isinstance(text, str):
         raise TypeError(f"{field} must be str, got {type(text).__name__}")
-    if len(text) > MAX_TEXT_CHARS:
-        raise InputError(E_BAD_TEXT, f"{field}: {len(text)} characters, more than {MAX_TEXT_CHARS}")
+    _check_length(field, text)
     if not text.isascii():
         try:
             text.encode("utf-8")
@@ -423,7 +427,7 @@ def check_feature_arg(field: str, values: Any) -> np.ndarray:
     if array.ndim != 1 or not 0 < array.size <= MAX_FEATURE_LEN:
         raise InputError(E_BAD_FIELD, f"{field}: shape {list(array.shape)}, expected [S] with "
                                       f"1 <= S <= {MAX_FEATURE_LEN}")
-    if array.dtype.kind != "b" and (int(array.min()) < -(1 << 31) or int(array.max()) >= 1 << 31):
+    if not fits_int32(array):
         raise InputError(E_BAD_FIELD, f"{field}: values outside int32")
     return array.astype(np.int32)
 
@@ -439,9 +443,15 @@ def _check_text(body: dict[str, Any], field: str) -> str:
         raise ProtocolError(E_BAD_FIELD, f"{field}: missing or not a string")
     if not text.strip():
         raise InputError(E_BAD_TEXT, f"{field}: empty text")
+    _check_length(field, text)
+    return text
+
+
+def _check_length(field: str, text: str) -> None:
+    """InputError bad_text for a text over MAX_TEXT_CHARS (checked by the client before sending, and by
+    the worker, for senders that are not our client)."""
     if len(text) > MAX_TEXT_CHARS:
         raise InputError(E_BAD_TEXT, f"{field}: {len(text)} characters, more than {MAX_TEXT_CHARS}")
-    return text
 
 
 def _check_feature(body: dict[str, Any], field: str, seq_length: int) -> np.ndarray:

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..common.errors import BertpoolError
+from ..common.protocol import fits_int32
 
 TEXT_INPUTS = ("text_a", "text_b")
 FEATURE_INPUTS = ("input_ids", "input_mask", "segment_ids")
@@ -454,11 +455,11 @@ def _feature_rows(request: InferRequest, model: ModelInfo, limits: Limits) -> Ro
         t = request.inputs[name]
         if t.datatype not in ("INT32", "INT64"):
             raise bad_request(f"input '{name}': datatype {t.datatype}, expected INT32 (or INT64)")
-        if len(t.shape) != 2 or t.shape[1] != (model.seq_length or t.shape[1]) or not t.shape[1]:
+        if len(t.shape) != 2 or not t.shape[1] or model.seq_length not in (None, t.shape[1]):
             raise bad_request(f"input '{name}': shape {t.shape}, expected [N,{model.seq_length or 'S'}]")
         _rows_count(name, t.shape[0], limits)
         data = t.data
-        if data.size and (data.min() < -(1 << 31) or data.max() >= 1 << 31):
+        if not fits_int32(data):
             raise bad_request(f"input '{name}': a value does not fit INT32")
         arrays.append(np.ascontiguousarray(data, dtype=np.int32))
     n = {a.shape[0] for a in arrays}
