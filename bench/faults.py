@@ -43,6 +43,7 @@ from ..clients.bench import wait_for_workers
 from ..clients.client import Client
 from ..common.cli import output_file
 from ..common.errors import ConfigError, RequestError, RequestTimeout
+from ..common.protocol import check_heartbeat
 
 PHASES = ("kill", "stop")
 
@@ -69,8 +70,18 @@ class FaultBenchConfig:
             raise ConfigError("clients, client_procs and parallel must be >= 1")
         if self.parallel < 2:
             raise ConfigError("parallel must be >= 2: a pool of one has no survivor to fail over to")
-        if not set(self.phases) <= set(PHASES):
-            raise ConfigError(f"phases must be among {PHASES}, got {self.phases}")
+        if not self.phases or not set(self.phases) <= set(PHASES):
+            raise ConfigError(f"phases must be one or more of {PHASES}, got {self.phases}")
+        for name in ("duration_s", "kill_every_s", "stop_every_s", "stop_for_s", "client_timeout_s",
+                     "recovery_window_s"):
+            value = getattr(self, name)
+            if not 0 < value < float("inf"):  # also NaN: a phase of NaN seconds would never end
+                raise ConfigError(f"{name} must be a number > 0, got {value}")
+        for name in ("echo_delay_ms", "batch_timeout_ms"):
+            value = getattr(self, name)
+            if not 0 <= value < float("inf"):
+                raise ConfigError(f"{name} must be a number >= 0, got {value}")
+        check_heartbeat(self.heartbeat_interval_s, self.heartbeat_liveness)
 
 
 def _client_proc(address: str, first: int, n: int, timeout_s: float, stop, out) -> None:
@@ -272,26 +283,44 @@ def run_fault_bench(config: FaultBenchConfig) -> dict[str, Any]:
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """bertpool-bench-faults' flags (each with its help and default)."""
     d = FaultBenchConfig()
     parser = argparse.ArgumentParser(
         prog="bertpool-bench-faults",
         description="Steady closed-loop load on a bertpool-serve pool (echo backend with a fixed per-batch "
                     "delay) while workers are SIGKILLed, then SIGSTOPped; reports correct answers, typed "
                     "errors, lost requests, latency during recovery and time until the pool is whole.")
-    parser.add_argument("--clients", type=int, default=d.clients)
-    parser.add_argument("--client-procs", type=int, default=d.client_procs)
-    parser.add_argument("--parallel", type=int, default=d.parallel)
-    parser.add_argument("--duration-s", type=float, default=d.duration_s, help="per phase")
-    parser.add_argument("--kill-every-s", type=float, default=d.kill_every_s)
-    parser.add_argument("--stop-every-s", type=float, default=d.stop_every_s)
-    parser.add_argument("--stop-for-s", type=float, default=d.stop_for_s)
-    parser.add_argument("--echo-delay-ms", type=float, default=d.echo_delay_ms)
-    parser.add_argument("--heartbeat-interval-s", type=float, default=d.heartbeat_interval_s)
-    parser.add_argument("--heartbeat-liveness", type=int, default=d.heartbeat_liveness)
-    parser.add_argument("--client-timeout-s", type=float, default=d.client_timeout_s)
-    parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of kill,stop")
+    parser.add_argument("--clients", type=int, default=d.clients,
+                        help="closed-loop clients, each with one request in flight (default: %(default)s)")
+    parser.add_argument("--client-procs", type=int, default=d.client_procs,
+                        help="processes the clients are spread over (default: %(default)s)")
+    parser.add_argument("--parallel", type=int, default=d.parallel,
+                        help="workers in the pool, at least 2 (default: %(default)s)")
+    parser.add_argument("--duration-s", type=float, default=d.duration_s,
+                        help="length of each phase (default: %(default)s)")
+    parser.add_argument("--kill-every-s", type=float, default=d.kill_every_s,
+                        help="kill phase: SIGKILL the busiest worker this often (default: %(default)s)")
+    parser.add_argument("--stop-every-s", type=float, default=d.stop_every_s,
+                        help="stop phase: SIGSTOP the busiest worker this often (default: %(default)s)")
+    parser.add_argument("--stop-for-s", type=float, default=d.stop_for_s,
+                        help="stop phase: SIGCONT it this long after (default: %(default)s)")
+    parser.add_argument("--echo-delay-ms", type=float, default=d.echo_delay_ms,
+                        help="compute time per batch the echo backend simulates (default: %(default)s)")
+    parser.add_argument("--heartbeat-interval-s", type=float, default=d.heartbeat_interval_s,
+                        help="broker and worker heartbeat interval (default: %(default)s)")
+    parser.add_argument("--heartbeat-liveness", type=int, default=d.heartbeat_liveness,
+                        help="silent intervals before a peer is presumed dead (default: %(default)s)")
+    parser.add_argument("--client-timeout-s", type=float, default=d.client_timeout_s,
+                        help="a request unanswered this long counts as lost (default: %(default)s)")
+    parser.add_argument("--phases", default=",".join(PHASES),
+                        help="comma-separated phases to run, among kill,stop (default: %(default)s)")
     parser.add_argument("--json", metavar="FILE", type=output_file, help="also write the report as JSON to FILE")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         config = FaultBenchConfig(
