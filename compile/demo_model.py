@@ -127,7 +127,11 @@ def build_demo_model(output_dir, size: str = "tiny", seed: int = 0, gelu: str = 
         raise ConfigError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if fmt == "checkpoint" and gelu == "crude":
         raise ConfigError("a google-research bert_config.json cannot express the crude GELU")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
     out = pathlib.Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise ConfigError(f"output directory {out} is not empty (use --force to overwrite)")
@@ -221,6 +225,9 @@ def main(argv=None) -> int:
                                progress=True)
     except ConfigError as exc:
         print(f"bertpool-demo-model: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. a file where a parent directory should be, or no permission
+        print(f"bertpool-demo-model: error: cannot write {args.output}: {exc}", file=sys.stderr)
         return 2
     shape = PRESETS[args.size]
     print(f"wrote {args.size} demo model as {args.format} ({shape.layers} layers x {shape.hidden}, "

@@ -103,6 +103,25 @@ def test_demo_model_cli_refuses_non_empty_output(tmp_path, capsys):
     assert (tmp_path / "x" / "file").read_text() == "keep me"
 
 
+@pytest.mark.parametrize("case, message", [
+    ("output is a file", "is not a directory"),
+    ("negative seed", "seed must be an integer >= 0"),
+    ("output under a file", "cannot write"),
+])
+def test_demo_model_cli_says_what_is_wrong_with_its_arguments(tmp_path, capsys, case, message):
+    """One line and exit 2 for each, never a traceback, and the file in the way is untouched."""
+    from bertpool.compile.demo_model import main
+
+    (tmp_path / "file").write_text("keep me")
+    output = {"output is a file": tmp_path / "file", "negative seed": tmp_path / "out",
+              "output under a file": tmp_path / "file" / "out"}[case]
+    seed = ["--seed", "-1"] if case == "negative seed" else []
+    assert main(["--size", "tiny", "--output", str(output), *seed]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
 # ------------------------------------------------------------------- weight extraction
 
 def test_detect_format(models, tmp_path):
