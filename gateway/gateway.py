@@ -34,7 +34,7 @@ from ..clients.client import Client
 from ..common import errors as E
 from ..common import protocol as P
 from ..common import security
-from ..common.cli import parse_host_port, report_error, setup_logging
+from ..common.cli import parse_host_port, process_endpoint, report_error, setup_logging
 from ..common.defaults import DEFAULT_FRONTEND, DEFAULT_GATEWAY_GRPC, DEFAULT_GATEWAY_HTTP
 from ..common.errors import BertpoolError, ConfigError
 from ..common.security import CurveClientConfig
@@ -95,10 +95,10 @@ def model_info(config: GatewayConfig) -> ModelInfo:
     version = config.model_version
     if config.model_dir is not None:
         from ..compile.runtime import is_compiled_model, read_manifest
+        from ..workers.backends import choose_backend
 
         path = Path(config.model_dir)
-        if not path.is_dir():
-            raise ConfigError(f"--model {path} is not a directory")
+        choose_backend(None, config.model_dir)  # a model the workers can serve, or ConfigError/ModelFormatError
         if is_compiled_model(path):
             seq_length = int(read_manifest(path)["seq_length"])
             digest = hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
@@ -247,7 +247,7 @@ async def serve(config: GatewayConfig, stop: asyncio.Event, on_listening=None) -
 # -------------------------------------------------------------------- CLI
 
 def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--broker", default=DEFAULT_FRONTEND,
+    parser.add_argument("--broker", default=DEFAULT_FRONTEND, type=process_endpoint,
                         help="the broker's client endpoint (default: %(default)s)")
     parser.add_argument("--http", default=DEFAULT_GATEWAY_HTTP, metavar="HOST:PORT",
                         help="HTTP/REST listen address, a bare port means 127.0.0.1; 'off' disables "

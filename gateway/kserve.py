@@ -222,12 +222,13 @@ def _datatype(name: str, value: Any) -> str:
 
 
 def _timeout_s(value: Any) -> float | None:
-    """The request's ``timeout`` parameter (microseconds, as Triton clients send it) in seconds."""
+    """The request's ``timeout`` parameter (microseconds, as Triton clients send it) in seconds;
+    None when absent or 0, which Triton reads as "no timeout of its own" (the gateway's applies)."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86_400e6:
-        raise bad_request(f"parameter 'timeout' must be a positive number of microseconds, got {_short(value)}")
-    return value / 1e6
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 86_400e6:
+        raise bad_request(f"parameter 'timeout' must be a number of microseconds >= 0, got {_short(value)}")
+    return value / 1e6 or None
 
 
 # ------------------------------------------------------------------- HTTP decoding
@@ -319,8 +320,8 @@ def _bool_param(params: dict[str, Any], key: str, where: str) -> bool:
 def _request_id(value: Any) -> str:
     if value is None:
         return ""
-    if not isinstance(value, str) or len(value) > 256:
-        raise bad_request("request 'id' must be a string of at most 256 characters")
+    if not isinstance(value, str):  # any length, as Triton: the body size limit bounds it
+        raise bad_request("request 'id' must be a string")
     return value
 
 

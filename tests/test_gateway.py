@@ -574,6 +574,7 @@ def test_gateway_cli_refuses_bad_flags(tmp_path):
                            (["--http", "nohost:"], "HOST:PORT"),
                            (["--broker", "http://x"], "--broker"),
                            (["--model", str(tmp_path / "absent")], "not a directory"),
+                           (["--model", str(tmp_path)], "neither a compiled bertpool model"),  # an empty directory
                            (["--max-body-bytes", "3000000000"], "--max-body-bytes must be in"),
                            (["--broker", "tcp://127.0.0.1:*"], "PORT in 1..65535")):
         out = subprocess.run([sys.executable, "-m", "bertpool.gateway.gateway", *args],

@@ -87,10 +87,24 @@ def test_timeout_parameter_and_outputs():
     request = kserve.decode_http(json.dumps(doc).encode(), None, LIMITS)
     assert request.timeout_s == 0.25
     assert kserve.requested_outputs(request) == [("label", False), ("probabilities", True)]
-    for timeout in (0, -1, "1", True):
+    for timeout in (-1, "1", True, 1e300):
         doc["parameters"]["timeout"] = timeout
         with pytest.raises(KServeError, match="timeout"):
             kserve.decode_http(json.dumps(doc).encode(), None, LIMITS)
+    doc["parameters"]["timeout"] = 0  # Triton's "no timeout": the gateway's own --timeout-s applies
+    assert kserve.decode_http(json.dumps(doc).encode(), None, LIMITS).timeout_s is None
+
+
+def test_a_request_id_of_any_length_is_echoed():
+    """Triton bounds no id (the body limit does); the reply names the request as it was named."""
+    long_id = "request-" + "x" * 5000
+    doc = {"id": long_id, "inputs": [{"name": "text_a", "datatype": "BYTES", "shape": [1], "data": ["a"]},
+                                     {"name": "text_b", "datatype": "BYTES", "shape": [1], "data": ["b"]}]}
+    request = kserve.decode_http(json.dumps(doc).encode(), None, LIMITS)
+    body, hl = kserve.encode_http(MODEL, request, np.array([[0.5, 0.5]], np.float32), [("label", False)])
+    assert json.loads(body[:hl] if hl else body)["id"] == long_id
+    with pytest.raises(KServeError, match="'id' must be a string"):
+        kserve.decode_http(json.dumps({**doc, "id": 7}).encode(), None, LIMITS)
 
 
 def test_encode_http_binary_and_json():
