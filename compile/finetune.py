@@ -107,10 +107,13 @@ class FinetuneConfig:
         for name in ("warmup_fraction", "dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
-        if self.head_lr_multiplier <= 0:
-            raise ConfigError(f"--head-lr-multiplier must be > 0, got {self.head_lr_multiplier}")
-        if self.weight_decay < 0 or self.max_steps < 0 or self.threads < 0 or self.average_from_epoch < 0:
-            raise ConfigError("--weight-decay, --max-steps, --threads and --average-from-epoch must be >= 0")
+        # Written "not x > 0" so that NaN fails too (every comparison with NaN is False).
+        if not 0 < self.head_lr_multiplier < math.inf:
+            raise ConfigError(f"--head-lr-multiplier must be a number > 0, got {self.head_lr_multiplier}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ConfigError(f"--weight-decay must be a number >= 0, got {self.weight_decay}")
+        if min(self.max_steps, self.threads, self.average_from_epoch, self.seed) < 0:
+            raise ConfigError("--max-steps, --threads, --average-from-epoch and --seed must be >= 0")
         if self.max_seq_length < 3:
             raise ConfigError(f"--max-seq-length must be >= 3, got {self.max_seq_length}")
 
@@ -602,8 +605,10 @@ def build_parser() -> argparse.ArgumentParser:
                             ("max_steps", "stop after N steps (0: all epochs)"),
                             ("threads", "TensorFlow intra-op threads (0: default)")):
         default = getattr(d, name)
-        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
-                            help=f"{help_text} (default: %(default)s)")
+        parser.add_argument("--" + name.replace("_", "-"), type=type(default),
+                            # None: not given, so main() can tell an explicit --average-from-epoch
+                            default=None if name == "average_from_epoch" else default,
+                            help=f"{help_text} (default: {default})")
     parser.add_argument("--no-swap-pairs", dest="swap_pairs", action="store_false",
                         help="train on each pair as given (default: as (a, b) or (b, a) at random each epoch)")
     parser.add_argument("--reuse", action="store_true",
@@ -614,7 +619,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.average_from_epoch is None:
+        args.average_from_epoch = FinetuneConfig.average_from_epoch
+    elif args.average_from_epoch > args.epochs:  # asked for an average no epoch would enter
+        parser.error(f"--average-from-epoch {args.average_from_epoch} is past the last epoch "
+                     f"(--epochs {args.epochs}); give at most {args.epochs}, or 0 for the last epoch's weights")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     try:
@@ -633,9 +644,11 @@ def main(argv: list[str] | None = None) -> int:
     quality = (f"dev accuracy {dev['accuracy']:.4f}, F1 {dev['f1']:.4f} ({dev['n']} pairs)" if dev
                else "no dev set evaluated")
     verb = "reused" if report["reused"] else "fine-tuned"
+    average = report.get("average")
+    weights = f"mean weights of epochs {average['of_epochs']}" if average else "the last epoch's weights"
     print(f"{verb} {report['source']['path']} on {report['train']['pairs']} pairs: {quality}; "
           f"{report['pairs_per_s']} pairs/s, {report['train_wall_s']} s; "
-          f"SavedModel {report['outputs']['saved_model']}")
+          f"SavedModel {report['outputs']['saved_model']} ({weights})")
     return 0
 
 

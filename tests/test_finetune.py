@@ -191,6 +191,10 @@ def test_a_missing_pretrained_package_names_the_install_command(monkeypatch):
     ({"dropout": 1.0}, "--dropout"),
     ({"max_seq_length": 2}, "--max-seq-length"),
     ({"head_lr_multiplier": 0.0}, "--head-lr-multiplier"),
+    ({"head_lr_multiplier": float("nan")}, "--head-lr-multiplier"),
+    ({"weight_decay": float("nan")}, "--weight-decay must be a number >= 0"),
+    ({"weight_decay": -0.1}, "--weight-decay must be a number >= 0"),
+    ({"seed": -1}, "--seed must be >= 0"),
 ])
 def test_bad_recipe_values_are_clear_errors(data, tmp_path, changes, message):
     with pytest.raises(ConfigError, match=message):
@@ -202,6 +206,15 @@ def test_cli_reports_one_line_errors(data, tmp_path):
                            "--train", str(data["train"]), "--output", str(tmp_path / "o")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_refuses_an_average_no_epoch_would_enter(data, tmp_path):
+    """--average-from-epoch past --epochs would quietly export the last epoch's weights: refused, before
+    anything loads. Left at its default, it only averages the epochs there are (the summary says which)."""
+    proc = subprocess.run([sys.executable, "-m", "bertpool.compile.finetune", "--pretrained", str(tmp_path / "nope"),
+                           "--train", str(data["train"]), "--output", str(tmp_path / "o"), "--epochs", "2",
+                           "--average-from-epoch", "3"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--average-from-epoch 3 is past the last epoch" in proc.stderr, proc.stderr
 
 
 def test_learning_rate_warms_up_then_decays_to_zero(data, tmp_path):
