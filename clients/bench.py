@@ -473,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "no answer means no broker at --address, and the bench exits 2 (default: "
                              "%(default)s)")
     parser.add_argument("--json", metavar="FILE", type=output_file, help="also write the report as JSON to FILE")
-    parser.add_argument("--plot", metavar="FILE.png",
+    parser.add_argument("--plot", metavar="FILE.png", type=output_file,
                         help="draw throughput against p50/p99 latency and a latency histogram to FILE "
                              "(needs matplotlib: pip install 'bertpool[plot]')")
     parser.add_argument("--quiet", action="store_true",

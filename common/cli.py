@@ -64,15 +64,26 @@ def add_link_arguments(parser) -> None:
                              "is read; must exceed the broker's --max-request-bytes (default: %(default)s)")
 
 
+def process_endpoint(value: str) -> str:
+    """argparse type of a flag naming the broker's endpoint: anything but ``inproc://``, which only
+    reaches sockets of the same process (every bertpool command's peers are other processes). The
+    rest is checked by the command's config (``protocol.check_endpoint``)."""
+    if value.startswith("inproc://"):
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: inproc:// reaches only sockets in the same process, and the broker, its workers and "
+            f"its clients are separate processes; use ipc:// or tcp://")
+    return value
+
+
 def add_address_arguments(parser, frontend: bool = True, backend: bool = True, bind: bool = False) -> None:
     """The broker's endpoints, declared once: ``--address`` (clients) and ``--worker-address``
     (workers). ``bind``: the command binds them (the broker, bertpool-serve); else it connects."""
     if frontend:
-        parser.add_argument("--address", default=DEFAULT_FRONTEND,
+        parser.add_argument("--address", default=DEFAULT_FRONTEND, type=process_endpoint,
                             help="where clients connect, tcp:// or ipc:// (default: %(default)s)" if bind
                             else "the broker's client endpoint (default: %(default)s)")
     if backend:
-        parser.add_argument("--worker-address", default=DEFAULT_BACKEND,
+        parser.add_argument("--worker-address", default=DEFAULT_BACKEND, type=process_endpoint,
                             help="where workers connect; bind tcp://0.0.0.0:PORT for workers on other "
                                  "hosts (default: %(default)s)" if bind
                             else "the broker's worker endpoint (default: %(default)s)")

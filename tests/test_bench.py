@@ -425,8 +425,25 @@ def test_a_client_failing_while_warming_up_ends_the_wait_with_its_reason(start_p
     ("bertpool.clients.bench", ["--wait-workers", "1", "--wait-timeout-s", "nan"], "--wait-timeout-s must be > 0"),
     ("bertpool.clients.bench", ["--json", "/nonexistent-bertpool/x.json"], "does not exist"),
     ("bertpool.bench.relay", ["--json", "/"], "is a directory"),
+    ("bertpool.clients.bench", ["--plot", "/"], "is a directory"),
+    ("bertpool.clients.bench", ["--plot", "/nonexistent-bertpool/sweep.png"], "does not exist"),
+    ("bertpool.bench.faults", ["--duration-s", "0"], "duration_s must be a number > 0"),
+    ("bertpool.bench.faults", ["--kill-every-s", "-1"], "kill_every_s must be a number > 0"),
+    ("bertpool.bench.faults", ["--stop-for-s", "nan"], "stop_for_s must be a number > 0"),
+    ("bertpool.bench.faults", ["--client-timeout-s", "inf"], "client_timeout_s must be a number > 0"),
+    ("bertpool.bench.faults", ["--echo-delay-ms", "-5"], "echo_delay_ms must be a number >= 0"),
+    ("bertpool.bench.faults", ["--phases", ","], "phases must be one or more of"),
+    ("bertpool.bench.faults", ["--phases", "kill,crash"], "phases must be one or more of"),
+    ("bertpool.bench.faults", ["--heartbeat-liveness", "0"], "heartbeat_liveness must be"),
 ])
 def test_bench_commands_refuse_bad_values_before_running(module, args, message):
     """One line and exit 2, at once: no traceback, no hang on a NaN wait, no report lost after a run."""
     proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_every_bench_faults_flag_says_what_it_does():
+    from bertpool.bench.faults import build_parser
+
+    undocumented = [a.option_strings[0] for a in build_parser()._actions if not a.help]
+    assert not undocumented

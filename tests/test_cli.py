@@ -76,11 +76,22 @@ def test_help_is_complete(command):
     ("bertpool.workers.supervisor", ["--worker-address", "tcp://127.0.0.1:0"], "PORT in 1..65535"),
     ("bertpool.pool.serve", ["--address", "ipc:///tmp/bp-same", "--worker-address", "ipc:///tmp/bp-same"],
      "addresses must differ"),
+    # inproc:// only reaches the same process: no peer of any bertpool command could connect.
+    ("bertpool.broker.broker", ["--address", "inproc://pool"], "inproc:// reaches only sockets in the same"),
+    ("bertpool.pool.serve", ["--worker-address", "inproc://w"], "inproc:// reaches only sockets in the same"),
+    ("bertpool.workers.worker", ["--worker-address", "inproc://w"], "inproc:// reaches only sockets in the same"),
+    ("bertpool.clients.bench", ["--address", "inproc://pool"], "inproc:// reaches only sockets in the same"),
+    ("bertpool.gateway.gateway", ["--broker", "inproc://pool"], "inproc:// reaches only sockets in the same"),
     # Values past what ZeroMQ's int options hold are clear errors, not OverflowError tracebacks.
     ("bertpool.broker.broker", ["--frontend-sndhwm-msgs", "99999999999"], "must be <= 2147483647"),
     ("bertpool.broker.broker", ["--max-message-bytes", "99999999999999999999"], "must be <= 2147483647"),
     ("bertpool.workers.supervisor", ["--max-message-bytes", "99999999999999999999"], "max_message_bytes must be in"),
     ("bertpool.pool.serve", ["--batch-timeout-ms", "nan"], "batch_timeout_ms must be a number >= 0"),
+    ("bertpool.pool.serve", ["--echo-delay-ms", "-1"], "echo_delay_ms must be a number >= 0"),
+    ("bertpool.workers.worker", ["--echo-delay-ms", "nan"], "echo_delay_ms must be a number >= 0"),
+    ("bertpool.pool.serve", ["--threads", "-2"], "threads must be >= 0"),
+    ("bertpool.workers.supervisor", ["--first-core", "-1"], "first_core must be >= 0"),
+    ("bertpool.pool.serve", ["--vocab", "/nonexistent-bertpool/vocab.txt"], "is not a file"),
 ])
 def test_bad_flags_are_clear_errors(module, args, message, tmp_path):
     proc = run(module, *args)

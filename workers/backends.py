@@ -35,6 +35,12 @@ class BackendConfig:
     seq_length: int = 128           # echo: sequence length it accepts
     threads: int = 0                # tf: intra-op threads for this process (0 = TF's default)
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.echo_delay_ms < float("inf"):  # also NaN, which time.sleep refuses mid-batch
+            raise ConfigError(f"echo_delay_ms must be a number >= 0, got {self.echo_delay_ms}")
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0, got {self.threads}")
+
 
 class Backend:
     """Base class: ``predict`` maps features [B,S] to probabilities [B,2]."""

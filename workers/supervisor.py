@@ -52,6 +52,8 @@ class SupervisorConfig:
     def __post_init__(self) -> None:
         if self.parallel < 1:
             raise ConfigError(f"parallel must be >= 1, got {self.parallel}")
+        if self.first_core < 0:
+            raise ConfigError(f"first_core must be >= 0, got {self.first_core}")
 
 
 def worker_argv(config: WorkerConfig, config_file: str | Path, load_error_file: str | None = None) -> list[str]:

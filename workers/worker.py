@@ -658,6 +658,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
 def worker_config_from_args(args: argparse.Namespace, broker_address: str,
                             threads: int | None = None, name: str = "", slot: str = "") -> WorkerConfig:
     """Build a WorkerConfig from parsed flags (raises ConfigError on bad values)."""
+    if args.vocab is not None and not os.path.isfile(args.vocab):  # now, not when each worker loads
+        raise ConfigError(f"--vocab {args.vocab} is not a file")
     return WorkerConfig(
         broker_address=broker_address,
         backend=BackendConfig(name=choose_backend(args.backend, args.model), model_dir=args.model,
