@@ -283,6 +283,22 @@ def run_fault_bench(config: FaultBenchConfig) -> dict[str, Any]:
     return report
 
 
+# FaultBenchConfig fields that are flags of their own (--client-procs for client_procs), with their help.
+_FLAGS = (
+    ("clients", "closed-loop clients, each with one request in flight"),
+    ("client_procs", "processes the clients are spread over"),
+    ("parallel", "workers in the pool, at least 2"),
+    ("duration_s", "length of each phase"),
+    ("kill_every_s", "kill phase: SIGKILL the busiest worker this often"),
+    ("stop_every_s", "stop phase: SIGSTOP the busiest worker this often"),
+    ("stop_for_s", "stop phase: SIGCONT it this long after"),
+    ("echo_delay_ms", "compute time per batch the echo backend simulates"),
+    ("heartbeat_interval_s", "broker and worker heartbeat interval"),
+    ("heartbeat_liveness", "silent intervals before a peer is presumed dead"),
+    ("client_timeout_s", "a request unanswered this long counts as lost"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """bertpool-bench-faults' flags (each with its help and default)."""
     d = FaultBenchConfig()
@@ -291,28 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Steady closed-loop load on a bertpool-serve pool (echo backend with a fixed per-batch "
                     "delay) while workers are SIGKILLed, then SIGSTOPped; reports correct answers, typed "
                     "errors, lost requests, latency during recovery and time until the pool is whole.")
-    parser.add_argument("--clients", type=int, default=d.clients,
-                        help="closed-loop clients, each with one request in flight (default: %(default)s)")
-    parser.add_argument("--client-procs", type=int, default=d.client_procs,
-                        help="processes the clients are spread over (default: %(default)s)")
-    parser.add_argument("--parallel", type=int, default=d.parallel,
-                        help="workers in the pool, at least 2 (default: %(default)s)")
-    parser.add_argument("--duration-s", type=float, default=d.duration_s,
-                        help="length of each phase (default: %(default)s)")
-    parser.add_argument("--kill-every-s", type=float, default=d.kill_every_s,
-                        help="kill phase: SIGKILL the busiest worker this often (default: %(default)s)")
-    parser.add_argument("--stop-every-s", type=float, default=d.stop_every_s,
-                        help="stop phase: SIGSTOP the busiest worker this often (default: %(default)s)")
-    parser.add_argument("--stop-for-s", type=float, default=d.stop_for_s,
-                        help="stop phase: SIGCONT it this long after (default: %(default)s)")
-    parser.add_argument("--echo-delay-ms", type=float, default=d.echo_delay_ms,
-                        help="compute time per batch the echo backend simulates (default: %(default)s)")
-    parser.add_argument("--heartbeat-interval-s", type=float, default=d.heartbeat_interval_s,
-                        help="broker and worker heartbeat interval (default: %(default)s)")
-    parser.add_argument("--heartbeat-liveness", type=int, default=d.heartbeat_liveness,
-                        help="silent intervals before a peer is presumed dead (default: %(default)s)")
-    parser.add_argument("--client-timeout-s", type=float, default=d.client_timeout_s,
-                        help="a request unanswered this long counts as lost (default: %(default)s)")
+    for name, help_text in _FLAGS:
+        default = getattr(d, name)
+        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
+                            help=f"{help_text} (default: %(default)s)")
     parser.add_argument("--phases", default=",".join(PHASES),
                         help="comma-separated phases to run, among kill,stop (default: %(default)s)")
     parser.add_argument("--json", metavar="FILE", type=output_file, help="also write the report as JSON to FILE")
@@ -323,12 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        config = FaultBenchConfig(
-            clients=args.clients, client_procs=args.client_procs, parallel=args.parallel,
-            duration_s=args.duration_s, kill_every_s=args.kill_every_s, stop_every_s=args.stop_every_s,
-            stop_for_s=args.stop_for_s, echo_delay_ms=args.echo_delay_ms,
-            heartbeat_interval_s=args.heartbeat_interval_s, heartbeat_liveness=args.heartbeat_liveness,
-            client_timeout_s=args.client_timeout_s, phases=tuple(p for p in args.phases.split(",") if p))
+        config = FaultBenchConfig(**{name: getattr(args, name) for name, _ in _FLAGS},
+                                  phases=tuple(p for p in args.phases.split(",") if p))
     except ConfigError as exc:
         parser.error(str(exc))
     report = run_fault_bench(config)
