@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import ipaddress
 import logging
+import os
 import signal
 import sys
 import threading
@@ -24,6 +26,39 @@ def install_stop_handlers(stop: Callable[[], None]) -> None:
     """Call ``stop()`` on SIGINT (Ctrl-C) and SIGTERM, so the process can wind down cleanly."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop())
+
+
+# Set by a bertpool parent (the supervisor for its workers, bertpool-serve for its gateway) to its own pid.
+PARENT_PID_ENV = "BERTPOOL_PARENT_PID"
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: ours) plus our pid, for a child process that calls :func:`exit_with_parent`."""
+    env = dict(os.environ if env is None else env)
+    env[PARENT_PID_ENV] = str(os.getpid())
+    return env
+
+
+def exit_with_parent() -> None:
+    """In a child started with :func:`child_env`: get SIGTERM (a clean stop) when that parent dies,
+    however it dies, SIGKILL included, so no worker or gateway outlives its pool to hold its ports or
+    join the next pool under an old config. Linux's PR_SET_PDEATHSIG (it survives exec; other systems:
+    no-op). Started by anything else (no PARENT_PID_ENV), nothing changes."""
+    parent = os.environ.pop(PARENT_PID_ENV, None)  # popped: our own children are not its children
+    if not parent or not parent.isdigit():
+        return
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != int(parent):  # it died before the prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def ignore_hangup() -> None:
+    """SIGHUP means "reload" to bertpool-serve and bertpool-broker, so operators send it to every
+    bertpool process; one with nothing to reload (a worker, the supervisor, the gateway) ignores it
+    rather than die by its default action and orphan or stop what depends on it."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def install_reload_handler(reload: Callable[[], None]) -> None:

@@ -34,7 +34,8 @@ from ..clients.client import Client
 from ..common import errors as E
 from ..common import protocol as P
 from ..common import security
-from ..common.cli import parse_host_port, process_endpoint, report_error, setup_logging
+from ..common.cli import (exit_with_parent, ignore_hangup, parse_host_port, process_endpoint, report_error,
+                          setup_logging)
 from ..common.defaults import DEFAULT_FRONTEND, DEFAULT_GATEWAY_GRPC, DEFAULT_GATEWAY_HTTP
 from ..common.errors import BertpoolError, ConfigError
 from ..common.security import CurveClientConfig
@@ -289,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     add_gateway_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging()
+    exit_with_parent()  # started by bertpool-serve: stop when it dies, however it dies
+    ignore_hangup()
     try:
         config = config_from_args(args)
         return asyncio.run(_run(config))

@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Callable
 
+from ..common.cli import child_env
 from ..common.errors import ConfigError
 from ..common.protocol import local_endpoint
 
@@ -48,7 +49,8 @@ class GatewayChild:
     """
 
     def __init__(self, cmd: list[str]) -> None:
-        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1)
+        # child_env: the gateway stops when we die, even by SIGKILL (common.cli.exit_with_parent).
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1, env=child_env())
         self._listening = threading.Event()
         self._stopping = False
         threading.Thread(target=self._relay, name="gateway-stdout", daemon=True).start()

@@ -206,6 +206,56 @@ def test_serve_stops_cleanly(start_pool, how):
     assert "Traceback" not in pool.log()
 
 
+def _children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (Linux /proc)."""
+    kids = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            kids += [int(k) for k in f.read().split()]
+    return kids
+
+
+def _wait_gone(pids: list[int], timeout_s: float) -> list[int]:
+    """Wait (bounded) until none of ``pids`` is alive; those still alive."""
+    deadline = time.monotonic() + timeout_s
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if _alive(p)]
+
+
+def test_workers_and_gateway_stop_when_serve_is_sigkilled(start_pool):
+    """serve killed outright (no handler runs) must not leave its workers re-registering forever, or
+    its gateway holding the port, to join or block the next pool."""
+    pool = start_pool("--backend", "echo", "--gateway-http", str(free_tcp_port()), "--gateway-grpc", "off",
+                      parallel=2)
+    children = _children(pool.process.pid)
+    assert len(children) == 3 and set(_worker_pids(pool)) < set(children), children  # 2 workers, 1 gateway
+    pool.process.kill()
+    pool.process.wait(10)
+    assert not _wait_gone(children, 30), "children outlived a SIGKILLed serve"
+
+
+def test_sighup_to_the_supervisor_and_its_workers_changes_nothing(tmp_path):
+    """SIGHUP is serve's and the broker's "reload": sent to bertpool-workers and its workers (as to every
+    bertpool process), it must not kill them (which orphaned the workers) nor stop the serving."""
+    front, back = f"ipc://{tmp_path}/front", f"ipc://{tmp_path}/back"
+    procs = [_start(tmp_path, "bertpool.broker.broker", "--address", front, "--worker-address", back,
+                    "--stats-interval-s", "0")]
+    try:
+        procs.append(_start(tmp_path, "bertpool.workers.supervisor", "--worker-address", back, "--parallel", "2"))
+        wait_for_workers(front, 2, timeout_s=60)
+        with Client(front, timeout_s=20) as client:
+            pids = sorted(_stats_pids(client.stats()))
+            for pid in [procs[1].pid, *pids]:
+                os.kill(pid, signal.SIGHUP)
+            assert len(client.predict_many([("still", "serving")] * 10)) == 10
+            assert sorted(_stats_pids(client.stats())) == pids  # the same processes: none died, none restarted
+    finally:
+        # A SIGHUP still pending is delivered before SIGTERM (lower number first): exit 0 shows it was ignored.
+        assert _stop_all(procs) == [0, 0]
+    assert not _wait_gone(pids, 10)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

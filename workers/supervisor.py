@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..common import configdata, security
-from ..common.cli import add_address_arguments, install_stop_handlers, report_error, setup_logging
+from ..common.cli import (add_address_arguments, child_env, ignore_hangup, install_stop_handlers, report_error,
+                          setup_logging)
 from ..common.errors import BertpoolError, ConfigError
 from .backends import ECHO_WARNING
 from .neuron_cores import NEURON_SYSFS, check_cores
@@ -69,8 +70,9 @@ def worker_argv(config: WorkerConfig, config_file: str | Path, load_error_file: 
 
 
 def worker_env(core: int) -> dict[str, str]:
-    """This process's environment plus the Neuron runtime's core assignment."""
-    env = dict(os.environ)
+    """This process's environment plus the Neuron runtime's core assignment and our pid (the worker
+    exits with us: common.cli.exit_with_parent)."""
+    env = child_env()  # the worker stops when we die, even by SIGKILL
     env["NEURON_RT_VISIBLE_CORES"] = str(core)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # One process per core already: the tokenizer's own thread pool would only oversubscribe.
@@ -247,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     if supervisor.config.worker.backend.name == "echo":
         print(f"bertpool-workers: WARNING: {ECHO_WARNING}", file=sys.stderr, flush=True)
     install_stop_handlers(supervisor.stop)
+    ignore_hangup()  # nothing to reload; dying of it would orphan the workers
     supervisor.run()
     return 1 if supervisor.failed else 0
 

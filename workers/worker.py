@@ -51,8 +51,8 @@ import zmq
 from .. import __version__
 from ..common import protocol as P
 from ..common import configdata, security
-from ..common.cli import (add_address_arguments, add_link_arguments, install_stop_handlers, report_error,
-                          setup_logging)
+from ..common.cli import (add_address_arguments, add_link_arguments, exit_with_parent, ignore_hangup,
+                          install_stop_handlers, report_error, setup_logging)
 from ..common.defaults import DEFAULT_BACKEND
 from ..common.errors import BertpoolError, ConfigError, HandshakeFailed, ProtocolError
 from ..common.metrics_export import WorkerHistograms
@@ -715,9 +715,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging()
+    exit_with_parent()  # started by a supervisor: stop when it dies, however it dies
+    ignore_hangup()
     try:
         worker = Worker(config_from_args(parser, args))
         worker.load()
+    except KeyboardInterrupt:  # Ctrl-C to the whole pool while models load: no traceback per worker
+        return 130
     except Exception as exc:  # typed or not (e.g. the Neuron runtime's own), a load failure is final
         return _load_failed(exc, args.load_error_file)
     install_stop_handlers(worker.stop)
