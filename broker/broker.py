@@ -46,6 +46,7 @@ import argparse
 import collections
 import logging
 import secrets
+import socket
 import sys
 import threading
 import time
@@ -119,8 +120,9 @@ class BrokerConfig:
             parse_host_port(self.metrics_address, "--metrics-address")
         P.check_endpoint("frontend address", self.frontend)
         P.check_endpoint("backend address", self.backend)
-        if self.frontend == self.backend:  # two ipc binds of one path would both "work", and mix the links
-            raise ConfigError(f"the client and worker addresses must differ, both are {self.frontend}")
+        if P.same_endpoint(self.frontend, self.backend):  # two ipc binds of one file would both "work", and mix the links
+            raise ConfigError(f"the client and worker addresses must differ, both are {self.frontend}"
+                              + ("" if self.frontend == self.backend else f" ({self.backend})"))
         for name in ("frontend_sndhwm_msgs", "frontend_rcvhwm_msgs", "max_message_bytes"):
             if getattr(self, name) > P.INT32_MAX:
                 raise ConfigError(f"{name} must be <= {P.INT32_MAX}, got {getattr(self, name)}")
@@ -184,6 +186,24 @@ class BrokerCounters:
     dropped: int = 0              # messages for clients dropped: client gone, or frontend_sndhwm_msgs waiting
 
 
+def _check_ipc_free(endpoint: str) -> None:
+    """ConfigError when something listens on ``endpoint``'s ipc socket file. ZeroMQ's ipc bind
+    replaces the file, which would silently cut a live broker off from every new peer; a file nobody
+    listens on (a crashed broker's) is left for the bind to replace."""
+    path = P.ipc_path(endpoint)
+    if path is None:
+        return  # tcp: a taken port already fails the bind
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError:  # absent, refused (stale), not a socket, or too long a path: the bind decides
+        return
+    finally:
+        probe.close()
+    raise ConfigError("a process is already listening there (another broker?)")
+
+
 def _free_credit(worker: _WorkerState) -> int:
     # _WorkerState.free without the property call: dispatch ranks every worker for every request.
     return worker.capacity - len(worker.inflight)
@@ -241,8 +261,9 @@ class Broker:
         self.frontend.setsockopt(zmq.RCVHWM, self.config.frontend_rcvhwm_msgs)
         for sock, endpoint in ((self.frontend, self.config.frontend), (self.backend, self.config.backend)):
             try:
+                _check_ipc_free(endpoint)
                 sock.bind(endpoint)
-            except zmq.ZMQError as exc:
+            except (zmq.ZMQError, ConfigError) as exc:
                 self.close()
                 raise ConfigError(f"cannot bind {endpoint}: {exc}") from exc
         if self.metrics is not None:

@@ -157,6 +157,7 @@ worker of the same name, live or not); DISCONNECT names its incarnation.
 from __future__ import annotations
 
 import math
+import os
 import secrets
 import struct
 from dataclasses import dataclass
@@ -237,6 +238,19 @@ def check_endpoint(name: str, endpoint: str) -> str:
         if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
             raise ConfigError(f"{name} {endpoint!r} must be tcp://HOST:PORT with PORT in 1..65535")
     return endpoint
+
+
+def ipc_path(endpoint: str) -> str | None:
+    """The socket file an ``ipc://`` endpoint names, made absolute with links and ``//`` resolved (two
+    spellings of one file are one endpoint); None for other transports and Linux's abstract ``ipc://@``."""
+    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
+        return None
+    return os.path.realpath(endpoint[len("ipc://"):])
+
+
+def same_endpoint(a: str, b: str) -> bool:
+    """Whether endpoints ``a`` and ``b`` name one place (ipc paths compared by :func:`ipc_path`)."""
+    return a == b or ipc_path(a) is not None and ipc_path(a) == ipc_path(b)
 
 
 def local_endpoint(bound: str) -> str:

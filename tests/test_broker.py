@@ -313,6 +313,40 @@ def test_bind_conflict_is_a_config_error(tmp_path):
         first.close()
 
 
+def test_an_ipc_address_a_live_broker_listens_on_is_refused_and_a_stale_one_reused(tmp_path):
+    """ZeroMQ's ipc bind replaces the socket file: a second broker on the same path would start
+    "fine" and cut the first off from every new peer. It is refused while the first listens; the
+    file a crashed broker left (nobody listening) is bound over."""
+    import socket
+
+    front = f"ipc://{tmp_path}/front"
+    first = Broker(BrokerConfig(frontend=front, backend=f"ipc://{tmp_path}/b1"))
+    first.bind()
+    runner = threading.Thread(target=first.run, daemon=True)
+    runner.start()
+    try:
+        with pytest.raises(ConfigError, match="already listening there"):
+            Broker(BrokerConfig(frontend=f"ipc://{tmp_path}//front", backend=f"ipc://{tmp_path}/b2")).bind()
+        with zmq.Context.instance().socket(zmq.DEALER) as client:  # the first still takes new clients
+            client.connect(front)
+            client.send_multipart([P.VERSION, P.HEARTBEAT, b""])
+            assert client.poll(5000) and client.recv_multipart()[1] == P.HEARTBEAT
+    finally:
+        first.stop(drain=False)
+        runner.join(10)
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(tmp_path / "stale"))  # a socket file nobody listens on
+    stale.close()
+    second = Broker(BrokerConfig(frontend=f"ipc://{tmp_path}/stale", backend=f"ipc://{tmp_path}/b3"))
+    second.bind()
+    second.close()
+
+
+def test_two_spellings_of_one_ipc_file_are_one_address(tmp_path):
+    with pytest.raises(ConfigError, match="must differ"):
+        BrokerConfig(frontend=f"ipc://{tmp_path}/x", backend=f"ipc://{tmp_path}/./y/../x")
+
+
 @pytest.mark.parametrize("address", ["127.0.0.1:5555", "http://x", ""])
 def test_bad_address_is_a_config_error(address):
     with pytest.raises(ConfigError):
