@@ -112,8 +112,8 @@ class BrokerConfig:
         P.check_heartbeat(self.heartbeat_interval_s, self.heartbeat_liveness)
         if self.max_redispatch < 0:
             raise ConfigError(f"max_redispatch must be >= 0, got {self.max_redispatch}")
-        if not self.drain_timeout_s >= 0:
-            raise ConfigError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+        if not 0 <= self.drain_timeout_s <= P.MAX_TIMEOUT_S:  # NaN, inf: SIGTERM would never finish
+            raise ConfigError(f"drain_timeout_s must be in [0, {P.MAX_TIMEOUT_S:g}] s, got {self.drain_timeout_s}")
         if not self.stats_interval_s >= 0:
             raise ConfigError(f"stats_interval_s must be >= 0, got {self.stats_interval_s}")
         if self.metrics_address:

@@ -37,6 +37,7 @@ from typing import Any, TextIO
 import numpy as np
 from tqdm import tqdm
 
+from ..common import protocol as P
 from ..common import security
 from ..common.cli import add_address_arguments, output_file, report_error
 from ..common.defaults import DEFAULT_FRONTEND
@@ -69,11 +70,9 @@ class BenchConfig:
             raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
         if self.wait_workers < 0:
             raise ConfigError(f"--wait-workers must be >= 0, got {self.wait_workers}")
-        for name in ("timeout_s", "connect_timeout_s", "start_timeout_s", "wait_timeout_s"):
-            if not getattr(self, name) > 0:  # NaN too: a wait bounded by it would never end
-                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        if self.duration_s is not None and not self.duration_s > 0:
-            raise ConfigError(f"--duration-s must be > 0, got {self.duration_s}")
+        for name in ("timeout_s", "connect_timeout_s", "start_timeout_s", "wait_timeout_s", "duration_s"):
+            if name != "duration_s" or self.duration_s is not None:
+                P.check_timeout("--" + name.replace("_", "-"), getattr(self, name))
 
     @property
     def max_measured_s(self) -> float:

@@ -119,9 +119,7 @@ class ClientConfig:
     def __post_init__(self) -> None:
         P.check_endpoint("address", self.address)
         for name in ("timeout_s", "heartbeat_interval_s", "backoff_initial_s", "backoff_max_s"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ConfigError(f"{name} must be a number > 0, got {value!r}")
+            P.check_timeout(name, getattr(self, name))
         for name, least in (("max_in_flight", 1), ("heartbeat_liveness", 1), ("busy_retries", 0),
                             ("lost_retries", 0)):
             value = getattr(self, name)
@@ -323,8 +321,7 @@ class Client:
             raise ClientClosed(f"this Client belongs to process {self._pid}; a process forked from it has "
                                "no I/O thread and shares its sockets, so it must create its own Client")
         timeout = self.config.timeout_s if timeout_s is None else timeout_s
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise ConfigError(f"timeout_s must be a number > 0, got {timeout!r}")
+        P.check_timeout("timeout_s", timeout)
         return _Pending(rid, Future(), time.monotonic() + timeout, timeout, kind, encode)
 
     def _send(self, rid: Any, encode: Callable[[float], bytes], timeout_s: float | None,

@@ -345,6 +345,14 @@ FEATURE_FIELDS = ("input_ids", "input_mask", "segment_ids")
 
 # Longest deadline a request may carry (a day), so a typo cannot pin a request in the queue.
 MAX_DEADLINE_MS = 86_400_000.0
+MAX_TIMEOUT_S = MAX_DEADLINE_MS / 1000.0  # the longest timeout or wait any component takes: a day
+
+
+def check_timeout(name: str, value: Any) -> None:
+    """ConfigError unless ``value`` is a number of seconds in (0, MAX_TIMEOUT_S]: not NaN (a wait
+    bounded by it would never end), not inf nor huge (threading and queue waits overflow on those)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_TIMEOUT_S:
+        raise ConfigError(f"{name} must be > 0 and at most {MAX_TIMEOUT_S:g} s (a day), got {value!r}")
 
 
 def text_request(request_id: Any, text_a: str, text_b: str, deadline_ms: float | None = None) -> bytes:

@@ -78,8 +78,7 @@ class GatewayConfig:
                 parse_host_port(getattr(self, flag), f"--{flag}")
         if not self.model_name or "/" in self.model_name:
             raise ConfigError(f"--model-name must be non-empty without '/', got {self.model_name!r}")
-        if not self.timeout_s > 0:
-            raise ConfigError(f"--timeout-s must be > 0, got {self.timeout_s}")
+        P.check_timeout("--timeout-s", self.timeout_s)
         if not 1024 <= self.max_body_bytes <= P.INT32_MAX:  # gRPC's message limit is an int32
             raise ConfigError(f"--max-body-bytes must be in [1024, {P.INT32_MAX}], got {self.max_body_bytes}")
         if self.max_rows < 1:

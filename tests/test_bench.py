@@ -426,6 +426,8 @@ def test_a_client_failing_while_warming_up_ends_the_wait_with_its_reason(start_p
     ("bertpool.clients.bench", ["--json", "/nonexistent-bertpool/x.json"], "does not exist"),
     ("bertpool.bench.relay", ["--json", "/"], "is a directory"),
     ("bertpool.clients.bench", ["--plot", "/"], "is a directory"),
+    ("bertpool.clients.bench", ["--duration-s", "inf"], "--duration-s must be > 0 and at most 86400 s"),
+    ("bertpool.clients.bench", ["--timeout-s", "1e12"], "--timeout-s must be > 0 and at most 86400 s"),
     ("bertpool.clients.bench", ["--plot", "/nonexistent-bertpool/sweep.png"], "does not exist"),
     ("bertpool.bench.faults", ["--duration-s", "0"], "duration_s must be a number > 0"),
     ("bertpool.bench.faults", ["--kill-every-s", "-1"], "kill_every_s must be a number > 0"),

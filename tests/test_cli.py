@@ -92,6 +92,8 @@ def test_help_is_complete(command):
     ("bertpool.pool.serve", ["--threads", "-2"], "threads must be >= 0"),
     ("bertpool.workers.supervisor", ["--first-core", "-1"], "first_core must be >= 0"),
     ("bertpool.pool.serve", ["--vocab", "/nonexistent-bertpool/vocab.txt"], "is not a file"),
+    ("bertpool.pool.serve", ["--drain-timeout-s", "inf"], "drain_timeout_s must be in [0, 86400] s"),
+    ("bertpool.gateway.gateway", ["--timeout-s", "inf"], "--timeout-s must be > 0 and at most 86400 s"),
 ])
 def test_bad_flags_are_clear_errors(module, args, message, tmp_path):
     proc = run(module, *args)

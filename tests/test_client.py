@@ -74,11 +74,19 @@ def test_stats(bare_broker):
     {"address": "localhost:5555"}, {"timeout_s": 0}, {"max_in_flight": 0}, {"heartbeat_interval_s": 0},
     {"heartbeat_liveness": 0}, {"heartbeat_liveness": 1.5}, {"busy_retries": -1}, {"busy_retries": True},
     {"lost_retries": -1}, {"backoff_initial_s": 0}, {"backoff_initial_s": 0.5, "backoff_max_s": 0.1},
-    {"timeout_s": "1"},
+    {"timeout_s": "1"}, {"timeout_s": float("inf")}, {"timeout_s": float("nan")}, {"timeout_s": 1e12},
+    {"backoff_max_s": float("inf")},
 ])
 def test_bad_client_config(kwargs):
     with pytest.raises(ConfigError):
         Client(**{"address": "tcp://127.0.0.1:5555", **kwargs})
+
+
+@pytest.mark.parametrize("timeout_s", [0, float("inf"), 1e12, float("nan")])
+def test_a_per_call_timeout_must_be_finite_and_at_most_a_day(bare_broker, timeout_s):
+    """inf or 1e12 would overflow the waits (OverflowError) and outlive any deadline the wire can carry."""
+    with Client(bare_broker.config.frontend) as client, pytest.raises(ConfigError, match="at most 86400 s"):
+        client.submit("a", "b", timeout_s=timeout_s)
 
 
 def test_non_string_text_is_a_type_error(bare_broker):
