@@ -61,7 +61,7 @@ from ..common.cli import (add_address_arguments, add_link_arguments, install_rel
                           parse_host_port, report_error, setup_logging)
 from ..common.defaults import DEFAULT_BACKEND, DEFAULT_FRONTEND
 from ..common.errors import BertpoolError, ConfigError, ProtocolError
-from .metrics import BrokerMetrics, MetricsServer
+from .metrics import BrokerMetrics, MetricsServer, PoolTotals
 from ..common.fastzmq import recv_nowait, send_nowait
 
 log = logging.getLogger("bertpool.broker")
@@ -234,7 +234,10 @@ class Broker:
         self.backend: zmq.Socket | None = None
         self._auth: security.Authenticator | None = None  # ZAP handler while CURVE is on
         # Recorded for the Prometheus endpoint only when it is on (config.metrics_address).
-        self.metrics: BrokerMetrics | None = BrokerMetrics() if config.metrics_address else None
+        # Worker counters totalled over every worker process heard from, departed ones included, so
+        # STATS totals (and the metrics) never go backwards when a worker dies or restarts.
+        self.pool_totals = PoolTotals()
+        self.metrics: BrokerMetrics | None = BrokerMetrics(self.pool_totals) if config.metrics_address else None
         self.metrics_server: MetricsServer | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -499,9 +502,9 @@ class Broker:
         elif kind == P.STATS:
             if worker is not None:
                 worker.stats = message.stats
-            if self.metrics is not None and (message.epoch or worker is not None):
+            if message.epoch or worker is not None:
                 # A worker's last STATS may come on its second socket: its epoch names it.
-                self.metrics.on_stats(message.epoch or identity.hex(), message)
+                self.pool_totals.update(message.epoch or identity.hex(), message.stats or {}, message.histograms)
         elif kind == P.DISCONNECT:
             self._on_disconnect(identity, message.incarnation)
         elif kind == P.HEARTBEAT and worker is None:
@@ -714,12 +717,13 @@ class Broker:
     # ---------------------------------------------------------------- stats
 
     def stats(self) -> dict[str, Any]:
-        """Pool statistics: broker counters plus each worker's last reported counters."""
+        """Pool statistics: broker counters, each worker's last reported counters, and ``totals``: the
+        worker counters summed over every worker process heard from (those gone included), which only
+        grow."""
         workers = {w.name: {"pid": w.pid, "capacity": w.capacity, "backend": w.backend,
                             "inflight": len(w.inflight), **w.stats}
                    for w in self._workers.values()}
-        totals = {k: sum(w.stats.get(k, 0) for w in self._workers.values())
-                  for k in ("inferences", "batches", "padded_rows")}
+        totals = dict(self.pool_totals.counters)
         return {"broker": dict(self.counters.__dict__), "queue": len(self._queue),
                 "queue_bytes": self._queue_bytes, "draining": self._draining_until is not None,
                 "workers": workers, "totals": totals,

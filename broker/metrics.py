@@ -121,11 +121,11 @@ class BrokerMetrics:
     """What the broker's loop records for the exporter: plain ints and bucket arrays, updated on
     the loop's thread only (each call is a few attribute operations)."""
 
-    def __init__(self) -> None:
+    def __init__(self, pool: PoolTotals) -> None:
         self.request_latency = BucketCounts(LATENCY_BUCKETS_S)  # receipt -> worker's answer forwarded
         self.queue_wait = BucketCounts(LATENCY_BUCKETS_S)       # receipt -> dispatch
         self.errors = dict.fromkeys((*P.ERROR_CODES, OTHER_CODE), 0)  # ERRORs sent to clients, by code
-        self.pool = PoolTotals()
+        self.pool = pool  # the broker's own (its STATS totals are these counters too)
         self.registrations = 0
         self.restarts = 0
         self._slots: set[str] = set()
@@ -142,9 +142,6 @@ class BrokerMetrics:
             self.restarts += 1
         elif len(self._slots) < MAX_SLOTS:
             self._slots.add(slot)
-
-    def on_stats(self, epoch: str, message: P.FromWorker) -> None:
-        self.pool.update(epoch, message.stats or {}, message.histograms)
 
 
 def _retry(read: Callable[[], Any]) -> Any:

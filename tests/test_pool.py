@@ -181,6 +181,23 @@ def test_dead_worker_is_restarted_and_its_requests_are_answered(start_pool):
     assert _stats_pids(stats) != {pid}  # a new process took its place
 
 
+def test_pool_totals_keep_what_a_dead_worker_served(start_pool):
+    """STATS totals count every worker process heard from: a worker killed after serving must not
+    take its inferences out of them (they went backwards, and serve's batch-fill line with them)."""
+    pool = start_pool("--backend", "echo", "--batch-timeout-ms", "1", parallel=2)
+    with Client(pool.address, timeout_s=30) as client:
+        client.predict_many([("served", f"before {i}") for i in range(40)])
+    before = pool.wait_stats(lambda s: s["totals"]["inferences"] == 40)["totals"]
+    victim = max(pool.stats()["workers"].values(), key=lambda w: w["inferences"])  # it served some
+    assert victim["inferences"] > 0
+    os.kill(victim["pid"], signal.SIGKILL)
+    stats = pool.wait_stats(lambda s: len(s["workers"]) == 2 and victim["pid"] not in _stats_pids(s))
+    assert stats["totals"] == before
+    with Client(pool.address, timeout_s=30) as client:
+        client.predict_many([("served", f"after {i}") for i in range(8)])
+    assert pool.wait_stats(lambda s: s["totals"]["inferences"] == 48)["totals"]["batches"] > before["batches"]
+
+
 def _stats_pids(stats: dict) -> set[int]:
     return {w.get("pid") for w in stats["workers"].values()}
 
