@@ -254,7 +254,13 @@ class MetricsServer:
         except OSError as exc:  # port in use, address not on this host, unknown host name
             raise ConfigError(f"--metrics-address {address}: cannot serve metrics there: {exc}") from exc
         self.host, self.port = host, self._server.server_port
-        log.info("metrics on http://%s:%d/metrics", host, self.port)
+        log.info("metrics on %s", self.url)
+
+    @property
+    def url(self) -> str:
+        """Where the metrics are scraped (an IPv6 host in brackets, as URLs need)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
 
     def close(self) -> None:
         self._server.shutdown()

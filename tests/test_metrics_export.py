@@ -384,3 +384,13 @@ def test_compiled_model_info_comes_from_the_manifest():
     backend._model = SimpleNamespace(manifest={"source": {"sha256": "f00d"}, "dtype": "bfloat16", "target": "cpu"})
     assert backend.model_info() == {"hash": "f00d", "dtype": "bfloat16", "target": "cpu"}
     assert EchoBackend(BackendConfig()).model_info() == {"hash": "none", "dtype": "none", "target": "none"}
+
+
+@pytest.mark.parametrize("host, url", [("127.0.0.1", "http://127.0.0.1:9400/metrics"),
+                                       ("::1", "http://[::1]:9400/metrics")])
+def test_the_logged_metrics_url_is_a_valid_url(host, url):
+    from bertpool.broker.metrics import MetricsServer
+
+    server = MetricsServer.__new__(MetricsServer)  # only the address matters here: nothing is bound
+    server.host, server.port = host, 9400
+    assert server.url == url
