@@ -90,6 +90,10 @@ def test_help_is_complete(command):
     ("bertpool.pool.serve", ["--echo-delay-ms", "-1"], "echo_delay_ms must be a number >= 0"),
     ("bertpool.workers.worker", ["--echo-delay-ms", "nan"], "echo_delay_ms must be a number >= 0"),
     ("bertpool.pool.serve", ["--threads", "-2"], "threads must be >= 0"),
+    # Flags that would do nothing, or starve the batcher, are mistakes to point out.
+    ("bertpool.pool.serve", ["--threads", "4"], "the echo backend runs no model"),
+    ("bertpool.pool.serve", ["--capacity", "1", "--batch-size", "8"], "capacity 1 is below batch_size 8"),
+    ("bertpool.broker.broker", ["--heartbeat-interval-s", "1e-9"], "heartbeat_interval_s must be in [0.01, 3600]"),
     ("bertpool.workers.supervisor", ["--first-core", "-1"], "first_core must be >= 0"),
     ("bertpool.pool.serve", ["--vocab", "/nonexistent-bertpool/vocab.txt"], "is not a file"),
     ("bertpool.pool.serve", ["--drain-timeout-s", "inf"], "drain_timeout_s must be in [0, 86400] s"),
@@ -100,6 +104,13 @@ def test_bad_flags_are_clear_errors(module, args, message, tmp_path):
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     out = proc.stdout + proc.stderr
     assert message in out and "Traceback" not in out
+
+
+def test_echo_delay_with_a_model_is_refused(tmp_path):
+    """--echo-delay-ms would quietly do nothing beside a model: refused before any worker starts."""
+    (tmp_path / "saved_model.pb").write_bytes(b"never loaded: the flags are refused first")
+    proc = run("bertpool.pool.serve", "--model", str(tmp_path), "--echo-delay-ms", "5")
+    assert proc.returncode == 2 and "--echo-delay-ms is for the echo backend" in proc.stderr, proc.stderr
 
 
 def test_serve_with_a_model_that_cannot_load_exits_nonzero(tmp_path):

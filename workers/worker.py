@@ -99,6 +99,9 @@ class WorkerConfig:
             raise ConfigError(f"batch_timeout_ms must be a number >= 0, got {self.batch_timeout_ms}")
         if self.capacity < 0:
             raise ConfigError(f"capacity must be >= 0, got {self.capacity}")
+        if 0 < self.capacity < self.batch_size:  # the broker never hands over more than capacity at once
+            raise ConfigError(f"capacity {self.capacity} is below batch_size {self.batch_size}: no batch could "
+                              f"fill; give 0 (2 x batch size) or at least the batch size")
         P.check_heartbeat(self.heartbeat_interval_s, self.heartbeat_liveness)
         # Below this a valid text request (2 x MAX_TEXT_CHARS of UTF-8) could not reach us.
         if not MIN_MESSAGE_BYTES <= self.max_message_bytes <= P.INT32_MAX:
@@ -660,9 +663,14 @@ def worker_config_from_args(args: argparse.Namespace, broker_address: str,
     """Build a WorkerConfig from parsed flags (raises ConfigError on bad values)."""
     if args.vocab is not None and not os.path.isfile(args.vocab):  # now, not when each worker loads
         raise ConfigError(f"--vocab {args.vocab} is not a file")
+    backend = choose_backend(args.backend, args.model)
+    if args.echo_delay_ms and backend != "echo":  # a flag that would do nothing is a mistake to point out
+        raise ConfigError(f"--echo-delay-ms is for the echo backend; the {backend} backend runs a model")
+    if args.threads > 0 and backend == "echo":
+        raise ConfigError("--threads sets TensorFlow's threads; the echo backend runs no model")
     return WorkerConfig(
         broker_address=broker_address,
-        backend=BackendConfig(name=choose_backend(args.backend, args.model), model_dir=args.model,
+        backend=BackendConfig(name=backend, model_dir=args.model,
                               echo_delay_ms=args.echo_delay_ms,
                               threads=args.threads if threads is None else threads),
         vocab_path=args.vocab, batch_size=args.batch_size, batch_timeout_ms=args.batch_timeout_ms,
