@@ -26,6 +26,7 @@ import json
 import multiprocessing as mp
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -39,7 +40,7 @@ from tqdm import tqdm
 
 from ..common import protocol as P
 from ..common import security
-from ..common.cli import add_address_arguments, output_file, report_error
+from ..common.cli import add_address_arguments, exit_with_parent, output_file, report_error
 from ..common.defaults import DEFAULT_FRONTEND
 from ..common.data import Pair, default_pairs, read_mrpc_tsv
 from ..common.errors import (BenchError, BertpoolError, ConfigError, HandshakeFailed, RemoteError, RequestError,
@@ -93,13 +94,17 @@ class _ClientResult:
     error_samples: dict[str, str] = field(default_factory=dict)  # error class -> first message
 
 
-def _client_main(index: int, config: BenchConfig, pairs: list[Pair], barrier, results, progress) -> None:
-    """One client process: warm up, wait at the barrier, run the measured phase.
+def _client_main(index: int, config: BenchConfig, pairs: list[Pair], barrier, results, progress,
+                 parent_pid: int) -> None:
+    """One client process: warm up, wait at the barrier, run the measured phase. It ends with the
+    bench (``parent_pid``), however that ends; Ctrl-C is the parent's to handle (it stops us).
 
     ``progress[2 * index]`` / ``progress[2 * index + 1]`` count this client's
     replies / errors so far (only this process writes them; the parent reads
     them for the progress bar).
     """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    exit_with_parent(parent_pid)
     errors: Counter = Counter()
     samples: dict[str, str] = {}
     latencies, labels, timings = [], [], []
@@ -289,8 +294,19 @@ def run_bench(config: BenchConfig, pairs: list[Pair], progress: bool = False,
     barrier = ctx.Barrier(config.clients + 1)
     results = ctx.Queue()
     counters = ctx.RawArray("q", 2 * config.clients)  # per client: replies, errors (one writer each)
-    procs = [ctx.Process(target=_client_main, args=(i, config, pairs, barrier, results, counters), daemon=True)
+    procs = [ctx.Process(target=_client_main, args=(i, config, pairs, barrier, results, counters, os.getpid()),
+                         daemon=True)
              for i in range(config.clients)]
+    try:
+        return _run_clients(config, procs, barrier, results, counters, before, progress, progress_stream, desc)
+    except BaseException:  # Ctrl-C, SIGTERM (see main), a bug: the clients must not run on without us
+        _stop(procs, at_once=True)
+        raise
+
+
+def _run_clients(config: BenchConfig, procs, barrier, results, counters, before, progress: bool,
+                 progress_stream, desc) -> dict[str, Any]:
+    """run_bench's part with client processes running: start them, collect, report."""
     for p in procs:
         p.start()
     try:
@@ -322,7 +338,7 @@ def run_bench(config: BenchConfig, pairs: list[Pair], progress: bool = False,
     finally:
         if bar:
             bar.close()
-        _stop(procs)
+    _stop(procs)  # (on an exception, run_bench stops them at once)
     if failures:
         raise BenchError(f"{len(failures)} bench clients failed, first: {failures[0]}")
     report = summarize(config, collected)
@@ -349,12 +365,17 @@ def diagnose(address: str, report: dict[str, Any], after: dict[str, Any] | None,
     return None
 
 
-def _stop(procs) -> None:
+def _stop(procs, at_once: bool = False) -> None:
+    """Wait (5 s each) for the client processes to end, then terminate what is left; ``at_once``:
+    terminate them all now (the bench was interrupted)."""
     for p in procs:
-        p.join(5)
+        if p.pid is None:
+            continue  # never started
+        if not at_once:
+            p.join(5)
         if p.is_alive():
             p.terminate()
-            p.join()
+            p.join(10)
 
 
 HISTOGRAM_BINS_PER_DECADE = 20  # log-spaced bins, the same grid for every run, so runs compare
@@ -493,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     config = None
+    signal.signal(signal.SIGTERM, _interrupt)  # as Ctrl-C: run_bench then stops its client processes
     try:
         steps = sweep.parse_clients_list(args.sweep_clients) if args.sweep_clients is not None else None
         clients = steps[0] if steps else (48 if args.clients is None else args.clients)
@@ -513,6 +535,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.json and config is not None and isinstance(exc, (RequestError, BenchError)):
             write_json(args.json, failure_report(config, exc))
         return report_error("bertpool-bench", exc)
+    except KeyboardInterrupt:
+        return report_error("bertpool-bench", BenchError("interrupted; its clients were stopped, no report"),
+                            code=130)
     report["pairs_source"] = source
     report["model_note"] = args.model_note
     print(sweep.format_sweep(report) if steps else format_report(report), flush=True)
@@ -524,6 +549,10 @@ def main(argv: list[str] | None = None) -> int:
         except BertpoolError as exc:
             return report_error("bertpool-bench", exc)
     return 0 if report["ok"] else 1
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def report_config(config: BenchConfig) -> dict[str, Any]:

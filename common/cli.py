@@ -40,17 +40,20 @@ def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def exit_with_parent() -> None:
-    """In a child started with :func:`child_env`: get SIGTERM (a clean stop) when that parent dies,
-    however it dies, SIGKILL included, so no worker or gateway outlives its pool to hold its ports or
-    join the next pool under an old config. Linux's PR_SET_PDEATHSIG (it survives exec; other systems:
-    no-op). Started by anything else (no PARENT_PID_ENV), nothing changes."""
-    parent = os.environ.pop(PARENT_PID_ENV, None)  # popped: our own children are not its children
-    if not parent or not parent.isdigit():
-        return
+def exit_with_parent(parent_pid: int | None = None) -> None:
+    """Get SIGTERM (a clean stop) when our parent, ``parent_pid`` or the one :func:`child_env` named,
+    dies, however it dies, SIGKILL included, so no worker, gateway or bench client outlives what
+    started it (holding its ports, joining the next pool under an old config, or waiting forever).
+    Linux's PR_SET_PDEATHSIG (it survives exec; other systems: no-op). With neither (a process started
+    by hand), nothing changes."""
+    named = os.environ.pop(PARENT_PID_ENV, None)  # popped: our own children are not its children
+    if parent_pid is None:
+        if not named or not named.isdigit():
+            return
+        parent_pid = int(named)
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-    if os.getppid() != int(parent):  # it died before the prctl took effect
+    if os.getppid() != parent_pid:  # it died before the prctl took effect
         os.kill(os.getpid(), signal.SIGTERM)
 
 

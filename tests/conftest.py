@@ -103,6 +103,36 @@ def run_threads(target, count: int, timeout_s: float) -> None:
     assert not any(t.is_alive() for t in threads), "threads still running after their timeout"
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of ``pid`` (Linux /proc)."""
+    kids = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            kids += [int(k) for k in f.read().split()]
+    return kids
+
+
+def wait_gone(pids: list[int], timeout_s: float) -> list[int]:
+    """Wait (bounded) until none of ``pids`` is alive; those still alive."""
+    deadline = time.monotonic() + timeout_s
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if alive(p)]
+
+
 def start_module(tmp_path: Path, module: str, *args: str) -> subprocess.Popen:
     """``python -m module args`` in its own session (so stop_processes can reach what it starts),
     logging to a new file in tmp_path."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -11,6 +13,7 @@ import pytest
 
 from bertpool.bench import ECHO_VOCAB_BUILT_IN, echo_vocab
 from bertpool.common.data import SHARED_MRPC_DEV_FILE, SHARED_VOCAB_FILE, shared_file
+from conftest import children_of, wait_gone
 
 BENCH = [sys.executable, "-m", "bertpool.clients.bench"]
 
@@ -449,3 +452,31 @@ def test_every_bench_faults_flag_says_what_it_does():
 
     undocumented = [a.option_strings[0] for a in build_parser()._actions if not a.help]
     assert not undocumented
+
+
+@pytest.mark.parametrize("how", ["sigterm", "ctrl_c"])
+def test_an_interrupted_bench_stops_its_clients_and_says_so(start_pool, tmp_path, how):
+    """SIGTERM (or Ctrl-C to the whole group) mid-run: one line and exit 130, no traceback from any
+    process, and no client process left running (they were orphaned and hung forever)."""
+    pool = start_pool("--backend", "echo", parallel=1)
+    log = tmp_path / "bench.log"
+    with open(log, "wb") as out:
+        bench = subprocess.Popen([sys.executable, "-m", "bertpool.clients.bench", "--address", pool.address,
+                                  "--clients", "3", "--duration-s", "120", "--quiet"],
+                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        pool.wait_stats(lambda s: s["broker"]["requests"] > 30)  # the clients are running
+        clients = children_of(bench.pid)
+        assert len(clients) >= 3, clients
+        if how == "sigterm":
+            bench.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(bench.pid, signal.SIGINT)
+        assert bench.wait(30) == 130
+        assert not wait_gone(clients, 30), "bench clients outlived the bench"
+    finally:
+        if bench.poll() is None:
+            os.killpg(bench.pid, signal.SIGKILL)
+            bench.wait()
+    text = log.read_text()
+    assert "interrupted; its clients were stopped" in text and "Traceback" not in text, text

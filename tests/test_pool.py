@@ -17,7 +17,7 @@ from bertpool.clients.client import Client
 from bertpool.common import protocol as P
 from bertpool.common.tokenizer import BertTokenizer
 from bertpool.workers.backends import echo_probabilities, fallback_vocab_path
-from conftest import free_tcp_port, run_threads
+from conftest import alive, children_of, free_tcp_port, run_threads, wait_gone
 
 
 def expected_echo(tokenizer: BertTokenizer, a: str, b: str) -> np.ndarray:
@@ -217,27 +217,10 @@ def test_serve_stops_cleanly(start_pool, how):
         assert pool.stop() == 0
     deadline = time.monotonic() + 10
     for pid in pids:
-        while _alive(pid) and time.monotonic() < deadline:
+        while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _alive(pid), f"worker {pid} outlived serve"
+        assert not alive(pid), f"worker {pid} outlived serve"
     assert "Traceback" not in pool.log()
-
-
-def _children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (Linux /proc)."""
-    kids = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            kids += [int(k) for k in f.read().split()]
-    return kids
-
-
-def _wait_gone(pids: list[int], timeout_s: float) -> list[int]:
-    """Wait (bounded) until none of ``pids`` is alive; those still alive."""
-    deadline = time.monotonic() + timeout_s
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return [p for p in pids if _alive(p)]
 
 
 def test_workers_and_gateway_stop_when_serve_is_sigkilled(start_pool):
@@ -245,11 +228,12 @@ def test_workers_and_gateway_stop_when_serve_is_sigkilled(start_pool):
     its gateway holding the port, to join or block the next pool."""
     pool = start_pool("--backend", "echo", "--gateway-http", str(free_tcp_port()), "--gateway-grpc", "off",
                       parallel=2)
-    children = _children(pool.process.pid)
-    assert len(children) == 3 and set(_worker_pids(pool)) < set(children), children  # 2 workers, 1 gateway
+    children = children_of(pool.process.pid)
+    workers = _worker_pids(pool)
+    assert len(workers) == 2 and set(workers) < set(children), (workers, children)  # and the gateway
     pool.process.kill()
     pool.process.wait(10)
-    assert not _wait_gone(children, 30), "children outlived a SIGKILLed serve"
+    assert not wait_gone(children, 30), "children outlived a SIGKILLed serve"
 
 
 def test_sighup_to_the_supervisor_and_its_workers_changes_nothing(tmp_path):
@@ -270,19 +254,7 @@ def test_sighup_to_the_supervisor_and_its_workers_changes_nothing(tmp_path):
     finally:
         # A SIGHUP still pending is delivered before SIGTERM (lower number first): exit 0 shows it was ignored.
         assert _stop_all(procs) == [0, 0]
-    assert not _wait_gone(pids, 10)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead for our purpose
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
+    assert not wait_gone(pids, 10)
 
 
 def _start(tmp_path, module: str, *args: str) -> subprocess.Popen:
