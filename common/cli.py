@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import ipaddress
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from .defaults import DEFAULT_BACKEND, DEFAULT_FRONTEND
 from .errors import ConfigError
@@ -81,6 +83,43 @@ def output_file(value: str) -> str:
     if not path.absolute().parent.is_dir():
         raise argparse.ArgumentTypeError(f"{value}: directory {path.absolute().parent} does not exist")
     return value
+
+
+def check_replaceable(flag: str, output: str | os.PathLike, inputs: dict[str, str | os.PathLike | None]) -> Path:
+    """The absolute path of ``output``, a directory a command writes and, with --force, deletes first;
+    ConfigError if deleting it could destroy what the user did not ask to replace: the current
+    directory (or one holding it), or any of ``inputs`` (flag -> path): an input inside it (a file, a
+    directory or a checkpoint prefix), or a directory input it lies inside."""
+    target = Path(output).resolve()
+    if Path.cwd().resolve().is_relative_to(target):
+        raise ConfigError(f"{flag} {output} is the current directory or holds it; give a directory of its own")
+    for name, path in inputs.items():
+        if path is None:
+            continue
+        source = Path(path).resolve()
+        if source.is_relative_to(target) or source.is_dir() and target.is_relative_to(source):
+            raise ConfigError(f"{flag} {output} must lie outside {name} {path}, and not contain it")
+    return target
+
+
+@contextlib.contextmanager
+def replacing_dir(output: Path, force: bool) -> Iterator[Path]:
+    """Write a directory so that ``output`` appears complete or not at all: the block writes to the
+    path this yields (beside ``output``, not created yet); when the block ends without error that
+    becomes ``output``, replacing the old one (a non-empty one only with ``force``). On any error,
+    Ctrl-C included, what was written goes and ``output`` is as it was."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        yield staging
+        if output.exists():
+            if any(output.iterdir()) and not force:
+                raise ConfigError(f"{output} appeared meanwhile; not replacing it without --force")
+            shutil.rmtree(output)
+        staging.rename(output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def report_error(prog: str, exc: BaseException, code: int = 2) -> int:

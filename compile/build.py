@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from .. import __version__
+from ..common.cli import check_replaceable, replacing_dir
 from ..common.errors import BertpoolError, ConfigError, EquivalenceError, ModelFormatError
 from . import neuron
 from .equivalence import TOLERANCES, compare, describe_original, load_pairs, open_original, tolerance_for
@@ -140,8 +141,8 @@ def compile_model(options: CompileOptions) -> dict:
     log(f"rebuilding for {o.target}: dtype {config.dtype}, GELU {config.gelu}, batch {config.batch_size} x "
         f"seq {config.seq_length}, XLA {'on' if config.jit_compile else 'off'}")
 
-    staging = _staging_dir(o.output)
-    try:
+    with replacing_dir(o.output, o.force) as staging:
+        staging.mkdir()
         module, placement = _write_model(staging, weights, vocab, config, o, nb)
         manifest = _manifest(o, weights, tokenizer.do_lower_case, config, nb, placement)
         manifest["reference"] = _write_reference(staging, weights, tokenizer, module, config, manifest, o)
@@ -153,9 +154,6 @@ def compile_model(options: CompileOptions) -> dict:
             _write_json(staging / MANIFEST, manifest)
         else:
             log("equivalence proof skipped (--no-verify)")
-        _install(staging, o.output, o.force)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     log(f"wrote {o.output} ({time.perf_counter() - started:.1f} s)")
     if manifest["equivalence"] is not None and not manifest["equivalence"]["passed"]:
         eq = manifest["equivalence"]
@@ -196,8 +194,8 @@ def _validate(o: CompileOptions) -> CompileOptions:
         raise ConfigError(f"--pairs must be >= 1, got {o.pairs}")
     if not 0 <= o.min_on_neuron <= 1:
         raise ConfigError(f"--min-on-neuron must be within [0, 1], got {o.min_on_neuron}")
-    if o.tolerance is not None and not o.tolerance > 0:
-        raise ConfigError(f"--tolerance must be > 0, got {o.tolerance}")
+    if o.tolerance is not None and not 0 < o.tolerance < float("inf"):  # inf: a proof that cannot fail
+        raise ConfigError(f"--tolerance must be a finite number > 0, got {o.tolerance}")
     if o.vocab is not None and not pathlib.Path(o.vocab).is_file():
         raise ConfigError(f"--vocab {o.vocab}: no such file")
     if o.tsv is not None and not pathlib.Path(o.tsv).is_file():
@@ -207,13 +205,11 @@ def _validate(o: CompileOptions) -> CompileOptions:
             raise ConfigError(f"--output_saved_model {o.output} exists and is not a directory")
         if any(o.output.iterdir()) and not o.force:
             raise ConfigError(f"--output_saved_model {o.output} exists and is not empty (use --force to replace it)")
-    if o.input.exists():
-        source, target = o.input.resolve(), o.output.resolve()
-        # --force replaces the output directory: never one that holds the input, or lies inside it.
-        if target == source or source.is_relative_to(target) or target.is_relative_to(source):
-            raise ConfigError(f"--output_saved_model {o.output} must lie outside --input_saved_model "
-                              f"{o.input}, and not contain it")
-    return o
+    # --force replaces the output directory: never one that holds an input (a checkpoint prefix
+    # included), lies inside the input, or holds the current directory.
+    output = check_replaceable("--output_saved_model", o.output,
+                               {"--input_saved_model": o.input, "--vocab": o.vocab, "--tsv": o.tsv})
+    return dataclasses.replace(o, output=output)
 
 
 def _check_seq_length(o: CompileOptions, weights: BertWeights) -> None:
@@ -224,23 +220,6 @@ def _check_seq_length(o: CompileOptions, weights: BertWeights) -> None:
     if fixed is not None and fixed != o.seq_length and o.verify:
         raise ConfigError(f"the SavedModel takes sequences of {fixed}, so the equivalence proof needs "
                           f"--seq-length {fixed} (or --no-verify)")
-
-
-def _staging_dir(output: pathlib.Path) -> pathlib.Path:
-    """A fresh directory beside the output: the output appears complete or not at all."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    return staging
-
-
-def _install(staging: pathlib.Path, output: pathlib.Path, force: bool) -> None:
-    if output.exists():
-        if any(output.iterdir()) and not force:
-            raise ConfigError(f"{output} appeared while compiling; not replacing it without --force")
-        shutil.rmtree(output)
-    staging.rename(output)
 
 
 def _write_model(staging, weights: BertWeights, vocab, config: RebuildConfig, o: CompileOptions,

@@ -22,11 +22,11 @@ import argparse
 import logging
 import os
 import pathlib
-import shutil
 import sys
 
 import numpy as np
 
+from ..common.cli import check_replaceable, replacing_dir
 from ..common.errors import ConfigError
 from ..common.vocab import write_vocab
 from .gelu import GELUS, check_gelu
@@ -118,9 +118,6 @@ def build_demo_model(output_dir, size: str = "tiny", seed: int = 0, gelu: str = 
     must not exist or be empty, unless ``overwrite``. ``progress`` shows a
     progress bar over the steps (BERT-Large takes a minute or two).
     """
-    import tensorflow as tf
-    from tqdm import tqdm
-
     shape = _resolve_size(size)
     check_gelu(gelu)
     if fmt not in FORMATS:
@@ -132,13 +129,19 @@ def build_demo_model(output_dir, size: str = "tiny", seed: int = 0, gelu: str = 
     out = pathlib.Path(output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"output directory {out} is not empty (use --force to overwrite)")
-        shutil.rmtree(out)
-    elif out.exists():
-        out.rmdir()  # the SavedModel builder insists on creating the directory
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"output directory {out} is not empty (use --force to overwrite)")
+    check_replaceable("output", out, {})
+    # Built beside it and swapped in at the end: an interrupted build leaves the old one as it was.
+    with replacing_dir(out, overwrite) as staging:
+        _write_demo_model(staging, shape, seed, gelu, fmt, progress)
+    return out
+
+
+def _write_demo_model(out: pathlib.Path, shape: BertShape, seed: int, gelu: str, fmt: str, progress: bool) -> None:
+    """build_demo_model's work, into ``out`` (which must not exist: the SavedModel builder creates it)."""
+    import tensorflow as tf
+    from tqdm import tqdm
 
     bar = tqdm(total=4, desc="demo model", unit="step", disable=not progress, leave=False)
     bar.set_postfix_str("random weights")
@@ -167,7 +170,6 @@ def build_demo_model(output_dir, size: str = "tiny", seed: int = 0, gelu: str = 
     write_vocab(out / "vocab.txt", generate_vocab(shape.vocab_size))
     bar.update()
     bar.close()
-    return out
 
 
 def save_run_classifier(session, handles, out: pathlib.Path) -> None:
@@ -229,6 +231,9 @@ def main(argv=None) -> int:
     except OSError as exc:  # e.g. a file where a parent directory should be, or no permission
         print(f"bertpool-demo-model: error: cannot write {args.output}: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"bertpool-demo-model: interrupted; {args.output} is as it was", file=sys.stderr)
+        return 130
     shape = PRESETS[args.size]
     print(f"wrote {args.size} demo model as {args.format} ({shape.layers} layers x {shape.hidden}, "
           f"vocab {shape.vocab_size}) to {out}")

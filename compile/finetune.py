@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..common.cli import report_error
+from ..common.cli import check_replaceable, replacing_dir, report_error
 from ..common.data import Pair, read_mrpc_tsv
 from ..common.errors import BertpoolError, ConfigError
 from ..common.metrics import binary_report
@@ -110,6 +110,8 @@ class FinetuneConfig:
         # Written "not x > 0" so that NaN fails too (every comparison with NaN is False).
         if not 0 < self.head_lr_multiplier < math.inf:
             raise ConfigError(f"--head-lr-multiplier must be a number > 0, got {self.head_lr_multiplier}")
+        if self.threads > 1024:  # more would only hang TensorFlow's thread pool start
+            raise ConfigError(f"--threads must be at most 1024, got {self.threads}")
         if not 0 <= self.weight_decay < math.inf:
             raise ConfigError(f"--weight-decay must be a number >= 0, got {self.weight_decay}")
         if min(self.max_steps, self.threads, self.average_from_epoch, self.seed) < 0:
@@ -396,9 +398,14 @@ def finetune(config: FinetuneConfig, reuse: bool = False, overwrite: bool = Fals
     a previous bertpool-finetune output with another key is replaced. Otherwise
     OUTPUT must be empty or absent unless ``overwrite``.
     """
-    out = pathlib.Path(config.output)
     source = resolve_pretrained(config.pretrained)
+    # With --force the old output goes (at the end): never one holding an input or the current directory.
+    out = check_replaceable("--output", config.output, {"--pretrained": source, "--train": config.train_tsv,
+                                                        "--dev": config.dev_tsv, "--vocab": config.vocab})
     weights = load_pretrained(source)
+    if config.max_seq_length > weights.shape.max_positions:  # the export could not run
+        raise ConfigError(f"--max-seq-length {config.max_seq_length} exceeds the model's "
+                          f"{weights.shape.max_positions} position embeddings")
     tokenizer = make_tokenizer(weights, config.vocab, config.max_seq_length)
     vocab = pathlib.Path(config.vocab or weights.vocab_path)
     train_pairs = read_pairs(config.train_tsv, "train")
@@ -411,7 +418,8 @@ def finetune(config: FinetuneConfig, reuse: bool = False, overwrite: bool = Fals
     if reuse and previous is not None and previous.get("cache_key") == key:
         previous["reused"] = True
         return previous
-    _prepare_output(out, overwrite or (reuse and previous is not None))
+    replace = overwrite or (reuse and previous is not None)
+    _check_output(out, replace)
 
     import tensorflow as tf
 
@@ -445,8 +453,11 @@ def finetune(config: FinetuneConfig, reuse: bool = False, overwrite: bool = Fals
         "outputs": {"saved_model": str(out / "saved_model"),
                     "checkpoint": str(out / "checkpoint") if weights.gelu in GOOGLE_ACT else None},
     }
-    export(model.numpy(), weights.shape, weights.gelu, vocab, out, config.max_seq_length)
-    (out / "finetune.json").write_text(json.dumps(report, indent=2) + "\n")
+    # Written beside OUTPUT and swapped in: until then (a failure, Ctrl-C) the old OUTPUT stays as it was.
+    with replacing_dir(out, replace) as staging:
+        staging.mkdir()
+        export(model.numpy(), weights.shape, weights.gelu, vocab, staging, config.max_seq_length)
+        (staging / "finetune.json").write_text(json.dumps(report, indent=2) + "\n")
     report["reused"] = False
     return report
 
@@ -546,14 +557,12 @@ def _previous_report(out: pathlib.Path) -> dict | None:
     return report if ok else None
 
 
-def _prepare_output(out: pathlib.Path, overwrite: bool) -> None:
+def _check_output(out: pathlib.Path, overwrite: bool) -> None:
+    """ConfigError unless ``out`` may be written (it is replaced only once the new one is complete)."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"--output {out} is not empty (use --force to replace it, or --reuse)")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"--output {out} is not empty (use --force to replace it, or --reuse)")
 
 
 def export(tensors: dict[str, np.ndarray], shape: BertShape, gelu: str, vocab: pathlib.Path,
@@ -640,6 +649,9 @@ def main(argv: list[str] | None = None) -> int:
         report = finetune(config, reuse=args.reuse, overwrite=args.force, progress=not args.quiet)
     except BertpoolError as exc:
         return report_error(PROG, exc)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; {args.output} is as it was", file=sys.stderr)
+        return 130
     dev = report.get("final_dev")
     quality = (f"dev accuracy {dev['accuracy']:.4f}, F1 {dev['f1']:.4f} ({dev['n']} pairs)" if dev
                else "no dev set evaluated")

@@ -103,6 +103,23 @@ def test_demo_model_cli_refuses_non_empty_output(tmp_path, capsys):
     assert (tmp_path / "x" / "file").read_text() == "keep me"
 
 
+def test_demo_model_force_keeps_the_old_output_until_the_new_one_is_whole(tmp_path, monkeypatch):
+    """--force deleted the old directory first: Ctrl-C a few seconds into a base model lost it."""
+    from bertpool.compile import demo_model
+
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "notes.txt").write_text("keep me")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo_model, "_write_demo_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        demo_model.build_demo_model(tmp_path / "keep", overwrite=True)
+    assert (tmp_path / "keep" / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]  # no staging directory left
+
+
 @pytest.mark.parametrize("case, message", [
     ("output is a file", "is not a directory"),
     ("negative seed", "seed must be an integer >= 0"),
@@ -530,6 +547,23 @@ def test_config_errors_before_any_work(models, tmp_path):
         with pytest.raises(ConfigError, match="must lie outside --input_saved_model"):
             quiet_compile(models["hf"], output, target="cpu", force=True)
     assert any(pathlib.Path(models["hf"]).iterdir())
+    # Nor the directory of a checkpoint given by its prefix (no such path exists: it was deleted).
+    prefix = pathlib.Path(models["checkpoint"]) / "bert_model.ckpt"
+    with pytest.raises(ConfigError, match="must lie outside --input_saved_model"):
+        quiet_compile(prefix, models["checkpoint"], target="cpu", force=True)
+    assert (pathlib.Path(models["checkpoint"]) / "bert_model.ckpt.index").is_file()
+    with pytest.raises(ConfigError, match="must be a finite number > 0"):  # a proof that could not fail
+        quiet_compile(models["hf"], tmp_path / "out", target="cpu", tolerance=float("inf"))
+
+
+def test_the_current_directory_is_never_an_output_to_replace(models, tmp_path, monkeypatch):
+    """--output_saved_model . with --force emptied the current directory (the user's files with it)."""
+    (tmp_path / "thesis.txt").write_text("keep me")
+    monkeypatch.chdir(tmp_path)
+    for output in (".", str(tmp_path), str(tmp_path.parent)):
+        with pytest.raises(ConfigError, match="is the current directory or holds it"):
+            quiet_compile(models["hf"], output, target="cpu", force=True)
+    assert (tmp_path / "thesis.txt").read_text() == "keep me"
 
 
 def test_other_batch_and_sequence_length(models, tmp_path):

@@ -150,6 +150,38 @@ def test_reuse_skips_training_for_the_same_inputs(trained, data):
         finetune(tiny_config(data, out), progress=False)
 
 
+def test_force_never_deletes_an_input_and_keeps_the_old_output_until_the_new_one_is_whole(data, tmp_path,
+                                                                                        monkeypatch):
+    """--force replaced OUTPUT before training: an OUTPUT holding the training data or the pretrained
+    model deleted them, and a failed or interrupted run left nothing of the previous result."""
+    import shutil
+
+    from bertpool.compile import finetune as ft
+
+    pretrained = shutil.copytree(data["pretrained"], tmp_path / "pretrained")
+    train = tmp_path / "data" / "train.tsv"
+    train.parent.mkdir()
+    shutil.copyfile(data["train"], train)
+    for output, flag in ((pretrained, "--pretrained"), (train.parent, "--train")):
+        with pytest.raises(ConfigError, match=f"must lie outside {flag}"):
+            finetune(tiny_config(data, output, pretrained=str(pretrained), train_tsv=str(train), max_steps=1,
+                                 epochs=1), overwrite=True, progress=False)
+    assert (pretrained / "model.safetensors").is_file() and train.is_file()
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "previous.txt").write_text("the last good result")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ft, "export", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_config(data, out, max_steps=1, epochs=1), overwrite=True, progress=False)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []  # no staging left
+    assert (out / "previous.txt").read_text() == "the last good result"
+
+
 def test_a_different_recipe_changes_the_cache_key(data, tmp_path):
     a = finetune(tiny_config(data, tmp_path / "a", max_steps=2, epochs=1), progress=False)
     b = finetune(tiny_config(data, tmp_path / "a", max_steps=2, epochs=1, seed=5), reuse=True, progress=False)
