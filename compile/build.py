@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 
 from .. import __version__
 from ..common.cli import check_replaceable, replacing_dir
-from ..common.errors import BertpoolError, ConfigError, EquivalenceError, ModelFormatError
+from ..common.errors import BackendUnavailable, BertpoolError, ConfigError, EquivalenceError, ModelFormatError
 from . import neuron
 from .equivalence import TOLERANCES, compare, describe_original, load_pairs, open_original, tolerance_for
 from .host import HostEmbeddings, save_embeddings
 from .gelu import check_gelu
 from .rebuild import DTYPES, OUTPUT_KEY, RebuildConfig, build_module
 from .runtime import (ACCELERATED_DIR, BUCKET_SIGNATURE, EMBEDDINGS_FILE, MANIFEST, MANIFEST_VERSION, TARGETS,
-                      VOCAB_FILE, CompiledModel, load_compiled)
+                      VOCAB_FILE, CompiledModel, import_tensorflow, load_compiled)
 from .selfcheck import REFERENCE_PAIRS, write_reference
 from .vocab import check_vocab
 from .weights import BertWeights, load_weights
@@ -92,6 +92,15 @@ def default_target() -> tuple[str, str]:
     return "neuron", f"{toolchain.compiler} and {toolchain.distribution} found ({toolchain.family})"
 
 
+def _require_gpu() -> None:
+    """BackendUnavailable unless TensorFlow sees a GPU: built and proven on the CPU instead, a model
+    would say "gpu" in its manifest and be something else."""
+    tf = import_tensorflow("--target gpu")
+    if not tf.config.list_physical_devices("GPU"):
+        raise BackendUnavailable("--target gpu, but TensorFlow sees no GPU here (a CUDA build of TensorFlow "
+                                 "and a visible device are needed); use --target cpu")
+
+
 def use_xla(option: str, target: str, dtype: str) -> bool:
     """Whether to XLA-compile the accelerated function.
 
@@ -119,6 +128,8 @@ def compile_model(options: CompileOptions) -> dict:
     o = options.validated()
     dtype = o.dtype or DEFAULT_DTYPE[o.target]
     nb = _neuron_build(o, dtype) if o.target == "neuron" else None
+    if o.target == "gpu":
+        _require_gpu()
     started = time.perf_counter()
     log(f"reading {o.input}")
     weights = load_weights(o.input, heads=o.heads, source_gelu=o.source_gelu)

@@ -29,6 +29,7 @@ from ..common.errors import BackendUnavailable, ModelFormatError
 from .host import HostEmbeddings, mask_bias, softmax
 from .selfcheck import check_reference
 from .shape import BertShape
+from .vocab import check_vocab
 
 MANIFEST = "manifest.json"
 BUCKET_SIGNATURE = "serving_s"  # cpu/gpu: signature "serving_s64" runs sequences cut to 64
@@ -167,6 +168,8 @@ def load_compiled(model_dir, check_equivalence: bool = True, warm_up: bool = Tru
                                      shape.layer_norm_eps)
     if (embeddings.vocab_size, embeddings.hidden) != (shape.vocab_size, shape.hidden):
         raise ModelFormatError(f"{model_dir}: embeddings.npz does not match the manifest's model shape")
+    # A vocab.txt cut short (or another model's) would tokenize to the wrong rows: wrong answers, no error.
+    check_vocab(model_dir / VOCAB_FILE, shape.vocab_size, fix="the model directory is damaged; recompile it")
     loader = _load_neuron if manifest["target"] == "neuron" else _load_tf
     accelerated = loader(model_dir / ACCELERATED_DIR, manifest)
     model = CompiledModel(model_dir, manifest, embeddings, accelerated)

@@ -76,17 +76,19 @@ def generate_vocab(size: int) -> list[str]:
     return bert_vocab(body, size)
 
 
-def check_vocab(path: pathlib.Path, vocab_size: int) -> list[str]:
-    """Assert the vocabulary matches the word embeddings row for row.
+def check_vocab(path: pathlib.Path, vocab_size: int,
+                fix: str = "pass the model's own vocab.txt with --vocab") -> list[str]:
+    """Assert the vocabulary matches the word embeddings row for row (``fix``: what the error
+    tells the user to do).
 
-    A mismatch means the vocabulary belongs to another model: token ids would
+    A mismatch means the vocabulary belongs to another model (or was cut short): token ids would
     index the wrong (or no) embedding rows, so it is an error, not a warning.
     """
     tokens = read_vocab(path, error=ModelFormatError)
     if len(tokens) != vocab_size:
         raise ModelFormatError(
             f"vocabulary {path} has {len(tokens)} tokens but bert/embeddings/word_embeddings "
-            f"has {vocab_size} rows; pass the model's own vocab.txt with --vocab"
+            f"has {vocab_size} rows; {fix}"
         )
     for token in REQUIRED_TOKENS:
         if token not in tokens:

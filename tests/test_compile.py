@@ -402,6 +402,27 @@ def test_manifest(models, compiled):
 
 # ----------------------------------------------------------------------- the runtime
 
+def test_a_compiled_model_with_a_damaged_vocabulary_does_not_load(compiled, tmp_path):
+    """A vocab.txt cut short (a partial copy) tokenized to other ids: every answer silently wrong."""
+    import shutil
+
+    damaged = shutil.copytree(compiled, tmp_path / "damaged")
+    lines = (damaged / "vocab.txt").read_text().splitlines(keepends=True)
+    (damaged / "vocab.txt").write_text("".join(lines[: len(lines) // 2]))
+    with pytest.raises(ModelFormatError, match="the model directory is damaged"):
+        runtime.load_compiled(damaged)
+
+
+def test_target_gpu_without_a_gpu_is_refused(models, tmp_path, monkeypatch):
+    """Built and proven on the CPU, a model would say gpu in its manifest and be something else."""
+    import tensorflow as tf
+
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
+    with pytest.raises(BackendUnavailable, match="TensorFlow sees no GPU"):
+        quiet_compile(models["hf"], tmp_path / "out", target="gpu", verify=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_runtime_predict_matches_original(models, compiled):
     assert runtime.is_compiled_model(compiled) and not runtime.is_compiled_model(models["savedmodel-erf"])
     model = runtime.load_compiled(compiled)
