@@ -402,6 +402,27 @@ def test_manifest(models, compiled):
 
 # ----------------------------------------------------------------------- the runtime
 
+def test_heads_that_contradict_a_savedmodels_graph_are_refused(models, tmp_path):
+    """--heads (or a bert_config.json beside the SavedModel) overrode the graph's head count: another
+    model, compiled without a word (caught only by the proof, or not at all with --no-verify)."""
+    import shutil
+
+    from bertpool.compile.weights import load_weights
+
+    source = models["savedmodel-erf"]
+    assert load_weights(source).shape.heads == 4  # from the graph
+    for heads in (8, 0):
+        with pytest.raises(ModelFormatError, match="attention heads"):
+            load_weights(source, heads=heads)
+    beside = shutil.copytree(source, tmp_path / "sm")
+    (beside / "bert_config.json").write_text(json.dumps({"num_attention_heads": 2}))
+    with pytest.raises(ModelFormatError, match="contradicts the graph"):
+        load_weights(beside)
+    (beside / "bert_config.json").write_text(json.dumps({"num_attention_heads": 4, "layer_norm_eps": "tiny"}))
+    with pytest.raises(ModelFormatError, match="layer_norm_eps must be a small number"):
+        load_weights(beside)
+
+
 def test_a_compiled_model_with_a_damaged_vocabulary_does_not_load(compiled, tmp_path):
     """A vocab.txt cut short (a partial copy) tokenized to other ids: every answer silently wrong."""
     import shutil

@@ -30,19 +30,31 @@ def _read_savedmodel(path: pathlib.Path, heads: int | None) -> BertWeights:
             ".ATTRIBUTES" in name for name in _checkpoint_keys(str(prefix))):
         raise ModelFormatError(f"{path} is a TF2 object-based SavedModel; expected a TF1 run_classifier export "
                                f"(variables named bert/embeddings/word_embeddings, ...)")
-    config = {}
+    config, config_path = {}, None
     for candidate in (path / "bert_config.json", path.parent / "bert_config.json"):
         if candidate.is_file():
-            config = _read_json(candidate)
+            config, config_path = _read_json(candidate), candidate
             notes.append(f"heads and epsilon from {candidate}")
             break
     word = _need(tensors, f"{EMBEDDINGS}/word_embeddings")
     graph_heads = _heads_from_graph(nodes, int(word.shape[1]))
+    # The graph is the model: --heads or a bert_config.json beside it may fill in what it does not
+    # tell, never contradict it (another head count is another model).
+    for said, by in ((heads, f"--heads {heads}"), (config.get("num_attention_heads"), str(config_path))):
+        if said is None:
+            continue
+        if isinstance(said, bool) or not isinstance(said, int) or said < 1:
+            raise ModelFormatError(f"{by}: the number of attention heads must be a whole number >= 1, got {said!r}")
+        if graph_heads and said != graph_heads:
+            raise ModelFormatError(f"{by} contradicts the graph of {path}, which has {graph_heads} attention heads")
     heads = heads or config.get("num_attention_heads") or graph_heads
     if not heads:
         raise ModelFormatError(f"cannot tell the number of attention heads of {path} from its graph; "
                                f"pass --heads N or put its bert_config.json beside it")
-    eps = config.get("layer_norm_eps") or _eps_from_graph(nodes)
+    eps = config.get("layer_norm_eps")
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1):
+        raise ModelFormatError(f"{config_path}: layer_norm_eps must be a small number > 0, got {eps!r}")
+    eps = eps or _eps_from_graph(nodes)
     if eps is None:
         eps = 1e-12  # google-research's fixed LayerNorm epsilon
         notes.append("LayerNorm epsilon not found in the graph; assumed 1e-12 (google-research)")
