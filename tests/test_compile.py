@@ -402,6 +402,31 @@ def test_manifest(models, compiled):
 
 # ----------------------------------------------------------------------- the runtime
 
+@pytest.mark.parametrize("damage", ["checkpoint data cut short", "safetensors cut short", "hidden_act a list",
+                                    "weight_map a list"])
+def test_damaged_source_models_are_model_format_errors(models, tmp_path, damage):
+    """Each was a traceback (IndexError, SafetensorError, TypeError, AttributeError) and exit 1, which
+    bertpool-compile documents as a failed equivalence proof."""
+    from bertpool.compile.weights import load_weights
+
+    if damage == "checkpoint data cut short":
+        # (The copy's `checkpoint` file names the original's absolute prefix: its own files must be read.)
+        src = copy_tree(models["checkpoint"], tmp_path / "src")
+        data = next(src.glob("bert_model.ckpt.data-*"))
+        data.write_bytes(data.read_bytes()[:1000])
+    else:
+        src = copy_tree(models["hf"], tmp_path / "src")
+        if damage == "safetensors cut short":
+            weights = src / "model.safetensors"
+            weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        elif damage == "hidden_act a list":
+            edit_hf_config(src, hidden_act=["gelu"])
+        else:
+            (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["model.safetensors"]}))
+    with pytest.raises(ModelFormatError):
+        load_weights(src)
+
+
 def test_heads_that_contradict_a_savedmodels_graph_are_refused(models, tmp_path):
     """--heads (or a bert_config.json beside the SavedModel) overrode the graph's head count: another
     model, compiled without a word (caught only by the proof, or not at all with --no-verify)."""

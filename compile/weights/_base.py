@@ -148,7 +148,7 @@ def _shape_from_config(config: dict, where: pathlib.Path, num_labels: int) -> Be
 
 def _activation(config: dict, table: dict, where: pathlib.Path) -> str:
     act = config.get("hidden_act", "gelu")
-    if act not in table:
+    if not isinstance(act, str) or act not in table:  # (a list is unhashable: TypeError before)
         raise ModelFormatError(f"{where}: hidden_act {act!r} is not supported; expected one of {sorted(table)}")
     return table[act]
 
@@ -183,7 +183,11 @@ def _checkpoint_tensors(prefix: str) -> dict[str, np.ndarray]:
     for name in sorted(names):
         if TRAINING_ONLY.search(name):
             continue  # optimizer slots and step counters: training-only
-        value = reader.get_tensor(name)
+        try:
+            value = reader.get_tensor(name)
+        except Exception as exc:  # a truncated or corrupt data file: IndexError, OpError, checksum errors
+            raise ModelFormatError(f"cannot read {name} from checkpoint {prefix} (truncated or corrupt?): "
+                                   f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
         if isinstance(value, np.ndarray) and value.dtype.kind == "f":
             tensors[name] = value.astype(np.float32, copy=False)
     return tensors

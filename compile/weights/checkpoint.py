@@ -24,15 +24,18 @@ GOOGLE_ACT = {gelu: act for act, gelu in GOOGLE_ACTIVATIONS.items()}  # GELU -> 
 
 
 def _checkpoint_prefix(path: pathlib.Path) -> str:
-    """The checkpoint prefix in a directory: the `checkpoint` file's, bert_model.ckpt, or the only one."""
+    """The checkpoint prefix in a directory: the `checkpoint` file's (by name, in this directory),
+    bert_model.ckpt, or the only one.
+
+    TensorFlow records an absolute path there: in a copied or moved directory it names the original's
+    files, whose weights would then be read beside this directory's bert_config.json and vocabulary."""
     if not path.is_dir():
         return str(path)
     state = path / "checkpoint"
     if state.is_file():
         m = re.search(r'^model_checkpoint_path:\s*"([^"]+)"', state.read_text(errors="replace"), re.M)
         if m:
-            prefix = pathlib.Path(m.group(1))
-            prefix = prefix if prefix.is_absolute() else path / prefix
+            prefix = path / pathlib.Path(m.group(1)).name
             if pathlib.Path(str(prefix) + ".index").exists():
                 return str(prefix)
     prefixes = sorted(str(p)[: -len(".index")] for p in path.glob("*.index"))

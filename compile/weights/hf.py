@@ -70,8 +70,8 @@ def _read_safetensors(file: pathlib.Path) -> dict[str, np.ndarray]:
                     tensors[key] = _read_bf16(file, key)
                 else:
                     tensors[key] = f.get_tensor(key)
-    except (OSError, ValueError, RuntimeError, TypeError) as exc:
-        raise ModelFormatError(f"cannot read {file}: {exc}") from None
+    except Exception as exc:  # safetensors' own SafetensorError too (a truncated file), not an OSError
+        raise ModelFormatError(f"cannot read {file}: {type(exc).__name__}: {exc}") from None
     return {k: v.astype(np.float32, copy=False) if v.dtype.kind == "f" else v for k, v in tensors.items()}
 
 
@@ -99,6 +99,8 @@ def _read_hf(path: pathlib.Path, heads: int | None, classifier: bool = True) -> 
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = _read_json(index).get("weight_map", {})
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ModelFormatError(f"{index}: weight_map must map tensor names to file names")
         files = sorted({path / f for f in weight_map.values()})
     else:
         files = [path / "model.safetensors"]
