@@ -3,7 +3,8 @@
 Keeps the Neuron demo's flags (``bert_model.py --input_saved_model IN
 --output_saved_model OUT --crude_gelu``). Exit status: 0 done, 1 the
 equivalence proof failed (output kept, marked failed), 2 bad input or an
-unavailable backend. User errors print one line, never a traceback.
+unavailable backend, 3 an unexpected error (a bug: reported with its
+traceback). User errors print one line, never a traceback.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import os
 import pathlib
 import sys
+import traceback
 
 from ..common.cli import report_error
 from ..common.errors import BertpoolError, EquivalenceError
@@ -25,6 +27,7 @@ from .runtime import TARGETS
 PROG = "bertpool-compile"
 EXIT_PROOF_FAILED = 1  # the equivalence proof failed (output kept, marked failed)
 EXIT_BAD_INPUT = 2  # any other typed error: bad flag, unreadable model, unavailable backend
+EXIT_INTERNAL = 3  # an untyped exception: a bug (never to be read as a failed proof)
 
 
 def _buckets(text: str) -> tuple[int, ...]:
@@ -43,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Rebuild a fine-tuned BERT sentence-pair classifier for serving: embeddings on the host "
                     "(fp32), encoder+pooler+classifier compiled for a fixed batch x sequence length, softmax on "
                     "the host; then prove the rebuilt model matches the original on N pairs.",
-        epilog="Exit status: 0 ok; 1 equivalence proof failed; 2 bad input or backend unavailable. "
+        epilog="Exit status: 0 ok; 1 equivalence proof failed; 2 bad input or backend unavailable; "
+               "3 unexpected error (a bug). "
                "Example: bertpool-demo-model --size base --output /tmp/bert-base && "
                "bertpool-compile --input_saved_model /tmp/bert-base --output_saved_model /tmp/bert-base-cpu "
                "--target cpu",
@@ -142,6 +146,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except Exception:  # a bug: its traceback helps, and its exit code must not say "proof failed"
+        traceback.print_exc()
+        print(f"{PROG}: unexpected error (a bug in bertpool-compile; please report it with the traceback above)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
     if not args.quiet:
         eq = manifest["equivalence"]
         status = ("not verified" if eq is None else

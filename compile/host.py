@@ -13,6 +13,7 @@ Dimension legend: B batch, S sequence, H hidden, T token types.
 from __future__ import annotations
 
 import pathlib
+import zipfile
 
 import numpy as np
 
@@ -66,8 +67,8 @@ class HostEmbeddings:
         try:
             with np.load(path) as data:
                 arrays = {k: data[k] for k in data.files}
-        except (OSError, ValueError) as exc:
-            raise ModelFormatError(f"cannot read embeddings {path}: {exc}") from None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # missing, cut short, not an npz
+            raise ModelFormatError(f"cannot read embeddings {path}: {type(exc).__name__}: {exc}") from None
         return cls(arrays, seq_length, layer_norm_eps)
 
     def __call__(self, input_ids: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:

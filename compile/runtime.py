@@ -62,11 +62,20 @@ def read_manifest(model_dir) -> dict:
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
         raise ModelFormatError(f"{path} lacks {', '.join(missing)}")
-    if manifest["format_version"] != MANIFEST_VERSION:
+    if type(manifest["format_version"]) is not type(MANIFEST_VERSION) or manifest["format_version"] != MANIFEST_VERSION:
         raise ModelFormatError(f"{path}: format_version {manifest['format_version']!r} is not supported "
                                f"(this bertpool reads {MANIFEST_VERSION}); recompile the model")
     if manifest["target"] not in TARGETS:
         raise ModelFormatError(f"{path}: unknown target {manifest['target']!r}")
+    for key, least in (("batch_size", 1), ("seq_length", 3)):
+        value = manifest[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ModelFormatError(f"{path}: {key} must be a whole number >= {least}, got {value!r}")
+    if not isinstance(manifest["model"], dict):
+        raise ModelFormatError(f"{path}: model must be an object, got {manifest['model']!r}")
+    equivalence = manifest.get("equivalence")
+    if equivalence is not None and not (isinstance(equivalence, dict) and isinstance(equivalence.get("passed"), bool)):
+        raise ModelFormatError(f"{path}: equivalence must be null or an object with passed true or false")
     return manifest
 
 

@@ -14,6 +14,7 @@ No TensorFlow here: this module is imported by the serving hot path.
 from __future__ import annotations
 
 import pathlib
+import zipfile
 
 import numpy as np
 
@@ -44,8 +45,8 @@ def check_reference(model, section: dict) -> float:
     try:
         with np.load(path) as data:
             arrays = {key: data[key] for key in (*FEATURE_KEYS, "probabilities")}
-    except (OSError, KeyError, ValueError) as exc:
-        raise ModelFormatError(f"cannot read the reference pairs {path}: {exc}") from None
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ModelFormatError(f"cannot read the reference pairs {path}: {type(exc).__name__}: {exc}") from None
     got = model.predict(*(arrays[key] for key in FEATURE_KEYS))
     diff = float(np.max(np.abs(got.astype(np.float64) - arrays["probabilities"])))
     tolerance = float(section["tolerance"])

@@ -459,6 +459,28 @@ def test_a_compiled_model_with_a_damaged_vocabulary_does_not_load(compiled, tmp_
         runtime.load_compiled(damaged)
 
 
+@pytest.mark.parametrize("damage", ["embeddings.npz cut short", "reference.npz cut short", "seq_length text",
+                                    "batch_size 0", "model null", "passed as text", "format_version true"])
+def test_a_damaged_compiled_model_is_a_model_format_error(compiled, tmp_path, damage):
+    """Each was a traceback in the worker (BadZipFile, TypeError, ...) or, for "passed": "false", a
+    failed model that loaded."""
+    import shutil
+
+    damaged = shutil.copytree(compiled, tmp_path / "damaged")
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    if damage.endswith("cut short"):
+        path = damaged / damage.split()[0]
+        path.write_bytes(path.read_bytes()[:200])
+    else:
+        key, value = {"seq_length text": ("seq_length", "128"), "batch_size 0": ("batch_size", 0),
+                      "model null": ("model", None), "passed as text": ("equivalence", {"passed": "false"}),
+                      "format_version true": ("format_version", True)}[damage]
+        manifest[key] = value
+        (damaged / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelFormatError):
+        runtime.load_compiled(damaged)
+
+
 def test_target_gpu_without_a_gpu_is_refused(models, tmp_path, monkeypatch):
     """Built and proven on the CPU, a model would say gpu in its manifest and be something else."""
     import tensorflow as tf
@@ -488,6 +510,20 @@ def test_runtime_predict_matches_original(models, compiled):
     original.close()
     with pytest.raises(ValueError, match=r"must have shape \[N, 128\]"):
         model.predict(f.input_ids[:, :64], f.input_mask[:, :64], f.segment_ids[:, :64])
+
+
+def test_an_unexpected_error_exits_3_not_1(models, tmp_path, monkeypatch, capsys):
+    """Exit 1 means "the equivalence proof failed": a crash (a bug) must not read as one."""
+    from bertpool.compile import cli
+
+    def crash(options):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "compile_model", crash)
+    code = cli.main(["--input_saved_model", str(models["hf"]), "--output_saved_model", str(tmp_path / "out"),
+                     "--target", "cpu", "--quiet"])
+    assert code == cli.EXIT_INTERNAL == 3
+    assert "unexpected error" in capsys.readouterr().err
 
 
 def test_runtime_rejects_bad_directories(compiled, tmp_path):
