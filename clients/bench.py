@@ -514,7 +514,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     config = None
-    signal.signal(signal.SIGTERM, _interrupt)  # as Ctrl-C: run_bench then stops its client processes
+    # SIGTERM as Ctrl-C, and Ctrl-C even where it was inherited ignored (a background job): run_bench then
+    # stops its client processes.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _interrupt)
     try:
         steps = sweep.parse_clients_list(args.sweep_clients) if args.sweep_clients is not None else None
         clients = steps[0] if steps else (48 if args.clients is None else args.clients)

@@ -25,7 +25,7 @@ import pathlib
 
 import numpy as np
 
-from ..common.errors import BackendUnavailable, ModelFormatError
+from ..common.errors import BackendUnavailable, ConfigError, ModelFormatError
 from .host import HostEmbeddings, mask_bias, softmax
 from .selfcheck import check_reference
 from .shape import BertShape
@@ -45,6 +45,20 @@ def is_compiled_model(path) -> bool:
     """True when ``path`` is a directory holding a manifest.json (a bertpool-compile output)."""
     path = pathlib.Path(path)
     return path.is_dir() and (path / MANIFEST).is_file()
+
+
+def model_dir_kind(model_dir) -> str:
+    """``"compiled"`` (a bertpool-compile output) or ``"savedmodel"``: the two kinds of model directory
+    bertpool serves; ConfigError/ModelFormatError for anything else (nothing to serve)."""
+    path = pathlib.Path(model_dir)
+    if not path.is_dir():
+        raise ConfigError(f"--model {path}: not a directory")
+    if is_compiled_model(path):
+        return "compiled"
+    if not (path / "saved_model.pb").is_file():
+        raise ModelFormatError(f"--model {path}: neither a compiled bertpool model ({MANIFEST}) nor a "
+                               f"SavedModel (saved_model.pb); nothing to serve")
+    return "savedmodel"
 
 
 def read_manifest(model_dir) -> dict:

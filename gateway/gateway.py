@@ -94,12 +94,10 @@ def model_info(config: GatewayConfig) -> ModelInfo:
     seq_length: int | None = DEFAULT_SEQ_LENGTH
     version = config.model_version
     if config.model_dir is not None:
-        from ..compile.runtime import is_compiled_model, read_manifest
-        from ..workers.backends import choose_backend
+        from ..compile.runtime import model_dir_kind, read_manifest
 
         path = Path(config.model_dir)
-        choose_backend(None, config.model_dir)  # a model the workers can serve, or ConfigError/ModelFormatError
-        if is_compiled_model(path):
+        if model_dir_kind(path) == "compiled":  # else a SavedModel; anything else is refused
             seq_length = int(read_manifest(path)["seq_length"])
             digest = hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
         else:

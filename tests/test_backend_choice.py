@@ -17,7 +17,7 @@ def compiled_dir(tmp_path, target: str):
     from bertpool.compile.runtime import MANIFEST, MANIFEST_VERSION, REQUIRED_KEYS
 
     manifest = {key: None for key in REQUIRED_KEYS}
-    manifest.update(format_version=MANIFEST_VERSION, target=target)
+    manifest.update(format_version=MANIFEST_VERSION, target=target, batch_size=4, seq_length=128, model={})
     directory = tmp_path / target
     directory.mkdir()
     (directory / MANIFEST).write_text(json.dumps(manifest))

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..common.errors import ConfigError, ModelFormatError
 from ..common.vocab import bert_vocab
-from ..compile.runtime import import_tensorflow, is_compiled_model, read_manifest
+from ..compile.runtime import import_tensorflow, is_compiled_model, model_dir_kind, read_manifest
 
 BACKENDS = ("echo", "tf", "neuron")
 
@@ -248,14 +248,8 @@ def choose_backend(requested: str | None, model_dir: str | None) -> str:
         return requested
     if not model_dir:
         return "echo"
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise ConfigError(f"--model {path}: not a directory")
-    if is_compiled_model(path):
-        return "neuron" if read_manifest(path)["target"] == "neuron" else "tf"
-    if not (path / "saved_model.pb").is_file():
-        raise ModelFormatError(f"--model {path}: neither a compiled bertpool model (manifest.json) nor a "
-                               f"SavedModel (saved_model.pb); nothing to serve")
+    if model_dir_kind(model_dir) == "compiled":
+        return "neuron" if read_manifest(model_dir)["target"] == "neuron" else "tf"
     return "tf"
 
 
