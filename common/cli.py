@@ -85,6 +85,16 @@ def output_file(value: str) -> str:
     return value
 
 
+def check_output_dir(flag: str, output: str | os.PathLike, force: bool, hint: str = "") -> None:
+    """ConfigError unless ``output`` may be written: absent, an empty directory, or (with ``force``) a
+    non-empty one; ``hint``: another way out the message names (e.g. ", or --reuse")."""
+    path = Path(output)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {output} exists and is not a directory")
+    if path.exists() and any(path.iterdir()) and not force:
+        raise ConfigError(f"{flag} {output} exists and is not empty (use --force to replace it{hint})")
+
+
 def check_replaceable(flag: str, output: str | os.PathLike, inputs: dict[str, str | os.PathLike | None]) -> Path:
     """The absolute path of ``output``, a directory a command writes and, with --force, deletes first;
     ConfigError if deleting it could destroy what the user did not ask to replace: the current

@@ -227,15 +227,25 @@ def fits_int32(array: np.ndarray) -> bool:
     return not array.size or (int(array.min()) >= -INT32_MAX - 1 and int(array.max()) <= INT32_MAX)
 
 
+def _tcp_host_port(endpoint: str) -> tuple[str, str] | None:
+    """(HOST, PORT) of a ``tcp://`` endpoint as text, split at its last ':' (HOST "" without one);
+    None for other transports."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    return host, port
+
+
 def check_endpoint(name: str, endpoint: str) -> str:
     """Return ``endpoint`` if it names a ZeroMQ transport bertpool uses, else ConfigError; a tcp
     endpoint needs a fixed port 1..65535 (ZeroMQ would wrap a larger one, and ``*`` or 0, a port
     chosen at bind, is one no peer could know)."""
     if not isinstance(endpoint, str) or not endpoint.startswith(TRANSPORTS):
         raise ConfigError(f"{name} {endpoint!r} must start with {', '.join(TRANSPORTS)}")
-    if endpoint.startswith("tcp://"):
-        host, sep, port = endpoint[len("tcp://"):].rpartition(":")
-        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    tcp = _tcp_host_port(endpoint)
+    if tcp is not None:
+        host, port = tcp
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
             raise ConfigError(f"{name} {endpoint!r} must be tcp://HOST:PORT with PORT in 1..65535")
     return endpoint
 
@@ -257,10 +267,11 @@ def local_endpoint(bound: str) -> str:
     """Where a process on this host connects to reach ``bound``, an endpoint bound here: a tcp
     wildcard host (``*``, ``0.0.0.0``, ``[::]``) becomes loopback (ZeroMQ cannot connect to ``*``);
     anything else is itself."""
-    if bound.startswith("tcp://"):
-        host, sep, port = bound[len("tcp://"):].rpartition(":")
+    tcp = _tcp_host_port(bound)
+    if tcp is not None:
+        host, port = tcp
         loopback = {"*": "127.0.0.1", "0.0.0.0": "127.0.0.1", "[::]": "[::1]", "[*]": "[::1]"}.get(host)
-        if sep and loopback:
+        if loopback:
             return f"tcp://{loopback}:{port}"
     return bound
 

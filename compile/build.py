@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from .. import __version__
-from ..common.cli import check_replaceable, replacing_dir
+from ..common.cli import check_output_dir, check_replaceable, replacing_dir
 from ..common.errors import BackendUnavailable, BertpoolError, ConfigError, EquivalenceError, ModelFormatError
 from . import neuron
 from .equivalence import TOLERANCES, compare, describe_original, load_pairs, open_original, tolerance_for
@@ -211,11 +211,7 @@ def _validate(o: CompileOptions) -> CompileOptions:
         raise ConfigError(f"--vocab {o.vocab}: no such file")
     if o.tsv is not None and not pathlib.Path(o.tsv).is_file():
         raise ConfigError(f"--tsv {o.tsv}: no such file")
-    if o.output.exists():
-        if not o.output.is_dir():
-            raise ConfigError(f"--output_saved_model {o.output} exists and is not a directory")
-        if any(o.output.iterdir()) and not o.force:
-            raise ConfigError(f"--output_saved_model {o.output} exists and is not empty (use --force to replace it)")
+    check_output_dir("--output_saved_model", o.output, o.force)
     # --force replaces the output directory: never one that holds an input (a checkpoint prefix
     # included), lies inside the input, or holds the current directory.
     output = check_replaceable("--output_saved_model", o.output,

@@ -26,7 +26,7 @@ import sys
 
 import numpy as np
 
-from ..common.cli import check_replaceable, replacing_dir
+from ..common.cli import check_output_dir, check_replaceable, replacing_dir
 from ..common.errors import ConfigError
 from ..common.vocab import write_vocab
 from .gelu import GELUS, check_gelu
@@ -127,10 +127,7 @@ def build_demo_model(output_dir, size: str = "tiny", seed: int = 0, gelu: str = 
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
     out = pathlib.Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"output directory {out} is not empty (use --force to overwrite)")
+    check_output_dir("output", out, overwrite)
     check_replaceable("output", out, {})
     # Built beside it and swapped in at the end: an interrupted build leaves the old one as it was.
     with replacing_dir(out, overwrite) as staging:

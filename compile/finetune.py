@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..common.cli import check_replaceable, replacing_dir, report_error
+from ..common.cli import check_output_dir, check_replaceable, replacing_dir, report_error
 from ..common.data import Pair, read_mrpc_tsv
 from ..common.errors import BertpoolError, ConfigError
 from ..common.metrics import binary_report
@@ -419,7 +419,7 @@ def finetune(config: FinetuneConfig, reuse: bool = False, overwrite: bool = Fals
         previous["reused"] = True
         return previous
     replace = overwrite or (reuse and previous is not None)
-    _check_output(out, replace)
+    check_output_dir("--output", out, replace, hint=", or --reuse")  # replaced only once the new one is whole
 
     import tensorflow as tf
 
@@ -555,14 +555,6 @@ def _previous_report(out: pathlib.Path) -> dict | None:
         return None
     ok = isinstance(report, dict) and (out / "saved_model" / "saved_model.pb").is_file()
     return report if ok else None
-
-
-def _check_output(out: pathlib.Path, overwrite: bool) -> None:
-    """ConfigError unless ``out`` may be written (it is replaced only once the new one is complete)."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--output {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ConfigError(f"--output {out} is not empty (use --force to replace it, or --reuse)")
 
 
 def export(tensors: dict[str, np.ndarray], shape: BertShape, gelu: str, vocab: pathlib.Path,

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..common.errors import BertpoolError
-from ..common.protocol import fits_int32
+from ..common.protocol import MAX_TIMEOUT_S, fits_int32
 
 TEXT_INPUTS = ("text_a", "text_b")
 FEATURE_INPUTS = ("input_ids", "input_mask", "segment_ids")
@@ -226,7 +226,7 @@ def _timeout_s(value: Any) -> float | None:
     None when absent or 0, which Triton reads as "no timeout of its own" (the gateway's applies)."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 86_400e6:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_TIMEOUT_S * 1e6:
         raise bad_request(f"parameter 'timeout' must be a number of microseconds >= 0, got {_short(value)}")
     return value / 1e6 or None
 
