@@ -65,11 +65,14 @@ class GatewayChild:
             except (OSError, ValueError):
                 pass  # our stdout is gone (closed, a broken pipe): the line is lost, not the gateway
 
-    def wait_listening(self, timeout_s: float) -> None:
-        """Return once the gateway listens; ConfigError when it exits first (it said why on stderr:
-        a port in use, a missing extra, a bad model directory) or is not listening by ``timeout_s``."""
+    def wait_listening(self, timeout_s: float, cancel: threading.Event | None = None) -> None:
+        """Return once the gateway listens, or ``cancel`` is set; ConfigError when it exits first (it
+        said why on stderr: a port in use, a missing extra, a bad model directory) or is not listening
+        by ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         while not self._listening.wait(0.1):
+            if cancel is not None and cancel.is_set():
+                return
             code = self._proc.poll()
             if code is not None and not self._listening.wait(1.0):  # its last line may still be on the way
                 raise ConfigError(f"the gateway (bertpool-gateway) exited with code {code} before listening; "
@@ -99,14 +102,16 @@ class GatewayChild:
             self._proc.wait()
 
 
-def start_gateway_process(args: argparse.Namespace, timeout_s: float = 120.0) -> GatewayChild | None:
+def start_gateway_process(args: argparse.Namespace, timeout_s: float = 120.0,
+                          cancel: threading.Event | None = None) -> GatewayChild | None:
     """Start the gateway child when bertpool-serve was asked for one (None otherwise) and wait until
-    it listens; ConfigError (and no child left) when it cannot start."""
+    it listens, or until ``cancel`` is set (a stop asked for meanwhile; the caller stops the child);
+    ConfigError (and no child left) when it cannot start."""
     if not (args.gateway_http or args.gateway_grpc):
         return None
     # bertpool-serve binds args.address; the gateway connects to it (a wildcard host becomes loopback).
     child = GatewayChild(gateway_command(local_endpoint(args.address), args.gateway_http, args.gateway_grpc,
                                          getattr(args, "model", None), getattr(args, "curve_server_key", None),
                                          getattr(args, "curve_gateway_secret_key", None)))
-    child.wait_listening(timeout_s)
+    child.wait_listening(timeout_s, cancel)
     return child

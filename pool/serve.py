@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
+    # A stop asked for while the pool starts is remembered, and acted on once it can stop (below):
+    # Python's default SIGTERM would kill us mid-start, leaving the gateway to find out by itself.
+    early_stop = threading.Event()
+    install_stop_handlers(early_stop.set)
     try:
         broker = Broker(broker_config_from_args(args, args.stats_interval_s))
         security.complete_serve_args(args, broker.config.curve)  # its workers get the broker's public key
@@ -55,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     thread = threading.Thread(target=broker.run, name="broker", daemon=True)
     thread.start()
     try:
-        gateway = start_gateway_process(args)
+        gateway = start_gateway_process(args, cancel=early_stop)
     except BertpoolError as exc:  # asked for a gateway and cannot have one: serve nothing
         broker.stop(drain=False)
         thread.join(10)
@@ -74,7 +78,13 @@ def main(argv: list[str] | None = None) -> int:
             supervisor.stop()
         gateway.watch(on_gateway_exit)
     # SIGTERM: the broker refuses new requests at once while the workers finish what they hold.
-    install_stop_handlers(lambda: (broker.stop(), supervisor.stop()))
+    def stop() -> None:
+        broker.stop()
+        supervisor.stop()
+    install_stop_handlers(stop)
+    if early_stop.is_set():
+        log.info("stopping: asked to while starting")
+        stop()
     install_reload_handler(broker.reload_allow_lists)
     backend = supervisor.config.worker.backend
     served = f" serving {backend.model_dir}" if backend.model_dir else ""

@@ -236,6 +236,27 @@ def test_workers_and_gateway_stop_when_serve_is_sigkilled(start_pool):
     assert not wait_gone(children, 30), "children outlived a SIGKILLed serve"
 
 
+def test_sigterm_while_serve_starts_its_gateway_stops_it_cleanly(tmp_path):
+    """A SIGTERM that comes while serve waits for its gateway to listen (before the pool runs) is a
+    clean stop, exit 0, with no worker started and the gateway child gone; it used to kill serve (-15)."""
+    front, back = f"ipc://{tmp_path}/front", f"ipc://{tmp_path}/back"
+    serve = _start(tmp_path, "bertpool.pool.serve", "--backend", "echo", "--parallel", "1", "--address", front,
+                   "--worker-address", back, "--gateway-http", str(free_tcp_port()), "--gateway-grpc", "off")
+    try:
+        deadline = time.monotonic() + 60
+        while not children_of(serve.pid) and serve.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gateway = children_of(serve.pid)
+        assert len(gateway) == 1, gateway  # the gateway child, still importing: no worker yet
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(30) == 0
+    finally:
+        _stop_all([serve])
+    assert not wait_gone(gateway, 10)
+    log = next(tmp_path.glob("*.log")).read_text()
+    assert "Traceback" not in log and "started" not in log, log
+
+
 def test_sighup_to_the_supervisor_and_its_workers_changes_nothing(tmp_path):
     """SIGHUP is serve's and the broker's "reload": sent to bertpool-workers and its workers (as to every
     bertpool process), it must not kill them (which orphaned the workers) nor stop the serving."""

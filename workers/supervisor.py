@@ -117,6 +117,8 @@ class Supervisor:
         self._errors_dir = Path(tempfile.mkdtemp(prefix="bertpool-workers-"))
         try:
             for slot in self._slots:
+                if self._stop.is_set():  # stopped before we ran (a signal during start-up): start none
+                    break
                 self._start(slot)
             # The wait bounds how late a death or stop() is noticed; no busy loop.
             while not self._stop.wait(0.2):
