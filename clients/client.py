@@ -207,6 +207,9 @@ class Client:
         self._wake_send.connect(self._wake_addr)
         self._sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
+        # When the broker's connection closed, while it has not come back (None: up, or never up);
+        # a fresh link (_open_link) does not clear it, only a connection does.
+        self._down_since: float | None = None
         try:
             self._open_link()
         except zmq.ZMQError as exc:
@@ -494,8 +497,9 @@ class Client:
         times = [heap[0][0] for heap in (self._deadlines, self._retries) if heap]
         if self._in_flight:
             interval = self.config.heartbeat_interval_s
-            times.append(max(self._heard_at, self._pinged_at) + interval)
-            times.append(self._heard_at + interval * self.config.heartbeat_liveness)
+            times.append(max(self._heard_at, self._pinged_at) + interval)  # the next ping
+            # The death check (_check_liveness): long silence, and a ping unanswered for an interval.
+            times.append(max(self._heard_at + interval * self.config.heartbeat_liveness, self._pinged_at + interval))
         if not times:
             return None
         return max(0, int((min(times) - time.monotonic()) * 1000) + 1)
@@ -530,7 +534,7 @@ class Client:
         body = entry.encode(min(left_ms, P.MAX_DEADLINE_MS))
         entry.retry_at = None
         if not self._in_flight:
-            self._connection_closed()  # nobody may have read the monitor while idle: a close then is old news
+            self._connection_closed()  # nobody may have read the monitor while idle
             if self._handshake_error is not None:
                 # ZeroMQ gives up on a link after some handshake failures (e.g. a security mechanism
                 # mismatch): a fresh one tries again, and this request then fails, or is served.
@@ -544,8 +548,10 @@ class Client:
                 entry.retry_at = at
                 heapq.heappush(self._retries, (at, next(self._seq), entry.rid))
             return  # else _expire settles it
-        if not self._in_flight:
-            self._heard_at = max(self._heard_at, now)  # silence while nothing was asked is no sign of death
+        if not self._in_flight and self._down_since is None:
+            # Silence while nothing was asked is no sign of death; a connection that closed then, and
+            # has not come back, is: the broker has been silent since, and liveness counts from then.
+            self._heard_at = max(self._heard_at, now)
         entry.in_flight = True
         entry.sends += 1
         self._in_flight.add(entry.rid)
@@ -584,8 +590,12 @@ class Client:
             frames = self._monitor.recv_multipart()
             event, why, final = security.handshake_failure(frames[0] if frames else b"", self.config.address,
                                                            self.config.curve, "--curve-allow-clients")
-            closed = closed or event == zmq.EVENT_DISCONNECTED
-            self._ever_connected = self._ever_connected or event == zmq.EVENT_CONNECTED
+            if event == zmq.EVENT_DISCONNECTED:
+                closed = True
+                self._down_since = self._down_since or time.monotonic()
+            elif event == zmq.EVENT_CONNECTED:
+                self._ever_connected = True
+                self._down_since = None
             if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._handshake_error = self._handshake_hint = None
             elif why is not None:
@@ -772,6 +782,9 @@ class Client:
                 message += f"; the last handshake failed: {self._handshake_hint}"
             elif not self._ever_heard and not self._ever_connected:
                 message += f"; nothing ever answered at {self.config.address} — is a broker running there?"
+            elif self._down_since is not None:
+                message += (f"; the connection to the broker at {self.config.address} closed "
+                            f"{now - self._down_since:.1f} s ago and has not come back")
             elif entry.in_flight and silent >= self.config.heartbeat_interval_s:
                 message += f"; nothing heard from the broker at {self.config.address} for {silent:.1f} s"
             self._finish(entry, answered=False)

@@ -595,6 +595,35 @@ def test_with_no_broker_coming_back_requests_fail_with_broker_unavailable(tmp_pa
     assert f"no broker answered at {address}" in str(error) and "sent 3 times" in str(error)
 
 
+def test_a_broker_lost_while_idle_is_named_when_the_next_call_fails(tmp_path, fake_brokers):
+    """The broker dies between calls (its closed connection goes unread while nothing is in flight):
+    the next call's error says the connection closed and has not come back, even when its deadline
+    comes before any heartbeat could tell (the close is news, not old news)."""
+    address = f"ipc://{tmp_path}/b"
+    first = fake_brokers(address, echo)
+    with Client(address, timeout_s=1, heartbeat_interval_s=60) as client:
+        assert client.predict("a", "b").label == 1
+        first.stop()
+        with pytest.raises(DeadlineExceeded) as error:
+            client.predict("a", "b")
+    assert f"the connection to the broker at {address} closed" in str(error.value), error.value
+    assert "has not come back" in str(error.value)
+
+
+def test_a_broker_lost_while_idle_is_given_up_after_one_unanswered_ping(tmp_path, fake_brokers):
+    """Liveness counts from the close seen while idle: the next call pings at once and gives up one
+    interval later, instead of first waiting out liveness intervals of fresh silence (two pings)."""
+    address = f"ipc://{tmp_path}/b"
+    first = fake_brokers(address, echo)
+    with Client(address, timeout_s=30, lost_retries=0, heartbeat_interval_s=0.1, heartbeat_liveness=3) as client:
+        assert client.predict("a", "b").label == 1
+        first.stop()
+        time.sleep(0.5)  # idle (this is the scenario, not a wait for an event): past liveness x interval
+        with pytest.raises(BrokerUnavailable):
+            client.predict("a", "b")
+        assert client.counters.heartbeats_sent == 1
+
+
 def test_nothing_at_the_address_says_so(fake_brokers):
     address = f"tcp://127.0.0.1:{free_tcp_port()}"
     with Client(address, timeout_s=30, lost_retries=1, **FAST) as client:
