@@ -12,7 +12,10 @@ errors (:func:`from_pool_error`): BUSY 503 / UNAVAILABLE, deadline 504 / DEADLIN
 bad input 400 / INVALID_ARGUMENT, anything else 500 / INTERNAL.
 
 Readiness (server and model): at least one worker is registered with the broker, asked with
-STATS and cached for ``ready_cache_s``.
+STATS and cached for ``ready_cache_s``. While the pool is known not ready, inference fails at once
+with 503 / UNAVAILABLE saying why (as Triton does for a model that is not ready), instead of
+waiting out its deadline in the broker's queue; a stale "ready" is refreshed in the background,
+never on the request's path.
 """
 
 from __future__ import annotations
@@ -160,6 +163,7 @@ class Gateway:
         self._client = client
         self._ready = False
         self._ready_at = -float("inf")
+        self._not_ready_why = "readiness not asked yet"  # why the last probe found the pool not ready
         self._probe: asyncio.Future | None = None
 
     def server_metadata(self) -> dict[str, Any]:
@@ -171,6 +175,7 @@ class Gateway:
         timeout_s = min(t for t in (request.timeout_s, deadline_s, self.config.timeout_s) if t is not None)
         if not timeout_s > 0:
             raise KServeError(504, "deadline exceeded before the request was sent")
+        await self._refuse_unless_ready()
         submit = self._client.submit if rows.kind == "text" else self._client.submit_features
         try:
             futures = [asyncio.wrap_future(submit(*row, timeout_s=timeout_s)) for row in rows.items]
@@ -199,14 +204,32 @@ class Gateway:
         probe = self._probe
         return await asyncio.shield(probe)
 
+    async def _refuse_unless_ready(self) -> None:
+        """KServeError 503 while the pool is known not ready (a request would wait out its deadline).
+
+        A fresh answer is used as is. A stale "ready" lets the request through and refreshes itself
+        in the background (no wait on the hot path); a stale or missing "not ready" is asked again
+        first, so a pool that came back is served at once.
+        """
+        fresh = time.monotonic() - self._ready_at < self.config.ready_cache_s
+        if not fresh and self._ready:
+            if self._probe is None:
+                self._probe = asyncio.ensure_future(self._ask_broker())
+            return
+        if not (self._ready if fresh else await self.ready()):
+            raise KServeError(503, f"unavailable: {self._not_ready_why}")
+
     async def _ask_broker(self) -> bool:
         loop = asyncio.get_running_loop()
         try:
             stats = await loop.run_in_executor(None, self._client.stats, 2.0)
             ready = bool(stats.get("workers"))
+            why = f"no worker is registered with the broker at {self._client.config.address}"
         except BertpoolError as exc:
             log.info("not ready: broker STATS failed: %s", exc)
-            ready = False
+            ready, why = False, f"the broker did not answer: {exc}"
+        if not ready:
+            self._not_ready_why = why
         self._ready, self._ready_at, self._probe = ready, time.monotonic(), None
         return ready
 

@@ -26,6 +26,7 @@ httpclient = pytest.importorskip("tritonclient.http")
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
+from bertpool.clients.bench import wait_for_workers  # noqa: E402
 from bertpool.clients.client import Client  # noqa: E402
 from bertpool.common.data import SHARED_MRPC_DEV_FILE, default_pairs, read_mrpc_tsv, shared_file  # noqa: E402
 from conftest import free_tcp_port, stop_processes  # noqa: E402
@@ -41,20 +42,25 @@ def mrpc_pairs(n: int) -> list[tuple[str, str]]:
     return [(p.text_a, p.text_b) for p in pairs[:n]]
 
 
-def wait_live(http: str, proc: subprocess.Popen, log_path, timeout_s: float = 60.0) -> None:
-    """Block until GET /v2/health/live answers 200 (bounded), or fail with the process log."""
+def wait_live(http: str, proc: subprocess.Popen, log_path, timeout_s: float = 60.0, what: str = "live") -> None:
+    """Block until GET /v2/health/``what`` answers 200 (bounded), or fail with the process log."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             break
         try:
-            with urllib.request.urlopen(f"http://{http}/v2/health/live", timeout=1) as r:
+            with urllib.request.urlopen(f"http://{http}/v2/health/{what}", timeout=1) as r:
                 if r.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, OSError):
             pass
         time.sleep(0.05)
-    raise AssertionError(f"gateway never came up (exit {proc.poll()}):\n{log_path.read_text(errors='replace')}")
+    raise AssertionError(f"gateway never {what} (exit {proc.poll()}):\n{log_path.read_text(errors='replace')}")
+
+
+def wait_ready(http: str, proc: subprocess.Popen, log_path, timeout_s: float = 60.0) -> None:
+    """Block until the gateway says ready (a worker is registered): before that, inference is 503."""
+    wait_live(http, proc, log_path, timeout_s, what="ready")
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -100,13 +106,8 @@ def served(tmp_path_factory):
                                  "--batch-timeout-ms", "2", "--gateway-http", http, "--gateway-grpc", grpc],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_live(http, proc, log_path)
-        s = Served(front, http, f"127.0.0.1:{grpc}")
-        deadline = time.monotonic() + 60
-        while http_get(s.url("/v2/health/ready"))[0] != 200:
-            assert time.monotonic() < deadline and proc.poll() is None, log_path.read_text()
-            time.sleep(0.1)
-        yield s
+        wait_ready(http, proc, log_path)
+        yield Served(front, http, f"127.0.0.1:{grpc}")
     finally:
         stop(proc)
     assert proc.returncode == 0, log_path.read_text()
@@ -422,31 +423,49 @@ def test_grpc_refuses_classification_and_data_given_twice(served):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "both" in err.value.details()
 
 
-# ---------------------------------------- a broker without workers: ready, busy, deadline
+# ------------------------------- a broker without workers, or with one slow one: ready, busy, deadline
 
-@pytest.fixture
-def workerless(tmp_path):
-    """bertpool-broker (no workers, --max-queue 2) + bertpool-gateway (the CLI) on free ports."""
-    front = f"ipc://{tmp_path}/front.ipc"
+def _broker_and_gateway(tmp_path, *worker_args: str):
+    """bertpool-broker (--max-queue 2), with one bertpool-worker started with ``worker_args`` (none:
+    no worker), and bertpool-gateway (the CLI) on free ports; yields a Served, stops them all."""
+    front, back = f"ipc://{tmp_path}/front.ipc", f"ipc://{tmp_path}/back.ipc"
     http, grpc = f"127.0.0.1:{free_tcp_port()}", f"127.0.0.1:{free_tcp_port()}"
     procs = []
     log_path = tmp_path / "gateway.log"
-    with open(tmp_path / "broker.log", "wb") as log:
-        procs.append(subprocess.Popen([sys.executable, "-m", "bertpool.broker.broker", "--address", front,
-                                       "--worker-address", f"ipc://{tmp_path}/back.ipc", "--max-queue", "2",
-                                       "--stats-interval-s", "0"], stdout=log, stderr=subprocess.STDOUT,
-                                      start_new_session=True))
-    with open(log_path, "wb") as log:
-        procs.append(subprocess.Popen([sys.executable, "-m", "bertpool.gateway.gateway", "--broker", front,
-                                       "--http", http, "--grpc", grpc, "--model-version", "7"],
-                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+
+    def start(name: str, *argv: str) -> subprocess.Popen:
+        with open(tmp_path / f"{name}.log", "wb") as log:
+            procs.append(subprocess.Popen([sys.executable, "-m", *argv], stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+        return procs[-1]
+
+    start("broker", "bertpool.broker.broker", "--address", front, "--worker-address", back,
+          "--max-queue", "2", "--stats-interval-s", "0")
     try:
-        wait_live(http, procs[1], log_path)
+        if worker_args:
+            start("worker", "bertpool.workers.worker", "--worker-address", back, *worker_args)
+            wait_for_workers(front, 1, timeout_s=60)
+        gateway = start("gateway", "bertpool.gateway.gateway", "--broker", front, "--http", http, "--grpc", grpc,
+                        "--model-version", "7")
+        wait_live(http, gateway, log_path)
         yield Served(front, http, grpc)
     finally:
         for p in reversed(procs):
             stop(p)
-    assert procs[1].returncode == 0, log_path.read_text()
+    assert gateway.returncode == 0, log_path.read_text()
+
+
+@pytest.fixture
+def workerless(tmp_path):
+    """A broker with no worker, behind a gateway."""
+    yield from _broker_and_gateway(tmp_path)
+
+
+@pytest.fixture
+def slow(tmp_path):
+    """A broker with one echo worker that holds one request at a time for 3 s, behind a gateway."""
+    yield from _broker_and_gateway(tmp_path, "--backend", "echo", "--echo-delay-ms", "3000", "--batch-size", "1",
+                                   "--capacity", "1")
 
 
 def test_not_ready_without_workers(workerless):
@@ -460,27 +479,41 @@ def test_not_ready_without_workers(workerless):
     assert not httpclient.InferenceServerClient(workerless.http).is_server_ready()
 
 
-def test_deadline_is_504_and_deadline_exceeded(workerless):
+def test_inference_while_not_ready_is_503_and_unavailable_at_once(workerless):
+    """With no worker a request would only wait out its deadline in the broker's queue: it fails at
+    once, as Triton's does for a model that is not ready, saying why (not 504 after the whole wait)."""
     pairs = mrpc_pairs(1)
     with pytest.raises(InferenceServerException) as exc:
         httpclient.InferenceServerClient(workerless.http).infer(MODEL, text_inputs(httpclient, pairs),
-                                                                timeout=200_000)  # microseconds
-    assert exc.value.status() == "504" and "deadline" in exc.value.message()
+                                                                timeout=20_000_000)  # microseconds
+    assert exc.value.status() == "503" and "no worker is registered" in exc.value.message(), exc.value
     with pytest.raises(InferenceServerException) as exc:
         grpcclient.InferenceServerClient(workerless.grpc).infer(MODEL, text_inputs(grpcclient, pairs),
-                                                                timeout=200_000)
+                                                                client_timeout=20)
+    assert exc.value.status() == "StatusCode.UNAVAILABLE" and "no worker" in exc.value.message()
+
+
+def test_deadline_is_504_and_deadline_exceeded(slow):
+    pairs = mrpc_pairs(1)
+    with pytest.raises(InferenceServerException) as exc:
+        httpclient.InferenceServerClient(slow.http).infer(MODEL, text_inputs(httpclient, pairs),
+                                                          timeout=200_000)  # microseconds
+    assert exc.value.status() == "504" and "deadline" in exc.value.message()
+    with pytest.raises(InferenceServerException) as exc:
+        grpcclient.InferenceServerClient(slow.grpc).infer(MODEL, text_inputs(grpcclient, pairs),
+                                                          timeout=200_000)
     assert exc.value.status() == "StatusCode.DEADLINE_EXCEEDED"
 
 
-def test_busy_is_503_and_unavailable(workerless):
-    pairs = mrpc_pairs(6)  # 6 rows into a queue of 2: the broker answers BUSY
+def test_busy_is_503_and_unavailable(slow):
+    pairs = mrpc_pairs(6)  # 6 rows: 1 held by the worker, 2 queued (--max-queue 2), the rest BUSY
     with pytest.raises(InferenceServerException) as exc:
-        httpclient.InferenceServerClient(workerless.http).infer(MODEL, text_inputs(httpclient, pairs),
-                                                                timeout=5_000_000)
+        httpclient.InferenceServerClient(slow.http).infer(MODEL, text_inputs(httpclient, pairs),
+                                                          timeout=5_000_000)
     assert exc.value.status() == "503" and "busy" in exc.value.message()
     with pytest.raises(InferenceServerException) as exc:
-        grpcclient.InferenceServerClient(workerless.grpc).infer(MODEL, text_inputs(grpcclient, pairs),
-                                                                timeout=5_000_000)
+        grpcclient.InferenceServerClient(slow.grpc).infer(MODEL, text_inputs(grpcclient, pairs),
+                                                          timeout=5_000_000)
     assert exc.value.status() == "StatusCode.UNAVAILABLE"
 
 
@@ -540,7 +573,7 @@ def test_sigterm_lets_grpc_calls_in_flight_finish(tmp_path):
                                  "--echo-delay-ms", "1500", "--gateway-http", http, "--gateway-grpc", str(grpc_port)],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_live(http, proc, log_path)
+        wait_ready(http, proc, log_path)  # before that a call is refused at once
         outcome: list = []
         call = threading.Thread(target=lambda: outcome.append(_grpc_infer(f"127.0.0.1:{grpc_port}")))
         call.start()
