@@ -30,6 +30,43 @@ def install_stop_handlers(stop: Callable[[], None]) -> None:
         signal.signal(sig, lambda *_: stop())
 
 
+EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as a shell reports it
+EXIT_TERMINATED = 143  # SIGTERM (timeout, kill, systemd): 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread (:func:`sigterm_as_interrupt`) like Ctrl-C's KeyboardInterrupt,
+    so that the same cleanup runs (:func:`replacing_dir` removes its staging directory)."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While the block runs, SIGTERM raises :class:`Terminated` in the main thread (a no-op elsewhere:
+    only the main thread may set handlers); the previous handler is restored after. For one-shot
+    tools that write files; servers stop through :func:`install_stop_handlers` instead."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the cleanup short
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def report_interrupt(prog: str, exc: KeyboardInterrupt, note: str = "") -> int:
+    """One line saying ``prog`` was interrupted (Ctrl-C) or terminated (SIGTERM), then ``note``; the
+    exit code, 130 or 143."""
+    terminated = isinstance(exc, Terminated)
+    print(f"{prog}: {'terminated' if terminated else 'interrupted'}{note}", file=sys.stderr)
+    return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+
+
 # Set by a bertpool parent (the supervisor for its workers, bertpool-serve for its gateway) to its own pid.
 PARENT_PID_ENV = "BERTPOOL_PARENT_PID"
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -117,7 +154,8 @@ def replacing_dir(output: Path, force: bool) -> Iterator[Path]:
     """Write a directory so that ``output`` appears complete or not at all: the block writes to the
     path this yields (beside ``output``, not created yet); when the block ends without error that
     becomes ``output``, replacing the old one (a non-empty one only with ``force``). On any error,
-    Ctrl-C included, what was written goes and ``output`` is as it was."""
+    Ctrl-C included (and SIGTERM, under :func:`sigterm_as_interrupt`), what was written goes and
+    ``output`` is as it was."""
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.parent / f".{output.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)

@@ -22,7 +22,8 @@ from .. import __version__
 from ..common.cli import check_output_dir, check_replaceable, replacing_dir
 from ..common.errors import BackendUnavailable, BertpoolError, ConfigError, EquivalenceError, ModelFormatError
 from . import neuron
-from .equivalence import TOLERANCES, compare, describe_original, load_pairs, open_original, tolerance_for
+from .equivalence import (TOLERANCES, check_tsv_pairs, compare, describe_original, load_pairs, open_original,
+                          tolerance_for)
 from .host import HostEmbeddings, save_embeddings
 from .gelu import check_gelu
 from .rebuild import DTYPES, OUTPUT_KEY, RebuildConfig, build_module
@@ -34,6 +35,15 @@ from .weights import BertWeights, load_weights
 
 DEFAULT_DTYPE = {"neuron": "float16", "cpu": "float32", "gpu": "float32"}
 DEFAULT_BUCKET_STEP = 32  # cpu/gpu: also compile every multiple of this below seq_length
+# Upper bounds, checked before any work: a typo (--batch-size 1000000000) otherwise rebuilt the model
+# and then died in a numpy MemoryError, and --pairs 1000000000 ran until killed.
+# 1024: a serving batch is a latency trade-off, and at 1024 a base model's activations at 512 tokens
+# already take GiBs (the attention scores alone, [B, heads, S, S] fp32: 12 GiB); nothing larger fits.
+MAX_BATCH_SIZE = 1024
+# 100000: ~25x GLUE MRPC's training set (~3700 pairs); the proof runs both models on every pair and
+# holds all their tokenized features in memory, so a count beyond this costs hours and proves no more.
+MAX_PAIRS = 100_000
+DEFAULT_SEED = 0  # of generated pairs, when --seed is not given
 
 
 @dataclass(frozen=True)
@@ -54,7 +64,7 @@ class CompileOptions:
     vocab: pathlib.Path | None = None  # None = vocab.txt inside or beside the input
     tsv: pathlib.Path | None = None  # MRPC-format pairs for the proof; None = generated
     pairs: int = 32  # pairs in the proof
-    seed: int = 0  # seed of generated pairs
+    seed: int | None = None  # seed of generated pairs; None = DEFAULT_SEED (refused with tsv)
     tolerance: float | None = None  # None = tolerance_for(dtype, gelu, source gelu)
     compiler_args: str = ""  # neuron: flags after the toolchain's own, before $NEURON_CC_FLAGS
     neuron_target: str = "auto"  # neuron: inf1, inf2, trn1, or auto (by the installed compiler)
@@ -191,8 +201,24 @@ def _validate(o: CompileOptions) -> CompileOptions:
             check_gelu(value, name)
     if o.xla is not None and o.xla not in ("auto", "on", "off"):
         raise ConfigError(f"unknown xla {o.xla!r}; expected one of auto, on, off")
-    if o.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {o.batch_size}")
+    _check_shape(o)
+    if not 0 <= o.min_on_neuron <= 1:
+        raise ConfigError(f"--min-on-neuron must be within [0, 1], got {o.min_on_neuron}")
+    if o.vocab is not None and not pathlib.Path(o.vocab).is_file():
+        raise ConfigError(f"--vocab {o.vocab}: no such file")
+    o = _check_proof(o)
+    check_output_dir("--output_saved_model", o.output, o.force)
+    # --force replaces the output directory: never one that holds an input (a checkpoint prefix
+    # included), lies inside the input, or holds the current directory.
+    output = check_replaceable("--output_saved_model", o.output,
+                               {"--input_saved_model": o.input, "--vocab": o.vocab, "--tsv": o.tsv})
+    return dataclasses.replace(o, output=output)
+
+
+def _check_shape(o: CompileOptions) -> None:
+    """ConfigError naming the flag unless batch size, sequence length and buckets are in range."""
+    if not 1 <= o.batch_size <= MAX_BATCH_SIZE:
+        raise ConfigError(f"--batch-size must be between 1 and {MAX_BATCH_SIZE}, got {o.batch_size}")
     if o.seq_length < 3:
         raise ConfigError(f"--seq-length must be >= 3, got {o.seq_length}")
     buckets = o.seq_buckets or ()
@@ -201,22 +227,26 @@ def _validate(o: CompileOptions) -> CompileOptions:
                           f"got {list(buckets)}")
     if buckets and o.target == "neuron":
         raise ConfigError("--seq-buckets is for the cpu and gpu targets; a Neuron binary has one fixed shape")
-    if o.verify and o.pairs < 1:
-        raise ConfigError(f"--pairs must be >= 1, got {o.pairs}")
-    if not 0 <= o.min_on_neuron <= 1:
-        raise ConfigError(f"--min-on-neuron must be within [0, 1], got {o.min_on_neuron}")
+
+
+def _check_proof(o: CompileOptions) -> CompileOptions:
+    """The pairs of the proof and of the reference checked (ConfigError naming the flag; a TSV is read
+    to count its pairs); returns ``o`` with its seed settled (DEFAULT_SEED when not given)."""
+    if o.seed is not None and (isinstance(o.seed, bool) or not isinstance(o.seed, int) or o.seed < 0):
+        raise ConfigError(f"--seed must be an integer >= 0, got {o.seed!r}")  # as bertpool-demo-model says
+    if o.seed is not None and o.tsv is not None:  # it would be ignored: the TSV's pairs are used in file order
+        raise ConfigError("--seed seeds generated pairs; with --tsv the file's first --pairs pairs are used, "
+                          "so give one or the other")
+    if o.verify and not 1 <= o.pairs <= MAX_PAIRS:
+        raise ConfigError(f"--pairs must be between 1 and {MAX_PAIRS}, got {o.pairs}")
     if o.tolerance is not None and not 0 < o.tolerance < float("inf"):  # inf: a proof that cannot fail
         raise ConfigError(f"--tolerance must be a finite number > 0, got {o.tolerance}")
-    if o.vocab is not None and not pathlib.Path(o.vocab).is_file():
-        raise ConfigError(f"--vocab {o.vocab}: no such file")
-    if o.tsv is not None and not pathlib.Path(o.tsv).is_file():
-        raise ConfigError(f"--tsv {o.tsv}: no such file")
-    check_output_dir("--output_saved_model", o.output, o.force)
-    # --force replaces the output directory: never one that holds an input (a checkpoint prefix
-    # included), lies inside the input, or holds the current directory.
-    output = check_replaceable("--output_saved_model", o.output,
-                               {"--input_saved_model": o.input, "--vocab": o.vocab, "--tsv": o.tsv})
-    return dataclasses.replace(o, output=output)
+    if o.tsv is not None:
+        if not pathlib.Path(o.tsv).is_file():
+            raise ConfigError(f"--tsv {o.tsv}: no such file")
+        # A proof on fewer pairs than asked would claim more than it showed.
+        check_tsv_pairs(o.tsv, o.pairs if o.verify else 1)
+    return dataclasses.replace(o, seed=DEFAULT_SEED if o.seed is None else o.seed)
 
 
 def _check_seq_length(o: CompileOptions, weights: BertWeights) -> None:

@@ -4,7 +4,9 @@ Keeps the Neuron demo's flags (``bert_model.py --input_saved_model IN
 --output_saved_model OUT --crude_gelu``). Exit status: 0 done, 1 the
 equivalence proof failed (output kept, marked failed), 2 bad input or an
 unavailable backend, 3 an unexpected error (a bug: reported with its
-traceback). User errors print one line, never a traceback.
+traceback), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM, e.g. from
+``timeout``); interrupted or terminated, it leaves no output and no staging
+directory. User errors print one line, never a traceback.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import pathlib
 import sys
 import traceback
 
-from ..common.cli import report_error
+from ..common.cli import report_error, report_interrupt, sigterm_as_interrupt
 from ..common.errors import BertpoolError, EquivalenceError
 from .build import CompileOptions, compile_model, default_target
 from .neuron import DEFAULT_MIN_ON_NEURON, NEURON_TARGETS
@@ -47,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(fp32), encoder+pooler+classifier compiled for a fixed batch x sequence length, softmax on "
                     "the host; then prove the rebuilt model matches the original on N pairs.",
         epilog="Exit status: 0 ok; 1 equivalence proof failed; 2 bad input or backend unavailable; "
-               "3 unexpected error (a bug). "
+               "3 unexpected error (a bug); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM). "
+               "Interrupted or terminated, it leaves the output as it was and no staging directory. "
                "Example: bertpool-demo-model --size base --output /tmp/bert-base && "
                "bertpool-compile --input_saved_model /tmp/bert-base --output_saved_model /tmp/bert-base-cpu "
                "--target cpu",
@@ -110,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     proof.add_argument("--tsv", metavar="FILE", type=pathlib.Path,
                        help="MRPC-format TSV whose first N pairs are used (default: generated pairs)")
     proof.add_argument("--pairs", type=int, default=32, metavar="N", help="pairs to compare (default: 32)")
-    proof.add_argument("--seed", type=int, default=0, help="seed of generated pairs (default: 0)")
+    # default None: an explicit --seed with --tsv (where it would do nothing) is refused
+    proof.add_argument("--seed", type=int, default=None,
+                       help="seed of generated pairs, >= 0 (default: 0; not with --tsv)")
     proof.add_argument("--tolerance", type=float, metavar="T",
                        help="max |difference in probability| accepted (default: 1e-5 float32, 5e-3 float16, "
                             "4e-2 bfloat16, plus a measured allowance when the GELU differs from the "
@@ -127,41 +132,50 @@ def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ INFO chatter buries the report
     logging.getLogger("tensorflow").setLevel(logging.ERROR)  # and so do v1-API deprecation notices
     try:
-        target = args.target
-        if target is None:
-            target, why = default_target()
-            log(f"target: {target} ({why}; choose with --target)")
-        options = CompileOptions(
-            input=args.input_saved_model, output=args.output_saved_model, target=target, dtype=args.dtype,
-            gelu=args.gelu, batch_size=args.batch_size, seq_length=args.seq_length, seq_buckets=args.seq_buckets,
-            vocab=args.vocab,
-            tsv=args.tsv, pairs=args.pairs, seed=args.seed, tolerance=args.tolerance,
-            compiler_args=args.compiler_args, neuron_target=args.neuron_target,
-            min_on_neuron=args.min_on_neuron, verify=args.verify, force=args.force, xla=args.xla,
-            heads=args.heads, source_gelu=args.source_gelu, progress=not args.quiet, log=log,
-        )
-        manifest = compile_model(options)
+        with sigterm_as_interrupt():
+            manifest = compile_model(_options(args, log))
     except BertpoolError as exc:  # every typed error is the user's input; a failed proof keeps its output
         return report_error(PROG, exc, EXIT_PROOF_FAILED if isinstance(exc, EquivalenceError) else EXIT_BAD_INPUT)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated): exit 130 or 143
+        return report_interrupt(PROG, exc)
     except Exception:  # a bug: its traceback helps, and its exit code must not say "proof failed"
         traceback.print_exc()
         print(f"{PROG}: unexpected error (a bug in bertpool-compile; please report it with the traceback above)",
               file=sys.stderr)
         return EXIT_INTERNAL
     if not args.quiet:
-        eq = manifest["equivalence"]
-        status = ("not verified" if eq is None else
-                  f"max |dp| {eq['max_abs_diff']:.3g}, labels agree {eq['label_agreement']:.0%}")
-        on_neuron = ""
-        if manifest["neuron"]:
-            n = manifest["neuron"]
-            on_neuron = f", {n['family']}, {n['placement']['on_neuron_ratio']:.1%} of ops on Neuron"
-        print(f"{args.output_saved_model}: {manifest['target']} {manifest['dtype']} "
-              f"batch {manifest['batch_size']} x {manifest['seq_length']} ({status}{on_neuron})")
+        _print_summary(args.output_saved_model, manifest)
     return 0
+
+
+def _options(args, log) -> CompileOptions:
+    """The parsed flags as CompileOptions; with no --target, the default one, announced."""
+    target = args.target
+    if target is None:
+        target, why = default_target()
+        log(f"target: {target} ({why}; choose with --target)")
+    return CompileOptions(
+        input=args.input_saved_model, output=args.output_saved_model, target=target, dtype=args.dtype,
+        gelu=args.gelu, batch_size=args.batch_size, seq_length=args.seq_length, seq_buckets=args.seq_buckets,
+        vocab=args.vocab,
+        tsv=args.tsv, pairs=args.pairs, seed=args.seed, tolerance=args.tolerance,
+        compiler_args=args.compiler_args, neuron_target=args.neuron_target,
+        min_on_neuron=args.min_on_neuron, verify=args.verify, force=args.force, xla=args.xla,
+        heads=args.heads, source_gelu=args.source_gelu, progress=not args.quiet, log=log,
+    )
+
+
+def _print_summary(output: pathlib.Path, manifest: dict) -> None:
+    """One line on stdout: what was written, and how its proof went."""
+    eq = manifest["equivalence"]
+    status = ("not verified" if eq is None else
+              f"max |dp| {eq['max_abs_diff']:.3g}, labels agree {eq['label_agreement']:.0%}")
+    on_neuron = ""
+    if manifest["neuron"]:
+        n = manifest["neuron"]
+        on_neuron = f", {n['family']}, {n['placement']['on_neuron_ratio']:.1%} of ops on Neuron"
+    print(f"{output}: {manifest['target']} {manifest['dtype']} "
+          f"batch {manifest['batch_size']} x {manifest['seq_length']} ({status}{on_neuron})")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import sys
 
 import numpy as np
 
-from ..common.cli import check_output_dir, check_replaceable, replacing_dir
+from ..common.cli import check_output_dir, check_replaceable, replacing_dir, report_interrupt, sigterm_as_interrupt
 from ..common.errors import ConfigError
 from ..common.vocab import write_vocab
 from .gelu import GELUS, check_gelu
@@ -220,17 +220,17 @@ def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)  # v1 API deprecation chatter
     try:
-        out = build_demo_model(args.output, args.size, args.seed, args.gelu, overwrite=args.force, fmt=args.format,
-                               progress=True)
+        with sigterm_as_interrupt():
+            out = build_demo_model(args.output, args.size, args.seed, args.gelu, overwrite=args.force,
+                                   fmt=args.format, progress=True)
     except ConfigError as exc:
         print(f"bertpool-demo-model: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # e.g. a file where a parent directory should be, or no permission
         print(f"bertpool-demo-model: error: cannot write {args.output}: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"bertpool-demo-model: interrupted; {args.output} is as it was", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated): exit 130 or 143
+        return report_interrupt("bertpool-demo-model", exc, f"; {args.output} is as it was")
     shape = PRESETS[args.size]
     print(f"wrote {args.size} demo model as {args.format} ({shape.layers} layers x {shape.hidden}, "
           f"vocab {shape.vocab_size}) to {out}")

@@ -92,15 +92,31 @@ def tolerance_for(dtype: str, gelu: str, source_gelu: str) -> float:
     return bound
 
 
-def load_pairs(tsv: pathlib.Path | None, n: int, seed: int = 0) -> tuple[list[tuple[str, str]], str]:
-    """n sentence pairs from an MRPC TSV (the first n) or generated; plus a description."""
-    if tsv is not None:
-        from ..common.data import read_mrpc_tsv
+def tsv_pairs(tsv: pathlib.Path) -> list[tuple[str, str]]:
+    """Every (text_a, text_b) pair of an MRPC TSV, in file order; ConfigError if it holds none or is
+    not one (read_mrpc_tsv's errors)."""
+    from ..common.data import read_mrpc_tsv
 
-        pairs = read_mrpc_tsv(tsv)
-        if not pairs:
-            raise ConfigError(f"--tsv {tsv} holds no pairs")
-        return [(p.text_a, p.text_b) for p in pairs[:n]], str(tsv)
+    pairs = read_mrpc_tsv(tsv)
+    if not pairs:
+        raise ConfigError(f"--tsv {tsv} holds no pairs")
+    return [(p.text_a, p.text_b) for p in pairs]
+
+
+def check_tsv_pairs(tsv: pathlib.Path, n: int) -> None:
+    """ConfigError unless ``tsv`` holds at least ``n`` pairs: cut to what the file had, a proof on
+    --pairs N would prove fewer pairs than asked, without a word."""
+    have = len(tsv_pairs(tsv))
+    if have < n:
+        raise ConfigError(f"--tsv {tsv} holds only {have} pair{'' if have == 1 else 's'}, fewer than "
+                          f"--pairs {n}; pass --pairs {have} (or fewer) or a longer file")
+
+
+def load_pairs(tsv: pathlib.Path | None, n: int, seed: int = 0) -> tuple[list[tuple[str, str]], str]:
+    """n sentence pairs generated from ``seed``, or an MRPC TSV's first n (fewer if it holds fewer:
+    callers that need n check first with :func:`check_tsv_pairs`); plus a description."""
+    if tsv is not None:
+        return tsv_pairs(tsv)[:n], str(tsv)
     from ..common.data import generate_pairs
 
     return [(p.text_a, p.text_b) for p in generate_pairs(n, seed=seed)], f"generated (seed {seed})"

@@ -50,7 +50,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..common.cli import check_output_dir, check_replaceable, replacing_dir, report_error
+from ..common.cli import (check_output_dir, check_replaceable, replacing_dir, report_error, report_interrupt,
+                          sigterm_as_interrupt)
 from ..common.data import Pair, read_mrpc_tsv
 from ..common.errors import BertpoolError, ConfigError
 from ..common.metrics import binary_report
@@ -638,12 +639,12 @@ def main(argv: list[str] | None = None) -> int:
                                 dropout=args.dropout, max_seq_length=args.max_seq_length, seed=args.seed,
                                 swap_pairs=args.swap_pairs, average_from_epoch=args.average_from_epoch,
                                 max_steps=args.max_steps, threads=args.threads)
-        report = finetune(config, reuse=args.reuse, overwrite=args.force, progress=not args.quiet)
+        with sigterm_as_interrupt():
+            report = finetune(config, reuse=args.reuse, overwrite=args.force, progress=not args.quiet)
     except BertpoolError as exc:
         return report_error(PROG, exc)
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; {args.output} is as it was", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated): exit 130 or 143
+        return report_interrupt(PROG, exc, f"; {args.output} is as it was")
     dev = report.get("final_dev")
     quality = (f"dev accuracy {dev['accuracy']:.4f}, F1 {dev['f1']:.4f} ({dev['n']} pairs)" if dev
                else "no dev set evaluated")

@@ -87,10 +87,25 @@ def read_manifest(model_dir) -> dict:
             raise ModelFormatError(f"{path}: {key} must be a whole number >= {least}, got {value!r}")
     if not isinstance(manifest["model"], dict):
         raise ModelFormatError(f"{path}: model must be an object, got {manifest['model']!r}")
+    _check_buckets(path, manifest)
     equivalence = manifest.get("equivalence")
     if equivalence is not None and not (isinstance(equivalence, dict) and isinstance(equivalence.get("passed"), bool)):
         raise ModelFormatError(f"{path}: equivalence must be null or an object with passed true or false")
     return manifest
+
+
+def _check_buckets(path: pathlib.Path, manifest: dict) -> None:
+    """ModelFormatError unless seq_buckets is absent, null or a list of whole numbers (which lengths
+    were compiled is checked against the binary's signatures when it loads), and a neuron model's is
+    its seq_length alone (a traced binary has one fixed shape)."""
+    buckets = manifest.get("seq_buckets")
+    if buckets is None:
+        return
+    if not isinstance(buckets, list) or any(isinstance(b, bool) or not isinstance(b, int) for b in buckets):
+        raise ModelFormatError(f"{path}: seq_buckets must be a list of whole numbers, got {buckets!r}")
+    if manifest["target"] == "neuron" and set(buckets) - {manifest["seq_length"]}:
+        raise ModelFormatError(f"{path}: seq_buckets {buckets} do not match the model's compiled shape: a "
+                               f"neuron model runs at its seq_length {manifest['seq_length']} alone")
 
 
 class CompiledModel:
@@ -223,16 +238,13 @@ def import_tensorflow(who: str = "a compiled model"):
 
 
 def _load_tf(path: pathlib.Path, manifest: dict):
-    """The cpu/gpu SavedModel's serving signature as a numpy -> numpy function."""
+    """The cpu/gpu SavedModel's serving signatures as one numpy -> numpy function."""
     tf = import_tensorflow()
     try:
         loaded = tf.saved_model.load(str(path))
-        fns = {int(manifest["seq_length"]): loaded.signatures["serving_default"]}
-        for length in manifest.get("seq_buckets") or []:
-            if int(length) not in fns:
-                fns[int(length)] = loaded.signatures[f"{BUCKET_SIGNATURE}{int(length)}"]
     except (OSError, KeyError, ValueError, tf.errors.OpError) as exc:
         raise ModelFormatError(f"cannot load {path}: {str(exc).splitlines()[0]}") from None
+    fns = _bucket_signatures(path, loaded.signatures, manifest)
     output = manifest.get("output_key", "logits")
 
     def run(embeddings: np.ndarray, bias: np.ndarray) -> np.ndarray:
@@ -242,6 +254,37 @@ def _load_tf(path: pathlib.Path, manifest: dict):
 
     run.loaded = loaded  # keep the trackable object (and its variables) alive
     return run
+
+
+def _bucket_signatures(path: pathlib.Path, signatures, manifest: dict) -> dict:
+    """{sequence length: the signature compiled for it} for the manifest's seq_length
+    ("serving_default") and each of its seq_buckets ("serving_s<length>").
+
+    ModelFormatError naming the signatures the model has when one is missing or compiled for another
+    shape (a manifest edited, or another model's): else a KeyError, or a shape error mid-request.
+    """
+    batch = manifest["batch_size"]
+    wanted = {manifest["seq_length"]: "serving_default"}
+    for length in manifest.get("seq_buckets") or []:
+        wanted.setdefault(length, f"{BUCKET_SIGNATURE}{length}")
+    compiled = {name: _signature_shape(fn) for name, fn in signatures.items()}
+    if all(compiled.get(name) == (batch, length) for length, name in wanted.items()):
+        return {length: signatures[name] for length, name in wanted.items()}
+    have = ", ".join(f"{name} (batch {shape[0]} x seq {shape[1]})" if shape else f"{name} (other inputs)"
+                     for name, shape in sorted(compiled.items(), key=lambda item: item[1] or (0, 0)))
+    raise ModelFormatError(
+        f"{path.parent / MANIFEST}: its batch_size {batch}, seq_length {manifest['seq_length']} and seq_buckets "
+        f"{manifest.get('seq_buckets')} do not match the model's compiled signatures: {have or 'none'}; "
+        f"the manifest was edited or belongs to another model: recompile it")
+
+
+def _signature_shape(fn) -> tuple[int, int] | None:
+    """(batch, sequence length) a serving signature was compiled for: its ``embeddings`` input's
+    first two dimensions; None for a signature without a fixed [B, S, H] embeddings input."""
+    spec = fn.structured_input_signature[1].get("embeddings")
+    if spec is None or spec.shape.rank != 3 or None in spec.shape.as_list()[:2]:
+        return None
+    return tuple(spec.shape.as_list()[:2])
 
 
 def _load_neuron(path: pathlib.Path, manifest: dict):

@@ -33,6 +33,7 @@ from bertpool.compile.shape import BertShape  # noqa: E402
 from bertpool.compile.weights import detect_format, load_weights  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+SAMPLE_TSV = REPO / "common" / "sample_pairs.tsv"  # 64 MRPC-format pairs
 pytestmark = pytest.mark.slow  # everything here builds a (tiny) BERT with TensorFlow
 
 
@@ -118,6 +119,33 @@ def test_demo_model_force_keeps_the_old_output_until_the_new_one_is_whole(tmp_pa
         demo_model.build_demo_model(tmp_path / "keep", overwrite=True)
     assert (tmp_path / "keep" / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]  # no staging directory left
+
+
+def test_demo_model_sigterm_cleans_up_as_ctrl_c_does(tmp_path, monkeypatch, capsys):
+    """SIGTERM (timeout, kill) killed bertpool-demo-model mid-build and left its staging directory; it
+    now cleans up as Ctrl-C does, says "terminated", and exits 143."""
+    import signal
+
+    from bertpool.compile import demo_model
+
+    def not_handled(signum, frame):  # without the fix, SIGTERM would kill pytest itself
+        raise AssertionError("SIGTERM was not turned into a clean stop")
+
+    def killed_mid_build(out, *args):
+        out.mkdir()
+        (out / "half-written").write_text("x")
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered at the next bytecode
+        raise AssertionError("SIGTERM did not stop the build")
+
+    monkeypatch.setattr(demo_model, "_write_demo_model", killed_mid_build)
+    previous = signal.signal(signal.SIGTERM, not_handled)
+    try:
+        assert demo_model.main(["--size", "tiny", "--output", str(tmp_path / "out")]) == 143
+        assert signal.getsignal(signal.SIGTERM) is not_handled  # restored after the build
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert list(tmp_path.iterdir()) == []  # neither the output nor the staging directory
+    assert capsys.readouterr().err.strip().endswith(f"terminated; {tmp_path / 'out'} is as it was")
 
 
 @pytest.mark.parametrize("case, message", [
@@ -350,7 +378,7 @@ def test_tolerances():
 
 
 def test_bfloat16_and_mrpc_tsv(models, tmp_path):
-    tsv = REPO / "common" / "sample_pairs.tsv"
+    tsv = SAMPLE_TSV
     manifest = quiet_compile(models["hf"], tmp_path / "out", target="cpu", dtype="bfloat16", pairs=8, tsv=tsv)
     eq = manifest["equivalence"]
     assert manifest["xla"] is False  # measured slower for bf16 on CPU
@@ -459,25 +487,42 @@ def test_a_compiled_model_with_a_damaged_vocabulary_does_not_load(compiled, tmp_
         runtime.load_compiled(damaged)
 
 
-@pytest.mark.parametrize("damage", ["embeddings.npz cut short", "reference.npz cut short", "seq_length text",
-                                    "batch_size 0", "model null", "passed as text", "format_version true"])
-def test_a_damaged_compiled_model_is_a_model_format_error(compiled, tmp_path, damage):
-    """Each was a traceback in the worker (BadZipFile, TypeError, ...) or, for "passed": "false", a
-    failed model that loaded."""
+# A manifest number that is valid but not what was compiled: the load names the signatures there are.
+SIGNATURE_MISMATCH = (r"seq_length .* seq_buckets .* do not match the model's compiled signatures: "
+                      r"serving_s32 \(batch 4 x seq 32\), .*serving_default \(batch 4 x seq 128\)")
+
+
+@pytest.mark.parametrize("damage, changes, message", [
+    ("embeddings.npz cut short", None, None),
+    ("reference.npz cut short", None, None),
+    ("seq_length text", {"seq_length": "128"}, "seq_length must be a whole number"),
+    ("batch_size 0", {"batch_size": 0}, "batch_size must be a whole number >= 1"),
+    ("model null", {"model": None}, "model must be an object"),
+    ("passed as text", {"equivalence": {"passed": "false"}}, "equivalence must be null or an object"),
+    ("format_version true", {"format_version": True}, "format_version True is not supported"),
+    ("seq_length 64", {"seq_length": 64}, SIGNATURE_MISMATCH),
+    ("seq_length 256", {"seq_length": 256}, SIGNATURE_MISMATCH),
+    ("bucket -1", {"seq_buckets": [-1, 32, 64, 96, 128]}, SIGNATURE_MISMATCH),
+    ("batch_size 8", {"batch_size": 8}, SIGNATURE_MISMATCH),
+    ("seq_buckets a number", {"seq_buckets": 128}, "seq_buckets must be a list of whole numbers"),
+    ("neuron with buckets", {"target": "neuron", "neuron": {"family": "inf1"}},
+     "a neuron model runs at its seq_length 128 alone"),
+])
+def test_a_damaged_compiled_model_is_a_model_format_error(compiled, tmp_path, damage, changes, message):
+    """Each was a traceback in the worker (BadZipFile, TypeError, ...), for "passed": "false" a failed
+    model that loaded, and for a seq_length/seq_buckets/batch_size other than compiled an unclear
+    "cannot load DIR/accelerated: 'serving_s128'" (a KeyError) or a BackendUnavailable."""
     import shutil
 
     damaged = shutil.copytree(compiled, tmp_path / "damaged")
     manifest = json.loads((damaged / "manifest.json").read_text())
-    if damage.endswith("cut short"):
+    if changes is None:
         path = damaged / damage.split()[0]
         path.write_bytes(path.read_bytes()[:200])
     else:
-        key, value = {"seq_length text": ("seq_length", "128"), "batch_size 0": ("batch_size", 0),
-                      "model null": ("model", None), "passed as text": ("equivalence", {"passed": "false"}),
-                      "format_version true": ("format_version", True)}[damage]
-        manifest[key] = value
+        manifest.update(changes)
         (damaged / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ModelFormatError):
+    with pytest.raises(ModelFormatError, match=message):
         runtime.load_compiled(damaged)
 
 
@@ -546,6 +591,7 @@ def test_runtime_neuron_target_without_tensorflow_neuron(compiled, tmp_path):
     fake = copy_tree(compiled, tmp_path / "neuron")
     manifest = json.loads((fake / "manifest.json").read_text())
     manifest["target"], manifest["neuron"] = "neuron", {"family": "inf1"}
+    manifest["seq_buckets"] = [manifest["seq_length"]]  # a neuron build's one fixed length
     (fake / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BackendUnavailable, match="the inf1 toolchain needs tensorflow-neuron "):
         runtime.load_compiled(fake)
@@ -613,7 +659,8 @@ def test_cli_default_target_is_announced(models, tmp_path):
     assert "target: cpu" in result.stderr
 
 
-@pytest.mark.parametrize("case", ["not-a-model", "missing-tensor", "neuron-unavailable", "equivalence"])
+@pytest.mark.parametrize("case", ["not-a-model", "missing-tensor", "neuron-unavailable", "equivalence",
+                                  "tsv-too-short"])
 def test_cli_errors_are_one_line(models, tmp_path, case):
     src, extra, code = models["hf"], ["--target", "cpu", "--pairs", "4"], 2
     if case == "not-a-model":
@@ -627,6 +674,8 @@ def test_cli_errors_are_one_line(models, tmp_path, case):
         if default_target()[0] == "neuron":
             pytest.skip("a Neuron toolchain is installed here")
         extra = ["--target", "neuron"]
+    elif case == "tsv-too-short":  # proved on 64 pairs, it said nothing (and no --seed: not refused)
+        extra = ["--target", "cpu", "--pairs", "100", "--tsv", SAMPLE_TSV]
     else:
         extra += ["--gelu", "crude", "--tolerance", "1e-9"]
         code = 1
@@ -636,8 +685,40 @@ def test_cli_errors_are_one_line(models, tmp_path, case):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("bertpool-compile: error: "), result.stderr
     expected = {"not-a-model": "is not a SavedModel", "missing-tensor": "missing tensor classifier.bias",
-                "neuron-unavailable": "tensorflow-neuron", "equivalence": "differs from the original"}[case]
+                "neuron-unavailable": "tensorflow-neuron", "equivalence": "differs from the original",
+                "tsv-too-short": "holds only 64 pairs, fewer than --pairs 100"}[case]
     assert expected in last
+
+
+def test_sigterm_cleans_up_as_ctrl_c_does(models, tmp_path):
+    """Killed by SIGTERM (timeout, kill, systemd), bertpool-compile left its hidden .OUT.partial-PID
+    staging directory beside the output; Ctrl-C's cleanup now runs for SIGTERM too, and it exits 143."""
+    import signal
+    import time
+
+    from bertpool.common.cli import EXIT_TERMINATED
+
+    work, log = tmp_path / "work", tmp_path / "stderr.txt"
+    args = ["--input_saved_model", models["hf"], "--output_saved_model", work / "out", "--target", "cpu",
+            "--pairs", "1000", "--quiet"]  # 1000 pairs: the staging directory lives for seconds
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "bertpool.compile.cli", *map(str, args)],
+                                stdout=subprocess.DEVNULL, stderr=stderr,
+                                env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    try:
+        staging, deadline = work / f".out.partial-{proc.pid}", time.monotonic() + 180
+        while not staging.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert staging.exists(), log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == EXIT_TERMINATED == 143, log.read_text()
+    assert log.read_text().strip().splitlines()[-1] == "bertpool-compile: terminated"
+    assert list(work.iterdir()) == []  # neither the output nor the staging directory
 
 
 def test_config_errors_before_any_work(models, tmp_path):
@@ -705,10 +786,24 @@ def test_bucket_is_the_shortest_that_holds_every_real_token(models, tmp_path, re
 @pytest.mark.parametrize("options, message", [
     ({"target": "cpu", "seq_buckets": (64, 128)}, "between 3 and --seq-length 128"),
     ({"target": "cpu", "seq_buckets": (2,)}, "between 3"),
+    ({"batch_size": 0}, "--batch-size must be between 1 and 1024, got 0"),
+    ({"batch_size": 1_000_000_000}, "--batch-size must be between 1 and 1024"),  # a MemoryError after the rebuild
+    ({"pairs": 1_000_000_000}, "--pairs must be between 1 and 100000"),  # ran until killed
+    ({"pairs": 100, "tsv": SAMPLE_TSV}, "--tsv .* holds only 64 pairs, fewer than --pairs 100"),  # proved 64
+    ({"seed": -1}, "--seed must be an integer >= 0, got -1"),  # as bertpool-demo-model and -finetune say
+    ({"seed": 3, "tsv": SAMPLE_TSV}, "--seed seeds generated pairs; with --tsv"),  # silently ignored
+    ({"seed": 0, "tsv": SAMPLE_TSV}, "--seed seeds generated pairs; with --tsv"),  # explicit, even the default
 ])
-def test_bad_sequence_buckets_are_refused(models, tmp_path, options, message):
+def test_bad_options_are_config_errors_before_any_work(models, tmp_path, monkeypatch, options, message):
+    from bertpool.compile import build
+
+    def work(*args, **kwargs):
+        raise AssertionError("the model was read before the options were checked")
+
+    monkeypatch.setattr(build, "load_weights", work)
     with pytest.raises(ConfigError, match=message):
         quiet_compile(models["savedmodel-erf"], tmp_path / "x", **options)
+    assert not any(tmp_path.iterdir())  # no output, no staging directory
 
 
 def test_compile_options_are_frozen_and_validated_into_a_copy(tmp_path):

@@ -182,6 +182,34 @@ def test_force_never_deletes_an_input_and_keeps_the_old_output_until_the_new_one
     assert (out / "previous.txt").read_text() == "the last good result"
 
 
+def test_sigterm_cleans_up_as_ctrl_c_does(data, tmp_path, monkeypatch, capsys):
+    """SIGTERM (timeout, kill) mid-run left bertpool-finetune's staging directory beside the output; it
+    now cleans up as Ctrl-C does, says "terminated", and exits 143."""
+    import os
+    import signal
+
+    from bertpool.compile import finetune as ft
+
+    def not_handled(signum, frame):  # without the fix, SIGTERM would kill pytest itself
+        raise AssertionError("SIGTERM was not turned into a clean stop")
+
+    def killed_while_exporting(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered at the next bytecode
+        raise AssertionError("SIGTERM did not stop the run")
+
+    monkeypatch.setattr(ft, "export", killed_while_exporting)
+    previous = signal.signal(signal.SIGTERM, not_handled)
+    try:
+        code = ft.main(["--pretrained", str(data["pretrained"]), "--train", str(data["train"]), "--output",
+                        str(tmp_path / "out"), "--epochs", "1", "--max-steps", "1", "--quiet"])
+        assert signal.getsignal(signal.SIGTERM) is not_handled  # restored after the run
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 143
+    assert list(tmp_path.iterdir()) == []  # neither the output nor the staging directory
+    assert capsys.readouterr().err.strip().endswith(f"terminated; {tmp_path / 'out'} is as it was")
+
+
 def test_a_different_recipe_changes_the_cache_key(data, tmp_path):
     a = finetune(tiny_config(data, tmp_path / "a", max_steps=2, epochs=1), progress=False)
     b = finetune(tiny_config(data, tmp_path / "a", max_steps=2, epochs=1, seed=5), reuse=True, progress=False)
