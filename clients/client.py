@@ -236,10 +236,8 @@ class Client:
     def submit(self, text_a: str, text_b: str, timeout_s: float | None = None) -> Future:
         """Send one text pair; the Future resolves to a Prediction or raises a RequestError. A text that
         cannot travel raises at once: TypeError (not a str), InputError (too long, not UTF-8)."""
-        P.check_text_arg("text_a", text_a)
-        P.check_text_arg("text_b", text_b)
-        rid = self._new_id()
-        return self._send(rid, functools.partial(P.text_request, rid, text_a, text_b), timeout_s)
+        rid, encode = self._text_request(text_a, text_b)
+        return self._send(rid, encode, timeout_s)
 
     def submit_features(self, input_ids, input_mask, segment_ids,
                         timeout_s: float | None = None) -> Future:
@@ -254,10 +252,8 @@ class Client:
         """Classify one pair, blocking; raises DeadlineExceeded, ServerBusy, BrokerUnavailable or RemoteError
         (and, at once, what submit() raises for a text that cannot travel)."""
         self._check_may_block("predict")
-        P.check_text_arg("text_a", text_a)
-        P.check_text_arg("text_b", text_b)
-        rid = self._new_id()
-        return self._call(rid, functools.partial(P.text_request, rid, text_a, text_b), timeout_s)
+        rid, encode = self._text_request(text_a, text_b)
+        return self._call(rid, encode, timeout_s)
 
     def predict_many(self, pairs: Iterable[tuple[str, str]], timeout_s: float | None = None,
                      max_in_flight: int | None = None) -> list[Prediction]:
@@ -312,6 +308,13 @@ class Client:
 
     def _new_id(self) -> str:
         return f"{self._prefix}{next(self._ids)}"
+
+    def _text_request(self, text_a: str, text_b: str) -> tuple[str, Callable[[float], bytes]]:
+        """A new id and the encoder of its REQUEST body; raises at once for a text that cannot travel."""
+        P.check_text_arg("text_a", text_a)
+        P.check_text_arg("text_b", text_b)
+        rid = self._new_id()
+        return rid, functools.partial(P.text_request, rid, text_a, text_b)
 
     def _check_may_block(self, what: str) -> None:
         if threading.get_ident() == self._driver_ident or threading.current_thread() is self._thread:
