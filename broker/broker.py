@@ -138,6 +138,21 @@ class _Request:
     answered: bool = False        # the broker answered it itself (deadline) while a worker held it
 
 
+def _settings(ready: P.Ready | None) -> dict[str, Any]:
+    """What a worker's READY said about how it serves, for its STATS entry (what it did not say, or
+    a worker older than the field, is left out): batch_size, batch_timeout_ms, and model (what it
+    knows of hash, first 12 characters, dtype and target, in one string)."""
+    if ready is None:
+        return {}
+    settings: dict[str, Any] = {"batch_size": ready.batch_size}
+    if ready.batch_timeout_ms is not None:
+        settings["batch_timeout_ms"] = ready.batch_timeout_ms
+    known = [v for v in (ready.model_hash, ready.dtype, ready.target) if v and v not in ("none", "unknown")]
+    if known:  # "none": echo serves no model; "unknown": a model without a manifest
+        settings["model"] = " ".join(v[:12] for v in known)
+    return settings
+
+
 @dataclass
 class _WorkerState:
     identity: bytes
@@ -721,7 +736,7 @@ class Broker:
         worker counters summed over every worker process heard from (those gone included), which only
         grow."""
         workers = {w.name: {"pid": w.pid, "capacity": w.capacity, "backend": w.backend,
-                            "inflight": len(w.inflight), **w.stats}
+                            "inflight": len(w.inflight), **w.stats, **_settings(w.ready)}
                    for w in self._workers.values()}
         totals = dict(self.pool_totals.counters)
         return {"broker": dict(self.counters.__dict__), "queue": len(self._queue),

@@ -36,11 +36,13 @@ Broker -> client (frontend)            [VERSION, kind, body]
 
 Worker -> broker (backend)             [VERSION, kind, ...]
     READY     [VERSION, READY, body {worker, slot, incarnation, pid, capacity, backend, batch_size,
-                                     model?, version?, requests_per_message?}]
+                                     model?, version?, requests_per_message?, batch_timeout_ms?}]
                                                   model (optional): {hash, dtype, target}, what the
                                                   worker serves, from the compiled model's manifest
                                                   (hash: the source weights' sha256) where it has one;
-                                                  version (optional): the worker's bertpool version.
+                                                  version (optional): the worker's bertpool version;
+                                                  batch_timeout_ms (optional): how long it lets a batch
+                                                  fill (a number >= 0; the broker reports it in STATS).
                                                   Each a str of at most MAX_LABEL_LEN characters; the
                                                   broker exports them as bertpool_model_info labels;
                                                   requests_per_message (optional int >= 1, default 1):
@@ -631,6 +633,7 @@ class Ready:
     requests_per_message: int = 1  # most requests it takes in one REQUESTS (1: single REQUESTs only)
     batch_size: int = 1            # most requests in one of its model calls (the broker hands it that many
                                    # at a time, so a burst fills its batch instead of spreading thin)
+    batch_timeout_ms: float | None = None  # how long it lets a batch fill (None: not sent)
 
 
 def new_incarnation() -> str:
@@ -640,12 +643,15 @@ def new_incarnation() -> str:
 
 def ready_body(worker: str, slot: str | None, incarnation: str, pid: int, capacity: int,
                backend: str, batch_size: int, model: dict[str, str] | None = None,
-               version: str | None = None, requests_per_message: int = 1) -> bytes:
+               version: str | None = None, requests_per_message: int = 1,
+               batch_timeout_ms: float | None = None) -> bytes:
     """Body of a worker's READY; ``model``: {hash, dtype, target} (see the module docstring)."""
     body = {"worker": worker, "slot": slot, "incarnation": incarnation, "pid": pid,
             "capacity": capacity, "backend": backend, "batch_size": batch_size}
     if requests_per_message != 1:
         body["requests_per_message"] = requests_per_message
+    if batch_timeout_ms is not None:
+        body["batch_timeout_ms"] = batch_timeout_ms
     if model is not None:
         body["model"] = {k: model.get(k, "") for k in ("hash", "dtype", "target")}
     if version is not None:
@@ -667,13 +673,17 @@ def parse_ready(body: dict[str, Any]) -> Ready:
         model = {}
     if not isinstance(model, dict):
         raise ProtocolError(E_BAD_FIELD, "READY model must be a map {hash, dtype, target}")
+    timeout_ms = body.get("batch_timeout_ms")
+    if timeout_ms is not None and (isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float))
+                                   or not 0 <= timeout_ms < float("inf")):
+        raise ProtocolError(E_BAD_FIELD, f"READY batch_timeout_ms must be a number >= 0, got {timeout_ms!r}")
     return Ready(worker=_name(body, "worker"), slot=_name(body, "slot"),
                  incarnation=_name(body, "incarnation"),
                  pid=pid if isinstance(pid, int) and not isinstance(pid, bool) else None,
                  capacity=capacity, backend=backend[:32] if isinstance(backend, str) else None,
                  model_hash=_label(model, "hash"), dtype=_label(model, "dtype"),
                  target=_label(model, "target"), version=_label(body, "version"),
-                 requests_per_message=per_message, batch_size=batch_size)
+                 requests_per_message=per_message, batch_size=batch_size, batch_timeout_ms=timeout_ms)
 
 
 def _count(body: dict[str, Any], field: str, most: int) -> int:
@@ -970,10 +980,11 @@ def error_frames(token: bytes, body: bytes) -> list[bytes]:
 
 def ready_frames(worker: str, slot: str | None, incarnation: str, pid: int, capacity: int,
                  backend: str, batch_size: int, model: dict[str, str] | None = None,
-                 version: str | None = None, requests_per_message: int = 1) -> list[bytes]:
+                 version: str | None = None, requests_per_message: int = 1,
+                 batch_timeout_ms: float | None = None) -> list[bytes]:
     """Worker -> broker READY."""
     return [VERSION, READY, ready_body(worker, slot, incarnation, pid, capacity, backend, batch_size,
-                                       model, version, requests_per_message)]
+                                       model, version, requests_per_message, batch_timeout_ms)]
 
 
 def stats_frames(counters: dict[str, int], epoch: str | None = None,

@@ -378,6 +378,29 @@ def test_stats_reply_names_its_request_and_a_stats_without_id_is_refused(broker,
     assert kind == P.ERROR and P.unpack(body)["code"] == P.E_BAD_FIELD
 
 
+def test_stats_say_how_each_worker_serves(broker, sockets):
+    """Each worker's STATS entry carries what its READY said about how it serves (batch size, batch
+    timeout, model), so a bench can title its report; what a worker did not say is left out."""
+    from bertpool.clients.bench import pool_info
+
+    b = broker()
+    client, full, plain = sockets(b.config.frontend), sockets(b.config.backend), sockets(b.config.backend)
+    full.send_multipart(P.ready_frames("full", None, P.new_incarnation(), 1, 8, "tf", 4, batch_timeout_ms=5.0,
+                                       model={"hash": "0123456789abcdef", "dtype": "float16", "target": "cpu"}))
+    plain.send_multipart(P.ready_frames("plain", None, P.new_incarnation(), 2, 1, "echo", 1,
+                                        model={"hash": "none", "dtype": "none", "target": "none"}))
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while len((got := stats(client))["workers"]) < 2:
+        assert time.monotonic() < deadline, got
+        time.sleep(0.01)
+    assert {k: got["workers"]["full"][k] for k in ("batch_size", "batch_timeout_ms", "model")} == \
+        {"batch_size": 4, "batch_timeout_ms": 5.0, "model": "0123456789ab float16 cpu"}
+    assert got["workers"]["plain"]["batch_size"] == 1  # echo: no model; no timeout said
+    assert "model" not in got["workers"]["plain"] and "batch_timeout_ms" not in got["workers"]["plain"]
+    info = pool_info(got)
+    assert (info["batch_size"], info["batch_timeout_ms"], info["model"]) == ([1, 4], 5.0, "0123456789ab float16 cpu")
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"max_queue": 0}, "max_queue must be >= 1"),
     ({"max_queue": -1}, "max_queue must be >= 1"),

@@ -65,6 +65,8 @@ def test_48_clients_every_reply_matches_its_request(start_pool, transport):
     assert stats["broker"]["replies"] == total
     assert stats["broker"]["errors"] == 0
     assert len(stats["workers"]) == 4
+    # Each worker's settings, as its READY said them (a bench titles its report with them).
+    assert {(w["batch_size"], w["batch_timeout_ms"]) for w in stats["workers"].values()} == {(4, 2.0)}
     assert pool.stop() == 0
 
 

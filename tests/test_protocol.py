@@ -145,6 +145,8 @@ def test_membership_round_trip():
     big = P.parse_ready(P.unpack(P.ready_body("w", None, "inc", 1, 9000, "echo", 9000,
                                               requests_per_message=P.MAX_PER_MESSAGE)))
     assert (big.capacity, big.batch_size, big.requests_per_message) == (9000, 9000, P.MAX_PER_MESSAGE)
+    timed = P.parse_ready(P.unpack(P.ready_body("w", None, "inc", 1, 8, "echo", 4, batch_timeout_ms=2.5)))
+    assert (timed.batch_timeout_ms, many.batch_timeout_ms) == (2.5, None)  # optional: older workers send none
     assert P.parse_disconnect(P.unpack(P.disconnect_body("w", "inc"))) == "inc"
     assert P.parse_disconnect({}) is None
     assert P.new_incarnation() != P.new_incarnation()
@@ -182,7 +184,10 @@ def test_bad_stats_histograms(histograms):
                                   {"capacity": 1, "requests_per_message": 0},
                                   {"capacity": 1, "requests_per_message": P.MAX_PER_MESSAGE + 1},
                                   {"capacity": 1, "requests_per_message": 2.0},
-                                  {"capacity": 1, "batch_size": True}, {"capacity": 1, "batch_size": -4}])
+                                  {"capacity": 1, "batch_size": True}, {"capacity": 1, "batch_size": -4},
+                                  {"capacity": 1, "batch_timeout_ms": -1}, {"capacity": 1, "batch_timeout_ms": "5"},
+                                  {"capacity": 1, "batch_timeout_ms": float("nan")},
+                                  {"capacity": 1, "batch_timeout_ms": True}])
 def test_bad_ready(body):
     with pytest.raises(ProtocolError) as err:
         P.parse_ready(body)

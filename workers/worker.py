@@ -300,7 +300,8 @@ class Worker:
             self.name, self.config.slot or None, self.incarnation, os.getpid(),
             self.config.effective_capacity, self.backend.name, self.config.batch_size,
             model=self.backend.model_info(), version=__version__,
-            requests_per_message=min(self.config.effective_capacity, P.MAX_PER_MESSAGE)))
+            requests_per_message=min(self.config.effective_capacity, P.MAX_PER_MESSAGE),
+            batch_timeout_ms=self.config.batch_timeout_ms))
 
     def _reconnect(self, why: str) -> None:
         """Drop this registration (its tokens are void) and register afresh (Paranoid Pirate)."""
