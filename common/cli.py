@@ -222,6 +222,8 @@ def parse_host_port(value: str, flag: str) -> tuple[str, int]:
     ConfigError on anything else.
     """
     text = value.strip() if isinstance(value, str) else ""
+    if "://" in text:  # a URL (http://..., tcp://...): the scheme is ours to choose, not the user's
+        raise ConfigError(f"{flag} {value!r}: give HOST:PORT (or PORT alone for 127.0.0.1), not a URL")
     host, sep, port_text = text.rpartition(":")
     if not sep:
         host, port_text = "127.0.0.1", text
@@ -229,6 +231,10 @@ def parse_host_port(value: str, flag: str) -> tuple[str, int]:
         host = host[1:-1]
         _check_ip(flag, value, host)
     elif ":" in host:
+        try:  # an IPv6 address without brackets, or one colon too many
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"{flag} {value!r}: give HOST:PORT (or PORT alone for 127.0.0.1)") from None
         raise ConfigError(f"{flag} {value!r}: write an IPv6 host in brackets, [::1]:PORT")
     if not host:
         raise ConfigError(f"{flag} {value!r}: no host before ':'; give HOST:PORT, or PORT "

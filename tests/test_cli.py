@@ -136,3 +136,13 @@ def test_host_port_forms(text, expected):
 def test_bad_host_port_is_a_config_error_naming_the_flag(text):
     with pytest.raises(ConfigError, match="^--http "):
         parse_host_port(text, "--http")
+
+
+@pytest.mark.parametrize("text, says", [
+    ("http://127.0.0.1:9100", "not a URL"), ("tcp://127.0.0.1:9100", "not a URL"),
+    ("127.0.0.1:9100:1", "give HOST:PORT"),  # not an IPv6 address: no hint about brackets
+    ("::1:9100", "write an IPv6 host in brackets"),
+])
+def test_a_bad_host_port_says_what_to_write(text, says):
+    with pytest.raises(ConfigError, match=says):
+        parse_host_port(text, "--metrics-address")
