@@ -449,8 +449,10 @@ class Broker:
             deadline_ms = P.request_deadline_ms(body)
         except ProtocolError as exc:
             return self._client_error(client, P.peek_id(body), exc.code, exc.message)
-        if (len(self._queue) >= self.config.max_queue
-                or self._queue_bytes + len(body) > self.config.max_queue_bytes):
+        if self._queue_full(len(body)):
+            # A burst read in one go can fill the queue while workers have room: they take theirs first.
+            self._dispatch()
+        if self._queue_full(len(body)):
             self.counters.busy += 1
             self._to_client(client, P.BUSY, P.busy_body(
                 P.peek_id(body), f"queue full ({len(self._queue)} requests, {self._queue_bytes} bytes "
@@ -461,6 +463,10 @@ class Broker:
         deadline = None if deadline_ms is None else now + deadline_ms / 1000.0
         self._enqueue(_Request(client, body, now, deadline))
         return None
+
+    def _queue_full(self, size: int) -> bool:
+        """True when a request of ``size`` bytes would exceed max_queue or max_queue_bytes."""
+        return len(self._queue) >= self.config.max_queue or self._queue_bytes + size > self.config.max_queue_bytes
 
     def _enqueue(self, request: _Request, front: bool = False) -> None:
         if front:

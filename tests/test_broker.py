@@ -378,6 +378,23 @@ def test_stats_reply_names_its_request_and_a_stats_without_id_is_refused(broker,
     assert kind == P.ERROR and P.unpack(body)["code"] == P.E_BAD_FIELD
 
 
+def test_a_burst_larger_than_the_queue_goes_to_workers_with_room_before_any_busy(broker, sockets):
+    """The broker reads many requests per wake-up: with a queue of 2 and a worker with 8 free credits,
+    a burst of 10 used to get 8 BUSY (the queue filled before any dispatch); the worker takes 8 first."""
+    b = broker(max_queue=2)
+    client, worker = sockets(b.config.frontend), sockets(b.config.backend)
+    ready(worker, 8, "w")
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while not stats(client)["workers"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    for i in range(10):
+        client.send_multipart([P.VERSION, P.REQUEST, P.text_request(f"r{i}", "a", "b")])
+    held = [recv_kind(worker, P.REQUEST) for _ in range(8)]
+    assert len(held) == 8
+    assert stats(client)["queue"] == 2 and nothing(client, 100)  # no BUSY came back
+
+
 def test_stats_say_how_each_worker_serves(broker, sockets):
     """Each worker's STATS entry carries what its READY said about how it serves (batch size, batch
     timeout, model), so a bench can title its report; what a worker did not say is left out."""
