@@ -226,6 +226,7 @@ class Client:
         self._ever_heard = False            # any message from any broker since the client started
         self._ever_connected = False        # any connection accepted at the address since then
         self._handshake_hint: str | None = None  # the last handshake failure, final or not, until one succeeds
+        self._wrong_endpoint: str | None = None  # set when the peer spoke the worker protocol (see _on_reply)
         self._poller: zmq.Poller | None = None  # over wake_recv, the DEALER and its monitor
         self._polled: zmq.Socket | None = None  # the DEALER _poller was built for (a reconnect replaces it)
         self._thread = threading.Thread(target=self._io_loop, name="bertpool-client-io", daemon=True)
@@ -611,10 +612,25 @@ class Client:
         """The server ended the handshake while requests were in flight: fail each of them at once
         (resending cannot help). The next request goes out on a fresh link (see _transmit), so it
         finds out anew, and is served once the configuration is mended."""
+        self._fail_in_flight(HandshakeFailed, why)
+
+    def _fail_in_flight(self, error: type[BrokerUnavailable], why: str) -> None:
+        """Fail every request in flight at once with ``error``, saying ``why`` (waiting cannot help)."""
         for rid in list(self._in_flight):
             entry = self._pending[rid]
             self._finish(entry, answered=False)
-            _fail(entry.future, HandshakeFailed(f"{why} (request {rid})"))
+            _fail(entry.future, error(f"{why} (request {rid})"))
+
+    def _on_worker_protocol(self) -> None:
+        """The peer said DISCONNECT, which a broker says only on its worker side (to a HEARTBEAT from
+        no worker it knows): this address is a broker's --worker-address. Say so, and fail what is in
+        flight, which would otherwise wait out its deadline there."""
+        why = (f"{self.config.address} is a broker's worker endpoint (its --worker-address): it answered "
+               f"in the worker protocol; clients connect to the broker's --address")
+        if self._wrong_endpoint is None:
+            log.warning("%s", why)
+        self._wrong_endpoint = why
+        self._fail_in_flight(BrokerUnavailable, why)
 
     def _on_reply(self, frames: list[bytes]) -> None:
         """Settle the request the reply names; count and drop a reply that names none."""
@@ -622,6 +638,8 @@ class Client:
             kind, body = P.split_reply(frames)
             if kind == P.HEARTBEAT:
                 return
+            if kind == P.DISCONNECT:
+                return self._on_worker_protocol()
             rid = P.check_id(body)
         except ProtocolError as exc:
             self.counters.malformed_replies += 1
@@ -783,6 +801,8 @@ class Client:
             silent = now - self._heard_at
             if self._handshake_hint is not None:
                 message += f"; the last handshake failed: {self._handshake_hint}"
+            elif self._wrong_endpoint is not None:
+                message += f"; {self._wrong_endpoint}"
             elif not self._ever_heard and not self._ever_connected:
                 message += f"; nothing ever answered at {self.config.address} — is a broker running there?"
             elif self._down_since is not None:

@@ -624,6 +624,18 @@ def test_a_broker_lost_while_idle_is_given_up_after_one_unanswered_ping(tmp_path
         assert client.counters.heartbeats_sent == 1
 
 
+def test_a_client_pointed_at_the_worker_endpoint_is_told_so_at_once(bare_broker):
+    """The broker's --worker-address is an easy mistake for its --address: the broker's worker side
+    answers the client's heartbeat with DISCONNECT, which the client used to drop as a malformed reply,
+    and then wait out its deadline; now the request fails at once, naming the mistake."""
+    with Client(bare_broker.config.backend, timeout_s=30, heartbeat_interval_s=0.1) as client:
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailable, match="worker endpoint .* clients connect to the broker's --address"):
+            client.predict("a", "b")
+        assert time.monotonic() - started < 20  # far from the 30 s deadline: it did not wait it out
+        assert client.counters.malformed_replies == 0
+
+
 def test_nothing_at_the_address_says_so(fake_brokers):
     address = f"tcp://127.0.0.1:{free_tcp_port()}"
     with Client(address, timeout_s=30, lost_retries=1, **FAST) as client:
