@@ -70,6 +70,20 @@ def test_48_clients_every_reply_matches_its_request(start_pool, transport):
     assert pool.stop() == 0
 
 
+def test_the_readmes_client_example_runs_as_written(start_pool, capsys):
+    """The README's Client snippet, run verbatim against a pool (only its address changed)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Client library"):]
+    code = section[section.index("```python\n") + len("```python\n"):]
+    code = code[:code.index("```")]
+    assert '"tcp://127.0.0.1:5555"' in code
+    pool = start_pool("--backend", "echo", parallel=1)
+    exec(compile(code.replace('"tcp://127.0.0.1:5555"', repr(pool.address)), "README.md", "exec"), {})
+    assert "failed:" not in capsys.readouterr().out
+
+
 def test_batches_fill_under_load_and_pad_only_the_rest(start_pool):
     # All 42 are sent at once; a 1 s deadline (not 50 ms) lets full batches form on a loaded machine,
     # and the last 2 rows wait it out and run padded.
