@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import multiprocessing as mp
 import os
 import queue
@@ -48,12 +49,14 @@ from ..common.errors import (BenchError, BertpoolError, ConfigError, HandshakeFa
 from ..common.metrics import binary_report
 from .client import Client
 
+DEFAULT_CYCLE = 128  # measured requests per client, as in the demo's --cycle 128
+
 
 @dataclass(frozen=True)
 class BenchConfig:
     address: str = DEFAULT_FRONTEND        # the broker's client endpoint
     clients: int = 48                      # client processes
-    cycle: int = 128                       # measured requests per client
+    cycle: int = DEFAULT_CYCLE             # measured requests per client
     warmup: int = 2                        # unmeasured requests per client first
     timeout_s: float = 60.0                # per-request deadline
     start_timeout_s: float = 120.0         # longest wait for all clients to connect and warm up
@@ -95,9 +98,11 @@ class _ClientResult:
 
 
 def _client_main(index: int, config: BenchConfig, pairs: list[Pair], barrier, results, progress,
-                 parent_pid: int) -> None:
+                 parent_pid: int, log_level: int = logging.WARNING) -> None:
     """One client process: warm up, wait at the barrier, run the measured phase. It ends with the
-    bench (``parent_pid``), however that ends; Ctrl-C is the parent's to handle (it stops us).
+    bench (``parent_pid``), however that ends; Ctrl-C is the parent's to handle (it stops us). Its
+    Client's log lines (e.g. "presuming the broker ... dead") come out as the bench's own do
+    (:func:`setup_logging`), at the parent's ``log_level``.
 
     ``progress[2 * index]`` / ``progress[2 * index + 1]`` count this client's
     replies / errors so far (only this process writes them; the parent reads
@@ -105,6 +110,7 @@ def _client_main(index: int, config: BenchConfig, pairs: list[Pair], barrier, re
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     exit_with_parent(parent_pid)
+    setup_logging(log_level)
     errors: Counter = Counter()
     samples: dict[str, str] = {}
     latencies, labels, timings = [], [], []
@@ -146,6 +152,28 @@ def _client_main(index: int, config: BenchConfig, pairs: list[Pair], barrier, re
         return
     results.put(("ok", index, _ClientResult(latencies, labels, timings, dict(errors), started, finished,
                                             samples)))
+
+
+class _LogFormat(logging.Formatter):
+    """``bertpool-bench: warning: bertpool.client: MESSAGE``: a library's log line says whose it is."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"bertpool-bench: {record.levelname.lower()}: {record.name}: {super().format(record)}"
+
+
+def setup_logging(level: int) -> None:
+    """Log lines of the libraries the bench uses (the Client's "presuming the broker ... dead:
+    reconnecting") go to stderr with the bench's prefix, at ``level`` and above (main: WARNING, or
+    ERROR with --quiet), instead of bare through Python's last-resort handler. A no-op where logging
+    is set up already (the bench used as a library)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LogFormat())
+    logging.basicConfig(level=level, handlers=[handler])
+
+
+def clients_text(n: int) -> str:
+    """``1 client``, ``4 clients``."""
+    return f"{n} client{'' if n == 1 else 's'}"
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
@@ -236,20 +264,26 @@ def show_progress(quiet: bool, stream: TextIO | None = None) -> bool:
 
 
 class Progress:
-    """A tqdm bar over the client processes' shared counters: requests done, live rate (req/s)
-    and errors. Drawn on ``stream`` (stderr), so the report on stdout is unchanged."""
+    """A tqdm bar over the client processes' shared counters: replies so far (of ``total`` requests),
+    the live reply rate (replies/s: failed requests are not in it, they are in ``errors``) and
+    errors. Drawn on ``stream`` (stderr), so the report on stdout is unchanged."""
 
     def __init__(self, counters, total: int | None, desc: str, stream: TextIO) -> None:
         self._counters = counters
+        self._errors = 0
         columns, lines = _size(stream)  # 0 x 0 on a pseudo-terminal with no size: tqdm would draw nothing
-        self._bar = tqdm(total=total, desc=desc, unit="req", file=stream, ncols=columns or 100,
+        self._bar = tqdm(total=total, desc=desc, unit=" replies", file=stream, ncols=columns or 100,
                          nrows=lines or 24, dynamic_ncols=bool(columns), mininterval=0.25, smoothing=0.3,
                          leave=True)
 
     def update(self) -> None:
         done, errors = sum(self._counters[0::2]), sum(self._counters[1::2])
+        more_errors, self._errors = errors != self._errors, errors
         self._bar.set_postfix(errors=errors, refresh=False)
-        self._bar.update(done + errors - self._bar.n)
+        if done != self._bar.n:
+            self._bar.update(done - self._bar.n)
+        elif more_errors:  # no reply since, but failures: show them (every request failing is news)
+            self._bar.refresh()
 
     def close(self) -> None:
         self.update()
@@ -290,12 +324,19 @@ def run_bench(config: BenchConfig, pairs: list[Pair], progress: bool = False,
     if config.wait_workers:
         wait_for_workers(config.address, config.wait_workers, config.wait_timeout_s, config.curve)
     before = probe_broker(config.address, config.connect_timeout_s, config.curve)
+    if not before.get("workers") and not config.wait_workers:
+        # Not refused (workers still loading serve fine once ready), but said now, not after every
+        # request has waited out its deadline (with the defaults, hours).
+        print(f"bertpool-bench: warning: the broker at {config.address} has no ready workers yet; each "
+              f"request waits up to --timeout-s {config.timeout_s:g} s for one (use --wait-workers N to "
+              f"wait first)", file=sys.stderr, flush=True)
     ctx = mp.get_context("spawn")  # no inherited ZeroMQ state in the children
     barrier = ctx.Barrier(config.clients + 1)
     results = ctx.Queue()
     counters = ctx.RawArray("q", 2 * config.clients)  # per client: replies, errors (one writer each)
-    procs = [ctx.Process(target=_client_main, args=(i, config, pairs, barrier, results, counters, os.getpid()),
-                         daemon=True)
+    log_level = logging.getLogger().getEffectiveLevel()
+    procs = [ctx.Process(target=_client_main,
+                         args=(i, config, pairs, barrier, results, counters, os.getpid(), log_level), daemon=True)
              for i in range(config.clients)]
     try:
         return _run_clients(config, procs, barrier, results, counters, before, progress, progress_stream, desc)
@@ -319,7 +360,7 @@ def _run_clients(config: BenchConfig, procs, barrier, results, counters, before,
     bar = None
     if progress:
         total = None if config.duration_s is not None else config.clients * config.cycle
-        bar = Progress(counters, total, desc or f"{config.clients} clients", progress_stream or sys.stderr)
+        bar = Progress(counters, total, desc or clients_text(config.clients), progress_stream or sys.stderr)
     collected, failures = [], []
     limit = time.monotonic() + config.start_timeout_s + config.max_measured_s
     try:
@@ -344,7 +385,9 @@ def _run_clients(config: BenchConfig, procs, barrier, results, counters, before,
     report = summarize(config, collected)
     after = try_stats(config.address, config.connect_timeout_s, config.curve)
     report["pool"] = pool_info(after or before)
-    report["backends"] = report["pool"]["backends"] if after is not None else None
+    # Who answered: STATS after the run says; if the broker (or its workers) went away since, the STATS
+    # before it does, so the footer still says "served by" and warns of echo.
+    report["backends"] = (pool_info(after) or {}).get("backends") or pool_info(before)["backends"]
     report["diagnosis"] = diagnose(config.address, report, after, config.connect_timeout_s)
     report["ok"] = report["errors"] == 0
     return report
@@ -466,7 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load a bertpool server with C client processes x R requests each and report "
                     "throughput, latency percentiles and accuracy; or sweep several client counts "
                     "(--sweep-clients) and plot throughput against latency (--plot). Exit status: 0 all "
-                    "requests answered, 1 some failed, 2 the bench could not run (bad flag, no broker).",
+                    "requests answered, 1 some failed (requests sent while no worker is ready wait up to "
+                    "--timeout-s each, then fail), 2 the bench could not run (bad flag, no broker, "
+                    "--wait-workers timed out).",
         epilog="examples: bertpool-bench --clients 48 --cycle 128 --tsv ../shared/data/glue_mrpc_dev.tsv "
                "--json bench.json;  bertpool-bench --sweep-clients 1,4,16,48 --cycle 32 --json sweep.json "
                "--plot sweep.png")
@@ -477,8 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run the load once per client count, e.g. 1,4,16,48: each step has its own "
                            "warm-up and --cycle requests per client (so C x cycle in all), or lasts "
                            "--duration-s; the report has one record per step")
-    parser.add_argument("--cycle", type=int, default=128,
-                        help="measured requests per client (default: %(default)s)")
+    parser.add_argument("--cycle", type=int, default=None,
+                        help=f"measured requests per client (default: {DEFAULT_CYCLE}; not with --duration-s)")
     parser.add_argument("--duration-s", type=float, default=None, metavar="S",
                         help="instead of --cycle, each client sends requests back to back for S seconds "
                              "(per sweep step); the fairer choice for sweeps, as every step then measures "
@@ -513,6 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import plot, sweep  # the sweep and plot modules import this one
 
     args = build_parser().parse_args(argv)
+    setup_logging(logging.ERROR if args.quiet else logging.WARNING)
     config = None
     # SIGTERM as Ctrl-C, and Ctrl-C even where it was inherited ignored (a background job): run_bench then
     # stops its client processes.
@@ -521,14 +567,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         steps = sweep.parse_clients_list(args.sweep_clients) if args.sweep_clients is not None else None
         clients = steps[0] if steps else (48 if args.clients is None else args.clients)
-        config = BenchConfig(address=args.address, clients=clients, cycle=args.cycle,
+        if args.cycle is not None and args.duration_s is not None:
+            raise ConfigError(f"--cycle {args.cycle} and --duration-s {args.duration_s:g} cannot be combined: "
+                              f"--cycle sends that many requests per client, --duration-s sends requests for "
+                              f"that long; give one")
+        config = BenchConfig(address=args.address, clients=clients,
+                             cycle=DEFAULT_CYCLE if args.cycle is None else args.cycle,
                              warmup=args.warmup, timeout_s=args.timeout_s,
                              wait_workers=args.wait_workers, wait_timeout_s=args.wait_timeout_s,
                              duration_s=args.duration_s, connect_timeout_s=args.connect_timeout_s,
                              curve=security.client_config_from_args(args))
         pairs, source = load_pairs(args.tsv)
         if args.plot:
-            plot.require_matplotlib()  # refuse before the run, not after it
+            plot.check_format(args.plot)  # matplotlib installed, and it writes that format: before the run
         progress = show_progress(args.quiet)
         if steps:
             report = sweep.run_sweep(config, steps, pairs, progress=progress)
@@ -601,10 +652,17 @@ def format_report(report: dict[str, Any]) -> str:
              f"throughput {report['throughput_per_s']:.1f}/s  elapsed {report['elapsed_s']:.2f} s",
              f"latency ms  p50 {ms(lat['p50'])}  p90 {ms(lat['p90'])}  p99 {ms(lat['p99'])}  "
              f"p99.9 {ms(lat['p999'])}  max {ms(lat['max'])}",
-             f"server mean ms  {report['server_mean']}"]
+             format_server_mean(report.get("server_mean"))]
     lines += format_errors(report)
     lines += format_footer(report)
     return "\n".join(lines)
+
+
+def format_server_mean(server: dict[str, Any] | None) -> str:
+    """The server timings' means, "-" where there is none (no replies)."""
+    server = server or {}
+    return (f"server mean ms  queue {ms(server.get('queue_ms'))}  batch wait {ms(server.get('batch_wait_ms'))}  "
+            f"compute {ms(server.get('compute_ms'))};  rows per batch {ms(server.get('batch_size'))}")
 
 
 def format_footer(report: dict[str, Any]) -> list[str]:

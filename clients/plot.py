@@ -31,6 +31,17 @@ def require_matplotlib():
     return Figure
 
 
+def check_format(path: str | Path) -> None:
+    """ConfigError unless matplotlib is installed and writes the format ``path``'s suffix names (no
+    suffix: matplotlib's default, PNG), so that ``--plot`` is refused before the run, not after it."""
+    Figure = require_matplotlib()
+    suffix = Path(path).suffix[1:].lower()
+    formats = Figure().canvas.get_supported_filetypes()
+    if suffix and suffix not in formats:
+        raise ConfigError(f"--plot {path}: matplotlib cannot write .{suffix} files; give one of "
+                          + ", ".join("." + f for f in sorted(formats)))
+
+
 def steps_of(report: dict[str, Any]) -> list[dict[str, Any]]:
     """A sweep's steps, or a single run as a one-step list."""
     return report["steps"] if "steps" in report else [report]
@@ -40,12 +51,17 @@ def chart_title(report: dict[str, Any]) -> str:
     """Model (the --model-note), workers and backends, batch settings: what produced the numbers."""
     model = report.get("model_note") or "model: no --model-note given"
     pool = report.get("pool") or {}
-    backends = pool.get("backends") or report.get("backends") or {}
+    # Those that answered (the report's backends survive a broker gone after the run), else the pool's.
+    backends = report.get("backends") or pool.get("backends") or {}
     if pool.get("model"):
         model += f" [{pool['model']}]"
-    workers = (f"{pool.get('workers', sum(backends.values()))} workers ("
-               + ", ".join(f"{n} x {b}" for b, n in sorted(backends.items())) + ")") if backends else \
-        "workers: unknown (no STATS)"
+    if backends:
+        workers = (_workers_text(sum(backends.values())) + " ("
+                   + ", ".join(f"{n} x {b}" for b, n in sorted(backends.items())) + ")")
+    elif pool:  # STATS answered, with no ready workers
+        workers = _workers_text(pool.get("workers", 0))
+    else:
+        workers = "workers: unknown (no STATS)"
     if pool.get("batch_size") is not None:
         batch = f"batch size {pool['batch_size']}"
         if pool.get("batch_timeout_ms") is not None:
@@ -104,6 +120,10 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot write the plot to {path}: {exc}") from exc
     return path
+
+
+def _workers_text(n: int) -> str:
+    return f"{n} worker" + ("" if n == 1 else "s")
 
 
 def _clients_label(step: dict[str, Any]) -> str:

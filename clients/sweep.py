@@ -18,8 +18,9 @@ from dataclasses import replace
 from typing import Any
 
 from ..common.data import Pair
-from ..common.errors import BenchError, ConfigError, RequestError
-from .bench import BenchConfig, format_errors, format_footer, ms, report_config, run_bench
+from ..common.errors import BenchError, ConfigError, RequestError, RequestTimeout
+from .bench import (BenchConfig, clients_text, format_errors, format_footer, ms, no_broker_message, report_config,
+                    run_bench)
 
 MAX_STEPS = 64  # a sweep is a handful of concurrencies, not a loop
 
@@ -46,7 +47,8 @@ def run_sweep(config: BenchConfig, clients: list[int], pairs: list[Pair], progre
 
     Report: ``sweep_clients``, ``steps`` (one run_bench report each, with
     ``clients``), totals (``requests``, ``replies``, ``errors``), ``ok``,
-    ``pool`` and ``backends`` (from the last step's STATS), ``stopped`` and
+    ``pool`` (from the last step's STATS), ``backends`` (every backend any
+    step saw, with the most workers of it seen in one step), ``stopped`` and
     ``diagnosis`` (None unless a step failed).
     """
     base = report_config(config)
@@ -57,15 +59,26 @@ def run_sweep(config: BenchConfig, clients: list[int], pairs: list[Pair], progre
         step_config = replace(config, clients=count)
         try:
             steps.append(run_bench(step_config, pairs, progress=progress,
-                                   desc=f"{count} client{'' if count == 1 else 's'} ({n + 1}/{len(clients)})"))
+                                   desc=f"{clients_text(count)} ({n + 1}/{len(clients)})"))
         except (RequestError, BenchError) as exc:
             if not steps:
                 raise
-            stopped = {"clients": count, "error": {"type": type(exc).__name__, "message": str(exc)}}
+            message = str(exc)
+            if isinstance(exc, RequestTimeout):
+                # A later step's only RequestTimeout is its STATS probe (it waits for no workers): the
+                # broker answered the earlier steps, so "nothing ever answered" (a fresh Client's view) is
+                # wrong; say what the single run says when STATS fails after the run.
+                message = (no_broker_message(config.address, config.connect_timeout_s)
+                           + " (it answered the earlier steps: it went away)")
+            stopped = {"clients": count, "error": {"type": type(exc).__name__, "message": message}}
             break
         if step_config.wait_workers:  # waited once; the pool does not shrink between steps
             config = replace(config, wait_workers=0)
     last = steps[-1]
+    backends: dict[str, int] = {}  # the union over the steps: the last may have lost its broker or workers
+    for s in steps:
+        for backend, workers in (s.get("backends") or {}).items():
+            backends[backend] = max(workers, backends.get(backend, 0))
     diagnosis = stopped["error"]["message"] if stopped else next(
         (s["diagnosis"] for s in steps if s.get("diagnosis")), None)
     return {
@@ -77,7 +90,7 @@ def run_sweep(config: BenchConfig, clients: list[int], pairs: list[Pair], progre
         "errors": sum(s["errors"] for s in steps),
         "ok": stopped is None and all(s["ok"] for s in steps),
         "pool": last.get("pool"),
-        "backends": last.get("backends"),
+        "backends": dict(sorted(backends.items())),
         "stopped": stopped,
         "diagnosis": diagnosis,
         # The footer's quality line: the pairs are the same at every step, so the widest step says most.
@@ -100,10 +113,10 @@ def format_sweep(report: dict[str, Any]) -> str:
     for s in report["steps"]:
         errors = format_errors({**s, "diagnosis": None})
         if errors:
-            lines.append(f"step with {s['clients']} clients: " + errors[0])
+            lines.append(f"step with {clients_text(s['clients'])}: " + errors[0])
             lines += errors[1:]
     if report.get("stopped"):
-        lines.append(f"sweep stopped at {report['stopped']['clients']} clients")
+        lines.append(f"sweep stopped at {clients_text(report['stopped']['clients'])}")
     if report.get("diagnosis"):
         lines.append(f"diagnosis: {report['diagnosis']}")
     lines.append("batch = mean real rows per model call (server timings)")

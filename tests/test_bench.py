@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -42,6 +43,7 @@ def test_bench_writes_the_report(start_pool, tmp_path):
     assert "WARNING: echo workers answered" in proc.stdout
     assert "throughput" in proc.stdout
     assert "%|" not in proc.stderr and report["ok"] is True  # no progress bar when stderr is not a terminal
+    assert "warning" not in proc.stderr  # the workers were ready
     # Warm-up requests are not counted in the report, but the pool served them.
     stats = pool.wait_stats(lambda s: s["totals"]["inferences"] >= 32 + 4 * 2)
     assert stats["broker"]["replies"] == 32 + 4 * 2
@@ -329,7 +331,88 @@ def test_failed_requests_are_reported_by_type_with_a_sample(broker_only, tmp_pat
     assert all(v is None for v in report["latency_ms"].values()) and report["throughput_per_s"] == 0.0
     assert "DeadlineExceeded x 2, e.g.: " in proc.stdout and "no ready workers" in proc.stdout
     assert "p50 -  p90 -" in proc.stdout
+    # Said before the run (STATS showed no workers), not only once every request had timed out; not refused.
+    assert (f"bertpool-bench: warning: the broker at {broker_only} has no ready workers yet; each request "
+            f"waits up to --timeout-s 0.3 s for one (use --wait-workers N to wait first)") in proc.stderr
     assert_no_nan(proc.stdout, proc.stderr, out.read_text())
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_a_broker_gone_mid_run_still_says_echo_served(start_pool, tmp_path, quiet):
+    """The broker is killed during the run, so STATS after it fails: the backends seen before the run
+    still give "served by" and the echo warning. The clients' Client log lines ("presuming the broker
+    ... dead") say whose they are, or with --quiet do not show."""
+    pool = start_pool("--backend", "echo", parallel=1)
+    out = tmp_path / "bench.json"
+    bench = subprocess.Popen([*BENCH, "--address", pool.address, "--clients", "1", "--warmup", "0",
+                              "--duration-s", "3", "--timeout-s", "4", "--connect-timeout-s", "1", "--json",
+                              str(out), *(["--quiet"] if quiet else [])],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pool.wait_stats(lambda s: s["broker"]["requests"] > 20)  # the measured phase runs
+        os.killpg(pool.process.pid, signal.SIGKILL)
+        stdout, stderr = bench.communicate(timeout=120)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+    assert bench.returncode == 1, stderr
+    report = json.loads(out.read_text())
+    assert report["replies"] > 20 and report["errors"] > 0 and report["backends"] == {"echo": 1}
+    assert "(it answered before the run: it went away)" in report["diagnosis"]
+    assert "served by  1 x echo" in stdout and "WARNING: echo workers answered" in stdout
+    assert all(line.startswith("bertpool-bench: ") for line in stderr.splitlines()), stderr
+    if quiet:
+        assert "presuming" not in stderr
+    else:
+        assert "bertpool-bench: warning: bertpool.client: presuming the broker" in stderr
+
+
+def test_a_sweep_whose_broker_went_away_says_it_answered_before(monkeypatch, tmp_path):
+    """Steps 1 and 3 ran (3's workers were gone: no backends in its STATS), then no broker answered
+    step 2's STATS: the sweep says it went away, not that nothing ever answered, and the backends
+    of every step still give "served by" and the echo warning."""
+    from bertpool.clients import bench, sweep
+
+    address = f"ipc://{tmp_path}/gone.ipc"
+    config = bench.BenchConfig(address=address, clients=1, cycle=1, connect_timeout_s=0.3)
+
+    def step(clients, errors, backends):
+        result = bench._ClientResult([1.0] * (clients - errors), [], [{}] * (clients - errors),
+                                     {"DeadlineExceeded": errors} if errors else {}, 0.0, 1.0)
+        report = bench.summarize(replace(config, clients=clients), [result])
+        pool = {"workers": sum(backends.values()), "backends": backends}
+        return {**report, "pool": pool, "backends": backends, "diagnosis": None, "ok": not errors}
+
+    steps = {1: step(1, 1, {"echo": 1}), 3: step(3, 3, {})}
+
+    def fake_run_bench(step_config, pairs, progress=False, desc=None):
+        if step_config.clients in steps:
+            return steps[step_config.clients]
+        return bench.probe_broker(step_config.address, step_config.connect_timeout_s)  # raises: none there
+
+    monkeypatch.setattr(sweep, "run_bench", fake_run_bench)
+    report = sweep.run_sweep(config, [1, 3, 2], [])
+    assert report["stopped"]["clients"] == 2 and report["backends"] == {"echo": 1}
+    assert report["diagnosis"].endswith("(it answered the earlier steps: it went away)")
+    assert f"no broker answered at {address} within 0.3 s" in report["diagnosis"]
+    text = sweep.format_sweep(report)
+    assert "nothing ever answered" not in text
+    assert "step with 1 client: errors by type:" in text and "step with 3 clients: errors by type:" in text
+    assert "sweep stopped at 2 clients" in text
+    assert "served by  1 x echo" in text and "WARNING: echo workers answered" in text
+
+
+@pytest.mark.parametrize("report, workers", [
+    ({"pool": {"workers": 2, "backends": {"echo": 2}}, "backends": {"echo": 2}}, "\n2 workers (2 x echo);"),
+    ({"pool": {"workers": 0, "backends": {}}, "backends": {}}, "\n0 workers;"),  # STATS answered: none ready
+    ({"pool": {"workers": 0, "backends": {}}, "backends": {"echo": 1}}, "\n1 worker (1 x echo);"),  # gone after
+    ({"pool": None, "backends": None}, "\nworkers: unknown (no STATS);"),
+])
+def test_plot_title_says_what_stats_said_of_the_workers(report, workers):
+    from bertpool.clients.plot import chart_title
+
+    assert workers in chart_title(report)
 
 
 def test_summary_of_zero_replies_has_no_nan():
@@ -340,6 +423,8 @@ def test_summary_of_zero_replies_has_no_nan():
     text = format_report(report)
     assert report["latency_ms"]["p50"] is None and report["latency_histogram_ms"] is None
     assert "ServerBusy x 3, e.g.: queue full" in text
+    assert "server mean ms  queue -  batch wait -  compute -;  rows per batch -" in text  # not a dict of None
+    assert "None" not in text and "{" not in text
     assert_no_nan(text, json.dumps(report, allow_nan=False))
 
 
@@ -358,6 +443,7 @@ def test_bad_sweep_lists_are_clear_errors(value, message):
     (["--clients", "4", "--sweep-clients", "1,2"], "not allowed with argument"),
     (["--duration-s", "0"], "--duration-s must be > 0"),
     (["--connect-timeout-s", "0"], "--connect-timeout-s must be > 0"),
+    (["--cycle", "5", "--duration-s", "1"], "--cycle 5 and --duration-s 1 cannot be combined"),
 ])
 def test_bad_load_flags_are_clear_errors(args, message):
     proc = run("--address", "ipc:///nonexistent-bertpool", *args)
@@ -383,11 +469,24 @@ def test_progress_bar_shows_live_throughput_during_a_run(start_pool):
 
     pool = start_pool("--backend", "echo", "--batch-timeout-ms", "1", parallel=1)
     terminal = FakeTerminal()
-    report = run_bench(BenchConfig(address=pool.address, clients=2, cycle=5, warmup=0), default_pairs(),
-                       progress=True, progress_stream=terminal, desc="2 clients")
-    assert report["replies"] == 10
+    report = run_bench(BenchConfig(address=pool.address, clients=1, cycle=5, warmup=0), default_pairs(),
+                       progress=True, progress_stream=terminal)
+    assert report["replies"] == 5
     drawn = terminal.getvalue()
-    assert "2 clients" in drawn and "10/10" in drawn and "req/s" in drawn and "errors=0" in drawn
+    assert "1 client:" in drawn and "5/5" in drawn and "replies/s" in drawn and "errors=0" in drawn
+
+
+def test_progress_bar_rate_counts_replies_not_failures():
+    """Two failed requests and no reply: the bar shows 0 replies (and no rate of them), and the errors."""
+    from bertpool.clients.bench import Progress
+
+    terminal, counters = FakeTerminal(), [0, 0]  # one client: replies, errors
+    bar = Progress(counters, 2, "1 client", terminal)
+    counters[1] = 2
+    bar.update()
+    bar.close()
+    drawn = terminal.getvalue()
+    assert "0/2" in drawn and "2/2" not in drawn and "errors=2" in drawn and "req/s" not in drawn, drawn
 
 
 def test_clients_that_do_not_start_are_a_bench_error_not_a_request_error(start_pool):
@@ -432,6 +531,8 @@ def test_a_client_failing_while_warming_up_ends_the_wait_with_its_reason(start_p
     ("bertpool.clients.bench", ["--duration-s", "inf"], "--duration-s must be > 0 and at most 86400 s"),
     ("bertpool.clients.bench", ["--timeout-s", "1e12"], "--timeout-s must be > 0 and at most 86400 s"),
     ("bertpool.clients.bench", ["--plot", "/nonexistent-bertpool/sweep.png"], "does not exist"),
+    pytest.param("bertpool.clients.bench", ["--plot", "sweep.txt"], "--plot sweep.txt: matplotlib cannot write .txt",
+                 marks=pytest.mark.skipif(not has_matplotlib(), reason="matplotlib (the plot extra) is not installed")),
     ("bertpool.bench.faults", ["--duration-s", "0"], "duration_s must be a number > 0"),
     ("bertpool.bench.faults", ["--kill-every-s", "-1"], "kill_every_s must be a number > 0"),
     ("bertpool.bench.faults", ["--stop-for-s", "nan"], "stop_for_s must be a number > 0"),
