@@ -757,7 +757,11 @@ class Client:
     def _reconnect(self, why: str) -> None:
         """The broker is presumed dead: replace the DEALER and resend (or fail) what was in flight."""
         self.counters.reconnects += 1
-        log.warning("presuming the broker at %s dead (%s): reconnecting", self.config.address, why)
+        if self._ever_heard or self._ever_connected:
+            log.warning("presuming the broker at %s dead (%s): reconnecting", self.config.address, why)
+        else:  # there never was one to be dead
+            log.warning("nothing answers at %s (%s): is a broker running there? connecting again",
+                        self.config.address, why)
         self._close_link()
         try:
             self._open_link()

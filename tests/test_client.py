@@ -636,7 +636,7 @@ def test_a_client_pointed_at_the_worker_endpoint_is_told_so_at_once(bare_broker)
         assert client.counters.malformed_replies == 0
 
 
-def test_nothing_at_the_address_says_so(fake_brokers):
+def test_nothing_at_the_address_says_so(fake_brokers, caplog):
     address = f"tcp://127.0.0.1:{free_tcp_port()}"
     with Client(address, timeout_s=30, lost_retries=1, **FAST) as client:
         error = client.submit("a", "b").exception(timeout=WAIT_MS / 1000)
@@ -644,6 +644,9 @@ def test_nothing_at_the_address_says_so(fake_brokers):
         assert f"nothing answered at {address} — is a broker running there?" in str(error)
         with pytest.raises(DeadlineExceeded, match="is a broker running there"):
             client.predict("a", "b", timeout_s=0.05)
+    # Its log, too, speaks of no broker, not of one presumed dead.
+    logged = [r.getMessage() for r in caplog.records if r.name == "bertpool.client"]
+    assert logged and all(f"nothing answers at {address}" in m for m in logged), logged
 
 
 def test_broker_that_ignores_heartbeats_is_alive_while_replies_flow(tmp_path, fake_brokers):
