@@ -312,6 +312,9 @@ class Broker:
         except ConfigError as exc:
             log.error("CURVE allow-lists NOT reloaded, the old ones stay in use: %s", exc)
             return False
+        except Exception:  # a bug, not a bad file: still say the old lists stay, and why
+            log.exception("CURVE allow-lists NOT reloaded, the old ones stay in use: unexpected error")
+            return False
         return True
 
     @property

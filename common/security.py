@@ -26,6 +26,7 @@ import argparse
 import logging
 import os
 import re
+import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +56,7 @@ def _check_z85_key(key: bytes, what: str, path: str) -> bytes:
     try:
         if len(key) == 40 and len(z85.decode(key)) == 32:
             return key
-    except (ValueError, KeyError, IndexError, TypeError):
+    except (ValueError, KeyError, IndexError, TypeError, struct.error):  # struct: Z85 digits out of range
         pass
     raise ConfigError(f"{path}: the {what} is not a 40-character Z85 CURVE key")
 
@@ -89,7 +90,7 @@ def _load(path: str | os.PathLike) -> tuple[bytes, bytes | None]:
         public, secret = zmq.auth.load_certificate(p)
     except OSError as exc:
         raise ConfigError(f"cannot read key file {p}: {exc.strerror or exc}") from exc
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, IndexError) as exc:  # IndexError: a key line without '='
         raise ConfigError(f"{p} is not a ZeroMQ certificate (no public-key line): {exc}") from exc
     return _check_z85_key(public, "public-key", str(p)), secret
 
@@ -250,7 +251,7 @@ def handshake_failure(head: bytes, address: str, curve: CurveClientConfig | None
     if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
         if curve is not None:
             return event, (f"the CURVE handshake with the broker at {address} failed: is "
-                           f"--curve-server-key the broker's public key?"), False
+                           f"--curve-server-key the broker's public key, and does the broker use CURVE?"), False
         # Without CURVE, a broker that requires it may hang up before saying so (a race).
         return event, (f"the server at {address} ended ZeroMQ's handshake (errno {value}): if the "
                        f"broker uses CURVE, give --curve-server-key and --curve-secret-key"), False

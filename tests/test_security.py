@@ -246,14 +246,20 @@ def _bad_files(tmp_path: Path, keys: Keys) -> dict[str, str]:
     other_secret = Path(keys.secret("stranger")).read_text().split("secret-key")[1]
     mixed = good.split("secret-key")[0] + "secret-key" + other_secret
     (tmp_path / "mixed.key_secret").write_text(mixed)
+    # 40 Z85 characters whose value overflows (pyzmq raises struct.error), and a key line without '='
+    # (pyzmq raises IndexError): both were tracebacks.
+    (tmp_path / "overflow.key_secret").write_text('public-key = "' + "#" * 40 + '"\nsecret-key = "' + "#" * 40 + '"\n')
+    (tmp_path / "nosep.key_secret").write_text('public-key "abc"\n')
     return {"missing": str(tmp_path / "nope.key_secret"), "directory": str(tmp_path),
             "text": str(tmp_path / "text.key_secret"), "short": str(tmp_path / "short.key_secret"),
-            "mixed": str(tmp_path / "mixed.key_secret"), "public": keys.public("client")}
+            "mixed": str(tmp_path / "mixed.key_secret"), "public": keys.public("client"),
+            "overflow": str(tmp_path / "overflow.key_secret"), "nosep": str(tmp_path / "nosep.key_secret")}
 
 
 @pytest.mark.parametrize("bad, message", [
     ("missing", "does not exist"), ("directory", "not a regular file"), ("text", "not a ZeroMQ certificate"),
     ("short", "not a 40-character Z85"), ("mixed", "does not belong"), ("public", "holds only a public key"),
+    ("overflow", "not a 40-character Z85"), ("nosep", "not a ZeroMQ certificate"),
 ])
 def test_bad_secret_key_files_are_config_errors(tmp_path, keys, bad, message):
     path = _bad_files(tmp_path, keys)[bad]

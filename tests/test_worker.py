@@ -428,7 +428,11 @@ def test_malformed_broker_messages_are_counted_and_dropped(harness):
 
 
 @pytest.mark.parametrize("kwargs", [{"heartbeat_interval_s": 0}, {"heartbeat_liveness": 0},
-                                    {"max_message_bytes": 1000}])
+                                    {"max_message_bytes": 1000},
+                                    # an inline batch that long would silence the heartbeats past liveness
+                                    {"inline_batch_ms": 250.0}, {"inline_batch_ms": 5000.0},
+                                    {"inline_batch_ms": 3.0, "heartbeat_interval_s": 0.01},
+                                    {"inline_batch_ms": float("nan")}, {"inline_batch_ms": -1}])
 def test_bad_worker_reliability_config(kwargs):
     with pytest.raises(ConfigError):
         WorkerConfig(**kwargs)

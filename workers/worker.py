@@ -107,8 +107,13 @@ class WorkerConfig:
         if not MIN_MESSAGE_BYTES <= self.max_message_bytes <= P.INT32_MAX:
             raise ConfigError(f"max_message_bytes must be in [{MIN_MESSAGE_BYTES}, {P.INT32_MAX}], "
                               f"got {self.max_message_bytes}")
-        if not self.inline_batch_ms >= 0:
-            raise ConfigError(f"inline_batch_ms must be >= 0, got {self.inline_batch_ms}")
+        # An inline batch holds back our heartbeats: one that may take a quarter of an interval is
+        # never inline (the run-time switch's bound, _run_due_inline), so neither may the limit be.
+        beat_bound_ms = self.heartbeat_interval_s * 1000 / 4
+        if not 0 <= self.inline_batch_ms < beat_bound_ms:
+            raise ConfigError(f"inline_batch_ms must be >= 0 and below a quarter of the heartbeat interval "
+                              f"({beat_bound_ms:g} ms): an inline batch holds back the worker's heartbeats; "
+                              f"got {self.inline_batch_ms}")
 
     @property
     def effective_capacity(self) -> int:
@@ -435,9 +440,13 @@ class Worker:
             self._slow_run = self._slow_run + 1 if own_s >= limit_s else 0
             if (self._slow_run >= SLOW_RUN or took_s >= beat_bound_s) and not self._batcher.closed:
                 self._send_answers(self._sock, held)
-                log.info("%s: %d batches in a row took over %.1f ms (the last %.1f ms); they move to "
-                         "a compute thread", self.name, self._slow_run, self.config.inline_batch_ms,
-                         took_s * 1000)
+                if self._slow_run >= SLOW_RUN:
+                    log.info("%s: %d batches in a row took over %.1f ms (the last %.1f ms); they move to "
+                             "a compute thread", self.name, self._slow_run, self.config.inline_batch_ms,
+                             took_s * 1000)
+                else:
+                    log.info("%s: a batch took %.1f ms, a quarter of a heartbeat interval or more; batches "
+                             "move to a compute thread", self.name, took_s * 1000)
                 self._start_compute()
                 return
         self._send_answers(self._sock, held)
@@ -650,8 +659,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests the broker may hand one worker at once (default: 2 x batch size)")
     parser.add_argument("--inline-batch-ms", type=float, default=WorkerConfig.inline_batch_ms,
                         help="run batches on the worker's I/O thread, without a handoff, while they take "
-                             "under this long (echo, trivial models); 0 = always a compute thread "
-                             "(default: %(default)s)")
+                             "under this long (echo, trivial models), below a quarter of the heartbeat "
+                             "interval; 0 = always a compute thread (default: %(default)s)")
     parser.add_argument("--echo-delay-ms", type=float, default=0.0,
                         help="echo backend: simulated compute time per batch (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=0,
