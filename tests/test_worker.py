@@ -192,6 +192,31 @@ def test_a_capacity_beyond_one_message_still_registers_and_is_served(harness):
     assert replies(router, 1)[1][0] == P.REPLY
 
 
+class NaNBackend(RecordingBackend):
+    """Echo, except NaN for the rows holding ``fail_token`` (an overflow in the model)."""
+
+    def predict(self, input_ids, input_mask, segment_ids):
+        probs = echo_probabilities(input_ids, input_mask)
+        probs[(input_ids == self.fail_token).any(axis=1)] = np.nan
+        return probs
+
+
+def test_a_row_with_non_finite_probabilities_is_an_error_not_a_prediction(harness):
+    """NaN probabilities used to reach the client as a prediction (label 0, by argmax); that row is
+    now ERROR inference_failed, and the batch's other rows are answered as usual."""
+    backend = NaNBackend()
+    router, ident, worker = harness(backend, batch_size=4, batch_timeout_ms=600_000, capacity=8)
+    backend.fail_token = worker.tokenizer.encode_pairs([("boom", "x")]).input_ids[0][1]
+    send(router, ident, 0, P.text_request("bad", "boom", "x"))
+    for i in range(1, 4):
+        send(router, ident, i, P.text_request(f"r{i}", "fine", "x"))
+    got = {body["id"]: (kind, body) for kind, body in replies(router, 4).values()}
+    assert got["bad"][0] == P.ERROR and got["bad"][1]["code"] == P.E_INFERENCE
+    assert "non-finite" in got["bad"][1]["message"]
+    assert all(got[f"r{i}"][0] == P.REPLY for i in range(1, 4))
+    assert worker.stats.as_dict()["errors"] == 1  # counted before the answers left
+
+
 def test_a_failing_batch_fails_each_of_its_requests_and_only_those(harness):
     backend = RecordingBackend()
     # A deadline no test run reaches: batches form by size alone, however slowly the sends arrive.

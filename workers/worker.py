@@ -634,7 +634,20 @@ class Worker:
                     "batch_oldest_ms": oldest_ms,
                     "compute_ms": compute_ms,
                     "batch_size": len(items)} for (arrived, _), it in zip(batch, items)])
-        return [(P.REPLY, it.token, body) for it, body in zip(items, bodies)]
+        answers = [(P.REPLY, it.token, body) for it, body in zip(items, bodies)]
+        finite = np.isfinite(probs).all(axis=1)  # [n]
+        return answers if finite.all() else self._fail_non_finite(items, answers, finite)
+
+    def _fail_non_finite(self, items: list[_Pending], answers: list[tuple[bytes, bytes, bytes]],
+                         finite: np.ndarray) -> list[tuple[bytes, bytes, bytes]]:
+        """``answers`` with each row whose probabilities are not finite (NaN, inf: an overflow in the
+        model) made an ERROR inference_failed: a NaN is no prediction, and argmax would call it 0."""
+        bad = int((~finite).sum())
+        log.error("%s: the model returned non-finite probabilities for %d of %d rows", self.name, bad, len(items))
+        self.stats.add(errors=bad)
+        message = "the model returned non-finite probabilities (NaN or inf) for this row"
+        return [answer if ok else (P.ERROR, it.token, P.error_body(it.request_id, P.E_INFERENCE, message))
+                for answer, ok, it in zip(answers, finite, items)]
 
 
 # ------------------------------------------------------------------- CLI
