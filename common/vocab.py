@@ -11,6 +11,9 @@ file was written for:
   spaces or tabs around a token read as the bare token;
 * text after the final ``"\\n"`` is a line only if it is not empty.
 
+One departure: a UTF-8 byte-order mark at the start of the file (some editors write one) is
+dropped, not read as part of token 0, so ``[PAD]`` stays ``[PAD]`` and no id moves.
+
 Generated vocabularies (demo models, the echo backend) share Google's uncased
 layout, so every BERT tokenizer handles them: ``[PAD]`` = 0, ``[unused0..98]`` =
 1..99, ``[UNK]`` = 100, ``[CLS]`` = 101, ``[SEP]`` = 102, ``[MASK]`` = 103, then
@@ -41,7 +44,7 @@ def read_vocab(path: str | os.PathLike, error: type[BertpoolError] = ConfigError
             text = f.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise error(f"cannot read vocabulary file {os.fspath(path)!r}: {exc}") from exc
-    lines = text.split("\n")
+    lines = text.removeprefix("\ufeff").split("\n")
     if lines[-1] == "":
         lines.pop()  # text after the final newline is not a line
     if not lines:

@@ -622,6 +622,17 @@ def test_serving_and_compile_read_a_vocabulary_alike(tmp_path: Path) -> None:
     assert tok.tokenize("world") == ["world"]
 
 
+def test_a_byte_order_mark_is_no_part_of_the_first_token(tmp_path: Path) -> None:
+    """A vocab.txt saved with a UTF-8 BOM was refused as lacking [PAD] (token 0 read "\\ufeff[PAD]")."""
+    from bertpool.common.vocab import read_vocab
+
+    path = tmp_path / "vocab.txt"
+    path.write_bytes("[PAD]\n[UNK]\n[CLS]\n[SEP]\nworld\n".encode("utf-8-sig"))
+    assert read_vocab(path) == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "world"]
+    tok = BertTokenizer(path)
+    assert (tok.vocab_size, tok.cls_id, tok.sep_id, tok.tokenize("world")) == (5, 2, 3, ["world"])
+
+
 def test_generated_vocabularies_share_googles_layout() -> None:
     from bertpool.common.vocab import HEAD, bert_vocab
     from bertpool.compile.vocab import generate_vocab
