@@ -204,28 +204,29 @@ class NaNBackend(RecordingBackend):
 def test_a_row_with_non_finite_probabilities_is_an_error_not_a_prediction(harness):
     """NaN probabilities used to reach the client as a prediction (label 0, by argmax); that row is
     now ERROR inference_failed, and the batch's other rows are answered as usual."""
-    backend = NaNBackend()
-    router, ident, worker = harness(backend, batch_size=4, batch_timeout_ms=600_000, capacity=8)
-    backend.fail_token = worker.tokenizer.encode_pairs([("boom", "x")]).input_ids[0][1]
-    send(router, ident, 0, P.text_request("bad", "boom", "x"))
-    for i in range(1, 4):
-        send(router, ident, i, P.text_request(f"r{i}", "fine", "x"))
-    got = {body["id"]: (kind, body) for kind, body in replies(router, 4).values()}
+    router, ident, worker, replied = _one_batch_with_a_bad_row(harness, NaNBackend())
+    got = {body["id"]: (kind, body) for kind, body in replied.values()}
     assert got["bad"][0] == P.ERROR and got["bad"][1]["code"] == P.E_INFERENCE
     assert "non-finite" in got["bad"][1]["message"]
     assert all(got[f"r{i}"][0] == P.REPLY for i in range(1, 4))
     assert worker.stats.as_dict()["errors"] == 1  # counted before the answers left
 
 
-def test_a_failing_batch_fails_each_of_its_requests_and_only_those(harness):
-    backend = RecordingBackend()
+def _one_batch_with_a_bad_row(harness, backend: RecordingBackend):
+    """One batch of 4: request "bad" holds ``backend``'s fail_token, "r1".."r3" do not; (router,
+    identity, worker, the 4 replies)."""
     # A deadline no test run reaches: batches form by size alone, however slowly the sends arrive.
     router, ident, worker = harness(backend, batch_size=4, batch_timeout_ms=600_000, capacity=8)
     backend.fail_token = worker.tokenizer.encode_pairs([("boom", "x")]).input_ids[0][1]
     send(router, ident, 0, P.text_request("bad", "boom", "x"))
     for i in range(1, 4):
         send(router, ident, i, P.text_request(f"r{i}", "fine", "x"))
-    got = replies(router, 4)
+    return router, ident, worker, replies(router, 4)
+
+
+def test_a_failing_batch_fails_each_of_its_requests_and_only_those(harness):
+    backend = RecordingBackend()
+    router, ident, worker, got = _one_batch_with_a_bad_row(harness, backend)
     assert {kind for kind, _ in got.values()} == {P.ERROR}
     assert {body["code"] for _, body in got.values()} == {P.E_INFERENCE}
     assert {body["id"] for _, body in got.values()} == {"bad", "r1", "r2", "r3"}
