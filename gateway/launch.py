@@ -50,7 +50,11 @@ class GatewayChild:
 
     def __init__(self, cmd: list[str]) -> None:
         # child_env: the gateway stops when we die, even by SIGKILL (common.cli.exit_with_parent).
-        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1, env=child_env())
+        # A session of its own: a Ctrl-C or SIGTERM to our process group (a terminal, timeout, systemd)
+        # is ours to act on, by stop(); it used to kill a gateway still starting (no handlers yet),
+        # which then read as a lost gateway and made serve exit 1.
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1, env=child_env(),
+                                      start_new_session=True)
         self._listening = threading.Event()
         self._stopping = False
         threading.Thread(target=self._relay, name="gateway-stdout", daemon=True).start()

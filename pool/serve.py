@@ -16,7 +16,7 @@ import threading
 
 from ..broker.broker import Broker, add_broker_arguments, broker_config_from_args
 from ..common import security
-from ..common.cli import install_reload_handler, install_stop_handlers, report_error, setup_logging
+from ..common.cli import ignore_hangup, install_reload_handler, install_stop_handlers, report_error, setup_logging
 from ..common.errors import BertpoolError
 from ..common.protocol import local_endpoint
 from ..gateway.launch import add_serve_gateway_arguments, start_gateway_process
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     # Python's default SIGTERM would kill us mid-start, leaving the gateway to find out by itself.
     early_stop = threading.Event()
     install_stop_handlers(early_stop.set)
+    ignore_hangup()  # a reload before there is a broker to reload: nothing to do (its handler comes below)
     try:
         broker = Broker(broker_config_from_args(args, args.stats_interval_s))
         security.complete_serve_args(args, broker.config.curve)  # its workers get the broker's public key
@@ -67,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     gateway_lost: list[int] = []
     if gateway is not None:
         def on_gateway_exit(code: int) -> None:
-            # Never serve on without the gateway that was asked for: stop the whole pool, loudly
-            # unless the gateway was stopped by a signal to us all (it then exits 0).
+            # Never serve on without the gateway that was asked for: stop the whole pool, loudly.
+            # (Signals to our process group do not reach it: it has a session of its own, and we stop it.)
             if broker.stopping:
                 return
             if code:
@@ -82,16 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         broker.stop()
         supervisor.stop()
     install_stop_handlers(stop)
+    install_reload_handler(broker.reload_allow_lists)
     if early_stop.is_set():
         log.info("stopping: asked to while starting")
         stop()
-    install_reload_handler(broker.reload_allow_lists)
-    backend = supervisor.config.worker.backend
-    served = f" serving {backend.model_dir}" if backend.model_dir else ""
-    print(f"bertpool-serve: clients on {args.address}, workers on {args.worker_address}, "
-          f"{args.parallel} x {backend.name} workers{served}", flush=True)
-    if backend.name == "echo":
-        print(f"bertpool-serve: WARNING: {ECHO_WARNING}", file=sys.stderr, flush=True)
+    else:
+        _print_banner(args, supervisor)
     try:
         supervisor.run()  # returns after stop() (signal), a worker that cannot load, or a lost gateway
     finally:
@@ -106,6 +103,16 @@ def main(argv: list[str] | None = None) -> int:
     if gateway_lost:
         return report_error("bertpool-serve", f"the gateway exited with code {gateway_lost[0]}", code=1)
     return 0
+
+
+def _print_banner(args: argparse.Namespace, supervisor: Supervisor) -> None:
+    """What serve listens on and serves (stdout), and the echo warning (stderr)."""
+    backend = supervisor.config.worker.backend
+    served = f" serving {backend.model_dir}" if backend.model_dir else ""
+    print(f"bertpool-serve: clients on {args.address}, workers on {args.worker_address}, "
+          f"{args.parallel} x {backend.name} workers{served}", flush=True)
+    if backend.name == "echo":
+        print(f"bertpool-serve: WARNING: {ECHO_WARNING}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -253,24 +253,35 @@ def test_workers_and_gateway_stop_when_serve_is_sigkilled(start_pool):
 
 
 def test_sigterm_while_serve_starts_its_gateway_stops_it_cleanly(tmp_path):
-    """A SIGTERM that comes while serve waits for its gateway to listen (before the pool runs) is a
-    clean stop, exit 0, with no worker started and the gateway child gone; it used to kill serve (-15)."""
+    """A SIGTERM that comes while serve waits for its gateway to listen (before the pool runs), sent
+    to the whole process group, is a clean stop, exit 0, with no worker started and the gateway child
+    gone; it used to kill serve (-15), and then the gateway, dying of it too, read as lost (exit 1)."""
     front, back = f"ipc://{tmp_path}/front", f"ipc://{tmp_path}/back"
+    # The gateway child takes its time to start (a slow host): it sleeps before its first import,
+    # so the signal surely comes while serve waits for it.
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import time\n"
+        "if b'bertpool.gateway.gateway' in open('/proc/self/cmdline', 'rb').read():\n"
+        "    time.sleep(60)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
     serve = _start(tmp_path, "bertpool.pool.serve", "--backend", "echo", "--parallel", "1", "--address", front,
-                   "--worker-address", back, "--gateway-http", str(free_tcp_port()), "--gateway-grpc", "off")
+                   "--worker-address", back, "--gateway-http", str(free_tcp_port()), "--gateway-grpc", "off",
+                   env=env)
     try:
         deadline = time.monotonic() + 60
         while not children_of(serve.pid) and serve.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         gateway = children_of(serve.pid)
-        assert len(gateway) == 1, gateway  # the gateway child, still importing: no worker yet
-        serve.send_signal(signal.SIGTERM)
+        assert len(gateway) == 1, gateway  # the gateway child, still starting: no worker yet
+        os.killpg(serve.pid, signal.SIGTERM)  # to the group, as a terminal, timeout or systemd send it
         assert serve.wait(30) == 0
     finally:
         _stop_all([serve])
     assert not wait_gone(gateway, 10)
     log = next(tmp_path.glob("*.log")).read_text()
-    assert "Traceback" not in log and "started" not in log, log
+    assert "Traceback" not in log and "started" not in log and "clients on" not in log, log
 
 
 def test_sighup_to_the_supervisor_and_its_workers_changes_nothing(tmp_path):
@@ -294,11 +305,11 @@ def test_sighup_to_the_supervisor_and_its_workers_changes_nothing(tmp_path):
     assert not wait_gone(pids, 10)
 
 
-def _start(tmp_path, module: str, *args: str) -> subprocess.Popen:
-    """``python -m module args`` in its own session, logging to tmp_path."""
+def _start(tmp_path, module: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``python -m module args`` in its own session (with ``env``: else ours), logging to tmp_path."""
     with open(tmp_path / f"{module}-{len(list(tmp_path.glob('*.log')))}.log", "wb") as log:
         return subprocess.Popen([sys.executable, "-m", module, *args], stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, env=env)
 
 
 def _stop_all(procs: list[subprocess.Popen]) -> list[int]:
