@@ -175,7 +175,7 @@ class Gateway:
         timeout_s = min(t for t in (request.timeout_s, deadline_s, self.config.timeout_s) if t is not None)
         if not timeout_s > 0:
             raise KServeError(504, "deadline exceeded before the request was sent")
-        await self._refuse_unless_ready()
+        await self._refuse_unless_ready(timeout_s)
         submit = self._client.submit if rows.kind == "text" else self._client.submit_features
         try:
             futures = [asyncio.wrap_future(submit(*row, timeout_s=timeout_s)) for row in rows.items]
@@ -199,27 +199,40 @@ class Gateway:
         """True while the broker has at least one worker (one STATS per ready_cache_s at most)."""
         if time.monotonic() - self._ready_at < self.config.ready_cache_s:
             return self._ready
-        if self._probe is None:
-            self._probe = asyncio.ensure_future(self._ask_broker())
-        probe = self._probe
-        return await asyncio.shield(probe)
+        return await asyncio.shield(self._start_probe())
 
-    async def _refuse_unless_ready(self) -> None:
+    async def _refuse_unless_ready(self, timeout_s: float) -> None:
         """KServeError 503 while the pool is known not ready (a request would wait out its deadline).
 
         A fresh answer is used as is. A stale "ready" lets the request through and refreshes itself
         in the background (no wait on the hot path); a stale or missing "not ready" is asked again
-        first, so a pool that came back is served at once.
+        first, for at most ``timeout_s`` (the request's; 504 past it), so a pool that came back is
+        served at once.
         """
         fresh = time.monotonic() - self._ready_at < self.config.ready_cache_s
         if not fresh and self._ready:
-            if self._probe is None:
-                self._probe = asyncio.ensure_future(self._ask_broker())
+            self._start_probe()
             return
-        if not (self._ready if fresh else await self.ready()):
+        if fresh:
+            ready = self._ready
+        else:
+            try:
+                ready = await asyncio.wait_for(asyncio.shield(self._start_probe()), timeout_s)
+            except asyncio.TimeoutError:
+                raise KServeError(504, "deadline exceeded while asking the broker whether a worker is "
+                                       "ready") from None
+        if not ready:
             raise KServeError(503, f"unavailable: {self._not_ready_why}")
 
+    def _start_probe(self) -> asyncio.Future:
+        """The readiness probe under way, started if there is none (one at a time)."""
+        if self._probe is None:
+            self._probe = asyncio.ensure_future(self._ask_broker())
+        return self._probe
+
     async def _ask_broker(self) -> bool:
+        """Ask the broker (STATS) whether any worker is registered; record the answer, and why not.
+        Never raises: anything that goes wrong is "not ready", said in the log."""
         loop = asyncio.get_running_loop()
         try:
             stats = await loop.run_in_executor(None, self._client.stats, 2.0)
@@ -228,9 +241,14 @@ class Gateway:
         except BertpoolError as exc:
             log.info("not ready: broker STATS failed: %s", exc)
             ready, why = False, f"the broker did not answer: {exc}"
+        except Exception as exc:  # a bug: readiness must still settle, and the next probe run
+            log.exception("not ready: the readiness probe failed")
+            ready, why = False, f"the readiness probe failed: {type(exc).__name__}: {exc}"
+        finally:
+            self._probe = None
         if not ready:
             self._not_ready_why = why
-        self._ready, self._ready_at, self._probe = ready, time.monotonic(), None
+        self._ready, self._ready_at = ready, time.monotonic()
         return ready
 
 

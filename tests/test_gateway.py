@@ -493,6 +493,67 @@ def test_inference_while_not_ready_is_503_and_unavailable_at_once(workerless):
     assert exc.value.status() == "StatusCode.UNAVAILABLE" and "no worker" in exc.value.message()
 
 
+class _ProbeClient:
+    """A Client stand-in for the readiness probe: its STATS does what ``stats`` (a function) does."""
+
+    def __init__(self, stats) -> None:
+        self.config = type("Config", (), {"address": "ipc:///nowhere"})()
+        self.calls = 0
+        self._stats = stats
+
+    def stats(self, timeout_s: float):
+        self.calls += 1
+        return self._stats()
+
+
+def _gateway_with(client):
+    from bertpool.gateway.gateway import Gateway, GatewayConfig
+    from bertpool.gateway.kserve import ModelInfo
+
+    return Gateway(GatewayConfig(ready_cache_s=0.0), ModelInfo(MODEL, "1", S), client)
+
+
+def test_a_readiness_probe_that_fails_unexpectedly_is_not_ready_and_runs_again():
+    """A probe that raised anything but a pool error stayed stuck: every later readiness check re-raised."""
+    import asyncio
+
+    def broken():
+        raise RuntimeError("a bug in the probe")
+
+    client = _ProbeClient(broken)
+    gateway = _gateway_with(client)
+
+    async def twice():
+        return [await gateway.ready(), await gateway.ready()]
+
+    assert asyncio.run(twice()) == [False, False] and client.calls == 2
+
+
+def test_a_request_waits_for_the_readiness_probe_no_longer_than_its_deadline():
+    """A stale "not ready" is asked again before a request is refused; that wait is bounded by the
+    request's own deadline (504), not the probe's 2 s."""
+    import asyncio
+    import threading
+
+    from bertpool.gateway.kserve import KServeError
+
+    release = threading.Event()
+    gateway = _gateway_with(_ProbeClient(lambda: release.wait(30) and {"workers": {}}))
+
+    async def refused():
+        started = time.monotonic()
+        try:
+            await gateway._refuse_unless_ready(0.1)
+        except KServeError as exc:
+            return exc.status, time.monotonic() - started
+        finally:
+            release.set()  # let the probe's thread end
+        return None, time.monotonic() - started
+
+    status, waited = asyncio.run(refused())
+    assert status == 504 and waited < 5
+
+
 def test_deadline_is_504_and_deadline_exceeded(slow):
     pairs = mrpc_pairs(1)
     with pytest.raises(InferenceServerException) as exc:
