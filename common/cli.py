@@ -158,16 +158,24 @@ def replacing_dir(output: Path, force: bool) -> Iterator[Path]:
     ``output`` is as it was."""
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    old: Path | None = None  # where the old output waits while the new one moves in
     shutil.rmtree(staging, ignore_errors=True)
     try:
         yield staging
         if output.exists():
             if any(output.iterdir()) and not force:
                 raise ConfigError(f"{output} appeared meanwhile; not replacing it without --force")
-            shutil.rmtree(output)
+            # Two renames, not a delete and a rename: an interrupt between them finds the old one
+            # aside and puts it back (a delete of a large model took seconds, and lost it).
+            old = output.parent / f".{output.name}.old-{os.getpid()}"
+            output.rename(old)
         staging.rename(output)
     finally:
+        if old is not None and old.exists() and not output.exists():
+            old.rename(output)  # interrupted between the renames
         shutil.rmtree(staging, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def report_error(prog: str, exc: BaseException, code: int = 2) -> int:

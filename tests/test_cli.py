@@ -146,3 +146,37 @@ def test_bad_host_port_is_a_config_error_naming_the_flag(text):
 def test_a_bad_host_port_says_what_to_write(text, says):
     with pytest.raises(ConfigError, match=says):
         parse_host_port(text, "--metrics-address")
+
+
+# ------------------------------------------------- writing an output directory whole or not at all
+
+@pytest.mark.parametrize("interrupted", [None, "while writing", "between the renames"])
+def test_replacing_dir_keeps_the_old_output_unless_the_new_one_is_whole(tmp_path, monkeypatch, interrupted):
+    """An interrupt (Ctrl-C, or SIGTERM under sigterm_as_interrupt) anywhere leaves the old output as
+    it was and nothing beside it; the commit used to delete the old output before moving the new one
+    in, so an interrupt between the two (a large model's delete takes seconds) lost both."""
+    from pathlib import Path
+
+    from bertpool.common.cli import replacing_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if interrupted == "between the renames" and Path(target) == out and ".partial-" in self.name:
+            raise KeyboardInterrupt
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    try:
+        with replacing_dir(out, force=True) as staging:
+            staging.mkdir()
+            (staging / "new.txt").write_text("new")
+            if interrupted == "while writing":
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        assert interrupted
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging or set-aside directory left
+    assert [p.name for p in out.iterdir()] == ["new.txt" if interrupted is None else "old.txt"]
