@@ -41,7 +41,8 @@ from tqdm import tqdm
 
 from ..common import protocol as P
 from ..common import security
-from ..common.cli import add_address_arguments, exit_with_parent, output_file, report_error
+from ..common.cli import (Terminated, add_address_arguments, exit_with_parent, output_file, report_error,
+                          report_interrupt)
 from ..common.defaults import DEFAULT_FRONTEND
 from ..common.data import Pair, default_pairs, read_mrpc_tsv
 from ..common.errors import (BenchError, BertpoolError, ConfigError, HandshakeFailed, RemoteError, RequestError,
@@ -511,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(--sweep-clients) and plot throughput against latency (--plot). Exit status: 0 all "
                     "requests answered, 1 some failed (requests sent while no worker is ready wait up to "
                     "--timeout-s each, then fail), 2 the bench could not run (bad flag, no broker, "
-                    "--wait-workers timed out).",
+                    "--wait-workers timed out), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).",
         epilog="examples: bertpool-bench --clients 48 --cycle 128 --tsv ../shared/data/glue_mrpc_dev.tsv "
                "--json bench.json;  bertpool-bench --sweep-clients 1,4,16,48 --cycle 32 --json sweep.json "
                "--plot sweep.png")
@@ -589,9 +590,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.json and config is not None and isinstance(exc, (RequestError, BenchError)):
             write_json(args.json, failure_report(config, exc))
         return report_error("bertpool-bench", exc)
-    except KeyboardInterrupt:
-        return report_error("bertpool-bench", BenchError("interrupted; its clients were stopped, no report"),
-                            code=130)
+    except KeyboardInterrupt as exc:  # Ctrl-C (130), or SIGTERM (Terminated, 143)
+        return report_interrupt("bertpool-bench", exc, "; its clients were stopped, no report")
     report["pairs_source"] = source
     report["model_note"] = args.model_note
     print(sweep.format_sweep(report) if steps else format_report(report), flush=True)
@@ -606,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def report_config(config: BenchConfig) -> dict[str, Any]:
