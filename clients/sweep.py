@@ -67,8 +67,10 @@ def run_sweep(config: BenchConfig, clients: list[int], pairs: list[Pair], progre
             if isinstance(exc, RequestTimeout):
                 # A later step's only RequestTimeout is its STATS probe (it waits for no workers): the
                 # broker answered the earlier steps, so "nothing ever answered" (a fresh Client's view) is
-                # wrong; say what the single run says when STATS fails after the run.
-                message = (no_broker_message(config.address, config.connect_timeout_s)
+                # wrong; say what the single run says when STATS fails after the run, keeping a cause
+                # that says more than a timeout (a BrokerUnavailable, a refused handshake).
+                cause = None if isinstance(exc.__cause__, RequestTimeout) else exc.__cause__
+                message = (no_broker_message(config.address, config.connect_timeout_s, cause)
                            + " (it answered the earlier steps: it went away)")
             stopped = {"clients": count, "error": {"type": type(exc).__name__, "message": message}}
             break

@@ -401,6 +401,17 @@ def test_a_sweep_whose_broker_went_away_says_it_answered_before(monkeypatch, tmp
     assert "step with 1 client: errors by type:" in text and "step with 3 clients: errors by type:" in text
     assert "sweep stopped at 2 clients" in text
     assert "served by  1 x echo" in text and "WARNING: echo workers answered" in text
+    # A cause that says more than a timeout is kept.
+    from bertpool.common.errors import BrokerUnavailable, RequestTimeout
+
+    def refused(step_config, pairs, progress=False, desc=None):
+        if step_config.clients == 1:
+            return steps[1]
+        raise RequestTimeout("no STATS reply") from BrokerUnavailable("the broker refused our CURVE key")
+
+    monkeypatch.setattr(sweep, "run_bench", refused)
+    report = sweep.run_sweep(config, [1, 4], [])
+    assert "(BrokerUnavailable: the broker refused our CURVE key)" in report["diagnosis"], report["diagnosis"]
 
 
 @pytest.mark.parametrize("report, workers", [
