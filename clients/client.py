@@ -532,6 +532,10 @@ class Client:
 
     def _transmit(self, entry: _Pending, now: float) -> None:
         """Send (or resend) ``entry`` with the time left to its deadline."""
+        if self._wrong_endpoint is not None:  # the address is a worker endpoint: no send can be answered
+            self._finish(entry, answered=False)
+            _fail(entry.future, BrokerUnavailable(f"{self._wrong_endpoint} (request {entry.rid})"))
+            return
         left_ms = (entry.deadline - now) * 1000.0
         if left_ms <= 0:
             return  # _expire settles it

@@ -634,6 +634,10 @@ def test_a_client_pointed_at_the_worker_endpoint_is_told_so_at_once(bare_broker)
             client.predict("a", "b")
         assert time.monotonic() - started < 20  # far from the 30 s deadline: it did not wait it out
         assert client.counters.malformed_replies == 0
+        sends = client.counters.heartbeats_sent
+        with pytest.raises(BrokerUnavailable, match="worker endpoint"):  # known now: at once, nothing sent
+            client.predict("a", "b")
+        assert client.counters.heartbeats_sent == sends
 
 
 def test_nothing_at_the_address_says_so(fake_brokers, caplog):
