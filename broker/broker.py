@@ -139,9 +139,9 @@ class _Request:
 
 
 def _settings(ready: P.Ready | None) -> dict[str, Any]:
-    """What a worker's READY said about how it serves, for its STATS entry (what it did not say, or
-    a worker older than the field, is left out): batch_size, batch_timeout_ms, and model (what it
-    knows of hash, first 12 characters, dtype and target, in one string)."""
+    """What a worker's READY said about how it serves, for its STATS entry: batch_size (READY's, 1
+    where it said none), batch_timeout_ms (left out where it said none: older workers), and model
+    (what it knows of hash, first 12 characters, dtype and target, in one string; left out for echo)."""
     if ready is None:
         return {}
     settings: dict[str, Any] = {"batch_size": ready.batch_size}

@@ -58,7 +58,7 @@ def _check_z85_key(key: bytes, what: str, path: str) -> bytes:
             return key
     except (ValueError, KeyError, IndexError, TypeError, struct.error):  # struct: Z85 digits out of range
         pass
-    raise ConfigError(f"{path}: the {what} is not a 40-character Z85 CURVE key")
+    raise ConfigError(f"{path}: the {what} is not a valid 40-character Z85 CURVE key")
 
 
 def load_public_key(path: str | os.PathLike) -> bytes:
@@ -90,8 +90,10 @@ def _load(path: str | os.PathLike) -> tuple[bytes, bytes | None]:
         public, secret = zmq.auth.load_certificate(p)
     except OSError as exc:
         raise ConfigError(f"cannot read key file {p}: {exc.strerror or exc}") from exc
-    except (ValueError, UnicodeDecodeError, IndexError) as exc:  # IndexError: a key line without '='
+    except (ValueError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{p} is not a ZeroMQ certificate (no public-key line): {exc}") from exc
+    except IndexError as exc:  # pyzmq's reader, on a key line without '='
+        raise ConfigError(f"{p} is not a ZeroMQ certificate: a public-key or secret-key line without '='") from exc
     return _check_z85_key(public, "public-key", str(p)), secret
 
 

@@ -230,8 +230,9 @@ def _check_shape(o: CompileOptions) -> None:
 
 
 def _check_proof(o: CompileOptions) -> CompileOptions:
-    """The pairs of the proof and of the reference checked (ConfigError naming the flag; a TSV is read
-    to count its pairs); returns ``o`` with its seed settled (DEFAULT_SEED when not given)."""
+    """The proof's flags checked (ConfigError naming the flag): seed, pairs, tolerance, and a --tsv
+    that holds --pairs pairs (read to count them; without --verify, at least one). Returns ``o`` with
+    its seed settled (DEFAULT_SEED when not given)."""
     if o.seed is not None and (isinstance(o.seed, bool) or not isinstance(o.seed, int) or o.seed < 0):
         raise ConfigError(f"--seed must be an integer >= 0, got {o.seed!r}")  # as bertpool-demo-model says
     if o.seed is not None and o.tsv is not None:  # it would be ignored: the TSV's pairs are used in file order

@@ -258,8 +258,8 @@ def _bad_files(tmp_path: Path, keys: Keys) -> dict[str, str]:
 
 @pytest.mark.parametrize("bad, message", [
     ("missing", "does not exist"), ("directory", "not a regular file"), ("text", "not a ZeroMQ certificate"),
-    ("short", "not a 40-character Z85"), ("mixed", "does not belong"), ("public", "holds only a public key"),
-    ("overflow", "not a 40-character Z85"), ("nosep", "not a ZeroMQ certificate"),
+    ("short", "not a valid 40-character Z85"), ("mixed", "does not belong"), ("public", "holds only a public key"),
+    ("overflow", "not a valid 40-character Z85"), ("nosep", "line without '='"),
 ])
 def test_bad_secret_key_files_are_config_errors(tmp_path, keys, bad, message):
     path = _bad_files(tmp_path, keys)[bad]
