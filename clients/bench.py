@@ -41,8 +41,8 @@ from tqdm import tqdm
 
 from ..common import protocol as P
 from ..common import security
-from ..common.cli import (Terminated, add_address_arguments, exit_with_parent, output_file, report_error,
-                          report_interrupt)
+from ..common.cli import (Terminated, add_address_arguments, counted, exit_with_parent, output_file,
+                          report_error, report_interrupt)
 from ..common.defaults import DEFAULT_FRONTEND
 from ..common.data import Pair, default_pairs, read_mrpc_tsv
 from ..common.errors import (BenchError, BertpoolError, ConfigError, HandshakeFailed, RemoteError, RequestError,
@@ -170,11 +170,6 @@ def setup_logging(level: int) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(_LogFormat())
     logging.basicConfig(level=level, handlers=[handler])
-
-
-def clients_text(n: int) -> str:
-    """``1 client``, ``4 clients``."""
-    return f"{n} client{'' if n == 1 else 's'}"
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
@@ -361,7 +356,7 @@ def _run_clients(config: BenchConfig, procs, barrier, results, counters, before,
     bar = None
     if progress:
         total = None if config.duration_s is not None else config.clients * config.cycle
-        bar = Progress(counters, total, desc or clients_text(config.clients), progress_stream or sys.stderr)
+        bar = Progress(counters, total, desc or counted(config.clients, "client"), progress_stream or sys.stderr)
     collected, failures = [], []
     limit = time.monotonic() + config.start_timeout_s + config.max_measured_s
     try:

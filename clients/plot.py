@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..common.cli import report_error
+from ..common.cli import counted, report_error
 from ..common.errors import BertpoolError, ConfigError
 
 EXTRA_HINT = "pip install 'bertpool[plot]' (or scripts/setup with the plot extra, e.g. scripts/setup tf,test,plot)"
@@ -56,10 +56,10 @@ def chart_title(report: dict[str, Any]) -> str:
     if pool.get("model"):
         model += f" [{pool['model']}]"
     if backends:
-        workers = (_workers_text(sum(backends.values())) + " ("
+        workers = (counted(sum(backends.values()), "worker") + " ("
                    + ", ".join(f"{n} x {b}" for b, n in sorted(backends.items())) + ")")
     elif pool:  # STATS answered, with no ready workers
-        workers = _workers_text(pool.get("workers", 0))
+        workers = counted(pool.get("workers", 0), "worker")
     else:
         workers = "workers: unknown (no STATS)"
     if pool.get("batch_size") is not None:
@@ -122,13 +122,8 @@ def plot_report(report: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def _workers_text(n: int) -> str:
-    return f"{n} worker" + ("" if n == 1 else "s")
-
-
 def _clients_label(step: dict[str, Any]) -> str:
-    n = step.get("clients", step["config"]["clients"])
-    return f"{n} client" + ("" if n == 1 else "s")
+    return counted(step.get("clients", step["config"]["clients"]), "client")
 
 
 def main(argv: list[str] | None = None) -> int:

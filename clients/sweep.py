@@ -19,8 +19,8 @@ from typing import Any
 
 from ..common.data import Pair
 from ..common.errors import BenchError, ConfigError, RequestError, RequestTimeout
-from .bench import (BenchConfig, clients_text, format_errors, format_footer, ms, no_broker_message, report_config,
-                    run_bench)
+from ..common.cli import counted
+from .bench import BenchConfig, format_errors, format_footer, ms, no_broker_message, report_config, run_bench
 
 MAX_STEPS = 64  # a sweep is a handful of concurrencies, not a loop
 
@@ -59,7 +59,7 @@ def run_sweep(config: BenchConfig, clients: list[int], pairs: list[Pair], progre
         step_config = replace(config, clients=count)
         try:
             steps.append(run_bench(step_config, pairs, progress=progress,
-                                   desc=f"{clients_text(count)} ({n + 1}/{len(clients)})"))
+                                   desc=f"{counted(count, 'client')} ({n + 1}/{len(clients)})"))
         except (RequestError, BenchError) as exc:
             if not steps:
                 raise
@@ -115,10 +115,10 @@ def format_sweep(report: dict[str, Any]) -> str:
     for s in report["steps"]:
         errors = format_errors({**s, "diagnosis": None})
         if errors:
-            lines.append(f"step with {clients_text(s['clients'])}: " + errors[0])
+            lines.append(f"step with {counted(s['clients'], 'client')}: " + errors[0])
             lines += errors[1:]
     if report.get("stopped"):
-        lines.append(f"sweep stopped at {clients_text(report['stopped']['clients'])}")
+        lines.append(f"sweep stopped at {counted(report['stopped']['clients'], 'client')}")
     if report.get("diagnosis"):
         lines.append(f"diagnosis: {report['diagnosis']}")
     lines.append("batch = mean real rows per model call (server timings)")

@@ -178,6 +178,11 @@ def replacing_dir(output: Path, force: bool) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def counted(n: int, noun: str) -> str:
+    """``1 client``, ``4 clients``: a count and its noun, plural unless it is 1."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def report_error(prog: str, exc: BaseException, code: int = 2) -> int:
     """Print one clear ``prog: error: ...`` line (no traceback) and return the exit code."""
     print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)

@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..common.cli import counted
 from ..common.errors import ConfigError
 from .weights import BertWeights
 
@@ -108,7 +109,7 @@ def check_tsv_pairs(tsv: pathlib.Path, n: int) -> None:
     --pairs N would prove fewer pairs than asked, without a word."""
     have = len(tsv_pairs(tsv))
     if have < n:
-        raise ConfigError(f"--tsv {tsv} holds only {have} pair{'' if have == 1 else 's'}, fewer than "
+        raise ConfigError(f"--tsv {tsv} holds only {counted(have, 'pair')}, fewer than "
                           f"--pairs {n}; pass --pairs {have} (or fewer) or a longer file")
 
 
