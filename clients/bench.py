@@ -103,7 +103,7 @@ def _client_main(index: int, config: BenchConfig, pairs: list[Pair], barrier, re
     """One client process: warm up, wait at the barrier, run the measured phase. It ends with the
     bench (``parent_pid``), however that ends; Ctrl-C is the parent's to handle (it stops us). Its
     Client's log lines (e.g. "presuming the broker ... dead") come out as the bench's own do
-    (:func:`setup_logging`), at the parent's ``log_level``.
+    (:func:`setup_bench_logging`), at the parent's ``log_level``.
 
     ``progress[2 * index]`` / ``progress[2 * index + 1]`` count this client's
     replies / errors so far (only this process writes them; the parent reads
@@ -111,7 +111,7 @@ def _client_main(index: int, config: BenchConfig, pairs: list[Pair], barrier, re
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     exit_with_parent(parent_pid)
-    setup_logging(log_level)
+    setup_bench_logging(log_level)
     errors: Counter = Counter()
     samples: dict[str, str] = {}
     latencies, labels, timings = [], [], []
@@ -162,7 +162,7 @@ class _LogFormat(logging.Formatter):
         return f"bertpool-bench: {record.levelname.lower()}: {record.name}: {super().format(record)}"
 
 
-def setup_logging(level: int) -> None:
+def setup_bench_logging(level: int) -> None:
     """Log lines of the libraries the bench uses (the Client's "presuming the broker ... dead:
     reconnecting") go to stderr with the bench's prefix, at ``level`` and above (main: WARNING, or
     ERROR with --quiet), instead of bare through Python's last-resort handler. A no-op where logging
@@ -554,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import plot, sweep  # the sweep and plot modules import this one
 
     args = build_parser().parse_args(argv)
-    setup_logging(logging.ERROR if args.quiet else logging.WARNING)
+    setup_bench_logging(logging.ERROR if args.quiet else logging.WARNING)
     config = None
     # SIGTERM as Ctrl-C, and Ctrl-C even where it was inherited ignored (a background job): run_bench then
     # stops its client processes.
