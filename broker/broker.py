@@ -532,9 +532,19 @@ class Broker:
         elif kind == P.DISCONNECT:
             self._on_disconnect(identity, message.incarnation)
         elif kind == P.HEARTBEAT and worker is None:
+            owner = self._registered(P.beat_incarnation(message.body))
+            if owner is not None:  # a worker's beat from its other socket (a long inline batch)
+                owner.last_heard = time.monotonic()
+                return
             # A worker we do not know (presumed dead, or from before a restart): make it re-register.
             self.counters.disconnects_sent += 1
             self._send_worker(identity, P.broker_disconnect_frames(P.DISCONNECT_UNKNOWN))
+
+    def _registered(self, incarnation: str | None) -> _WorkerState | None:
+        """The registered worker of ``incarnation`` (None: none, or no incarnation given)."""
+        if incarnation is None:
+            return None
+        return next((w for w in self._workers.values() if w.incarnation == incarnation), None)
 
     def _send_worker(self, identity: bytes, frames: list[bytes]) -> bool:
         """Send to a worker socket; False when it is gone (never blocks: no SNDHWM on the backend)."""

@@ -66,8 +66,13 @@ Worker -> broker (backend)             [VERSION, kind, ...]
                                                   {name: {counts: [int per bucket, +Inf last], sum:
                                                   float}}, at most MAX_HISTOGRAMS of MAX_BUCKETS buckets
                                                   (names and buckets: common.metrics_export)
-    HEARTBEAT [VERSION, HEARTBEAT, body {}]       "I am alive"; sent every heartbeat_interval_s on the
-                                                  worker's registration socket (the one READY left on)
+    HEARTBEAT [VERSION, HEARTBEAT, body {incarnation?}]
+                                                  "I am alive"; sent every heartbeat_interval_s on the
+                                                  worker's registration socket (the one READY left on).
+                                                  On another of its sockets it names the registration's
+                                                  incarnation, which the beat is then for (an inline
+                                                  worker beats so while a long batch holds its
+                                                  registration socket's thread)
     DISCONNECT[VERSION, DISCONNECT, body {worker, incarnation}]
                                                   worker is leaving; what it still holds is re-queued
 
@@ -402,9 +407,18 @@ def parse_deadline_ms(body: dict[str, Any]) -> float | None:
     return float(value)
 
 
-def heartbeat_body() -> bytes:
-    """Body of a HEARTBEAT, on either link and in either direction."""
-    return pack({})
+def heartbeat_body(incarnation: str | None = None) -> bytes:
+    """Body of a HEARTBEAT, on either link and in either direction; ``incarnation``: a worker's beat
+    from a socket other than its registration's names the registration it is for."""
+    return pack({} if incarnation is None else {"incarnation": incarnation})
+
+
+def beat_incarnation(raw_body: bytes) -> str | None:
+    """The incarnation a worker's raw HEARTBEAT body names (None: none, or not a valid body)."""
+    try:
+        return _name(unpack(raw_body), "incarnation")
+    except ProtocolError:
+        return None
 
 
 def check_id(body: dict[str, Any]) -> Any:
@@ -801,7 +815,7 @@ class FromWorker:
     """A decoded worker -> broker message (backend)."""
     kind: bytes                       # READY, REPLY, ERROR, STATS, HEARTBEAT or DISCONNECT
     token: bytes = b""                # REPLY, ERROR: the broker's handle
-    body: bytes = b""                 # REPLY, ERROR: raw, forwarded to the client untouched
+    body: bytes = b""                 # REPLY, ERROR: raw, forwarded to the client untouched; HEARTBEAT: raw
     replies: list[tuple[bytes, bytes, bytes]] | None = None  # REPLIES: (REPLY or ERROR, token, body) each
     ready: Ready | None = None        # READY
     stats: dict[str, int] | None = None  # STATS: the integer counters
@@ -824,8 +838,8 @@ def parse_from_worker(frames: list[bytes]) -> FromWorker:
         return FromWorker(kind, replies=_parse_replies(frames))
     if len(frames) != 3:
         raise ProtocolError(E_BAD_FRAMES, f"{KIND_NAMES.get(kind, kind[:8])} of {len(frames)} frames")
-    if kind == HEARTBEAT:
-        return FromWorker(kind)
+    if kind == HEARTBEAT:  # its body is read only when the beat is not from a registration socket
+        return FromWorker(kind, body=frames[2])
     body = unpack(frames[2])
     if kind == READY:
         return FromWorker(kind, ready=parse_ready(body))
@@ -958,9 +972,9 @@ def _parse_replies(frames: list[bytes]) -> list[tuple[bytes, bytes, bytes]]:
     return out
 
 
-def heartbeat_frames() -> list[bytes]:
-    """HEARTBEAT on the backend, either direction."""
-    return [VERSION, HEARTBEAT, heartbeat_body()]
+def heartbeat_frames(incarnation: str | None = None) -> list[bytes]:
+    """HEARTBEAT on the backend, either direction (``incarnation``: see :func:`heartbeat_body`)."""
+    return [VERSION, HEARTBEAT, heartbeat_body(incarnation)]
 
 
 def broker_disconnect_frames(reason: str) -> list[bytes]:

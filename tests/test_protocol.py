@@ -148,6 +148,9 @@ def test_membership_round_trip():
     timed = P.parse_ready(P.unpack(P.ready_body("w", None, "inc", 1, 8, "echo", 4, batch_timeout_ms=2.5)))
     assert (timed.batch_timeout_ms, many.batch_timeout_ms) == (2.5, None)  # optional: older workers send none
     assert P.parse_disconnect(P.unpack(P.disconnect_body("w", "inc"))) == "inc"
+    beat = P.parse_from_worker(P.heartbeat_frames("inc"))  # from a worker's other socket: names its registration
+    assert beat.kind == P.HEARTBEAT and P.beat_incarnation(beat.body) == "inc"
+    assert P.beat_incarnation(P.heartbeat_body()) is None and P.beat_incarnation(b"\xc1") is None
     assert P.parse_disconnect({}) is None
     assert P.new_incarnation() != P.new_incarnation()
 

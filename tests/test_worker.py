@@ -531,6 +531,38 @@ def test_a_slow_batch_moves_batching_to_a_compute_thread(harness):
     assert replies(router, 1)[99][0] == P.REPLY
 
 
+def test_an_inline_batch_past_the_liveness_window_keeps_the_worker_registered(tmp_path):
+    """A model that turns slow after warm-up: its first slow batch still runs inline, holding the
+    I/O thread past the broker's liveness window (3 x 0.1 s). Beats from the worker's other socket
+    keep it registered: the broker neither presumes it dead nor re-queues the batch, and the worker
+    never re-registers (it did both, and computed the batch twice)."""
+    from bertpool.broker.broker import Broker, BrokerConfig
+    from bertpool.clients.client import Client
+
+    broker = Broker(BrokerConfig(frontend=f"ipc://{tmp_path}/f", backend=f"ipc://{tmp_path}/b",
+                                 heartbeat_interval_s=0.1, heartbeat_liveness=3))
+    broker.bind()
+    threading.Thread(target=broker.run, daemon=True).start()
+    backend = SwitchableBackend()
+    worker = Worker(WorkerConfig(broker_address=broker.config.backend, batch_size=1, batch_timeout_ms=0,
+                                 heartbeat_interval_s=0.1, heartbeat_liveness=3), backend=backend)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        with Client(broker.config.frontend, timeout_s=30) as client:
+            assert client.predict("warm", "up").label in (0, 1)  # registered, and batching inline
+            assert worker.inline
+            backend.delay_s = 0.8  # now far past liveness x interval, in one inline batch
+            assert client.predict("now", "slow").label in (0, 1)
+            stats = client.stats()
+        assert stats["broker"]["workers_lost"] == 0 and stats["broker"]["redispatched"] == 0, stats["broker"]
+        assert worker.stats.as_dict()["reconnects"] == 0 and worker.stats.as_dict()["inferences"] == 2
+    finally:
+        worker.stop()
+        thread.join(10)
+        broker.stop()
+
+
 def test_slow_batches_that_only_waited_for_a_cpu_stay_inline(harness, monkeypatch):
     """Time a batch spent runnable but preempted is not its own: a run of such batches keeps
     batching inline (the clock below says the thread waited for a CPU the whole time)."""

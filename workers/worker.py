@@ -20,8 +20,9 @@ Inline mode: when the backend's batches take under ``inline_batch_ms`` (the echo
 backend, trivial models), handing each batch to another thread costs more CPU than
 the batch itself (a lock, a wake-up, a GIL handover per batch). Then the I/O thread
 runs the batches itself, between reads, under the same batcher contract (its poll
-wakes when the oldest request's batch is due), and replies on its own socket; beats
-are late by at most one such batch. When batches get slower (SLOW_RUN in a row
+wakes when the oldest request's batch is due), and replies on its own socket; a batch
+that runs past a heartbeat interval is covered by beats from a small thread of its own
+(:class:`_InlineBeats`). When batches get slower (SLOW_RUN in a row
 reach the limit, or one takes a quarter of a heartbeat interval), the worker
 starts the compute thread and hands batches to it from then on.
 
@@ -183,6 +184,50 @@ class CpuWaitClock:
             self._fd = None
 
 
+class _InlineBeats:
+    """Heartbeats while an inline batch runs long.
+
+    Inline, the I/O thread runs each batch itself and cannot beat meanwhile. Batches are inline
+    only while they are quick, but a model that turns slow after warm-up could hold one past the
+    broker's liveness window: we would be presumed dead mid-batch, the batch re-queued and its
+    answers dropped. This thread watches the batch under way (``since``: when it started, None
+    between batches) and, once it has run for a heartbeat interval, beats every half interval on a
+    socket of its own (ZeroMQ sockets are single-threaded), naming our registration's incarnation,
+    so the broker counts the beat as ours.
+    """
+
+    def __init__(self, worker: "Worker") -> None:
+        self.since: float | None = None
+        self._worker = worker
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"{worker.name}-beats", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        interval = self._worker.config.heartbeat_interval_s
+        sock = None
+        try:
+            while not self._done.wait(interval / 2):
+                since = self.since
+                if since is None or time.monotonic() - since < interval:
+                    continue
+                if sock is None:
+                    sock = self._worker._open_socket()
+                try:
+                    send_nowait(sock, P.heartbeat_frames(self._worker.incarnation))
+                except zmq.ZMQError:
+                    pass  # not connected yet, or its queue is full: the next beat tries again
+                while sock.poll(0):  # a DISCONNECT, if the broker no longer knows that incarnation
+                    sock.recv_multipart()
+        finally:
+            if sock is not None:
+                sock.close(linger=0)
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 class Worker:
     """Serve one backend to one broker until stop() is called."""
 
@@ -215,6 +260,7 @@ class Worker:
         self.inline = False  # batches run on the I/O thread (set by load(); cleared for good if they get slow)
         self._slow_run = 0  # inline batches in a row that took inline_batch_ms or longer
         self._cpu_wait: Callable[[], float] = lambda: 0.0  # while run() runs: the I/O thread's CpuWaitClock
+        self._beats: _InlineBeats | None = None  # while run() runs inline: beats during a long batch
         self._compute_thread: threading.Thread | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -258,7 +304,9 @@ class Worker:
             self.load()
         self._cpu_wait = cpu_wait = CpuWaitClock()  # this (the I/O) thread's
         try:
-            if not self.inline:
+            if self.inline:
+                self._beats = _InlineBeats(self)
+            else:
                 self._start_compute()
             self._register()
             log.info("%s ready: backend %s, batch %d, timeout %.1f ms%s", self.name, self.backend.name,
@@ -278,6 +326,8 @@ class Worker:
                     self._send(self._sock, P.heartbeat_frames())
             if self._sock is not None:
                 close_monitored(self._sock, self._monitor, linger_ms=2000)
+            if self._beats is not None:
+                self._beats.close()
             cpu_wait.close()
 
     def _start_compute(self) -> None:
@@ -418,11 +468,14 @@ class Worker:
         beat_bound_s = self.config.heartbeat_interval_s / 4
         held: list[tuple[bytes, bytes, bytes]] = []
         held_since = took_s = 0.0
+        beats = self._beats
         while batch := self._batcher.take_due():
             if held and time.monotonic() - held_since + took_s > REPLY_HOLD_S:
                 self._send_answers(self._sock, held)
                 held = []
             started, waited = time.monotonic(), self._cpu_wait()
+            if beats is not None:
+                beats.since = started
             try:
                 answers = self._run_batch(batch)
             except Exception:  # a bug, not a model error (those are replies): stop, to be restarted
@@ -431,6 +484,9 @@ class Worker:
                 self.failed = True
                 self._stop.set()
                 return
+            finally:
+                if beats is not None:
+                    beats.since = None
             done = time.monotonic()
             if not held:
                 held_since = done
