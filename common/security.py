@@ -76,7 +76,18 @@ def load_key_pair(path: str | os.PathLike) -> tuple[bytes, bytes]:
     secret = _check_z85_key(secret, "secret-key", str(path))
     if zmq.curve_public(secret) != public:
         raise ConfigError(f"{path}: its public-key does not belong to its secret-key")
+    _warn_if_others_may_read(Path(path))
     return public, secret
+
+
+def _warn_if_others_may_read(path: Path) -> None:
+    """Log a warning when a secret key file is readable by its group or by others (bertpool-keys
+    writes 0600): anyone who can read it can pose as its owner. A warning, not a refusal: a
+    container or a mounted secret may have its own rules."""
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        log.warning("secret key file %s is readable by others (mode %04o): anyone who can read it can "
+                    "pose as its owner; chmod 600 it", path, mode)
 
 
 def _load(path: str | os.PathLike) -> tuple[bytes, bytes | None]:

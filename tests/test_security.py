@@ -6,6 +6,7 @@ Real processes (bertpool-broker, bertpool-workers/-worker/-serve with the echo b
 
 from __future__ import annotations
 
+import logging
 import os
 import selectors
 import shutil
@@ -287,6 +288,19 @@ def test_bad_server_key_and_allow_lists_are_config_errors(tmp_path, keys):
     shutil.copy(files["text"], bad_list / "junk.key")
     with pytest.raises(ConfigError, match="junk.key is not a ZeroMQ certificate"):
         CurveServerConfig(keys.secret("broker"), str(keys.allow_clients), str(bad_list))
+
+
+@pytest.mark.parametrize("mode, warned", [(0o600, False), (0o400, False), (0o640, True), (0o644, True)])
+def test_a_secret_key_file_others_may_read_is_warned_about(tmp_path, keys, caplog, mode, warned):
+    """bertpool-keys writes secret keys 0600; one copied loosely (0644) still loads, with a warning."""
+    path = tmp_path / "copy.key_secret"
+    shutil.copy(keys.secret("client"), path)
+    path.chmod(mode)
+    with caplog.at_level(logging.WARNING, logger="bertpool.security"):
+        assert load_key_pair(str(path)) == load_key_pair(keys.secret("client"))
+    said = [r.getMessage() for r in caplog.records if "readable by others" in r.getMessage()]
+    assert bool(said) is warned, said
+    assert not said or f"mode {mode:04o}" in said[0] and "chmod 600" in said[0]
 
 
 def test_loaded_keys_work_like_files(keys):
