@@ -309,9 +309,10 @@ class Worker:
             else:
                 self._start_compute()
             self._register()
-            log.info("%s ready: backend %s, batch %d, timeout %.1f ms%s", self.name, self.backend.name,
-                     self.config.batch_size, self.config.batch_timeout_ms,
-                     ", batches inline" if self.inline else "")
+            # READY is queued, not yet accepted: a broker that refuses us says so on the handshake.
+            log.info("%s loaded, saying READY to %s: backend %s, batch %d, timeout %.1f ms%s", self.name,
+                     self.config.broker_address, self.backend.name, self.config.batch_size,
+                     self.config.batch_timeout_ms, ", batches inline" if self.inline else "")
             self._io_loop()
         finally:
             self._batcher.close()
