@@ -41,8 +41,8 @@ from tqdm import tqdm
 
 from ..common import protocol as P
 from ..common import security
-from ..common.cli import (Terminated, add_address_arguments, counted, exit_with_parent, output_file,
-                          report_error, report_interrupt)
+from ..common.cli import (add_address_arguments, counted, exit_with_parent, output_file, report_error,
+                          report_interrupt, sigterm_as_interrupt)
 from ..common.defaults import DEFAULT_FRONTEND
 from ..common.data import Pair, default_pairs, read_mrpc_tsv
 from ..common.errors import (BenchError, BertpoolError, ConfigError, HandshakeFailed, RemoteError, RequestError,
@@ -76,7 +76,7 @@ class BenchConfig:
         if self.wait_workers < 0:
             raise ConfigError(f"--wait-workers must be >= 0, got {self.wait_workers}")
         for name in ("timeout_s", "connect_timeout_s", "start_timeout_s", "wait_timeout_s", "duration_s"):
-            if name != "duration_s" or self.duration_s is not None:
+            if getattr(self, name) is not None:  # duration_s None: --cycle requests instead
                 P.check_timeout("--" + name.replace("_", "-"), getattr(self, name))
 
     @property
@@ -380,10 +380,11 @@ def _run_clients(config: BenchConfig, procs, barrier, results, counters, before,
         raise BenchError(f"{len(failures)} bench clients failed, first: {failures[0]}")
     report = summarize(config, collected)
     after = try_stats(config.address, config.connect_timeout_s, config.curve)
-    report["pool"] = pool_info(after or before)
+    pool_before, pool_after = pool_info(before), pool_info(after)
+    report["pool"] = pool_after or pool_before
     # Who answered: STATS after the run says; if the broker (or its workers) went away since, the STATS
     # before it does, so the footer still says "served by" and warns of echo.
-    report["backends"] = (pool_info(after) or {}).get("backends") or pool_info(before)["backends"]
+    report["backends"] = (pool_after or {}).get("backends") or pool_before["backends"]
     report["diagnosis"] = diagnose(config.address, report, after, config.connect_timeout_s)
     report["ok"] = report["errors"] == 0
     return report
@@ -551,15 +552,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import plot, sweep  # the sweep and plot modules import this one
-
     args = build_parser().parse_args(argv)
     setup_bench_logging(logging.ERROR if args.quiet else logging.WARNING)
+    # SIGTERM as Ctrl-C, and Ctrl-C even where it was inherited ignored (a background job): run_bench
+    # then stops its client processes.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    with sigterm_as_interrupt():
+        return _bench(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """main's work once the flags are parsed: run, report, exit status."""
+    from . import plot, sweep  # the sweep and plot modules import this one
+
     config = None
-    # SIGTERM as Ctrl-C, and Ctrl-C even where it was inherited ignored (a background job): run_bench then
-    # stops its client processes.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _interrupt)
     try:
         steps = sweep.parse_clients_list(args.sweep_clients) if args.sweep_clients is not None else None
         clients = steps[0] if steps else (48 if args.clients is None else args.clients)
@@ -598,10 +604,6 @@ def main(argv: list[str] | None = None) -> int:
         except BertpoolError as exc:
             return report_error("bertpool-bench", exc)
     return 0 if report["ok"] else 1
-
-
-def _interrupt(signum, frame) -> None:
-    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def report_config(config: BenchConfig) -> dict[str, Any]:
