@@ -267,7 +267,10 @@ def ipc_path(endpoint: str) -> str | None:
 
 def same_endpoint(a: str, b: str) -> bool:
     """Whether endpoints ``a`` and ``b`` name one place (ipc paths compared by :func:`ipc_path`)."""
-    return a == b or ipc_path(a) is not None and ipc_path(a) == ipc_path(b)
+    if a == b:
+        return True
+    path = ipc_path(a)
+    return path is not None and path == ipc_path(b)
 
 
 def local_endpoint(bound: str) -> str:

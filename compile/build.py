@@ -251,9 +251,7 @@ def _check_proof(o: CompileOptions) -> CompileOptions:
 
 
 def _check_seq_length(o: CompileOptions, weights: BertWeights) -> None:
-    if o.seq_length > weights.shape.max_positions:
-        raise ConfigError(f"--seq-length {o.seq_length} exceeds the model's {weights.shape.max_positions} "
-                          f"position embeddings")
+    weights.shape.check_seq_length("--seq-length", o.seq_length)
     fixed = weights.signature.seq_length if weights.signature else None
     if fixed is not None and fixed != o.seq_length and o.verify:
         raise ConfigError(f"the SavedModel takes sequences of {fixed}, so the equivalence proof needs "

@@ -404,9 +404,7 @@ def finetune(config: FinetuneConfig, reuse: bool = False, overwrite: bool = Fals
     out = check_replaceable("--output", config.output, {"--pretrained": source, "--train": config.train_tsv,
                                                         "--dev": config.dev_tsv, "--vocab": config.vocab})
     weights = load_pretrained(source)
-    if config.max_seq_length > weights.shape.max_positions:  # the export could not run
-        raise ConfigError(f"--max-seq-length {config.max_seq_length} exceeds the model's "
-                          f"{weights.shape.max_positions} position embeddings")
+    weights.shape.check_seq_length("--max-seq-length", config.max_seq_length)  # else the export could not run
     tokenizer = make_tokenizer(weights, config.vocab, config.max_seq_length)
     vocab = pathlib.Path(config.vocab or weights.vocab_path)
     train_pairs = read_pairs(config.train_tsv, "train")

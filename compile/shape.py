@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..common.errors import ModelFormatError
+from ..common.errors import ConfigError, ModelFormatError
 
 EMBEDDINGS = "bert/embeddings"
 POOLER = "bert/pooler/dense"
@@ -52,6 +52,11 @@ class BertShape:
     def head_size(self) -> int:
         """D, the width of one attention head."""
         return self.hidden // self.heads
+
+    def check_seq_length(self, flag: str, seq_length: int) -> None:
+        """ConfigError naming ``flag`` when ``seq_length`` exceeds the position embeddings (P rows)."""
+        if seq_length > self.max_positions:
+            raise ConfigError(f"{flag} {seq_length} exceeds the model's {self.max_positions} position embeddings")
 
     def to_dict(self) -> dict:
         """The manifest's ``model`` section."""

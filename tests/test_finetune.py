@@ -245,6 +245,13 @@ def test_a_missing_pretrained_package_names_the_install_command(monkeypatch):
         resolve_pretrained("nope")
 
 
+def test_a_max_seq_length_past_the_models_positions_is_refused_before_training(data, tmp_path):
+    """The export would fail after all the training; the model's position embeddings bound it."""
+    with pytest.raises(ConfigError, match=r"--max-seq-length 100000 exceeds the model's \d+ position embeddings"):
+        finetune(tiny_config(data, tmp_path / "out", max_seq_length=100_000), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"epochs": 0}, "--epochs must be >= 1"),
     ({"learning_rate": 0.0}, "--learning-rate"),
