@@ -209,12 +209,11 @@ class Gateway:
         first, for at most ``timeout_s`` (the request's; 504 past it), so a pool that came back is
         served at once.
         """
-        fresh = time.monotonic() - self._ready_at < self.config.ready_cache_s
-        if not fresh and self._ready:
+        if time.monotonic() - self._ready_at < self.config.ready_cache_s:
+            ready = self._ready
+        elif self._ready:
             self._start_probe()
             return
-        if fresh:
-            ready = self._ready
         else:
             try:
                 ready = await asyncio.wait_for(asyncio.shield(self._start_probe()), timeout_s)

@@ -108,13 +108,19 @@ class WorkerConfig:
         if not MIN_MESSAGE_BYTES <= self.max_message_bytes <= P.INT32_MAX:
             raise ConfigError(f"max_message_bytes must be in [{MIN_MESSAGE_BYTES}, {P.INT32_MAX}], "
                               f"got {self.max_message_bytes}")
-        # An inline batch holds back our heartbeats: one that may take a quarter of an interval is
-        # never inline (the run-time switch's bound, _run_due_inline), so neither may the limit be.
-        beat_bound_ms = self.heartbeat_interval_s * 1000 / 4
+        # An inline batch holds back our heartbeats: one that takes inline_bound_s is never inline
+        # (the run-time switch, _run_due_inline), so neither may the limit be.
+        beat_bound_ms = self.inline_bound_s * 1000
         if not 0 <= self.inline_batch_ms < beat_bound_ms:
             raise ConfigError(f"inline_batch_ms must be >= 0 and below a quarter of the heartbeat interval "
                               f"({beat_bound_ms:g} ms): an inline batch holds back the worker's heartbeats; "
                               f"got {self.inline_batch_ms}")
+
+    @property
+    def inline_bound_s(self) -> float:
+        """One inline batch this long moves batching to a compute thread: a quarter of a heartbeat
+        interval, so the I/O thread's beats are never late by much."""
+        return self.heartbeat_interval_s / 4
 
     @property
     def effective_capacity(self) -> int:
@@ -466,7 +472,7 @@ class Worker:
         wait no more than REPLY_HOLD_S for it, judged by the last batch's time; the last batch due
         never waits."""
         limit_s = self.config.inline_batch_ms / 1000
-        beat_bound_s = self.config.heartbeat_interval_s / 4
+        beat_bound_s = self.config.inline_bound_s
         held: list[tuple[bytes, bytes, bytes]] = []
         held_since = took_s = 0.0
         beats = self._beats
