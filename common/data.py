@@ -149,6 +149,13 @@ _UNRELATED = (
 )
 
 
+def check_seed(seed: object, flag: str = "--seed") -> None:
+    """A random seed is an integer >= 0 (numpy's default_rng refuses negatives); ConfigError naming
+    ``flag`` otherwise. The one check behind every seeded tool (compile, demo-model, finetune)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"{flag} must be an integer >= 0, got {seed!r}")
+
+
 def generate_pairs(n: int, seed: int = 0) -> list[Pair]:
     """``n`` deterministic English-like pairs: the same ``(n, seed)`` gives the same list.
 
@@ -159,6 +166,7 @@ def generate_pairs(n: int, seed: int = 0) -> list[Pair]:
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ConfigError(f"number of pairs must be an integer >= 0, got {n!r}")
+    check_seed(seed, "seed")
     rng = random.Random(seed)
     return [_generate_pair(rng, long=(i % 8 == 7)) for i in range(n)]
 

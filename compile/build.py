@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from .. import __version__
 from ..common.cli import check_output_dir, check_replaceable, replacing_dir
+from ..common.data import check_seed
 from ..common.errors import BackendUnavailable, BertpoolError, ConfigError, EquivalenceError, ModelFormatError
 from . import neuron
 from .equivalence import (TOLERANCES, check_tsv_pairs, compare, describe_original, load_pairs, open_original,
@@ -233,8 +234,8 @@ def _check_proof(o: CompileOptions) -> CompileOptions:
     """The proof's flags checked (ConfigError naming the flag): seed, pairs, tolerance, and a --tsv
     that holds --pairs pairs (read to count them; without --verify, at least one). Returns ``o`` with
     its seed settled (DEFAULT_SEED when not given)."""
-    if o.seed is not None and (isinstance(o.seed, bool) or not isinstance(o.seed, int) or o.seed < 0):
-        raise ConfigError(f"--seed must be an integer >= 0, got {o.seed!r}")  # as bertpool-demo-model says
+    if o.seed is not None:
+        check_seed(o.seed)
     if o.seed is not None and o.tsv is not None:  # it would be ignored: the TSV's pairs are used in file order
         raise ConfigError("--seed seeds generated pairs; with --tsv the file's first --pairs pairs are used, "
                           "so give one or the other")

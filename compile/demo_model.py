@@ -27,6 +27,7 @@ import sys
 import numpy as np
 
 from ..common.cli import check_output_dir, check_replaceable, replacing_dir, report_interrupt, sigterm_as_interrupt
+from ..common.data import check_seed
 from ..common.errors import ConfigError
 from ..common.vocab import write_vocab
 from .gelu import GELUS, check_gelu
@@ -124,8 +125,7 @@ def build_demo_model(output_dir, size: str = "tiny", seed: int = 0, gelu: str = 
         raise ConfigError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if fmt == "checkpoint" and gelu == "crude":
         raise ConfigError("a google-research bert_config.json cannot express the crude GELU")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"seed must be an integer >= 0, got {seed!r}")
+    check_seed(seed)
     out = pathlib.Path(output_dir)
     check_output_dir("output", out, overwrite)
     check_replaceable("output", out, {})

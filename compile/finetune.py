@@ -52,7 +52,7 @@ import numpy as np
 
 from ..common.cli import (check_output_dir, check_replaceable, replacing_dir, report_error, report_interrupt,
                           sigterm_as_interrupt)
-from ..common.data import Pair, read_mrpc_tsv
+from ..common.data import Pair, check_seed, read_mrpc_tsv
 from ..common.errors import BertpoolError, ConfigError
 from ..common.metrics import binary_report
 from ..common.tokenizer import BertTokenizer, Features
@@ -115,8 +115,9 @@ class FinetuneConfig:
             raise ConfigError(f"--threads must be at most 1024, got {self.threads}")
         if not 0 <= self.weight_decay < math.inf:
             raise ConfigError(f"--weight-decay must be a number >= 0, got {self.weight_decay}")
-        if min(self.max_steps, self.threads, self.average_from_epoch, self.seed) < 0:
-            raise ConfigError("--max-steps, --threads, --average-from-epoch and --seed must be >= 0")
+        if min(self.max_steps, self.threads, self.average_from_epoch) < 0:
+            raise ConfigError("--max-steps, --threads and --average-from-epoch must be >= 0")
+        check_seed(self.seed)
         if self.max_seq_length < 3:
             raise ConfigError(f"--max-seq-length must be >= 3, got {self.max_seq_length}")
 

@@ -111,6 +111,17 @@ def test_generate_pairs_is_deterministic() -> None:
     assert generate_pairs(0) == []
 
 
+@pytest.mark.parametrize("n, seed, message", [
+    (-1, 0, "number of pairs must be an integer >= 0, got -1"),
+    (1, -1, "seed must be an integer >= 0, got -1"),
+    (1, True, "seed must be an integer >= 0, got True"),
+    (1, 1.5, "seed must be an integer >= 0, got 1.5"),
+])
+def test_generate_pairs_refuses_what_is_not_a_count_or_a_seed(n, seed, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        generate_pairs(n, seed=seed)
+
+
 def test_generate_pairs_content() -> None:
     pairs = generate_pairs(200, seed=3)
     assert all(isinstance(p, Pair) and p.text_a and p.text_b for p in pairs)

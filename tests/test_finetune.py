@@ -261,7 +261,7 @@ def test_a_max_seq_length_past_the_models_positions_is_refused_before_training(d
     ({"head_lr_multiplier": float("nan")}, "--head-lr-multiplier"),
     ({"weight_decay": float("nan")}, "--weight-decay must be a number >= 0"),
     ({"weight_decay": -0.1}, "--weight-decay must be a number >= 0"),
-    ({"seed": -1}, "--seed must be >= 0"),
+    ({"seed": -1}, "--seed must be an integer >= 0, got -1"),  # as compile and demo-model say
 ])
 def test_bad_recipe_values_are_clear_errors(data, tmp_path, changes, message):
     with pytest.raises(ConfigError, match=message):
