@@ -9,12 +9,13 @@ import time
 
 import pytest
 
+from bertpool.common.errors import ConfigError
 from bertpool.workers.batcher import (PRECISE_TIMER_SLACK_NS, Batcher, BatcherClosed, BatcherConfig,
                                       precise_deadlines)
 
 
-def make(max_batch_size=4, batch_timeout_ms=50.0) -> Batcher:
-    return Batcher(BatcherConfig(max_batch_size, batch_timeout_ms))
+def make(batch_size=4, batch_timeout_ms=50.0) -> Batcher:
+    return Batcher(BatcherConfig(batch_size, batch_timeout_ms))
 
 
 @pytest.mark.parametrize("size", [1, 4, 7])
@@ -102,9 +103,13 @@ def test_concurrent_producers_lose_nothing_and_keep_per_producer_order():
         assert [i for q, i in got if q == p] == list(range(per))
 
 
-@pytest.mark.parametrize("kwargs", [{"max_batch_size": 0}, {"batch_timeout_ms": -1}])
-def test_bad_config_is_rejected(kwargs):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("kwargs, message", [
+    ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+    ({"batch_timeout_ms": -1}, "batch_timeout_ms must be a number >= 0, got -1"),
+    ({"batch_timeout_ms": float("nan")}, "batch_timeout_ms must be a number >= 0, got nan"),
+])
+def test_bad_config_is_rejected(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
         BatcherConfig(**kwargs)
 
 

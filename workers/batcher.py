@@ -3,7 +3,7 @@
 A :class:`Batcher` collects items from any number of producer threads and hands
 them to one consumer in batches. ``next_batch()`` returns as soon as either
 
-* ``max_batch_size`` items are queued (flush at size), or
+* ``batch_size`` items are queued (flush at size), or
 * ``batch_timeout_ms`` has passed since the *oldest* queued item arrived
   (flush at the deadline),
 
@@ -20,6 +20,8 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+from ..common.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -47,14 +49,15 @@ class BatcherClosed(Exception):
 
 @dataclass(frozen=True)
 class BatcherConfig:
-    max_batch_size: int = 4        # flush as soon as this many items are queued
+    batch_size: int = 4            # flush as soon as this many items are queued
     batch_timeout_ms: float = 5.0  # flush this long after the oldest queued item arrived
 
     def __post_init__(self) -> None:
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        # The one check of these two settings: WorkerConfig runs it too, at parse time.
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if not 0 <= self.batch_timeout_ms < float("inf"):  # NaN would never flush a partial batch
-            raise ValueError(f"batch_timeout_ms must be a number >= 0, got {self.batch_timeout_ms}")
+            raise ConfigError(f"batch_timeout_ms must be a number >= 0, got {self.batch_timeout_ms}")
 
 
 class Batcher(Generic[T]):
@@ -73,7 +76,7 @@ class Batcher(Generic[T]):
                 raise BatcherClosed("batcher is closed")
             self._items.append((time.monotonic() if arrived is None else arrived, item))
             # Wake the consumer only when this item can change its decision.
-            if len(self._items) == 1 or len(self._items) >= self.config.max_batch_size:
+            if len(self._items) == 1 or len(self._items) >= self.config.batch_size:
                 self._cond.notify()
 
     def put_many(self, items: list[T], arrived: float | None = None) -> None:
@@ -89,7 +92,7 @@ class Batcher(Generic[T]):
                 raise BatcherClosed("batcher is closed")
             was = len(self._items)
             self._items.extend((stamp, item) for item in items)
-            if was == 0 or len(self._items) >= self.config.max_batch_size:
+            if was == 0 or len(self._items) >= self.config.batch_size:
                 self._cond.notify()
 
     @property
@@ -115,7 +118,7 @@ class Batcher(Generic[T]):
                 now = time.monotonic()
                 if self._items:
                     due = self._items[0][0] + self.config.batch_timeout_ms / 1000.0
-                    if (len(self._items) >= self.config.max_batch_size or now >= due
+                    if (len(self._items) >= self.config.batch_size or now >= due
                             or self._closed):
                         return self._take()
                     wait = due - now
@@ -133,7 +136,7 @@ class Batcher(Generic[T]):
         whatever is queued is due. For a consumer that also does other work (the worker's I/O
         thread); pair it with :meth:`due_at` to know how long it may block elsewhere."""
         with self._cond:
-            if self._items and (len(self._items) >= self.config.max_batch_size or self._closed
+            if self._items and (len(self._items) >= self.config.batch_size or self._closed
                                 or time.monotonic() >= self._due()):
                 return self._take()
             return []
@@ -143,7 +146,7 @@ class Batcher(Generic[T]):
         with self._cond:
             if not self._items:
                 return None
-            if len(self._items) >= self.config.max_batch_size or self._closed:
+            if len(self._items) >= self.config.batch_size or self._closed:
                 return self._items[0][0]
             return self._due()
 
@@ -157,5 +160,5 @@ class Batcher(Generic[T]):
             self._cond.notify_all()
 
     def _take(self) -> list[tuple[float, T]]:
-        n = min(len(self._items), self.config.max_batch_size)
+        n = min(len(self._items), self.config.batch_size)
         return [self._items.popleft() for _ in range(n)]

@@ -94,10 +94,7 @@ class WorkerConfig:
 
     def __post_init__(self) -> None:
         P.check_endpoint("worker address", self.broker_address)
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not 0 <= self.batch_timeout_ms < float("inf"):  # NaN would never flush a partial batch
-            raise ConfigError(f"batch_timeout_ms must be a number >= 0, got {self.batch_timeout_ms}")
+        self.batcher_config()  # batch_size >= 1, batch_timeout_ms a number >= 0: the batcher's own checks
         if self.capacity < 0:
             raise ConfigError(f"capacity must be >= 0, got {self.capacity}")
         if 0 < self.capacity < self.batch_size:  # the broker never hands over more than capacity at once
@@ -115,6 +112,10 @@ class WorkerConfig:
             raise ConfigError(f"inline_batch_ms must be >= 0 and below a quarter of the heartbeat interval "
                               f"({beat_bound_ms:g} ms): an inline batch holds back the worker's heartbeats; "
                               f"got {self.inline_batch_ms}")
+
+    def batcher_config(self) -> BatcherConfig:
+        """Our batch settings as the Batcher takes them (ConfigError if they are out of range)."""
+        return BatcherConfig(self.batch_size, self.batch_timeout_ms)
 
     @property
     def inline_bound_s(self) -> float:
@@ -250,8 +251,7 @@ class Worker:
         self.stats_epoch = P.new_incarnation()
         self._ctx = context or zmq.Context.instance()
         self._stop = threading.Event()
-        self._batcher: Batcher[_Pending] = Batcher(
-            BatcherConfig(config.batch_size, config.batch_timeout_ms))
+        self._batcher: Batcher[_Pending] = Batcher(config.batcher_config())
         self.backend: Backend | None = backend
         self.tokenizer: BertTokenizer | None = None
         self.failed = False  # set when the compute thread died of an unexpected error
