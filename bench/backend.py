@@ -33,8 +33,9 @@ from typing import Any
 from . import add_vocab_argument, echo_vocab
 from ..clients.bench import BenchConfig, load_pairs, run_bench
 from ..common.cli import output_file, report_error
-from ..common.errors import BertpoolError
+from ..common.errors import BertpoolError, ConfigError
 from ..common import configdata
+from ..common import protocol as P
 from ..common.tokenizer import BertTokenizer
 from ..workers.backends import (BACKENDS, BackendConfig, choose_backend, fallback_vocab_path, load_backend,
                                 run_padded)
@@ -99,9 +100,11 @@ def _seconds(value: str) -> float:
     try:
         seconds = float(value)
     except ValueError:
-        seconds = float("nan")
-    if not 0 < seconds < float("inf"):
-        raise argparse.ArgumentTypeError(f"{value}: must be a number of seconds > 0")
+        raise argparse.ArgumentTypeError(f"{value}: not a number of seconds") from None
+    try:
+        P.check_timeout("--seconds", seconds)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return seconds
 
 

@@ -43,7 +43,7 @@ from ..clients.bench import wait_for_workers
 from ..clients.client import Client
 from ..common.cli import output_file
 from ..common.errors import ConfigError, RequestError, RequestTimeout
-from ..common.protocol import check_heartbeat
+from ..common.protocol import check_heartbeat, check_timeout
 
 PHASES = ("kill", "stop")
 
@@ -74,9 +74,7 @@ class FaultBenchConfig:
             raise ConfigError(f"phases must be one or more of {PHASES}, got {self.phases}")
         for name in ("duration_s", "kill_every_s", "stop_every_s", "stop_for_s", "client_timeout_s",
                      "recovery_window_s"):
-            value = getattr(self, name)
-            if not 0 < value < float("inf"):  # also NaN: a phase of NaN seconds would never end
-                raise ConfigError(f"{name} must be a number > 0, got {value}")
+            check_timeout(name, getattr(self, name))  # also NaN: a phase of NaN seconds would never end
         for name in ("echo_delay_ms", "batch_timeout_ms"):
             value = getattr(self, name)
             if not 0 <= value < float("inf"):

@@ -42,7 +42,7 @@ from ..clients.bench import BenchConfig, percentiles, run_bench, wait_for_worker
 from ..common.cli import output_file, report_error
 from ..common import protocol as P
 from ..common.data import Pair
-from ..common.errors import BertpoolError
+from ..common.errors import BertpoolError, ConfigError
 from ..common.fastzmq import recv_many, send_nowait
 from ..broker.broker import Broker, BrokerConfig
 
@@ -347,8 +347,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.single < 0:
         parser.error(f"--single must be >= 0, got {args.single}")
-    if not 0 < args.duration_s < float("inf") or not 0 <= args.warmup_s < float("inf"):
-        parser.error(f"--duration-s must be > 0 and --warmup-s >= 0, got {args.duration_s} and {args.warmup_s}")
+    if not 0 <= args.warmup_s <= P.MAX_TIMEOUT_S:
+        parser.error(f"--warmup-s must be >= 0 and at most {P.MAX_TIMEOUT_S:g} s, got {args.warmup_s}")
+    try:
+        P.check_timeout("--duration-s", args.duration_s)
+    except ConfigError as exc:
+        parser.error(str(exc))
     try:
         return _run(args, setups)
     except BertpoolError as exc:  # e.g. a --metrics-address the broker cannot take
