@@ -32,7 +32,7 @@ def _protoc(args: list[str]) -> None:
     loaded another protobuf runtime (TensorFlow's)."""
     if importlib.util.find_spec("grpc_tools") is None:
         raise ConfigError("regenerating the gateway's gRPC modules needs grpcio-tools "
-                          "(pip install 'bertpool[test]')")
+                          "(pip install 'bertpool[gateway-test]')")
     out = subprocess.run([sys.executable, "-m", "grpc_tools.protoc", *args], capture_output=True, text=True)
     if out.returncode != 0:
         raise ConfigError(f"protoc failed with exit code {out.returncode} on {PROTO}: {out.stderr.strip()}")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
@@ -51,3 +54,28 @@ def test_unknown_names_are_attribute_errors():
             assert name in str(exc)
         else:
             raise AssertionError(f"bertpool.{name} should not exist")
+
+
+def _extras() -> dict[str, list[str]]:
+    """setup.cfg's extras: name -> requirement names (lower case, without versions or extras)."""
+    import configparser
+    import re
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    return {name: [re.match(r"[A-Za-z0-9_.-]+", line).group(0).lower()
+                   for line in value.splitlines() if line.strip() and not line.strip().startswith("#")]
+            for name, value in cfg["options.extras_require"].items()}
+
+
+def test_the_test_extra_installs_beside_the_neuron_extras():
+    """README: pip install -e '.[neuron,test]'. The Neuron TensorFlow 2.10 needs protobuf < 3.20, so the
+    test extra may ask for nothing that needs a newer protobuf (the gateway's test clients did)."""
+    extras = _extras()
+    newer_protobuf = {"protobuf", "grpcio-tools", "tritonclient"}
+    assert not newer_protobuf & set(extras["test"]), extras["test"]
+    assert {"grpcio-tools", "tritonclient"} <= set(extras["gateway-test"])
+    # ... and the test command still installs them, so CI runs the gateway's tests.
+    setup_line = next(line for line in (ROOT / "scripts" / "test").read_text().splitlines()
+                      if "scripts/setup" in line and not line.lstrip().startswith("#"))
+    assert "gateway-test" in setup_line.split()[1].split(","), setup_line
