@@ -25,6 +25,7 @@ import asyncio
 import hashlib
 import logging
 import signal
+import string
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,7 @@ from ..common.errors import BertpoolError, ConfigError
 from ..common.security import CurveClientConfig
 from . import kserve
 from .kserve import KServeError, Limits, ModelInfo
-from .launch import LISTENING_PREFIX
+from .launch import LISTENING_PREFIX, OFF, check_distinct_listeners
 
 log = logging.getLogger("bertpool.gateway")
 
@@ -76,16 +77,41 @@ class GatewayConfig:
         P.check_endpoint("--broker", self.broker)
         if self.http is None and self.grpc is None:
             raise ConfigError("nothing to serve: give --http or --grpc (or both)")
-        for flag in ("http", "grpc"):
-            if getattr(self, flag) is not None:
-                parse_host_port(getattr(self, flag), f"--{flag}")
-        if not self.model_name or "/" in self.model_name:
-            raise ConfigError(f"--model-name must be non-empty without '/', got {self.model_name!r}")
+        # Each parsed (a bad one names its flag), and not both on one port: grpc would fail to bind only
+        # after HTTP listens, saying why in a C-level log line.
+        check_distinct_listeners({"--http": self.http, "--grpc": self.grpc})
+        _check_path_segment("--model-name", self.model_name)
+        if self.model_version is not None:
+            _check_path_segment("--model-version", self.model_version)
+            # tritonclient puts the version into its URLs as it is (the name it quotes): anything
+            # that would need %-encoding there breaks them.
+            if not set(self.model_version) <= _VERSION_CHARS:
+                raise ConfigError(f"--model-version {self.model_version!r}: a version may hold only letters, "
+                                  f"digits and {_VERSION_PUNCTUATION} (it is used in URLs as it is)")
         P.check_timeout("--timeout-s", self.timeout_s)
         if not 1024 <= self.max_body_bytes <= P.INT32_MAX:  # gRPC's message limit is an int32
             raise ConfigError(f"--max-body-bytes must be in [1024, {P.INT32_MAX}], got {self.max_body_bytes}")
         if self.max_rows < 1:
             raise ConfigError(f"--max-rows must be >= 1, got {self.max_rows}")
+
+
+# RFC 3986's characters of a path segment that need no %-encoding (pchar, less pct-encoded).
+_VERSION_PUNCTUATION = "-._~!$&'()*+,;=:@"
+_VERSION_CHARS = frozenset(string.ascii_letters + string.digits + _VERSION_PUNCTUATION)
+
+
+def _check_path_segment(flag: str, value: str) -> None:
+    """ConfigError unless ``value`` can be one segment of a v2 URL path, as a model's name and its
+    version are (/v2/models/NAME/versions/VERSION): non-empty (an empty version also means "the
+    one served" in a request, so it cannot be one; leaving --model-version out reports the hash of
+    --model, or 'unversioned'), without '/', and not '.' or '..', which URL clients (curl, yarl)
+    remove from a path as "this" and "parent" segments."""
+    if not value or "/" in value or value in (".", ".."):
+        hint = ""
+        if flag == "--model-version" and not value:
+            hint = " (leave it out to report the hash of --model, or 'unversioned')"
+        raise ConfigError(f"{flag} must be one URL path segment: non-empty, without '/', not '.' or '..'; "
+                          f"got {value!r}{hint}")
 
 
 # ------------------------------------------------------------------ the model
@@ -263,13 +289,19 @@ async def serve(config: GatewayConfig, stop: asyncio.Event, on_listening=None) -
         if config.http is not None:
             from .http import start_http
 
-            runner, address = await start_http(gateway, *parse_host_port(config.http, "--http"))
+            try:
+                runner, address = await start_http(gateway, *parse_host_port(config.http, "--http"))
+            except OSError as exc:  # in use, not an address of this host, a name that does not resolve
+                raise _cannot_listen("--http", config.http, exc) from exc
             cleanups.append(runner.cleanup)
             bound["http"] = address
         if config.grpc is not None:
             from .grpc_server import start_grpc
 
-            server, address = await start_grpc(gateway, *parse_host_port(config.grpc, "--grpc"))
+            try:
+                server, address = await start_grpc(gateway, *parse_host_port(config.grpc, "--grpc"))
+            except OSError as exc:
+                raise _cannot_listen("--grpc", config.grpc, exc) from exc
             # Calls in flight may finish, as HTTP's do (each is bounded by its own deadline).
             cleanups.append(lambda: server.stop(grace=config.timeout_s))
             bound["grpc"] = address
@@ -280,6 +312,12 @@ async def serve(config: GatewayConfig, stop: asyncio.Event, on_listening=None) -
         for cleanup in reversed(cleanups):
             await cleanup()
         client.close()
+
+
+def _cannot_listen(flag: str, value: str, exc: OSError) -> ConfigError:
+    """The error naming the flag whose address could not be bound (the OS's own message names neither:
+    "[Errno -2] Name or service not known")."""
+    return ConfigError(f"{flag} {value}: cannot listen there: {exc.strerror or exc}")
 
 
 # -------------------------------------------------------------------- CLI
@@ -310,9 +348,8 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
-    off = ("off", "")
-    return GatewayConfig(broker=args.broker, http=None if args.http in off else args.http,
-                         grpc=None if args.grpc in off else args.grpc, model_name=args.model_name,
+    return GatewayConfig(broker=args.broker, http=None if args.http in OFF else args.http,
+                         grpc=None if args.grpc in OFF else args.grpc, model_name=args.model_name,
                          model_dir=args.model, model_version=args.model_version, timeout_s=args.timeout_s,
                          max_body_bytes=args.max_body_bytes, max_rows=args.max_rows,
                          curve=security.client_config_from_args(args))

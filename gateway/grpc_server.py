@@ -10,6 +10,7 @@ bounds the pool deadline. Outputs always travel in ``raw_output_contents``.
 from __future__ import annotations
 
 import logging
+import socket
 
 import grpc
 
@@ -101,8 +102,28 @@ async def start_grpc(gateway, host: str, port: int) -> tuple[grpc.aio.Server, st
                                       ("grpc.so_reuseport", 0)])
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(gateway), server)
     target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = server.add_insecure_port(target)
+    try:
+        bound = server.add_insecure_port(target)
+    except RuntimeError:  # newer grpcio raises "Failed to bind to address ..." where older returned 0
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot listen for gRPC on {target}")
+        raise OSError(_bind_problem(host, port))
     await server.start()
     return server, f"{host}:{bound}"
+
+
+def _bind_problem(host: str, port: int) -> str:
+    """Why grpc could not bind host:port, asked again of the OS: grpc's exception says only "Failed to
+    bind" (the reason is in its C-level log line)."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"cannot resolve {host!r}: {exc.strerror}"
+    for family, kind, proto, _, sockaddr in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc does: TIME_WAIT is no clash
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                return f"cannot bind {sockaddr[0]}:{port}: {exc.strerror or exc}"
+    return "grpc could not bind it (its log line above says why)"

@@ -19,7 +19,7 @@ from ..common import security
 from ..common.cli import ignore_hangup, install_reload_handler, install_stop_handlers, report_error, setup_logging
 from ..common.errors import BertpoolError
 from ..common.protocol import local_endpoint
-from ..gateway.launch import add_serve_gateway_arguments, start_gateway_process
+from ..gateway.launch import add_serve_gateway_arguments, check_distinct_listeners, start_gateway_process
 from ..workers.backends import ECHO_WARNING
 from ..workers.supervisor import Supervisor, add_supervisor_arguments, supervisor_config_from_args
 
@@ -50,7 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     install_stop_handlers(early_stop.set)
     ignore_hangup()  # a reload before there is a broker to reload: nothing to do (its handler comes below)
     try:
-        broker = Broker(broker_config_from_args(args, args.stats_interval_s))
+        config = broker_config_from_args(args, args.stats_interval_s)  # each address checked on its own
+        # ... and none on another's port, before anything binds: the metrics server or the gateway child
+        # would fail only once the broker is up (the broker compares its two endpoints itself).
+        check_distinct_listeners({"--metrics-address": args.metrics_address, "--gateway-http": args.gateway_http,
+                                  "--gateway-grpc": args.gateway_grpc},
+                                 endpoints={"--address": args.address, "--worker-address": args.worker_address})
+        broker = Broker(config)
         security.complete_serve_args(args, broker.config.curve)  # its workers get the broker's public key
         # Its workers connect where the broker binds (a wildcard host becomes loopback).
         supervisor = Supervisor(supervisor_config_from_args(args, local_endpoint(args.worker_address)))

@@ -670,10 +670,60 @@ def test_gateway_cli_refuses_bad_flags(tmp_path):
                            (["--model", str(tmp_path / "absent")], "not a directory"),
                            (["--model", str(tmp_path)], "neither a compiled bertpool model"),  # an empty directory
                            (["--max-body-bytes", "3000000000"], "--max-body-bytes must be in"),
-                           (["--broker", "tcp://127.0.0.1:*"], "PORT in 1..65535")):
+                           (["--broker", "tcp://127.0.0.1:*"], "PORT in 1..65535"),
+                           # refused up front; grpc failed to bind only once HTTP listened, in a C-level log line
+                           (["--http", "18790", "--grpc", "127.0.0.1:18790"],
+                            "--http 18790 and --grpc 127.0.0.1:18790 would listen on the same port"),
+                           (["--model-version", "a/b"], "--model-version must be one URL path segment"),
+                           (["--model-version", ""], "--model-version must be one URL path segment")):
         out = subprocess.run([sys.executable, "-m", "bertpool.gateway.gateway", *args],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and fragment in out.stderr, out.stderr
+        assert out.stderr.strip().splitlines()[-1].startswith("bertpool-gateway: error: "), out.stderr
+        assert "Traceback" not in out.stderr and "add_port" not in out.stderr, out.stderr
+
+
+def test_an_address_the_gateway_cannot_listen_on_is_named_by_its_flag():
+    """The OS's error names neither flag nor address ("[Errno -2] Name or service not known"), and
+    grpc's says only "Failed to bind to address" (why, in a C-level log line): the error says both."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        in_use = f"127.0.0.1:{taken.getsockname()[1]}"
+        for flag, other, value, why in (("--http", "--grpc", "nosuchhost.invalid:18790", ""),
+                                        ("--grpc", "--http", "nosuchhost.invalid:18790", "cannot resolve"),
+                                        ("--http", "--grpc", in_use, "address already in use"),
+                                        ("--grpc", "--http", in_use, "address already in use")):
+            out = subprocess.run([sys.executable, "-m", "bertpool.gateway.gateway", flag, value, other, "off"],
+                                 capture_output=True, text=True, timeout=60)
+            last = out.stderr.strip().splitlines()[-1]
+            assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+            assert last.startswith(f"bertpool-gateway: error: {flag} {value}: cannot listen there: "), out.stderr
+            assert why in last.lower(), out.stderr
+
+
+def test_serve_refuses_listeners_on_one_port_before_starting_anything(tmp_path):
+    """As it refuses one --address and --worker-address: the metrics endpoint, the gateway's HTTP and
+    gRPC, and the broker's tcp endpoints each need a port of their own. The second one used to fail
+    only after the broker (and perhaps the gateway) had started."""
+    port = free_tcp_port()
+    for args, message in ((["--metrics-address", str(port), "--gateway-http", str(port)],
+                           f"--metrics-address {port} and --gateway-http {port}"),
+                          (["--gateway-http", f"127.0.0.1:{port}", "--gateway-grpc", f"0.0.0.0:{port}"],
+                           f"--gateway-http 127.0.0.1:{port} and --gateway-grpc 0.0.0.0:{port}"),
+                          (["--metrics-address", f"0.0.0.0:{port}", "--gateway-grpc", str(port)],
+                           f"--metrics-address 0.0.0.0:{port} and --gateway-grpc {port}"),
+                          (["--address", f"tcp://*:{port}", "--gateway-http", str(port)],
+                           f"--address tcp://*:{port} and --gateway-http {port}"),
+                          (["--worker-address", f"tcp://127.0.0.1:{port}", "--metrics-address", str(port)],
+                           f"--worker-address tcp://127.0.0.1:{port} and --metrics-address {port}")):
+        out = subprocess.run([sys.executable, "-m", "bertpool.pool.serve", "--address", f"ipc://{tmp_path}/f",
+                              "--worker-address", f"ipc://{tmp_path}/b", "--parallel", "1",
+                              "--stats-interval-s", "0", *args], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.strip().splitlines()[-1] == (f"bertpool-serve: error: {message} would listen on the "
+                                                       f"same port ({port}); give each a port of its own"), out.stderr
+        assert not out.stdout, out.stdout  # no banner: nothing started, the gateway child included
 
 
 # ------------------------------------------------------------------------ fuzzing

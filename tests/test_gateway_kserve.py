@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 
 import numpy as np
@@ -163,6 +164,60 @@ def test_bad_listen_address_is_a_config_error_naming_its_flag(flag):  # every fo
     with pytest.raises(E.ConfigError, match=f"--{flag} 'h:99999'"):
         GatewayConfig(**{flag: "h:99999"})
 
+
+
+@pytest.mark.parametrize("field, value", [
+    ("model_version", "a/b"), ("model_version", ""), ("model_version", "."), ("model_version", ".."),
+    ("model_version", "1 2"), ("model_version", "v?1"), ("model_version", "v#1"), ("model_version", "50%"),
+    ("model_version", "é"), ("model_name", ".."), ("model_name", "."), ("model_name", ""), ("model_name", "a/b"),
+])
+def test_model_name_and_version_must_be_one_url_path_segment(field, value):
+    """Both are path segments of v2 URLs (/v2/models/NAME/versions/VERSION); a version is also sent by
+    tritonclient as it is, not %-encoded. An empty version is refused, not reported: a request's empty
+    version means "whichever is served"."""
+    with pytest.raises(E.ConfigError, match="--" + field.replace("_", "-")):
+        GatewayConfig(**{field: value})
+
+
+def test_usable_model_versions_are_reported_as_given():
+    from bertpool.gateway.gateway import model_info
+
+    for version in ("1", "unversioned", "2024-01-01T00:00:00", "v1.0+cpu_~!$&'()*,;=@"):
+        assert model_info(GatewayConfig(model_version=version)).version == version
+
+
+@pytest.mark.parametrize("http, grpc", [
+    ("18790", "18790"), ("18790", "127.0.0.1:18790"), ("0.0.0.0:18790", "127.0.0.1:18790"),
+    ("10.1.2.3:18790", "0.0.0.0:18790"), ("[::1]:18790", "[::]:18790"), ("[::1]:18790", "[0::1]:18790"),
+    ("LocalHost:18790", "localhost:18790"),
+])
+def test_http_and_grpc_on_one_port_are_refused(http, grpc):
+    message = f"--http {http} and --grpc {grpc} would listen on the same port"
+    with pytest.raises(E.ConfigError, match=re.escape(message)):
+        GatewayConfig(http=http, grpc=grpc)
+
+
+@pytest.mark.parametrize("http, grpc", [
+    ("18790", "18791"), ("127.0.0.1:18790", "127.0.0.2:18790"), ("[::]:18790", "127.0.0.1:18790"),
+    ("localhost:18790", "127.0.0.1:18790"),  # names are not resolved: what they bind is not known here
+])
+def test_http_and_grpc_on_ports_that_can_coexist_are_accepted(http, grpc):
+    GatewayConfig(http=http, grpc=grpc)
+
+
+def test_listeners_compare_zeromq_endpoints_and_skip_what_is_off():
+    from bertpool.gateway.launch import check_distinct_listeners
+
+    with pytest.raises(E.ConfigError, match=re.escape("--address tcp://*:5555 and --metrics-address 5555")):
+        check_distinct_listeners({"--metrics-address": "5555"}, endpoints={"--address": "tcp://*:5555"})
+    with pytest.raises(E.ConfigError,
+                       match=re.escape("--worker-address tcp://[::1]:5556 and --gateway-grpc [::1]:5556")):
+        check_distinct_listeners({"--gateway-grpc": "[::1]:5556"}, endpoints={"--worker-address": "tcp://[::1]:5556"})
+    check_distinct_listeners({"--metrics-address": "", "--gateway-http": "5555", "--gateway-grpc": "off", "--x": None},
+                             endpoints={"--address": "ipc:///tmp/5555", "--worker-address": "tcp://127.0.0.1:5556"})
+    for value in ("x:", "tcp://127.0.0.1:5557"):  # each is parsed, naming its flag: an endpoint is no HOST:PORT
+        with pytest.raises(E.ConfigError, match=re.escape(f"--gateway-http {value!r}")):
+            check_distinct_listeners({"--gateway-http": value})
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8),
                            lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
