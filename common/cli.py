@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import errno
 import ipaddress
 import logging
 import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Callable, Iterator
@@ -130,6 +132,33 @@ def check_output_dir(flag: str, output: str | os.PathLike, force: bool, hint: st
         raise ConfigError(f"{flag} {output} exists and is not a directory")
     if path.exists() and any(path.iterdir()) and not force:
         raise ConfigError(f"{flag} {output} exists and is not empty (use --force to replace it{hint})")
+    _check_creatable(f"{flag} {output}", path)
+
+
+def _check_creatable(name: str, output: Path) -> None:
+    """ConfigError ``cannot write NAME: why`` unless a directory can be made beside ``output``, where
+    :func:`replacing_dir` stages it: checked before any work by making (and removing) a probe
+    directory in the nearest existing ancestor, since only the kernel knows (a read-only mount, no
+    permission, /proc, a file where a parent directory should be)."""
+    ancestor = _existing_ancestor(output.absolute().parent, name)
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{output.name}.probe-", dir=ancestor))
+    except OSError as exc:
+        raise ConfigError(f"cannot write {name}: cannot create a directory in {ancestor} "
+                          f"({exc.strerror or exc})") from None
+
+
+def _existing_ancestor(path: Path, name: str) -> Path:
+    """``path`` or its nearest ancestor that exists; ConfigError ``cannot write NAME`` if that is not a
+    directory (mkdir would say "File exists", naming the file but not the problem) or cannot be looked at."""
+    try:
+        while not path.exists():
+            path = path.parent
+        if not path.is_dir():
+            raise ConfigError(f"cannot write {name}: {path} is a file, not a directory")
+    except OSError as exc:  # e.g. no permission to look inside a parent
+        raise ConfigError(f"cannot write {name}: {exc.strerror or exc}") from None
+    return path
 
 
 def check_replaceable(flag: str, output: str | os.PathLike, inputs: dict[str, str | os.PathLike | None]) -> Path:
@@ -156,26 +185,48 @@ def replacing_dir(output: Path, force: bool) -> Iterator[Path]:
     becomes ``output``, replacing the old one (a non-empty one only with ``force``). On any error,
     Ctrl-C included (and SIGTERM, under :func:`sigterm_as_interrupt`), what was written goes and
     ``output`` is as it was."""
-    output.parent.mkdir(parents=True, exist_ok=True)
+    _existing_ancestor(output.parent, str(output))
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {output}: {exc.strerror or exc}") from None
     staging = output.parent / f".{output.name}.partial-{os.getpid()}"
     old: Path | None = None  # where the old output waits while the new one moves in
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        yield staging
-        if output.exists():
-            if any(output.iterdir()) and not force:
-                raise ConfigError(f"{output} appeared meanwhile; not replacing it without --force")
-            # Two renames, not a delete and a rename: an interrupt between them finds the old one
-            # aside and puts it back (a delete of a large model took seconds, and lost it).
-            old = output.parent / f".{output.name}.old-{os.getpid()}"
-            output.rename(old)
-        staging.rename(output)
+        try:
+            yield staging
+            if output.exists():
+                if any(output.iterdir()) and not force:
+                    raise ConfigError(f"{output} appeared meanwhile; not replacing it without --force")
+                # Two renames, not a delete and a rename: an interrupt between them finds the old one
+                # aside and puts it back (a delete of a large model took seconds, and lost it).
+                old = output.parent / f".{output.name}.old-{os.getpid()}"
+                output.rename(old)
+            staging.rename(output)
+        except OSError as exc:  # writing the staging directory (a full disk), or moving it in
+            if exc.errno not in _NO_WRITE_ERRNOS and not any(
+                    _within(name, (staging, output)) for name in (exc.filename, exc.filename2)):
+                raise  # e.g. reading an input: the block's own error
+            raise ConfigError(f"cannot write {output}: {exc.strerror or exc}") from exc
     finally:
         if old is not None and old.exists() and not output.exists():
             old.rename(output)  # interrupted between the renames
         shutil.rmtree(staging, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+# What a write reports without naming a file (a write() to a file already open): always about writing.
+_NO_WRITE_ERRNOS = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS") if hasattr(errno, name))
+
+
+def _within(name: object, roots: tuple[Path, ...]) -> bool:
+    """Whether ``name`` (an OSError's filename: a path, or None) is one of ``roots`` or lies inside one."""
+    if not isinstance(name, (str, bytes, os.PathLike)):
+        return False
+    path = Path(os.fsdecode(name)).absolute()
+    return any(path.is_relative_to(root.absolute()) for root in roots)
 
 
 def counted(n: int, noun: str) -> str:

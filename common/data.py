@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, InputError
+from .protocol import check_text_arg
 
 MRPC_HEADER = ("Quality", "#1 ID", "#2 ID", "#1 String", "#2 String")
 SHARED_DATA_ENV = "BERTPOOL_SHARED_DATA"
@@ -47,7 +48,9 @@ def read_mrpc_tsv(path: str | os.PathLike) -> list[Pair]:
     strings contain quote characters, which are not CSV quoting here. Blank
     lines are skipped. Raises ConfigError naming the file (and the line number
     for a bad line) if the file is missing, unreadable, has another header, a
-    row without exactly 5 fields, or a Quality other than 0/1.
+    row without exactly 5 fields, a Quality other than 0/1, or a string the pool
+    would refuse (:func:`check_pair_text`: empty, whitespace only, or longer than
+    ``protocol.MAX_TEXT_CHARS``), so that no tool trains, proves or benchmarks on it.
     """
     name = os.fspath(path)
     try:
@@ -79,7 +82,22 @@ def _mrpc_row(row: list[str], name: str, line: int) -> Pair:
         raise ConfigError(f"{name}:{line}: expected {len(MRPC_HEADER)} tab-separated fields, got {len(row)}")
     if row[0] not in ("0", "1"):
         raise ConfigError(f"{name}:{line}: Quality must be 0 or 1, got {row[0]!r}")
+    for field, text in zip(MRPC_HEADER[3:], row[3:]):
+        check_pair_text(text, f"{name}:{line}: {field}")
     return Pair(text_a=row[3], text_b=row[4], label=int(row[0]))
+
+
+def check_pair_text(text: str, where: str) -> None:
+    """ConfigError (``where``: what names the text, e.g. ``file:line: #1 String``) for a text a pool
+    refuses with bad_text: empty or whitespace only, or longer than MAX_TEXT_CHARS (the worker's
+    ``protocol._check_text``; the length through the client's own check, ``protocol.check_text_arg``)."""
+    if not text.strip():
+        raise ConfigError(f"{where}: empty text (a pool refuses it)" if not text
+                          else f"{where}: only whitespace (a pool refuses it as empty text)")
+    try:
+        check_text_arg(where, text)
+    except InputError as exc:
+        raise ConfigError(f"{exc} (a pool refuses it)") from None
 
 
 def default_pairs() -> list[Pair]:

@@ -40,6 +40,7 @@ DEFAULT_BUCKET_STEP = 32  # cpu/gpu: also compile every multiple of this below s
 # and then died in a numpy MemoryError, and --pairs 1000000000 ran until killed.
 # 1024: a serving batch is a latency trade-off, and at 1024 a base model's activations at 512 tokens
 # already take GiBs (the attention scores alone, [B, heads, S, S] fp32: 12 GiB); nothing larger fits.
+# bertpool-finetune bounds its --batch-size with it too (training holds several such tensors per layer).
 MAX_BATCH_SIZE = 1024
 # 100000: ~25x GLUE MRPC's training set (~3700 pairs); the proof runs both models on every pair and
 # holds all their tokenized features in memory, so a count beyond this costs hours and proves no more.
@@ -205,8 +206,8 @@ def _validate(o: CompileOptions) -> CompileOptions:
     _check_shape(o)
     if not 0 <= o.min_on_neuron <= 1:
         raise ConfigError(f"--min-on-neuron must be within [0, 1], got {o.min_on_neuron}")
-    if o.vocab is not None and not pathlib.Path(o.vocab).is_file():
-        raise ConfigError(f"--vocab {o.vocab}: no such file")
+    if o.vocab is not None:
+        _check_input_file("--vocab", o.vocab)
     o = _check_proof(o)
     check_output_dir("--output_saved_model", o.output, o.force)
     # --force replaces the output directory: never one that holds an input (a checkpoint prefix
@@ -244,11 +245,19 @@ def _check_proof(o: CompileOptions) -> CompileOptions:
     if o.tolerance is not None and not 0 < o.tolerance < float("inf"):  # inf: a proof that cannot fail
         raise ConfigError(f"--tolerance must be a finite number > 0, got {o.tolerance}")
     if o.tsv is not None:
-        if not pathlib.Path(o.tsv).is_file():
-            raise ConfigError(f"--tsv {o.tsv}: no such file")
+        _check_input_file("--tsv", o.tsv)
         # A proof on fewer pairs than asked would claim more than it showed.
         check_tsv_pairs(o.tsv, o.pairs if o.verify else 1)
     return dataclasses.replace(o, seed=DEFAULT_SEED if o.seed is None else o.seed)
+
+
+def _check_input_file(flag: str, path: pathlib.Path) -> None:
+    """ConfigError naming ``flag`` unless ``path`` is a file: "no such file", or what it is instead."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory, not a file")
+    if not path.is_file():
+        raise ConfigError(f"{flag} {path}: " + ("not a regular file" if path.exists() else "no such file"))
 
 
 def _check_seq_length(o: CompileOptions, weights: BertWeights) -> None:

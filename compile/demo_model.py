@@ -180,12 +180,19 @@ def save_run_classifier(session, handles, out: pathlib.Path) -> None:
                 "is_real_example": handles.is_real_example},
         outputs={"probabilities": handles.probabilities},
     )
-    builder = v1.saved_model.Builder(str(out))
-    builder.add_meta_graph_and_variables(
-        session, [v1.saved_model.tag_constants.SERVING],
-        signature_def_map={"serving_default": sig}, strip_default_attrs=True,
-    )
-    builder.save()
+    # TensorFlow reports a failed write (no such directory, no permission, a full disk) as an OpError of
+    # its own; as an OSError naming ``out``, replacing_dir says "cannot write OUTPUT" (exit 2), not a bug.
+    failed_write = (tf.errors.NotFoundError, tf.errors.PermissionDeniedError, tf.errors.ResourceExhaustedError,
+                    tf.errors.AlreadyExistsError)
+    try:
+        builder = v1.saved_model.Builder(str(out))
+        builder.add_meta_graph_and_variables(
+            session, [v1.saved_model.tag_constants.SERVING],
+            signature_def_map={"serving_default": sig}, strip_default_attrs=True,
+        )
+        builder.save()
+    except failed_write as exc:
+        raise OSError(None, exc.message, str(out)) from exc
 
 
 def _resolve_size(size) -> BertShape:

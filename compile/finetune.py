@@ -50,12 +50,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..common.cli import (check_output_dir, check_replaceable, replacing_dir, report_error, report_interrupt,
-                          sigterm_as_interrupt)
+from ..common.cli import (check_output_dir, check_replaceable, counted, replacing_dir, report_error,
+                          report_interrupt, sigterm_as_interrupt)
 from ..common.data import Pair, check_seed, read_mrpc_tsv
 from ..common.errors import BertpoolError, ConfigError
 from ..common.metrics import binary_report
 from ..common.tokenizer import BertTokenizer, Features
+from .build import MAX_BATCH_SIZE
 from .gelu import check_gelu, gelu
 from .reference import build_reference_graph, load_weights
 from .shape import EMBEDDINGS, POOLER, BertShape
@@ -100,9 +101,13 @@ class FinetuneConfig:
     threads: int = 0  # TensorFlow intra-op threads (0: TensorFlow's default)
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.epochs < 1:
+            raise ConfigError(f"--epochs must be >= 1, got {self.epochs}")
+        # bertpool-compile's bound, as a batch of more pairs than any model here can hold: a typo
+        # (--batch-size 99999999999999999999) took all of a shared host's memory until the kernel's
+        # OOM killer stopped it. A batch larger than the training set is refused by finetune().
+        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise ConfigError(f"--batch-size must be between 1 and {MAX_BATCH_SIZE}, got {self.batch_size}")
         if not 0.0 < self.learning_rate < 1.0:
             raise ConfigError(f"--learning-rate must be in (0, 1), got {self.learning_rate}")
         for name in ("warmup_fraction", "dropout"):
@@ -132,7 +137,11 @@ class FinetuneConfig:
 def resolve_pretrained(name: str) -> pathlib.Path:
     """A directory for ``name``: a PRETRAINED_PACKAGES key (its installed files) or a path."""
     if name not in PRETRAINED_PACKAGES:
-        return pathlib.Path(name)
+        path = pathlib.Path(name)
+        if not path.exists() and not pathlib.Path(f"{name}.index").exists():  # nor a checkpoint prefix
+            raise ConfigError(f"--pretrained {name} does not exist: it is neither a directory (or checkpoint "
+                              f"prefix) nor a known package ({', '.join(PRETRAINED_PACKAGES)})")
+        return path
     module, requirement = PRETRAINED_PACKAGES[name]
     try:
         package = importlib.import_module(module)
@@ -404,12 +413,15 @@ def finetune(config: FinetuneConfig, reuse: bool = False, overwrite: bool = Fals
     # With --force the old output goes (at the end): never one holding an input or the current directory.
     out = check_replaceable("--output", config.output, {"--pretrained": source, "--train": config.train_tsv,
                                                         "--dev": config.dev_tsv, "--vocab": config.vocab})
+    train_pairs = read_pairs(config.train_tsv, "train")
+    if config.batch_size > len(train_pairs):  # every step would take the whole set, not the batch asked for
+        raise ConfigError(f"--batch-size {config.batch_size} is more than the {counted(len(train_pairs), 'pair')} "
+                          f"of --train {config.train_tsv}; give at most {len(train_pairs)}")
+    dev_pairs = read_pairs(config.dev_tsv, "dev") if config.dev_tsv else None
     weights = load_pretrained(source)
     weights.shape.check_seq_length("--max-seq-length", config.max_seq_length)  # else the export could not run
     tokenizer = make_tokenizer(weights, config.vocab, config.max_seq_length)
     vocab = pathlib.Path(config.vocab or weights.vocab_path)
-    train_pairs = read_pairs(config.train_tsv, "train")
-    dev_pairs = read_pairs(config.dev_tsv, "dev") if config.dev_tsv else None
     # Hashed once: the pretrained weights alone are tens of megabytes.
     weights_sha, train_sha = weights.source.sha256(), file_sha256(config.train_tsv)
     dev_sha = file_sha256(config.dev_tsv) if config.dev_tsv else None
@@ -644,16 +656,32 @@ def main(argv: list[str] | None = None) -> int:
         return report_error(PROG, exc)
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated): exit 130 or 143
         return report_interrupt(PROG, exc, f"; {args.output} is as it was")
+    print(summary(report))
+    return 0
+
+
+def summary(report: dict) -> str:
+    """The line bertpool-finetune prints on success: what was trained on, how well, where it went."""
     dev = report.get("final_dev")
     quality = (f"dev accuracy {dev['accuracy']:.4f}, F1 {dev['f1']:.4f} ({dev['n']} pairs)" if dev
                else "no dev set evaluated")
     verb = "reused" if report["reused"] else "fine-tuned"
     average = report.get("average")
     weights = f"mean weights of epochs {average['of_epochs']}" if average else "the last epoch's weights"
-    print(f"{verb} {report['source']['path']} on {report['train']['pairs']} pairs: {quality}; "
-          f"{report['pairs_per_s']} pairs/s, {report['train_wall_s']} s; "
-          f"SavedModel {report['outputs']['saved_model']} ({weights})")
-    return 0
+    return (f"{verb} {report['source']['path']} {_trained_on(report)}: {quality}; "
+            f"{report['pairs_per_s']} pairs/s, {report['train_wall_s']} s; "
+            f"SavedModel {report['outputs']['saved_model']} ({weights})")
+
+
+def _trained_on(report: dict) -> str:
+    """``on N pairs`` (the training set, every epoch run), or, when --max-steps cut the run short,
+    what it did train on: ``--max-steps 1 stopped it after 1 step, 16 of the 3667 pairs``."""
+    recipe, n = report["recipe"], report["train"]["pairs"]
+    steps, shown = (sum(e[k] for e in report["epochs"]) for k in ("steps", "pairs"))
+    if steps >= -(-n // recipe["batch_size"]) * recipe["epochs"]:
+        return f"on {counted(n, 'pair')}"
+    seen = f"{shown} of the {n} pairs" if shown < n else f"{shown} pairs, {shown / n:.1f} passes over the {n}"
+    return f"(--max-steps {recipe['max_steps']} stopped it after {counted(steps, 'step')}, {seen})"
 
 
 if __name__ == "__main__":

@@ -9,9 +9,11 @@ into a few pieces instead of single characters), then ``[unusedK]`` filler.
 from __future__ import annotations
 
 import itertools
+import logging
 import pathlib
 import string
 
+from ..common.cli import counted
 from ..common.errors import ConfigError, ModelFormatError
 from ..common.vocab import HEAD, REQUIRED_TOKENS, bert_vocab, read_vocab
 
@@ -93,4 +95,29 @@ def check_vocab(path: pathlib.Path, vocab_size: int,
     for token in REQUIRED_TOKENS:
         if token not in tokens:
             raise ModelFormatError(f"vocabulary {path} lacks the special token {token}")
+    warn_duplicates(path, tokens)
     return tokens
+
+
+def warn_duplicates(path: pathlib.Path, tokens: list[str]) -> dict[str, list[int]]:
+    """Log a warning naming the tokens ``tokens`` (a vocabulary, in id order) holds more than once, and
+    return them (token -> its ids).
+
+    A warning, not an error: google-research's ``load_vocab`` (which every BERT vocabulary was written
+    for, and Hugging Face's copy of it) accepts such a file, the last line winning, and so does the
+    tokenizer here; refusing would turn away a model its own tools run. But the earlier ids of a
+    repeated token are then never produced, and a line overwritten by another token (a damaged file of
+    the right size, which the size check cannot see) shows up as exactly such a repeat.
+    """
+    ids: dict[str, list[int]] = {}
+    for index, token in enumerate(tokens):
+        ids.setdefault(token, []).append(index)
+    repeated = {token: at for token, at in ids.items() if len(at) > 1}
+    if repeated:
+        shown = "; ".join(f"{token!r} at ids {', '.join(map(str, at))}" for token, at in list(repeated.items())[:3])
+        more = f" and {len(repeated) - 3} more" if len(repeated) > 3 else ""
+        logging.getLogger(__name__).warning(
+            "warning: vocabulary %s repeats %s (%s%s); as in google-research's load_vocab the last id "
+            "wins and the earlier ones are never produced. A damaged file?", path,
+            counted(len(repeated), "token"), shown, more)
+    return repeated

@@ -180,3 +180,62 @@ def test_replacing_dir_keeps_the_old_output_unless_the_new_one_is_whole(tmp_path
         assert interrupted
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging or set-aside directory left
     assert [p.name for p in out.iterdir()] == ["new.txt" if interrupted is None else "old.txt"]
+
+
+@pytest.mark.parametrize("where", ["under a file", "under a file, deeper", "in /proc", "not permitted"])
+def test_an_output_directory_that_cannot_be_made_is_refused_in_one_line_before_any_work(tmp_path, monkeypatch,
+                                                                                         where):
+    """bertpool-compile --output_saved_model /proc/x failed after all its work with a traceback and
+    "unexpected error (a bug)"; demo-model with TensorFlow's NotFoundError; /etc/passwd/x said "File
+    exists: '/etc/passwd'". check_output_dir (every tool's first check) now says why, naming the file
+    in the way, and leaves no probe behind."""
+    import os
+    import re
+    import tempfile
+    from pathlib import Path
+
+    from bertpool.common.cli import check_output_dir
+
+    (tmp_path / "file").write_text("keep me")
+    output, says = {
+        "under a file": (tmp_path / "file" / "out", f"{tmp_path / 'file'} is a file, not a directory"),
+        "under a file, deeper": (tmp_path / "file" / "a" / "out", f"{tmp_path / 'file'} is a file, not a directory"),
+        "in /proc": (Path("/proc/bertpool-out"), "cannot create a directory in /proc"),
+        "not permitted": (tmp_path / "ro" / "out", f"cannot create a directory in {tmp_path} (Read-only file system)"),
+    }[where]
+    if where == "in /proc" and not os.path.isdir("/proc/self"):
+        pytest.skip("no /proc here")
+    if where == "not permitted":  # a read-only mount, which a test cannot make: the kernel's answer, faked
+        def read_only(*args, **kwargs):
+            raise OSError(30, os.strerror(30))
+        monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    with pytest.raises(ConfigError, match="^" + re.escape(f"cannot write --output {output}: ") + ".*"
+                       + re.escape(says)):
+        check_output_dir("--output", output, force=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no probe directory left
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
+def test_replacing_dir_says_cannot_write_for_what_goes_wrong_writing_the_output(tmp_path):
+    """A file where the output's parent should be, or an OSError writing into the staging directory (a
+    full disk), is "cannot write OUTPUT: ..." (exit 2 in every tool), not an untyped OSError that
+    bertpool-compile reported as a bug; an OSError about another path (an input) stays what it was."""
+    import errno
+    import re
+
+    from bertpool.common.cli import replacing_dir
+
+    (tmp_path / "file").write_text("keep me")
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'file'} is a file, not a directory")):
+        with replacing_dir(tmp_path / "file" / "out", force=False):
+            raise AssertionError("the block ran")
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=re.escape(f"cannot write {out}: No space left on device")):
+        with replacing_dir(out, force=False) as staging:
+            staging.mkdir()
+            raise OSError(errno.ENOSPC, "No space left on device", str(staging / "weights.npz"))
+    with pytest.raises(FileNotFoundError):
+        with replacing_dir(out, force=False) as staging:
+            staging.mkdir()
+            open(tmp_path / "missing-input.txt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no output, no staging directory

@@ -167,6 +167,26 @@ def test_demo_model_cli_says_what_is_wrong_with_its_arguments(tmp_path, capsys, 
     assert (tmp_path / "file").read_text() == "keep me"
 
 
+def test_demo_model_says_cannot_write_when_tensorflow_cannot_write_the_savedmodel(tmp_path, monkeypatch, capsys):
+    """A write that fails inside TensorFlow (a full disk, a permission lost mid-run) raised its own
+    NotFoundError/PermissionDeniedError: a traceback and exit 1. It is "cannot write OUTPUT", exit 2,
+    and nothing is left behind."""
+    import tensorflow as tf
+
+    from bertpool.compile import demo_model
+
+    class Unwritable:
+        def __init__(self, export_dir):
+            raise tf.errors.PermissionDeniedError(None, None, f"{export_dir}; Permission denied")
+
+    monkeypatch.setattr(tf.compat.v1.saved_model, "Builder", Unwritable)
+    out = tmp_path / "out"
+    assert demo_model.main(["--size", "tiny", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot write {out}: " in err and "Permission denied" in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []  # neither the output nor the staging directory
+
+
 # ------------------------------------------------------------------- weight extraction
 
 def test_detect_format(models, tmp_path):
@@ -804,6 +824,65 @@ def test_bad_options_are_config_errors_before_any_work(models, tmp_path, monkeyp
     with pytest.raises(ConfigError, match=message):
         quiet_compile(models["savedmodel-erf"], tmp_path / "x", **options)
     assert not any(tmp_path.iterdir())  # no output, no staging directory
+
+
+@pytest.mark.parametrize("case, message", [
+    ("--vocab a directory", "--vocab {tmp}/adir is a directory, not a file"),  # said "no such file"
+    ("--tsv a directory", "--tsv {tmp}/adir is a directory, not a file"),
+    ("--vocab missing", "--vocab {tmp}/missing.txt: no such file"),
+    ("--tsv with an empty text", "{tmp}/empty.tsv:2: #1 String: empty text"),  # the proof ran on it
+    ("output under a file", "cannot write --output_saved_model {tmp}/file/out: {tmp}/file is a file, not a directory"),
+    ("output in /proc", "cannot write --output_saved_model /proc/bertpool-out: cannot create a directory in /proc"),
+])
+def test_bad_paths_are_one_line_errors_before_any_work(tmp_path, monkeypatch, capsys, case, message):
+    """--output_saved_model /proc/x was an "unexpected error (a bug)", exit 3, after all the work; a
+    directory given as --vocab was "no such file". Exit 2, one line, before the model is read."""
+    from bertpool.compile import build
+    from bertpool.compile.cli import main
+
+    def work(*args, **kwargs):
+        raise AssertionError("the model was read before the paths were checked")
+
+    if case == "output in /proc" and not os.path.isdir("/proc/self"):
+        pytest.skip("no /proc here")
+    monkeypatch.setattr(build, "load_weights", work)
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "file").write_text("keep me")
+    if case == "--tsv with an empty text":
+        tsv = tmp_path / "adir" / "empty.tsv"
+        tsv.write_text("Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\ta\tb\t\tsome text\n")
+        message = message.replace("{tmp}", "{tmp}/adir")
+    flags = {"--vocab a directory": ["--vocab", tmp_path / "adir"], "--tsv a directory": ["--tsv", tmp_path / "adir"],
+             "--vocab missing": ["--vocab", tmp_path / "missing.txt"],
+             "--tsv with an empty text": ["--tsv", tmp_path / "adir" / "empty.tsv", "--pairs", "1"]}.get(case, [])
+    output = {"output under a file": tmp_path / "file" / "out",
+              "output in /proc": pathlib.Path("/proc/bertpool-out")}.get(case, tmp_path / "out")
+    argv = ["--input_saved_model", tmp_path / "in", "--output_saved_model", output, "--target", "cpu", *flags]
+    assert main(list(map(str, argv))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bertpool-compile: error: " + message.format(tmp=tmp_path)) and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "file"]  # nothing written, no probe left
+
+
+def test_a_vocabulary_with_a_repeated_token_is_warned_about(tmp_path, caplog):
+    """tiny's vocabulary with its last line overwritten by a second "the" compiled without a word, "the"
+    then being id 2047, not 208 (google's load_vocab: the last one wins). The size check cannot see such
+    damage; a warning names the repeat and its ids. A clean vocabulary warns of nothing."""
+    import logging
+
+    from bertpool.common.vocab import write_vocab
+    from bertpool.compile.vocab import check_vocab, generate_vocab
+
+    tokens = generate_vocab(TINY.vocab_size)
+    clean = write_vocab(tmp_path / "clean.txt", tokens)
+    damaged = write_vocab(tmp_path / "damaged.txt", tokens[:-1] + ["the"])
+    with caplog.at_level(logging.WARNING):
+        assert check_vocab(clean, TINY.vocab_size) == tokens
+        assert caplog.records == []
+        assert check_vocab(damaged, TINY.vocab_size)[-1] == "the"
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert f"vocabulary {damaged} repeats 1 token ('the' at ids {tokens.index('the')}, 2047)" in record.getMessage()
 
 
 def test_compile_options_are_frozen_and_validated_into_a_copy(tmp_path):

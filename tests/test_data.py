@@ -10,6 +10,7 @@ from bertpool.common import data
 from bertpool.common.data import (SHARED_MRPC_DEV_FILE, SHARED_VOCAB_FILE, Pair, default_pairs, generate_pairs,
                                   read_mrpc_tsv, shared_data_dir, shared_file)
 from bertpool.common.errors import ConfigError
+from bertpool.common.protocol import MAX_TEXT_CHARS
 
 HEADER = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
 
@@ -98,6 +99,28 @@ def test_not_utf8(tmp_path: Path) -> None:
     path.write_bytes(HEADER.encode() + b"1\t1\t2\t\xff\tb\n")
     with pytest.raises(ConfigError, match="pairs.tsv"):
         read_mrpc_tsv(path)
+
+
+@pytest.mark.parametrize("row, says", [
+    ("1\t1\t2\t\tb", r":3: #1 String: empty text"),  # the audit's emptytext.tsv: trained on, proved on
+    ("1\t1\t2\ta\t", r":3: #2 String: empty text"),
+    ("0\t1\t2\t \u3000 \tb", r":3: #1 String: only whitespace"),  # str.strip's whitespace, as the pool's
+    ("1\t1\t2\ta\t" + "x" * (MAX_TEXT_CHARS + 1), rf":3: #2 String: {MAX_TEXT_CHARS + 1} characters, "
+                                                      rf"more than {MAX_TEXT_CHARS}"),
+])
+def test_a_text_the_pool_would_refuse_is_refused_when_the_file_is_read(tmp_path: Path, row: str, says: str) -> None:
+    """The pool answers bad_text for an empty, blank or over-long text; read_mrpc_tsv took them, so
+    finetune trained on an empty pair, compile "proved" on one and the bench sent only refused
+    requests. Now the file is refused at its line."""
+    path = write(tmp_path, HEADER + "1\t1\t2\tfine\tfine too\n" + row + "\n")
+    with pytest.raises(ConfigError, match=r"pairs\.tsv" + says):
+        read_mrpc_tsv(path)
+
+
+def test_a_text_of_exactly_the_pools_limit_is_read(tmp_path: Path) -> None:
+    longest = "x" * MAX_TEXT_CHARS
+    path = write(tmp_path, HEADER + f"1\t1\t2\t {longest[1:]}\t.\n")
+    assert read_mrpc_tsv(path) == [Pair(" " + longest[1:], ".", 1)]
 
 
 # --- generate_pairs -------------------------------------------------------

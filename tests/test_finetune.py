@@ -221,6 +221,7 @@ def test_a_different_recipe_changes_the_cache_key(data, tmp_path):
     ("\t".join(MRPC_HEADER) + "\n", "no sentence pairs"),
     ("\t".join(MRPC_HEADER) + "\n1\t1\t2\tonly a\n", "expected 5 tab-separated fields"),
     ("\t".join(MRPC_HEADER) + "\n7\t1\t2\ta\tb\n", "Quality must be 0 or 1"),
+    ("\t".join(MRPC_HEADER) + "\n1\t1\t2\ta\t \n", r"bad\.tsv:2: #2 String: only whitespace"),  # trained on
 ])
 def test_bad_training_files_are_clear_errors(data, tmp_path, content, message):
     bad = tmp_path / "bad.tsv"
@@ -235,6 +236,45 @@ def test_a_vocabulary_that_does_not_match_the_weights_is_refused(data, tmp_path)
     vocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\n")
     with pytest.raises(ModelFormatError, match="has 5 tokens but bert/embeddings/word_embeddings has 2048 rows"):
         finetune(tiny_config(data, tmp_path / "out", vocab=str(vocab)), progress=False)
+
+
+def test_a_batch_larger_than_the_training_set_is_refused_before_any_work(data, tmp_path, monkeypatch):
+    """Every step would take the whole set, not the --batch-size the recipe records: refused, naming
+    the count, before the pretrained model is read."""
+    from bertpool.compile import finetune as ft
+
+    def work(*args, **kwargs):
+        raise AssertionError("the pretrained model was read before the batch size was checked")
+
+    monkeypatch.setattr(ft, "load_pretrained", work)
+    small = write_tsv(tmp_path / "small.tsv", generate_pairs(12, seed=1))
+    with pytest.raises(ConfigError, match=rf"--batch-size 16 is more than the 12 pairs of --train {small}; "
+                                          r"give at most 12"):
+        finetune(tiny_config(data, tmp_path / "out", train_tsv=str(small)), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small.tsv"]
+
+
+@pytest.mark.parametrize("name", ["minilm-l7", "no/such/dir"])
+def test_an_unknown_pretrained_name_lists_the_known_packages(tmp_path, name):
+    """--pretrained minilm-l7 said "input minilm-l7 does not exist", as if only a path were meant."""
+    with pytest.raises(ConfigError, match=f"--pretrained {name} does not exist: it is neither a directory "
+                                          r"\(or checkpoint prefix\) nor a known package \(minilm-l6\)"):
+        finetune(FinetuneConfig(pretrained=name, train_tsv=str(tmp_path / "t.tsv"), output=str(tmp_path / "o")))
+
+
+def test_the_summary_says_what_a_cut_short_run_trained_on(trained):
+    """--max-steps 1 said "fine-tuned ... on 3667 pairs" after training 16 of them."""
+    from bertpool.compile.finetune import summary
+
+    out, report = trained  # 96 pairs, batch 16, 8 epochs: the whole run
+    assert f" on 96 pairs: dev accuracy {report['final_dev']['accuracy']:.4f}" in summary(report)
+    cut = json.loads(json.dumps(report))
+    cut["recipe"]["max_steps"] = 1
+    cut["epochs"] = [dict(report["epochs"][0], steps=1, pairs=16)]
+    assert " (--max-steps 1 stopped it after 1 step, 16 of the 96 pairs): " in summary(cut)
+    cut["recipe"]["max_steps"] = 7
+    cut["epochs"] = [dict(report["epochs"][0], steps=6, pairs=96), dict(report["epochs"][1], steps=1, pairs=16)]
+    assert " (--max-steps 7 stopped it after 7 steps, 112 pairs, 1.2 passes over the 96): " in summary(cut)
 
 
 def test_a_missing_pretrained_package_names_the_install_command(monkeypatch):
@@ -262,6 +302,9 @@ def test_a_max_seq_length_past_the_models_positions_is_refused_before_training(d
     ({"weight_decay": float("nan")}, "--weight-decay must be a number >= 0"),
     ({"weight_decay": -0.1}, "--weight-decay must be a number >= 0"),
     ({"seed": -1}, "--seed must be an integer >= 0, got -1"),  # as compile and demo-model say
+    ({"batch_size": 0}, "--batch-size must be between 1 and 1024, got 0"),  # compile's bound and words
+    ({"batch_size": 99999999999999999999}, "--batch-size must be between 1 and 1024"),  # the host's OOM killer
+    ({"batch_size": 1025}, "--batch-size must be between 1 and 1024"),
 ])
 def test_bad_recipe_values_are_clear_errors(data, tmp_path, changes, message):
     with pytest.raises(ConfigError, match=message):
