@@ -21,13 +21,16 @@ module is cheap and works where TensorFlow is not installed.
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 
 import numpy as np
 
 from ..common.errors import BackendUnavailable, ConfigError, ModelFormatError
 from .host import HostEmbeddings, mask_bias, softmax
-from .selfcheck import check_reference
+from .gelu import GELUS
+from .rebuild import DTYPES
+from .selfcheck import REFERENCE_FILE, check_reference
 from .shape import BertShape
 from .vocab import check_vocab
 
@@ -87,11 +90,35 @@ def read_manifest(model_dir) -> dict:
             raise ModelFormatError(f"{path}: {key} must be a whole number >= {least}, got {value!r}")
     if not isinstance(manifest["model"], dict):
         raise ModelFormatError(f"{path}: model must be an object, got {manifest['model']!r}")
+    # What the rebuild wrote: a damaged or hand-edited value would change what the model computes, or
+    # load a file from elsewhere, without a word.
+    if manifest["dtype"] not in DTYPES:
+        raise ModelFormatError(f"{path}: dtype must be one of {', '.join(DTYPES)}, got {manifest['dtype']!r}")
+    if manifest["gelu"] not in GELUS:
+        raise ModelFormatError(f"{path}: gelu must be one of {', '.join(GELUS)}, got {manifest['gelu']!r}")
+    if manifest.get("do_lower_case") is not None and not isinstance(manifest["do_lower_case"], bool):
+        raise ModelFormatError(f"{path}: do_lower_case must be true, false or null, got {manifest['do_lower_case']!r}")
     _check_buckets(path, manifest)
+    _check_reference_section(path, manifest.get("reference"))
     equivalence = manifest.get("equivalence")
     if equivalence is not None and not (isinstance(equivalence, dict) and isinstance(equivalence.get("passed"), bool)):
         raise ModelFormatError(f"{path}: equivalence must be null or an object with passed true or false")
     return manifest
+
+
+def _check_reference_section(path: pathlib.Path, section) -> None:
+    """ModelFormatError unless the reference section is absent, null or an object whose ``file`` (if
+    given) is a plain file name in the model directory and whose ``tolerance`` is a finite number > 0."""
+    if section is None:
+        return
+    if not isinstance(section, dict):
+        raise ModelFormatError(f"{path}: reference must be an object, got {section!r}")
+    name = section.get("file", REFERENCE_FILE)
+    if not isinstance(name, str) or not name or pathlib.PurePath(name).name != name or name in (".", ".."):
+        raise ModelFormatError(f"{path}: reference.file must be a file name in the model directory, got {name!r}")
+    tolerance = section.get("tolerance")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < math.inf:
+        raise ModelFormatError(f"{path}: reference.tolerance must be a finite number > 0, got {tolerance!r}")
 
 
 def _check_buckets(path: pathlib.Path, manifest: dict) -> None:

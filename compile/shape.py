@@ -69,6 +69,10 @@ class BertShape:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ModelFormatError(f"model shape: unknown keys {unknown}")
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        missing = sorted(required - set(data))
+        if missing:
+            raise ModelFormatError(f"model shape: lacks {', '.join(missing)}")
         try:
             return cls(**data)
         except TypeError as exc:

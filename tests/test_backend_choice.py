@@ -17,7 +17,8 @@ def compiled_dir(tmp_path, target: str):
     from bertpool.compile.runtime import MANIFEST, MANIFEST_VERSION, REQUIRED_KEYS
 
     manifest = {key: None for key in REQUIRED_KEYS}
-    manifest.update(format_version=MANIFEST_VERSION, target=target, batch_size=4, seq_length=128, model={})
+    manifest.update(format_version=MANIFEST_VERSION, target=target, batch_size=4, seq_length=128, model={},
+                    dtype="float32", gelu="erf")
     directory = tmp_path / target
     directory.mkdir()
     (directory / MANIFEST).write_text(json.dumps(manifest))

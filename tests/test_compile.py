@@ -525,6 +525,18 @@ SIGNATURE_MISMATCH = (r"seq_length .* seq_buckets .* do not match the model's co
     ("bucket -1", {"seq_buckets": [-1, 32, 64, 96, 128]}, SIGNATURE_MISMATCH),
     ("batch_size 8", {"batch_size": 8}, SIGNATURE_MISMATCH),
     ("seq_buckets a number", {"seq_buckets": 128}, "seq_buckets must be a list of whole numbers"),
+    # Hand-edited or damaged values that loaded: a tolerance as text was a traceback (ValueError), the
+    # others were taken as they came (a float64 label, "no" read as true, a reference file elsewhere).
+    ("dtype float64", {"dtype": "float64"}, "dtype must be one of float32, float16, bfloat16, got 'float64'"),
+    ("gelu relu", {"gelu": "relu"}, "gelu must be one of erf, tanh, crude"),
+    ("do_lower_case text", {"do_lower_case": "no"}, "do_lower_case must be true, false or null, got 'no'"),
+    ("tolerance text", {"reference": {"file": "reference.npz", "pairs": 8, "tolerance": "abc"}},
+     "reference.tolerance must be a finite number > 0, got 'abc'"),
+    ("tolerance inf", {"reference": {"file": "reference.npz", "pairs": 8, "tolerance": float("inf")}},
+     "reference.tolerance must be a finite number > 0"),
+    ("reference elsewhere", {"reference": {"file": "/etc/passwd", "pairs": 8, "tolerance": 0.01}},
+     "reference.file must be a file name in the model directory, got '/etc/passwd'"),
+    ("model without keys", {"model": {}}, "model shape: lacks heads, hidden, intermediate"),  # was a TypeError's text
     ("neuron with buckets", {"target": "neuron", "neuron": {"family": "inf1"}},
      "a neuron model runs at its seq_length 128 alone"),
 ])
