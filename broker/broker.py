@@ -17,7 +17,8 @@ Reliability (see the heartbeat section of :mod:`bertpool.common.protocol`):
   reply under a token the broker no longer knows is dropped and counted
   (``late_replies_dropped``): no request is ever answered twice. A HEARTBEAT
   from a socket that is not registered is answered DISCONNECT, so a worker the
-  broker gave up on (or one from before a broker restart) registers afresh.
+  broker gave up on (or one from before a broker restart) registers afresh. A
+  READY for a slot from the pid that holds it is a re-registration, not a restart.
 * Deadlines: a REQUEST's ``deadline_ms`` becomes an absolute deadline on the
   broker's clock at receipt. Expired requests are answered ERROR
   deadline_exceeded instead of being dispatched; the time left travels to the
@@ -26,7 +27,10 @@ Reliability (see the heartbeat section of :mod:`bertpool.common.protocol`):
   deadline_exceeded by the broker, and its worker's late answer is dropped.
 * Hostile input: every frame is validated (protocol.parse_from_client and
   parse_from_worker); a bad client message gets an ERROR reply, a bad worker
-  message is dropped and counted (``dropped_malformed``); ``max_message_bytes``
+  message is dropped and counted (``dropped_malformed``; a malformed READY is also
+  a WARNING, once per worker), and so is a STATS from a socket that neither
+  registered nor answered a request, under an epoch no such socket named
+  (``stats_dropped``); ``max_message_bytes``
   (ZeroMQ MAXMSGSIZE) disconnects a peer that sends a larger frame before it
   is read.
 * A client that stops reading cannot stall the broker or grow its memory: at
@@ -34,7 +38,9 @@ Reliability (see the heartbeat section of :mod:`bertpool.common.protocol`):
   are dropped and counted (``dropped``), never blocked on.
 * Graceful shutdown: stop() makes new REQUESTs get ERROR shutting_down, lets
   held and queued requests finish for up to ``drain_timeout_s``, answers the
-  rest shutting_down, says DISCONNECT to every worker, and returns.
+  rest shutting_down, says DISCONNECT to every worker, and returns. Meanwhile a
+  READY gets no answer (answering each fed a READY/DISCONNECT loop) and an
+  unregistered socket's beat gets DISCONNECT shutting_down.
 
 Bodies are not decoded on the request path, except a REQUEST that names a
 ``deadline_ms`` (protocol.request_deadline_ms).
@@ -67,6 +73,11 @@ from ..common.fastzmq import recv_nowait, send_nowait
 log = logging.getLogger("bertpool.broker")
 
 _TOKEN_MASK = (1 << (8 * P.TOKEN_BYTES)) - 1
+# The shortest stats_interval_s other than 0 (off): 1e-9 printed about 90,000 lines a second.
+MIN_STATS_INTERVAL_S = 0.1
+# Peers remembered: worker sockets that answered a request (their STATS count), and senders of a
+# malformed READY already warned about. Bounded, so a flood of new sockets cannot grow memory.
+MAX_PEERS = 1024
 
 
 @dataclass(frozen=True)
@@ -78,7 +89,7 @@ class BrokerConfig:
     max_request_bytes: int = 1 << 20         # larger request bodies are refused (too_large)
     max_message_bytes: int = 4 << 20         # ZeroMQ MAXMSGSIZE on both ROUTERs: a peer sending a larger
                                              # frame is disconnected before it is read (> max_request_bytes)
-    stats_interval_s: float = 0.0            # print a stats line this often (0 = never)
+    stats_interval_s: float = 0.0            # print a stats line this often (0 = never, else >= 0.1)
     frontend_sndhwm_msgs: int = 1000         # replies queued for one client before more are dropped
     frontend_rcvhwm_msgs: int = 10_000       # messages read ahead from one client before ZeroMQ stops
                                              # reading its connection (a flood pushes back, memory stays bounded)
@@ -114,8 +125,9 @@ class BrokerConfig:
             raise ConfigError(f"max_redispatch must be >= 0, got {self.max_redispatch}")
         if not 0 <= self.drain_timeout_s <= P.MAX_TIMEOUT_S:  # NaN, inf: SIGTERM would never finish
             raise ConfigError(f"drain_timeout_s must be in [0, {P.MAX_TIMEOUT_S:g}] s, got {self.drain_timeout_s}")
-        if not self.stats_interval_s >= 0:
-            raise ConfigError(f"stats_interval_s must be >= 0, got {self.stats_interval_s}")
+        if self.stats_interval_s != 0 and not MIN_STATS_INTERVAL_S <= self.stats_interval_s <= P.MAX_TIMEOUT_S:
+            raise ConfigError(f"stats_interval_s must be 0 (off) or in [{MIN_STATS_INTERVAL_S:g}, "
+                              f"{P.MAX_TIMEOUT_S:g}] s, got {self.stats_interval_s}")
         if self.metrics_address:
             parse_host_port(self.metrics_address, "--metrics-address")
         P.check_endpoint("frontend address", self.frontend)
@@ -195,6 +207,9 @@ class BrokerCounters:
     late_replies_dropped: int = 0  # worker answers under a token no longer held (dead worker, expired)
     workers_lost: int = 0         # workers removed as dead (silent, unreachable or replaced by a restart)
     dropped_malformed: int = 0    # malformed worker messages dropped
+    stats_dropped: int = 0        # well-formed STATS dropped: from a socket that neither registered nor
+                                  # answered a request, under no epoch such a socket sent (a stranger, or
+                                  # a worker from before a broker restart, yet to re-register)
     disconnects_sent: int = 0     # DISCONNECTs sent to unregistered workers that beat
     shutting_down: int = 0        # requests answered shutting_down
     heartbeats: int = 0           # client HEARTBEATs answered
@@ -244,6 +259,11 @@ class Broker:
         self._stop_now = threading.Event()   # return at once (second stop, or drain=False)
         self._draining_until: float | None = None
         self._stats_out = stats_out or sys.stdout
+        # Unregistered sockets that answered a request handed out here (workers' compute sockets),
+        # whose STATS are taken like a registered socket's; insertion-ordered, oldest dropped first.
+        self._answering: dict[bytes, None] = {}
+        self._warned_ready: dict[Any, None] = {}  # senders of a malformed READY already warned about
+        self._ready_ignored = False  # a READY came while draining (said once)
         self._last_totals: tuple[float, int, int, int] | None = None
         self.frontend: zmq.Socket | None = None
         self.backend: zmq.Socket | None = None
@@ -510,25 +530,28 @@ class Broker:
             message = P.parse_from_worker(frames[1:])
         except ProtocolError as exc:
             self.counters.dropped_malformed += 1
-            log.debug("dropping malformed worker message: %s", exc)
+            if len(frames) == 4 and frames[2] == P.READY:
+                self._warn_bad_ready(identity, frames[3], exc)
+            else:
+                log.debug("dropping malformed worker message: %s", exc)
             return
         worker = self._workers.get(identity)
         if worker is not None:
             worker.last_heard = time.monotonic()  # any message counts as a beat
         kind = message.kind
         if kind == P.REPLIES:
+            delivered = False
             for answer_kind, token, body in message.replies:
-                self._on_reply(answer_kind, token, body)
+                delivered = self._on_reply(answer_kind, token, body) or delivered
+            if delivered and worker is None:
+                self._note_answering(identity)
         elif kind in (P.REPLY, P.ERROR):
-            self._on_reply(kind, message.token, message.body)
+            if self._on_reply(kind, message.token, message.body) and worker is None:
+                self._note_answering(identity)
         elif kind == P.READY:
             self._on_ready(identity, message.ready)
         elif kind == P.STATS:
-            if worker is not None:
-                worker.stats = message.stats
-            if message.epoch or worker is not None:
-                # A worker's last STATS may come on its second socket: its epoch names it.
-                self.pool_totals.update(message.epoch or identity.hex(), message.stats or {}, message.histograms)
+            self._on_worker_stats(identity, worker, message)
         elif kind == P.DISCONNECT:
             self._on_disconnect(identity, message.incarnation)
         elif kind == P.HEARTBEAT and worker is None:
@@ -536,9 +559,58 @@ class Broker:
             if owner is not None:  # a worker's beat from its other socket (a long inline batch)
                 owner.last_heard = time.monotonic()
                 return
-            # A worker we do not know (presumed dead, or from before a restart): make it re-register.
+            # A worker we do not know (presumed dead, or from before a restart): make it re-register;
+            # while we drain, say why it cannot (its READY went unanswered: see _on_ready). One
+            # answer per beat: at most one a heartbeat interval per worker.
             self.counters.disconnects_sent += 1
-            self._send_worker(identity, P.broker_disconnect_frames(P.DISCONNECT_UNKNOWN))
+            reason = P.DISCONNECT_SHUTDOWN if self._stop.is_set() else P.DISCONNECT_UNKNOWN
+            self._send_worker(identity, P.broker_disconnect_frames(reason))
+
+    def _on_worker_stats(self, identity: bytes, worker: _WorkerState | None, message: P.FromWorker) -> None:
+        """Add a worker's STATS to the pool totals. Taken from a registered socket, from one that
+        answered a request handed out here (a worker's compute socket: its last STATS come there),
+        or under an epoch one of those sent; anything else is dropped and counted (stats_dropped),
+        else any peer on the worker endpoint could add to the totals for good."""
+        epoch = message.epoch
+        if worker is None and identity not in self._answering and not (epoch and self.pool_totals.knows(epoch)):
+            self.counters.stats_dropped += 1
+            log.debug("dropping STATS from a socket that never registered (epoch %r)", epoch)
+            return
+        counters = message.stats or {}
+        if worker is not None:
+            worker.stats = counters
+        # A process that registered before (reconnects > 0) may have worked for an earlier broker
+        # (this one restarted): the first STATS heard of its stream is a baseline, not an increase,
+        # else its whole lifetime lands in this broker's totals. This loses at most the one STATS
+        # interval of work it did here before that first STATS.
+        self.pool_totals.update(epoch or identity.hex(), counters, message.histograms,
+                                baseline=counters.get("reconnects", 0) > 0)
+
+    def _note_answering(self, identity: bytes) -> None:
+        """Remember ``identity``, an unregistered socket that answered a request: a worker's."""
+        if identity in self._answering:
+            return
+        self._answering[identity] = None
+        if len(self._answering) > MAX_PEERS:
+            del self._answering[next(iter(self._answering))]
+
+    def _warn_bad_ready(self, identity: bytes, body: bytes, exc: ProtocolError) -> None:
+        """A READY refused as malformed: a worker that will retry forever and never serve, so say why
+        at WARNING, once per sender (its pid where readable: each retry comes on a new socket)."""
+        try:
+            pid = P.unpack(body).get("pid")
+        except ProtocolError:
+            pid = None
+        known_pid = isinstance(pid, int) and not isinstance(pid, bool)
+        key = ("pid", pid) if known_pid else identity
+        if key in self._warned_ready:
+            log.debug("dropping malformed READY: %s", exc)
+            return
+        self._warned_ready[key] = None
+        if len(self._warned_ready) > MAX_PEERS:
+            del self._warned_ready[next(iter(self._warned_ready))]
+        log.warning("refusing a malformed READY from a worker%s: %s; it is not registered (said once per "
+                    "worker)", f" (pid {pid})" if known_pid else "", exc)
 
     def _registered(self, incarnation: str | None) -> _WorkerState | None:
         """The registered worker of ``incarnation`` (None: none, or no incarnation given)."""
@@ -556,7 +628,12 @@ class Broker:
 
     def _on_ready(self, identity: bytes, ready: P.Ready) -> None:
         if self._stop.is_set():
-            self._send_worker(identity, P.broker_disconnect_frames(P.DISCONNECT_SHUTDOWN))
+            # Draining: no new registrations, and no answer either. A DISCONNECT for each READY fed a
+            # hot loop (the worker re-registered at once, on a new socket, and was answered again, some
+            # 1,500 times a second); its next beat, an interval later, gets DISCONNECT shutting_down.
+            if not self._ready_ignored:
+                self._ready_ignored = True
+                log.info("a worker said READY while the broker drains: not registered, not answered")
             return
         if identity in self._workers:
             worker = self._workers[identity]
@@ -565,18 +642,26 @@ class Broker:
         # A READY for a registered slot from another socket is that slot's restart: the old
         # process is dead, so what it held is re-dispatched (unless heartbeats caught it sooner).
         # Slots are unique to host, supervisor process and core, so this never drops a live
-        # worker; names and slot-less READYs replace nothing.
+        # worker; names and slot-less READYs replace nothing. From the same pid, it is that process
+        # re-registering (after a pause, a DISCONNECT or a broker stall): no restart, no death, so
+        # no loss counted; it dropped what it held, which goes back to the queue.
+        reregistered = False
         if ready.slot is not None:
             for old in [w for w in self._workers.values() if w.slot == ready.slot]:
-                self._remove_worker(old.identity, "replaced by its restart", lost=True)
+                if old.pid is not None and old.pid == ready.pid:
+                    reregistered = True
+                    self._remove_worker(old.identity, "re-registered")
+                else:
+                    self._remove_worker(old.identity, "replaced by its restart", lost=True)
         incarnation = ready.incarnation or identity.hex()
         name = self._unique_name(ready.worker or identity.hex(), incarnation)
         self._workers[identity] = _WorkerState(identity, name, incarnation, ready.capacity, ready.slot,
                                                ready.pid, ready.backend, last_heard=time.monotonic(),
                                                ready=ready)
         if self.metrics is not None:
-            self.metrics.on_ready(ready.slot)
-        log.info("worker %s ready, capacity %d (%d workers)", name, ready.capacity, len(self._workers))
+            self.metrics.on_ready(ready.slot, ready.pid)
+        log.info("worker %s %s, capacity %d (%d workers)", name, "re-registered" if reregistered else "ready",
+                 ready.capacity, len(self._workers))
 
     def _unique_name(self, name: str, incarnation: str) -> str:
         """``name``, or with its incarnation appended if a live worker already has it."""
@@ -584,7 +669,8 @@ class Broker:
             return f"{name}#{incarnation}"
         return name
 
-    def _on_reply(self, kind: bytes, token: bytes, body: bytes) -> None:
+    def _on_reply(self, kind: bytes, token: bytes, body: bytes) -> bool:
+        """Forward a worker's answer to its client; False when its token matched nothing held."""
         owner = self._owners.pop(token, None)
         worker = self._workers.get(owner) if owner is not None else None
         request = worker.inflight.pop(token, None) if worker is not None else None
@@ -592,7 +678,7 @@ class Broker:
             # Its worker was presumed dead (the request went elsewhere under a fresh token) or
             # the broker answered it already: delivering it would answer the request twice.
             self.counters.late_replies_dropped += 1
-            return
+            return False
         worker.last_heard = now = time.monotonic()  # a reply on its second socket is a beat too
         if kind == P.REPLY:
             self.counters.replies += 1
@@ -603,6 +689,7 @@ class Broker:
             if kind == P.ERROR:
                 self.metrics.count_error(P.peek_error_code(body))
         self._to_client(request.client, kind, body)
+        return True
 
     def _remove_worker(self, identity: bytes, why: str, lost: bool = False) -> None:
         """Forget a worker and put what it held back at the head of the queue. ``lost``: it died
@@ -614,13 +701,16 @@ class Broker:
         if lost:
             self.counters.workers_lost += 1
         requeue = []
+        failed = expired = 0  # answered worker_lost here; answered deadline_exceeded before
         for token, request in worker.inflight.items():
             self._owners.pop(token, None)
             if request.answered:
+                expired += 1
                 continue
             if lost:
                 request.lost += 1
                 if request.lost > self.config.max_redispatch:
+                    failed += 1
                     self.counters.worker_lost += 1
                     self._client_error(request.client, P.peek_id(request.body), P.E_WORKER_LOST,
                                        f"{request.lost} workers died holding this request")
@@ -630,8 +720,11 @@ class Broker:
         for request in reversed(requeue):  # keep their original order, ahead of newer ones
             self._enqueue(request, front=True)
         self.counters.requeued += len(requeue)
-        log.log(logging.WARNING if lost else logging.INFO, "worker %s removed (%s); %d requests re-queued",
-                worker.name, why, len(requeue))
+        # Every request it held, by fate: "0 re-queued" alone read as "it held nothing" while its
+        # clients got worker_lost.
+        log.log(logging.WARNING if lost else logging.INFO,
+                "worker %s removed (%s); %d requests re-queued, %d failed worker_lost, %d already answered "
+                "deadline_exceeded", worker.name, why, len(requeue), failed, expired)
 
     def _on_disconnect(self, identity: bytes, incarnation: str | None) -> None:
         """DISCONNECT names its incarnation, since it may come on the worker's reply socket; an
@@ -838,7 +931,7 @@ def main(argv: list[str] | None = None) -> int:
     add_broker_arguments(parser)
     add_link_arguments(parser)
     parser.add_argument("--stats-interval-s", type=float, default=1.0,
-                        help="print inferences/s this often; 0 disables (default: %(default)s)")
+                        help="print inferences/s this often, at least 0.1 s; 0 disables (default: %(default)s)")
     args = parser.parse_args(argv)
     setup_logging()
     try:

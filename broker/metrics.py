@@ -8,7 +8,10 @@ server's thread, and builds the families there. One CollectorRegistry per broker
 Workers report through the broker: each STATS carries the worker process's
 cumulative counters and histograms under a per-process ``epoch``; the broker adds
 each stream's increase to pool totals (:class:`PoolTotals`), so the totals stay
-monotonic while workers restart, re-register or answer on a second socket.
+monotonic while workers restart, re-register or answer on a second socket. A
+stream first heard from a worker that had registered before (with an earlier
+broker, before this one restarted) starts from a baseline: its lifetime so far
+is not this broker's work.
 
 Metric names (all prefixed ``bertpool_``; units in the names; label sets bounded by
 error codes and pool size, never per request or per client) are listed in METRICS
@@ -38,7 +41,8 @@ POOL_COUNTERS = ("inferences", "batches", "padded_rows")
 # Counter streams remembered after their worker left, so one that re-registers continues from
 # its last counts instead of being counted again (bounded: a stream is a few hundred bytes).
 MAX_STREAMS = 1024
-# Slots remembered to tell a restart from a first registration.
+# Slots remembered (with their last pid) to tell a restart from a first registration or a
+# re-registration of the same process.
 MAX_SLOTS = 4096
 # Outcome label for an error code a (misbehaving) worker sent that the protocol does not define.
 OTHER_CODE = "other"
@@ -55,8 +59,10 @@ METRICS = {
     "bertpool_batches_total": "Model calls made by the workers",
     "bertpool_padded_rows_total": "Dummy rows added to fill fixed-size batches",
     "bertpool_worker_registrations_total": "Worker READYs accepted (first starts, restarts, re-registrations)",
-    "bertpool_worker_restarts_total": "READYs for a supervisor slot that had registered before (a restart)",
-    "bertpool_workers_lost_total": "Workers removed as dead (silent, unreachable, or replaced by a restart)",
+    "bertpool_worker_restarts_total": "READYs for a supervisor slot that had registered before from another "
+                                      "process (a restart; the same pid re-registering is not one)",
+    "bertpool_workers_lost_total": "Workers removed as dead (silent, unreachable, or replaced by a restart; "
+                                   "not a process re-registering)",
     "bertpool_queue_depth_requests": "Requests waiting in the broker's queue for a worker",
     "bertpool_queue_depth_bytes": "Bytes of request bodies waiting in the broker's queue",
     "bertpool_workers_alive": "Registered workers",
@@ -93,14 +99,22 @@ class PoolTotals:
         self._streams: collections.OrderedDict[str, tuple[dict[str, int], dict[str, tuple[list[int], float]]]] = \
             collections.OrderedDict()
 
+    def knows(self, epoch: str) -> bool:
+        """Whether a STATS of stream ``epoch`` was taken (and is still remembered)."""
+        return epoch in self._streams
+
     def update(self, epoch: str, counters: dict[str, int],
-               histograms: dict[str, tuple[list[int], float]] | None) -> None:
+               histograms: dict[str, tuple[list[int], float]] | None, baseline: bool = False) -> None:
+        """Add what stream ``epoch`` did since its last STATS. ``baseline``: if this is the first
+        STATS of the stream, only remember it (the counts so far were not made for this broker)."""
+        add = not (baseline and epoch not in self._streams)
         last_counters, last_hists = self._streams.pop(epoch, ({}, {}))
         seen_counters = dict(last_counters)
         for name in POOL_COUNTERS:
             value = counters.get(name)
             if value is not None and value > seen_counters.get(name, 0):
-                self.counters[name] += value - seen_counters.get(name, 0)
+                if add:
+                    self.counters[name] += value - seen_counters.get(name, 0)
                 seen_counters[name] = value
         seen_hists = dict(last_hists)
         for name, (counts, total) in (histograms or {}).items():
@@ -110,7 +124,8 @@ class PoolTotals:
             old_counts, old_total = last_hists.get(name, ([0] * len(counts), 0.0))
             new_counts = [max(a, b) for a, b in zip(old_counts, counts)]
             new_total = max(old_total, total)
-            target.add([n - o for n, o in zip(new_counts, old_counts)], new_total - old_total)
+            if add:
+                target.add([n - o for n, o in zip(new_counts, old_counts)], new_total - old_total)
             seen_hists[name] = (new_counts, new_total)
         self._streams[epoch] = (seen_counters, seen_hists)
         while len(self._streams) > MAX_STREAMS:
@@ -128,20 +143,25 @@ class BrokerMetrics:
         self.pool = pool  # the broker's own (its STATS totals are these counters too)
         self.registrations = 0
         self.restarts = 0
-        self._slots: set[str] = set()
+        self._slot_pids: dict[str, int | None] = {}  # slot -> the pid of its last READY
 
     def count_error(self, code: str | None) -> None:
         key = code if code in self.errors else OTHER_CODE
         self.errors[key] += 1
 
-    def on_ready(self, slot: str | None) -> None:
+    def on_ready(self, slot: str | None, pid: int | None) -> None:
+        """A READY accepted: a restart when its slot registered before from another pid (a pid
+        unknown on either side counts as another); the same pid is a re-registration (after a
+        pause, a DISCONNECT or a broker stall), which no operator should read as a crash."""
         self.registrations += 1
         if slot is None:
             return
-        if slot in self._slots:
-            self.restarts += 1
-        elif len(self._slots) < MAX_SLOTS:
-            self._slots.add(slot)
+        if slot in self._slot_pids:
+            if pid is None or self._slot_pids[slot] != pid:
+                self.restarts += 1
+            self._slot_pids[slot] = pid
+        elif len(self._slot_pids) < MAX_SLOTS:
+            self._slot_pids[slot] = pid
 
 
 def _retry(read: Callable[[], Any]) -> Any:

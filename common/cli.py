@@ -291,26 +291,35 @@ def parse_host_port(value: str, flag: str) -> tuple[str, int]:
     host, sep, port_text = text.rpartition(":")
     if not sep:
         host, port_text = "127.0.0.1", text
+    if not host:
+        raise ConfigError(f"{flag} {value!r}: no host before ':'; give HOST:PORT, or PORT "
+                          f"alone for 127.0.0.1")
+    host = check_host(flag, value, host)
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ConfigError(f"{flag} {value!r}: the port must be a number in 1..65535 "
+                          f"(give HOST:PORT, or PORT alone for 127.0.0.1)")
+    return host, int(port_text)
+
+
+def check_host(flag: str, value: str, host: str) -> str:
+    """The non-empty HOST of ``value`` (a HOST:PORT or an endpoint, for messages), brackets removed:
+    an IPv4 address, ``[IPv6]`` or a host name; ConfigError naming ``flag`` otherwise. The one host
+    check of parse_host_port (HTTP, metrics) and protocol.check_endpoint (ZeroMQ's tcp://)."""
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
         _check_ip(flag, value, host)
-    elif ":" in host:
+        return host
+    if ":" in host:
         try:  # an IPv6 address without brackets, or one colon too many
             ipaddress.IPv6Address(host)
         except ValueError:
             raise ConfigError(f"{flag} {value!r}: give HOST:PORT (or PORT alone for 127.0.0.1)") from None
         raise ConfigError(f"{flag} {value!r}: write an IPv6 host in brackets, [::1]:PORT")
-    if not host:
-        raise ConfigError(f"{flag} {value!r}: no host before ':'; give HOST:PORT, or PORT "
-                          f"alone for 127.0.0.1")
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise ConfigError(f"{flag} {value!r}: the port must be a number in 1..65535 "
-                          f"(give HOST:PORT, or PORT alone for 127.0.0.1)")
-    if host[0].isdigit() and all(part.isdigit() for part in host.split(".")):
+    if host[:1].isdigit() and all(part.isdigit() for part in host.split(".")):
         _check_ip(flag, value, host)  # looks like IPv4: must be one
     elif not all(part and all(c.isalnum() or c == "-" for c in part) for part in host.split(".")):
         _check_ip(flag, value, host)
-    return host, int(port_text)
+    return host
 
 
 def _check_ip(flag: str, value: str, host: str) -> None:

@@ -6,7 +6,8 @@ with the version frame and a one-byte kind frame; bodies are msgpack maps.
 
 Client -> broker (frontend)            [VERSION, kind, body]
     REQUEST  body {id, text_a, text_b, deadline_ms?}
-                                                  a text pair, or
+                                                  a text pair (msgpack str each, as the client
+                                                  sends them; bin is refused, bad_text), or
              body {id, input_ids, input_mask, segment_ids, deadline_ms?}
                                                   pre-tokenized features, each an encoded array [S] int32
              deadline_ms (optional): the time left to the request's deadline when the
@@ -22,7 +23,9 @@ Client -> broker (frontend)            [VERSION, kind, body]
 
 Broker -> client (frontend)            [VERSION, kind, body]
     REPLY    body {id, label, probabilities, timings}
-    ERROR    body {id, code, message}             id is None where the request had none readable
+    ERROR    body {id, code, message}             id is None where the request had none readable; an
+                                                  over-long str id comes back cut to MAX_ID_LEN
+                                                  characters plus "…" (so no valid id equals it)
     BUSY     body {id, message}                   queue full; request not accepted
     STATS    body {id, stats}                     stats: see Broker.stats()
     HEARTBEAT body {}                             answer to a client's HEARTBEAT
@@ -58,14 +61,23 @@ Worker -> broker (backend)             [VERSION, kind, ...]
                                                   order. At least 1, at most MAX_PER_MESSAGE answers
     STATS     [VERSION, STATS, body {inferences, batches, padded_rows, ..., epoch?, histograms?}]
                                                   cumulative integer counters since the worker process
-                                                  started; epoch (optional): a str naming that process's
+                                                  started, each in [0, MAX_COUNT); among them
+                                                  reconnects (optional, 0 when absent): times the
+                                                  process registered afresh, so a stream first heard
+                                                  with reconnects > 0 may hold work done for an earlier
+                                                  broker (the broker takes it as a baseline, not as an
+                                                  increase); epoch (optional): a str naming that process's
                                                   counter stream (random per process, kept across its
                                                   re-registrations), so the broker can total the counts
                                                   of a pool whose workers come and go without counting
                                                   any twice; histograms (optional): cumulative
                                                   {name: {counts: [int per bucket, +Inf last], sum:
                                                   float}}, at most MAX_HISTOGRAMS of MAX_BUCKETS buckets
-                                                  (names and buckets: common.metrics_export)
+                                                  (names and buckets: common.metrics_export), every
+                                                  count and the sum in [0, MAX_COUNT). The broker adds
+                                                  a STATS only from a registered socket, or one that
+                                                  answered a request it handed out, or under an epoch
+                                                  one of those sent
     HEARTBEAT [VERSION, HEARTBEAT, body {incarnation?}]
                                                   "I am alive"; sent every heartbeat_interval_s on the
                                                   worker's registration socket (the one READY left on).
@@ -114,7 +126,11 @@ Broker -> worker (backend)             [VERSION, kind, ...]
                                                   "unknown_worker" (a beat from a socket the broker
                                                   does not know: e.g. a worker it presumed dead, or
                                                   one from before a broker restart) or
-                                                  "shutting_down". The worker drops what it held
+                                                  "shutting_down" (to each registered worker as the
+                                                  broker exits, and to an unregistered socket's beat
+                                                  while it drains; a READY then gets no answer at
+                                                  all, so a worker that re-registers at once cannot
+                                                  ping-pong with it). The worker drops what it held
                                                   (those tokens are void), reopens its sockets and
                                                   says READY again under a new incarnation.
 
@@ -173,6 +189,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from .cli import check_host
 from .errors import ConfigError, InputError, ProtocolError
 
 VERSION = b"BP4"
@@ -219,6 +236,10 @@ MAX_NAME_LEN = 256  # worker names, slots and incarnations in READY and DISCONNE
 MAX_LABEL_LEN = 128  # READY's model and version strings (metric labels)
 MAX_HISTOGRAMS = 16  # histograms in one STATS
 MAX_BUCKETS = 64     # buckets in one of them
+# Bound on every STATS counter, bucket count and histogram sum: float64 (a Prometheus sample) holds
+# each integer below it exactly, and no worker gets near it (2**53 rows at a million a second take
+# 285 years), so a larger value is a bug or a forgery that would swamp the pool totals for good.
+MAX_COUNT = 1 << 53
 
 TOKEN_BYTES = 8
 MAX_PER_MESSAGE = 4096  # most requests in one REQUESTS, or answers in one REPLIES
@@ -246,14 +267,23 @@ def _tcp_host_port(endpoint: str) -> tuple[str, str] | None:
 def check_endpoint(name: str, endpoint: str) -> str:
     """Return ``endpoint`` if it names a ZeroMQ transport bertpool uses, else ConfigError; a tcp
     endpoint needs a fixed port 1..65535 (ZeroMQ would wrap a larger one, and ``*`` or 0, a port
-    chosen at bind, is one no peer could know)."""
+    chosen at bind, is one no peer could know) and a HOST that is ``*`` (bind: every interface), an
+    IPv4 address or a name, checked as every HOST:PORT flag's (cli.check_host): ZeroMQ itself would
+    take ``999.1.1.1`` and fail later with "No such device". IPv6 is refused: bertpool's sockets do
+    not set ZeroMQ's IPV6 option, without which every bracketed host fails the same way.
+    (``inproc://`` passes, for sockets of one process; the command-line flags refuse it.)"""
     if not isinstance(endpoint, str) or not endpoint.startswith(TRANSPORTS):
-        raise ConfigError(f"{name} {endpoint!r} must start with {', '.join(TRANSPORTS)}")
+        raise ConfigError(f"{name} {endpoint!r} must start with tcp:// or ipc://")
     tcp = _tcp_host_port(endpoint)
     if tcp is not None:
         host, port = tcp
         if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
             raise ConfigError(f"{name} {endpoint!r} must be tcp://HOST:PORT with PORT in 1..65535")
+        if host.startswith("[") or ":" in host:
+            raise ConfigError(f"{name} {endpoint!r}: IPv6 is not supported on bertpool's ZeroMQ links; "
+                              f"give an IPv4 address or a host name")
+        if host != "*":
+            check_host(name, endpoint, host)
     return endpoint
 
 
@@ -287,12 +317,20 @@ def local_endpoint(bound: str) -> str:
 
 
 def check_heartbeat(interval_s: float, liveness: int) -> None:
-    """ConfigError unless the heartbeat settings (broker's or worker's) can detect anything."""
+    """ConfigError unless the heartbeat settings (broker's or worker's) can detect anything: the
+    liveness window (interval x liveness, how long a silent peer still passes for alive) is at most
+    MAX_TIMEOUT_S, the bound every other wait and deadline has (check_timeout), so a dead peer is
+    noticed, and what it held re-dispatched, within the longest any request may wait (a liveness of
+    10**20 passed and turned detection off). A lower cap would refuse slow links' settings for no
+    bound the rest of the pool keeps."""
     # Under 10 ms a beat is due before a busy peer can answer: live workers are presumed dead in a loop.
     if isinstance(interval_s, bool) or not isinstance(interval_s, (int, float)) or not 0.01 <= interval_s <= 3600:
         raise ConfigError(f"heartbeat_interval_s must be in [0.01, 3600], got {interval_s!r}")
     if isinstance(liveness, bool) or not isinstance(liveness, int) or liveness < 1:
         raise ConfigError(f"heartbeat_liveness must be an int >= 1, got {liveness!r}")
+    if interval_s * liveness > MAX_TIMEOUT_S:
+        raise ConfigError(f"heartbeat_liveness x heartbeat_interval_s must be at most {MAX_TIMEOUT_S:g} s (a day), "
+                          f"got {liveness} x {interval_s:g} s: a peer dead that long would never be noticed")
 
 
 def _queued_us(seconds: float) -> int:
@@ -488,10 +526,10 @@ def check_feature_arg(field: str, values: Any) -> np.ndarray:
 def _check_text(body: dict[str, Any], field: str) -> str:
     text = body.get(field)
     if isinstance(text, bytes):
-        try:
-            text = text.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InputError(E_BAD_TEXT, f"{field}: not valid UTF-8") from exc
+        # Text is a msgpack str: what the client refuses (TypeError: bytes are not a str) the server
+        # refuses too, with the code a bin that is not UTF-8 always got (so valid UTF-8 no longer
+        # passes on one side only).
+        raise InputError(E_BAD_TEXT, f"{field}: msgpack bin, not UTF-8 text; send text as a msgpack str")
     if not isinstance(text, str):
         raise ProtocolError(E_BAD_FIELD, f"{field}: missing or not a string")
     if not text.strip():
@@ -572,11 +610,15 @@ def peek_error_code(data: bytes) -> str | None:
 
 
 def peek_id(data: bytes) -> Any:
-    """Best-effort request id of a raw body, for error replies; None if unreadable."""
+    """Best-effort request id of a raw body, for error replies; None if unreadable. A str id over
+    MAX_ID_LEN comes back cut to MAX_ID_LEN characters plus "…": an ERROR echoed a 10,000-character
+    id in full, and the marker keeps the cut one from equalling any valid id another request has."""
     try:
         rid = unpack(data).get("id")
     except ProtocolError:
         return None
+    if isinstance(rid, str) and len(rid) > MAX_ID_LEN:
+        return rid[:MAX_ID_LEN] + "…"
     return rid if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
 
 
@@ -847,9 +889,13 @@ def parse_from_worker(frames: list[bytes]) -> FromWorker:
     if kind == READY:
         return FromWorker(kind, ready=parse_ready(body))
     if kind == STATS:
-        return FromWorker(kind, stats={k: v for k, v in body.items()
-                                       if isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)},
-                          epoch=_label(body, "epoch"), histograms=_parse_histograms(body.get("histograms")))
+        counters = {k: v for k, v in body.items()
+                    if isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)}
+        bad = next((k for k, v in counters.items() if not 0 <= v < MAX_COUNT), None)
+        if bad is not None:
+            raise ProtocolError(E_BAD_FIELD, f"STATS counter {bad[:32]!r}: {counters[bad]} is outside [0, 2**53)")
+        return FromWorker(kind, stats=counters, epoch=_label(body, "epoch"),
+                          histograms=_parse_histograms(body.get("histograms")))
     if kind == DISCONNECT:
         return FromWorker(kind, incarnation=parse_disconnect(body))
     raise ProtocolError(E_BAD_KIND, f"workers may not send {kind[:8]!r}")
@@ -865,12 +911,14 @@ def _parse_histograms(value: Any) -> dict[str, tuple[list[int], float]] | None:
     for name, h in value.items():
         counts = h.get("counts") if isinstance(h, dict) else None
         total = h.get("sum") if isinstance(h, dict) else None
+        # Finite and below MAX_COUNT: a sum of inf (or 1e308, which doubles to inf) would stick in
+        # the pool totals forever.
         if (not isinstance(name, str) or len(name) > MAX_LABEL_LEN or not isinstance(counts, list)
                 or not 1 <= len(counts) <= MAX_BUCKETS
-                or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
-                or isinstance(total, bool) or not isinstance(total, (int, float)) or not total >= 0):
-            raise ProtocolError(E_BAD_FIELD, f"STATS histogram {str(name)[:32]!r}: need {{counts: [int >= 0], "
-                                             f"sum: number >= 0}}, at most {MAX_BUCKETS} buckets")
+                or not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < MAX_COUNT for c in counts)
+                or isinstance(total, bool) or not isinstance(total, (int, float)) or not 0 <= total < MAX_COUNT):
+            raise ProtocolError(E_BAD_FIELD, f"STATS histogram {str(name)[:32]!r}: need {{counts: [int in [0, 2**53)], "
+                                             f"sum: number in [0, 2**53)}}, at most {MAX_BUCKETS} buckets")
         out[name] = (counts, float(total))
     return out
 

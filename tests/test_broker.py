@@ -7,6 +7,7 @@ tests see exactly what crosses the wire.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 
@@ -16,6 +17,7 @@ import zmq
 from bertpool.broker.broker import Broker, BrokerConfig
 from bertpool.common import protocol as P
 from bertpool.common.errors import ConfigError
+from bertpool.common.metrics_export import LATENCY_BUCKETS_S as P_LATENCY_BUCKETS
 from conftest import free_tcp_port
 
 WAIT_MS = 5000
@@ -56,10 +58,10 @@ def nothing(sock: zmq.Socket, ms: int = 200) -> bool:
 
 
 def ready(worker: zmq.Socket, capacity: int, name: str, slot: str | None = None,
-          incarnation: str | None = None) -> str:
+          incarnation: str | None = None, pid: int = 1) -> str:
     """Say READY; returns the incarnation it used."""
     incarnation = incarnation or P.new_incarnation()
-    worker.send_multipart([P.VERSION, P.READY, P.ready_body(name, slot, incarnation, 1, capacity, "test", 1)])
+    worker.send_multipart([P.VERSION, P.READY, P.ready_body(name, slot, incarnation, pid, capacity, "test", 1)])
     return incarnation
 
 
@@ -160,11 +162,11 @@ def test_restarted_worker_replaces_its_dead_predecessor(broker, sockets):
     b = broker()
     client = sockets(b.config.frontend)
     dead, restarted = sockets(b.config.backend), sockets(b.config.backend)
-    ready(dead, 4, SLOT, slot=SLOT)
+    ready(dead, 4, SLOT, slot=SLOT, pid=100)
     wait_workers(b, client, 1)
     request(client, "held")
     recv(dead)
-    ready(restarted, 4, SLOT, slot=SLOT)  # same slot, new socket and incarnation: the old one is gone
+    ready(restarted, 4, SLOT, slot=SLOT, pid=101)  # same slot, new process: the old one is gone
     assert P.unpack(recv(restarted)[3])["id"] == "held"
     got = stats(client)
     assert list(got["workers"]) == [SLOT] and got["broker"]["requeued"] == 1
@@ -193,9 +195,9 @@ def test_late_disconnect_of_a_replaced_incarnation_is_ignored(broker, sockets):
     b = broker()
     client = sockets(b.config.frontend)
     dead, dead_outbox, restarted = (sockets(b.config.backend) for _ in range(3))
-    old = ready(dead, 2, SLOT, slot=SLOT)
+    old = ready(dead, 2, SLOT, slot=SLOT, pid=100)
     wait_workers(b, client, 1)
-    ready(restarted, 2, SLOT, slot=SLOT)
+    ready(restarted, 2, SLOT, slot=SLOT, pid=101)
     # The old process's last word, on its reply socket, overtaken by its successor's READY.
     dead_outbox.send_multipart([P.VERSION, P.DISCONNECT, P.disconnect_body(SLOT, old)])
     request(client, "served")
@@ -347,10 +349,15 @@ def test_two_spellings_of_one_ipc_file_are_one_address(tmp_path):
         BrokerConfig(frontend=f"ipc://{tmp_path}/x", backend=f"ipc://{tmp_path}/./y/../x")
 
 
-@pytest.mark.parametrize("address", ["127.0.0.1:5555", "http://x", ""])
+@pytest.mark.parametrize("address", ["127.0.0.1:5555", "http://x", "", "tcp://999.1.1.1:5555", "tcp://[::1]:5557"])
 def test_bad_address_is_a_config_error(address):
     with pytest.raises(ConfigError):
         BrokerConfig(frontend=address)
+
+
+def test_stats_interval_off_or_at_least_a_tenth_of_a_second_is_taken():
+    assert BrokerConfig(stats_interval_s=0).stats_interval_s == 0
+    assert BrokerConfig(stats_interval_s=0.1).stats_interval_s == 0.1
 
 
 def test_replies_and_disconnect_may_come_on_the_workers_second_socket(broker, sockets):
@@ -649,6 +656,13 @@ def test_oversized_frame_is_refused_before_it_is_read(broker, sockets):
     ({"max_redispatch": -1}, "max_redispatch"),
     ({"drain_timeout_s": -1}, "drain_timeout_s"),
     ({"frontend_rcvhwm_msgs": 0}, "frontend_rcvhwm_msgs"),
+    # A liveness window over a day disabled failure detection (99999999999999999999 was taken).
+    ({"heartbeat_liveness": 99999999999999999999}, "heartbeat_liveness x heartbeat_interval_s must be at most"),
+    ({"heartbeat_interval_s": 3600, "heartbeat_liveness": 25}, "at most 86400 s"),
+    # 1e-9 printed some 90,000 stats lines a second; inf or NaN is no interval either.
+    ({"stats_interval_s": 1e-9}, r"stats_interval_s must be 0 \(off\) or in \[0.1, 86400\] s"),
+    ({"stats_interval_s": 0.05}, "stats_interval_s"), ({"stats_interval_s": -1}, "stats_interval_s"),
+    ({"stats_interval_s": float("inf")}, "stats_interval_s"), ({"stats_interval_s": float("nan")}, "stats_interval_s"),
 ])
 def test_reliability_settings_are_validated(kwargs, message):
     with pytest.raises(ConfigError, match=message):
@@ -714,3 +728,149 @@ def test_drain_timeout_answers_what_is_left_shutting_down(broker, sockets):
     assert answers == {"held", "queued"}
     b.test_thread.join(10)
     assert not b.test_thread.is_alive() and b.counters.shutting_down == 2
+
+
+# ------------------------------------------------- re-registrations, pool totals
+
+def test_a_ready_while_draining_is_not_answered_so_no_hot_loop(broker, sockets):
+    """Draining, the broker answered every READY with DISCONNECT; the worker re-registered at once on
+    a new socket, and the two ping-ponged some 1,500 times a second. Now a READY gets no answer; the
+    worker's next beat (an interval later) gets one DISCONNECT shutting_down, and the drain ends."""
+    b = broker(drain_timeout_s=30)
+    client, holder = sockets(b.config.frontend), sockets(b.config.backend)
+    ready(holder, 1, "holder")
+    wait_workers(b, client, 1)
+    request(client, "held")
+    token = recv_kind(holder, P.REQUEST)[2]  # the drain lasts until this is answered
+    b.stop()
+    late = sockets(b.config.backend)
+    ready(late, 1, "late")
+    assert nothing(late, 300)  # no DISCONNECT per READY
+    beat(late)
+    frames = recv_kind(late, P.DISCONNECT)
+    assert P.parse_from_broker(frames).reason == P.DISCONNECT_SHUTDOWN
+    again = sockets(b.config.backend)  # a worker that re-registers at once: still no answer
+    ready(again, 1, "late")
+    assert nothing(again, 300)
+    holder.send_multipart(P.reply_frames(token, P.reply_body("held", [0.5, 0.5], {})))
+    assert P.unpack(recv_kind(client, P.REPLY)[2])["id"] == "held"
+    b.test_thread.join(10)
+    assert not b.test_thread.is_alive() and b.counters.disconnects_sent == 1
+
+
+def test_the_same_process_re_registering_is_neither_a_restart_nor_a_loss(broker, sockets, caplog):
+    """A READY for a registered slot from the same pid (the worker re-registered after a pause, a
+    DISCONNECT or a broker stall) was taken as the slot's restart: the old registration counted as a
+    lost worker, and with --max-redispatch 0 what it held failed worker_lost. It is re-registered:
+    what it held is re-queued without a loss."""
+    caplog.set_level(logging.INFO, logger="bertpool.broker")
+    b = broker(max_redispatch=0)
+    client, first, second = sockets(b.config.frontend), sockets(b.config.backend), sockets(b.config.backend)
+    ready(first, 1, SLOT, slot=SLOT, pid=4242)
+    wait_workers(b, client, 1)
+    request(client, "held")
+    recv_kind(first, P.REQUEST)
+    ready(second, 1, SLOT, slot=SLOT, pid=4242)
+    assert P.unpack(recv_kind(second, P.REQUEST)[3])["id"] == "held"  # re-queued, not failed
+    got = stats(client)
+    assert list(got["workers"]) == [SLOT]
+    assert (got["broker"]["workers_lost"], got["broker"]["worker_lost"], got["broker"]["requeued"]) == (0, 0, 1)
+    assert f"worker {SLOT} removed (re-registered)" in caplog.text and f"worker {SLOT} re-registered" in caplog.text
+    assert "restart" not in caplog.text
+
+
+def test_the_removal_log_says_how_many_requests_failed_worker_lost(broker, sockets, caplog):
+    """The log said "0 requests re-queued" while 2 clients got worker_lost: it now says both."""
+    caplog.set_level(logging.INFO, logger="bertpool.broker")
+    b = broker(max_redispatch=0)
+    client, dead, restarted = sockets(b.config.frontend), sockets(b.config.backend), sockets(b.config.backend)
+    ready(dead, 2, SLOT, slot=SLOT, pid=100)
+    wait_workers(b, client, 1)
+    request(client, "a")
+    request(client, "b")
+    recv_kind(dead, P.REQUEST), recv_kind(dead, P.REQUEST)
+    ready(restarted, 2, SLOT, slot=SLOT, pid=101)  # a new process: the old one died holding both
+    codes = [P.parse_error(P.unpack(recv_kind(client, P.ERROR)[2]))[0] for _ in range(2)]
+    assert codes == [P.E_WORKER_LOST] * 2
+    stats(client)  # the broker logged the removal before it read this
+    assert (f"worker {SLOT} removed (replaced by its restart); 0 requests re-queued, 2 failed worker_lost, "
+            f"0 already answered deadline_exceeded") in caplog.text
+
+
+def test_a_malformed_ready_is_a_warning_once_per_worker(broker, sockets, caplog):
+    """A READY the broker refuses (here a name over MAX_NAME_LEN) left the worker re-registering forever
+    with nothing in the broker's log above DEBUG. Now one WARNING per worker (its pid: each retry comes
+    on a new socket), then DEBUG."""
+    caplog.set_level(logging.DEBUG, logger="bertpool.broker")
+    b = broker()
+    client = sockets(b.config.frontend)
+    long_name = "x" * (P.MAX_NAME_LEN + 1)
+    for pid in (77, 77, 78):
+        sockets(b.config.backend).send_multipart(
+            [P.VERSION, P.READY, P.ready_body(long_name, None, P.new_incarnation(), pid, 1, "test", 1)])
+    wait_stats(client, lambda s: s["broker"]["dropped_malformed"] == 3)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and all("malformed READY" in w and "worker: must be a str" in w for w in warnings)
+    assert sorted("(pid 77)" in w for w in warnings) == [False, True]  # one each (sockets race: any order)
+    assert sum("(pid 78)" in w for w in warnings) == 1
+    assert all(long_name not in w for w in warnings)
+
+
+def _stats_frames(inferences: int, epoch: str, reconnects: int = 0, compute_s: float = 0.0) -> list[bytes]:
+    counts = [0] * (len(P_LATENCY_BUCKETS) + 1)
+    counts[0] = inferences
+    return P.stats_frames({"inferences": inferences, "batches": inferences, "padded_rows": 0,
+                           "reconnects": reconnects}, epoch,
+                          {"compute_seconds": {"counts": counts, "sum": compute_s}})
+
+
+def test_stats_from_a_socket_that_never_registered_are_dropped(broker, sockets):
+    """One STATS from any peer on the worker endpoint, unregistered, was added to the pool totals for
+    good. Now STATS count from a registered socket, from one that answered a request handed out here
+    (a worker's compute socket), or under an epoch one of those sent; others are dropped and counted."""
+    b = broker()
+    client, inbox, outbox, stranger = (sockets(b.config.frontend), *(sockets(b.config.backend) for _ in range(3)))
+    stranger.send_multipart(_stats_frames(1000, "forged"))
+    wait_stats(client, lambda s: s["broker"]["stats_dropped"] == 1)
+    ready(inbox, 1, "w")
+    wait_workers(b, client, 1)
+    request(client, "r")
+    token = recv_kind(inbox, P.REQUEST)[2]
+    outbox.send_multipart(P.reply_frames(token, P.reply_body("r", [0.5, 0.5], {})))  # its compute socket
+    recv_kind(client, P.REPLY)
+    outbox.send_multipart(_stats_frames(1, "compute-epoch"))  # taken: that socket answered a request
+    got = wait_stats(client, lambda s: s["totals"]["inferences"] == 1)
+    assert got["broker"]["stats_dropped"] == 1 and b.pool_totals.histograms["compute_seconds"].counts[0] == 1
+    inbox.send_multipart(_stats_frames(3, "worker-epoch"))
+    wait_stats(client, lambda s: s["totals"]["inferences"] == 4)
+    sockets(b.config.backend).send_multipart(_stats_frames(5, "worker-epoch"))  # a known epoch: taken
+    wait_stats(client, lambda s: s["totals"]["inferences"] == 6)
+    stranger.send_multipart(_stats_frames(10**6, "forged"))
+    got = wait_stats(client, lambda s: s["broker"]["stats_dropped"] == 2)
+    assert got["totals"]["inferences"] == 6 and got["broker"]["dropped_malformed"] == 0
+    # Values no worker reports are malformed, from anyone.
+    inbox.send_multipart(P.stats_frames({"inferences": 2**63}, "worker-epoch"))
+    inbox.send_multipart([P.VERSION, P.STATS, P.pack({"inferences": 6, "epoch": "worker-epoch", "histograms": {
+        "compute_seconds": {"counts": [0] * (len(P_LATENCY_BUCKETS) + 1), "sum": float("inf")}}})])
+    got = wait_stats(client, lambda s: s["broker"]["dropped_malformed"] == 2)
+    assert got["totals"]["inferences"] == 6 and b.pool_totals.histograms["compute_seconds"].sum == 0.0
+
+
+def test_the_first_stats_of_a_worker_that_registered_before_is_a_baseline(broker, sockets):
+    """After a broker restart, a long-lived worker's first STATS added its whole lifetime to the new
+    broker's totals (inferences_total above requests_total{ok}). A stream first heard with
+    reconnects > 0 (the process registered before, maybe elsewhere) is now a baseline; a fresh one
+    (reconnects 0, or a worker that does not say) counts in full."""
+    b = broker()
+    client, old, fresh = sockets(b.config.frontend), sockets(b.config.backend), sockets(b.config.backend)
+    ready(old, 1, "old")
+    ready(fresh, 1, "fresh")
+    wait_workers(b, client, 2)
+    old.send_multipart(_stats_frames(1000, "old-epoch", reconnects=2, compute_s=50.0))
+    fresh.send_multipart(_stats_frames(3, "fresh-epoch", compute_s=0.5))
+    wait_stats(client, lambda s: s["totals"]["inferences"] == 3)
+    old.send_multipart(_stats_frames(1004, "old-epoch", reconnects=2, compute_s=50.25))
+    got = wait_stats(client, lambda s: s["totals"]["inferences"] == 7)
+    assert got["totals"]["batches"] == 7
+    compute = b.pool_totals.histograms["compute_seconds"]
+    assert compute.counts[0] == 7 and compute.sum == pytest.approx(0.75)

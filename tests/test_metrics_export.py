@@ -340,6 +340,8 @@ def test_worker_error_codes_restarts_and_stats_streams(raw_broker):
     late = hist.as_wire()
     second = dealer(b.config.backend)  # unregistered: a worker's compute socket
     first.send_multipart(P.stats_frames({"inferences": 3, "batches": 2, "padded_rows": 5}, "epoch-A", late))
+    # Taken from an unregistered socket only under an epoch a registered one sent: wait for it.
+    _wait(port, lambda f: value(f, "bertpool_inferences_total") == 3)
     second.send_multipart(P.stats_frames({"inferences": 2, "batches": 1, "padded_rows": 2}, "epoch-A", early))
     second.send_multipart(P.stats_frames({"inferences": 3, "batches": 2, "padded_rows": 5}, "epoch-A", late))
     # The slot restarts on another socket: the old one is lost, its stream goes on under its epoch.
@@ -359,6 +361,48 @@ def test_worker_error_codes_restarts_and_stats_streams(raw_broker):
     assert value(f, "bertpool_request_latency_seconds_count") == 3
     assert value(f, "bertpool_model_info", backend="tf", model_hash="unknown", dtype="unknown",
                  target="unknown", version="unknown") == 1  # a READY without model info
+
+
+def test_the_same_process_re_registering_is_not_a_restart(raw_broker):
+    """A worker that re-registered (after a pause, a DISCONNECT or a broker stall) counted as a restart
+    of its slot, and a replaced live registration as a lost worker: false alarms on every hiccup. Only
+    a READY from another pid is a restart."""
+    b, port, dealer = raw_broker
+    first, second, third, fourth = (dealer(b.config.backend) for _ in range(4))
+    first.send_multipart(P.ready_frames("w", "slot-0", "inc-1", 7, 4, "echo", 4))
+    _wait(port, lambda f: value(f, "bertpool_workers_alive") == 1)
+    second.send_multipart(P.ready_frames("w", "slot-0", "inc-2", 7, 4, "echo", 4))  # replaces a live one
+    _wait(port, lambda f: value(f, "bertpool_worker_registrations_total") == 2)
+    second.send_multipart(P.worker_disconnect_frames("w", "inc-2"))
+    third.send_multipart(P.ready_frames("w", "slot-0", "inc-3", 7, 4, "echo", 4))  # after a DISCONNECT
+    f = _wait(port, lambda f: value(f, "bertpool_worker_registrations_total") == 3)
+    assert value(f, "bertpool_worker_restarts_total") == 0 and value(f, "bertpool_workers_lost_total") == 0
+    fourth.send_multipart(P.ready_frames("w", "slot-0", "inc-4", 8, 4, "echo", 4))  # a new process
+    f = _wait(port, lambda f: value(f, "bertpool_worker_registrations_total") == 4)
+    assert value(f, "bertpool_worker_restarts_total") == 1 and value(f, "bertpool_workers_lost_total") == 1
+    assert value(f, "bertpool_workers_alive") == 1
+
+
+def test_restarts_count_pid_changes_per_slot():
+    from bertpool.broker.metrics import BrokerMetrics
+
+    m = BrokerMetrics(PoolTotals())
+    for slot, pid in [("a", 1), ("a", 1), ("b", 5), ("a", 2), ("a", 2), ("a", None), ("a", None), (None, 3)]:
+        m.on_ready(slot, pid)
+    assert (m.registrations, m.restarts) == (8, 3)  # a: 1 -> 2, 2 -> None, None -> None (cannot tell)
+
+
+def test_a_baseline_stream_adds_only_what_comes_after_it():
+    totals = PoolTotals()
+    counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
+    totals.update("old", {"inferences": 100}, {"compute_seconds": ([100, *counts[1:]], 9.0)}, baseline=True)
+    assert totals.knows("old") and not totals.knows("other")
+    assert totals.counters["inferences"] == 0 and totals.histograms["compute_seconds"].snapshot() == (counts, 0.0)
+    totals.update("old", {"inferences": 104}, {"compute_seconds": ([104, *counts[1:]], 9.5)}, baseline=True)
+    assert totals.counters["inferences"] == 4
+    assert totals.histograms["compute_seconds"].snapshot() == ([4, *counts[1:]], 0.5)
+    totals.update("new", {"inferences": 3}, None)  # not a baseline: counted in full
+    assert totals.counters["inferences"] == 7
 
 
 def test_pool_totals_count_each_stream_once_and_stay_bounded():

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from bertpool.common import protocol as P
-from bertpool.common.errors import InputError, ProtocolError
+from bertpool.common.errors import ConfigError, InputError, ProtocolError
 
 
 @pytest.mark.parametrize("dtype", ["<i4", "<i8", "<f4", "<f2", "<f8", "u1", ">i4"])
@@ -76,6 +76,7 @@ def test_bad_ids(body, code):
     ({"id": 1, "text_a": "", "text_b": "b"}, P.E_BAD_TEXT, InputError),
     ({"id": 1, "text_a": "a", "text_b": " \t\n"}, P.E_BAD_TEXT, InputError),
     ({"id": 1, "text_a": b"\xff", "text_b": "b"}, P.E_BAD_TEXT, InputError),
+    ({"id": 1, "text_a": "a", "text_b": b"b"}, P.E_BAD_TEXT, InputError),
     ({"id": 1, "text_a": "a" * (P.MAX_TEXT_CHARS + 1), "text_b": "b"}, P.E_BAD_TEXT, InputError),
     ({"id": 1, "input_ids": [1, 2], "input_mask": [1], "segment_ids": [0]}, P.E_BAD_FIELD, ProtocolError),
     ({"id": 1, "input_ids": P.encode_array(np.zeros(128, np.float32)),
@@ -90,8 +91,25 @@ def test_bad_requests(body, code, typ):
     assert err.value.code == code
 
 
-def test_utf8_bytes_text_is_accepted():
-    assert P.parse_request({"id": 1, "text_a": "é".encode(), "text_b": "b"}, 128)[1][0] == "é"
+def test_bin_text_is_refused_as_the_client_refuses_bytes():
+    """Text travels as a msgpack str. A bin, even valid UTF-8, was accepted by the worker while the
+    client raises TypeError for bytes: now both refuse it (bad_text, the code a non-UTF-8 bin got)."""
+    with pytest.raises(InputError, match="text_a: msgpack bin") as err:
+        P.parse_request(P.unpack(P.pack({"id": 1, "text_a": "é".encode(), "text_b": "b"})), 128)
+    assert err.value.code == P.E_BAD_TEXT
+    with pytest.raises(TypeError, match="text_a must be str"):
+        P.check_text_arg("text_a", "é".encode())
+
+
+def test_an_invalid_id_is_echoed_cut_short_and_never_as_a_valid_id():
+    """An ERROR for a 10,000-character id echoed it in full; now at most MAX_ID_LEN characters plus a
+    marker, which no valid id (<= MAX_ID_LEN characters) can equal."""
+    echoed = P.peek_id(P.pack({"id": "x" * 10_000}))
+    assert echoed == "x" * P.MAX_ID_LEN + "…"
+    with pytest.raises(ProtocolError):
+        P.check_id({"id": echoed})
+    assert P.peek_id(P.pack({"id": "y" * P.MAX_ID_LEN})) == "y" * P.MAX_ID_LEN  # a valid one, untouched
+    assert P.peek_id(P.pack({"id": 7})) == 7 and P.peek_id(P.pack({"id": [1]})) is None
 
 
 @settings(max_examples=300, deadline=None)
@@ -173,12 +191,28 @@ def test_ready_and_stats_carry_model_info_and_histograms():
     {"h": {"counts": [1] * (P.MAX_BUCKETS + 1), "sum": 0.0}}, {"h": {"counts": [True], "sum": 0.0}},
     {"h": {"counts": [1], "sum": -1.0}}, {"h": {"counts": [1], "sum": "x"}}, {"h": {"counts": [1]}},
     {f"h{i}": {"counts": [1], "sum": 0.0} for i in range(P.MAX_HISTOGRAMS + 1)}, {b"h": {"counts": [1], "sum": 0.0}},
+    # Values that would stick in the pool totals for good: a sum of inf, NaN or one that doubles to inf,
+    # a count float64 cannot hold exactly.
+    {"h": {"counts": [1], "sum": float("inf")}}, {"h": {"counts": [1], "sum": float("nan")}},
+    {"h": {"counts": [1], "sum": 1e308}}, {"h": {"counts": [1 << 53], "sum": 0.0}},
 ])
 def test_bad_stats_histograms(histograms):
     frames = [P.VERSION, P.STATS, P.pack({"batches": 1, "histograms": histograms})]
     with pytest.raises(ProtocolError) as err:
         P.parse_from_worker(frames)
     assert err.value.code == P.E_BAD_FIELD
+
+
+@pytest.mark.parametrize("counters", [{"inferences": 2**63}, {"batches": 1 << 53}, {"inferences": -1},
+                                      {"reconnects": 2**64 - 1}])
+def test_stats_counters_out_of_range_are_malformed(counters):
+    """A counter of 2**63 was added to the pool totals (bertpool_inferences_total 9.2e18, for good)."""
+    with pytest.raises(ProtocolError, match="outside") as err:
+        P.parse_from_worker(P.stats_frames({"batches": 1, **counters}, "epoch"))
+    assert err.value.code == P.E_BAD_FIELD
+    top = P.parse_from_worker(P.stats_frames({"inferences": P.MAX_COUNT - 1}, "epoch", {"h": {"counts": [
+        P.MAX_COUNT - 1], "sum": float(P.MAX_COUNT - 1)}}))
+    assert top.stats == {"inferences": P.MAX_COUNT - 1}  # the largest allowed passes
 
 
 @pytest.mark.parametrize("body", [{"capacity": 0}, {"capacity": True}, {"capacity": 1, "slot": 5},
@@ -358,3 +392,38 @@ def test_reply_bodies_decode_to_their_rows():
         assert got.dtype == np.float32 and np.array_equal(got, row)
         assert P.decode_array(P.encode_array(row)).tobytes() == got.tobytes()  # encode_array's layout
     assert P.reply_body("a", probs[0], {"compute_ms": 1.0}) == bodies[0]
+
+
+# ----------------------------------------------------------- configuration
+
+@pytest.mark.parametrize("interval_s, liveness", [(1.0, 10**20), (1.0, 86_401), (3600, 25), (0.01, 8_640_001)])
+def test_a_liveness_window_over_a_day_is_refused(interval_s, liveness):
+    """--heartbeat-liveness 99999999999999999999 was accepted: dead workers (or brokers) were never noticed."""
+    with pytest.raises(ConfigError, match="at most 86400 s"):
+        P.check_heartbeat(interval_s, liveness)
+
+
+@pytest.mark.parametrize("interval_s, liveness", [(1.0, 86_400), (3600, 24), (0.01, 3), (1.0, 20)])
+def test_a_liveness_window_up_to_a_day_is_taken(interval_s, liveness):
+    P.check_heartbeat(interval_s, liveness)
+
+
+@pytest.mark.parametrize("endpoint, says", [
+    ("tcp://999.1.1.1:5555", "'999.1.1.1' is not a valid host"),  # bound "fine" until "No such device"
+    ("tcp://1.2.3:5555", "'1.2.3' is not a valid host"),
+    ("tcp://ho st:5555", "'ho st' is not a valid host"),
+    ("tcp://[::1]:5557", "IPv6 is not supported"),  # the sockets do not set ZMQ_IPV6: "No such device"
+    ("tcp://[::]:5557", "IPv6 is not supported"),
+    ("tcp://::1:5557", "IPv6 is not supported"),
+    ("127.0.0.1", "must start with tcp:// or ipc://$"),  # listed inproc://, which every flag refuses
+])
+def test_check_endpoint_validates_the_tcp_host(endpoint, says):
+    with pytest.raises(ConfigError, match=says):
+        P.check_endpoint("frontend address", endpoint)
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://*:5555", "tcp://0.0.0.0:5555", "tcp://127.0.0.1:5555",
+                                      "tcp://localhost:5555", "tcp://my-host.example.com:5555", "tcp://eth0:5555",
+                                      "ipc:///tmp/x", "inproc://in-process"])
+def test_check_endpoint_takes_what_zeromq_binds_and_connects(endpoint):
+    assert P.check_endpoint("frontend address", endpoint) == endpoint
