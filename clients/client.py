@@ -118,10 +118,10 @@ class ClientConfig:
 
     def __post_init__(self) -> None:
         P.check_endpoint("address", self.address)
-        for name in ("timeout_s", "heartbeat_interval_s", "backoff_initial_s", "backoff_max_s"):
+        for name in ("timeout_s", "backoff_initial_s", "backoff_max_s"):
             P.check_timeout(name, getattr(self, name))
-        for name, least in (("max_in_flight", 1), ("heartbeat_liveness", 1), ("busy_retries", 0),
-                            ("lost_retries", 0)):
+        P.check_heartbeat(self.heartbeat_interval_s, self.heartbeat_liveness)  # as the broker's and workers'
+        for name, least in (("max_in_flight", 1), ("busy_retries", 0), ("lost_retries", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ConfigError(f"{name} must be an int >= {least}, got {value!r}")

@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_supervisor_arguments(parser)
     security.add_serve_arguments(parser)
     parser.add_argument("--stats-interval-s", type=float, default=1.0,
-                        help="print inferences/s and batch fill this often; 0 disables (default: %(default)s)")
+                        help="print inferences/s and batch fill this often, at least 0.1 s; 0 disables "
+                             "(default: %(default)s)")
     add_serve_gateway_arguments(parser)
     return parser
 

@@ -76,6 +76,8 @@ def test_stats(bare_broker):
     {"lost_retries": -1}, {"backoff_initial_s": 0}, {"backoff_initial_s": 0.5, "backoff_max_s": 0.1},
     {"timeout_s": "1"}, {"timeout_s": float("inf")}, {"timeout_s": float("nan")}, {"timeout_s": 1e12},
     {"backoff_max_s": float("inf")},
+    {"heartbeat_liveness": 10**20},  # a broker dead for ages would still pass for alive
+    {"heartbeat_interval_s": 3600, "heartbeat_liveness": 25},
 ])
 def test_bad_client_config(kwargs):
     with pytest.raises(ConfigError):
