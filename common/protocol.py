@@ -255,7 +255,7 @@ def fits_int32(array: np.ndarray) -> bool:
     return not array.size or (int(array.min()) >= -INT32_MAX - 1 and int(array.max()) <= INT32_MAX)
 
 
-def _tcp_host_port(endpoint: str) -> tuple[str, str] | None:
+def tcp_host_port(endpoint: str) -> tuple[str, str] | None:
     """(HOST, PORT) of a ``tcp://`` endpoint as text, split at its last ':' (HOST "" without one);
     None for other transports."""
     if not endpoint.startswith("tcp://"):
@@ -274,7 +274,7 @@ def check_endpoint(name: str, endpoint: str) -> str:
     (``inproc://`` passes, for sockets of one process; the command-line flags refuse it.)"""
     if not isinstance(endpoint, str) or not endpoint.startswith(TRANSPORTS):
         raise ConfigError(f"{name} {endpoint!r} must start with tcp:// or ipc://")
-    tcp = _tcp_host_port(endpoint)
+    tcp = tcp_host_port(endpoint)
     if tcp is not None:
         host, port = tcp
         if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
@@ -307,7 +307,7 @@ def local_endpoint(bound: str) -> str:
     """Where a process on this host connects to reach ``bound``, an endpoint bound here: a tcp
     wildcard host (``*``, ``0.0.0.0``, ``[::]``) becomes loopback (ZeroMQ cannot connect to ``*``);
     anything else is itself."""
-    tcp = _tcp_host_port(bound)
+    tcp = tcp_host_port(bound)
     if tcp is not None:
         host, port = tcp
         loopback = {"*": "127.0.0.1", "0.0.0.0": "127.0.0.1", "[::]": "[::1]", "[*]": "[::1]"}.get(host)

@@ -16,7 +16,7 @@ from typing import Callable
 
 from ..common.cli import child_env, parse_host_port
 from ..common.errors import ConfigError
-from ..common.protocol import _tcp_host_port, local_endpoint
+from ..common.protocol import tcp_host_port, local_endpoint
 
 LISTENING_PREFIX = "bertpool-gateway: "  # the gateway's first stdout line once it listens
 OFF = ("off", "")  # a listening flag's value for "not this one" (--http/--grpc, --gateway-http/--gateway-grpc)
@@ -45,7 +45,7 @@ def check_distinct_listeners(listeners: dict[str, str | None], endpoints: dict[s
 def _endpoint_address(endpoint: str) -> tuple[str, int] | None:
     """(host, port) a ZeroMQ endpoint binds; None for other transports (ipc://: a file, which the
     broker compares itself) and a port its own check refuses."""
-    tcp = _tcp_host_port(endpoint)
+    tcp = tcp_host_port(endpoint)
     if tcp is None or not tcp[1].isdigit():
         return None
     host = _ZMQ_WILDCARDS.get(tcp[0], tcp[0])
