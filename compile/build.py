@@ -28,8 +28,8 @@ from .equivalence import (TOLERANCES, check_tsv_pairs, compare, describe_origina
 from .host import HostEmbeddings, save_embeddings
 from .gelu import check_gelu
 from .rebuild import DTYPES, OUTPUT_KEY, RebuildConfig, build_module
-from .runtime import (ACCELERATED_DIR, BUCKET_SIGNATURE, EMBEDDINGS_FILE, MANIFEST, MANIFEST_VERSION, TARGETS,
-                      VOCAB_FILE, CompiledModel, import_tensorflow, load_compiled)
+from .runtime import (ACCELERATED_DIR, BUCKET_SIGNATURE, EMBEDDINGS_FILE, MANIFEST, MANIFEST_VERSION, MAX_BATCH_SIZE,
+                      TARGETS, VOCAB_FILE, CompiledModel, import_tensorflow, load_compiled)
 from .selfcheck import REFERENCE_PAIRS, write_reference
 from .vocab import check_vocab
 from .weights import BertWeights, load_weights
@@ -37,11 +37,7 @@ from .weights import BertWeights, load_weights
 DEFAULT_DTYPE = {"neuron": "float16", "cpu": "float32", "gpu": "float32"}
 DEFAULT_BUCKET_STEP = 32  # cpu/gpu: also compile every multiple of this below seq_length
 # Upper bounds, checked before any work: a typo (--batch-size 1000000000) otherwise rebuilt the model
-# and then died in a numpy MemoryError, and --pairs 1000000000 ran until killed.
-# 1024: a serving batch is a latency trade-off, and at 1024 a base model's activations at 512 tokens
-# already take GiBs (the attention scores alone, [B, heads, S, S] fp32: 12 GiB); nothing larger fits.
-# bertpool-finetune bounds its --batch-size with it too (training holds several such tensors per layer).
-MAX_BATCH_SIZE = 1024
+# and then died in a numpy MemoryError (runtime.MAX_BATCH_SIZE), and --pairs 1000000000 ran until killed.
 # 100000: ~25x GLUE MRPC's training set (~3700 pairs); the proof runs both models on every pair and
 # holds all their tokenized features in memory, so a count beyond this costs hours and proves no more.
 MAX_PAIRS = 100_000

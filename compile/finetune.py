@@ -56,7 +56,7 @@ from ..common.data import Pair, check_seed, read_mrpc_tsv
 from ..common.errors import BertpoolError, ConfigError
 from ..common.metrics import binary_report
 from ..common.tokenizer import BertTokenizer, Features
-from .build import MAX_BATCH_SIZE
+from .runtime import MAX_BATCH_SIZE
 from .gelu import check_gelu, gelu
 from .reference import build_reference_graph, load_weights
 from .shape import EMBEDDINGS, POOLER, BertShape

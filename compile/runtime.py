@@ -31,7 +31,7 @@ from .host import HostEmbeddings, mask_bias, softmax
 from .gelu import GELUS
 from .rebuild import DTYPES
 from .selfcheck import REFERENCE_FILE, check_reference
-from .shape import BertShape
+from .shape import EMBEDDINGS, BertShape
 from .vocab import check_vocab
 
 MANIFEST = "manifest.json"
@@ -41,6 +41,10 @@ ACCELERATED_DIR = "accelerated"
 VOCAB_FILE = "vocab.txt"
 MANIFEST_VERSION = 1
 TARGETS = ("neuron", "cpu", "gpu")
+# The largest batch anything here builds, serves or trains (compile's, the workers' and finetune's
+# --batch-size): a batch is a latency trade-off, and at 1024 a base model's activations at 512 tokens
+# already take GiBs (the attention scores alone, [B, heads, S, S] fp32: 12 GiB); nothing larger fits.
+MAX_BATCH_SIZE = 1024
 REQUIRED_KEYS = ("format_version", "model", "batch_size", "seq_length", "target", "dtype", "gelu")
 
 
@@ -332,3 +336,14 @@ def _load_neuron(path: pathlib.Path, manifest: dict):
 
     run.loaded = model
     return run
+
+
+def savedmodel_embedding_rows(model_dir: pathlib.Path, tf) -> int | None:
+    """Rows of a run_classifier SavedModel's word embeddings (the token ids it takes), from its
+    variables checkpoint's index (no tensor is read); None for a SavedModel that names no such variable."""
+    try:
+        shapes = tf.train.load_checkpoint(str(model_dir / "variables" / "variables")).get_variable_to_shape_map()
+    except (tf.errors.OpError, ValueError):
+        return None
+    shape = shapes.get(f"{EMBEDDINGS}/word_embeddings")
+    return int(shape[0]) if shape else None

@@ -104,13 +104,24 @@ def test_concurrent_producers_lose_nothing_and_keep_per_producer_order():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
-    ({"batch_timeout_ms": -1}, "batch_timeout_ms must be a number >= 0, got -1"),
-    ({"batch_timeout_ms": float("nan")}, "batch_timeout_ms must be a number >= 0, got nan"),
+    ({"batch_size": 0}, "batch_size must be >= 1 and at most 1024, got 0"),
+    # bertpool-compile's bound: a typo used to die in numpy at warm-up (or in a restart loop)
+    ({"batch_size": 1025}, "batch_size must be >= 1 and at most 1024, got 1025"),
+    ({"batch_size": 99999999999999999999}, "at most 1024, got 99999999999999999999"),
+    ({"batch_timeout_ms": -1}, "batch_timeout_ms must be a number >= 0 and at most 60000 \\(a minute\\), got -1"),
+    ({"batch_timeout_ms": float("nan")}, "batch_timeout_ms must be a number >= 0 .*, got nan"),
+    # "wait for the batch to fill" must not become "never": 1e308 and inf were accepted
+    ({"batch_timeout_ms": 60_000.001}, "at most 60000 \\(a minute\\), got 60000.001"),
+    ({"batch_timeout_ms": 1e308}, "at most 60000 \\(a minute\\), got 1e\\+308"),
+    ({"batch_timeout_ms": float("inf")}, "at most 60000 \\(a minute\\), got inf"),
 ])
 def test_bad_config_is_rejected(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         BatcherConfig(**kwargs)
+
+
+def test_the_bounds_themselves_are_accepted():
+    assert BatcherConfig(batch_size=1024, batch_timeout_ms=60_000).batch_timeout_ms == 60_000
 
 
 # ------------------------------------------- burst handoff and the non-blocking consumer

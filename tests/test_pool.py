@@ -360,3 +360,58 @@ def test_two_supervisors_on_one_host_keep_all_their_workers(tmp_path):
     assert len(stats["workers"]) == 4 and stats["broker"]["requeued"] == 0
     assert len(_stats_pids(stats)) == 4
     assert sorted(name.rsplit(":", 1)[1] for name in stats["workers"]) == [f"core-{c}" for c in range(4)]
+
+
+# ------------------------------------------------------------ the supervisor refuses bad config at start
+
+def _run_until_exit(tmp_path, module: str, *args: str, timeout_s: float = 60.0) -> tuple[int | None, str]:
+    """``python -m module args`` (see _start): (its exit code, or None if it still ran after ``timeout_s``
+    and was killed with its session, workers included; its output)."""
+    proc = _start(tmp_path, module, *args)
+    try:
+        code = proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        code = None
+    log = max(tmp_path.glob("*.log"), key=lambda p: p.stat().st_mtime)
+    return code, log.read_text(errors="replace")
+
+
+def test_workers_refuse_more_processes_than_the_cores_take(tmp_path):
+    """--parallel 1000 forked 140 workers in 10 s on 2 cores; 99999999999999999999 grew the supervisor's
+    memory until it was killed. Now one line, exit 2, and no worker started."""
+    from bertpool.workers.supervisor import MAX_WORKERS_PER_CPU
+
+    most = MAX_WORKERS_PER_CPU * (os.cpu_count() or 1)
+    for parallel in (str(most + 1), "99999999999999999999"):
+        code, out = _run_until_exit(tmp_path, "bertpool.workers.supervisor", "--worker-address",
+                                    f"ipc://{tmp_path}/nobody", "--parallel", parallel, timeout_s=30)
+        assert code == 2 and f"parallel must be at most {most}" in out, out
+        assert "started" not in out and "Traceback" not in out, out
+
+
+def test_a_worker_config_error_stops_the_pool_at_start_not_in_a_restart_loop(tmp_path):
+    """--capacity 99999999999999999999 was accepted: each worker died at READY (a traceback) and was
+    restarted forever. A bad worker setting is refused before any worker starts, exit 2."""
+    code, out = _run_until_exit(tmp_path, "bertpool.workers.supervisor", "--worker-address",
+                                f"ipc://{tmp_path}/nobody", "--parallel", "1", "--capacity",
+                                "99999999999999999999", timeout_s=30)
+    assert code == 2 and "capacity must be >= 0 and at most 2147483647" in out, out
+    assert "started" not in out and "restarting" not in out and "Traceback" not in out, out
+
+
+def test_a_worker_name_the_broker_would_refuse_is_refused_by_the_supervisor(tmp_path):
+    """The supervisor names each worker <name>:<run id>:core-<n>: a name that fits the protocol alone can
+    overflow it so. That is a one-line error at start, not a traceback when the worker starts (nor, before,
+    workers whose READY the broker dropped, re-registering forever)."""
+    from bertpool.common import configdata
+    from bertpool.workers.worker import WorkerConfig
+
+    back = f"ipc://{tmp_path}/nobody"
+    config = tmp_path / "workers.json"
+    configdata.write_json(WorkerConfig(broker_address=back, name="n" * (P.MAX_NAME_LEN - 6)), config)
+    code, out = _run_until_exit(tmp_path, "bertpool.workers.supervisor", "--worker-address", back,
+                                "--parallel", "1", "--worker-config-json", str(config), timeout_s=30)
+    assert code == 2 and f"name must be at most {P.MAX_NAME_LEN} characters" in out, out
+    assert "started" not in out and "Traceback" not in out, out

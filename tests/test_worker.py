@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -142,7 +146,7 @@ def test_many_requests_in_one_message_and_a_batch_answered_in_one(harness):
     """READY offers requests_per_message (its capacity); a REQUESTS message is served request by
     request (a malformed body in it fails alone, at once), and a batch's answers come back in one
     REPLIES message."""
-    router, ident, worker = harness(EchoBackend(BackendConfig()), batch_size=4, batch_timeout_ms=600_000,
+    router, ident, worker = harness(EchoBackend(BackendConfig()), batch_size=4, batch_timeout_ms=60_000,
                                     capacity=8)
     tokens = [i.to_bytes(8, "big") for i in range(5)]
     router.send_multipart([ident, *P.requests_frames(
@@ -165,7 +169,7 @@ def test_answers_of_batches_due_together_share_a_message_while_held_briefly(harn
     """Three batches due at once (six requests in one message, batch 2): with a hold long enough their
     answers leave in one REPLIES; with none, each batch's leave as it finishes."""
     monkeypatch.setattr(worker_module, "REPLY_HOLD_S", hold_s)
-    router, ident, worker = harness(EchoBackend(BackendConfig()), batch_size=2, batch_timeout_ms=600_000,
+    router, ident, worker = harness(EchoBackend(BackendConfig()), batch_size=2, batch_timeout_ms=60_000,
                                     capacity=8)
     router.send_multipart([ident, *P.requests_frames(
         [(i.to_bytes(8, "big"), P.text_request(i, "a", f"b{i}"), 0.0, None) for i in range(6)])])
@@ -178,7 +182,7 @@ def test_answers_beyond_one_message_leave_in_several(harness, monkeypatch):
     """A batch with more answers than a REPLIES may carry (here the limit is lowered to 2) answers
     every request, in messages of at most that many, instead of failing the worker."""
     monkeypatch.setattr(P, "MAX_PER_MESSAGE", 2)
-    router, ident, worker = harness(EchoBackend(BackendConfig()), batch_size=5, batch_timeout_ms=600_000,
+    router, ident, worker = harness(EchoBackend(BackendConfig()), batch_size=5, batch_timeout_ms=60_000,
                                     capacity=5)
     for i in range(5):
         send(router, ident, i, P.text_request(i, "a", f"b{i}"))
@@ -216,7 +220,7 @@ def _one_batch_with_a_bad_row(harness, backend: RecordingBackend):
     """One batch of 4: request "bad" holds ``backend``'s fail_token, "r1".."r3" do not; (router,
     identity, worker, the 4 replies)."""
     # A deadline no test run reaches: batches form by size alone, however slowly the sends arrive.
-    router, ident, worker = harness(backend, batch_size=4, batch_timeout_ms=600_000, capacity=8)
+    router, ident, worker = harness(backend, batch_size=4, batch_timeout_ms=60_000, capacity=8)
     backend.fail_token = worker.tokenizer.encode_pairs([("boom", "x")]).input_ids[0][1]
     send(router, ident, 0, P.text_request("bad", "boom", "x"))
     for i in range(1, 4):
@@ -284,10 +288,70 @@ def test_tf_backend_rejects_a_directory_that_is_no_model(tmp_path):
         load_backend(BackendConfig(name="tf", model_dir=str(tmp_path)))
 
 
-@pytest.mark.parametrize("kwargs", [{"batch_size": 0}, {"batch_timeout_ms": -1}, {"capacity": -1}])
+@pytest.mark.parametrize("kwargs", [{"batch_size": 0}, {"batch_timeout_ms": -1}, {"capacity": -1},
+                                    # past what READY carries, and what compile builds, and "never"
+                                    {"capacity": P.INT32_MAX + 1}, {"batch_size": 1025},
+                                    {"batch_timeout_ms": 1e308},
+                                    # names the broker would refuse in READY
+                                    {"name": "n" * (P.MAX_NAME_LEN + 1)}, {"slot": "s" * (P.MAX_NAME_LEN + 1)}])
 def test_bad_worker_config(kwargs):
     with pytest.raises(ConfigError):
         WorkerConfig(**kwargs)
+
+
+def test_worker_config_bounds_themselves_are_accepted():
+    config = WorkerConfig(capacity=P.INT32_MAX, batch_size=1024, name="n" * P.MAX_NAME_LEN, slot="s" * P.MAX_NAME_LEN)
+    assert config.effective_capacity == P.INT32_MAX
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"echo_delay_ms": 1e308}, "echo_delay_ms must be a number >= 0 and at most 86400000 (a day), got 1e+308"),
+    ({"echo_delay_ms": float("inf")}, "echo_delay_ms must be a number >= 0 and at most 86400000 (a day), got inf"),
+    ({"threads": 1025}, "threads must be >= 0 and at most 1024, got 1025"),
+    ({"threads": -1}, "threads must be >= 0 and at most 1024, got -1"),
+])
+def test_bad_backend_config(kwargs, message):
+    with pytest.raises(ConfigError) as caught:
+        BackendConfig(**kwargs)
+    assert str(caught.value) == message
+
+
+def run_worker_cli(tmp_path, *args: str, timeout_s: float = 60.0) -> tuple[int | None, str]:
+    """``bertpool-worker args`` against an address no broker binds, in its own session: (its exit code, or
+    None if it still ran after ``timeout_s`` and was killed with its session; its output)."""
+    log_path = tmp_path / f"worker-{len(list(tmp_path.glob('worker-*.log')))}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "bertpool.workers.worker", "--worker-address",
+                                 f"ipc://{tmp_path}/nobody", *args], stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        code = proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        code = None
+    return code, log_path.read_text(errors="replace")
+
+
+@pytest.mark.parametrize("args, message", [
+    # each was a traceback (msgpack at READY, numpy or time.sleep at warm-up), or ran on and never served
+    (["--capacity", "99999999999999999999"], "capacity must be >= 0 and at most 2147483647"),
+    (["--batch-size", "99999999999999999999"], "batch_size must be >= 1 and at most 1024"),
+    (["--echo-delay-ms", "1e308"], "echo_delay_ms must be a number >= 0 and at most 86400000"),
+    (["--batch-timeout-ms", "1e308"], "batch_timeout_ms must be a number >= 0 and at most 60000"),
+    (["--name", "x" * 3000], "name must be at most 256 characters"),
+    (["--slot", "s" * 300], "slot must be at most 256 characters"),
+    (["--model", "{model}", "--threads", "99999"], "threads must be >= 0 and at most 1024"),
+])
+def test_out_of_range_worker_flags_are_one_line_errors_at_start(tmp_path, args, message):
+    """Exit 2 (EXIT_LOAD_FAILED: a supervisor stops the pool instead of restarting the worker) with one
+    line saying why, before any model loads or any READY is said."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "saved_model.pb").write_bytes(b"never loaded: the flags are refused first")
+    code, out = run_worker_cli(tmp_path, *[a.format(model=model) for a in args], timeout_s=30)
+    assert code == worker_module.EXIT_LOAD_FAILED, out
+    assert message in out and "Traceback" not in out and len(out.strip().splitlines()) == 1, out
 
 
 def test_tokenizer_failure_fails_only_text_requests(harness):
@@ -643,3 +707,155 @@ def test_feature_values_the_model_cannot_take_are_refused_alone(harness, field, 
     send(router, ident, 1, P.features_request(1, **arrays))
     kind, body = replies(router, 1)[1]
     assert (kind, body.get("code")) == ((P.REPLY, None) if ok else (P.ERROR, P.E_BAD_FIELD))
+
+
+# ------------------------------------------------------------ what the broker would refuse
+
+class LabelledBackend(EchoBackend):
+    """Echo, saying ``info`` as its model labels in READY (a compiled model's come from its manifest)."""
+
+    def __init__(self, info: dict[str, str]):
+        super().__init__(BackendConfig())
+        self.info = info
+
+    def model_info(self) -> dict[str, str]:
+        return self.info
+
+
+@pytest.mark.parametrize("label", ["hash", "dtype", "target"])
+def test_a_ready_the_broker_would_refuse_fails_the_load_instead_of_re_registering_forever(label):
+    """A manifest label longer than READY allows (source.sha256 of 400 characters) made the broker drop
+    every READY, unheard, and the worker re-register forever: now load() says why (exit 2)."""
+    info = {"hash": "h" * P.MAX_LABEL_LEN, "dtype": "float32", "target": "cpu"}
+    assert Worker(WorkerConfig(), backend=LabelledBackend(info)).load() is None  # at the bound: fine
+    worker = Worker(WorkerConfig(), backend=LabelledBackend({**info, label: "x" * (P.MAX_LABEL_LEN + 1)}))
+    with pytest.raises(ModelFormatError, match=f"the broker would refuse this worker's READY, so it could never "
+                                               f"register: {label}: must be a str of at most {P.MAX_LABEL_LEN}"):
+        worker.load()
+
+
+# ------------------------------------------------------------ vocabulary against the model
+
+class SizedBackend(EchoBackend):
+    """Echo, posing as a model whose word embeddings have ``rows`` rows."""
+
+    def __init__(self, rows: int):
+        super().__init__(BackendConfig())
+        self.vocab_size = rows
+
+
+def test_a_vocab_of_another_size_than_the_models_embeddings_fails_the_load(tmp_path):
+    """As bertpool-compile refuses it: a 4-token --vocab for a 2048-row model loaded and answered every word
+    as [UNK] (a 30522-token one failed batches)."""
+    vocab = tmp_path / "v_min.txt"
+    vocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n")
+    worker = Worker(WorkerConfig(vocab_path=str(vocab)), backend=SizedBackend(2048))
+    with pytest.raises(ModelFormatError) as caught:
+        worker.load()
+    assert str(caught.value) == (f"vocabulary {vocab} has 4 tokens but bert/embeddings/word_embeddings has 2048 "
+                                 f"rows; give --vocab the model's own vocab.txt, or drop --vocab")
+
+
+def test_feature_ids_are_checked_against_the_models_embedding_rows(harness):
+    from bertpool.common.tokenizer import BertTokenizer
+    from bertpool.workers.backends import fallback_vocab_path
+
+    rows = BertTokenizer(fallback_vocab_path()).vocab_size  # a vocabulary of the model's size passes the load
+    router, ident, worker = harness(SizedBackend(rows), batch_size=4, batch_timeout_ms=0)
+    f = worker.tokenizer.encode_pairs([("a", "b")])
+    for token, top in ((1, rows - 1), (2, rows)):
+        ids = f.input_ids[0].copy()
+        ids[1] = top
+        send(router, ident, token, P.features_request(token, ids, f.input_mask[0], f.segment_ids[0]))
+        kind, body = replies(router, 1)[token]
+        if top < rows:
+            assert kind == P.REPLY
+        else:
+            assert (kind, body["code"]) == (P.ERROR, P.E_BAD_FIELD)
+            assert body["message"] == f"input_ids: token id outside the model's vocabulary [0, {rows})"
+
+
+# ------------------------------------------------------------ ambiguous or empty requests
+
+def test_a_request_with_both_text_and_features_is_refused_not_answered_from_the_text(harness):
+    router, ident, worker = harness(EchoBackend(BackendConfig()), batch_size=4, batch_timeout_ms=0)
+    f = worker.tokenizer.encode_pairs([("a", "b")])
+    body = P.unpack(P.features_request("both", f.input_ids[0], f.input_mask[0], f.segment_ids[0]))
+    body.update(text_a="other", text_b="text")
+    send(router, ident, 1, P.pack(body))
+    send(router, ident, 2, P.text_request("text", "other", "text"))  # the same text alone is served
+    got = replies(router, 2)
+    kind, reply = got[1]
+    assert (kind, reply["id"], reply["code"]) == (P.ERROR, "both", P.E_BAD_FIELD)
+    assert "both text (text_a, text_b) and features" in reply["message"]
+    assert got[2][0] == P.REPLY and worker.stats.errors == 1
+
+
+def test_features_with_no_real_token_are_refused(harness):
+    router, ident, worker = harness(EchoBackend(BackendConfig()), batch_size=4, batch_timeout_ms=0)
+    f = worker.tokenizer.encode_pairs([("a", "b")])
+    send(router, ident, 1, P.features_request("empty", f.input_ids[0], np.zeros_like(f.input_mask[0]),
+                                              f.segment_ids[0]))
+    kind, body = replies(router, 1)[1]
+    assert (kind, body["code"]) == (P.ERROR, P.E_BAD_FIELD) and "no real token" in body["message"]
+
+
+# ------------------------------------------------------------ DISCONNECT: its reason, and no hot loop
+
+def test_re_registrations_answered_disconnect_again_back_off_doubling_up_to_the_liveness_window():
+    """The wait before each re-registration (the broker said DISCONNECT): none at first; after one the
+    broker refused again, REREGISTER_FIRST_BACKOFF of an interval, doubling, at most interval x liveness;
+    none again once the broker sent anything else (it took our READY)."""
+    worker = Worker(WorkerConfig(heartbeat_interval_s=0.25, heartbeat_liveness=8), backend=EchoBackend(BackendConfig()))
+    waits: list[float] = []
+    worker._reconnect = lambda why, level, delay_s: waits.append(delay_s)
+    for _ in range(10):
+        worker._on_disconnect(P.DISCONNECT_SHUTDOWN)
+    first = 0.25 * worker_module.REREGISTER_FIRST_BACKOFF
+    assert waits == pytest.approx([0.0] + [min(first * 2 ** i, 2.0) for i in range(9)])
+    assert waits[-2:] == [2.0, 2.0]
+    assert worker._on_messages(None, [P.heartbeat_frames()]) is None  # a beat: the registration stands
+    worker._on_disconnect(P.DISCONNECT_UNKNOWN)
+    assert waits[-1] == 0.0
+
+
+def test_a_broker_saying_disconnect_to_every_ready_gets_a_few_not_a_flood(harness, caplog):
+    """A draining broker answers every READY with DISCONNECT(shutting_down). The worker re-registered at
+    once each time (~1,500 READYs and WARNINGs a second, for the whole drain); now it backs off, logs the
+    reason (INFO: shutting down is expected), and once registered re-registers at once again."""
+    caplog.set_level(logging.INFO, logger="bertpool.worker")
+    # Backoff from 0.025 s doubling up to 2 s; the broker is presumed silent after 2 s.
+    router, ident, worker = harness(EchoBackend(BackendConfig()), batch_timeout_ms=0, heartbeat_interval_s=0.25,
+                                    heartbeat_liveness=8)
+
+    def next_ready(timeout_s: float) -> bytes:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if router.poll(50):
+                frames = router.recv_multipart()
+                if frames[2] == P.READY:
+                    return frames[0]
+        raise AssertionError(f"no READY within {timeout_s} s")
+
+    identity, readies, refuse_until = ident, 0, time.monotonic() + 2.0
+    while True:  # refuse every READY for 2 s (backoffs 0, .025, .05, ..., 1.6 s: 7 READYs), take the next
+        router.send_multipart([identity, *P.broker_disconnect_frames(P.DISCONNECT_SHUTDOWN)])
+        identity = next_ready(10)
+        readies += 1
+        if time.monotonic() >= refuse_until:
+            break
+        assert readies < 20, "re-registering in a loop"
+    assert readies >= 3
+    send(router, identity, 7, P.text_request(7, "registered", "again"))
+    got = collect(router, lambda m: kinds(m, P.REPLY), beat_to=identity)
+    assert int.from_bytes(kinds(got, P.REPLY)[0][2][0], "big") == 7
+    # Registered: a DISCONNECT now (the broker restarted) is re-registered at once, not after 2 s.
+    said = time.monotonic()
+    router.send_multipart([identity, *P.broker_disconnect_frames(P.DISCONNECT_UNKNOWN)])
+    next_ready(10)
+    assert time.monotonic() - said < 1.0
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if "DISCONNECT" in r.getMessage()]
+    assert [m for m in said if "(shutting_down)" in m[1]] and all(
+        level == logging.INFO for level, m in said if "(shutting_down)" in m)
+    assert [level for level, m in said if "(unknown_worker)" in m] == [logging.WARNING]
+    assert len(said) == readies + 1

@@ -21,10 +21,20 @@ from pathlib import Path
 import numpy as np
 
 from ..common.errors import ConfigError, ModelFormatError
+from ..common.protocol import MAX_TIMEOUT_S
 from ..common.vocab import bert_vocab
-from ..compile.runtime import import_tensorflow, is_compiled_model, model_dir_kind, read_manifest
+from ..compile.runtime import (import_tensorflow, is_compiled_model, model_dir_kind, read_manifest,
+                               savedmodel_embedding_rows)
 
 BACKENDS = ("echo", "tf", "neuron")
+# Most TensorFlow intra-op threads one worker may ask for: bertpool-finetune's bound (more only hangs
+# TensorFlow's thread pool start: --threads 99999 grew a worker by GBs and it never loaded). A fixed
+# bound, not the host's cores: a config is valid on every host, and oversubscribing a few cores stays
+# the operator's call.
+MAX_THREADS = 1024
+# Longest simulated echo batch: the longest wait any component takes (a day); beyond it time.sleep
+# overflows mid-batch (1e308 was accepted, and failed at warm-up with a traceback).
+MAX_ECHO_DELAY_MS = MAX_TIMEOUT_S * 1000
 
 
 @dataclass(frozen=True)
@@ -36,10 +46,11 @@ class BackendConfig:
     threads: int = 0                # tf: intra-op threads for this process (0 = TF's default)
 
     def __post_init__(self) -> None:
-        if not 0 <= self.echo_delay_ms < float("inf"):  # also NaN, which time.sleep refuses mid-batch
-            raise ConfigError(f"echo_delay_ms must be a number >= 0, got {self.echo_delay_ms}")
-        if self.threads < 0:
-            raise ConfigError(f"threads must be >= 0, got {self.threads}")
+        if not 0 <= self.echo_delay_ms <= MAX_ECHO_DELAY_MS:  # also NaN, which time.sleep refuses mid-batch
+            raise ConfigError(f"echo_delay_ms must be a number >= 0 and at most {MAX_ECHO_DELAY_MS:.0f} "
+                              f"(a day), got {self.echo_delay_ms}")
+        if not 0 <= self.threads <= MAX_THREADS:
+            raise ConfigError(f"threads must be >= 0 and at most {MAX_THREADS}, got {self.threads}")
 
 
 class Backend:
@@ -49,6 +60,8 @@ class Backend:
     batch_size: int | None = None   # fixed batch the model needs; None = any batch
     seq_length: int = 128
     vocab_path: Path | None = None  # the vocabulary the model was trained with, if known
+    vocab_size: int | None = None   # rows of the model's word embeddings (the token ids it takes);
+                                    # None: no model (echo), or the backend cannot tell
 
     def predict(self, input_ids: np.ndarray, input_mask: np.ndarray,
                 segment_ids: np.ndarray) -> np.ndarray:
@@ -149,6 +162,7 @@ class SavedModelBackend(Backend):
         self._output = "probabilities" if "probabilities" in outputs else next(iter(outputs))
         vocab = model_dir / "vocab.txt"
         self.vocab_path = vocab if vocab.is_file() else None
+        self.vocab_size = savedmodel_embedding_rows(model_dir, tf)
 
     def predict(self, input_ids, input_mask, segment_ids):
         tf = self._tf
@@ -173,6 +187,7 @@ class CompiledBackend(Backend):
         self.batch_size = self._model.batch_size
         self.seq_length = self._model.seq_length
         self.vocab_path = self._model.vocab_path
+        self.vocab_size = self._model.shape.vocab_size
 
     def predict(self, input_ids, input_mask, segment_ids):
         return self._model.predict(input_ids, input_mask, segment_ids)

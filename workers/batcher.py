@@ -22,8 +22,16 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from ..common.errors import ConfigError
+from ..compile.runtime import MAX_BATCH_SIZE  # the bound on a batch anything here builds or serves
 
 T = TypeVar("T")
+
+# Longest batch_timeout_ms: a minute. Batching trades milliseconds of latency for throughput, and a
+# minute is already twice a Client's default request deadline (30 s): a lone request waiting longer
+# for companions would only ever be answered after its client gave up. Far above any tuned value
+# (README: 0-30 ms), it still allows "flush at size, in effect" for tests and benches; past it a typo
+# (1e308 was accepted) turned "wait until the batch fills" into "never".
+MAX_BATCH_TIMEOUT_MS = 60_000.0
 
 
 _PR_SET_TIMERSLACK = 29  # linux/prctl.h
@@ -54,10 +62,13 @@ class BatcherConfig:
 
     def __post_init__(self) -> None:
         # The one check of these two settings: WorkerConfig runs it too, at parse time.
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not 0 <= self.batch_timeout_ms < float("inf"):  # NaN would never flush a partial batch
-            raise ConfigError(f"batch_timeout_ms must be a number >= 0, got {self.batch_timeout_ms}")
+        # At most what bertpool-compile builds: a larger batch fits no model here, and a typo
+        # (99999999999999999999) died in numpy at warm-up instead of here.
+        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise ConfigError(f"batch_size must be >= 1 and at most {MAX_BATCH_SIZE}, got {self.batch_size}")
+        if not 0 <= self.batch_timeout_ms <= MAX_BATCH_TIMEOUT_MS:  # NaN would never flush a partial batch
+            raise ConfigError(f"batch_timeout_ms must be a number >= 0 and at most {MAX_BATCH_TIMEOUT_MS:.0f} "
+                              f"(a minute), got {self.batch_timeout_ms}")
 
 
 class Batcher(Generic[T]):

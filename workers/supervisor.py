@@ -13,6 +13,7 @@ and reports that worker's error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import secrets
@@ -31,12 +32,18 @@ from ..common import configdata, security
 from ..common.cli import (add_address_arguments, child_env, ignore_hangup, install_stop_handlers, report_error,
                           setup_logging)
 from ..common.errors import BertpoolError, ConfigError
-from .backends import ECHO_WARNING
+from .backends import ECHO_WARNING, MAX_THREADS
 from .neuron_cores import NEURON_SYSFS, check_cores
 from .worker import (EXIT_LOAD_FAILED, EXIT_REFUSED, WorkerConfig, add_worker_arguments, flags_given,
                      worker_config_from_args)
 
 log = logging.getLogger("bertpool.supervisor")
+
+# Most worker processes per CPU core (os.cpu_count()). Each is a process with its own model copy, I/O
+# thread and tokenizer: beyond a few per core they only split the cores further (benches run 2 per core).
+# A typo (--parallel 1000) forked 140 workers in 10 s on 2 cores, and 99999999999999999999 grew the
+# supervisor's memory until it was killed. The neuron backend is also held to its NeuronCores (check_cores).
+MAX_WORKERS_PER_CPU = 8
 
 
 @dataclass(frozen=True)
@@ -51,8 +58,13 @@ class SupervisorConfig:
     neuron_sysfs: str = NEURON_SYSFS   # where the Neuron driver lists its devices (neuron backend)
 
     def __post_init__(self) -> None:
+        # The one check of parallel (bertpool-workers and bertpool-serve build this before using it).
         if self.parallel < 1:
             raise ConfigError(f"parallel must be >= 1, got {self.parallel}")
+        most = MAX_WORKERS_PER_CPU * (os.cpu_count() or 1)
+        if self.parallel > most:
+            raise ConfigError(f"parallel must be at most {most} ({MAX_WORKERS_PER_CPU} worker processes per CPU "
+                              f"core, {os.cpu_count() or 1} here), got {self.parallel}")
         if self.first_core < 0:
             raise ConfigError(f"first_core must be >= 0, got {self.first_core}")
 
@@ -107,6 +119,9 @@ class Supervisor:
         self._run_id = f"{os.getpid()}.{secrets.token_hex(2)}"
         self.failed: str | None = None  # set when a worker stopped for good (no model, or refused by the broker)
         self._errors_dir: Path | None = None  # workers' configs (0600), and why they stopped for good
+        # The longest worker name (the last core's) in a WorkerConfig now: a name too long for READY is a
+        # ConfigError here, not a traceback when run() starts that worker.
+        self._worker_config(self._slots[-1])
 
     def stop(self) -> None:
         """Ask run() to stop the workers and return (thread- and signal-safe)."""
@@ -128,15 +143,19 @@ class Supervisor:
             self._terminate_all()
             shutil.rmtree(self._errors_dir, ignore_errors=True)
 
-    def _start(self, slot: _Slot) -> None:
+    def _worker_config(self, slot: _Slot) -> WorkerConfig:
+        """The config of ``slot``'s worker: the template, named for the slot."""
         # Unique to host, supervisor process and core, stable across this slot's restarts: the
         # broker spots a restart by the slot (and tells the processes apart by their incarnation).
         name = f"{self.config.worker.name or socket.gethostname()}:{self._run_id}:core-{slot.core}"
-        cfg = WorkerConfig(**{**self.config.worker.__dict__, "name": name, "slot": name})
+        return dataclasses.replace(self.config.worker, name=name, slot=name)
+
+    def _start(self, slot: _Slot) -> None:
+        cfg = self._worker_config(slot)
         argv = worker_argv(cfg, self._errors_dir / f"worker-{slot.index}.json", str(self._error_file(slot)))
         slot.process = subprocess.Popen(argv, env=worker_env(slot.core))
         slot.started = time.monotonic()
-        log.info("started %s (pid %d) on NeuronCore %d", name, slot.process.pid, slot.core)
+        log.info("started %s (pid %d) on NeuronCore %d", cfg.name, slot.process.pid, slot.core)
 
     def _check(self, slot: _Slot) -> None:
         now = time.monotonic()
@@ -188,7 +207,8 @@ class Supervisor:
 
 def add_supervisor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parallel", type=int, default=4,
-                        help="worker processes, one per NeuronCore (default: %(default)s)")
+                        help=f"worker processes, one per NeuronCore, at most {MAX_WORKERS_PER_CPU} per CPU core "
+                             f"(default: %(default)s)")
     parser.add_argument("--first-core", type=int, default=0,
                         help="NeuronCore index of the first worker (default: %(default)s)")
     parser.add_argument("--neuron-sysfs", default=NEURON_SYSFS, metavar="DIR",
@@ -202,16 +222,14 @@ def add_supervisor_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def supervisor_config_from_args(args: argparse.Namespace, worker_address: str) -> SupervisorConfig:
-    if args.parallel < 1:
-        raise ConfigError(f"--parallel must be >= 1, got {args.parallel}")
+    # SupervisorConfig checks parallel (and first_core) first: the cores are shared out by it below.
+    config = SupervisorConfig(parallel=args.parallel, first_core=args.first_core, neuron_sysfs=args.neuron_sysfs)
     if args.worker_config_json is not None:
-        worker = _worker_config_from_json(args, worker_address)
-        return SupervisorConfig(worker=worker, parallel=args.parallel, first_core=args.first_core,
-                                neuron_sysfs=args.neuron_sysfs)
-    # Share the machine's cores between TensorFlow workers unless told otherwise.
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
-    return SupervisorConfig(worker=worker_config_from_args(args, worker_address, threads=threads),
-                            parallel=args.parallel, first_core=args.first_core, neuron_sysfs=args.neuron_sysfs)
+        return dataclasses.replace(config, worker=_worker_config_from_json(args, worker_address))
+    # Share the machine's cores between TensorFlow workers unless told otherwise (a default, so held to
+    # the bound a --threads given is checked against).
+    threads = args.threads or min(MAX_THREADS, max(1, (os.cpu_count() or 1) // config.parallel))
+    return dataclasses.replace(config, worker=worker_config_from_args(args, worker_address, threads=threads))
 
 
 def _worker_config_from_json(args: argparse.Namespace, worker_address: str) -> WorkerConfig:

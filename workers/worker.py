@@ -29,7 +29,11 @@ starts the compute thread and hands batches to it from then on.
 Broker loss: when the broker is silent for ``heartbeat_liveness`` intervals,
 or says DISCONNECT (it does not know us: it presumed us dead, or it restarted),
 the worker closes and reopens its sockets and says READY again under a new
-incarnation. What it held under the old registration is dropped (counted in
+incarnation (logging the DISCONNECT's reason: INFO for shutting_down, WARNING
+otherwise). A re-registration answered DISCONNECT again (a draining broker answers
+every READY so) waits before the next, doubling up to the liveness window
+(REREGISTER_FIRST_BACKOFF); the first DISCONNECT after the broker took our READY is
+answered at once again. What it held under the old registration is dropped (counted in
 ``stale_dropped``): those tokens are void, the broker has re-dispatched the
 requests or, after a restart, never knew them. A request whose deadline (the
 time left that the broker forwarded) passes before its batch runs is answered
@@ -44,6 +48,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -55,13 +60,14 @@ from ..common import configdata, security
 from ..common.cli import (add_address_arguments, add_link_arguments, exit_with_parent, ignore_hangup,
                           install_stop_handlers, report_error, setup_logging)
 from ..common.defaults import DEFAULT_BACKEND
-from ..common.errors import BertpoolError, ConfigError, HandshakeFailed, ProtocolError
+from ..common.errors import BertpoolError, ConfigError, HandshakeFailed, ModelFormatError, ProtocolError
 from ..common.metrics_export import WorkerHistograms
 from ..common.fastzmq import close_monitored, open_monitor, recv_many, send_nowait
 from ..common.tokenizer import BertTokenizer
-from .backends import (BACKENDS, Backend, BackendConfig, choose_backend, fallback_vocab_path, load_backend,
-                       run_padded, run_rows)
-from .batcher import Batcher, BatcherClosed, BatcherConfig, precise_deadlines
+from ..compile.runtime import check_vocab
+from .backends import (BACKENDS, MAX_THREADS, Backend, BackendConfig, choose_backend, fallback_vocab_path,
+                       load_backend, run_padded, run_rows)
+from .batcher import MAX_BATCH_SIZE, MAX_BATCH_TIMEOUT_MS, Batcher, BatcherClosed, BatcherConfig, precise_deadlines
 
 log = logging.getLogger("bertpool.worker")
 
@@ -71,6 +77,13 @@ MIN_MESSAGE_BYTES = 256 << 10  # smallest max_message_bytes that still takes eve
 SLOW_RUN = 8  # inline batches in a row over inline_batch_ms that move batching to a compute thread
 DEADLINE_SPIN_S = 150e-6  # inline, the last stretch before a batch deadline is polled, not slept
 REPLY_HOLD_S = 200e-6  # inline, answers of batches run back to back share a REPLIES while held this long
+# A re-registration the broker answered DISCONNECT again (a draining broker answers every READY so) waits
+# this many heartbeat intervals before the next, doubling each time it is refused again, up to the
+# liveness window (interval x liveness), and back to none once a registration stands. Short enough that
+# a refusal by a race costs little; doubling cuts a ping-pong of ~1,500 READYs a second (a 10 s drain)
+# to a handful; capped at the window in which either side notices a silent peer, so a broker that
+# comes back is rejoined no later than a dead one is noticed.
+REREGISTER_FIRST_BACKOFF = 0.1
 
 
 @dataclass(frozen=True)
@@ -94,12 +107,20 @@ class WorkerConfig:
 
     def __post_init__(self) -> None:
         P.check_endpoint("worker address", self.broker_address)
-        self.batcher_config()  # batch_size >= 1, batch_timeout_ms a number >= 0: the batcher's own checks
-        if self.capacity < 0:
-            raise ConfigError(f"capacity must be >= 0, got {self.capacity}")
+        self.batcher_config()  # batch_size in [1, 1024], batch_timeout_ms in [0, 60000]: the batcher's own checks
+        # READY carries it as an int the broker's counters take; past INT32_MAX it only overflowed
+        # msgpack at READY (a traceback, then a restart loop under a supervisor), never helped.
+        if not 0 <= self.capacity <= P.INT32_MAX:
+            raise ConfigError(f"capacity must be >= 0 and at most {P.INT32_MAX}, got {self.capacity}")
         if 0 < self.capacity < self.batch_size:  # the broker never hands over more than capacity at once
             raise ConfigError(f"capacity {self.capacity} is below batch_size {self.batch_size}: no batch could "
                               f"fill; give 0 (2 x batch size) or at least the batch size")
+        # The broker refuses a READY whose names exceed the protocol's bound (and the worker re-registered
+        # forever): say so now. load() checks the whole READY, model labels included, the broker's way.
+        for what, value in (("name", self.name), ("slot", self.slot)):
+            if len(value) > P.MAX_NAME_LEN:
+                raise ConfigError(f"{what} must be at most {P.MAX_NAME_LEN} characters (the wire protocol's "
+                                  f"bound), got {len(value)}")
         P.check_heartbeat(self.heartbeat_interval_s, self.heartbeat_liveness)
         # Below this a valid text request (2 x MAX_TEXT_CHARS of UTF-8) could not reach us.
         if not MIN_MESSAGE_BYTES <= self.max_message_bytes <= P.INT32_MAX:
@@ -268,15 +289,33 @@ class Worker:
         self._cpu_wait: Callable[[], float] = lambda: 0.0  # while run() runs: the I/O thread's CpuWaitClock
         self._beats: _InlineBeats | None = None  # while run() runs inline: beats during a long batch
         self._compute_thread: threading.Thread | None = None
+        self._model_info: dict[str, str] = {}  # READY's model labels, read from the backend once by load()
+        self._token_ids = 0  # feature requests' input_ids must be below this (set by load())
+        # The wait before the next re-registration when the broker says DISCONNECT (0: at once);
+        # see REREGISTER_FIRST_BACKOFF. I/O thread only.
+        self._reregister_backoff_s = 0.0
 
     # ------------------------------------------------------------ lifecycle
 
     def load(self) -> None:
-        """Load backend and tokenizer and run one warm-up batch (raises typed errors)."""
+        """Load backend and tokenizer, check the READY we will say, and run one warm-up batch (raises
+        typed errors)."""
         if self.backend is None:
             self.backend = load_backend(self.config.backend)
+        self._check_ready()
         vocab = self.config.vocab_path or self.backend.vocab_path or fallback_vocab_path()
+        rows = self.backend.vocab_size
+        if rows is not None:
+            # bertpool-compile's check: a vocabulary of another size tokenizes to the wrong embedding rows
+            # (wrong answers, no error) or past the last one (every batch failing).
+            check_vocab(Path(vocab), rows, fix="give --vocab the model's own vocab.txt, or drop --vocab"
+                        if self.config.vocab_path else "the model directory is damaged")
+        elif self.config.vocab_path is not None and self.backend.name != "echo":
+            log.warning("%s: the %s backend cannot tell how many token ids its model takes: --vocab %s is not "
+                        "checked against it", self.name, self.backend.name, self.config.vocab_path)
         self.tokenizer = BertTokenizer(vocab, max_seq_length=self.backend.seq_length)
+        # The model's embedding rows bound the ids it can take; the vocabulary's only without a model.
+        self._token_ids = rows if rows is not None else self.tokenizer.vocab_size
         warm = self.tokenizer.encode_pairs([("warm up", "warm up")])
         self.inline = self._batches_are_quick(warm)
 
@@ -352,27 +391,60 @@ class Worker:
         sock.connect(self.config.broker_address)
         return sock
 
+    def _ready_frames(self) -> list[bytes]:
+        """Our READY, as every registration says it (only the incarnation differs between them)."""
+        return P.ready_frames(
+            self.name, self.config.slot or None, self.incarnation, os.getpid(),
+            self.config.effective_capacity, self.backend.name, self.config.batch_size,
+            model=self._model_info, version=__version__,
+            requests_per_message=min(self.config.effective_capacity, P.MAX_PER_MESSAGE),
+            batch_timeout_ms=self.config.batch_timeout_ms)
+
+    def _check_ready(self) -> None:
+        """Build our READY once and decode it as the broker will: one it would refuse fails the load
+        (exit 2, saying why) instead of a worker re-registering forever, unheard (the broker drops a
+        malformed READY and answers DISCONNECT). The model labels are read here, once, so every READY
+        says what was checked (its fresh incarnation is always valid)."""
+        self._model_info = self.backend.model_info()
+        try:
+            P.parse_from_worker(self._ready_frames())
+        except ProtocolError as exc:
+            # The names are checked by WorkerConfig: what is left comes from the model (its manifest).
+            raise ModelFormatError(
+                f"the broker would refuse this worker's READY, so it could never register: {exc.message} "
+                f"(READY's model hash, dtype and target are the compiled model manifest's source.sha256, dtype "
+                f"and target)") from None
+
     def _register(self) -> None:
         """Open the registration socket (watching its handshakes) and say READY (queued until the
         broker is there)."""
         self._sock = self._open_socket()
         self._monitor = open_monitor(self._sock, security.HANDSHAKE_EVENTS, "bertpool-worker")
         self._handshake_error = None
-        self._send(self._sock, P.ready_frames(
-            self.name, self.config.slot or None, self.incarnation, os.getpid(),
-            self.config.effective_capacity, self.backend.name, self.config.batch_size,
-            model=self.backend.model_info(), version=__version__,
-            requests_per_message=min(self.config.effective_capacity, P.MAX_PER_MESSAGE),
-            batch_timeout_ms=self.config.batch_timeout_ms))
+        self._send(self._sock, self._ready_frames())
 
-    def _reconnect(self, why: str) -> None:
-        """Drop this registration (its tokens are void) and register afresh (Paranoid Pirate)."""
-        log.warning("%s: %s; re-registering", self.name, why)
+    def _reconnect(self, why: str, level: int = logging.WARNING, delay_s: float = 0.0) -> None:
+        """Drop this registration (its tokens are void) and register afresh (Paranoid Pirate), after
+        ``delay_s`` (unregistered meanwhile: nothing to serve or beat for; stop() ends the wait)."""
+        log.log(level, "%s: %s; re-registering%s", self.name, why, f" in {delay_s:.2f} s" if delay_s else "")
         self.stats.add(reconnects=1)
         self._generation += 1
         close_monitored(self._sock, self._monitor, linger_ms=0)  # what it still queued belongs to the old registration
+        if delay_s:
+            self._stop.wait(delay_s)
         self.incarnation = P.new_incarnation()
         self._register()
+
+    def _on_disconnect(self, reason: str) -> None:
+        """The broker said DISCONNECT for ``reason``: re-register, saying why: at INFO when the broker is
+        shutting down (every clean stop of a pool), else at WARNING (it presumed us dead, or restarted).
+        At once, unless the registration before was answered DISCONNECT too: then after a backoff
+        (REREGISTER_FIRST_BACKOFF), so a draining broker and its workers never ping-pong."""
+        delay_s, interval = self._reregister_backoff_s, self.config.heartbeat_interval_s
+        self._reregister_backoff_s = min(max(2 * delay_s, interval * REREGISTER_FIRST_BACKOFF),
+                                         interval * self.config.heartbeat_liveness)
+        level = logging.INFO if reason == P.DISCONNECT_SHUTDOWN else logging.WARNING
+        self._reconnect(f"the broker said DISCONNECT ({reason})", level, delay_s)
 
     def _read_handshakes(self) -> None:
         """Drain the registration socket's handshake events into _handshake_error (a failure stays
@@ -413,8 +485,9 @@ class Worker:
             if ready:
                 batch = recv_many(self._sock, 256)  # bounded drain keeps beats and stats flowing
                 last_heard = time.monotonic()  # any message counts as a beat
-                if self._on_messages(self._sock, batch):
-                    self._reconnect("the broker said DISCONNECT")
+                reason = self._on_messages(self._sock, batch)
+                if reason is not None:
+                    self._on_disconnect(reason)
                     last_heard = time.monotonic()
                     continue
             if self.inline:
@@ -523,9 +596,10 @@ class Worker:
         self._send_stats(self._sock)
         self._send(self._sock, P.worker_disconnect_frames(self.name, self.incarnation))
 
-    def _on_messages(self, sock: zmq.Socket, messages: list[list[bytes]]) -> bool:
+    def _on_messages(self, sock: zmq.Socket, messages: list[list[bytes]]) -> str | None:
         """Handle broker messages: queue valid REQUESTs, answer bad ones with ERROR at once.
-        True when the broker said DISCONNECT (the caller re-registers; the rest is dropped).
+        The reason when the broker said DISCONNECT (the caller re-registers; the rest is dropped),
+        else None.
 
         Text pairs received together are tokenized in one call (about half the
         cost per pair of one call each).
@@ -541,7 +615,9 @@ class Worker:
                 continue
             if message.kind == P.DISCONNECT:
                 self.stats.add(stale_dropped=len(parsed))  # received under the registration that ends
-                return True
+                return message.reason
+            # A beat or a request: the broker took our READY, so its next DISCONNECT is re-registered at once.
+            self._reregister_backoff_s = 0.0
             for one in (message.requests if message.kind == P.REQUESTS
                         else [message] if message.kind == P.REQUEST else ()):
                 request = self._parse_request(sock, one)
@@ -570,7 +646,7 @@ class Worker:
             pending.append(_Pending(token, request_id, value, message.queue_ms, deadline, generation))
         # One handoff for the whole burst: one lock, at most one wake-up of the compute thread.
         self._batcher.put_many(pending, arrived)
-        return False
+        return None
 
     def _reply_error(self, sock: zmq.Socket, token: bytes, request_id: Any, code: str, message: str) -> None:
         self.stats.add(errors=1)
@@ -582,6 +658,11 @@ class Worker:
         try:
             body = P.unpack(raw)
             request_id = P.check_id(body)
+            # parse_request reads the text and ignores features beside it: a request carrying both is
+            # ambiguous (which did the sender mean?), so it is refused, never answered from either.
+            if ("text_a" in body or "text_b" in body) and any(f in body for f in P.FEATURE_FIELDS):
+                raise ProtocolError(P.E_BAD_FIELD, "request carries both text (text_a, text_b) and features "
+                                                   "(input_ids, input_mask, segment_ids): send one or the other")
             what, value = P.parse_request(body, self.backend.seq_length)
             if what == "features":
                 self._check_features(*value)
@@ -592,11 +673,14 @@ class Worker:
 
     def _check_features(self, ids: np.ndarray, mask: np.ndarray, segments: np.ndarray) -> None:
         """Reject feature values the model cannot take, so they never fail a shared batch."""
-        if int(ids.min(initial=0)) < 0 or int(ids.max(initial=0)) >= self.tokenizer.vocab_size:
-            raise ProtocolError(P.E_BAD_FIELD, "input_ids: token id outside the vocabulary")
+        if int(ids.min(initial=0)) < 0 or int(ids.max(initial=0)) >= self._token_ids:
+            raise ProtocolError(P.E_BAD_FIELD, f"input_ids: token id outside the model's vocabulary "
+                                               f"[0, {self._token_ids})")
         # min/max, not np.isin: the same test for integer arrays at a fraction of the cost.
         if mask.size and (int(mask.min()) < 0 or int(mask.max()) > 1):
             raise ProtocolError(P.E_BAD_FIELD, "input_mask: values must be 0 or 1")
+        if not mask.any():  # nothing to classify: attention over no token at all
+            raise ProtocolError(P.E_BAD_FIELD, "input_mask: no real token (every value is 0)")
         if segments.size and (int(segments.min()) < 0 or int(segments.max()) > 1):
             raise ProtocolError(P.E_BAD_FIELD, "segment_ids: values must be 0 or 1")
 
@@ -726,21 +810,26 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model directory for the tf and neuron backends")
     parser.add_argument("--vocab", metavar="FILE",
                         help="WordPiece vocab.txt (default: the model's own, else a built-in "
-                             "character vocabulary for echo)")
+                             "character vocabulary for echo); with a model, it must have as many tokens as the "
+                             "model's word embeddings have rows")
     parser.add_argument("--batch-size", type=int, default=4,
-                        help="most requests per model call (default: %(default)s)")
+                        help=f"most requests per model call, 1 to {MAX_BATCH_SIZE} (default: %(default)s)")
     parser.add_argument("--batch-timeout-ms", type=float, default=5.0,
-                        help="longest a request waits for its batch to fill (default: %(default)s)")
+                        help=f"longest a request waits for its batch to fill, 0 to {MAX_BATCH_TIMEOUT_MS:.0f} "
+                             f"(default: %(default)s)")
     parser.add_argument("--capacity", type=int, default=0,
-                        help="requests the broker may hand one worker at once (default: 2 x batch size)")
+                        help=f"requests the broker may hand one worker at once, at least the batch size and at "
+                             f"most {P.INT32_MAX} (default: 2 x batch size)")
     parser.add_argument("--inline-batch-ms", type=float, default=WorkerConfig.inline_batch_ms,
                         help="run batches on the worker's I/O thread, without a handoff, while they take "
                              "under this long (echo, trivial models), below a quarter of the heartbeat "
                              "interval; 0 = always a compute thread (default: %(default)s)")
     parser.add_argument("--echo-delay-ms", type=float, default=0.0,
-                        help="echo backend: simulated compute time per batch (default: %(default)s)")
+                        help="echo backend: simulated compute time per batch, at most a day (default: "
+                             "%(default)s)")
     parser.add_argument("--threads", type=int, default=0,
-                        help="tf backend: intra-op threads per worker (default: cores / parallel)")
+                        help=f"tf backend: intra-op threads per worker, at most {MAX_THREADS} (default: cores / "
+                             f"parallel)")
     add_link_arguments(parser)
 
 
