@@ -27,9 +27,16 @@ def setup_logging() -> None:
 
 
 def install_stop_handlers(stop: Callable[[], None]) -> None:
-    """Call ``stop()`` on SIGINT (Ctrl-C) and SIGTERM, so the process can wind down cleanly."""
+    """Call ``stop()`` on SIGINT (Ctrl-C) and SIGTERM, so the process can wind down cleanly; on a
+    thread of its own, as :func:`install_reload_handler` does: a handler runs on the main thread between
+    any two bytecodes, perhaps inside ``stop()`` itself, and a second signal there (serve gets several
+    when its parent dies) blocked for ever on a lock the first call held. ``stop`` must be thread-safe
+    and may run more than once."""
+    def handler(*_) -> None:
+        threading.Thread(target=stop, name="stop", daemon=True).start()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop())
+        signal.signal(sig, handler)
 
 
 EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as a shell reports it

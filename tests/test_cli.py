@@ -239,3 +239,34 @@ def test_replacing_dir_says_cannot_write_for_what_goes_wrong_writing_the_output(
             staging.mkdir()
             open(tmp_path / "missing-input.txt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no output, no staging directory
+
+
+STOP_TWICE = """
+import os, signal, threading, time
+from bertpool.common.cli import install_stop_handlers
+lock, calls, done = threading.Lock(), [], threading.Event()
+
+def stop():
+    with lock:  # as Event.set or a Condition would: not reentrant
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # a second signal while this call holds the lock
+            time.sleep(0.2)  # its handler runs now, on the main thread, if handlers call stop() there
+        if len(calls) == 2:
+            done.set()
+
+install_stop_handlers(stop)
+os.kill(os.getpid(), signal.SIGTERM)
+print("stopped twice" if done.wait(20) else "stuck")
+"""
+
+
+def test_a_second_stop_signal_during_stop_does_not_deadlock():
+    """serve, broker, workers: a second SIGTERM while the first one's stop() held a lock (serve gets
+    several when its parent dies) ran the nested handler on the main thread, waiting for ever on that
+    lock. Each signal now runs stop() on a thread of its own."""
+    try:
+        proc = subprocess.run([sys.executable, "-c", STOP_TWICE], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process deadlocked in its stop handler")
+    assert proc.stdout.strip() == "stopped twice", proc.stdout + proc.stderr
