@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 from pathlib import Path
+from typing import IO
 
+from ..common.cli import child_env
 from ..common.data import SHARED_VOCAB_FILE, shared_file
 
 ECHO_VOCAB_BUILT_IN = "built-in character vocabulary"
+
+def start_serve(args: list[str], log: IO[bytes]) -> subprocess.Popen:
+    """``bertpool-serve ARGS`` as a bench's child, its output to ``log``: in a session of its own (the
+    bench stops it and its workers as a group) and ending with the bench, however the bench ends
+    (child_env: serve then stops on its parent's death, through common.cli.exit_with_parent)."""
+    return subprocess.Popen([sys.executable, "-m", "bertpool.pool.serve", *args], stdout=log,
+                            stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
 
 
 def add_vocab_argument(parser: argparse.ArgumentParser) -> None:

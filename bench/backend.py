@@ -22,17 +22,15 @@ import json
 import os
 import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import add_vocab_argument, echo_vocab
-from ..clients.bench import BenchConfig, load_pairs, run_bench
-from ..common.cli import output_file, report_error
+from . import add_vocab_argument, echo_vocab, start_serve
+from ..clients.bench import MAX_CLIENTS, MAX_CYCLE, BenchConfig, check_count, load_pairs, run_bench
+from ..common.cli import counted, output_file, report_error, report_interrupt, sigterm_as_interrupt
 from ..common.errors import BertpoolError, ConfigError
 from ..common import configdata
 from ..common import protocol as P
@@ -64,11 +62,10 @@ def served(args, worker: WorkerConfig, pairs, parallel: int, threads: int) -> di
     front, back = f"ipc://{tmp}/front", f"ipc://{tmp}/back"
     worker = replace(worker, broker_address=back, backend=replace(worker.backend, threads=threads))
     configdata.write_json(worker, Path(tmp) / "worker.json")
-    cmd = [sys.executable, "-m", "bertpool.pool.serve", "--address", front, "--worker-address", back,
-           "--parallel", str(parallel), "--stats-interval-s", "0",
-           "--worker-config-json", str(Path(tmp) / "worker.json")]
+    serve_args = ["--address", front, "--worker-address", back, "--parallel", str(parallel),
+                  "--stats-interval-s", "0", "--worker-config-json", str(Path(tmp) / "worker.json")]
     log = open(Path(tmp) / "serve.log", "wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start_serve(serve_args, log)
     try:
         # Saturation: enough clients that every worker always has a full batch waiting.
         clients = args.clients or 2 * parallel * args.batch_size
@@ -84,7 +81,9 @@ def served(args, worker: WorkerConfig, pairs, parallel: int, threads: int) -> di
     beyond = single["beyond_compute_ms"]["p50"]  # None when no single request was answered
     added = None if beyond is None else round(beyond - args.batch_timeout_ms, 3)
     return {"parallel": parallel, "threads": threads, "clients": clients,
-            "inferences_per_s": load["throughput_per_s"], "errors": load["errors"] + single["errors"],
+            "inferences_per_s": load["throughput_per_s"], "replies": load["replies"] + single["replies"],
+            "errors": load["errors"] + single["errors"],
+            "error_samples": {**single["error_samples"], **load["error_samples"]},
             "saturation_latency_ms": load["latency_ms"], "saturation_server_mean_ms": load["server_mean"],
             "single_latency_ms": single["latency_ms"],
             "single_server_mean_ms": server, "single_added_latency_ms_p50": added}
@@ -127,7 +126,8 @@ def _over_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
     summary.update(ratios=[r["ratio_to_tight"] for r in runs],
                    ratio_to_tight=_median([r["ratio_to_tight"] for r in runs]),
                    inferences_per_s=_median([r["inferences_per_s"] for r in runs]),
-                   single_added_latency_ms_p50=_median(added), errors=sum(r["errors"] for r in runs))
+                   single_added_latency_ms_p50=_median(added), errors=sum(r["errors"] for r in runs),
+                   replies=sum(r["replies"] for r in runs))
     return summary
 
 
@@ -135,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="bertpool-bench-backend",
         description="Served throughput at saturation against the same backend in a tight in-process "
-                    "loop at the same batch size, plus single-request added latency.")
+                    "loop at the same batch size, plus single-request added latency. Exit status: 0 every "
+                    "served request answered, 1 some failed (the report is still written), 2 the bench "
+                    "could not run (bad flag, model or --tsv), 130 interrupted (Ctrl-C), 143 terminated "
+                    "(SIGTERM); either way the pools it started are stopped.")
     parser.add_argument("--backend", choices=BACKENDS, default="tf",
                         help="the backend to measure; tf and neuron need --model (default: %(default)s)")
     parser.add_argument("--model", "--dir", dest="model", metavar="DIR", help="model directory")
@@ -158,12 +161,26 @@ def main(argv: list[str] | None = None) -> int:
     add_vocab_argument(parser)
     parser.add_argument("--json", metavar="FILE", type=output_file, help="also write the report as JSON to FILE")
     args = parser.parse_args(argv)
-    if args.clients < 0:
-        parser.error(f"--clients must be >= 0, got {args.clients}")
+    try:  # checked now, not when the first served run builds its BenchConfig after a tight loop
+        if args.clients < 0:
+            raise ConfigError(f"--clients must be >= 0, got {args.clients}")
+        if args.clients:
+            check_count("--clients", args.clients, MAX_CLIENTS)
+        elif 2 * max(args.parallel) * args.batch_size > MAX_CLIENTS:
+            raise ConfigError(f"saturating --parallel {max(args.parallel)} at --batch-size {args.batch_size} takes "
+                              f"{2 * max(args.parallel) * args.batch_size} clients, more than {MAX_CLIENTS}; "
+                              f"give --clients")
+        check_count("--cycle", args.cycle, MAX_CYCLE)
+        check_count("--single-cycle", args.single_cycle, MAX_CYCLE)
+    except ConfigError as exc:
+        parser.error(str(exc))
     try:
-        return _run(args)
+        with sigterm_as_interrupt():  # SIGTERM (timeout, kill) unwinds like Ctrl-C: the pool is stopped
+            return _run(args)
     except BertpoolError as exc:  # a bad --model or --tsv, a backend that is not installed, a failed run
         return report_error("bertpool-bench-backend", exc)
+    except KeyboardInterrupt as exc:  # Ctrl-C (130), or SIGTERM (Terminated, 143)
+        return report_interrupt("bertpool-bench-backend", exc, "; its pool was stopped, no report")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -198,6 +215,16 @@ def _run(args: argparse.Namespace) -> int:
               flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    # A rate of failed requests (or of none) measures nothing: say so, and exit 1, as bertpool-bench does.
+    failed = [(number, r) for number, rnd in enumerate(report["rounds"], 1) for r in rnd["served"]
+              if r["errors"] or not r["replies"]]
+    if failed:
+        number, r = failed[0]
+        sample = next(iter(r["error_samples"].items()), None)
+        return report_error("bertpool-bench-backend",
+                            f"{counted(len(failed), 'served run')} had failed requests; first, round {number} "
+                            f"x{r['parallel']}: {r['errors']} of {r['errors'] + r['replies']} requests failed"
+                            + (f", e.g. {sample[0]}: {sample[1]}" if sample else ""), code=1)
     return 0
 
 

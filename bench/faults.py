@@ -28,7 +28,6 @@ import multiprocessing as mp
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -39,9 +38,10 @@ from typing import Any
 
 import numpy as np
 
-from ..clients.bench import wait_for_workers
+from . import start_serve
+from ..clients.bench import MAX_CLIENTS, check_count, wait_for_workers
 from ..clients.client import Client
-from ..common.cli import output_file
+from ..common.cli import exit_with_parent, output_file, report_interrupt, sigterm_as_interrupt
 from ..common.errors import ConfigError, RequestError, RequestTimeout
 from ..common.protocol import check_heartbeat, check_timeout
 
@@ -70,6 +70,10 @@ class FaultBenchConfig:
             raise ConfigError("clients, client_procs and parallel must be >= 1")
         if self.parallel < 2:
             raise ConfigError("parallel must be >= 2: a pool of one has no survivor to fail over to")
+        check_count("clients", self.clients, MAX_CLIENTS)  # each a thread with a connection of its own
+        if self.client_procs > self.clients:
+            raise ConfigError(f"client_procs ({self.client_procs}) must be at most clients ({self.clients}): "
+                              f"a process with no client would run nothing")
         if not self.phases or not set(self.phases) <= set(PHASES):
             raise ConfigError(f"phases must be one or more of {PHASES}, got {self.phases}")
         for name in ("duration_s", "kill_every_s", "stop_every_s", "stop_for_s", "client_timeout_s",
@@ -80,11 +84,16 @@ class FaultBenchConfig:
             if not 0 <= value < float("inf"):
                 raise ConfigError(f"{name} must be a number >= 0, got {value}")
         check_heartbeat(self.heartbeat_interval_s, self.heartbeat_liveness)
+        if self.stop_for_s >= self.stop_every_s:
+            raise ConfigError(f"stop_for_s ({self.stop_for_s:g}) must be less than stop_every_s "
+                              f"({self.stop_every_s:g}): a worker is stopped for part of each period")
 
 
-def _client_proc(address: str, first: int, n: int, timeout_s: float, stop, out) -> None:
+def _client_proc(address: str, first: int, n: int, timeout_s: float, stop, out, parent_pid: int) -> None:
     """Run n closed-loop client threads until stop; put one record list per process on out:
-    (sent_at wall-clock, latency_s, outcome) where outcome is ok, wrong, lost or an error code."""
+    (sent_at wall-clock, latency_s, outcome) where outcome is ok, wrong, lost or an error code.
+    It ends with the bench (``parent_pid``), however that ends: a stop event nobody sets never ends."""
+    exit_with_parent(parent_pid)
     from ..common.tokenizer import BertTokenizer
     from ..workers.backends import echo_probabilities, fallback_vocab_path
 
@@ -175,17 +184,18 @@ def _percentile(values: list[float], q: float) -> float | None:
 def _run_phase(config: FaultBenchConfig, phase: str, workdir: Path) -> dict[str, Any]:
     front, back = f"ipc://{workdir}/{phase}-front", f"ipc://{workdir}/{phase}-back"
     log_path = workdir / f"{phase}-serve.log"
-    cmd = [sys.executable, "-m", "bertpool.pool.serve", "--address", front, "--worker-address", back,
-           "--parallel", str(config.parallel), "--backend", "echo", "--echo-delay-ms", str(config.echo_delay_ms),
-           "--batch-timeout-ms", str(config.batch_timeout_ms), "--stats-interval-s", "0",
-           "--heartbeat-interval-s", str(config.heartbeat_interval_s),
-           "--heartbeat-liveness", str(config.heartbeat_liveness)]
+    serve_args = ["--address", front, "--worker-address", back, "--parallel", str(config.parallel),
+                  "--backend", "echo", "--echo-delay-ms", str(config.echo_delay_ms),
+                  "--batch-timeout-ms", str(config.batch_timeout_ms), "--stats-interval-s", "0",
+                  "--heartbeat-interval-s", str(config.heartbeat_interval_s),
+                  "--heartbeat-liveness", str(config.heartbeat_liveness)]
     with open(log_path, "wb") as log:
-        serve = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        serve = start_serve(serve_args, log)
     ctx = mp.get_context("spawn")
     stop, out = ctx.Event(), ctx.Queue()
     faults: list[dict[str, Any]] = []
     stopped: set[int] = set()
+    procs: list = []
     try:
         wait_for_workers(front, config.parallel, timeout_s=120)
         monitor = _Monitor(front)
@@ -193,7 +203,7 @@ def _run_phase(config: FaultBenchConfig, phase: str, workdir: Path) -> dict[str,
         share = [config.clients // config.client_procs + (i < config.clients % config.client_procs)
                  for i in range(config.client_procs)]
         procs = [ctx.Process(target=_client_proc, args=(front, sum(share[:i]), n, config.client_timeout_s,
-                                                        stop, out))
+                                                        stop, out, os.getpid()))
                  for i, n in enumerate(share) if n]
         for p in procs:
             p.start()
@@ -234,6 +244,10 @@ def _run_phase(config: FaultBenchConfig, phase: str, workdir: Path) -> dict[str,
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
         stop.set()
+        for p in procs:  # after a normal run they are done; after an error or SIGTERM they must not run on
+            if p.is_alive():
+                p.terminate()
+                p.join(10)
         serve.send_signal(signal.SIGTERM)
         try:
             serve.wait(60)
@@ -323,7 +337,11 @@ def main(argv: list[str] | None = None) -> int:
                                   phases=tuple(p for p in args.phases.split(",") if p))
     except ConfigError as exc:
         parser.error(str(exc))
-    report = run_fault_bench(config)
+    try:
+        with sigterm_as_interrupt():  # SIGTERM (timeout, kill) unwinds like Ctrl-C: the pool is stopped
+            report = run_fault_bench(config)
+    except KeyboardInterrupt as exc:  # Ctrl-C (130), or SIGTERM (Terminated, 143)
+        return report_interrupt("bertpool-bench-faults", exc, "; its pool and clients were stopped, no report")
     text = json.dumps(report, indent=2)
     print(text, flush=True)
     if args.json:

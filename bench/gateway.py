@@ -22,10 +22,10 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import queue
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -36,8 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from ..clients.bench import percentiles
-from ..common.cli import output_file, report_error
+from . import start_serve
+from ..clients.bench import MAX_CLIENTS, MAX_CYCLE, check_count, percentiles
+from ..common.cli import output_file, report_error, report_interrupt, sigterm_as_interrupt
 from ..common.data import default_pairs
 from ..common.errors import BertpoolError, ConfigError
 
@@ -57,9 +58,12 @@ class GatewayBenchConfig:
     start_timeout_s: float = 180.0    # longest wait for the pool, the gateway, or a mode's clients
 
     def __post_init__(self) -> None:
-        for name in ("clients", "cycle", "parallel"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        check_count("--clients", self.clients, MAX_CLIENTS)
+        check_count("--cycle", self.cycle, MAX_CYCLE)
+        if self.parallel < 1:
+            raise ConfigError(f"--parallel must be >= 1, got {self.parallel}")
+        if self.warmup < 0:
+            raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
         bad = [m for m in self.modes if m not in MODES]
         if bad or not self.modes:
             raise ConfigError(f"--modes must name some of {', '.join(MODES)}, got {','.join(self.modes)}")
@@ -157,11 +161,22 @@ def run_mode(mode: str, endpoints: dict[str, str], config: GatewayBenchConfig,
                          daemon=True) for i in range(config.clients)]
     for p in procs:
         p.start()
+    # Bounded in slices: one wait of --cycle x timeout_s would overflow the queue's poll().
+    longest_s = config.start_timeout_s + config.cycle * config.timeout_s
+    limit = time.monotonic() + longest_s
+    got: list[dict[str, Any]] = []
     try:
-        got = [results.get(timeout=config.start_timeout_s + config.cycle * config.timeout_s)
-               for _ in procs]
+        while len(got) < len(procs):
+            if time.monotonic() > limit:
+                raise BertpoolError(f"the {mode} clients did not finish within {longest_s:g} s")
+            try:
+                got.append(results.get(timeout=1.0))
+            except queue.Empty:
+                continue
     finally:
         for p in procs:
+            if len(got) < len(procs):  # interrupted or timed out: stop them now, not after their cycle
+                p.kill()
             p.join(10)
             if p.is_alive():
                 p.kill()
@@ -185,15 +200,15 @@ class _Pool:
         self._tmp = tempfile.TemporaryDirectory(prefix="bertpool-gwbench-")
         self.endpoints = {"native": f"ipc://{self._tmp.name}/front.ipc", "http": f"127.0.0.1:{_free_port()}",
                           "grpc": f"127.0.0.1:{_free_port()}"}
-        cmd = [sys.executable, "-m", "bertpool.pool.serve", "--address", self.endpoints["native"],
-               "--worker-address", f"ipc://{self._tmp.name}/back.ipc", "--parallel", str(config.parallel),
-               "--stats-interval-s", "0", "--gateway-http", self.endpoints["http"],
-               "--gateway-grpc", self.endpoints["grpc"]]
+        args = ["--address", self.endpoints["native"],
+                "--worker-address", f"ipc://{self._tmp.name}/back.ipc", "--parallel", str(config.parallel),
+                "--stats-interval-s", "0", "--gateway-http", self.endpoints["http"],
+                "--gateway-grpc", self.endpoints["grpc"]]
         if config.model_dir:
-            cmd += ["--backend", "tf", "--model", config.model_dir]
+            args += ["--backend", "tf", "--model", config.model_dir]
         self.log_path = log_path
         with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = start_serve(args, log)
 
     def wait_ready(self, timeout_s: float) -> None:
         """Until the gateway says ready (a worker is up); BertpoolError with the log otherwise."""
@@ -246,8 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         description="Compare round trips/s of the native client, the KServe v2 HTTP gateway and the gRPC "
                     "gateway on one pool it starts (echo backend unless --model).")
     d = GatewayBenchConfig()
-    parser.add_argument("--clients", type=int, default=d.clients, help="client processes per mode (default: %(default)s)")
-    parser.add_argument("--cycle", type=int, default=d.cycle, help="measured requests per client (default: %(default)s)")
+    parser.add_argument("--clients", type=int, default=d.clients,
+                        help=f"client processes per mode, at most {MAX_CLIENTS} (default: %(default)s)")
+    parser.add_argument("--cycle", type=int, default=d.cycle,
+                        help=f"measured requests per client, at most {MAX_CYCLE} (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=d.warmup, help="unmeasured requests per client (default: %(default)s)")
     parser.add_argument("--parallel", type=int, default=d.parallel, help="workers (default: %(default)s)")
     parser.add_argument("--model", dest="model_dir", default=None,
@@ -261,9 +278,12 @@ def main(argv: list[str] | None = None) -> int:
                                     parallel=args.parallel, model_dir=args.model_dir,
                                     modes=tuple(m for m in args.modes.split(",") if m))
         log_path = Path(args.log) if args.log else Path(tempfile.mkstemp(prefix="bertpool-gwbench-", suffix=".log")[1])
-        report = run_gateway_bench(config, log_path)
+        with sigterm_as_interrupt():  # SIGTERM (timeout, kill) unwinds like Ctrl-C: the pool is stopped
+            report = run_gateway_bench(config, log_path)
     except BertpoolError as exc:
         return report_error("bertpool-bench-gateway", exc)
+    except KeyboardInterrupt as exc:  # Ctrl-C (130), or SIGTERM (Terminated, 143)
+        return report_interrupt("bertpool-bench-gateway", exc, "; its pool and clients were stopped, no report")
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:

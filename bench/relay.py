@@ -29,6 +29,8 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import queue
+import sys
 import tempfile
 import threading
 import time
@@ -38,11 +40,11 @@ from typing import Any
 import zmq
 
 from . import add_vocab_argument, echo_vocab
-from ..clients.bench import BenchConfig, percentiles, run_bench, wait_for_workers
-from ..common.cli import output_file, report_error
+from ..clients.bench import MAX_CLIENTS, BenchConfig, check_count, percentiles, run_bench, wait_for_workers
+from ..common.cli import output_file, parse_host_port, report_error, report_interrupt, sigterm_as_interrupt
 from ..common import protocol as P
 from ..common.data import Pair
-from ..common.errors import BertpoolError, ConfigError
+from ..common.errors import BenchError, BertpoolError, ConfigError, RequestTimeout
 from ..common.fastzmq import recv_many, send_nowait
 from ..broker.broker import Broker, BrokerConfig
 
@@ -97,7 +99,12 @@ def _pool_worker(address: str, stop, vocab: str | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from ..workers.worker import Worker, WorkerConfig
 
-    worker = Worker(WorkerConfig(broker_address=address, batch_timeout_ms=0, vocab_path=vocab))
+    try:
+        worker = Worker(WorkerConfig(broker_address=address, batch_timeout_ms=0, vocab_path=vocab))
+        worker.load()
+    except BertpoolError as exc:  # one line, and an exit code the bench sees (see _wait_for_workers)
+        print(f"bertpool-bench-broker: error: a pool worker could not load: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
     threading.Thread(target=lambda: (stop.wait(), worker.stop()), daemon=True).start()
     worker.run()
 
@@ -120,6 +127,7 @@ def request_body(kind: str) -> bytes:
 def _load(address: str, sockets: int, warmup_s: float, duration_s: float, body: bytes, results) -> None:
     """Closed loop: each socket keeps one REQUEST in flight; count replies in the window."""
     ctx = zmq.Context()
+    ctx.set(zmq.MAX_SOCKETS, sockets + 16)  # ZeroMQ's default, 1023, is below what --clients allows
     socks = [ctx.socket(zmq.DEALER) for _ in range(sockets)]
     poller = zmq.Poller()
     for s in socks:
@@ -245,41 +253,83 @@ def measure(setup: str, clients: int, workers: int, load_procs: int, warmup_s: f
     thread.start()
     args = (back, stop, vocab) if setup == "pool" else (back, stop)
     procs = [ctx.Process(target=target, args=args, daemon=True) for _ in range(workers)]
-    for p in procs:
-        p.start()
-    if broker is not None:
-        wait_for_workers(front, workers, timeout_s=60.0)
-    results = ctx.Queue()
-    share = [clients // load_procs + (i < clients % load_procs) for i in range(load_procs)]
-    loaders = [ctx.Process(target=_load, args=(front, n, warmup_s, duration_s, body, results))
-               for n in share if n]
-    for p in loaders:
-        p.start()
-    # The window starts at the same monotonic instant in every loader (it is system-wide).
-    window_start = max(results.get(timeout=120)[1] for _ in loaders)
-    time.sleep(max(0.0, window_start - time.monotonic()))
-    worker_pids = [p.pid for p in procs]
-    router_cpu, worker_cpu = [_cpu_s(os.getpid())], [_cpu_s(pid) for pid in worker_pids]
-    counts = [results.get(timeout=warmup_s + duration_s + 60) for _ in loaders]
-    total = sum(n for n, _ in counts)
-    if cpu is not None and total:
-        cpu["router"] = _cpu_us_per_round_trip([os.getpid()], router_cpu, total)
-        cpu["workers"] = _cpu_us_per_round_trip(worker_pids, worker_cpu, total)
-        cpu["load"] = round(sum(c for _, c in counts) / total * 1e6, 1)
-    for p in loaders:
-        p.join(10)
-    if single is not None and single_requests:
-        single.update(single_latency(setup, front, single_requests, body))
-    stop.set()
-    for p in procs:
-        p.join(10)
-        if p.is_alive():
-            p.terminate()
-    if broker is not None:
-        broker.stop()
-        thread.join(5)
-    zctx.destroy(linger=0)  # also ends the relay's proxy thread
+    loaders: list = []
+    try:  # whatever ends the run (an error, Ctrl-C, SIGTERM), no process it started runs on
+        for p in procs:
+            p.start()
+        if broker is not None:
+            _wait_for_workers(front, procs, workers, timeout_s=60.0)
+        results = ctx.Queue()
+        share = [clients // load_procs + (i < clients % load_procs) for i in range(load_procs)]
+        loaders = [ctx.Process(target=_load, args=(front, n, warmup_s, duration_s, body, results), daemon=True)
+                   for n in share if n]
+        for p in loaders:
+            p.start()
+        # The window starts at the same monotonic instant in every loader (it is system-wide).
+        window_start = max(_next_result(results, loaders, 120)[1] for _ in loaders)
+        time.sleep(max(0.0, window_start - time.monotonic()))
+        worker_pids = [p.pid for p in procs]
+        router_cpu, worker_cpu = [_cpu_s(os.getpid())], [_cpu_s(pid) for pid in worker_pids]
+        counts = [_next_result(results, loaders, warmup_s + duration_s + 60) for _ in loaders]
+        total = sum(n for n, _ in counts)
+        if cpu is not None and total:
+            cpu["router"] = _cpu_us_per_round_trip([os.getpid()], router_cpu, total)
+            cpu["workers"] = _cpu_us_per_round_trip(worker_pids, worker_cpu, total)
+            cpu["load"] = round(sum(c for _, c in counts) / total * 1e6, 1)
+        for p in loaders:
+            p.join(10)
+        if single is not None and single_requests:
+            single.update(single_latency(setup, front, single_requests, body))
+    finally:
+        stop.set()
+        for p in loaders:  # done after a full run; cut short otherwise
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            if p.pid is not None:
+                p.join(10)
+            if p.is_alive():
+                p.terminate()
+        if broker is not None:
+            broker.stop()
+            thread.join(5)
+        zctx.destroy(linger=0)  # also ends the relay's proxy thread
     return total / duration_s
+
+
+def _exited(procs: list, what: str, also_zero: bool = False) -> None:
+    """BenchError if one of ``procs`` (the bench's own) exited with an error (``also_zero``: at all),
+    so that the bench stops instead of waiting out its timeout for what that process would have done."""
+    for p in procs:
+        if p.exitcode is not None and (p.exitcode or also_zero):
+            raise BenchError(f"a {what} process exited with code {p.exitcode} (its error, if any, is above)")
+
+
+def _wait_for_workers(address: str, procs: list, n: int, timeout_s: float) -> None:
+    """wait_for_workers, in one-second slices, stopping at once when a worker process exits (e.g. it
+    could not load) instead of after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            wait_for_workers(address, n, timeout_s=min(1.0, max(0.1, deadline - time.monotonic())))
+            return
+        except RequestTimeout:
+            _exited(procs, "worker", also_zero=True)  # it should serve until stop: any exit is a failure
+            if time.monotonic() >= deadline:
+                raise
+
+
+def _next_result(results, procs: list, timeout_s: float):
+    """The next item on ``results``, waited for in one-second slices: BenchError as soon as one of
+    ``procs`` (the load processes that put them) failed, or after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return results.get(timeout=min(1.0, max(0.01, deadline - time.monotonic())))
+        except queue.Empty:
+            _exited(procs, "load")
+            if time.monotonic() >= deadline:
+                raise BenchError(f"the load processes reported nothing within {timeout_s:g} s") from None
 
 
 def _proxy(frontend: zmq.Socket, backend: zmq.Socket) -> None:
@@ -318,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="bertpool-bench-broker",
         description="Measure round trips/s through the bertpool broker against a plain zmq.proxy "
                     "ROUTER/DEALER relay, with the same closed-loop load, in one run.")
-    parser.add_argument("--clients", type=int, default=48, help="client sockets (default: %(default)s)")
+    parser.add_argument("--clients", type=int, default=48,
+                        help=f"client sockets, at most {MAX_CLIENTS} (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=4, help="echo workers (default: %(default)s)")
     parser.add_argument("--load-procs", type=int, default=2,
                         help="processes driving the client sockets (default: %(default)s)")
@@ -345,6 +396,12 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("clients", "workers", "load_procs"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    try:
+        check_count("--clients", args.clients, MAX_CLIENTS)
+        if args.metrics_address:  # now, not when the broker set-up starts after the relay's run
+            parse_host_port(args.metrics_address, "--metrics-address")
+    except ConfigError as exc:
+        parser.error(str(exc))
     if args.single < 0:
         parser.error(f"--single must be >= 0, got {args.single}")
     if not 0 <= args.warmup_s <= P.MAX_TIMEOUT_S:
@@ -354,14 +411,22 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     try:
-        return _run(args, setups)
-    except BertpoolError as exc:  # e.g. a --metrics-address the broker cannot take
+        with sigterm_as_interrupt():  # SIGTERM (timeout, kill) unwinds like Ctrl-C: its processes are stopped
+            return _run(args, setups)
+    except BertpoolError as exc:  # e.g. a --metrics-address the broker cannot bind, a bad --vocab
         return report_error("bertpool-bench-broker", exc)
+    except KeyboardInterrupt as exc:  # Ctrl-C (130), or SIGTERM (Terminated, 143)
+        return report_interrupt("bertpool-bench-broker", exc, "; its processes were stopped, no report")
 
 
 def _run(args: argparse.Namespace, setups: list[str]) -> int:
     body = request_body(args.request)
     vocab, vocab_name = echo_vocab(args.vocab)
+    if "pool" in setups:  # read once here, so a bad file is one line now, not an error in every worker later
+        from ..common.tokenizer import BertTokenizer
+        from ..workers.backends import fallback_vocab_path
+
+        BertTokenizer(vocab or fallback_vocab_path())
     report: dict[str, Any] = {"clients": args.clients, "workers": args.workers, "request": args.request,
                               "vocab": vocab_name,
                               "duration_s": args.duration_s, "metrics": bool(args.metrics_address),

@@ -51,6 +51,14 @@ from ..common.metrics import binary_report
 from .client import Client
 
 DEFAULT_CYCLE = 128  # measured requests per client, as in the demo's --cycle 128
+# Upper bounds, so that a typo (an extra digit or ten) is refused at once rather than forking without limit
+# or running for years. Every client is a process of its own (tens of MB each, and a broker connection):
+# a few thousand is beyond what one host runs, and far past the 48 of the demo; the benches that start
+# client processes, threads or sockets (bench-broker, bench-gateway, bench-faults, --sweep-clients) share it.
+MAX_CLIENTS = 4096
+# A million round trips per client is a quarter of an hour at the best round trip (about 1 ms), days at a
+# model's; and the bench keeps every reply's latency and timings in memory until the end.
+MAX_CYCLE = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -68,9 +76,8 @@ class BenchConfig:
     curve: security.CurveClientConfig | None = None  # CURVE keys for every client; None = plain text
 
     def __post_init__(self) -> None:
-        for name in ("clients", "cycle"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name, most in (("clients", MAX_CLIENTS), ("cycle", MAX_CYCLE)):
+            check_count("--" + name, getattr(self, name), most)
         if self.warmup < 0:
             raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
         if self.wait_workers < 0:
@@ -85,6 +92,14 @@ class BenchConfig:
         if self.duration_s is not None:
             return self.duration_s + self.timeout_s
         return self.cycle * self.timeout_s
+
+
+def check_count(flag: str, value: int, most: int) -> None:
+    """ConfigError unless ``value`` is a whole number in 1..``most`` (MAX_CLIENTS, MAX_CYCLE: see above)."""
+    if value < 1:
+        raise ConfigError(f"{flag} must be >= 1, got {value}")
+    if value > most:
+        raise ConfigError(f"{flag} must be at most {most}, got {value}")
 
 
 @dataclass
@@ -364,8 +379,8 @@ def _run_clients(config: BenchConfig, procs, barrier, results, counters, before,
             left = limit - time.monotonic()
             if left <= 0:
                 raise BenchError(f"bench clients did not finish within {config.max_measured_s:g} s")
-            try:
-                status, index, value = results.get(timeout=min(left, 0.25) if bar else left)
+            try:  # in slices: the bar is redrawn, and a wait of --cycle x --timeout-s overflows poll()
+                status, index, value = results.get(timeout=min(left, 0.25 if bar else 1.0))
             except queue.Empty:
                 continue
             finally:
@@ -386,13 +401,19 @@ def _run_clients(config: BenchConfig, procs, barrier, results, counters, before,
     # before it does, so the footer still says "served by" and warns of echo.
     report["backends"] = (pool_after or {}).get("backends") or pool_before["backends"]
     report["diagnosis"] = diagnose(config.address, report, after, config.connect_timeout_s)
-    report["ok"] = report["errors"] == 0
+    # A run that measured nothing (a --duration-s shorter than one request) has no errors, but no result either.
+    report["ok"] = report["errors"] == 0 and report["requests"] > 0
     return report
 
 
 def diagnose(address: str, report: dict[str, Any], after: dict[str, Any] | None,
              timeout_s: float) -> str | None:
-    """One plain sentence on why requests failed, when STATS tells (None when nothing failed)."""
+    """One plain sentence on why requests failed, or why none was measured, when STATS tells (None
+    when every request got its answer)."""
+    if not report["requests"]:
+        duration = report["config"].get("duration_s")
+        return (f"no request was measured: each client's --duration-s {duration:g} s ended before it sent "
+                f"one; give a longer --duration-s" if duration is not None else "no request was measured")
     if not report["errors"]:
         return None
     if after is None:
@@ -401,7 +422,14 @@ def diagnose(address: str, report: dict[str, Any], after: dict[str, Any] | None,
         return (f"the broker at {address} answers, but has no ready workers: start workers "
                 f"(bertpool-workers) or wait for them with --wait-workers N")
     if not report["replies"]:
-        return f"the broker at {address} answers, but no request got a reply"
+        refused = report["errors_by_type"].get("RemoteError", 0)  # ERROR replies: answered, but refused
+        if not refused:
+            return f"the broker at {address} answers, but no request got a reply"
+        which = ("every request was" if refused == report["errors"]
+                 else f"{refused} of {report['errors']} requests were")
+        # The sample starts with the ERROR's code (e.g. "bad_text: text_a: empty text").
+        return (f"the broker at {address} answers, but {which} refused with an ERROR reply, e.g. "
+                f"{report['error_samples'].get('RemoteError')}")
     return None
 
 
@@ -507,20 +535,23 @@ def build_parser() -> argparse.ArgumentParser:
                     "throughput, latency percentiles and accuracy; or sweep several client counts "
                     "(--sweep-clients) and plot throughput against latency (--plot). Exit status: 0 all "
                     "requests answered, 1 some failed (requests sent while no worker is ready wait up to "
-                    "--timeout-s each, then fail), 2 the bench could not run (bad flag, no broker, "
-                    "--wait-workers timed out), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).",
+                    "--timeout-s each, then fail) or none was measured (a --duration-s too short for one "
+                    "request), 2 the bench could not run (bad flag, no broker, --wait-workers timed out) or "
+                    "could not write --json or --plot, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM).",
         epilog="examples: bertpool-bench --clients 48 --cycle 128 --tsv ../shared/data/glue_mrpc_dev.tsv "
                "--json bench.json;  bertpool-bench --sweep-clients 1,4,16,48 --cycle 32 --json sweep.json "
                "--plot sweep.png")
     add_address_arguments(parser, backend=False)
     load = parser.add_mutually_exclusive_group()
-    load.add_argument("--clients", type=int, default=None, help="client processes (default: 48)")
+    load.add_argument("--clients", type=int, default=None,
+                      help=f"client processes, at most {MAX_CLIENTS} (default: 48)")
     load.add_argument("--sweep-clients", metavar="C1,C2,...",
                       help="run the load once per client count, e.g. 1,4,16,48: each step has its own "
                            "warm-up and --cycle requests per client (so C x cycle in all), or lasts "
                            "--duration-s; the report has one record per step")
     parser.add_argument("--cycle", type=int, default=None,
-                        help=f"measured requests per client (default: {DEFAULT_CYCLE}; not with --duration-s)")
+                        help=f"measured requests per client, at most {MAX_CYCLE} (default: {DEFAULT_CYCLE}; "
+                             f"not with --duration-s)")
     parser.add_argument("--duration-s", type=float, default=None, metavar="S",
                         help="instead of --cycle, each client sends requests back to back for S seconds "
                              "(per sweep step); the fairer choice for sweeps, as every step then measures "
@@ -589,20 +620,23 @@ def _bench(args: argparse.Namespace) -> int:
             report = run_bench(config, pairs, progress=progress)
     except BertpoolError as exc:
         if args.json and config is not None and isinstance(exc, (RequestError, BenchError)):
-            write_json(args.json, failure_report(config, exc))
+            try:
+                write_json(args.json, failure_report(config, exc))
+            except ConfigError as write_exc:  # said too; the exit status is the bench's own failure's
+                report_error("bertpool-bench", write_exc)
         return report_error("bertpool-bench", exc)
     except KeyboardInterrupt as exc:  # Ctrl-C (130), or SIGTERM (Terminated, 143)
         return report_interrupt("bertpool-bench", exc, "; its clients were stopped, no report")
     report["pairs_source"] = source
     report["model_note"] = args.model_note
     print(sweep.format_sweep(report) if steps else format_report(report), flush=True)
-    if args.json:
-        write_json(args.json, report)
-    if args.plot:
-        try:
+    try:  # the report is on stdout already; a file that cannot be written (disk full) is one line, exit 2
+        if args.json:
+            write_json(args.json, report)
+        if args.plot:
             plot.plot_report(report, args.plot)
-        except BertpoolError as exc:
-            return report_error("bertpool-bench", exc)
+    except BertpoolError as exc:
+        return report_error("bertpool-bench", exc)
     return 0 if report["ok"] else 1
 
 
@@ -620,8 +654,13 @@ def failure_report(config: BenchConfig, exc: BaseException) -> dict[str, Any]:
 
 
 def write_json(path: str, report: dict[str, Any]) -> None:
-    """Write ``report``; NaN or infinity in it is a bug, so it fails loudly (allow_nan=False)."""
-    Path(path).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    """Write ``report``; NaN or infinity in it is a bug, so it fails loudly (allow_nan=False). A file
+    that cannot be written (disk full, no permission) is a ConfigError naming it."""
+    text = json.dumps(report, indent=2, allow_nan=False) + "\n"
+    try:
+        Path(path).write_text(text)
+    except OSError as exc:
+        raise ConfigError(f"cannot write --json {path}: {exc.strerror or exc}") from exc
 
 
 def ms(value: float | None) -> str:

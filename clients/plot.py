@@ -31,15 +31,16 @@ def require_matplotlib():
     return Figure
 
 
-def check_format(path: str | Path) -> None:
-    """ConfigError unless matplotlib is installed and writes the format ``path``'s suffix names (no
-    suffix: matplotlib's default, PNG), so that ``--plot`` is refused before the run, not after it."""
+def check_format(path: str | Path, flag: str = "--plot") -> None:
+    """ConfigError unless matplotlib is installed and writes the format ``path``'s suffix names, so
+    that ``--plot`` is refused before the run, not after it. A name without a suffix is refused too:
+    matplotlib's savefig would add its default one and write another file than the one named."""
     Figure = require_matplotlib()
     suffix = Path(path).suffix[1:].lower()
     formats = Figure().canvas.get_supported_filetypes()
-    if suffix and suffix not in formats:
-        raise ConfigError(f"--plot {path}: matplotlib cannot write .{suffix} files; give one of "
-                          + ", ".join("." + f for f in sorted(formats)))
+    if suffix not in formats:
+        what = f"matplotlib cannot write .{suffix} files" if suffix else "no suffix to name the image format"
+        raise ConfigError(f"{flag} {path}: {what}; give one of " + ", ".join("." + f for f in sorted(formats)))
 
 
 def steps_of(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             report = json.loads(Path(args.report).read_text())
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read the report {args.report}: {exc}") from exc
+        check_format(args.output, "output")  # as bertpool-bench --plot
         if "latency_ms" not in report and "steps" not in report:
             raise ConfigError(f"{args.report} is not a bertpool-bench report with results")
         plot_report(report, args.output)

@@ -20,7 +20,8 @@ from typing import Any
 from ..common.data import Pair
 from ..common.errors import BenchError, ConfigError, RequestError, RequestTimeout
 from ..common.cli import counted
-from .bench import BenchConfig, format_errors, format_footer, ms, no_broker_message, report_config, run_bench
+from .bench import (MAX_CLIENTS, BenchConfig, format_errors, format_footer, ms, no_broker_message, report_config,
+                    run_bench)
 
 MAX_STEPS = 64  # a sweep is a handful of concurrencies, not a loop
 
@@ -35,6 +36,8 @@ def parse_clients_list(text: str) -> list[int]:
                           f"got {text!r}") from None
     if not counts or any(c < 1 for c in counts):
         raise ConfigError(f"--sweep-clients counts must be >= 1, got {text!r}")
+    if max(counts) > MAX_CLIENTS:  # as --clients: each client is a process of its own
+        raise ConfigError(f"--sweep-clients counts must be at most {MAX_CLIENTS}, got {text!r}")
     if len(set(counts)) != len(counts):
         raise ConfigError(f"--sweep-clients has a count twice: {text!r}")
     if len(counts) > MAX_STEPS:

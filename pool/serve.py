@@ -16,7 +16,8 @@ import threading
 
 from ..broker.broker import Broker, add_broker_arguments, broker_config_from_args
 from ..common import security
-from ..common.cli import ignore_hangup, install_reload_handler, install_stop_handlers, report_error, setup_logging
+from ..common.cli import (exit_with_parent, ignore_hangup, install_reload_handler, install_stop_handlers,
+                          report_error, setup_logging)
 from ..common.errors import BertpoolError
 from ..common.protocol import local_endpoint
 from ..gateway.launch import add_serve_gateway_arguments, check_distinct_listeners, start_gateway_process
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
+    # Started by a bench (child_env names it): stop, taking workers and gateway along, when it dies,
+    # however it dies. Started by hand or by systemd: nothing changes.
+    exit_with_parent()
     # A stop asked for while the pool starts is remembered, and acted on once it can stop (below):
     # Python's default SIGTERM would kill us mid-start, leaving the gateway to find out by itself.
     early_stop = threading.Event()

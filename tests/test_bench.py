@@ -556,11 +556,30 @@ def test_a_client_failing_while_warming_up_ends_the_wait_with_its_reason(start_p
     ("bertpool.bench.faults", ["--phases", ","], "phases must be one or more of"),
     ("bertpool.bench.faults", ["--phases", "kill,crash"], "phases must be one or more of"),
     ("bertpool.bench.faults", ["--heartbeat-liveness", "0"], "heartbeat_liveness must be"),
+    # Upper bounds: a typo is refused at once, not a fork bomb, a hang or an OverflowError traceback.
+    ("bertpool.clients.bench", ["--clients", "99999999999999999999"], "--clients must be at most 4096"),
+    ("bertpool.clients.bench", ["--cycle", "99999999999999999999"], "--cycle must be at most 1000000"),
+    ("bertpool.clients.bench", ["--sweep-clients", "1,5000"], "--sweep-clients counts must be at most 4096"),
+    ("bertpool.bench.relay", ["--clients", "99999999999999999999"], "--clients must be at most 4096"),
+    ("bertpool.bench.backend", ["--backend", "echo", "--clients", "5000"], "--clients must be at most 4096"),
+    ("bertpool.bench.backend", ["--backend", "echo", "--cycle", "2000000"], "--cycle must be at most 1000000"),
+    ("bertpool.bench.backend", ["--backend", "echo", "--parallel", "64", "--batch-size", "64"],
+     "takes 8192 clients, more than 4096; give --clients"),
+    ("bertpool.bench.faults", ["--clients", "5000"], "clients must be at most 4096"),
+    # Contradictions.
+    ("bertpool.bench.faults", ["--stop-for-s", "20", "--stop-every-s", "10"],
+     "stop_for_s (20) must be less than stop_every_s (10)"),
+    ("bertpool.bench.faults", ["--client-procs", "8", "--clients", "2"],
+     "client_procs (8) must be at most clients (2)"),
+    pytest.param("bertpool.clients.bench", ["--plot", "noext"],
+                 "--plot noext: no suffix to name the image format; give one of ", marks=pytest.mark.skipif(
+                     not has_matplotlib(), reason="matplotlib (the plot extra) is not installed")),
 ])
 def test_bench_commands_refuse_bad_values_before_running(module, args, message):
     """One line and exit 2, at once: no traceback, no hang on a NaN wait, no report lost after a run."""
     proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not proc.stdout, proc.stdout  # refused before any part of the run (bench-backend's tight loop)
 
 
 def test_every_bench_faults_flag_says_what_it_does():
@@ -597,3 +616,209 @@ def test_an_interrupted_bench_stops_its_clients_and_says_so(start_pool, tmp_path
     text = log.read_text()
     said = "terminated" if how == "sigterm" else "interrupted"
     assert f"bertpool-bench: {said}; its clients were stopped" in text and "Traceback" not in text, text
+
+
+def test_a_bench_cycle_longer_than_a_poll_can_wait_runs_without_a_bar(start_pool, tmp_path):
+    """--cycle 40000 x --timeout-s 60 is more than poll() can wait in one go: with no progress bar
+    (output to a file) the bench waited for its clients in one such call and died of OverflowError
+    at once; it waits in slices now, so it runs until stopped."""
+    pool = start_pool("--backend", "echo", parallel=1)
+    log = tmp_path / "bench.log"
+    with open(log, "wb") as out:
+        bench = subprocess.Popen([*BENCH, "--address", pool.address, "--clients", "1", "--cycle", "40000"],
+                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        pool.wait_stats(lambda s: s["broker"]["requests"] > 30)  # measuring
+        assert bench.poll() is None, log.read_text()
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(30) == 143
+    finally:
+        if bench.poll() is None:
+            os.killpg(bench.pid, signal.SIGKILL)
+            bench.wait()
+    assert "Traceback" not in log.read_text(), log.read_text()
+
+
+def test_a_run_where_every_request_was_refused_says_so_with_the_code(start_pool):
+    """ERROR replies are answers: the diagnosis says the pool refused the requests, and why, not that
+    no request got a reply."""
+    from bertpool.clients.bench import BenchConfig, run_bench
+    from bertpool.common.data import Pair
+
+    pool = start_pool("--backend", "echo", parallel=1)
+    report = run_bench(BenchConfig(address=pool.address, clients=1, cycle=2, warmup=0), [Pair("", "b", None)])
+    assert report["ok"] is False and report["errors_by_type"] == {"RemoteError": 2}
+    assert report["diagnosis"] == (f"the broker at {pool.address} answers, but every request was refused with an "
+                                   f"ERROR reply, e.g. bad_text: text_a: empty text")
+
+
+def test_a_run_that_measured_nothing_is_not_a_success(start_pool, tmp_path):
+    """A --duration-s shorter than one request measures no request: exit 1 and a diagnosis saying so,
+    not exit 0 with "requests 0 errors 0"."""
+    pool = start_pool("--backend", "echo", parallel=1)
+    out = tmp_path / "bench.json"
+    proc = run("--address", pool.address, "--clients", "1", "--duration-s", "1e-9", "--json", str(out))
+    assert proc.returncode == 1, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["requests"] == 0 and report["ok"] is False
+    assert report["diagnosis"].startswith("no request was measured: each client's --duration-s 1e-09 s ended")
+    assert "diagnosis: no request was measured" in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_a_json_report_that_cannot_be_written_is_one_line_and_exit_2(start_pool):
+    """--json on a full disk (/dev/full): the report is on stdout already; one line, exit 2, no traceback."""
+    pool = start_pool("--backend", "echo", parallel=1)
+    proc = run("--address", pool.address, "--clients", "1", "--cycle", "2", "--json", "/dev/full")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == ("bertpool-bench: error: cannot write --json /dev/full: "
+                                                    "No space left on device")
+    assert "requests 2  errors 0" in proc.stdout
+
+
+@pytest.mark.skipif(not has_matplotlib(), reason="matplotlib (the plot extra) is not installed")
+def test_a_plot_name_without_a_suffix_is_refused_not_renamed(tmp_path, monkeypatch, capsys):
+    """matplotlib's savefig adds its default suffix to a name without one: noext became noext.png."""
+    from bertpool.clients import plot
+
+    monkeypatch.chdir(tmp_path)
+    report = tmp_path / "bench.json"
+    report.write_text(json.dumps({"latency_ms": {"p50": None}}))
+    assert plot.main([str(report), "noext"]) == 2
+    assert "output noext: no suffix to name the image format; give one of" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [report]
+
+
+def test_backend_bench_with_failed_served_requests_exits_1(monkeypatch, tmp_path, capsys):
+    """Served requests that all failed (the pool refuses an empty text) measure nothing: the report is
+    written, then one line and exit 1, not "0.0 inf/s" and exit 0."""
+    from bertpool.bench import backend
+    from bertpool.common.data import Pair
+
+    monkeypatch.setattr(backend, "load_pairs", lambda tsv: ([Pair("", "b", None)], "empty text"))
+    out = tmp_path / "backend.json"
+    assert backend.main(["--backend", "echo", "--seconds", "0.2", "--parallel", "1", "--clients", "2", "--cycle",
+                         "1", "--single-cycle", "1", "--json", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert ("bertpool-bench-backend: error: 1 served run had failed requests; first, round 1 x1: 3 of 3 "
+            "requests failed, e.g. RemoteError: bad_text: text_a: empty text") in err
+    assert json.loads(out.read_text())["served"][0]["errors"] == 3
+
+
+def test_broker_bench_checks_its_metrics_address_and_vocabulary_before_any_setup(tmp_path):
+    """A bad --metrics-address was found only by the broker set-up, after the relay's whole run; an
+    empty --vocab only by each pool worker, in a traceback, while the bench waited for them."""
+    args = [sys.executable, "-m", "bertpool.bench.relay", "--clients", "1", "--workers", "1", "--load-procs", "1",
+            "--warmup-s", "0.1", "--duration-s", "0.2", "--single", "0"]
+    proc = subprocess.run([*args, "--setups", "relay,broker", "--metrics-address", "abc"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "--metrics-address 'abc'" in proc.stderr
+    assert "round trips/s" not in proc.stdout, proc.stdout  # no set-up ran
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    proc = subprocess.run([*args, "--setups", "relay,pool", "--vocab", str(empty)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"vocabulary file '{empty}' is empty" in proc.stderr and "round trips/s" not in proc.stdout
+
+
+def test_broker_bench_stops_at_once_when_a_pool_worker_cannot_load(tmp_path):
+    """A pool worker that cannot load says so in one line and exits; the bench stops then, instead of
+    waiting out its 60 s for a worker that will never come."""
+    import time
+
+    from bertpool.bench.relay import measure, request_body
+    from bertpool.common.errors import BenchError
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")  # past main's own check: straight to the workers
+    started = time.monotonic()
+    with pytest.raises(BenchError, match="a worker process exited with code 2"):
+        measure("pool", 1, 1, 1, 0.1, 0.1, request_body("text"), vocab=str(empty))
+    assert time.monotonic() - started < 45
+
+
+# --------------------------------------------------------- benches that start pools: SIGTERM
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` now (Linux /proc)."""
+    found, todo = [], [pid]
+    while todo:
+        kids = [k for p in todo for k in _children(p)]
+        found += kids
+        todo = kids
+    return found
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return children_of(pid)
+    except FileNotFoundError:  # it ended meanwhile
+        return []
+
+
+def pool_address_of(bench: subprocess.Popen, timeout_s: float = 60.0) -> str:
+    """The client address of the bertpool-serve that ``bench`` started, from its command line."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and bench.poll() is None:
+        for pid in _children(bench.pid):
+            try:
+                argv = open(f"/proc/{pid}/cmdline", "rb").read().decode().split("\0")
+            except FileNotFoundError:
+                continue
+            if "bertpool.pool.serve" in " ".join(argv):
+                return argv[argv.index("--address") + 1]
+        time.sleep(0.1)  # polling /proc: no event announces a child
+    raise AssertionError(f"bench {bench.pid} started no bertpool-serve within {timeout_s} s (exit {bench.poll()})")
+
+
+def interrupt_a_bench_with_a_pool(argv: list[str], prog: str, log, sig: int = signal.SIGTERM) -> None:
+    """Start the bench ``argv``, wait until its pool answers and its clients send requests, send it
+    ``sig``: with SIGTERM it must exit 143 saying so; with SIGKILL it has no say. Either way no process
+    it started (its pool, the pool's workers and gateway, its clients) may outlive it."""
+    import time
+
+    from bertpool.clients.bench import wait_for_workers
+    from bertpool.clients.client import Client
+
+    with open(log, "wb") as out:
+        bench = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    started: list[int] = []
+    try:
+        address = pool_address_of(bench)
+        wait_for_workers(address, 1, timeout_s=120)
+        with Client(address) as client:  # the load runs: every process the bench starts is up
+            deadline = time.monotonic() + 120
+            while client.stats()["broker"]["requests"] < 10:
+                assert time.monotonic() < deadline, "the bench's clients sent no requests"
+                time.sleep(0.1)  # polling the broker's counter: no event exists to wait on
+        started = descendants(bench.pid)
+        assert len(started) >= 3, started  # the pool, its workers, the clients
+        bench.send_signal(sig)
+        assert bench.wait(120) == (143 if sig == signal.SIGTERM else -sig), log.read_text()
+        assert not wait_gone(started, 30), f"processes outlived {prog}:\n{log.read_text()}"
+    finally:
+        if bench.poll() is None:
+            os.killpg(bench.pid, signal.SIGKILL)
+            bench.wait()
+        for pid in descendants(bench.pid) + started:  # none, unless the test failed: never leave them
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    text = log.read_text()
+    if sig == signal.SIGTERM:
+        assert f"{prog}: terminated; its pool and clients were stopped, no report" in text, text
+    assert "Traceback" not in text, text
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_bench_faults_sigterm_stops_its_pool_and_clients(tmp_path, sig):
+    """SIGTERM (timeout, kill) killed bench-faults by the default action: its finally never ran, and
+    its pool (serve, its workers) ran on for good. After a SIGKILL, which nothing can catch, serve
+    stops with its parent (child_env, exit_with_parent) and takes its workers along."""
+    interrupt_a_bench_with_a_pool(
+        [sys.executable, "-m", "bertpool.bench.faults", "--clients", "2", "--client-procs", "1", "--parallel", "2",
+         "--duration-s", "600", "--phases", "kill", "--kill-every-s", "600", "--echo-delay-ms", "1"],
+        "bertpool-bench-faults", tmp_path / "bench.log", sig)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -11,6 +12,7 @@ pytest.importorskip("tritonclient.http")
 pytest.importorskip("tritonclient.grpc")
 
 from bertpool.bench.gateway import MODES, main  # noqa: E402
+from test_bench import interrupt_a_bench_with_a_pool  # noqa: E402
 
 
 def test_bench_gateway_reports_every_mode(tmp_path, capsys):
@@ -29,3 +31,18 @@ def test_bench_gateway_refuses_bad_flags(capsys):
     assert main(["--clients", "0"]) == 2
     assert main(["--modes", "smoke"]) == 2
     assert "--modes" in capsys.readouterr().err
+    assert main(["--warmup", "-1"]) == 2
+    assert "--warmup must be >= 0, got -1" in capsys.readouterr().err
+    assert main(["--clients", "99999999999999999999"]) == 2  # hung, and orphaned its pool
+    assert "--clients must be at most 4096" in capsys.readouterr().err
+    assert main(["--cycle", "99999999999999999999"]) == 2
+    assert "--cycle must be at most 1000000" in capsys.readouterr().err
+
+
+def test_bench_gateway_sigterm_stops_its_pool_and_clients(tmp_path):
+    """SIGTERM killed bench-gateway by the default action, leaving its pool (serve, workers, gateway)
+    running for good. A --cycle this long also overflowed the wait for the clients at once."""
+    interrupt_a_bench_with_a_pool(
+        [sys.executable, "-m", "bertpool.bench.gateway", "--clients", "1", "--cycle", "1000000", "--warmup", "0",
+         "--parallel", "1", "--modes", "native", "--log", str(tmp_path / "pool.log")],
+        "bertpool-bench-gateway", tmp_path / "bench.log")
