@@ -41,7 +41,7 @@ import numpy as np
 from . import start_serve
 from ..clients.bench import MAX_CLIENTS, check_count, wait_for_workers
 from ..clients.client import Client
-from ..common.cli import exit_with_parent, output_file, report_interrupt, sigterm_as_interrupt
+from ..common.cli import STOPPED, add_exit_status, exit_with_parent, output_file, report_interrupt, sigterm_as_interrupt
 from ..common.errors import ConfigError, RequestError, RequestTimeout
 from ..common.protocol import check_heartbeat, check_timeout
 
@@ -319,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Steady closed-loop load on a bertpool-serve pool (echo backend with a fixed per-batch "
                     "delay) while workers are SIGKILLed, then SIGSTOPped; reports correct answers, typed "
                     "errors, lost requests, latency during recovery and time until the pool is whole.")
+    add_exit_status(parser, f"0 measured (the report says what was lost), 2 a bad flag, {STOPPED}; either way "
+                            f"its pool and clients are stopped")
     for name, help_text in _FLAGS:
         default = getattr(d, name)
         parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,

@@ -38,7 +38,7 @@ import numpy as np
 
 from . import start_serve
 from ..clients.bench import MAX_CLIENTS, MAX_CYCLE, check_count, percentiles
-from ..common.cli import output_file, report_error, report_interrupt, sigterm_as_interrupt
+from ..common.cli import STOPPED, add_exit_status, output_file, report_error, report_interrupt, sigterm_as_interrupt
 from ..common.data import default_pairs
 from ..common.errors import BertpoolError, ConfigError
 
@@ -260,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="bertpool-bench-gateway",
         description="Compare round trips/s of the native client, the KServe v2 HTTP gateway and the gRPC "
                     "gateway on one pool it starts (echo backend unless --model).")
+    add_exit_status(parser, f"0 measured, 2 it could not run (a bad flag, a pool or gateway that cannot start), "
+                            f"{STOPPED}; either way its pool and clients are stopped")
     d = GatewayBenchConfig()
     parser.add_argument("--clients", type=int, default=d.clients,
                         help=f"client processes per mode, at most {MAX_CLIENTS} (default: %(default)s)")

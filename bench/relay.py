@@ -41,7 +41,8 @@ import zmq
 
 from . import add_vocab_argument, echo_vocab
 from ..clients.bench import MAX_CLIENTS, BenchConfig, check_count, percentiles, run_bench, wait_for_workers
-from ..common.cli import output_file, parse_host_port, report_error, report_interrupt, sigterm_as_interrupt
+from ..common.cli import (STOPPED, add_exit_status, output_file, parse_host_port, report_error, report_interrupt,
+                          sigterm_as_interrupt)
 from ..common import protocol as P
 from ..common.data import Pair
 from ..common.errors import BenchError, BertpoolError, ConfigError, RequestTimeout
@@ -368,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="bertpool-bench-broker",
         description="Measure round trips/s through the bertpool broker against a plain zmq.proxy "
                     "ROUTER/DEALER relay, with the same closed-loop load, in one run.")
+    add_exit_status(parser, f"0 measured, 2 it could not run (a bad flag, a --vocab or pool worker that cannot "
+                            f"load), {STOPPED}; either way its processes are stopped")
     parser.add_argument("--clients", type=int, default=48,
                         help=f"client sockets, at most {MAX_CLIENTS} (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=4, help="echo workers (default: %(default)s)")

@@ -63,8 +63,8 @@ import zmq
 
 from ..common import protocol as P
 from ..common import security
-from ..common.cli import (add_address_arguments, add_link_arguments, install_reload_handler, install_stop_handlers,
-                          parse_host_port, report_error, setup_logging)
+from ..common.cli import (add_address_arguments, add_exit_status, add_link_arguments, install_reload_handler,
+                          install_stop_handlers, parse_host_port, report_error, setup_logging)
 from ..common.defaults import DEFAULT_BACKEND, DEFAULT_FRONTEND
 from ..common.errors import BertpoolError, ConfigError, ProtocolError
 from .metrics import BrokerMetrics, MetricsServer, PoolTotals
@@ -932,6 +932,8 @@ def main(argv: list[str] | None = None) -> int:
     add_link_arguments(parser)
     parser.add_argument("--stats-interval-s", type=float, default=1.0,
                         help="print inferences/s this often, at least 0.1 s; 0 disables (default: %(default)s)")
+    add_exit_status(parser, "0 stopped (SIGTERM, Ctrl-C) after draining, 2 it could not start (a bad flag, an "
+                            "address in use, unreadable CURVE keys)")
     args = parser.parse_args(argv)
     setup_logging()
     try:

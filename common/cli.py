@@ -41,6 +41,13 @@ def install_stop_handlers(stop: Callable[[], None]) -> None:
 
 EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as a shell reports it
 EXIT_TERMINATED = 143  # SIGTERM (timeout, kill, systemd): 128 + SIGTERM
+STOPPED = "130 interrupted (Ctrl-C), 143 terminated (SIGTERM)"  # the tools that unwind on a signal
+
+
+def add_exit_status(parser: argparse.ArgumentParser, codes: str) -> None:
+    """End ``parser``'s --help with "Exit status: CODES.", so every command says what its codes mean."""
+    status = f"Exit status: {codes}."
+    parser.epilog = f"{parser.epilog}. {status}" if parser.epilog else status
 
 
 class Terminated(KeyboardInterrupt):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..common.cli import report_error
+from ..common.cli import add_exit_status, report_error
 from ..common.errors import BertpoolError
 from .security import generate_key_pairs
 
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("directory", metavar="DIR", help="where to write the files (created if missing)")
     parser.add_argument("names", metavar="NAME", nargs="+", help="one key pair per name")
     parser.add_argument("--force", action="store_true", help="overwrite existing key files")
+    add_exit_status(parser, "0 written, 2 a bad name, a key file in the way (without --force), or DIR not writable")
     return parser
 
 

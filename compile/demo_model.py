@@ -26,7 +26,8 @@ import sys
 
 import numpy as np
 
-from ..common.cli import check_output_dir, check_replaceable, replacing_dir, report_interrupt, sigterm_as_interrupt
+from ..common.cli import (STOPPED, add_exit_status, check_output_dir, check_replaceable, replacing_dir,
+                          report_interrupt, sigterm_as_interrupt)
 from ..common.data import check_seed
 from ..common.errors import ConfigError
 from ..common.vocab import write_vocab
@@ -223,6 +224,8 @@ def main(argv=None) -> int:
                         help="savedmodel: run_classifier TF1 export (default); checkpoint: google-research "
                              "bert_config.json + bert_model.ckpt; hf: Hugging Face config.json + model.safetensors")
     parser.add_argument("--force", action="store_true", help="overwrite a non-empty output directory")
+    add_exit_status(parser, f"0 written, 2 a bad flag or an output it cannot write, {STOPPED}; either way "
+                            f"--output is whole or as it was")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)  # v1 API deprecation chatter

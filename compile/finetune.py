@@ -50,8 +50,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..common.cli import (check_output_dir, check_replaceable, counted, replacing_dir, report_error,
-                          report_interrupt, sigterm_as_interrupt)
+from ..common.cli import (STOPPED, add_exit_status, check_output_dir, check_replaceable, counted, replacing_dir,
+                          report_error, report_interrupt, sigterm_as_interrupt)
 from ..common.data import Pair, check_seed, read_mrpc_tsv
 from ..common.errors import BertpoolError, ConfigError
 from ..common.metrics import binary_report
@@ -601,6 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "checkpoint (OUTPUT/checkpoint), ready for bertpool-compile.",
         epilog=f"example: {PROG} --pretrained minilm-l6 --train ../shared/data/glue_mrpc_train.tsv "
                f"--dev ../shared/data/glue_mrpc_dev.tsv --output runs/minilm-mrpc")
+    add_exit_status(parser, f"0 fine-tuned (or reused), 2 bad input (a flag, the data, the pretrained weights or "
+                            f"vocabulary, an output it cannot write), {STOPPED}; either way --output is whole or "
+                            f"as it was")
     parser.add_argument("--pretrained", required=True, metavar="DIR|NAME",
                         help="a Hugging Face BERT directory (config.json + model.safetensors), a google-research "
                              f"checkpoint directory, or an installed package: {', '.join(PRETRAINED_PACKAGES)}")

@@ -38,8 +38,8 @@ from ..clients.client import Client
 from ..common import errors as E
 from ..common import protocol as P
 from ..common import security
-from ..common.cli import (exit_with_parent, ignore_hangup, parse_host_port, process_endpoint, report_error,
-                          setup_logging)
+from ..common.cli import (add_exit_status, exit_with_parent, ignore_hangup, parse_host_port, process_endpoint,
+                          report_error, setup_logging)
 from ..common.defaults import DEFAULT_FRONTEND, DEFAULT_GATEWAY_GRPC, DEFAULT_GATEWAY_HTTP
 from ..common.errors import BertpoolError, ConfigError
 from ..common.security import CurveClientConfig
@@ -362,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
                     "gRPC), so Triton and KServe clients can call it.",
         epilog="example: bertpool-gateway --broker tcp://127.0.0.1:5555 --http 8000 --grpc 8001")
     add_gateway_arguments(parser)
+    add_exit_status(parser, "0 stopped (SIGTERM, Ctrl-C), 2 it could not start (a bad flag, an address it cannot "
+                            "listen on, a missing extra)")
     args = parser.parse_args(argv)
     setup_logging()
     exit_with_parent()  # started by bertpool-serve: stop when it dies, however it dies

@@ -16,7 +16,7 @@ import threading
 
 from ..broker.broker import Broker, add_broker_arguments, broker_config_from_args
 from ..common import security
-from ..common.cli import (exit_with_parent, ignore_hangup, install_reload_handler, install_stop_handlers,
+from ..common.cli import (add_exit_status, exit_with_parent, ignore_hangup, install_reload_handler, install_stop_handlers,
                           report_error, setup_logging)
 from ..common.errors import BertpoolError
 from ..common.protocol import local_endpoint
@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print inferences/s and batch fill this often, at least 0.1 s; 0 disables "
                              "(default: %(default)s)")
     add_serve_gateway_arguments(parser)
+    add_exit_status(parser, "0 stopped (SIGTERM, Ctrl-C) after draining, 1 the pool failed while serving (a worker "
+                            "that cannot load its model or is refused, the gateway gone), 2 it could not start "
+                            "(a bad flag, an address in use, a gateway that cannot listen)")
     return parser
 
 

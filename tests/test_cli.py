@@ -22,6 +22,9 @@ MODULES = {
     "bertpool-demo-model": "bertpool.compile.demo_model",
     "bertpool-finetune": "bertpool.compile.finetune",
     "bertpool-keys": "bertpool.common.keys",
+    "bertpool-bench-faults": "bertpool.bench.faults",
+    "bertpool-bench-gateway": "bertpool.bench.gateway",
+    "bertpool-gateway": "bertpool.gateway.gateway",
 }
 
 SHARED_FLAGS = {
@@ -54,6 +57,8 @@ def test_help_is_complete(command):
     assert proc.returncode == 0, proc.stderr
     for flag in SHARED_FLAGS.get(command, []):
         assert flag in proc.stdout, f"{command} --help lacks {flag}"
+    # What its exit codes mean (most said nothing), with the code every command shares.
+    assert "Exit status: 0 " in " ".join(proc.stdout.split()), f"{command} --help does not say its exit status"
 
 
 @pytest.mark.parametrize("module, args, message", [

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..common import configdata, security
-from ..common.cli import (add_address_arguments, child_env, ignore_hangup, install_stop_handlers, report_error,
-                          setup_logging)
+from ..common.cli import (add_address_arguments, add_exit_status, child_env, ignore_hangup, install_stop_handlers,
+                          report_error, setup_logging)
 from ..common.errors import BertpoolError, ConfigError
 from .backends import ECHO_WARNING, MAX_THREADS
 from .neuron_cores import NEURON_SYSFS, check_cores
@@ -260,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     add_address_arguments(parser, frontend=False)
     add_supervisor_arguments(parser)
     security.add_client_arguments(parser, own="the workers' own (all of this command's workers use it)")
+    add_exit_status(parser, "0 stopped (SIGTERM, Ctrl-C), 1 the pool stopped because a worker cannot load its "
+                            "model or was refused by the broker (restarting it would not help), 2 a bad flag")
     args = parser.parse_args(argv)
     setup_logging()
     try:

@@ -57,7 +57,7 @@ import zmq
 from .. import __version__
 from ..common import protocol as P
 from ..common import configdata, security
-from ..common.cli import (add_address_arguments, add_link_arguments, exit_with_parent, ignore_hangup,
+from ..common.cli import (add_address_arguments, add_exit_status, add_link_arguments, exit_with_parent, ignore_hangup,
                           install_stop_handlers, report_error, setup_logging)
 from ..common.defaults import DEFAULT_BACKEND
 from ..common.errors import BertpoolError, ConfigError, HandshakeFailed, ModelFormatError, ProtocolError
@@ -860,6 +860,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bertpool-worker",
         description="Run one bertpool worker: load a model, batch requests from the broker, reply.")
+    add_exit_status(parser, f"0 stopped (SIGTERM, Ctrl-C), 1 failed while serving (its supervisor restarts it), "
+                            f"{EXIT_LOAD_FAILED} it cannot load its model or configuration (restarting would not "
+                            f"help), {EXIT_REFUSED} the broker refused its handshake (CURVE keys), 130 Ctrl-C "
+                            f"while loading")
     add_address_arguments(parser, frontend=False)
     parser.add_argument("--name", default="", help="worker name in logs and stats")
     parser.add_argument("--slot", default="",
