@@ -40,6 +40,7 @@ import numpy as np
 
 from . import start_serve
 from ..clients.bench import MAX_CLIENTS, check_count, wait_for_workers
+from ..workers.supervisor import check_processes
 from ..clients.client import Client
 from ..common.cli import STOPPED, add_exit_status, exit_with_parent, output_file, report_interrupt, sigterm_as_interrupt
 from ..common.errors import ConfigError, RequestError, RequestTimeout
@@ -66,11 +67,11 @@ class FaultBenchConfig:
     phases: tuple[str, ...] = PHASES
 
     def __post_init__(self) -> None:
-        if min(self.clients, self.client_procs, self.parallel) < 1:
-            raise ConfigError("clients, client_procs and parallel must be >= 1")
+        check_count("clients", self.clients, MAX_CLIENTS)  # each a thread with a connection of its own
+        check_processes("client_procs", self.client_procs)
+        check_processes("parallel", self.parallel)  # serve's own bound, checked before serve starts
         if self.parallel < 2:
             raise ConfigError("parallel must be >= 2: a pool of one has no survivor to fail over to")
-        check_count("clients", self.clients, MAX_CLIENTS)  # each a thread with a connection of its own
         if self.client_procs > self.clients:
             raise ConfigError(f"client_procs ({self.client_procs}) must be at most clients ({self.clients}): "
                               f"a process with no client would run nothing")

@@ -41,6 +41,7 @@ import zmq
 
 from . import add_vocab_argument, echo_vocab
 from ..clients.bench import MAX_CLIENTS, BenchConfig, check_count, percentiles, run_bench, wait_for_workers
+from ..workers.supervisor import check_processes
 from ..common.cli import (STOPPED, add_exit_status, output_file, parse_host_port, report_error, report_interrupt,
                           sigterm_as_interrupt)
 from ..common import protocol as P
@@ -396,11 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(setups) - set(SETUPS)
     if unknown or not setups:
         parser.error(f"--setups must name some of {', '.join(SETUPS)}, got {args.setups!r}")
-    for flag in ("clients", "workers", "load_procs"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     try:
         check_count("--clients", args.clients, MAX_CLIENTS)
+        check_processes("--workers", args.workers)
+        check_processes("--load-procs", args.load_procs)
         if args.metrics_address:  # now, not when the broker set-up starts after the relay's run
             parse_host_port(args.metrics_address, "--metrics-address")
     except ConfigError as exc:

@@ -538,6 +538,10 @@ def test_a_client_failing_while_warming_up_ends_the_wait_with_its_reason(start_p
     ("bertpool.bench.relay", ["--warmup-s", "nan"], "--warmup-s must be >= 0"),
     ("bertpool.bench.relay", ["--setups", ""], "--setups must name some of"),
     ("bertpool.bench.relay", ["--clients", "0"], "--clients must be >= 1"),
+    ("bertpool.bench.relay", ["--workers", "100000"], "--workers must be at most"),  # forked until killed
+    ("bertpool.bench.relay", ["--load-procs", "0"], "--load-procs must be >= 1"),
+    ("bertpool.bench.faults", ["--parallel", "100000"], "parallel must be at most"),  # serve refused it, late
+    ("bertpool.bench.faults", ["--client-procs", "0"], "client_procs must be >= 1"),
     ("bertpool.bench.relay", ["--setups", "broker", "--metrics-address", "99999"], "--metrics-address"),
     ("bertpool.clients.bench", ["--wait-workers", "1", "--wait-timeout-s", "nan"], "--wait-timeout-s must be > 0"),
     ("bertpool.clients.bench", ["--json", "/nonexistent-bertpool/x.json"], "does not exist"),

@@ -46,6 +46,16 @@ log = logging.getLogger("bertpool.supervisor")
 MAX_WORKERS_PER_CPU = 8
 
 
+def check_processes(name: str, value: int) -> None:
+    """ConfigError unless ``value`` processes (workers, or a bench's own) is in 1..MAX_WORKERS_PER_CPU per core."""
+    if value < 1:
+        raise ConfigError(f"{name} must be >= 1, got {value}")
+    most = MAX_WORKERS_PER_CPU * (os.cpu_count() or 1)
+    if value > most:
+        raise ConfigError(f"{name} must be at most {most} ({MAX_WORKERS_PER_CPU} processes per CPU core, "
+                          f"{os.cpu_count() or 1} here), got {value}")
+
+
 @dataclass(frozen=True)
 class SupervisorConfig:
     worker: WorkerConfig = field(default_factory=WorkerConfig)  # template for every worker
@@ -59,12 +69,7 @@ class SupervisorConfig:
 
     def __post_init__(self) -> None:
         # The one check of parallel (bertpool-workers and bertpool-serve build this before using it).
-        if self.parallel < 1:
-            raise ConfigError(f"parallel must be >= 1, got {self.parallel}")
-        most = MAX_WORKERS_PER_CPU * (os.cpu_count() or 1)
-        if self.parallel > most:
-            raise ConfigError(f"parallel must be at most {most} ({MAX_WORKERS_PER_CPU} worker processes per CPU "
-                              f"core, {os.cpu_count() or 1} here), got {self.parallel}")
+        check_processes("parallel", self.parallel)
         if self.first_core < 0:
             raise ConfigError(f"first_core must be >= 0, got {self.first_core}")
 
