@@ -30,7 +30,7 @@ from typing import Any
 
 from . import add_vocab_argument, echo_vocab, start_serve
 from ..clients.bench import MAX_CLIENTS, MAX_CYCLE, BenchConfig, check_count, load_pairs, run_bench
-from ..common.cli import counted, output_file, report_error, report_interrupt, sigterm_as_interrupt
+from ..common.cli import counted, output_file, report_error, report_interrupt, sigterm_as_interrupt, write_output
 from ..common.errors import BertpoolError, ConfigError
 from ..common import configdata
 from ..common import protocol as P
@@ -214,7 +214,10 @@ def _run(args: argparse.Namespace) -> int:
               f"{result['ratios']}), single added latency p50 {result['single_added_latency_ms_p50']} ms",
               flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        try:
+            write_output("--json", args.json, json.dumps(report, indent=2) + "\n")
+        except ConfigError as exc:  # the report is on stdout already
+            return report_error("bertpool-bench-backend", exc)
     # A rate of failed requests (or of none) measures nothing: say so, and exit 1, as bertpool-bench does.
     failed = [(number, r) for number, rnd in enumerate(report["rounds"], 1) for r in rnd["served"]
               if r["errors"] or not r["replies"]]

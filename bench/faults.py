@@ -42,7 +42,8 @@ from . import start_serve
 from ..clients.bench import MAX_CLIENTS, check_count, wait_for_workers
 from ..workers.supervisor import check_processes
 from ..clients.client import Client
-from ..common.cli import STOPPED, add_exit_status, exit_with_parent, output_file, report_interrupt, sigterm_as_interrupt
+from ..common.cli import (STOPPED, add_exit_status, exit_with_parent, output_file, report_error, report_interrupt,
+                          sigterm_as_interrupt, write_output)
 from ..common.errors import ConfigError, RequestError, RequestTimeout
 from ..common.protocol import check_heartbeat, check_timeout
 
@@ -348,7 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(report, indent=2)
     print(text, flush=True)
     if args.json:
-        Path(args.json).write_text(text + "\n")
+        try:
+            write_output("--json", args.json, text + "\n")
+        except ConfigError as exc:  # the report is on stdout already
+            return report_error("bertpool-bench-faults", exc)
     return 0
 
 

@@ -38,7 +38,8 @@ import numpy as np
 
 from . import start_serve
 from ..clients.bench import MAX_CLIENTS, MAX_CYCLE, check_count, percentiles
-from ..common.cli import STOPPED, add_exit_status, output_file, report_error, report_interrupt, sigterm_as_interrupt
+from ..common.cli import (STOPPED, add_exit_status, output_file, report_error, report_interrupt, sigterm_as_interrupt,
+                          write_output)
 from ..common.data import default_pairs
 from ..common.errors import BertpoolError, ConfigError
 
@@ -289,7 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:
-        Path(args.json).write_text(text + "\n")
+        try:
+            write_output("--json", args.json, text + "\n")
+        except ConfigError as exc:  # the report is on stdout already
+            return report_error("bertpool-bench-gateway", exc)
     return 0
 
 

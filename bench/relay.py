@@ -43,7 +43,7 @@ from . import add_vocab_argument, echo_vocab
 from ..clients.bench import MAX_CLIENTS, BenchConfig, check_count, percentiles, run_bench, wait_for_workers
 from ..workers.supervisor import check_processes
 from ..common.cli import (STOPPED, add_exit_status, output_file, parse_host_port, report_error, report_interrupt,
-                          sigterm_as_interrupt)
+                          sigterm_as_interrupt, write_output)
 from ..common import protocol as P
 from ..common.data import Pair
 from ..common.errors import BenchError, BertpoolError, ConfigError, RequestTimeout
@@ -456,8 +456,8 @@ def _run(args: argparse.Namespace, setups: list[str]) -> int:
         report["single_client_ms"] = singles
         report.update(_single_summary(singles))
         print("one client alone:", {k: report[k] for k in ("single_over_relay_ms", "single_added_latency_ms")})
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.json:  # a file that cannot be written now is a ConfigError, reported by main (exit 2)
+        write_output("--json", args.json, json.dumps(report, indent=2) + "\n")
     return 0
 
 

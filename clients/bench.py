@@ -33,7 +33,6 @@ import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
@@ -42,7 +41,7 @@ from tqdm import tqdm
 from ..common import protocol as P
 from ..common import security
 from ..common.cli import (add_address_arguments, counted, exit_with_parent, output_file, report_error,
-                          report_interrupt, sigterm_as_interrupt)
+                          report_interrupt, sigterm_as_interrupt, write_output)
 from ..common.defaults import DEFAULT_FRONTEND
 from ..common.data import Pair, default_pairs, read_mrpc_tsv
 from ..common.errors import (BenchError, BertpoolError, ConfigError, HandshakeFailed, RemoteError, RequestError,
@@ -656,11 +655,7 @@ def failure_report(config: BenchConfig, exc: BaseException) -> dict[str, Any]:
 def write_json(path: str, report: dict[str, Any]) -> None:
     """Write ``report``; NaN or infinity in it is a bug, so it fails loudly (allow_nan=False). A file
     that cannot be written (disk full, no permission) is a ConfigError naming it."""
-    text = json.dumps(report, indent=2, allow_nan=False) + "\n"
-    try:
-        Path(path).write_text(text)
-    except OSError as exc:
-        raise ConfigError(f"cannot write --json {path}: {exc.strerror or exc}") from exc
+    write_output("--json", path, json.dumps(report, indent=2, allow_nan=False) + "\n")
 
 
 def ms(value: float | None) -> str:

@@ -138,6 +138,15 @@ def output_file(value: str) -> str:
     return value
 
 
+def write_output(flag: str, path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` (an :func:`output_file` flag's value, after the run): a write that
+    fails then (a full disk, a directory gone) is ConfigError naming the flag, not a traceback."""
+    try:
+        Path(path).write_text(text)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {flag} {path}: {exc.strerror or exc}") from exc
+
+
 def check_output_dir(flag: str, output: str | os.PathLike, force: bool, hint: str = "") -> None:
     """ConfigError unless ``output`` may be written: absent, an empty directory, or (with ``force``) a
     non-empty one; ``hint``: another way out the message names (e.g. ", or --reuse")."""

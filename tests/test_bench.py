@@ -679,6 +679,16 @@ def test_a_json_report_that_cannot_be_written_is_one_line_and_exit_2(start_pool)
     assert "requests 2  errors 0" in proc.stdout
 
 
+def test_bench_broker_json_that_cannot_be_written_is_one_line_and_exit_2():
+    """The other benches wrote their --json with a bare write_text: a traceback after the whole run."""
+    proc = subprocess.run([sys.executable, "-m", "bertpool.bench.relay", "--setups", "relay", "--clients", "2",
+                           "--workers", "1", "--load-procs", "1", "--warmup-s", "0", "--duration-s", "0.2",
+                           "--single", "0", "--json", "/dev/full"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == ("bertpool-bench-broker: error: cannot write --json /dev/full: "
+                                                    "No space left on device")
+
+
 @pytest.mark.skipif(not has_matplotlib(), reason="matplotlib (the plot extra) is not installed")
 def test_a_plot_name_without_a_suffix_is_refused_not_renamed(tmp_path, monkeypatch, capsys):
     """matplotlib's savefig adds its default suffix to a name without one: noext became noext.png."""
