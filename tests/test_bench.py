@@ -358,7 +358,9 @@ def test_a_broker_gone_mid_run_still_says_echo_served(start_pool, tmp_path, quie
             bench.wait()
     assert bench.returncode == 1, stderr
     report = json.loads(out.read_text())
-    assert report["replies"] > 20 and report["errors"] > 0 and report["backends"] == {"echo": 1}
+    # One closed-loop client: the broker's 21st request came after its 20th reply (the 21st may be the
+    # one the kill cut off), so at least 20 replies, not 21.
+    assert report["replies"] >= 20 and report["errors"] > 0 and report["backends"] == {"echo": 1}
     assert "(it answered before the run: it went away)" in report["diagnosis"]
     assert "served by  1 x echo" in stdout and "WARNING: echo workers answered" in stdout
     assert "Traceback" not in stderr, stderr
