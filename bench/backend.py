@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from . import add_vocab_argument, echo_vocab, start_serve
-from ..clients.bench import MAX_CLIENTS, MAX_CYCLE, BenchConfig, check_count, load_pairs, run_bench
-from ..common.cli import counted, output_file, report_error, report_interrupt, sigterm_as_interrupt, write_output
+from ..clients.bench import MAX_CLIENTS, MAX_CYCLE, BenchConfig, load_pairs, run_bench
+from ..common.cli import (check_count, counted, output_file, report_error, report_interrupt, sigterm_as_interrupt,
+                          write_output)
 from ..common.errors import BertpoolError, ConfigError
 from ..common import configdata
 from ..common import protocol as P

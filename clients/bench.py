@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from ..common import protocol as P
 from ..common import security
-from ..common.cli import (add_address_arguments, counted, exit_with_parent, output_file, report_error,
+from ..common.cli import (add_address_arguments, check_count, counted, exit_with_parent, output_file, report_error,
                           report_interrupt, sigterm_as_interrupt, write_output)
 from ..common.defaults import DEFAULT_FRONTEND
 from ..common.data import Pair, default_pairs, read_mrpc_tsv
@@ -91,14 +91,6 @@ class BenchConfig:
         if self.duration_s is not None:
             return self.duration_s + self.timeout_s
         return self.cycle * self.timeout_s
-
-
-def check_count(flag: str, value: int, most: int) -> None:
-    """ConfigError unless ``value`` is a whole number in 1..``most`` (MAX_CLIENTS, MAX_CYCLE: see above)."""
-    if value < 1:
-        raise ConfigError(f"{flag} must be >= 1, got {value}")
-    if value > most:
-        raise ConfigError(f"{flag} must be at most {most}, got {value}")
 
 
 @dataclass

@@ -252,6 +252,15 @@ def _within(name: object, roots: tuple[Path, ...]) -> bool:
     return any(path.is_relative_to(root.absolute()) for root in roots)
 
 
+def check_count(flag: str, value: int, most: int, why: str = "") -> None:
+    """ConfigError unless ``value`` is a whole number in 1..``most`` (a count of clients, requests or
+    processes; ``why``: what the bound is, said beside it)."""
+    if value < 1:
+        raise ConfigError(f"{flag} must be >= 1, got {value}")
+    if value > most:
+        raise ConfigError(f"{flag} must be at most {most}{f' ({why})' if why else ''}, got {value}")
+
+
 def counted(n: int, noun: str) -> str:
     """``1 client``, ``4 clients``: a count and its noun, plural unless it is 1."""
     return f"{n} {noun}{'' if n == 1 else 's'}"

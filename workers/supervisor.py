@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..common import configdata, security
-from ..common.cli import (add_address_arguments, add_exit_status, child_env, ignore_hangup, install_stop_handlers,
-                          report_error, setup_logging)
+from ..common.cli import (add_address_arguments, add_exit_status, check_count, child_env, ignore_hangup,
+                          install_stop_handlers, report_error, setup_logging)
 from ..common.errors import BertpoolError, ConfigError
 from .backends import ECHO_WARNING, MAX_THREADS
 from .neuron_cores import NEURON_SYSFS, check_cores
@@ -48,12 +48,8 @@ MAX_WORKERS_PER_CPU = 8
 
 def check_processes(name: str, value: int) -> None:
     """ConfigError unless ``value`` processes (workers, or a bench's own) is in 1..MAX_WORKERS_PER_CPU per core."""
-    if value < 1:
-        raise ConfigError(f"{name} must be >= 1, got {value}")
-    most = MAX_WORKERS_PER_CPU * (os.cpu_count() or 1)
-    if value > most:
-        raise ConfigError(f"{name} must be at most {most} ({MAX_WORKERS_PER_CPU} processes per CPU core, "
-                          f"{os.cpu_count() or 1} here), got {value}")
+    cores = os.cpu_count() or 1
+    check_count(name, value, MAX_WORKERS_PER_CPU * cores, f"{MAX_WORKERS_PER_CPU} processes per CPU core, {cores} here")
 
 
 @dataclass(frozen=True)
