@@ -62,6 +62,7 @@ class Backend:
     vocab_path: Path | None = None  # the vocabulary the model was trained with, if known
     vocab_size: int | None = None   # rows of the model's word embeddings (the token ids it takes);
                                     # None: no model (echo), or the backend cannot tell
+    vocab_checked: bool = False     # vocab_path was checked against vocab_size when the model loaded
 
     def predict(self, input_ids: np.ndarray, input_mask: np.ndarray,
                 segment_ids: np.ndarray) -> np.ndarray:
@@ -188,6 +189,7 @@ class CompiledBackend(Backend):
         self.seq_length = self._model.seq_length
         self.vocab_path = self._model.vocab_path
         self.vocab_size = self._model.shape.vocab_size
+        self.vocab_checked = True  # load_compiled checks its vocab.txt against the embeddings
 
     def predict(self, input_ids, input_mask, segment_ids):
         return self._model.predict(input_ids, input_mask, segment_ids)

@@ -305,8 +305,8 @@ class Worker:
         self._check_ready()
         vocab = self.config.vocab_path or self.backend.vocab_path or fallback_vocab_path()
         rows = self.backend.vocab_size
-        if rows is not None:
-            # bertpool-compile's check: a vocabulary of another size tokenizes to the wrong embedding rows
+        if rows is not None and (self.config.vocab_path or not self.backend.vocab_checked):
+            # bertpool-compile's check (a compiled model's loader already made it on its own vocab.txt): a vocabulary of another size tokenizes to the wrong embedding rows
             # (wrong answers, no error) or past the last one (every batch failing).
             check_vocab(Path(vocab), rows, fix="give --vocab the model's own vocab.txt, or drop --vocab"
                         if self.config.vocab_path else "the model directory is damaged")
