@@ -67,6 +67,7 @@ from ..common.cli import (add_address_arguments, add_exit_status, add_link_argum
                           install_stop_handlers, parse_host_port, report_error, setup_logging)
 from ..common.defaults import DEFAULT_BACKEND, DEFAULT_FRONTEND
 from ..common.errors import BertpoolError, ConfigError, ProtocolError
+from ..common.recent import Recent
 from .metrics import BrokerMetrics, MetricsServer, PoolTotals
 from ..common.fastzmq import recv_nowait, send_nowait
 
@@ -261,8 +262,8 @@ class Broker:
         self._stats_out = stats_out or sys.stdout
         # Unregistered sockets that answered a request handed out here (workers' compute sockets),
         # whose STATS are taken like a registered socket's; insertion-ordered, oldest dropped first.
-        self._answering: dict[bytes, None] = {}
-        self._warned_ready: dict[Any, None] = {}  # senders of a malformed READY already warned about
+        self._answering: Recent[bytes, None] = Recent(MAX_PEERS)
+        self._warned_ready: Recent[Any, None] = Recent(MAX_PEERS)  # senders of a malformed READY already warned about
         self._ready_ignored = False  # a READY came while draining (said once)
         self._last_totals: tuple[float, int, int, int] | None = None
         self.frontend: zmq.Socket | None = None
@@ -588,11 +589,7 @@ class Broker:
 
     def _note_answering(self, identity: bytes) -> None:
         """Remember ``identity``, an unregistered socket that answered a request: a worker's."""
-        if identity in self._answering:
-            return
-        self._answering[identity] = None
-        if len(self._answering) > MAX_PEERS:
-            del self._answering[next(iter(self._answering))]
+        self._answering.put(identity)
 
     def _warn_bad_ready(self, identity: bytes, body: bytes, exc: ProtocolError) -> None:
         """A READY refused as malformed: a worker that will retry forever and never serve, so say why
@@ -603,12 +600,9 @@ class Broker:
             pid = None
         known_pid = isinstance(pid, int) and not isinstance(pid, bool)
         key = ("pid", pid) if known_pid else identity
-        if key in self._warned_ready:
+        if not self._warned_ready.put(key):
             log.debug("dropping malformed READY: %s", exc)
             return
-        self._warned_ready[key] = None
-        if len(self._warned_ready) > MAX_PEERS:
-            del self._warned_ready[next(iter(self._warned_ready))]
         log.warning("refusing a malformed READY from a worker%s: %s; it is not registered (said once per "
                     "worker)", f" (pid {pid})" if known_pid else "", exc)
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..common import protocol as P
 from ..common.errors import ConfigError
+from ..common.recent import Recent
 from ..common.cli import parse_host_port
 from ..common.metrics_export import BATCH_FILL_BUCKETS_ROWS, LATENCY_BUCKETS_S, WORKER_HISTOGRAMS, BucketCounts
 
@@ -96,8 +97,8 @@ class PoolTotals:
     def __init__(self) -> None:
         self.counters = dict.fromkeys(POOL_COUNTERS, 0)
         self.histograms = {name: BucketCounts(bounds) for name, bounds in WORKER_HISTOGRAMS.items()}
-        self._streams: collections.OrderedDict[str, tuple[dict[str, int], dict[str, tuple[list[int], float]]]] = \
-            collections.OrderedDict()
+        # Each stream's last counters and histograms; the one updated longest ago is forgotten first.
+        self._streams: Recent[str, tuple[dict[str, int], dict[str, tuple[list[int], float]]]] = Recent(MAX_STREAMS)
 
     def knows(self, epoch: str) -> bool:
         """Whether a STATS of stream ``epoch`` was taken (and is still remembered)."""
@@ -108,7 +109,7 @@ class PoolTotals:
         """Add what stream ``epoch`` did since its last STATS. ``baseline``: if this is the first
         STATS of the stream, only remember it (the counts so far were not made for this broker)."""
         add = not (baseline and epoch not in self._streams)
-        last_counters, last_hists = self._streams.pop(epoch, ({}, {}))
+        last_counters, last_hists = self._streams.get(epoch) or ({}, {})
         seen_counters = dict(last_counters)
         for name in POOL_COUNTERS:
             value = counters.get(name)
@@ -127,9 +128,7 @@ class PoolTotals:
             if add:
                 target.add([n - o for n, o in zip(new_counts, old_counts)], new_total - old_total)
             seen_hists[name] = (new_counts, new_total)
-        self._streams[epoch] = (seen_counters, seen_hists)
-        while len(self._streams) > MAX_STREAMS:
-            self._streams.popitem(last=False)
+        self._streams.touch(epoch, (seen_counters, seen_hists))
 
 
 class BrokerMetrics:

@@ -68,7 +68,6 @@ left with ClientClosed.
 
 from __future__ import annotations
 
-import collections
 import functools
 import heapq
 import itertools
@@ -89,6 +88,7 @@ import zmq
 from ..common import protocol as P
 from ..common import security
 from ..common.defaults import DEFAULT_FRONTEND
+from ..common.recent import Recent
 from ..common.fastzmq import close_monitored, open_monitor, recv_nowait, send_nowait
 from ..common.errors import (BertpoolError, BrokerUnavailable, ClientClosed, ConfigError, DeadlineExceeded,
                              HandshakeFailed, MalformedReply, ProtocolError, RemoteError, ServerBusy)
@@ -220,7 +220,7 @@ class Client:
         self._deadlines: list[tuple[float, int, Any]] = []  # heap of (deadline, seq, id)
         self._retries: list[tuple[float, int, Any]] = []    # heap of (retry_at, seq, id)
         self._in_flight: set[Any] = set()
-        self._settled: collections.OrderedDict[Any, bool] = collections.OrderedDict()  # id -> answered
+        self._settled: Recent[Any, bool] = Recent(_REMEMBERED_IDS)  # id -> answered
         self._heard_at = time.monotonic()   # last message from the broker, or when waiting began
         self._pinged_at = 0.0               # last HEARTBEAT sent
         self._ever_heard = False            # any message from any broker since the client started
@@ -685,9 +685,7 @@ class Client:
         self._pending.pop(entry.rid, None)
         self._in_flight.discard(entry.rid)
         entry.in_flight = False
-        self._settled[entry.rid] = answered
-        if len(self._settled) > _REMEMBERED_IDS:
-            self._settled.popitem(last=False)
+        self._settled.put(entry.rid, answered)
 
     def _on_busy(self, entry: _Pending, message: str) -> None:
         self._unflight(entry)
