@@ -71,6 +71,7 @@ class GatewayConfig:
     max_body_bytes: int = 16 << 20          # larger HTTP bodies get 413, gRPC messages RESOURCE_EXHAUSTED
     max_rows: int = 1024                    # rows (pool requests) one v2 request may carry
     ready_cache_s: float = 0.5              # how long a readiness answer (a broker STATS) is reused
+    ready_probe_timeout_s: float = 2.0      # a broker slower than this to answer STATS counts as not ready
     curve: CurveClientConfig | None = None  # CURVE keys for the broker link; None = plain text
 
     def __post_init__(self) -> None:
@@ -89,11 +90,16 @@ class GatewayConfig:
                 raise ConfigError(f"--model-version {self.model_version!r}: a version may hold only letters, "
                                   f"digits and {_VERSION_PUNCTUATION} (it is used in URLs as it is)")
         P.check_timeout("--timeout-s", self.timeout_s)
+        P.check_timeout("ready_probe_timeout_s", self.ready_probe_timeout_s)
+        if not 0 <= self.ready_cache_s <= MAX_READY_CACHE_S:
+            raise ConfigError(f"ready_cache_s must be >= 0 and at most {MAX_READY_CACHE_S:g}, got {self.ready_cache_s}")
         if not 1024 <= self.max_body_bytes <= P.INT32_MAX:  # gRPC's message limit is an int32
             raise ConfigError(f"--max-body-bytes must be in [1024, {P.INT32_MAX}], got {self.max_body_bytes}")
         if self.max_rows < 1:
             raise ConfigError(f"--max-rows must be >= 1, got {self.max_rows}")
 
+
+MAX_READY_CACHE_S = 60.0  # a readiness answer older than a minute says little about the pool now
 
 # RFC 3986's characters of a path segment that need no %-encoding (pchar, less pct-encoded).
 _VERSION_PUNCTUATION = "-._~!$&'()*+,;=:@"
@@ -260,7 +266,7 @@ class Gateway:
         Never raises: anything that goes wrong is "not ready", said in the log."""
         loop = asyncio.get_running_loop()
         try:
-            stats = await loop.run_in_executor(None, self._client.stats, 2.0)
+            stats = await loop.run_in_executor(None, self._client.stats, self.config.ready_probe_timeout_s)
             ready = bool(stats.get("workers"))
             why = f"no worker is registered with the broker at {self._client.config.address}"
         except BertpoolError as exc:

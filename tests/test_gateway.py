@@ -503,14 +503,34 @@ class _ProbeClient:
 
     def stats(self, timeout_s: float):
         self.calls += 1
+        self.timeout_s = timeout_s
         return self._stats()
 
 
-def _gateway_with(client):
+def _gateway_with(client, **settings):
     from bertpool.gateway.gateway import Gateway, GatewayConfig
     from bertpool.gateway.kserve import ModelInfo
 
-    return Gateway(GatewayConfig(ready_cache_s=0.0), ModelInfo(MODEL, "1", S), client)
+    return Gateway(GatewayConfig(ready_cache_s=0.0, **settings), ModelInfo(MODEL, "1", S), client)
+
+
+def test_the_readiness_probe_waits_for_stats_as_long_as_configured():
+    import asyncio
+
+    client = _ProbeClient(lambda: {"workers": {"w": {}}})
+    assert asyncio.run(_gateway_with(client, ready_probe_timeout_s=0.25).ready()) is True
+    assert client.timeout_s == 0.25
+
+
+@pytest.mark.parametrize("settings", [{"ready_probe_timeout_s": 0}, {"ready_probe_timeout_s": float("nan")},
+                                      {"ready_probe_timeout_s": float("inf")}, {"ready_cache_s": -1},
+                                      {"ready_cache_s": float("nan")}, {"ready_cache_s": 3600}])
+def test_readiness_settings_out_of_range_are_config_errors(settings):
+    from bertpool.common.errors import ConfigError
+    from bertpool.gateway.gateway import GatewayConfig
+
+    with pytest.raises(ConfigError, match=next(iter(settings))):
+        GatewayConfig(**settings)
 
 
 def test_a_readiness_probe_that_fails_unexpectedly_is_not_ready_and_runs_again():
