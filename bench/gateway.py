@@ -22,7 +22,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import queue
 import signal
 import socket
 import subprocess
@@ -37,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from . import start_serve
-from ..clients.bench import MAX_CLIENTS, MAX_CYCLE, percentiles
+from ..clients.bench import MAX_CLIENTS, MAX_CYCLE, next_result, percentiles
 from ..common.cli import (STOPPED, add_exit_status, check_count, output_file, report_error, report_interrupt,
                           sigterm_as_interrupt, write_output)
 from ..common.data import default_pairs
@@ -162,18 +161,12 @@ def run_mode(mode: str, endpoints: dict[str, str], config: GatewayBenchConfig,
                          daemon=True) for i in range(config.clients)]
     for p in procs:
         p.start()
-    # Bounded in slices: one wait of --cycle x timeout_s would overflow the queue's poll().
     longest_s = config.start_timeout_s + config.cycle * config.timeout_s
-    limit = time.monotonic() + longest_s
+    limit, late = time.monotonic() + longest_s, f"the {mode} clients did not finish within {longest_s:g} s"
     got: list[dict[str, Any]] = []
     try:
-        while len(got) < len(procs):
-            if time.monotonic() > limit:
-                raise BertpoolError(f"the {mode} clients did not finish within {longest_s:g} s")
-            try:
-                got.append(results.get(timeout=1.0))
-            except queue.Empty:
-                continue
+        while len(got) < len(procs):  # one report per client
+            got.append(next_result(results, limit, late))
     finally:
         for p in procs:
             if len(got) < len(procs):  # interrupted or timed out: stop them now, not after their cycle

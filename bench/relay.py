@@ -29,7 +29,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import queue
 import sys
 import tempfile
 import threading
@@ -40,7 +39,7 @@ from typing import Any
 import zmq
 
 from . import add_vocab_argument, echo_vocab
-from ..clients.bench import MAX_CLIENTS, BenchConfig, percentiles, run_bench, wait_for_workers
+from ..clients.bench import MAX_CLIENTS, BenchConfig, next_result, percentiles, run_bench, wait_for_workers
 from ..workers.supervisor import check_processes
 from ..common.cli import (STOPPED, add_exit_status, check_count, output_file, parse_host_port, report_error,
                           report_interrupt, sigterm_as_interrupt, write_output)
@@ -324,14 +323,8 @@ def _wait_for_workers(address: str, procs: list, n: int, timeout_s: float) -> No
 def _next_result(results, procs: list, timeout_s: float):
     """The next item on ``results``, waited for in one-second slices: BenchError as soon as one of
     ``procs`` (the load processes that put them) failed, or after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return results.get(timeout=min(1.0, max(0.01, deadline - time.monotonic())))
-        except queue.Empty:
-            _exited(procs, "load")
-            if time.monotonic() >= deadline:
-                raise BenchError(f"the load processes reported nothing within {timeout_s:g} s") from None
+    return next_result(results, time.monotonic() + timeout_s,
+                       f"the load processes reported nothing within {timeout_s:g} s", lambda: _exited(procs, "load"))
 
 
 def _proxy(frontend: zmq.Socket, backend: zmq.Socket) -> None:

@@ -33,7 +33,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 import numpy as np
 from tqdm import tqdm
@@ -300,6 +300,31 @@ def _size(stream: TextIO) -> tuple[int, int]:
         return 0, 0
 
 
+def next_result(results, deadline: float, timeout_message: str, on_empty: Callable[[], object] | None = None,
+                slice_s: float = 1.0) -> Any:
+    """The next item on ``results`` (a ``queue.Queue`` or a multiprocessing queue), waited for in
+    slices of at most ``slice_s`` seconds until ``deadline`` (a ``time.monotonic()`` instant).
+
+    The one home of the benches' bounded wait on the queue their client or load processes report
+    on. Slices, not one long ``get``: a multiprocessing queue's wait is a ``poll()`` that overflows
+    past about 24 days (--cycle x --timeout-s can ask for that), and between slices ``on_empty``
+    runs: the caller's own checks (that the processes feeding ``results`` are alive, a progress bar
+    redrawn). Whatever it raises ends the wait, as is. Returns an item as soon as one arrives; raises
+    BenchError(``timeout_message``) once ``deadline`` has passed with none (at once if it already
+    has). Bounded: each slice waits min(``slice_s``, time left), so the loop ends by ``deadline``.
+    """
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise BenchError(timeout_message)
+        try:
+            return results.get(timeout=min(slice_s, left))
+        except queue.Empty:
+            pass
+        if on_empty is not None:  # outside the except: its error is its own, not "while handling Empty"
+            on_empty()
+
+
 def _first_failure(results) -> str | None:
     """The message of the first client failure on ``results`` (each failing client puts one before it
     breaks the barrier), or None if none came within a second."""
@@ -365,18 +390,13 @@ def _run_clients(config: BenchConfig, procs, barrier, results, counters, before,
         bar = Progress(counters, total, desc or counted(config.clients, "client"), progress_stream or sys.stderr)
     collected, failures = [], []
     limit = time.monotonic() + config.start_timeout_s + config.max_measured_s
+    late = f"bench clients did not finish within {config.max_measured_s:g} s"
     try:
-        while len(collected) + len(failures) < config.clients:
-            left = limit - time.monotonic()
-            if left <= 0:
-                raise BenchError(f"bench clients did not finish within {config.max_measured_s:g} s")
-            try:  # in slices: the bar is redrawn, and a wait of --cycle x --timeout-s overflows poll()
-                status, index, value = results.get(timeout=min(left, 0.25 if bar else 1.0))
-            except queue.Empty:
-                continue
-            finally:
-                if bar:
-                    bar.update()
+        while len(collected) + len(failures) < config.clients:  # one item per client
+            status, index, value = next_result(results, limit, late, on_empty=bar.update if bar else None,
+                                               slice_s=0.25 if bar else 1.0)  # 0.25: the bar redrawn often
+            if bar:
+                bar.update()
             (collected if status == "ok" else failures).append(value)
     finally:
         if bar:

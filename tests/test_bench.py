@@ -504,6 +504,70 @@ def test_progress_bar_rate_counts_replies_not_failures():
     assert "0/2" in drawn and "2/2" not in drawn and "errors=2" in drawn and "req/s" not in drawn, drawn
 
 
+# --------------------------------------------------------- next_result: the benches' bounded wait on a queue
+
+def test_next_result_returns_an_item_as_soon_as_one_arrives():
+    """Already there: no slice waited out; put while it waits: returned at once, not at the deadline."""
+    import multiprocessing as mp
+    import queue
+    import threading
+    import time
+
+    from bertpool.clients.bench import next_result
+
+    ready = mp.get_context("spawn").Queue()
+    ready.put(("ok", 0, "first"))
+    assert next_result(ready, time.monotonic() + 30, "late", on_empty=pytest.fail) == ("ok", 0, "first")
+    ready.close()
+    ready.join_thread()
+
+    results, waited = queue.Queue(), threading.Event()
+    feeder = threading.Thread(target=lambda: waited.wait(10) and results.put("second"), daemon=True)
+    feeder.start()
+    started = time.monotonic()
+    assert next_result(results, started + 30, "late", on_empty=waited.set, slice_s=0.05) == "second"
+    assert waited.is_set() and time.monotonic() - started < 10  # the item, not the 30 s deadline, ended it
+    feeder.join(10)
+
+
+def test_next_result_raises_the_bench_error_after_the_deadline_running_the_check_each_slice():
+    import queue
+    import time
+
+    from bertpool.clients.bench import next_result
+    from bertpool.common.errors import BenchError
+
+    slices: list[float] = []
+    started = time.monotonic()
+    with pytest.raises(BenchError, match="^the load processes reported nothing within 0.2 s$"):
+        next_result(queue.Queue(), started + 0.2, "the load processes reported nothing within 0.2 s",
+                    on_empty=lambda: slices.append(time.monotonic()), slice_s=0.05)
+    assert time.monotonic() - started >= 0.2
+    assert 1 <= len(slices) <= 0.2 / 0.05 + 2, slices  # each slice waited its 0.05 s (or what was left), none spun
+    with pytest.raises(BenchError, match="late"):  # a deadline already past: at once, nothing waited
+        next_result(queue.Queue(), time.monotonic() - 1, "late", on_empty=pytest.fail)
+
+
+def test_next_result_propagates_what_the_per_slice_check_raises():
+    """The caller's check (e.g. a load process exited) ends the wait with its own error, before the deadline."""
+    import queue
+    import time
+
+    from bertpool.clients.bench import next_result
+    from bertpool.common.errors import BenchError
+
+    dead = BenchError("a load process exited with code 1 (its error, if any, is above)")
+
+    def check() -> None:
+        raise dead
+
+    started = time.monotonic()
+    with pytest.raises(BenchError) as raised:
+        next_result(queue.Queue(), started + 30, "late", on_empty=check, slice_s=0.01)
+    assert raised.value is dead and raised.value.__context__ is None  # as is, not "while handling Empty"
+    assert time.monotonic() - started < 10
+
+
 def test_clients_that_do_not_start_are_a_bench_error_not_a_request_error(start_pool):
     """The bench's own machinery failing is BenchError; RequestError is kept for requests."""
     from bertpool.clients.bench import BenchConfig, run_bench
