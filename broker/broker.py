@@ -63,8 +63,8 @@ import zmq
 
 from ..common import protocol as P
 from ..common import security
-from ..common.cli import (add_address_arguments, add_exit_status, add_link_arguments, install_reload_handler,
-                          install_stop_handlers, parse_host_port, report_error, setup_logging)
+from ..common.cli import (add_address_arguments, add_exit_status, add_link_arguments, check_distinct_listeners,
+                          install_reload_handler, install_stop_handlers, parse_host_port, report_error, setup_logging)
 from ..common.defaults import DEFAULT_BACKEND, DEFAULT_FRONTEND
 from ..common.errors import BertpoolError, ConfigError, ProtocolError
 from ..common.recent import Recent
@@ -931,7 +931,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        broker = Broker(broker_config_from_args(args, args.stats_interval_s))
+        config = broker_config_from_args(args, args.stats_interval_s)  # each address checked on its own
+        # The metrics endpoint on neither tcp port, checked before anything binds (as bertpool-serve
+        # does): its server starts only once both sockets are bound.
+        check_distinct_listeners({"--metrics-address": args.metrics_address},
+                                 endpoints={"--address": args.address, "--worker-address": args.worker_address})
+        broker = Broker(config)
         broker.bind()
     except BertpoolError as exc:
         return report_error("bertpool-broker", exc)

@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -359,3 +360,68 @@ def _check_ip(flag: str, value: str, host: str) -> None:
         ipaddress.ip_address(host)
     except ValueError as exc:
         raise ConfigError(f"{flag} {value!r}: {host!r} is not a valid host") from exc
+
+
+OFF = ("off", "")  # a listening flag's value for "not this one" (--http/--grpc, --gateway-http/--gateway-grpc)
+_ZMQ_WILDCARDS = {"*": "0.0.0.0", "": "0.0.0.0", "[*]": "::"}  # ZeroMQ's spellings of "every address"
+
+
+def check_distinct_listeners(listeners: dict[str, str | None], endpoints: dict[str, str] | None = None) -> None:
+    """ConfigError, naming both flags, unless the listening flags in ``listeners`` (flag -> HOST:PORT
+    as :func:`parse_host_port` reads it; None and ``off`` skipped) and ``endpoints`` (flag -> a
+    ZeroMQ endpoint bound here; only ``tcp://`` ones take a port) would all bind different TCP ports.
+    Checked before anything starts: otherwise the second one fails only once the first listens,
+    after the broker, the pool or the gateway has started (and gRPC says why only in a C-level log
+    line). Two hosts on one port clash when they bind a common address (:func:`_hosts_overlap`):
+    ``localhost`` and ``127.0.0.1``, or a wildcard (``0.0.0.0``, ``*``, ``::``) and any address of
+    its family. Names are resolved only for two listeners on one port."""
+    bound = [(flag, value, _endpoint_address(value)) for flag, value in (endpoints or {}).items()]
+    bound += [(flag, value, parse_host_port(value, flag)) for flag, value in listeners.items()
+              if value is not None and value not in OFF]
+    for i, (flag, value, address) in enumerate(bound):
+        for other_flag, other_value, other in bound[:i]:
+            if address and other and address[1] == other[1] and _hosts_overlap(address[0], other[0]):
+                raise ConfigError(f"{other_flag} {other_value} and {flag} {value} would listen on the same "
+                                  f"port ({address[1]}); give each a port of its own")
+
+
+def _endpoint_address(endpoint: str) -> tuple[str, int] | None:
+    """(host, port) a ZeroMQ endpoint binds, a wildcard host as its address; None for other
+    transports (ipc://: a file, which the broker compares itself) and a port its own check refuses."""
+    from .protocol import tcp_host_port  # not at the top: protocol imports this module (check_host)
+
+    tcp = tcp_host_port(endpoint)
+    if tcp is None or not tcp[1].isdigit():
+        return None
+    host = _ZMQ_WILDCARDS.get(tcp[0], tcp[0])
+    return (host[1:-1] if host.startswith("[") and host.endswith("]") else host), int(tcp[1])
+
+
+def _hosts_overlap(a: str, b: str) -> bool:
+    """Whether listening on hosts ``a`` and ``b`` (one port) would clash: the same name, a common
+    address, or a wildcard and an address of its family. A name that does not resolve clashes only
+    with itself: binding it fails with its own error, or (a ZeroMQ interface name such as ``eth0``)
+    binds an address not known here."""
+    if a.lower() == b.lower():
+        return True
+    ips_a, ips_b = _bound_addresses(a), _bound_addresses(b)
+    if ips_a is None or ips_b is None:
+        return False
+    return any(x == y or x.version == y.version and (x.is_unspecified or y.is_unspecified)
+               for x in ips_a for y in ips_b)
+
+
+def _bound_addresses(host: str) -> frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address] | None:
+    """The addresses a server listening on ``host`` binds: an IP address (a wildcard included) is
+    itself; a host name is every IPv4 address getaddrinfo gives it (bertpool's ZeroMQ links refuse
+    IPv6, and a name's IPv6 addresses are not compared), as the servers resolve it to bind; None
+    for a name that does not resolve."""
+    try:
+        return frozenset({ipaddress.ip_address(host)})
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+    except (OSError, UnicodeError):  # socket.gaierror (no such name), or a label idna cannot encode
+        return None
+    return frozenset(ipaddress.ip_address(info[4][0]) for info in infos)

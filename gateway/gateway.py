@@ -38,14 +38,14 @@ from ..clients.client import Client
 from ..common import errors as E
 from ..common import protocol as P
 from ..common import security
-from ..common.cli import (add_exit_status, exit_with_parent, ignore_hangup, parse_host_port, process_endpoint,
-                          report_error, setup_logging)
+from ..common.cli import (OFF, add_exit_status, check_distinct_listeners, exit_with_parent, ignore_hangup,
+                          parse_host_port, process_endpoint, report_error, setup_logging)
 from ..common.defaults import DEFAULT_FRONTEND, DEFAULT_GATEWAY_GRPC, DEFAULT_GATEWAY_HTTP
 from ..common.errors import BertpoolError, ConfigError
 from ..common.security import CurveClientConfig
 from . import kserve
 from .kserve import KServeError, Limits, ModelInfo
-from .launch import LISTENING_PREFIX, OFF, check_distinct_listeners
+from .launch import LISTENING_PREFIX
 
 log = logging.getLogger("bertpool.gateway")
 

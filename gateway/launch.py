@@ -7,59 +7,17 @@ whether or not the ``gateway`` extra is installed; the child reports a missing o
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import subprocess
 import sys
 import threading
 import time
 from typing import Callable
 
-from ..common.cli import child_env, parse_host_port
+from ..common.cli import child_env
 from ..common.errors import ConfigError
-from ..common.protocol import tcp_host_port, local_endpoint
+from ..common.protocol import local_endpoint
 
 LISTENING_PREFIX = "bertpool-gateway: "  # the gateway's first stdout line once it listens
-OFF = ("off", "")  # a listening flag's value for "not this one" (--http/--grpc, --gateway-http/--gateway-grpc)
-_ZMQ_WILDCARDS = {"*": "0.0.0.0", "[*]": "::"}  # ZeroMQ's spellings of "every address"
-
-
-def check_distinct_listeners(listeners: dict[str, str | None], endpoints: dict[str, str] | None = None) -> None:
-    """ConfigError, naming both flags, unless the listening flags in ``listeners`` (flag -> HOST:PORT
-    as :func:`parse_host_port` reads it; None and ``off`` skipped) and ``endpoints`` (flag -> a
-    ZeroMQ endpoint bound here; only ``tcp://`` ones take a port) would all bind different TCP ports.
-    Checked before anything starts: otherwise the second one fails only once the first listens,
-    after the pool or the gateway has started (and gRPC says why only in a C-level log line). A
-    wildcard host (``0.0.0.0``, ``*``, ``::``) takes its port on every address of its family, so it
-    clashes with any address of that family there too; host names are compared as written
-    (resolving them here could not tell what the servers bind)."""
-    bound = [(flag, value, _endpoint_address(value)) for flag, value in (endpoints or {}).items()]
-    bound += [(flag, value, parse_host_port(value, flag)) for flag, value in listeners.items()
-              if value is not None and value not in OFF]
-    for i, (flag, value, address) in enumerate(bound):
-        for other_flag, other_value, other in bound[:i]:
-            if address and other and address[1] == other[1] and _hosts_overlap(address[0], other[0]):
-                raise ConfigError(f"{other_flag} {other_value} and {flag} {value} would listen on the same "
-                                  f"port ({address[1]}); give each a port of its own")
-
-
-def _endpoint_address(endpoint: str) -> tuple[str, int] | None:
-    """(host, port) a ZeroMQ endpoint binds; None for other transports (ipc://: a file, which the
-    broker compares itself) and a port its own check refuses."""
-    tcp = tcp_host_port(endpoint)
-    if tcp is None or not tcp[1].isdigit():
-        return None
-    host = _ZMQ_WILDCARDS.get(tcp[0], tcp[0])
-    return (host[1:-1] if host.startswith("[") and host.endswith("]") else host), int(tcp[1])
-
-
-def _hosts_overlap(a: str, b: str) -> bool:
-    """Whether listening on hosts ``a`` and ``b`` (one port) would clash: one address, or a wildcard
-    and an address of its family."""
-    try:
-        ip_a, ip_b = ipaddress.ip_address(a), ipaddress.ip_address(b)
-    except ValueError:  # a host name: only the same name is known to be the same place
-        return a.lower() == b.lower()
-    return ip_a == ip_b or ip_a.version == ip_b.version and (ip_a.is_unspecified or ip_b.is_unspecified)
 
 
 def add_serve_gateway_arguments(parser: argparse.ArgumentParser) -> None:

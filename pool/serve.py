@@ -16,11 +16,11 @@ import threading
 
 from ..broker.broker import Broker, add_broker_arguments, broker_config_from_args
 from ..common import security
-from ..common.cli import (add_exit_status, exit_with_parent, ignore_hangup, install_reload_handler, install_stop_handlers,
-                          report_error, setup_logging)
+from ..common.cli import (add_exit_status, check_distinct_listeners, exit_with_parent, ignore_hangup,
+                          install_reload_handler, install_stop_handlers, report_error, setup_logging)
 from ..common.errors import BertpoolError
 from ..common.protocol import local_endpoint
-from ..gateway.launch import add_serve_gateway_arguments, check_distinct_listeners, start_gateway_process
+from ..gateway.launch import add_serve_gateway_arguments, start_gateway_process
 from ..workers.backends import ECHO_WARNING
 from ..workers.supervisor import Supervisor, add_supervisor_arguments, supervisor_config_from_args
 

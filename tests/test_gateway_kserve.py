@@ -190,6 +190,7 @@ def test_usable_model_versions_are_reported_as_given():
     ("18790", "18790"), ("18790", "127.0.0.1:18790"), ("0.0.0.0:18790", "127.0.0.1:18790"),
     ("10.1.2.3:18790", "0.0.0.0:18790"), ("[::1]:18790", "[::]:18790"), ("[::1]:18790", "[0::1]:18790"),
     ("LocalHost:18790", "localhost:18790"),
+    ("localhost:18790", "127.0.0.1:18790"),  # names are resolved (IPv4): localhost binds 127.0.0.1
 ])
 def test_http_and_grpc_on_one_port_are_refused(http, grpc):
     message = f"--http {http} and --grpc {grpc} would listen on the same port"
@@ -199,14 +200,14 @@ def test_http_and_grpc_on_one_port_are_refused(http, grpc):
 
 @pytest.mark.parametrize("http, grpc", [
     ("18790", "18791"), ("127.0.0.1:18790", "127.0.0.2:18790"), ("[::]:18790", "127.0.0.1:18790"),
-    ("localhost:18790", "127.0.0.1:18790"),  # names are not resolved: what they bind is not known here
+    ("localhost:18790", "127.0.0.2:18790"),  # localhost resolves to 127.0.0.1 only
 ])
 def test_http_and_grpc_on_ports_that_can_coexist_are_accepted(http, grpc):
     GatewayConfig(http=http, grpc=grpc)
 
 
 def test_listeners_compare_zeromq_endpoints_and_skip_what_is_off():
-    from bertpool.gateway.launch import check_distinct_listeners
+    from bertpool.common.cli import check_distinct_listeners
 
     with pytest.raises(E.ConfigError, match=re.escape("--address tcp://*:5555 and --metrics-address 5555")):
         check_distinct_listeners({"--metrics-address": "5555"}, endpoints={"--address": "tcp://*:5555"})
