@@ -33,6 +33,7 @@ from .runtime import (ACCELERATED_DIR, BUCKET_SIGNATURE, EMBEDDINGS_FILE, MANIFE
 from .selfcheck import REFERENCE_PAIRS, write_reference
 from .vocab import check_vocab
 from .weights import BertWeights, load_weights
+from .writing import writing
 
 DEFAULT_DTYPE = {"neuron": "float16", "cpu": "float32", "gpu": "float32"}
 DEFAULT_BUCKET_STEP = 32  # cpu/gpu: also compile every multiple of this below seq_length
@@ -128,9 +129,11 @@ def compile_model(options: CompileOptions) -> dict:
     """Run the whole pipeline; returns the manifest written to ``options.output``.
 
     Raises ConfigError / ModelFormatError / BackendUnavailable for bad input
-    (nothing is written), PlacementError when tensorflow-neuron left the encoder
-    on the CPU (nothing is written), EquivalenceError when the proof fails (the
-    output is written, marked ``equivalence.passed: false``, and will not load).
+    (nothing is written), ConfigError "cannot write OUTPUT: reason" when a write
+    fails (a full disk, a permission lost; what was written goes, and the output is
+    as it was), PlacementError when tensorflow-neuron left the encoder on the CPU
+    (nothing is written), EquivalenceError when the proof fails (the output is
+    written, marked ``equivalence.passed: false``, and will not load).
     """
     log = options.log
     o = options.validated()
@@ -270,8 +273,10 @@ def _write_model(staging, weights: BertWeights, vocab, config: RebuildConfig, o:
     neuron, where the traced graph runs (else None)."""
     import tensorflow as tf
 
-    save_embeddings(staging / EMBEDDINGS_FILE, weights.tensors)
-    shutil.copyfile(vocab, staging / VOCAB_FILE)
+    with writing(staging / EMBEDDINGS_FILE):
+        save_embeddings(staging / EMBEDDINGS_FILE, weights.tensors)
+    with writing(staging / VOCAB_FILE):
+        shutil.copyfile(vocab, staging / VOCAB_FILE)
     module = build_module(weights.shape, weights.tensors, config)
     path = staging / ACCELERATED_DIR
     if nb is not None:
@@ -283,7 +288,8 @@ def _write_model(staging, weights: BertWeights, vocab, config: RebuildConfig, o:
             signatures[f"{BUCKET_SIGNATURE}{length}"] = module.call_at.get_concrete_function(
                 tf.TensorSpec([B, length, H], tf.float32, name="embeddings"),
                 tf.TensorSpec([B, 1, 1, length], tf.float32, name="mask_bias"))
-    tf.saved_model.save(module, str(path), signatures=signatures)
+    with writing(path):
+        tf.saved_model.save(module, str(path), signatures=signatures)
     return module, None
 
 
@@ -325,7 +331,8 @@ def _trace_neuron(module, config: RebuildConfig, hidden: int, nb: NeuronBuild, p
     where = neuron.placement(traced)
     o.log(f"  {where.on_neuron_ratio:.1%} of ops on Neuron, in {where.neuron_ops} compiled subgraph(s)")
     neuron.check_placement(where, o.min_on_neuron)
-    traced.save(str(path))
+    with writing(path):
+        traced.save(str(path))
     return where
 
 
@@ -367,7 +374,8 @@ def _neuron_section(nb: NeuronBuild, placement: neuron.Placement) -> dict:
 
 
 def _write_json(path: pathlib.Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    with writing(path):
+        path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
 def _cpu_rebuilt(staging, weights: BertWeights, module, config: RebuildConfig, manifest: dict) -> CompiledModel:

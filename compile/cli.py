@@ -2,8 +2,9 @@
 
 Keeps the Neuron demo's flags (``bert_model.py --input_saved_model IN
 --output_saved_model OUT --crude_gelu``). Exit status: 0 done, 1 the
-equivalence proof failed (output kept, marked failed), 2 bad input or an
-unavailable backend, 3 an unexpected error (a bug: reported with its
+equivalence proof failed (output kept, marked failed), 2 bad input, an
+unavailable backend or an output it cannot write (a full disk: the output is
+left as it was), 3 an unexpected error (a bug: reported with its
 traceback), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM, e.g. from
 ``timeout``); interrupted or terminated, it leaves no output and no staging
 directory. User errors print one line, never a traceback.
@@ -28,7 +29,7 @@ from .runtime import TARGETS
 
 PROG = "bertpool-compile"
 EXIT_PROOF_FAILED = 1  # the equivalence proof failed (output kept, marked failed)
-EXIT_BAD_INPUT = 2  # any other typed error: bad flag, unreadable model, unavailable backend
+EXIT_BAD_INPUT = 2  # any other typed error: bad flag, unreadable model, unavailable backend, unwritable output
 EXIT_INTERNAL = 3  # an untyped exception: a bug (never to be read as a failed proof)
 
 
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Rebuild a fine-tuned BERT sentence-pair classifier for serving: embeddings on the host "
                     "(fp32), encoder+pooler+classifier compiled for a fixed batch x sequence length, softmax on "
                     "the host; then prove the rebuilt model matches the original on N pairs.",
-        epilog="Exit status: 0 ok; 1 equivalence proof failed; 2 bad input or backend unavailable; "
+        epilog="Exit status: 0 ok; 1 equivalence proof failed; 2 bad input, backend unavailable or an output "
+               "it cannot write; "
                "3 unexpected error (a bug); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM). "
                "Interrupted or terminated, it leaves the output as it was and no staging directory. "
                "Example: bertpool-demo-model --size base --output /tmp/bert-base && "

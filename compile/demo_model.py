@@ -36,6 +36,7 @@ from .reference import build_reference_graph, load_weights
 from .shape import PRESETS, BertShape
 from .vocab import generate_vocab
 from .weights import FORMATS, write_checkpoint, write_hf
+from .writing import writing
 
 SEQ_LENGTH = 128  # the run_classifier export's fixed max_seq_length
 INIT_STD = 0.02  # google-research initializer_range (embedding tables)
@@ -160,12 +161,14 @@ def _write_demo_model(out: pathlib.Path, shape: BertShape, seed: int, gelu: str,
             bar.set_postfix_str(f"writing {fmt}")
             if fmt == "savedmodel":
                 save_run_classifier(session, handles, out)
-    if fmt == "checkpoint":
-        write_checkpoint(out, shape, weights, gelu)
-    elif fmt == "hf":
-        write_hf(out, shape, weights, gelu)
+    with writing(out):  # a checkpoint's write fails in TensorFlow, as the SavedModel's does
+        if fmt == "checkpoint":
+            write_checkpoint(out, shape, weights, gelu)
+        elif fmt == "hf":
+            write_hf(out, shape, weights, gelu)
     bar.update()
-    write_vocab(out / "vocab.txt", generate_vocab(shape.vocab_size))
+    with writing(out / "vocab.txt"):
+        write_vocab(out / "vocab.txt", generate_vocab(shape.vocab_size))
     bar.update()
     bar.close()
 
@@ -181,19 +184,15 @@ def save_run_classifier(session, handles, out: pathlib.Path) -> None:
                 "is_real_example": handles.is_real_example},
         outputs={"probabilities": handles.probabilities},
     )
-    # TensorFlow reports a failed write (no such directory, no permission, a full disk) as an OpError of
-    # its own; as an OSError naming ``out``, replacing_dir says "cannot write OUTPUT" (exit 2), not a bug.
-    failed_write = (tf.errors.NotFoundError, tf.errors.PermissionDeniedError, tf.errors.ResourceExhaustedError,
-                    tf.errors.AlreadyExistsError)
-    try:
+    # TensorFlow's error for a failed write (a full disk, no permission) leaves as an OSError naming
+    # ``out``: replacing_dir then says "cannot write OUTPUT" (exit 2), not a bug.
+    with writing(out):
         builder = v1.saved_model.Builder(str(out))
         builder.add_meta_graph_and_variables(
             session, [v1.saved_model.tag_constants.SERVING],
             signature_def_map={"serving_default": sig}, strip_default_attrs=True,
         )
         builder.save()
-    except failed_write as exc:
-        raise OSError(None, exc.message, str(out)) from exc
 
 
 def _resolve_size(size) -> BertShape:

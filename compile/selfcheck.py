@@ -19,6 +19,7 @@ import zipfile
 import numpy as np
 
 from ..common.errors import BinaryMismatchError, ModelFormatError
+from .writing import writing
 
 REFERENCE_FILE = "reference.npz"
 REFERENCE_PAIRS = 8  # two batches of the default 4: cheap at load, and exercises batching
@@ -31,7 +32,8 @@ def write_reference(model_dir: pathlib.Path, features, rebuilt, tolerance: float
     rows = slice(0, REFERENCE_PAIRS)
     arrays = {key: np.asarray(getattr(features, key)[rows], np.int32) for key in FEATURE_KEYS}
     probabilities = rebuilt.predict(*(arrays[key] for key in FEATURE_KEYS))
-    np.savez(model_dir / REFERENCE_FILE, probabilities=probabilities, **arrays)
+    with writing(model_dir / REFERENCE_FILE):
+        np.savez(model_dir / REFERENCE_FILE, probabilities=probabilities, **arrays)
     return {"file": REFERENCE_FILE, "pairs": int(len(probabilities)), "tolerance": float(tolerance),
             "from": rebuilt_name}
 
