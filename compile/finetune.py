@@ -62,6 +62,7 @@ from .reference import build_reference_graph, load_weights
 from .shape import EMBEDDINGS, POOLER, BertShape
 from .vocab import check_vocab
 from .weights import CLASSIFIER, GOOGLE_ACT, BertWeights, load_pretrained, write_checkpoint
+from .writing import writing
 
 PROG = "bertpool-finetune"
 RECIPE_VERSION = 2  # bump when a change to this module changes what training produces
@@ -585,7 +586,8 @@ def export(tensors: dict[str, np.ndarray], shape: BertShape, gelu: str, vocab: p
     shutil.copyfile(vocab, out / "saved_model" / "vocab.txt")
     if gelu not in GOOGLE_ACT:
         return  # a bert_config.json cannot name this GELU; the SavedModel's graph carries it
-    checkpoint = write_checkpoint(out / "checkpoint", shape, tensors, gelu)
+    with writing(out / "checkpoint"):  # TensorFlow's Saver: its failed write is "cannot write OUTPUT"
+        checkpoint = write_checkpoint(out / "checkpoint", shape, tensors, gelu)
     shutil.copyfile(vocab, checkpoint / "vocab.txt")
     shutil.copyfile(checkpoint / "bert_config.json", out / "saved_model" / "bert_config.json")
 

@@ -182,6 +182,28 @@ def test_force_never_deletes_an_input_and_keeps_the_old_output_until_the_new_one
     assert (out / "previous.txt").read_text() == "the last good result"
 
 
+def test_a_checkpoint_write_that_fails_is_cannot_write(data, tmp_path, monkeypatch, capsys):
+    """The google-research checkpoint is written through TensorFlow's Saver: a full disk there was a
+    traceback, "unexpected error", not the one line every other failed write of the output gives."""
+    import tensorflow as tf
+
+    from bertpool.compile import finetune as ft
+
+    def full(out, *args, **kwargs):
+        out.mkdir()
+        raise tf.errors.ResourceExhaustedError(None, None, f"{out}/model.ckpt.index; No space left on device")
+
+    monkeypatch.setattr(ft, "write_checkpoint", full)
+    out = tmp_path / "out"
+    code = ft.main(["--pretrained", str(data["pretrained"]), "--train", str(data["train"]), "--output", str(out),
+                    "--epochs", "1", "--max-steps", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"bertpool-finetune: error: cannot write {out}: " in err and "No space left on device" in err, err
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # neither the output nor the staging directory
+
+
 def test_sigterm_cleans_up_as_ctrl_c_does(data, tmp_path, monkeypatch, capsys):
     """SIGTERM (timeout, kill) mid-run left bertpool-finetune's staging directory beside the output; it
     now cleans up as Ctrl-C does, says "terminated", and exits 143."""
