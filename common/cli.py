@@ -242,7 +242,9 @@ def replacing_dir(output: Path, force: bool) -> Iterator[Path]:
 
 
 # What a write reports without naming a file (a write() to a file already open): always about writing.
-_NO_WRITE_ERRNOS = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS") if hasattr(errno, name))
+# EFBIG: a file grown past a file-size limit (ulimit -f, the file system's largest file).
+_NO_WRITE_ERRNOS = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EFBIG")
+                             if hasattr(errno, name))
 
 
 def _within(name: object, roots: tuple[Path, ...]) -> bool:

@@ -239,6 +239,10 @@ def test_replacing_dir_says_cannot_write_for_what_goes_wrong_writing_the_output(
         with replacing_dir(out, force=False) as staging:
             staging.mkdir()
             raise OSError(errno.ENOSPC, "No space left on device", str(staging / "weights.npz"))
+    with pytest.raises(ConfigError, match=re.escape(f"cannot write {out}: File too large")):
+        with replacing_dir(out, force=False) as staging:  # a write() past a file-size limit names no file
+            staging.mkdir()
+            raise OSError(errno.EFBIG, "File too large")
     with pytest.raises(FileNotFoundError):
         with replacing_dir(out, force=False) as staging:
             staging.mkdir()
