@@ -187,16 +187,28 @@ def _latency(values: list[float]) -> dict[str, Any]:
     return {"p50": pct["p50"], "p99": pct["p99"], "requests": len(values)}
 
 
-def single_latency(setup: str, address: str, requests: int, body: bytes) -> dict[str, Any]:
+def single_latency(setup: str, address: str, requests: int, body: bytes,
+                   worker_pids: list[int] | None = None) -> dict[str, Any]:
     """One client alone against a running set-up: a plain DEALER's round trips (``dealer``) and, for
     the pool, a bertpool Client's (``client``, with ``beyond_compute_p50``: the median of each
-    reply's latency less its own batch's compute time)."""
+    reply's latency less its own batch's compute time). With ``worker_pids``, the DEALER's entry also
+    has the CPU microseconds per round trip of the router (this process) and of the workers, all
+    threads (ZeroMQ's I/O threads included): one request at a time pays every wake-up alone, which
+    the load's rates share out over many."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     proc = ctx.Process(target=_single_dealer, args=(address, requests, body, results), daemon=True)
+    pids = {"router": [os.getpid()], "workers": worker_pids or []}
+    before = {role: [_cpu_s(pid) for pid in role_pids] for role, role_pids in pids.items()}
     proc.start()
     out = {"dealer": _latency(results.get(timeout=SINGLE_LIMIT_S + 60))}
     proc.join(10)
+    if worker_pids:
+        # Counted over the probe's whole run, its unmeasured first ``requests`` round trips included.
+        measured = out["dealer"]["requests"]
+        sent = requests + measured if measured else 0
+        out["dealer"]["cpu_us_per_round_trip"] = {
+            role: _cpu_us_per_round_trip(role_pids, before[role], sent) for role, role_pids in pids.items()}
     if setup == "pool":
         report = run_bench(BenchConfig(address=address, clients=1, cycle=requests, warmup=requests,
                                        timeout_s=10.0), [Pair(*PAIR, label=None)])
@@ -280,7 +292,7 @@ def measure(setup: str, clients: int, workers: int, load_procs: int, warmup_s: f
         for p in loaders:
             p.join(10)
         if single is not None and single_requests:
-            single.update(single_latency(setup, front, single_requests, body))
+            single.update(single_latency(setup, front, single_requests, body, worker_pids))
     finally:
         stop.set()
         for p in loaders:  # done after a full run; cut short otherwise
@@ -336,6 +348,9 @@ def _proxy(frontend: zmq.Socket, backend: zmq.Socket) -> None:
 
 def _describe(single: dict[str, Any]) -> str:
     line = f"DEALER p50 {single['dealer']['p50']} ms, p99 {single['dealer']['p99']} ms"
+    cpu = single["dealer"].get("cpu_us_per_round_trip")
+    if cpu:
+        line += f" (CPU us per round trip: router {cpu['router']}, workers {cpu['workers']})"
     if "client" in single:
         client = single["client"]
         line += (f"; bertpool.Client p50 {client['p50']} ms, p99 {client['p99']} ms, beyond its own compute "

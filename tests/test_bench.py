@@ -95,6 +95,9 @@ def test_broker_bench_runs_all_setups(tmp_path, request_kind):
     for latency in (single["relay"]["dealer"], single["broker"]["dealer"], single["pool"]["dealer"],
                     single["pool"]["client"]):
         assert latency["requests"] == 20 and 0 < latency["p50"] <= latency["p99"]
+    for setup in single:  # the CPU that one request at a time costs the router and the workers (Linux /proc)
+        cpu = single[setup]["dealer"]["cpu_us_per_round_trip"]
+        assert set(cpu) == {"router", "workers"} and all(v >= 0 for v in cpu.values()), cpu
     client = single["pool"]["client"]
     assert 0 < client["beyond_compute_p50"] <= client["p50"]
     assert report["single_added_latency_ms"] == client["beyond_compute_p50"]
