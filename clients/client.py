@@ -59,6 +59,11 @@ Nothing else is retried: other ERRORs (``worker_lost`` included: the broker
 already re-dispatched it as often as it allows) raise RemoteError with its
 ``code``.
 
+Lifetime: close() (or ``with``) ends the I/O thread and closes the sockets. A
+Client dropped without close() is kept while anything it was asked is pending
+(``Client(address).submit(...)`` settles), and collected, with its thread and
+sockets, once nothing is. A Client cannot be pickled: each process makes its own.
+
 Every request settles: a reply that names it but cannot be decoded fails it
 with MalformedReply (a RemoteError); a reply that names no pending request
 (a duplicate, one after its request settled, one for an id this client never
@@ -125,6 +130,9 @@ class ClientConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ConfigError(f"{name} must be an int >= {least}, got {value!r}")
+        if self.curve is not None and not isinstance(self.curve, security.CurveClientConfig):
+            # Else an AttributeError from deep in socket setup, after the client's sockets were opened.
+            raise ConfigError(f"curve must be a CurveClientConfig or None, got {type(self.curve).__name__}")
         if self.backoff_max_s < self.backoff_initial_s:
             raise ConfigError(f"backoff_max_s ({self.backoff_max_s}) must be >= backoff_initial_s "
                               f"({self.backoff_initial_s})")
@@ -179,6 +187,8 @@ class Client:
     def __init__(self, address: str = DEFAULT_FRONTEND, timeout_s: float = 30.0,
                  max_in_flight: int = 64, context: zmq.Context | None = None, **settings: Any) -> None:
         self.config = ClientConfig(address, timeout_s, max_in_flight, **settings)
+        if context is not None and not isinstance(context, zmq.Context):
+            raise ConfigError(f"context must be a zmq.Context or None, got {type(context).__name__}")
         self.counters = ClientCounters()
         self._ctx = context or zmq.Context.instance()
         self._ids = itertools.count()
@@ -197,9 +207,11 @@ class Client:
         # predict()/stats() that found nobody driving (lock order: _drive, then _lock).
         self._drive = threading.Lock()
         self._driver_ident: int | None = None  # thread id of the _drive holder, for re-entry checks
-        # Set (under _lock) when the I/O thread must drive: a request came through the outbox, or
-        # close(). Cleared by the I/O thread (holding _drive and _lock) when it parks with nothing pending.
+        # Set (under _lock, by _want_io_locked) when the I/O thread must drive: a request came through
+        # the outbox, or close(). Cleared by the I/O thread (holding _drive and _lock) when it parks with
+        # nothing pending. _io_owner holds this Client for the I/O thread exactly while it is set.
         self._io_wanted = threading.Event()
+        self._io_owner = _IoOwner()
         self._sockets_closed = False
         self._wake_recv = self._ctx.socket(zmq.PAIR)
         self._wake_recv.bind(self._wake_addr)
@@ -229,7 +241,10 @@ class Client:
         self._wrong_endpoint: str | None = None  # set when the peer spoke the worker protocol (see _on_reply)
         self._poller: zmq.Poller | None = None  # over wake_recv, the DEALER and its monitor
         self._polled: zmq.Socket | None = None  # the DEALER _poller was built for (a reconnect replaces it)
-        self._thread = threading.Thread(target=self._io_loop, name="bertpool-client-io", daemon=True)
+        # The thread gets the owner, not self: a parked I/O thread must not keep a Client that its user
+        # dropped without close() alive (with its thread and sockets) for the life of the process.
+        self._thread = threading.Thread(target=_io_main, args=(self._io_owner, self._io_wanted),
+                                        name="bertpool-client-io", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------ public API
@@ -260,18 +275,26 @@ class Client:
                      max_in_flight: int | None = None) -> list[Prediction]:
         """Classify many pairs, keeping up to ``max_in_flight`` in flight; results in input order.
 
-        Raises the first failure in input order (a RequestError); requests
-        already sent still settle in the background and are then dropped.
+        Every pair is checked before any is sent: an item that is not a pair
+        of two texts (a str is not a pair), or a text that cannot travel,
+        raises TypeError or InputError naming its index, and nothing is sent.
+        Raises the first failure in input order (a RequestError) as soon as it
+        is known, sending no more; requests already sent still settle in the
+        background and are then dropped.
         """
         self._check_may_block("predict_many")
         window = self.config.max_in_flight if max_in_flight is None else max_in_flight
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ConfigError(f"max_in_flight must be an int >= 1, got {window!r}")
+        checked = _check_pairs(pairs)
         futures: list[Future] = []
-        for a, b in pairs:
+        for a, b in checked:
             if len(futures) >= window:
-                futures[len(futures) - window].exception()  # wait for the oldest in the window
-            futures.append(self.submit(a, b, timeout_s))
+                # Wait for the oldest in the window; every older one succeeded, so a failure here is
+                # the first in input order: raise it now instead of sending (and waiting out) the rest.
+                futures[len(futures) - window].result()
+            rid = self._new_id()
+            futures.append(self._send(rid, functools.partial(P.text_request, rid, a, b), timeout_s))
         return [f.result() for f in futures]
 
     def stats(self, timeout_s: float | None = None) -> dict[str, Any]:
@@ -293,9 +316,9 @@ class Client:
         with self._lock:
             self._closed.set()
             self._wake_locked()
-            self._io_wanted.set()
+            self._want_io_locked()
         if threading.current_thread() is self._thread or threading.get_ident() == self._driver_ident:
-            return  # a done-callback: joining would deadlock; _io_loop's finally closes the sockets
+            return  # a done-callback: joining would deadlock; _io_serve's last drain closes the sockets
         self._thread.join()
         self._close_sockets()
 
@@ -304,6 +327,26 @@ class Client:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def __reduce__(self):
+        # Else pickle fails deep inside (a lock, a ZeroMQ socket) with a message naming neither.
+        raise TypeError("a bertpool Client cannot be pickled (it owns sockets and a thread): give the other "
+                        "process its address and let it create its own Client")
+
+    def __del__(self) -> None:
+        """Collected without close(). Nothing is pending then (the I/O thread holds the Client while
+        anything is: see _IoOwner), except what a submit() queued just before the last reference went:
+        fail that with ClientClosed, close the sockets, and let the parked I/O thread end."""
+        try:
+            if self._pid != os.getpid() or self._sockets_closed:
+                return  # a forked child's copy shares the parent's sockets: touch nothing
+            with self._lock:
+                self._closed.set()
+            self._fail_unsent()
+            self._close_sockets()
+            self._io_wanted.set()  # the I/O thread wakes, finds no owner, and ends
+        except Exception:  # a constructor that failed halfway, or interpreter teardown
+            pass
 
     # -------------------------------------------------------------- internals
 
@@ -345,7 +388,7 @@ class Client:
             self._outbox.put(entry)
             self._wake_locked()  # a thread driving now sends it at once
             if not self._io_wanted.is_set():
-                self._io_wanted.set()  # and the I/O thread drives once that one is done
+                self._want_io_locked()  # and the I/O thread drives once that one is done
 
     def _call(self, rid: Any, encode: Callable[[float], bytes], timeout_s: float | None,
               kind: bytes = P.REQUEST) -> Any:
@@ -372,7 +415,12 @@ class Client:
 
     def _want_io(self) -> None:
         with self._lock:
-            self._io_wanted.set()
+            self._want_io_locked()
+
+    def _want_io_locked(self) -> None:
+        """Ask the I/O thread to drive (caller holds _lock): it holds this Client until it parks."""
+        self._io_owner.client = self
+        self._io_wanted.set()
 
     def _drive_until(self, future: Future) -> None:
         """Serve the socket for everyone (replies, timers, the outbox) until ``future`` settles."""
@@ -384,7 +432,7 @@ class Client:
             with self._lock:
                 self._closed.set()
                 self._wake_locked()
-                self._io_wanted.set()
+                self._want_io_locked()
 
     def _wake_locked(self) -> None:
         """Nudge whoever drives the socket (caller holds _lock, which also keeps the socket open)."""
@@ -431,14 +479,14 @@ class Client:
 
     # ------------------------------------------- driving the socket (I/O thread or caller)
 
-    def _io_loop(self) -> None:
-        """Drive the socket whenever asked to (_io_wanted) until nothing is pending, then park."""
+    def _io_serve(self) -> bool:
+        """One spell of the I/O thread (run by _io_main, which holds this Client only meanwhile): drive
+        the socket until nothing is pending and park (True), or, once closed (or on a bug), fail what is
+        left and close the sockets (False: the thread ends)."""
         me = threading.get_ident()
+        parked = False
         try:
-            while True:
-                self._io_wanted.wait()
-                if self._closed.is_set():
-                    break
+            if not self._closed.is_set():
                 with self._drive:
                     self._driver_ident = me
                     try:
@@ -446,20 +494,28 @@ class Client:
                             self._turn()
                     finally:
                         self._driver_ident = None
+                parked = not self._closed.is_set()
         except Exception:  # a bug here must not strand the callers: fail what is pending, loudly
             log.exception("client I/O thread failed")
         finally:
-            with self._lock:
-                self._closed.set()  # from here on submit() refuses, so the drain below is the last
-                self._wake_locked()  # and a calling thread that drives sees it and lets go
-            with self._drive:
-                self._driver_ident = me  # so close() from a done-callback below returns at once
-                self._fail_unsent()
-                for entry in list(self._pending.values()):
-                    _fail(entry.future, ClientClosed("client closed before the reply arrived"))
-                self._pending.clear()
-                self._close_sockets()  # close() may have come from a callback and not wait for us
-                self._driver_ident = None
+            if not parked:
+                self._last_drain(me)
+        return parked
+
+    def _last_drain(self, me: int) -> None:
+        """Close for good (on the I/O thread): fail what is queued or pending, close the sockets."""
+        with self._lock:
+            self._closed.set()  # from here on submit() refuses, so the drain below is the last
+            self._wake_locked()  # and a calling thread that drives sees it and lets go
+        with self._drive:
+            self._driver_ident = me  # so close() from a done-callback below returns at once
+            self._fail_unsent()
+            for entry in list(self._pending.values()):
+                _fail(entry.future, ClientClosed("client closed before the reply arrived"))
+            self._pending.clear()
+            self._close_sockets()  # close() may have come from a callback and not wait for us
+            self._driver_ident = None
+        self._io_owner.client = None
 
     def _park(self) -> bool:
         """With nothing pending: True, and the I/O thread waits for _io_wanted, unless the outbox
@@ -470,6 +526,7 @@ class Client:
             if self._flush_outbox():
                 return False
             self._io_wanted.clear()
+            self._io_owner.client = None  # parked: a user who drops this Client may now lose it
             return True
 
     def _turn(self, until: Future | None = None) -> None:
@@ -818,6 +875,47 @@ class Client:
                 message += f"; nothing heard from the broker at {self.config.address} for {silent:.1f} s"
             self._finish(entry, answered=False)
             _fail(entry.future, DeadlineExceeded(message))
+
+
+class _IoOwner:
+    """What a Client's I/O thread holds: the Client while it wants the thread to drive (from the
+    request or close() that asks, under its _lock, until the thread parks with nothing pending), so
+    nothing pending is ever lost with a dropped Client; and nothing while parked, so a Client dropped
+    without close() is collected (Client.__del__) instead of living, with its thread and sockets, as
+    long as the process."""
+    __slots__ = ("client",)
+
+    def __init__(self) -> None:
+        self.client: Client | None = None
+
+
+def _io_main(owner: _IoOwner, wanted: threading.Event) -> None:
+    """The I/O thread: serve its Client whenever asked; end when it is closed, or collected unclosed."""
+    while True:
+        wanted.wait()
+        client = owner.client
+        if client is None:
+            return  # the Client was collected (its __del__ set ``wanted``): nothing is left to serve
+        if not client._io_serve():
+            return
+        del client  # parked: hold no reference while waiting
+
+
+def _check_pairs(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``pairs`` as a list of (text_a, text_b), every text checked as submit() checks it; TypeError
+    or InputError naming the index of the first that is not a pair of texts that can travel."""
+    checked = []
+    for index, pair in enumerate(pairs):
+        if isinstance(pair, (str, bytes, bytearray)):  # "ab" would unpack into the pair ("a", "b")
+            raise TypeError(f"pairs[{index}] must be a (text_a, text_b) pair, got {type(pair).__name__}")
+        try:
+            a, b = pair
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"pairs[{index}] must be a (text_a, text_b) pair, got {type(pair).__name__}"
+                            f" ({exc})") from exc
+        checked.append((P.check_text_arg(f"pairs[{index}] text_a", a),
+                        P.check_text_arg(f"pairs[{index}] text_b", b)))
+    return checked
 
 
 def _settle(entry: _Pending, kind: bytes, rid: Any, body: dict[str, Any]) -> None:

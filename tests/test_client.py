@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import pickle
 import re
 import signal
 import sys
 import threading
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import numpy as np
@@ -1092,3 +1095,95 @@ def test_settled_requests_do_not_pile_up_in_the_deadline_heap(start_pool):
         for _ in range(3000):
             client.predict("a", "b")
         assert len(client._deadlines) <= 1024 + 2  # white-box: the memory a long timeout would hold
+
+
+# ------------------------------------------- what a demanding user tries (client audit)
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_client_dropped_without_close_is_collected_with_its_thread_and_sockets(bare_broker):
+    """A Client its user forgets to close (one per web request, say) must not live on, with its I/O
+    thread and sockets, for the life of the process: once nothing is pending it is collected."""
+    with Client(bare_broker.config.frontend, timeout_s=5) as warm:  # the ZeroMQ context's own fds
+        warm.stats()
+    before = open_fds()
+    client = Client(bare_broker.config.frontend, timeout_s=5)
+    client.stats()  # driven by this thread
+    with pytest.raises(DeadlineExceeded):  # driven by the I/O thread (no worker: it expires)
+        client.submit("a", "b", timeout_s=0.1).result(WAIT_MS / 1000)
+    thread, ref = client._thread, weakref.ref(client)
+    del client
+    gc.collect()
+    assert ref() is None, "the Client was never collected"
+    thread.join(WAIT_MS / 1000)
+    assert not thread.is_alive(), "its I/O thread outlived it"
+    wait_until(lambda: open_fds() <= before)  # ZeroMQ's I/O thread closes the connections a little later
+
+
+def test_a_dropped_client_still_settles_what_it_was_asked(bare_broker, fake_brokers, tmp_path):
+    """The other side of the above: a Client dropped with requests pending is kept until they settle
+    (a one-liner ``Client(address).submit(...)`` must not lose its request)."""
+    expired = Client(bare_broker.config.frontend, timeout_s=0.2).submit("nobody", "answers")
+    broker = fake_brokers(f"ipc://{tmp_path}/b")
+    answered = [Client(broker.address, timeout_s=10).submit("a", str(i)) for i in range(5)]
+    gc.collect()
+    with pytest.raises(DeadlineExceeded):  # its deadline, not ClientClosed
+        expired.result(WAIT_MS / 1000)
+    assert [f.result(WAIT_MS / 1000).label for f in answered] == [1] * 5
+    assert Client(broker.address, timeout_s=10).predict("one", "liner").label == 1
+
+
+def test_predict_many_stops_sending_at_the_first_failure(tmp_path, fake_brokers):
+    """A failure predict_many will raise anyway must not wait for the rest of the input to be sent and
+    fail too (a dead broker would cost len(pairs) / max_in_flight deadlines instead of one)."""
+    def fail_requests(kind: bytes, body: dict, seen: int):
+        return echo(kind, body, seen) if kind == P.STATS else [(P.ERROR, P.error_body(body["id"], P.E_INFERENCE, "no"))]
+    broker = fake_brokers(f"ipc://{tmp_path}/b", fail_requests)
+    with Client(broker.address, timeout_s=10) as client:
+        with pytest.raises(RemoteError) as err:
+            client.predict_many([("a", str(i)) for i in range(40)], max_in_flight=2)
+        assert err.value.code == P.E_INFERENCE
+        assert client.stats() == {"answered_by": "fake"}  # after every REQUEST sent: the link is FIFO
+    assert len(broker.requests()) <= 2
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    ("ab", TypeError, "must be a (text_a, text_b) pair, got str"),  # would unpack into ("a", "b")
+    (("a",), TypeError, "must be a (text_a, text_b) pair, got tuple"),
+    (("a", "b", "c"), TypeError, "must be a (text_a, text_b) pair, got tuple"),
+    (None, TypeError, "must be a (text_a, text_b) pair, got NoneType"),
+    (("a", b"b"), TypeError, "text_b must be str, got bytes"),
+    (("caf\udce9", "b"), InputError, "text_a: not encodable as UTF-8"),
+])
+def test_predict_many_checks_every_pair_before_sending_any(tmp_path, fake_brokers, bad, error, message):
+    """A bad item late in the input raises at once, naming its index, and nothing was sent (not the
+    good pairs before it either, which would be computed for nobody); never a bare unpacking error."""
+    broker = fake_brokers(f"ipc://{tmp_path}/b")
+    with Client(broker.address, timeout_s=10) as client:
+        with pytest.raises(error, match=re.escape("pairs[10]") + ".*" + re.escape(message)):
+            client.predict_many([("good", str(i)) for i in range(10)] + [bad] + [("more", "after")],
+                                max_in_flight=2)
+        assert client.stats() == {"answered_by": "fake"}  # anything sent before would have come first
+        assert broker.requests() == []
+        assert [p.label for p in client.predict_many(iter([("a", "b"), ["c", "d"]]))] == [1, 1]
+
+
+def test_a_client_cannot_be_pickled_and_says_why():
+    """Passing a Client to a spawned process fails at once, saying what to do, not deep in a lock."""
+    with Client("ipc:///nonexistent-bertpool", timeout_s=1) as client:
+        with pytest.raises(TypeError, match="cannot be pickled.*create its own Client"):
+            pickle.dumps(client)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"curve": "keys/client.key_secret"}, "curve must be a CurveClientConfig or None, got str"),
+    ({"context": "ctx"}, "context must be a zmq.Context or None, got str"),
+])
+def test_a_wrong_type_of_curve_or_context_is_a_config_error(kwargs, message):
+    """Not an AttributeError from deep in the socket setup (which also left two sockets open)."""
+    before = open_fds()
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Client("ipc:///nonexistent-bertpool", timeout_s=1, **kwargs)
+    assert open_fds() <= before
