@@ -180,6 +180,7 @@ worker of the same name, live or not); DISCONNECT names its incarnation.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import secrets
 import struct
@@ -411,7 +412,9 @@ MAX_TIMEOUT_S = MAX_DEADLINE_MS / 1000.0  # the longest timeout or wait any comp
 def check_timeout(name: str, value: Any) -> None:
     """ConfigError unless ``value`` is a number of seconds in (0, MAX_TIMEOUT_S]: not NaN (a wait
     bounded by it would never end), not inf nor huge (threading and queue waits overflow on those)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_TIMEOUT_S:
+    # numbers.Real, not (int, float): a NumPy scalar (np.float32(0.5), an np.int64 from a config
+    # array) is a number of seconds as good as any; bool is not one.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value <= MAX_TIMEOUT_S:
         raise ConfigError(f"{name} must be > 0 and at most {MAX_TIMEOUT_S:g} s (a day), got {value!r}")
 
 
@@ -513,11 +516,12 @@ def check_feature_arg(field: str, values: Any) -> np.ndarray:
     ints) that int32 holds, one dimension, S <= MAX_FEATURE_LEN; InputError bad_field otherwise
     (never a silent cast: 2**32 + id or 0.9 + id must not become id)."""
     array = np.asarray(values)
-    if array.dtype.kind not in "iub":
-        raise InputError(E_BAD_FIELD, f"{field}: integer values required, got {array.dtype}")
+    # The shape first: an empty list is float64 to NumPy, and "integer values required" misled.
     if array.ndim != 1 or not 0 < array.size <= MAX_FEATURE_LEN:
         raise InputError(E_BAD_FIELD, f"{field}: shape {list(array.shape)}, expected [S] with "
                                       f"1 <= S <= {MAX_FEATURE_LEN}")
+    if array.dtype.kind not in "iub":
+        raise InputError(E_BAD_FIELD, f"{field}: integer values required, got {array.dtype}")
     if not fits_int32(array):
         raise InputError(E_BAD_FIELD, f"{field}: values outside int32")
     return array.astype(np.int32)

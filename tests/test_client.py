@@ -1039,6 +1039,7 @@ def test_a_text_that_cannot_travel_fails_at_the_call_and_nothing_else(start_pool
     (lambda ids: ids + 0.9, "integer values required"),          # would truncate to the same ids
     (lambda ids: ids.reshape(2, -1), "expected [S]"),
     (lambda ids: ids[:0], "expected [S]"),
+    (lambda ids: [], "shape [0], expected [S]"),                 # an empty list is float64 to NumPy
     (lambda ids: np.ones(P.MAX_FEATURE_LEN + 1, np.int64), "expected [S]"),
 ])
 def test_features_that_are_not_int32_rows_are_refused_not_cast(change, message):
@@ -1046,6 +1047,15 @@ def test_features_that_are_not_int32_rows_are_refused_not_cast(change, message):
     with Client("ipc:///nonexistent-bertpool", timeout_s=1) as client:
         with pytest.raises(InputError, match=re.escape(message)):
             client.submit_features(change(ids), np.ones(8, np.int32), np.zeros(8, np.int32))
+
+
+@pytest.mark.parametrize("timeout_s", [np.float32(0.5), np.float64(0.5), np.int64(1)])
+def test_a_numpy_number_is_a_timeout_like_any_other(bare_broker, timeout_s):
+    """A timeout read from a NumPy array was refused: "must be > 0 and at most 86400 s, got 0.5"."""
+    with Client(bare_broker.config.frontend, timeout_s=timeout_s) as client:
+        assert client.stats(timeout_s=timeout_s)["workers"] == {}
+        with pytest.raises(DeadlineExceeded):  # no worker: its deadline, as the NumPy number said
+            client.predict("a", "b", timeout_s=timeout_s)
 
 
 @pytest.mark.parametrize("window", [0, -1, 1.5, True])
