@@ -185,13 +185,31 @@ def from_pool_error(exc: BaseException) -> KServeError:
 
 # ------------------------------------------------------------------ the gateway
 
+def _forget(pending: set[asyncio.Future]) -> None:
+    """Cancel the rows of a failed request still under way, and mark whatever they end with as seen.
+
+    Cancelling only stops the wait (the Client settles and drops the request), and a row that failed
+    meanwhile (its failure already on its way to the loop) would otherwise be logged by asyncio as
+    "Future exception was never retrieved", with a traceback, for each row (up to max_rows - 1 for
+    one request past its deadline). The caller has read every row in ``done`` (``exception()``
+    marks it retrieved)."""
+    for future in pending:
+        future.cancel()
+        future.add_done_callback(_retrieve)
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class Gateway:
     """The protocol-independent core both servers call: infer, readiness, metadata."""
 
     def __init__(self, config: GatewayConfig, model: ModelInfo, client: Client) -> None:
         self.config = config
         self.model = model
-        self.limits = Limits(max_rows=config.max_rows)
+        self.limits = Limits(max_rows=config.max_rows, seq_length=model.seq_length)
         self._client = client
         self._ready = False
         self._ready_at = -float("inf")
@@ -220,11 +238,10 @@ class Gateway:
                 raise from_pool_error(exc) from exc
         # The request fails as soon as one row does (BUSY, a bad text): no waiting for the rest.
         done, pending = await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
-        for future in done:
-            if future.exception() is not None:
-                for other in pending:
-                    other.cancel()  # cancels only the wait: the Client settles and drops the request
-                raise from_pool_error(future.exception()) from future.exception()
+        failed = [f.exception() for f in futures if f in done and f.exception() is not None]
+        if failed:
+            _forget(pending)
+            raise from_pool_error(failed[0]) from failed[0]
         return np.stack([f.result().probabilities for f in futures]).astype(np.float32, copy=False)
 
     async def ready(self) -> bool:
@@ -315,9 +332,19 @@ async def serve(config: GatewayConfig, stop: asyncio.Event, on_listening=None) -
             on_listening(bound, model)
         await stop.wait()
     finally:
-        for cleanup in reversed(cleanups):
-            await cleanup()
+        await _stop_servers(cleanups)
         client.close()
+
+
+async def _stop_servers(cleanups: list) -> None:
+    """Stop every server at once: each stops listening first, then lets its calls in flight finish
+    (each within its deadline, so within ``GatewayConfig.timeout_s``). One after the other, HTTP
+    went on accepting new requests for as long as gRPC's calls took to drain. A server whose
+    stopping fails is logged; the others still stop."""
+    results = await asyncio.gather(*(cleanup() for cleanup in cleanups), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            log.error("stopping a server failed: %s: %s", type(result).__name__, result)
 
 
 def _cannot_listen(flag: str, value: str, exc: OSError) -> ConfigError:

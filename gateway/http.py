@@ -60,6 +60,19 @@ async def _errors(request: web.Request, handler):
         return _error(500, f"internal error: {type(exc).__name__}: {exc}")
 
 
+def _declared_oversize(request: web.Request, limit: int) -> web.Response | None:
+    """The 413 for a Content-Length over ``limit``, answered at once (None when within it): aiohttp
+    would first wait for (and read) up to ``limit`` bytes of a body it is going to refuse, holding
+    the connection however long the client takes to send them, or forever if it never does. The
+    connection closes after it: the unread body cannot be skipped."""
+    if request.content_length is None or request.content_length <= limit:
+        return None
+    response = _error(413, f"request body of {request.content_length} bytes is over the {limit} bytes allowed "
+                           "(--max-body-bytes)")
+    response.force_close()
+    return response
+
+
 def build_app(gateway) -> web.Application:
     """The aiohttp application serving ``gateway`` (a gateway.gateway.Gateway)."""
     app = web.Application(client_max_size=gateway.config.max_body_bytes, middlewares=[_errors])
@@ -90,6 +103,9 @@ def build_app(gateway) -> web.Application:
 
     async def infer(request: web.Request) -> web.Response:
         model_of(request)
+        refused = _declared_oversize(request, gateway.config.max_body_bytes)
+        if refused is not None:
+            return refused
         body = await request.read()
         decoded = kserve.decode_http(body, request.headers.get("Inference-Header-Content-Length"),
                                      gateway.limits)
@@ -113,7 +129,9 @@ def build_app(gateway) -> web.Application:
 
 async def start_http(gateway, host: str, port: int) -> tuple[web.AppRunner, str]:
     """Start serving on host:port (0: any free port); return the runner and the bound address."""
-    runner = web.AppRunner(build_app(gateway), access_log=None, handle_signals=False)
+    # On stop, calls in flight get as long as their deadlines allow (aiohttp's own default is 60 s).
+    runner = web.AppRunner(build_app(gateway), access_log=None, handle_signals=False,
+                           shutdown_timeout=gateway.config.timeout_s)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     try:

@@ -113,10 +113,23 @@ class InferRequest:
     timeout_s: float | None = None    # parameters.timeout (microseconds on the wire)
 
 
+# Feature columns allowed per row when the model's S is not known here (a SavedModel directory).
+UNKNOWN_SEQ_LENGTH_BOUND = 1024
+
+
 @dataclass(frozen=True)
 class Limits:
     """Bounds on what one request may ask for."""
     max_rows: int = 1024  # N: pool requests one v2 request may fan out into
+    seq_length: int | None = None  # S of feature rows when known; bounds their elements before decoding
+
+    def max_elements(self, name: str) -> int:
+        """Most data elements input ``name`` (one of the model's) may carry: one a row for text
+        ([N] or [N,1]), S a row for features. Checked before any data is decoded, so a body of many
+        tiny elements costs no more than the largest request the model could take."""
+        if name in TEXT_INPUTS:
+            return self.max_rows
+        return self.max_rows * (self.seq_length or UNKNOWN_SEQ_LENGTH_BOUND)
 
 
 # ---------------------------------------------------------------- decoding helpers
@@ -221,6 +234,32 @@ def _datatype(name: str, value: Any) -> str:
     return value
 
 
+def _declared(name: str, datatype: Any, shape: Any, limits: Limits) -> tuple[str, list[int], int]:
+    """(datatype, shape, elements) of an input as declared, checked against the model's signature
+    before its data is decoded: 400 for a name the model lacks, a datatype its input does not take,
+    or more elements than its largest request holds. Decoding (a Python loop per BYTES element) is
+    what a request costs the event loop; without this a 16 MiB body of empty strings for an unknown
+    or wrongly shaped input took seconds to decode only to be refused afterwards."""
+    datatype = _datatype(name, datatype)
+    shape = _check_shape(name, shape)
+    if name in TEXT_INPUTS:
+        if datatype != "BYTES":
+            raise bad_request(f"input '{name}': datatype {datatype}, expected BYTES")
+    elif name in FEATURE_INPUTS:
+        if datatype not in ("INT32", "INT64"):
+            raise bad_request(f"input '{name}': datatype {datatype}, expected INT32 (or INT64)")
+    else:
+        raise bad_request(f"unknown input(s) {name}: the model takes {' and '.join(TEXT_INPUTS)}, or "
+                          f"{', '.join(FEATURE_INPUTS)}")
+    if shape:
+        _rows_count(name, max(shape[0], 1), limits)  # the usual way to be too large, in the words rows_of uses
+    elements, bound = math.prod(shape), limits.max_elements(name)
+    if elements > bound:
+        raise bad_request(f"input '{name}': shape {shape} has {elements} elements, more than the {bound} one "
+                          f"request may carry ({limits.max_rows} rows of {bound // limits.max_rows})")
+    return datatype, shape, elements
+
+
 def _timeout_s(value: Any) -> float | None:
     """The request's ``timeout`` parameter (microseconds, as Triton clients send it) in seconds;
     None when absent or 0, which Triton reads as "no timeout of its own" (the gateway's applies)."""
@@ -236,10 +275,7 @@ def _timeout_s(value: Any) -> float | None:
 def decode_http(body: bytes, header_length: str | None, limits: Limits) -> InferRequest:
     """An HTTP infer body (JSON, or JSON + binary data when ``header_length`` is given)."""
     if header_length is not None:
-        try:
-            json_size = int(header_length)
-        except ValueError:
-            raise bad_request(f"Inference-Header-Content-Length {_short(header_length)} is not an integer") from None
+        json_size = _header_length(header_length)
         if not 0 < json_size <= len(body):
             raise bad_request(f"Inference-Header-Content-Length {json_size} does not fit a body of {len(body)} bytes")
     else:
@@ -262,17 +298,16 @@ def decode_http(body: bytes, header_length: str | None, limits: Limits) -> Infer
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise bad_request("every input must be an object with a string 'name'")
         name = item["name"]
-        datatype = _datatype(name, item.get("datatype"))
-        shape = _check_shape(name, item.get("shape"))
+        datatype, shape, elements = _declared(name, item.get("datatype"), item.get("shape"), limits)
         size = _params(item.get("parameters"), f"input '{name}'").get("binary_data_size")
         if size is not None:
             if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= len(binary) - offset:
                 raise bad_request(f"input '{name}': binary_data_size {_short(size)} does not fit the "
                                   f"{len(binary) - offset} binary bytes left")
-            data = decode_raw(name, datatype, shape, bytes(binary[offset:offset + size]), limits.max_rows * 1024)
+            data = decode_raw(name, datatype, shape, bytes(binary[offset:offset + size]), elements)
             offset += size
         elif "data" in item:
-            data = _json_elements(name, datatype, shape, item["data"], limits.max_rows * 1024)
+            data = _json_elements(name, datatype, shape, item["data"], elements)
         else:
             raise bad_request(f"input '{name}' has neither 'data' nor parameters.binary_data_size")
         _add_input(request, Tensor(name, datatype, shape, data))
@@ -292,6 +327,17 @@ def decode_http(body: bytes, header_length: str | None, limits: Limits) -> Infer
             binary_flag = _bool_param(p, "binary_data", f"output '{item['name']}'") if "binary_data" in p else None
             request.outputs.append((item["name"], binary_flag))
     return request
+
+
+def _header_length(value: str) -> int:
+    """Inference-Header-Content-Length as a byte count: decimal ASCII digits only, as HTTP's own
+    Content-Length (RFC 9110). Python's int() also takes '+12', '1_2' and non-ASCII digits, which
+    no client means and a proxy would read differently."""
+    digits = value.strip(" \t")
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 20):
+        raise bad_request(f"Inference-Header-Content-Length {_short(value)} is not an integer byte count "
+                          "(decimal digits)")
+    return int(digits)
 
 
 def _no_classification(output: str, class_count: Any) -> None:
@@ -356,20 +402,19 @@ def decode_grpc(msg, limits: Limits) -> InferRequest:
         raise bad_request("request has no inputs")
     for i, item in enumerate(msg.inputs):
         name = item.name
-        datatype = _datatype(name, item.datatype)
-        shape = _check_shape(name, list(item.shape))
+        datatype, shape, elements = _declared(name, item.datatype, list(item.shape), limits)
         if raw:
             if item.contents.ByteSize():
                 raise bad_request(f"input '{name}': data both in raw_input_contents and in contents")
-            data = decode_raw(name, datatype, shape, raw[i], limits.max_rows * 1024)
+            data = decode_raw(name, datatype, shape, raw[i], elements)
         else:
             if datatype not in _CONTENTS_FIELD:
                 raise bad_request(f"input '{name}': {datatype} data can only travel in raw_input_contents")
-            values = list(getattr(item.contents, _CONTENTS_FIELD[datatype]))
-            expected = _elements(name, shape, limits.max_rows * 1024)
-            if len(values) != expected:
+            values = getattr(item.contents, _CONTENTS_FIELD[datatype])
+            if len(values) != elements:
                 raise bad_request(f"input '{name}': {len(values)} elements in contents, but shape {shape} "
-                                  f"needs {expected}")
+                                  f"needs {elements}")
+            values = list(values)
             if datatype == "BYTES":
                 data = values
             else:

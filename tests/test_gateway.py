@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -295,7 +296,7 @@ BAD_REQUESTS = {
     "not an object": (b"[1, 2]", "JSON object"),
     "no inputs": (json.dumps({"inputs": []}).encode(), "inputs"),
     "bad datatype": (json.dumps({"inputs": [_text([1], ["a"], "FP32"), _text([1], ["b"], name="text_b")]}).encode(),
-                     "FP32 data must be numbers"),
+                     "datatype FP32, expected BYTES"),  # refused on its declaration, before its data
     "unknown datatype": (json.dumps({"inputs": [_text([1], ["a"], "STRING")]}).encode(), "unknown datatype"),
     "wrong datatype": (json.dumps({"inputs": [_text([1], [1], "INT32"), _text([1], ["b"], name="text_b")]}).encode(),
                        "expected BYTES"),
@@ -338,10 +339,41 @@ def test_bad_requests_are_400_with_a_message(served, case):
 
 def test_bad_header_length_is_400(served):
     body = json.dumps({"inputs": [_text([1], ["a"]), _text([1], ["b"], name="text_b")]}).encode()
-    for header in ("abc", "0", str(len(body) + 1)):
+    n = len(body)
+    # Forms Python's int() reads as n but HTTP's digits-only grammar does not: once accepted as n.
+    for header in ("abc", "0", str(n + 1), "-5", f"+{n}", f"{n // 10}_{n % 10}", "1e3", "0x10"):
         status, doc = http_post(served.url(f"/v2/models/{MODEL}/infer"), body,
                                 {"Inference-Header-Content-Length": header})
-        assert status == 400 and "Inference-Header-Content-Length" in doc["error"]
+        assert status == 400 and "Inference-Header-Content-Length" in doc["error"], (header, doc)
+
+
+def test_a_declared_content_length_over_the_limit_is_413_at_once(served):
+    """A Content-Length over --max-body-bytes is refused on its headers: the gateway used to wait for
+    the body (forever, for a client that never sends it) before answering 413."""
+    with socket.create_connection(served.http.split(":"), timeout=10) as conn:
+        conn.sendall(f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {17 << 20}\r\n"
+                     "\r\n".encode())
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.endswith(b"}"):  # bounded: the socket's timeout
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413") and b"Connection: close" in head, reply
+    assert "over the 16777216 bytes allowed" in json.loads(body)["error"]
+
+
+def test_element_heavy_bodies_are_refused_before_they_are_decoded(served):
+    """Each input's elements are bounded by what the model takes (a row each for text) before its data
+    is decoded: 64 x 1024 empty strings used to be decoded (a Python loop per element, on the event
+    loop every request shares) only to be refused for their shape; 16 MiB of them took seconds."""
+    raw = struct.pack("<I", 0) * (64 * 1024)
+    header = json.dumps({"inputs": [{"name": n, "datatype": "BYTES", "shape": [64, 1024],
+                                     "parameters": {"binary_data_size": len(raw)}} for n in ("text_a", "text_b")]})
+    status, doc = http_post(served.url(f"/v2/models/{MODEL}/infer"), header.encode() + raw * 2,
+                            {"Inference-Header-Content-Length": str(len(header))})
+    assert status == 400 and "has 65536 elements, more than the 1024 one request may carry" in doc["error"], doc
 
 
 def test_grpc_bad_requests_are_invalid_argument(served):
@@ -598,6 +630,18 @@ def test_busy_is_503_and_unavailable(slow):
     assert exc.value.status() == "StatusCode.UNAVAILABLE"
 
 
+def test_a_request_whose_rows_fail_together_logs_no_unretrieved_futures(slow, tmp_path):
+    """Rows failing together (past their common deadline here) used to leave each failure past the
+    first unread: asyncio then logged "Future exception was never retrieved" with a traceback for
+    each (up to a thousand for a 1024-row request). The gateway's log is written before it answers."""
+    with pytest.raises(InferenceServerException) as exc:  # 3 rows: one at the worker, two queued, none BUSY
+        httpclient.InferenceServerClient(slow.http).infer(MODEL, text_inputs(httpclient, mrpc_pairs(3)),
+                                                          timeout=300_000)
+    assert exc.value.status() == "504", exc.value.message()
+    log = (tmp_path / "gateway.log").read_text(errors="replace")
+    assert "never retrieved" not in log and "Traceback" not in log, log
+
+
 def serve_with_gateway(tmp_path, http: str) -> tuple[subprocess.Popen, Path]:
     """bertpool-serve (1 echo worker) with a gateway child on ``http``, logging to a file."""
     log_path = tmp_path / "serve.log"
@@ -671,6 +715,52 @@ def test_sigterm_lets_grpc_calls_in_flight_finish(tmp_path):
         assert outcome and isinstance(outcome[0], np.ndarray) and outcome[0].shape == (1, 2), outcome
     finally:
         stop(proc)
+
+
+def test_sigterm_stops_both_listeners_at_once(tmp_path):
+    """On SIGTERM HTTP and gRPC stop listening together and then drain together: HTTP used to go on
+    accepting (and serving) new requests for as long as gRPC's calls in flight took to finish."""
+    import threading
+
+    http, grpc_port = f"127.0.0.1:{free_tcp_port()}", free_tcp_port()
+    front = f"ipc://{tmp_path}/f"
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "bertpool.pool.serve", "--address", front,
+                                 "--worker-address", f"ipc://{tmp_path}/b", "--parallel", "1", "--stats-interval-s", "0",
+                                 "--echo-delay-ms", "3000", "--gateway-http", http, "--gateway-grpc", str(grpc_port)],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_ready(http, proc, log_path)
+        outcome: list = []
+        call = threading.Thread(target=lambda: outcome.append(_grpc_infer(f"127.0.0.1:{grpc_port}")))
+        call.start()
+        deadline = time.monotonic() + 30
+        with Client(front, timeout_s=10) as client:  # wait until the pool holds the call's request
+            while not any(w["inflight"] for w in client.stats()["workers"].values()):
+                assert time.monotonic() < deadline and call.is_alive(), log_path.read_text()
+                time.sleep(0.02)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        gateway = next(int(pid) for pid in children
+                       if "bertpool.gateway.gateway" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"))
+        os.kill(gateway, signal.SIGTERM)
+        while _accepts(f"127.0.0.1:{grpc_port}"):  # gRPC stopped listening (the call is still in flight)
+            assert time.monotonic() < deadline and call.is_alive(), "gRPC still listening"
+            time.sleep(0.02)
+        assert not _accepts(http), "HTTP still accepts connections while gRPC's calls drain"
+        call.join(30)
+        assert outcome and isinstance(outcome[0], np.ndarray) and outcome[0].shape == (1, 2), outcome
+    finally:
+        stop(proc)
+
+
+def _accepts(address: str) -> bool:
+    """Whether something accepts TCP connections at host:port."""
+    try:
+        socket.create_connection(address.split(":"), timeout=5).close()
+        return True
+    except ConnectionRefusedError:
+        return False
 
 
 def _grpc_infer(address: str):

@@ -59,6 +59,27 @@ def test_bad_binary_bytes(raw, fragment):
     assert exc.value.status == 400 and exc.value.grpc_code == "INVALID_ARGUMENT"
 
 
+@pytest.mark.parametrize("name, datatype, shape, fragment", [
+    ("text_a", "BYTES", [4, 1024], "more than the 4 one request may carry (4 rows of 1)"),
+    ("input_ids", "INT32", [4, 9], "more than the 32 one request may carry (4 rows of 8)"),
+    ("image", "BYTES", [1], "unknown input(s) image"),
+    ("text_b", "INT32", [1], "expected BYTES"),
+    ("segment_ids", "BYTES", [1, 8], "expected INT32 (or INT64)"),
+])
+def test_inputs_are_checked_against_the_signature_before_their_data_is_decoded(name, datatype, shape, fragment):
+    """Decoding BYTES is a Python loop per element, on the event loop every request shares: the
+    elements one input may carry are bounded by what the model takes (max_rows for text, max_rows x S
+    for features), and an input the model lacks or a datatype it does not take is refused before any
+    of it is decoded (they used to be decoded, up to max_rows x 1024 elements each, then refused)."""
+    limits = Limits(max_rows=4, seq_length=8)
+    count = int(np.prod(shape))
+    raw = bytes_blob([b""] * count) if datatype == "BYTES" else b"\0" * (4 * count)
+    body, hl = binary_request([(name, datatype, shape, raw)])
+    with pytest.raises(KServeError, match=re.escape(fragment)) as exc:
+        kserve.decode_http(body, hl, limits)
+    assert exc.value.status == 400
+
+
 def test_trailing_binary_and_numeric_size_mismatch():
     body, hl = binary_request([("text_a", "BYTES", [1], bytes_blob([b"a"]))])
     with pytest.raises(KServeError, match="no input's binary_data_size"):
