@@ -40,7 +40,7 @@ from ..common import protocol as P
 from ..common import security
 from ..common.cli import (OFF, add_exit_status, check_distinct_listeners, exit_with_parent, ignore_hangup,
                           parse_host_port, process_endpoint, report_error, setup_logging)
-from ..common.defaults import DEFAULT_FRONTEND, DEFAULT_GATEWAY_GRPC, DEFAULT_GATEWAY_HTTP
+from ..common.defaults import DEFAULT_FRONTEND, DEFAULT_GATEWAY_GRPC, DEFAULT_GATEWAY_HTTP, DEFAULT_GATEWAY_TIMEOUT_S
 from ..common.errors import BertpoolError, ConfigError
 from ..common.security import CurveClientConfig
 from . import kserve
@@ -67,7 +67,7 @@ class GatewayConfig:
     model_name: str = DEFAULT_MODEL_NAME    # the name v2 clients call the model by
     model_dir: str | None = None            # the served model's directory, for its version hash and S
     model_version: str | None = None        # overrides the version read from model_dir
-    timeout_s: float = 30.0                 # pool deadline of a request that names none
+    timeout_s: float = DEFAULT_GATEWAY_TIMEOUT_S  # pool deadline of a request that names none
     max_body_bytes: int = 16 << 20          # larger HTTP bodies get 413, gRPC messages RESOURCE_EXHAUSTED
     max_rows: int = 1024                    # rows (pool requests) one v2 request may carry
     ready_cache_s: float = 0.5              # how long a readiness answer (a broker STATS) is reused
@@ -371,7 +371,7 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the model name v2 clients use (default: %(default)s)")
     parser.add_argument("--model-version", default=None,
                         help="report this version instead of the hash of --model")
-    parser.add_argument("--timeout-s", type=float, default=30.0,
+    parser.add_argument("--timeout-s", type=float, default=DEFAULT_GATEWAY_TIMEOUT_S,
                         help="pool deadline of requests that carry none (default: %(default)s)")
     parser.add_argument("--max-body-bytes", type=int, default=16 << 20,
                         help="largest HTTP body / gRPC message accepted (default: %(default)s)")

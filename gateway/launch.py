@@ -14,10 +14,15 @@ import time
 from typing import Callable
 
 from ..common.cli import child_env
+from ..common.defaults import DEFAULT_GATEWAY_TIMEOUT_S
 from ..common.errors import ConfigError
 from ..common.protocol import local_endpoint
 
 LISTENING_PREFIX = "bertpool-gateway: "  # the gateway's first stdout line once it listens
+# How long a stopping gateway child gets before SIGKILL: its calls in flight may run to their deadline,
+# at most its --timeout-s (the default: bertpool-serve passes none), then a few seconds to close.
+# Killed at 10 s, as it was, a call given 30 s was cut off mid-answer.
+STOP_TIMEOUT_S = DEFAULT_GATEWAY_TIMEOUT_S + 5.0
 
 
 def add_serve_gateway_arguments(parser: argparse.ArgumentParser) -> None:
@@ -93,7 +98,7 @@ class GatewayChild:
                 on_exit(code)
         threading.Thread(target=wait, name="gateway-watch", daemon=True).start()
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """SIGTERM the gateway and wait for it (SIGKILL after ``timeout_s``)."""
         self._stopping = True
         if self._proc.poll() is not None:

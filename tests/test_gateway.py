@@ -869,3 +869,22 @@ def test_help_lists_the_gateway_flags(module, flags):
     out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert all(flag in out.stdout for flag in flags), out.stdout
+
+
+def test_a_stopping_gateway_child_gets_its_calls_deadline_before_sigkill():
+    """bertpool-serve killed its gateway child 10 s after SIGTERM, while the gateway lets a call in
+    flight run to its deadline (--timeout-s, 30 s by default): a call given 30 s was cut off. The
+    child (started without --timeout-s) now gets that deadline and a few seconds more."""
+    import argparse
+    import inspect
+
+    from bertpool.common.defaults import DEFAULT_GATEWAY_TIMEOUT_S
+    from bertpool.gateway.gateway import GatewayConfig, add_gateway_arguments
+    from bertpool.gateway.launch import GatewayChild, gateway_command
+
+    assert "--timeout-s" not in gateway_command("tcp://127.0.0.1:5555", "8000", None, None)
+    parser = argparse.ArgumentParser()
+    add_gateway_arguments(parser)
+    assert GatewayConfig().timeout_s == parser.parse_args([]).timeout_s == DEFAULT_GATEWAY_TIMEOUT_S
+    grace = inspect.signature(GatewayChild.stop).parameters["timeout_s"].default
+    assert grace > DEFAULT_GATEWAY_TIMEOUT_S
