@@ -4,7 +4,7 @@ The broker runs on a thread of this process; the workers are child processes.
 Ctrl-C or SIGTERM makes the broker refuse new requests (ERROR shutting_down) and
 stops the workers, which answer what they hold; then the broker answers what is
 left with shutting_down and exits (0). SIGHUP makes the broker read its CURVE
-allow-lists again.
+allow-lists again; it does not reload the model (serve says so).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         broker.stop()
         supervisor.stop()
     install_stop_handlers(stop)
-    install_reload_handler(broker.reload_allow_lists)
+    install_reload_handler(lambda: reload(broker, supervisor))
     if early_stop.is_set():
         log.info("stopping: asked to while starting")
         stop()
@@ -117,6 +117,18 @@ def main(argv: list[str] | None = None) -> int:
     if gateway_lost:
         return report_error("bertpool-serve", f"the gateway exited with code {gateway_lost[0]}", code=1)
     return 0
+
+
+def reload(broker: Broker, supervisor: Supervisor) -> bool:
+    """SIGHUP: read the CURVE allow-lists again (True if the new ones are in use), after saying what a
+    reload does not do: operators send SIGHUP expecting the model to be reloaded, and it is not."""
+    model_dir = supervisor.config.worker.backend.model_dir
+    if model_dir:
+        # Said because a worker restarted later (after a crash) loads what the directory holds then: a
+        # model replaced in place is served by some workers and not others until serve restarts.
+        log.info("reload (SIGHUP): the model is NOT reloaded; the workers keep the one they loaded from %s. "
+                 "To serve a new one, restart bertpool-serve", model_dir)
+    return broker.reload_allow_lists()
 
 
 def _print_banner(args: argparse.Namespace, supervisor: Supervisor) -> None:

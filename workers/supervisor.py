@@ -5,9 +5,13 @@ runtime documents: ``NEURON_RT_VISIBLE_CORES=<core>`` (``NEURONCORE_GROUP_SIZES`
 has had no effect since Neuron 1.20 and is not set). For the neuron backend,
 ``--parallel`` is checked first against the NeuronCores the runtime can see
 (:mod:`.neuron_cores`). A worker that exits is restarted after a backoff that
-doubles while it keeps dying young; one that cannot load its model (exit code
-2, whatever the reason) is never restarted: the supervisor stops every worker
-and reports that worker's error.
+doubles while it keeps dying young (capped; a slot that keeps dying young is
+reported as crash-looping, once, at ERROR). One that cannot load its model
+(exit code 2, whatever the reason) at start is never restarted: the supervisor
+stops every worker and reports that worker's error. A restart of a worker that
+had served and now cannot load (its model directory or key file changed under a
+serving pool) is retried slowly instead, while the other workers serve what they
+loaded; only when none is left does the pool stop.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..common import configdata, security
-from ..common.cli import (add_address_arguments, add_exit_status, check_count, child_env, ignore_hangup,
+from ..common.cli import (add_address_arguments, add_exit_status, check_count, child_env, counted, ignore_hangup,
                           install_stop_handlers, report_error, setup_logging)
 from ..common.errors import BertpoolError, ConfigError
 from .backends import ECHO_WARNING, MAX_THREADS
@@ -103,10 +107,76 @@ class _Slot:
     backoff_s: float = 0.0
     restart_at: float = 0.0
     restarts: int = 0
+    young_deaths: int = 0          # deaths in a row, each within healthy_after_s of its start
+    ran: bool = False              # a process of this slot got past loading (see _Slot.healthy)
+    failing: str | None = None     # why its last process could not start or load (None: it could)
+
+    def healthy(self, now: float, healthy_after_s: float) -> bool:
+        """Whether its process has been alive ``healthy_after_s``: it loaded (a load takes less)."""
+        return self.process is not None and now - self.started >= healthy_after_s
+
+
+# A slot whose workers die young this many times in a row is called crash-looping, once, at ERROR:
+# its restarts go on (the backoff caps their rate), but an operator must look at why.
+CRASH_LOOP_DEATHS = 5
+# Prefix of the supervisor's temporary directory (workers' configs and load errors), followed by
+# the supervisor's pid: a supervisor killed outright (SIGKILL) cannot remove it, the next one does.
+TEMP_PREFIX = "bertpool-workers-"
+OWNER_FILE = "owner"  # in that directory: "<hostname> <pid>" of the supervisor that made it
+
+
+def describe_exit(code: int) -> str:
+    """How a worker process ended, for a log line: ``exited with code 1`` or ``was killed by SIGKILL``
+    (Popen's negative return code), with who usually sends that signal."""
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        return f"was killed by signal {-code}"
+    who = {"SIGKILL": " (by hand, or the kernel's OOM killer: see dmesg)",
+           "SIGSEGV": " (a crash in native code: TensorFlow or the Neuron runtime)"}.get(name, "")
+    return f"was killed by {name}{who}"
+
+
+def sweep_stale_dirs(root: str | Path | None = None) -> int:
+    """Remove the temporary directories of supervisors on this host that are gone (killed outright, so
+    their own cleanup never ran); how many. A directory is stale only when its owner file names this
+    host and a pid that no longer runs: one whose owner cannot be told (an older layout, another user,
+    another host sharing /tmp) is left alone, as is one whose pid runs (perhaps reused: kept, not lost)."""
+    removed = 0
+    host = socket.gethostname()
+    for path in Path(root or tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*-*"):
+        try:
+            owner_host, pid = (path / OWNER_FILE).read_text(encoding="utf-8").split()
+            if path.stat().st_uid != os.getuid() or owner_host != host or _pid_runs(int(pid)):
+                continue
+        except (OSError, ValueError):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed += 1
+    return removed
+
+
+def _pid_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 class Supervisor:
-    """Keep ``parallel`` workers alive until stop()."""
+    """Keep ``parallel`` workers alive until stop().
+
+    A worker that dies is restarted after a backoff (restart_backoff_s, doubling while it dies young, up
+    to max_backoff_s); a slot that dies young CRASH_LOOP_DEATHS times in a row is reported once at
+    ERROR. A worker that cannot start or load (exit EXIT_LOAD_FAILED or EXIT_REFUSED) stops the pool
+    (``failed`` says why) when that is the slot's first process, or when no other slot can serve; a
+    restart of a slot that ran before (the model or a key file changed under a serving pool) is
+    retried every max_backoff_s instead, while the others serve what they loaded."""
 
     def __init__(self, config: SupervisorConfig) -> None:
         """ConfigError when the neuron backend asks for cores the Neuron runtime cannot see."""
@@ -118,7 +188,7 @@ class Supervisor:
         # This supervisor process: its pid, plus a random part for hosts (containers) where two
         # supervisors share a hostname and a pid. Two supervisors' slots never coincide.
         self._run_id = f"{os.getpid()}.{secrets.token_hex(2)}"
-        self.failed: str | None = None  # set when a worker stopped for good (no model, or refused by the broker)
+        self.failed: str | None = None  # the first reason the pool stopped for good (no model, refused...)
         self._errors_dir: Path | None = None  # workers' configs (0600), and why they stopped for good
         # The longest worker name (the last core's) in a WorkerConfig now: a name too long for READY is a
         # ConfigError here, not a traceback when run() starts that worker.
@@ -130,10 +200,14 @@ class Supervisor:
 
     def run(self) -> None:
         """Start the workers, restart the dead ones, and stop them all on stop() or a load failure."""
-        self._errors_dir = Path(tempfile.mkdtemp(prefix="bertpool-workers-"))
+        stale = sweep_stale_dirs()
+        if stale:
+            log.info("removed %d temporary director%s left by supervisors that were killed", stale,
+                     "y" if stale == 1 else "ies")
+        self._errors_dir = self._make_temp_dir(Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-")))
         try:
             for slot in self._slots:
-                if self._stop.is_set():  # stopped before we ran (a signal during start-up): start none
+                if self._stop.is_set():  # stopped before we ran (a signal during start-up), or failed
                     break
                 self._start(slot)
             # The wait bounds how late a death or stop() is noticed; no busy loop.
@@ -143,6 +217,14 @@ class Supervisor:
         finally:
             self._terminate_all()
             shutil.rmtree(self._errors_dir, ignore_errors=True)
+            self._log_restarts()
+
+    @staticmethod
+    def _make_temp_dir(path: Path) -> Path:
+        """``path``, a private directory (made if missing), with the owner file sweep_stale_dirs reads."""
+        path.mkdir(mode=0o700, exist_ok=True)
+        (path / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n", encoding="utf-8")
+        return path
 
     def _worker_config(self, slot: _Slot) -> WorkerConfig:
         """The config of ``slot``'s worker: the template, named for the slot."""
@@ -152,45 +234,99 @@ class Supervisor:
         return dataclasses.replace(self.config.worker, name=name, slot=name)
 
     def _start(self, slot: _Slot) -> None:
+        """Start ``slot``'s worker; one that cannot be started (its config or key files unwritable or
+        gone, no memory to fork) is handled as a worker that could not load, never a traceback."""
         cfg = self._worker_config(slot)
-        argv = worker_argv(cfg, self._errors_dir / f"worker-{slot.index}.json", str(self._error_file(slot)))
-        slot.process = subprocess.Popen(argv, env=worker_env(slot.core))
         slot.started = time.monotonic()
+        try:
+            if not self._errors_dir.is_dir():  # removed under us (a /tmp cleaner such as systemd-tmpfiles)
+                log.warning("%s was removed while serving; making it again", self._errors_dir)
+                self._make_temp_dir(self._errors_dir)
+            self._error_file(slot).unlink(missing_ok=True)  # a reason is this process's, not an earlier one's
+            argv = worker_argv(cfg, self._errors_dir / f"worker-{slot.index}.json", str(self._error_file(slot)))
+            slot.process = subprocess.Popen(argv, env=worker_env(slot.core))
+        except (BertpoolError, OSError) as exc:
+            self._cannot_serve(slot, f"worker {slot.index} (NeuronCore {slot.core}) could not be started: {exc}")
+            return
         log.info("started %s (pid %d) on NeuronCore %d", cfg.name, slot.process.pid, slot.core)
 
     def _check(self, slot: _Slot) -> None:
+        """Restart ``slot``'s worker when its backoff is over; notice its death."""
         now = time.monotonic()
         if slot.process is None:
             if now >= slot.restart_at:
                 slot.restarts += 1
                 self._start(slot)
             return
+        if slot.healthy(now, self.config.healthy_after_s):
+            slot.ran, slot.failing = True, None
         code = slot.process.poll()
         if code is None:
             return
-        if code in (EXIT_LOAD_FAILED, EXIT_REFUSED):  # restarting cannot help: stop the pool, say why
-            what = "could not load its model" if code == EXIT_LOAD_FAILED else "cannot talk to the broker"
-            self.failed = f"worker {slot.index} (NeuronCore {slot.core}) {what}: {self._load_error(slot, code)}"
-            slot.process = None
-            log.error("%s; stopping all workers", self.failed)
+        pid, slot.process = slot.process.pid, None
+        if code in (EXIT_LOAD_FAILED, EXIT_REFUSED):  # restarting at once cannot help
+            what = ("could not load its model or configuration" if code == EXIT_LOAD_FAILED
+                    else "cannot talk to the broker")
+            self._cannot_serve(slot, f"worker {slot.index} (NeuronCore {slot.core}) {what}: "
+                                     f"{self._load_error(slot, code)}")
+        else:
+            self._died(slot, pid, code, now - slot.started, now)
+
+    def _died(self, slot: _Slot, pid: int, code: int, lived: float, now: float) -> None:
+        """A worker that had started died: restart it after a backoff that doubles while it dies young."""
+        slot.ran, slot.failing = True, None
+        young = lived < self.config.healthy_after_s
+        slot.young_deaths = slot.young_deaths + 1 if young else 0
+        slot.backoff_s = (min(slot.backoff_s * 2, self.config.max_backoff_s) if young and slot.backoff_s
+                          else self.config.restart_backoff_s)
+        slot.restart_at = now + slot.backoff_s
+        log.warning("worker %d (pid %d, NeuronCore %d) %s after %.1f s; restarting it in %.1f s (restart %d of "
+                    "this slot; %d in a row died within %.0f s of starting)", slot.index, pid, slot.core,
+                    describe_exit(code), lived, slot.backoff_s, slot.restarts + 1, slot.young_deaths,
+                    self.config.healthy_after_s)
+        if slot.young_deaths == CRASH_LOOP_DEATHS:
+            log.error("worker %d (NeuronCore %d) is crash-looping: %d deaths in a row, each within %.0f s of "
+                      "starting; still restarting it, at most every %.0f s, while the other workers serve. Find "
+                      "why in its log lines above (or dmesg for the OOM killer), then fix it or stop serve",
+                      slot.index, slot.core, slot.young_deaths, self.config.healthy_after_s,
+                      self.config.max_backoff_s)
+
+    def _cannot_serve(self, slot: _Slot, reason: str) -> None:
+        """``slot``'s worker could not start or load, for ``reason``: restarting it at once cannot help.
+        Its first process (the model or config is wrong from the start), or no other slot able to serve:
+        stop the pool. Otherwise (the model or a key file changed under a serving pool): retry it every
+        max_backoff_s, saying so, while the other workers serve what they loaded."""
+        slot.process, slot.failing = None, reason
+        others = [s for s in self._slots if s is not slot and s.failing is None]
+        if not slot.ran or not others:
+            if slot.ran:
+                reason = f"{reason}; no other worker is left to serve"
+            self.failed = self.failed or reason  # the first reason is the one serve exits with
+            log.error("%s; stopping all workers", reason)
             self._stop.set()
             return
-        lived = now - slot.started
-        slot.backoff_s = (self.config.restart_backoff_s if lived >= self.config.healthy_after_s
-                          or slot.backoff_s == 0 else min(slot.backoff_s * 2, self.config.max_backoff_s))
-        slot.restart_at = now + slot.backoff_s
-        slot.process = None
-        log.warning("worker %d exited with %s after %.1f s; restarting in %.1f s",
-                    slot.index, code, lived, slot.backoff_s)
+        slot.backoff_s = self.config.max_backoff_s
+        slot.restart_at = time.monotonic() + slot.backoff_s
+        log.error("%s. %s; retrying this one in %.0f s (restart %d of this slot). Fix or restore what it "
+                  "names, or stop serve", reason, "1 other worker keeps serving what it loaded" if len(others) == 1
+                  else f"{len(others)} other workers keep serving what they loaded", slot.backoff_s, slot.restarts + 1)
 
     def _error_file(self, slot: _Slot) -> Path:
         return self._errors_dir / f"worker-{slot.index}.error"
 
     def _load_error(self, slot: _Slot, code: int) -> str:
         try:
-            return self._error_file(slot).read_text(encoding="utf-8").strip() or "no reason given"
+            # Without its full stop: the reason is quoted inside a sentence ("...: REASON; stopping").
+            return self._error_file(slot).read_text(encoding="utf-8").strip().rstrip(".") or "no reason given"
         except OSError:
             return f"exit code {code}, no reason recorded (see its log above)"
+
+    def _log_restarts(self) -> None:
+        """At the end, how often each slot was restarted (nothing when none was)."""
+        restarted = [f"worker {s.index}: {s.restarts}" for s in self._slots if s.restarts]
+        if restarted:
+            log.info("workers restarted %s in all (%s)", counted(sum(s.restarts for s in self._slots), "time"),
+                     ", ".join(restarted))
 
     def _terminate_all(self) -> None:
         procs = [s.process for s in self._slots if s.process is not None]
@@ -224,6 +360,7 @@ def add_supervisor_arguments(parser: argparse.ArgumentParser) -> None:
 
 def supervisor_config_from_args(args: argparse.Namespace, worker_address: str) -> SupervisorConfig:
     # SupervisorConfig checks parallel (and first_core) first: the cores are shared out by it below.
+    check_processes("--parallel", args.parallel)  # the same check, naming the flag the user typed
     config = SupervisorConfig(parallel=args.parallel, first_core=args.first_core, neuron_sysfs=args.neuron_sysfs)
     if args.worker_config_json is not None:
         return dataclasses.replace(config, worker=_worker_config_from_json(args, worker_address))
