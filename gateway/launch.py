@@ -62,6 +62,7 @@ class GatewayChild:
                                       start_new_session=True)
         self._listening = threading.Event()
         self._stopping = False
+        self._terminated = False  # SIGTERM sent (a second one would be a second stop request)
         threading.Thread(target=self._relay, name="gateway-stdout", daemon=True).start()
 
     def _relay(self) -> None:
@@ -98,12 +99,19 @@ class GatewayChild:
                 on_exit(code)
         threading.Thread(target=wait, name="gateway-watch", daemon=True).start()
 
-    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """SIGTERM the gateway and wait for it (SIGKILL after ``timeout_s``)."""
+    def terminate(self) -> None:
+        """SIGTERM the gateway, once, without waiting: it stops listening at once and finishes its calls
+        in flight (stop() waits for it)."""
         self._stopping = True
+        if not self._terminated and self._proc.poll() is None:
+            self._terminated = True
+            self._proc.terminate()
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """SIGTERM the gateway (unless terminate() did) and wait for it (SIGKILL after ``timeout_s``)."""
+        self.terminate()
         if self._proc.poll() is not None:
             return
-        self._proc.terminate()
         try:
             self._proc.wait(timeout_s)
         except subprocess.TimeoutExpired:

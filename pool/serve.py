@@ -92,8 +92,12 @@ def main(argv: list[str] | None = None) -> int:
             broker.stop()
             supervisor.stop()
         gateway.watch(on_gateway_exit)
-    # SIGTERM: the broker refuses new requests at once while the workers finish what they hold.
+    # SIGTERM: the gateway stops listening first (a client or load balancer then finds it closed, and
+    # goes elsewhere, instead of getting 503 from a draining pool) while it finishes its calls in flight;
+    # the broker refuses new requests at once while the workers finish what they hold.
     def stop() -> None:
+        if gateway is not None:
+            gateway.terminate()
         broker.stop()
         supervisor.stop()
     install_stop_handlers(stop)

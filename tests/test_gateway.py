@@ -717,6 +717,57 @@ def test_sigterm_lets_grpc_calls_in_flight_finish(tmp_path):
         stop(proc)
 
 
+def test_serve_stops_its_gateway_listening_first_on_sigterm(tmp_path):
+    """SIGTERM to bertpool-serve: its gateway stops listening at once (a client or a load balancer
+    finds it closed and goes elsewhere) while the call in flight is still answered. It used to listen
+    on, answering 503 from the draining pool, until the workers had finished."""
+    import threading
+
+    http = f"127.0.0.1:{free_tcp_port()}"
+    front = f"ipc://{tmp_path}/f"
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "bertpool.pool.serve", "--address", front,
+                                 "--worker-address", f"ipc://{tmp_path}/b", "--parallel", "1", "--stats-interval-s", "0",
+                                 "--echo-delay-ms", "3000", "--gateway-http", http],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_ready(http, proc, log_path)
+        outcome: list = []
+
+        def call() -> None:
+            try:
+                reply = httpclient.InferenceServerClient(http, network_timeout=30).infer(
+                    MODEL, text_inputs(httpclient, mrpc_pairs(1)))
+                outcome.append(reply.as_numpy("probabilities"))
+            except Exception as exc:  # reported below
+                outcome.append(exc)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        deadline = time.monotonic() + 30
+        with Client(front, timeout_s=10) as client:  # wait until the pool holds the call's request
+            while not any(w["inflight"] for w in client.stats()["workers"].values()):
+                assert time.monotonic() < deadline and caller.is_alive(), log_path.read_text()
+                time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        host, port = http.split(":")
+        closed_while_in_flight = False
+        while caller.is_alive() and time.monotonic() < deadline:
+            try:
+                socket.create_connection((host, int(port)), timeout=1).close()
+            except ConnectionRefusedError:
+                closed_while_in_flight = caller.is_alive()
+                break
+            time.sleep(0.02)
+        caller.join(30)
+        assert closed_while_in_flight, log_path.read_text(errors="replace")
+        assert outcome and isinstance(outcome[0], np.ndarray) and outcome[0].shape == (1, 2), outcome
+        assert proc.wait(60) == 0
+    finally:
+        stop(proc)
+
+
 def test_sigterm_stops_both_listeners_at_once(tmp_path):
     """On SIGTERM HTTP and gRPC stop listening together and then drain together: HTTP used to go on
     accepting (and serving) new requests for as long as gRPC's calls in flight took to finish."""
