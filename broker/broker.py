@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
+import os
 import secrets
 import socket
 import sys
@@ -269,6 +270,7 @@ class Broker:
         self.frontend: zmq.Socket | None = None
         self.backend: zmq.Socket | None = None
         self._auth: security.Authenticator | None = None  # ZAP handler while CURVE is on
+        self._ipc_files: list[tuple[str, tuple[int, int]]] = []  # ipc socket files we bound: path, (dev, inode)
         # Recorded for the Prometheus endpoint only when it is on (config.metrics_address).
         # Worker counters totalled over every worker process heard from, departed ones included, so
         # STATS totals (and the metrics) never go backwards when a worker dies or restarts.
@@ -302,6 +304,7 @@ class Broker:
             try:
                 _check_ipc_free(endpoint)
                 sock.bind(endpoint)
+                self._note_ipc_file(endpoint)
             except (zmq.ZMQError, ConfigError) as exc:
                 self.close()
                 raise ConfigError(f"cannot bind {endpoint}: {exc}") from exc
@@ -348,12 +351,35 @@ class Broker:
             if sock is not None:
                 sock.close(linger=0)
         self.frontend = self.backend = None
+        self._remove_ipc_files()
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
         if self.metrics_server is not None:
             self.metrics_server.close()
             self.metrics_server = None
+
+    def _note_ipc_file(self, endpoint: str) -> None:
+        """Remember the socket file an ipc bind made, and which file it is (for _remove_ipc_files)."""
+        path = P.ipc_path(endpoint)
+        if path is not None:
+            try:
+                st = os.stat(path)
+            except OSError:
+                return
+            self._ipc_files.append((path, (st.st_dev, st.st_ino)))
+
+    def _remove_ipc_files(self) -> None:
+        """Remove the ipc socket files we bound (libzmq leaves them behind), each only while it is still
+        the very file our bind made: one a later broker bound on that path since is its own, not ours."""
+        for path, identity in self._ipc_files:
+            try:
+                st = os.stat(path)
+                if (st.st_dev, st.st_ino) == identity:
+                    os.unlink(path)
+            except OSError:
+                pass  # gone already, or not ours to remove
+        self._ipc_files = []
 
     def run(self) -> None:
         """Serve until stop(); binds first if needed, closes the sockets on return."""

@@ -344,6 +344,28 @@ def test_an_ipc_address_a_live_broker_listens_on_is_refused_and_a_stale_one_reus
     second.close()
 
 
+def test_a_broker_that_stops_removes_its_ipc_socket_files_but_no_others(tmp_path):
+    """libzmq leaves an ipc socket file behind when the socket closes: a clean stop left both in place
+    (and, on a shared /tmp, as many as brokers ever ran). A file bound over since is not ours to remove."""
+    import os
+
+    broker = Broker(BrokerConfig(frontend=f"ipc://{tmp_path}/f", backend=f"ipc://{tmp_path}/b"))
+    broker.bind()
+    runner = threading.Thread(target=broker.run, daemon=True)
+    runner.start()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "f"]
+    broker.stop(drain=False)
+    runner.join(10)
+    assert list(tmp_path.iterdir()) == []
+
+    broker = Broker(BrokerConfig(frontend=f"ipc://{tmp_path}/f", backend=f"ipc://{tmp_path}/b"))
+    broker.bind()
+    os.unlink(tmp_path / "f")  # another broker bound the path since: a new file there
+    (tmp_path / "f").write_text("someone else's")
+    broker.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["f"] and (tmp_path / "f").read_text() == "someone else's"
+
+
 def test_two_spellings_of_one_ipc_file_are_one_address(tmp_path):
     with pytest.raises(ConfigError, match="must differ"):
         BrokerConfig(frontend=f"ipc://{tmp_path}/x", backend=f"ipc://{tmp_path}/./y/../x")
