@@ -13,6 +13,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -585,7 +586,6 @@ def test_a_request_waits_for_the_readiness_probe_no_longer_than_its_deadline():
     """A stale "not ready" is asked again before a request is refused; that wait is bounded by the
     request's own deadline (504), not the probe's 2 s."""
     import asyncio
-    import threading
 
     from bertpool.gateway.kserve import KServeError
 
@@ -642,15 +642,46 @@ def test_a_request_whose_rows_fail_together_logs_no_unretrieved_futures(slow, tm
     assert "never retrieved" not in log and "Traceback" not in log, log
 
 
-def serve_with_gateway(tmp_path, http: str) -> tuple[subprocess.Popen, Path]:
-    """bertpool-serve (1 echo worker) with a gateway child on ``http``, logging to a file."""
+def serve_with_gateway(tmp_path, http: str, *extra: str) -> tuple[subprocess.Popen, Path]:
+    """bertpool-serve (1 echo worker; clients at ipc://TMP/f) with a gateway child on ``http``, and
+    ``extra`` flags, logging to a file."""
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "bertpool.pool.serve", "--address", f"ipc://{tmp_path}/f",
                                  "--worker-address", f"ipc://{tmp_path}/b", "--parallel", "1",
-                                 "--stats-interval-s", "0", "--gateway-http", http],
+                                 "--stats-interval-s", "0", "--gateway-http", http, *extra],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return proc, log_path
+
+
+def gateway_pid(serve: subprocess.Popen) -> int:
+    """The pid of ``serve``'s gateway child."""
+    children = Path(f"/proc/{serve.pid}/task/{serve.pid}/children").read_text().split()
+    gateways = [int(pid) for pid in children
+                if "bertpool.gateway.gateway" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
+    assert len(gateways) == 1, gateways
+    return gateways[0]
+
+
+def call_in_flight(tmp_path, log_path, call) -> tuple[threading.Thread, list]:
+    """Run ``call()`` (a gateway call) on a thread, and return once the pool at ipc://TMP/f holds its
+    request: the thread and the list its result (or exception) is appended to."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except Exception as exc:  # the test reports it
+            outcome.append(exc)
+
+    caller = threading.Thread(target=run)
+    caller.start()
+    deadline = time.monotonic() + 30
+    with Client(f"ipc://{tmp_path}/f", timeout_s=10) as client:
+        while not any(w["inflight"] for w in client.stats()["workers"].values()):
+            assert time.monotonic() < deadline and caller.is_alive(), (outcome, log_path.read_text())
+            time.sleep(0.02)
+    return caller, outcome
 
 
 def test_serve_refuses_to_start_when_its_gateway_cannot(tmp_path):
@@ -672,11 +703,7 @@ def test_serve_stops_loudly_when_its_gateway_dies(tmp_path):
     proc, log_path = serve_with_gateway(tmp_path, http)
     try:
         wait_live(http, proc, log_path)
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        gateways = [int(pid) for pid in children
-                    if "bertpool.gateway.gateway" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
-        assert len(gateways) == 1
-        os.kill(gateways[0], signal.SIGKILL)
+        os.kill(gateway_pid(proc), signal.SIGKILL)
         assert proc.wait(60) == 1  # the pool does not serve on without the gateway it was asked for
     finally:
         stop(proc)
@@ -687,30 +714,12 @@ def test_serve_stops_loudly_when_its_gateway_dies(tmp_path):
 def test_sigterm_lets_grpc_calls_in_flight_finish(tmp_path):
     """A gRPC call in flight when the gateway is told to stop is answered, as an HTTP one is (within
     its deadline), not cancelled."""
-    import threading
-
     http, grpc_port = f"127.0.0.1:{free_tcp_port()}", free_tcp_port()
-    front = f"ipc://{tmp_path}/f"
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "bertpool.pool.serve", "--address", front,
-                                 "--worker-address", f"ipc://{tmp_path}/b", "--parallel", "1", "--stats-interval-s", "0",
-                                 "--echo-delay-ms", "1500", "--gateway-http", http, "--gateway-grpc", str(grpc_port)],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc, log_path = serve_with_gateway(tmp_path, http, "--echo-delay-ms", "1500", "--gateway-grpc", str(grpc_port))
     try:
         wait_ready(http, proc, log_path)  # before that a call is refused at once
-        outcome: list = []
-        call = threading.Thread(target=lambda: outcome.append(_grpc_infer(f"127.0.0.1:{grpc_port}")))
-        call.start()
-        deadline = time.monotonic() + 30
-        with Client(front, timeout_s=10) as client:  # wait until the pool holds the call's request
-            while not any(w["inflight"] for w in client.stats()["workers"].values()):
-                assert time.monotonic() < deadline and call.is_alive(), log_path.read_text()
-                time.sleep(0.02)
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        gateway = next(int(pid) for pid in children
-                       if "bertpool.gateway.gateway" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"))
-        os.kill(gateway, signal.SIGTERM)
+        call, outcome = call_in_flight(tmp_path, log_path, lambda: _grpc_infer(f"127.0.0.1:{grpc_port}"))
+        os.kill(gateway_pid(proc), signal.SIGTERM)
         call.join(30)
         assert outcome and isinstance(outcome[0], np.ndarray) and outcome[0].shape == (1, 2), outcome
     finally:
@@ -721,47 +730,18 @@ def test_serve_stops_its_gateway_listening_first_on_sigterm(tmp_path):
     """SIGTERM to bertpool-serve: its gateway stops listening at once (a client or a load balancer
     finds it closed and goes elsewhere) while the call in flight is still answered. It used to listen
     on, answering 503 from the draining pool, until the workers had finished."""
-    import threading
-
     http = f"127.0.0.1:{free_tcp_port()}"
-    front = f"ipc://{tmp_path}/f"
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "bertpool.pool.serve", "--address", front,
-                                 "--worker-address", f"ipc://{tmp_path}/b", "--parallel", "1", "--stats-interval-s", "0",
-                                 "--echo-delay-ms", "3000", "--gateway-http", http],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc, log_path = serve_with_gateway(tmp_path, http, "--echo-delay-ms", "3000")
     try:
         wait_ready(http, proc, log_path)
-        outcome: list = []
-
-        def call() -> None:
-            try:
-                reply = httpclient.InferenceServerClient(http, network_timeout=30).infer(
-                    MODEL, text_inputs(httpclient, mrpc_pairs(1)))
-                outcome.append(reply.as_numpy("probabilities"))
-            except Exception as exc:  # reported below
-                outcome.append(exc)
-
-        caller = threading.Thread(target=call)
-        caller.start()
-        deadline = time.monotonic() + 30
-        with Client(front, timeout_s=10) as client:  # wait until the pool holds the call's request
-            while not any(w["inflight"] for w in client.stats()["workers"].values()):
-                assert time.monotonic() < deadline and caller.is_alive(), log_path.read_text()
-                time.sleep(0.02)
+        call, outcome = call_in_flight(tmp_path, log_path, lambda: httpclient.InferenceServerClient(
+            http, network_timeout=30).infer(MODEL, text_inputs(httpclient, mrpc_pairs(1))).as_numpy("probabilities"))
         proc.send_signal(signal.SIGTERM)
-        host, port = http.split(":")
-        closed_while_in_flight = False
-        while caller.is_alive() and time.monotonic() < deadline:
-            try:
-                socket.create_connection((host, int(port)), timeout=1).close()
-            except ConnectionRefusedError:
-                closed_while_in_flight = caller.is_alive()
-                break
+        deadline = time.monotonic() + 30
+        while _accepts(http):
+            assert time.monotonic() < deadline and call.is_alive(), "the gateway listened until the call was answered"
             time.sleep(0.02)
-        caller.join(30)
-        assert closed_while_in_flight, log_path.read_text(errors="replace")
+        call.join(30)
         assert outcome and isinstance(outcome[0], np.ndarray) and outcome[0].shape == (1, 2), outcome
         assert proc.wait(60) == 0
     finally:
@@ -771,30 +751,13 @@ def test_serve_stops_its_gateway_listening_first_on_sigterm(tmp_path):
 def test_sigterm_stops_both_listeners_at_once(tmp_path):
     """On SIGTERM HTTP and gRPC stop listening together and then drain together: HTTP used to go on
     accepting (and serving) new requests for as long as gRPC's calls in flight took to finish."""
-    import threading
-
     http, grpc_port = f"127.0.0.1:{free_tcp_port()}", free_tcp_port()
-    front = f"ipc://{tmp_path}/f"
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "bertpool.pool.serve", "--address", front,
-                                 "--worker-address", f"ipc://{tmp_path}/b", "--parallel", "1", "--stats-interval-s", "0",
-                                 "--echo-delay-ms", "3000", "--gateway-http", http, "--gateway-grpc", str(grpc_port)],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc, log_path = serve_with_gateway(tmp_path, http, "--echo-delay-ms", "3000", "--gateway-grpc", str(grpc_port))
     try:
         wait_ready(http, proc, log_path)
-        outcome: list = []
-        call = threading.Thread(target=lambda: outcome.append(_grpc_infer(f"127.0.0.1:{grpc_port}")))
-        call.start()
+        call, outcome = call_in_flight(tmp_path, log_path, lambda: _grpc_infer(f"127.0.0.1:{grpc_port}"))
+        os.kill(gateway_pid(proc), signal.SIGTERM)
         deadline = time.monotonic() + 30
-        with Client(front, timeout_s=10) as client:  # wait until the pool holds the call's request
-            while not any(w["inflight"] for w in client.stats()["workers"].values()):
-                assert time.monotonic() < deadline and call.is_alive(), log_path.read_text()
-                time.sleep(0.02)
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        gateway = next(int(pid) for pid in children
-                       if "bertpool.gateway.gateway" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace"))
-        os.kill(gateway, signal.SIGTERM)
         while _accepts(f"127.0.0.1:{grpc_port}"):  # gRPC stopped listening (the call is still in flight)
             assert time.monotonic() < deadline and call.is_alive(), "gRPC still listening"
             time.sleep(0.02)
