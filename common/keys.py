@@ -22,9 +22,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate CURVE key pairs (NAME.key public, NAME.key_secret secret) in ZeroMQ's "
                     "certificate format, for bertpool's --curve-* flags.",
         epilog="example: bertpool-keys keys/ broker client-1 worker-1")
-    parser.add_argument("directory", metavar="DIR", help="where to write the files (created if missing)")
-    parser.add_argument("names", metavar="NAME", nargs="+", help="one key pair per name")
-    parser.add_argument("--force", action="store_true", help="overwrite existing key files")
+    parser.add_argument("directory", metavar="DIR",
+                        help="where to write the files (created mode 0700 if missing)")
+    parser.add_argument("names", metavar="NAME", nargs="+",
+                        help="one key pair per name: letters, digits, '.', '_', '-', without the .key "
+                             "suffix (writes NAME.key 0644 and NAME.key_secret 0600)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace existing key files (or symlinks) of these names")
     add_exit_status(parser, "0 written, 2 a bad name, a key file in the way (without --force), or DIR not writable")
     return parser
 

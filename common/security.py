@@ -67,6 +67,19 @@ def load_public_key(path: str | os.PathLike) -> bytes:
     return public
 
 
+def load_peer_public_key(path: str | os.PathLike, where: str) -> bytes:
+    """The public key in ``path``, a file that must hold nothing else: another host's key (the
+    broker's, for a peer's --curve-server-key) or an allow-list entry. ConfigError if it also
+    holds a secret key, naming ``where`` it was given: a secret key copied there has left its
+    owner, and holding the broker's lets anyone who reads it pose as the broker."""
+    public, secret = _load(path)
+    if secret is not None:
+        raise ConfigError(f"{path} holds a SECRET key, but {where} takes a public key only "
+                          f"(NAME{PUBLIC_SUFFIX}): use the {PUBLIC_SUFFIX} file, remove this copy, and since "
+                          f"others may have read it, make a new key pair for its owner (bertpool-keys)")
+    return public
+
+
 def load_key_pair(path: str | os.PathLike) -> tuple[bytes, bytes]:
     """(public, secret) from a ``.key_secret`` file; ConfigError if it holds no secret key or they differ."""
     public, secret = _load(path)
@@ -109,62 +122,102 @@ def _load(path: str | os.PathLike) -> tuple[bytes, bytes | None]:
 
 
 def load_allow_list(directory: str | os.PathLike, what: str) -> frozenset[bytes]:
-    """The public keys of every ``*.key`` file in ``directory``; ConfigError if none or one is bad."""
+    """The public keys of every ``*.key`` file in ``directory``, skipping hidden files as the
+    shell's ``*.key`` does (an editor's lock or backup file, ``.#client.key``, is no key).
+    ConfigError if it holds none, if one is bad, or if it holds a secret key: an allow-list
+    takes public keys only (see :func:`load_peer_public_key`)."""
     d = Path(directory)
     if not d.is_dir():
         raise ConfigError(f"{what} allow-list {d} is not a directory")
     try:
-        files = sorted(f for f in d.iterdir() if f.name.endswith(PUBLIC_SUFFIX))
+        names = sorted(f.name for f in d.iterdir() if not f.name.startswith("."))
     except OSError as exc:
         raise ConfigError(f"cannot list {what} allow-list {d}: {exc.strerror or exc}") from exc
+    secrets = [n for n in names if n.endswith(SECRET_SUFFIX)]
+    if secrets:
+        # Ignoring them would leave a peer's secret key lying in a directory that is copied and
+        # read more freely than the key's owner would allow.
+        raise ConfigError(f"{what} allow-list {d} holds secret key files ({', '.join(secrets)}): it takes "
+                          f"public keys only (NAME{PUBLIC_SUFFIX}); remove them, and make new key pairs "
+                          f"for their owners if others may have read them")
+    files = [d / n for n in names if n.endswith(PUBLIC_SUFFIX)]
     if not files:
         # An empty list refuses everyone: surely a mistake, so say so instead of serving nobody.
         raise ConfigError(f"{what} allow-list {d} holds no public keys (*{PUBLIC_SUFFIX}): "
                           f"no {what} could connect")
-    return frozenset(load_public_key(f) for f in files)
+    return frozenset(load_peer_public_key(f, f"the {what} allow-list {d}") for f in files)
 
 
 def generate_key_pairs(directory: str | os.PathLike, names: list[str],
                        force: bool = False) -> list[tuple[str, str]]:
-    """Write ``NAME.key`` and ``NAME.key_secret`` (mode 0600) for each name into ``directory``
-    (created if missing) with pyzmq; returns their paths. ConfigError, before writing anything,
-    on a bad name or directory, or files that exist (unless ``force``)."""
-    if not names:
-        raise ConfigError("give at least one key name")
-    for name in names:
-        if not _NAME.match(name):
-            raise ConfigError(f"bad key name {name!r}: use letters, digits, '.', '_' and '-' "
-                              f"(no '/'), starting with a letter or digit")
-    if len(set(names)) != len(names):
-        raise ConfigError(f"key names repeat: {' '.join(names)}")
+    """Write ``NAME.key`` (0644) and ``NAME.key_secret`` (0600) for each name into ``directory``
+    (created 0700 if missing, its missing parents never writable by others) with pyzmq; returns
+    their paths. ConfigError, before writing anything, on a bad name, a directory that cannot be
+    used, or files (or symlinks, even dangling ones) in the way unless ``force``."""
+    _check_key_names(names)
     d = Path(directory)
-    if d.exists() and not d.is_dir():
-        raise ConfigError(f"{d} exists and is not a directory")
     try:
-        d.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create key directory {d}: {exc.strerror or exc}") from exc
-    existing = [str(d / f"{n}{s}") for n in names for s in (PUBLIC_SUFFIX, SECRET_SUFFIX)
-                if (d / f"{n}{s}").exists()]
+        _make_key_directory(d)
+        existing = [str(d / f"{n}{s}") for n in names for s in (PUBLIC_SUFFIX, SECRET_SUFFIX)
+                    if os.path.lexists(d / f"{n}{s}")]  # lexists: a dangling symlink is in the way too
+    except OSError as exc:  # e.g. a parent we may not search: stat() itself fails
+        raise ConfigError(f"cannot use key directory {d}: {exc.strerror or exc}") from exc
     if existing and not force:
         raise ConfigError(f"refusing to overwrite {', '.join(existing)} (use --force)")
     written = []
     old_umask = os.umask(0o077)  # the secret file is never readable by others, not even briefly
     try:
         for name in names:
-            for suffix in (PUBLIC_SUFFIX, SECRET_SUFFIX):  # pyzmq opens with "w": replace, don't follow
-                target = d / f"{name}{suffix}"
-                if target.is_symlink() or target.exists():
-                    target.unlink()
-            public, secret = zmq.auth.create_certificates(d, name)
-            os.chmod(public, 0o644)
-            os.chmod(secret, 0o600)
-            written.append((public, secret))
+            written.append(_write_key_pair(d, name))
     except OSError as exc:
         raise ConfigError(f"cannot write keys into {d}: {exc.strerror or exc}") from exc
     finally:
         os.umask(old_umask)
     return written
+
+
+def _check_key_names(names: list[str]) -> None:
+    """ConfigError unless ``names`` are distinct bare key names (no path, no key suffix)."""
+    if not names:
+        raise ConfigError("give at least one key name")
+    for name in names:
+        if not _NAME.match(name):
+            raise ConfigError(f"bad key name {name!r}: use letters, digits, '.', '_' and '-' "
+                              f"(no '/'), starting with a letter or digit")
+        if name.endswith((PUBLIC_SUFFIX, SECRET_SUFFIX)):
+            # "client.key" would make client.key.key: a name the README's `cp keys/client.key` misses.
+            raise ConfigError(f"bad key name {name!r}: give the bare name ({name.rsplit('.', 1)[0]}); "
+                              f"bertpool-keys adds {PUBLIC_SUFFIX} and {SECRET_SUFFIX} itself")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"key names repeat: {' '.join(names)}")
+
+
+def _make_key_directory(d: Path) -> None:
+    """Create ``d`` (mode 0700) and its missing parents, which are never group- or world-writable:
+    under a permissive umask (000) they were 0777, so anyone could rename the key directory away
+    and put their own in its place. OSError is the caller's to translate."""
+    if d.exists() and not d.is_dir():
+        raise ConfigError(f"{d} exists and is not a directory")
+    old_umask = os.umask(0o077)  # os.umask only sets: this reads the old one, then sets the one we want
+    os.umask(old_umask | 0o022)
+    try:
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create key directory {d}: {exc.strerror or exc}") from exc
+    finally:
+        os.umask(old_umask)
+
+
+def _write_key_pair(d: Path, name: str) -> tuple[str, str]:
+    """Write one key pair into ``d`` with pyzmq, replacing what is there; (public, secret) paths."""
+    for suffix in (PUBLIC_SUFFIX, SECRET_SUFFIX):  # pyzmq opens with "w": replace, don't follow
+        target = d / f"{name}{suffix}"
+        if os.path.lexists(target):
+            target.unlink()
+    public, secret = zmq.auth.create_certificates(d, name)
+    os.chmod(public, 0o644)
+    os.chmod(secret, 0o600)
+    return public, secret
 
 
 # -------------------------------------------------------------------- configs
@@ -185,7 +238,8 @@ class CurveClientConfig:
         if self.server_key_file is not None:
             if self.server_key:
                 raise ConfigError("give the broker's public key as a file or as a key, not both")
-            object.__setattr__(self, "server_key", load_public_key(self.server_key_file))
+            object.__setattr__(self, "server_key", load_peer_public_key(
+                self.server_key_file, "--curve-server-key (the broker's public key)"))
         if self.secret_key_file is not None:
             if self.public_key or self.secret_key:
                 raise ConfigError("give our key pair as a file or as keys, not both")
@@ -501,13 +555,23 @@ def complete_serve_args(args: argparse.Namespace, server: CurveServerConfig | No
     _check_allowed(server, worker_secret, WORKERS, "the workers could never register")
     if gateway_secret is not None:
         _check_allowed(server, gateway_secret, CLIENTS, "the gateway could never connect")
-    # The workers and the gateway need only the broker's public half: its .key beside the secret file
-    # if there is one.
+    args.curve_server_key = str(_broker_public_file(server))
+
+
+def _broker_public_file(server: CurveServerConfig) -> Path:
+    """The broker's public key file, beside its secret one (``NAME.key`` for ``NAME.key_secret``),
+    for serve's workers and gateway. ConfigError if it is missing or not that key: they used to be
+    given the secret file instead, which every peer now refuses (:func:`load_peer_public_key`)."""
     secret = Path(server.secret_key_file)
-    public_file = secret.with_name(secret.name[:-len(SECRET_SUFFIX)] + PUBLIC_SUFFIX) \
-        if secret.name.endswith(SECRET_SUFFIX) else secret
+    stem = secret.name[:-len(SECRET_SUFFIX)] if secret.name.endswith(SECRET_SUFFIX) else secret.stem
+    public = secret.with_name(stem + PUBLIC_SUFFIX)
+    why = None
     try:
-        use_public = public_file != secret and load_public_key(public_file) == server.public_key
-    except ConfigError:
-        use_public = False
-    args.curve_server_key = str(public_file if use_public else secret)
+        if load_peer_public_key(public, "the broker's public key file") != server.public_key:
+            why = "holds another key"
+    except ConfigError as exc:
+        why = str(exc)
+    if why is not None:
+        raise ConfigError(f"serve's workers and gateway connect with the broker's public key, read from "
+                          f"{public} beside --curve-secret-key {secret} (bertpool-keys writes both): {why}")
+    return public
