@@ -152,12 +152,11 @@ def compile_model(options: CompileOptions) -> dict:
     _check_seq_length(o, weights)
     vocab = o.vocab or weights.vocab_path
     if vocab is None:
-        raise ModelFormatError(f"no vocab.txt inside or beside {o.input} (a SavedModel export holds none); "
-                               f"pass --vocab FILE")
+        held = {"savedmodel": "a SavedModel export holds none", "checkpoint": "google-research ships it beside "
+                "the checkpoint", "hf": "a tokenizer.json alone is not read"}[weights.source.format]
+        raise ModelFormatError(f"no vocab.txt inside or beside {o.input} ({held}); pass --vocab FILE")
     check_vocab(vocab, shape.vocab_size)
-    from ..common.tokenizer import BertTokenizer
-
-    tokenizer = BertTokenizer(vocab, max_seq_length=o.seq_length)
+    tokenizer = _tokenizer(vocab, o.seq_length, weights, log)
     config = RebuildConfig(dtype=dtype, gelu=o.gelu or weights.gelu, batch_size=o.batch_size,
                            seq_length=o.seq_length, jit_compile=use_xla(o.xla, o.target, dtype))
     log(f"rebuilding for {o.target}: dtype {config.dtype}, GELU {config.gelu}, batch {config.batch_size} x "
@@ -182,6 +181,31 @@ def compile_model(options: CompileOptions) -> dict:
         raise EquivalenceError(f"rebuilt model differs from the original: max |dp| = {eq['max_abs_diff']:.3g} "
                                f"> tolerance {eq['tolerance']:.3g} (output kept in {o.output}, marked failed)")
     return manifest
+
+
+def _tokenizer(vocab: pathlib.Path, seq_length: int, weights: BertWeights, log):
+    """The tokenizer the pool will use for this model, its casing announced; ModelFormatError when the
+    source's tokenizer config states the other casing.
+
+    Workers decide do_lower_case from the vocabulary (lower-case unless it holds capitals), as this
+    does. A tokenizer_config.json that says otherwise means the model was trained on text cased
+    differently from what it would be served: wrong answers, and the proof cannot see it (it feeds
+    both models the same tokens).
+    """
+    from ..common.tokenizer import BertTokenizer
+
+    tokenizer = BertTokenizer(vocab, max_seq_length=seq_length)
+    lower = tokenizer.do_lower_case
+    stated = weights.do_lower_case
+    if stated is not None and stated != lower:
+        raise ModelFormatError(
+            f"tokenizer_config.json of {weights.source.path} says do_lower_case={str(stated).lower()}, but "
+            f"{vocab} {'holds no capitals (an uncased vocabulary)' if lower else 'holds capitals (a cased vocabulary)'}, "
+            f"from which the pool decides do_lower_case={str(lower).lower()}; pass the vocabulary the model "
+            f"was trained with (--vocab) or correct tokenizer_config.json")
+    log(f"  tokenization: {'uncased' if lower else 'cased'} (do_lower_case={lower}, decided from {vocab}"
+        f"{'' if stated is None else ', as tokenizer_config.json says'})")
+    return tokenizer
 
 
 def _neuron_build(o: CompileOptions, dtype: str) -> NeuronBuild:

@@ -49,6 +49,7 @@ import numpy as np
 
 from ..common.cli import counted
 from ..common.errors import ConfigError
+from .host import softmax
 from .weights import BertWeights
 
 # max |difference in probability| accepted per matmul dtype (measurements in the module docstring)
@@ -140,7 +141,9 @@ class SavedModelOriginal:
         feed_values = {"input_ids": input_ids, "input_mask": input_mask, "segment_ids": segment_ids,
                        "label_ids": np.zeros([n], np.int32), "is_real_example": np.ones([n], np.int32)}
         feed = {name: feed_values[key] for key, name in self._signature.inputs.items() if key in feed_values}
-        return self._session.run(self._signature.output, feed)
+        out = self._session.run(self._signature.output, feed)
+        # an export that returns logits only: the served model is their softmax (run_classifier's)
+        return softmax(out) if self._signature.logits else out
 
     def close(self) -> None:
         self._session.close()
@@ -157,7 +160,8 @@ def open_original(weights: BertWeights, seq_length: int):
 
 def describe_original(weights: BertWeights) -> str:
     if weights.source.format == "savedmodel":
-        return "the SavedModel (TF1 loader, Session)"
+        logits = weights.signature is not None and weights.signature.logits
+        return "the SavedModel (TF1 loader, Session" + (", softmax of its logits)" if logits else ")")
     return f"reference BERT graph ({weights.gelu} GELU) fed the {weights.source.format} weights"
 
 

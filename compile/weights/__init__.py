@@ -27,6 +27,7 @@ from __future__ import annotations
 import pathlib
 
 from ...common.errors import ModelFormatError
+from ..shape import BertShape
 from ._base import CLASSIFIER, BertWeights, SavedModelSignature, Source, check_tensors, shape_from_tensors
 from .checkpoint import GOOGLE_ACT, _read_checkpoint, write_checkpoint
 from .hf import HF_ACT, _read_hf, hf_name, write_hf
@@ -34,7 +35,7 @@ from .savedmodel import _read_savedmodel
 
 __all__ = ["FORMATS", "CLASSIFIER", "BertWeights", "SavedModelSignature", "Source", "check_tensors",
            "shape_from_tensors", "detect_format", "load_weights", "load_pretrained",
-           "GOOGLE_ACT", "HF_ACT", "hf_name", "write_checkpoint", "write_hf"]
+           "GOOGLE_ACT", "HF_ACT", "hf_name", "write_checkpoint", "write_hf", "check_pair_classifier"]
 
 FORMATS = ("savedmodel", "checkpoint", "hf")  # what load_weights reads and the demo model writes
 _READERS = {"savedmodel": _read_savedmodel, "checkpoint": _read_checkpoint, "hf": _read_hf}
@@ -57,7 +58,7 @@ def detect_format(path) -> str:
         return "savedmodel"
     if "config.json" in names and names & {"model.safetensors", "model.safetensors.index.json"}:
         return "hf"
-    if "config.json" in names and names & {"pytorch_model.bin", "tf_model.h5"}:
+    if "config.json" in names and _torch_or_keras_weights(names):
         raise ModelFormatError(
             f"{path} is a Hugging Face directory without model.safetensors; re-save it with "
             f"save_pretrained(..., safe_serialization=True) (torch weights are not read)"
@@ -72,6 +73,14 @@ def detect_format(path) -> str:
     )
 
 
+def _torch_or_keras_weights(names: set[str]) -> bool:
+    """Whether a directory listing holds Hugging Face weights in a format not read here: torch
+    (``pytorch_model.bin``, or sharded: ``pytorch_model-00001-of-00002.bin`` + its index) or Keras
+    (``tf_model.h5``)."""
+    return any(n in ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5") or
+               (n.startswith("pytorch_model-") and n.endswith(".bin")) for n in names)
+
+
 def load_weights(path, heads: int | None = None, source_gelu: str | None = None) -> BertWeights:
     """Read, shape-check and return the classifier at ``path`` (any of FORMATS).
 
@@ -84,7 +93,26 @@ def load_weights(path, heads: int | None = None, source_gelu: str | None = None)
     if source_gelu is not None:
         weights.gelu = source_gelu
     check_tensors(weights.shape, weights.tensors)
+    check_pair_classifier(weights.shape, path)
     return weights
+
+
+def check_pair_classifier(shape: BertShape, path: pathlib.Path) -> None:
+    """ModelFormatError unless ``shape`` is a sentence-pair classifier bertpool can serve.
+
+    Both would otherwise compile into something that fails or lies: the pool tokenizes every
+    request as a pair (segment ids 0 and 1), which a model with one token type cannot embed
+    (RoBERTa-style type_vocab_size 1); and it serves the softmax over the labels, which over a
+    single output is always 1.0 (a regression or multiple-choice head, not a classifier).
+    """
+    if shape.type_vocab_size < 2:
+        raise ModelFormatError(f"{path}: the model has {shape.type_vocab_size} token type "
+                               f"(token_type_embeddings rows); bertpool serves sentence pairs, which need 2 "
+                               f"(segment ids 0 and 1)")
+    if shape.num_labels < 2:
+        raise ModelFormatError(f"{path}: the classifier head has {shape.num_labels} output; bertpool serves "
+                               f"classifiers with 2 or more labels (softmax), not a regression or "
+                               f"multiple-choice head")
 
 
 def load_pretrained(path) -> BertWeights:

@@ -45,8 +45,9 @@ class SavedModelSignature:
     """What the run_classifier serving signature needs fed and returns (tensor names)."""
 
     inputs: dict[str, str]  # input key -> tensor name, e.g. "input_ids" -> "input_ids:0"
-    output: str  # tensor name of "probabilities"
+    output: str  # tensor name of "probabilities" (or of "logits" when the export has no probabilities)
     seq_length: int | None  # fixed sequence length of input_ids, None if dynamic
+    logits: bool = False  # output is logits: the proof applies the softmax the export left out
 
 
 @dataclass
@@ -60,6 +61,8 @@ class BertWeights:
     vocab_path: pathlib.Path | None  # vocab.txt found inside/beside the source, if any
     signature: SavedModelSignature | None = None  # only for the savedmodel format
     notes: list[str] = field(default_factory=list)  # assumptions made while reading
+    # do_lower_case as the source's tokenizer config states it (HF tokenizer_config.json); None: unstated
+    do_lower_case: bool | None = None
 
 
 def check_tensors(shape: BertShape, tensors: dict[str, np.ndarray], skip: tuple[str, ...] = ()) -> None:
@@ -122,7 +125,10 @@ def _read_json(path: pathlib.Path) -> dict:
 
 
 def _config_int(config: dict, key: str, where: pathlib.Path) -> int:
-    value = config.get(key)
+    """config[key] as an int; ModelFormatError saying the key is missing, or what it holds instead."""
+    if key not in config:
+        raise ModelFormatError(f"{where} lacks {key} (needed for the model's shape)")
+    value = config[key]
     if isinstance(value, bool) or not isinstance(value, int):
         raise ModelFormatError(f"{where}: {key} must be an integer, got {value!r}")
     return value

@@ -15,7 +15,7 @@ import numpy as np
 from ...common.errors import ConfigError, ModelFormatError
 from ._base import (BertWeights, Source, _activation, _checkpoint_tensors, _find_vocab, _num_labels, _read_json,
                     _shape_from_config, bert_config)
-from ..shape import BertShape
+from ..shape import EMBEDDINGS, BertShape
 
 # bert_config.json hidden_act -> GELU. Its modeling.py "gelu" is the tanh
 # approximation (since 2019; the first release used erf).
@@ -59,15 +59,38 @@ def _read_checkpoint(path: pathlib.Path, heads: int | None, classifier: bool = T
         raise ModelFormatError(f"{directory} has no bert_config.json (needed for the number of heads and "
                                f"the activation of a google-research checkpoint)")
     config = _read_json(config_path)
-    tensors = _checkpoint_tensors(prefix)
+    tensors, scope = _without_scope(_checkpoint_tensors(prefix), prefix)
+    notes = [f"checkpoint prefix {prefix}"] + ([f"variables read without their scope {scope!r}"] if scope else [])
     num_labels = _num_labels(tensors.get("output_weights"), classifier, "output_weights", directory)
     shape = _shape_from_config(config, config_path, num_labels)
     if heads is not None and heads != shape.heads:
         raise ModelFormatError(f"--heads {heads} contradicts {config_path} (num_attention_heads={shape.heads})")
     files = [config_path] + [p for p in directory.iterdir() if p.name.startswith(pathlib.Path(prefix).name + ".")]
     return BertWeights(shape, tensors, Source(path, "checkpoint", files),
-                       _activation(config, GOOGLE_ACTIVATIONS, config_path), _find_vocab(directory),
-                       notes=[f"checkpoint prefix {prefix}"])
+                       _activation(config, GOOGLE_ACTIVATIONS, config_path), _find_vocab(directory), notes=notes)
+
+
+def _without_scope(tensors: dict[str, np.ndarray], prefix: str) -> tuple[dict[str, np.ndarray], str]:
+    """(tensors under google-research names, the scope taken off them, or "").
+
+    A model built inside an outer variable scope (``tf.variable_scope("model")`` around
+    modeling.BertModel and the run_classifier head) saves ``model/bert/embeddings/...`` and
+    ``model/output_weights``: the same model, so the scope is taken off every name under it.
+    Several candidate scopes are ambiguous, and no BERT variable at all is another model's
+    checkpoint: ModelFormatError naming what was found.
+    """
+    anchor = f"{EMBEDDINGS}/word_embeddings"
+    if anchor in tensors:
+        return tensors, ""
+    scopes = sorted(name[: -len(anchor)] for name in tensors if name.endswith("/" + anchor))
+    if len(scopes) != 1:
+        shown = ", ".join(scopes or sorted(tensors)[:4]) or "no float variables"
+        raise ModelFormatError(f"checkpoint {prefix} has no {anchor} variable"
+                               f"{' under one scope' if scopes else ''} (found {shown}): "
+                               f"not a google-research BERT checkpoint")
+    scope = scopes[0]
+    outside = {name: value for name, value in tensors.items() if not name.startswith(scope)}
+    return {**outside, **{name[len(scope):]: value for name, value in tensors.items() if name.startswith(scope)}}, scope
 
 
 def write_checkpoint(directory, shape: BertShape, tensors: dict[str, np.ndarray], gelu: str = "tanh",

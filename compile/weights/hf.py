@@ -23,6 +23,14 @@ from ..shape import BertShape
 HF_ACTIVATIONS = {"gelu": "erf", "gelu_python": "erf", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh",
                   "gelu_fast": "tanh", "quick_gelu": "crude"}
 HF_ACT = {"erf": "gelu", "tanh": "gelu_new", "crude": "quick_gelu"}  # GELU -> hidden_act written
+# transformers' BertConfig defaults for the keys that fix the shape: transformers loads a config.json
+# that leaves one out with this value (and save_pretrained may leave out what equals its default), so
+# that value is what the model is.
+HF_BERT_DEFAULTS = {"vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                    "intermediate_size": 3072, "max_position_embeddings": 512, "type_vocab_size": 2}
+CLASSIFIER_ARCHITECTURE = "BertForSequenceClassification"
+# problem_type values whose logits are served as a softmax over the labels (None: the single-label default)
+SOFTMAX_PROBLEMS = (None, "single_label_classification")
 
 
 def hf_name(name: str) -> tuple[str, bool]:
@@ -88,14 +96,53 @@ def _read_bf16(file: pathlib.Path, key: str) -> np.ndarray:
 
 
 
+def _with_defaults(config: dict, notes: list[str]) -> dict:
+    """``config`` with HF_BERT_DEFAULTS filled in for the shape keys it lacks (each named in ``notes``)."""
+    missing = [key for key in HF_BERT_DEFAULTS if key not in config]
+    if missing:
+        notes.append("config.json lacks " + ", ".join(f"{k} (transformers' default {HF_BERT_DEFAULTS[k]} used)"
+                                                      for k in missing))
+    return {**{k: HF_BERT_DEFAULTS[k] for k in missing}, **config}
+
+
+def _check_classifier_config(config: dict, config_path: pathlib.Path) -> None:
+    """ModelFormatError unless config.json describes a single-label BertForSequenceClassification.
+
+    The tensors alone cannot tell: a RoBERTa whose config lost its model_type has BERT's tensor names
+    (but offset positions), a multi-label or regression head has the same classifier.weight (but its
+    logits mean a sigmoid or a value, not a softmax), a token-classification head the same name too.
+    """
+    arch = config.get("architectures")
+    if isinstance(arch, list) and arch and not any(
+            isinstance(a, str) and a.removeprefix("TF").removeprefix("Flax") == CLASSIFIER_ARCHITECTURE for a in arch):
+        raise ModelFormatError(f"{config_path}: architectures {arch} is not {CLASSIFIER_ARCHITECTURE}; "
+                               f"bertpool compiles BERT sentence(-pair) classifiers")
+    problem = config.get("problem_type")
+    if problem not in SOFTMAX_PROBLEMS:
+        raise ModelFormatError(f"{config_path}: problem_type {problem!r} is not supported; bertpool serves a "
+                               f"softmax over the labels (single_label_classification)")
+
+
+def _tokenizer_lower_case(path: pathlib.Path) -> bool | None:
+    """do_lower_case as tokenizer_config.json states it, or None (no file, or no boolean there)."""
+    file = path / "tokenizer_config.json"
+    if not file.is_file():
+        return None
+    value = _read_json(file).get("do_lower_case")
+    return value if isinstance(value, bool) else None
+
+
 def _read_hf(path: pathlib.Path, heads: int | None, classifier: bool = True) -> BertWeights:
     """``classifier=False``: a BertModel / BertForPreTraining directory (no head) is accepted."""
     config_path = path / "config.json"
-    config = _read_json(config_path)
+    notes: list[str] = []
+    config = _with_defaults(_read_json(config_path), notes)
     if config.get("model_type", "bert") != "bert":
         raise ModelFormatError(f"{config_path}: model_type {config.get('model_type')!r} is not 'bert'")
     if config.get("position_embedding_type", "absolute") != "absolute":
         raise ModelFormatError(f"{config_path}: only absolute position embeddings are supported")
+    if classifier:
+        _check_classifier_config(config, config_path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = _read_json(index).get("weight_map", {})
@@ -110,8 +157,14 @@ def _read_hf(path: pathlib.Path, heads: int | None, classifier: bool = True) -> 
     if "classifier.weight" not in raw and classifier:
         raise ModelFormatError(f"missing tensor classifier.weight (output_weights) in {path}: "
                                f"not a BertForSequenceClassification")
-    shape = _shape_from_config(config, config_path,
-                               _num_labels(raw.get("classifier.weight"), classifier, "classifier.weight", path))
+    try:
+        shape = _shape_from_config(config, config_path,
+                                   _num_labels(raw.get("classifier.weight"), classifier, "classifier.weight", path))
+    except ModelFormatError as exc:
+        if not notes:
+            raise
+        # a default that does not fit (12 heads for a 64-wide model): say where it came from
+        raise ModelFormatError(f"{exc} ({notes[0]})") from exc
     if heads is not None and heads != shape.heads:
         raise ModelFormatError(f"--heads {heads} contradicts {config_path} (num_attention_heads={shape.heads})")
     tensors = {}
@@ -129,7 +182,8 @@ def _read_hf(path: pathlib.Path, heads: int | None, classifier: bool = True) -> 
             value = np.ascontiguousarray(value.T)
         tensors[name] = value
     return BertWeights(shape, tensors, Source(path, "hf", [config_path] + files + ([index] if index.is_file() else [])),
-                       _activation(config, HF_ACTIVATIONS, config_path), _find_vocab(path))
+                       _activation(config, HF_ACTIVATIONS, config_path), _find_vocab(path), notes=notes,
+                       do_lower_case=_tokenizer_lower_case(path))
 
 
 def write_hf(directory, shape: BertShape, tensors: dict[str, np.ndarray], gelu: str = "erf") -> pathlib.Path:

@@ -62,6 +62,8 @@ def _read_savedmodel(path: pathlib.Path, heads: int | None) -> BertWeights:
     gelu = _gelu_from_graph(nodes, path)
     files = [p for p in path.rglob("*") if p.is_file() and (p.name.startswith("saved_model.") or
                                                              p.parent.name == "variables")]
+    if signature.logits:
+        notes.append("the serving signature has 'logits' but no 'probabilities'; the proof applies the softmax")
     return BertWeights(shape, tensors, Source(path, "savedmodel", files), gelu, _find_vocab(path),
                        signature=signature, notes=notes)
 
@@ -104,12 +106,16 @@ def _classifier_signature(meta, path: pathlib.Path) -> SavedModelSignature:
         if key not in sig.inputs:
             raise ModelFormatError(f"{path}: the serving signature lacks input {key!r} (has {sorted(sig.inputs)}); "
                                    f"expected a run_classifier export")
-    if "probabilities" not in sig.outputs:
-        raise ModelFormatError(f"{path}: the serving signature lacks output 'probabilities' "
+    # run_classifier exports "probabilities"; an export edited to return only "logits" is the same
+    # model before its softmax, which the proof then applies itself.
+    output = next((key for key in ("probabilities", "logits") if key in sig.outputs), None)
+    if output is None:
+        raise ModelFormatError(f"{path}: the serving signature has neither output 'probabilities' nor 'logits' "
                                f"(has {sorted(sig.outputs)}); expected a run_classifier export")
     dims = [d.size for d in sig.inputs["input_ids"].tensor_shape.dim]
     seq = dims[1] if len(dims) == 2 and dims[1] > 0 else None
-    return SavedModelSignature({k: v.name for k, v in sig.inputs.items()}, sig.outputs["probabilities"].name, seq)
+    return SavedModelSignature({k: v.name for k, v in sig.inputs.items()}, sig.outputs[output].name, seq,
+                               logits=output == "logits")
 
 
 def _const_value(node):
