@@ -21,7 +21,7 @@ from compile_fixtures import TINY, edit_hf_config, make_checkpoint, make_hf, qui
 
 from bertpool.common.errors import ModelFormatError  # noqa: E402
 from bertpool.compile import build  # noqa: E402
-from bertpool.compile.weights import load_weights, write_checkpoint  # noqa: E402
+from bertpool.compile.weights import load_pretrained, load_weights, write_checkpoint  # noqa: E402
 
 
 def hf_with_head(directory, rows: int) -> pathlib.Path:
@@ -53,8 +53,9 @@ def test_one_token_type_is_refused_up_front(tmp_path):
     tensors["bert/embeddings/token_type_embeddings"] = tensors["bert/embeddings/token_type_embeddings"][:1]
     src = make_hf(tmp_path / "hf", tensors)
     edit_hf_config(src, type_vocab_size=1)
-    with pytest.raises(ModelFormatError, match=r"1 token type .* sentence pairs, which need 2"):
-        load_weights(src)
+    for load in (load_weights, load_pretrained):  # fine-tuning one would train what compile then refuses
+        with pytest.raises(ModelFormatError, match=r"1 token type .* sentence pairs, which need 2"):
+            load(src)
 
 
 # ---------------------------------------------------------------- what config.json says the model is

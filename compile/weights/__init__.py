@@ -129,4 +129,5 @@ def load_pretrained(path) -> BertWeights:
                                f"directory or a Hugging Face BERT directory")
     weights = _READERS[fmt](path, None, classifier=False)
     check_tensors(weights.shape, weights.tensors, skip=() if CLASSIFIER[0] in weights.tensors else CLASSIFIER)
+    check_pair_classifier(weights.shape, path)  # fine-tuned, it would be compiled and refused only then
     return weights
