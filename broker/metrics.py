@@ -79,6 +79,25 @@ METRICS = {
 }
 
 
+# The histograms collect() exports (the broker's own two, then the workers' from STATS).
+HISTOGRAMS = ("bertpool_request_latency_seconds", "bertpool_queue_wait_seconds",
+              *(f"bertpool_{name}" for name in WORKER_HISTOGRAMS))
+
+
+def metric_type(name: str) -> str:
+    """The Prometheus type of METRICS entry ``name``: ``*_total`` names are counters, HISTOGRAMS
+    histograms, the rest gauges (a test checks this against what a scrape reports)."""
+    if name.endswith("_total"):
+        return "counter"
+    return "histogram" if name in HISTOGRAMS else "gauge"
+
+
+def family_name(name: str) -> str:
+    """The family name of METRICS entry ``name``: a counter's family has no ``_total`` (the
+    client library adds it to the sample), the others are named as their entry."""
+    return name[:-len("_total")] if metric_type(name) == "counter" else name
+
+
 def require_prometheus_client():
     """The prometheus_client module, or ConfigError naming the extra that installs it."""
     try:
@@ -182,7 +201,16 @@ class BrokerCollector:
         self._version = version
 
     def describe(self) -> list:
-        return []  # families are built at scrape time; nothing to check at registration
+        """One empty family per exported metric (METRICS), of the type collect() yields.
+
+        The registry learns the sample names from these: prometheus-client's ``?name[]=``
+        filter (``/metrics?name[]=bertpool_inferences_total``) serves only collectors whose
+        names it knows, so a collector describing nothing answered every filtered scrape with
+        an empty body (200 OK, no samples: a target that looks healthy but reports nothing).
+        Never touches the broker (registration happens before it serves)."""
+        from prometheus_client.core import Metric
+
+        return [Metric(family_name(name), help_text, metric_type(name)) for name, help_text in METRICS.items()]
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily

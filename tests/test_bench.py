@@ -905,3 +905,87 @@ def test_bench_faults_sigterm_stops_its_pool_and_clients(tmp_path, sig):
         [sys.executable, "-m", "bertpool.bench.faults", "--clients", "2", "--client-procs", "1", "--parallel", "2",
          "--duration-s", "600", "--phases", "kill", "--kill-every-s", "600", "--echo-delay-ms", "1"],
         "bertpool-bench-faults", tmp_path / "bench.log", sig)
+
+
+# ------------------------------------------------------------------ plots of odd reports (audit)
+
+def _run_record(clients: int = 4, errors: int = 0, p50: float | None = 3.0) -> dict:
+    """A minimal run record as summarize() writes it, with a histogram spanning 2..15 ms."""
+    replies = 0 if p50 is None else 40
+    return {"config": {"clients": clients}, "clients": clients, "requests": replies + errors, "replies": replies,
+            "errors": errors, "errors_by_type": {"DeadlineExceeded": errors} if errors else {},
+            "throughput_per_s": 500.0 if replies else 0.0,
+            "latency_ms": {"p50": p50, "p90": None if p50 is None else 9.0, "p99": None if p50 is None else 14.0,
+                           "p999": None, "mean": None, "max": None},
+            "latency_histogram_ms": None if p50 is None else {"edges": [2.0, 4.0, 8.0, 15.0], "counts": [10, 20, 10]},
+            "server_mean": None, "pool": None, "backends": None}
+
+
+def _failure_report() -> dict:
+    from bertpool.clients.bench import BenchConfig, failure_report
+    from bertpool.common.errors import RequestTimeout
+
+    return failure_report(BenchConfig(clients=2), RequestTimeout("no broker answered at ipc:///x within 1 s"))
+
+
+@pytest.mark.skipif(not has_matplotlib(), reason="matplotlib (the plot extra) is not installed")
+@pytest.mark.parametrize("content, message", [
+    ("null", "is not a bertpool-bench report: a JSON object was expected, it holds null"),
+    ("[1, 2]", "a JSON object was expected, it holds an array"),
+    ('{"latency_ms": {"p50": 1}}', "is not a bertpool-bench result: no latency_ms with p50 and p99"),
+    ('{"steps": []}', "its sweep has no steps to draw"),
+    ('{"steps": [{"clients": 1}]}', "step 1 is not a bertpool-bench result: no latency_ms"),
+    (json.dumps({**_run_record(), "throughput_per_s": "fast"}), "no numeric throughput_per_s"),
+    (json.dumps(_failure_report()), "is the report of a bench that could not run, nothing to draw: no broker answered"),
+])
+def test_plot_refuses_reports_it_cannot_draw(tmp_path, capsys, content, message):
+    """One line and exit 2, never a KeyError/TypeError traceback, and no image: the report of a bench
+    that could not run (no broker) used to be drawn as an empty chart with exit 0."""
+    from bertpool.clients import plot
+
+    source, png = tmp_path / "bench.json", tmp_path / "out.png"
+    source.write_text(content)
+    assert plot.main([str(source), str(png)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m bertpool.clients.plot: error: ") and message in err, err
+    assert not png.exists()
+    with pytest.raises(plot.ReportError):
+        plot.plot_report(json.loads(content), png)  # the same check guards the library call
+
+
+@pytest.mark.skipif(not has_matplotlib(), reason="matplotlib (the plot extra) is not installed")
+def test_plot_says_how_many_requests_failed(tmp_path, monkeypatch):
+    """A point's latencies are its replies' only: a step with failed requests says so on the chart, and
+    a chart with no reply at all says how many requests failed instead of looking like an idle run."""
+    from matplotlib.figure import Figure
+
+    from bertpool.clients import plot
+
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: drawn.append(fig))
+    sweep = {"steps": [_run_record(1), _run_record(48, errors=3)], "pool": None, "backends": None}
+    plot.plot_report(sweep, tmp_path / "s.png")
+    plot.plot_report(_run_record(2, errors=4, p50=None), tmp_path / "f.png")
+    texts = [[t.get_text() for ax in fig.axes for t in ax.texts] for fig in drawn]
+    assert "1 client" in texts[0] and "48 clients, 3 errors" in texts[0]
+    assert "no request got a reply\n4 requests failed, e.g. DeadlineExceeded" in texts[1]
+    assert "no replies: no latencies" in texts[1]
+
+
+@pytest.mark.skipif(not has_matplotlib(), reason="matplotlib (the plot extra) is not installed")
+def test_histogram_ticks_are_plain_numbers(tmp_path, monkeypatch):
+    """Latencies spanning under a decade (2..15 ms) were labelled "2x10^0 3x10^0 ... 10": the minor
+    ticks kept matplotlib's scientific labels while the major ones were plain."""
+    from matplotlib.figure import Figure
+
+    from bertpool.clients import plot
+
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: drawn.append(fig))
+    plot.plot_report(_run_record(), tmp_path / "r.png")
+    fig = drawn[0]
+    fig.canvas.draw()
+    hist = fig.axes[1]
+    labels = [t.get_text() for t in (*hist.get_xticklabels(), *hist.get_xticklabels(minor=True)) if t.get_text()]
+    assert labels and not any("times" in label or "^" in label for label in labels), labels
+    assert {"2", "10"} <= set(labels), labels

@@ -438,3 +438,57 @@ def test_the_logged_metrics_url_is_a_valid_url(host, url):
     server = MetricsServer.__new__(MetricsServer)  # only the address matters here: nothing is bound
     server.host, server.port = host, 9400
     assert server.url == url
+
+
+# ------------------------------------------- the endpoint's own behaviour (no pool: a stand-in broker)
+
+class _IdleBroker:
+    """What BrokerCollector reads of a Broker: its counters, metrics, workers and queue (all idle)."""
+
+    def __init__(self) -> None:
+        from bertpool.broker.broker import BrokerCounters
+        from bertpool.broker.metrics import BrokerMetrics
+
+        self.counters = BrokerCounters()
+        self.metrics = BrokerMetrics(PoolTotals())
+        self.counters.replies = self.metrics.pool.counters["inferences"] = 7
+        self._workers: dict = {}
+        self._queue: list = []
+        self._queue_bytes = 0
+
+
+@pytest.fixture
+def idle_endpoint():
+    from bertpool.broker.metrics import MetricsServer
+
+    server = MetricsServer(_IdleBroker(), f"127.0.0.1:{free_tcp_port()}")
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("names, families", [
+    (["bertpool_inferences_total"], {"bertpool_inferences"}),
+    (["bertpool_requests_total", "bertpool_workers_alive"], {"bertpool_requests", "bertpool_workers_alive"}),
+    (["bertpool_compute_seconds_count"], {"bertpool_compute_seconds"}),
+])
+def test_the_name_filter_serves_the_named_series(idle_endpoint, names, families):
+    """prometheus-client's ``?name[]=`` filter: a collector that described nothing got an empty 200."""
+    query = "&".join(f"name[]={n}" for n in names)
+    with urllib.request.urlopen(f"{idle_endpoint.url}?{query}", timeout=10) as response:
+        text = response.read().decode()
+    parsed = {f.name: {s.name for s in f.samples} for f in text_string_to_metric_families(text)}
+    assert set(parsed) == families, text
+    assert {s for samples in parsed.values() for s in samples} == set(names)
+    if "bertpool_inferences_total" in names:
+        assert "bertpool_inferences_total 7.0" in text
+
+
+def test_described_types_match_the_scrape(idle_endpoint):
+    """describe() (what the filter relies on) names each family with the type collect() gives it."""
+    from bertpool.broker.metrics import family_name, metric_type
+
+    with urllib.request.urlopen(idle_endpoint.url, timeout=10) as response:
+        scraped = {f.name: f.type for f in text_string_to_metric_families(response.read().decode())}
+    assert scraped == {family_name(name): metric_type(name) for name in METRICS}
