@@ -482,7 +482,7 @@ def summarize(config: BenchConfig, results: list[_ClientResult]) -> dict[str, An
         errors.update(r.errors)
         for name, message in r.error_samples.items():
             samples.setdefault(name, message)
-    elapsed = max(r.finished for r in results) - min(r.started for r in results)
+    elapsed = max(r.finished for r in results) - min(r.started for r in results) if results else 0.0
     known = [(p, e) for p, e, _ in labels if e is not None]
     timings = [t for r in results for t in r.timings]
     server = {k: round(float(np.mean([t.get(k, 0.0) for t in timings])), 3) if timings else None
@@ -607,7 +607,7 @@ def _bench(args: argparse.Namespace) -> int:
     """main's work once the flags are parsed: run, report, exit status."""
     from . import plot, sweep  # the sweep and plot modules import this one
 
-    config = None
+    config, source = None, None
     try:
         steps = sweep.parse_clients_list(args.sweep_clients) if args.sweep_clients is not None else None
         clients = steps[0] if steps else (48 if args.clients is None else args.clients)
@@ -632,7 +632,8 @@ def _bench(args: argparse.Namespace) -> int:
     except BertpoolError as exc:
         if args.json and config is not None and isinstance(exc, (RequestError, BenchError)):
             try:
-                write_json(args.json, failure_report(config, exc))
+                write_json(args.json, {**failure_report(config, exc), "pairs_source": source,
+                                       "model_note": args.model_note})
             except ConfigError as write_exc:  # said too; the exit status is the bench's own failure's
                 report_error("bertpool-bench", write_exc)
         return report_error("bertpool-bench", exc)
@@ -657,11 +658,11 @@ def report_config(config: BenchConfig) -> dict[str, Any]:
 
 
 def failure_report(config: BenchConfig, exc: BaseException) -> dict[str, Any]:
-    """The JSON written when the bench could not run (e.g. no broker at the address)."""
-    return {"ok": False, "config": report_config(config), "requests": 0, "replies": 0, "errors": 0,
-            "errors_by_type": {}, "error_samples": {}, "throughput_per_s": 0.0,
-            "latency_ms": percentiles([]), "error": {"type": type(exc).__name__, "message": str(exc)},
-            "diagnosis": str(exc)}
+    """The JSON written when the bench could not run (e.g. no broker at the address): a run's report
+    with nothing measured (the same keys, so whatever reads reports reads this one too), plus
+    ``error``."""
+    return {**summarize(config, []), "pool": None, "backends": {}, "ok": False,
+            "error": {"type": type(exc).__name__, "message": str(exc)}, "diagnosis": str(exc)}
 
 
 def write_json(path: str, report: dict[str, Any]) -> None:

@@ -300,6 +300,12 @@ def test_bench_against_a_dead_address_says_no_broker_answered(tmp_path):
     report = json.loads(out.read_text())
     assert report["ok"] is False and f"no broker answered at {address}" in report["error"]["message"]
     assert all(v is None for v in report["latency_ms"].values())
+    # The keys of a run's report, nothing measured: a reader of reports needs no second schema.
+    from bertpool.clients.bench import BenchConfig, _ClientResult, summarize
+
+    run_keys = set(summarize(BenchConfig(clients=1), [_ClientResult([1.0], [(1, 1, 0)], [{"compute_ms": 0.1}], {},
+                                                                    0.0, 1.0)]))
+    assert run_keys | {"pool", "backends", "diagnosis", "ok", "pairs_source", "model_note"} <= set(report)
     assert_no_nan(proc.stdout, proc.stderr, out.read_text())
     assert not (tmp_path / "x.png").exists()
 
