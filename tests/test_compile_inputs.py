@@ -70,6 +70,14 @@ def test_a_problem_type_that_is_no_softmax_is_refused(tmp_path, problem):
         load_weights(src)
 
 
+def drop_config_keys(config_path: pathlib.Path, *keys: str) -> None:
+    """Remove ``keys`` from the JSON config at ``config_path`` (config.json, bert_config.json)."""
+    config = json.loads(config_path.read_text())
+    for key in keys:
+        del config[key]
+    config_path.write_text(json.dumps(config))
+
+
 @pytest.mark.parametrize("architecture, drop_model_type", [
     ("RobertaForSequenceClassification", True),  # RoBERTa's names but offset positions: compiled silently
     ("BertForTokenClassification", False),  # was "missing tensor bert.pooler.dense.weight"
@@ -79,9 +87,7 @@ def test_an_architecture_other_than_a_sequence_classifier_is_refused(tmp_path, a
     src = make_hf(tmp_path / "hf")
     edit_hf_config(src, architectures=[architecture])
     if drop_model_type:
-        config = json.loads((src / "config.json").read_text())
-        del config["model_type"]
-        (src / "config.json").write_text(json.dumps(config))
+        drop_config_keys(src / "config.json", "model_type")
     with pytest.raises(ModelFormatError, match=rf"architectures \['{architecture}'\] is not "
                                                r"BertForSequenceClassification"):
         load_weights(src)
@@ -99,10 +105,7 @@ def test_config_keys_left_out_take_transformers_defaults(tmp_path):
     """transformers loads a config.json without type_vocab_size etc. with BertConfig's defaults; it
     was refused ('type_vocab_size must be an integer, got None')."""
     src = make_hf(tmp_path / "hf", shape=TINY)
-    config = json.loads((src / "config.json").read_text())
-    for key in ("type_vocab_size", "max_position_embeddings", "hidden_act", "layer_norm_eps"):
-        del config[key]
-    (src / "config.json").write_text(json.dumps(config))
+    drop_config_keys(src / "config.json", "type_vocab_size", "max_position_embeddings", "hidden_act", "layer_norm_eps")
     weights = load_weights(src)
     assert weights.shape == TINY and weights.gelu == "erf"
     assert any("type_vocab_size (transformers' default 2 used)" in note for note in weights.notes)
@@ -110,9 +113,7 @@ def test_config_keys_left_out_take_transformers_defaults(tmp_path):
 
 def test_a_default_that_does_not_fit_says_it_was_a_default(tmp_path):
     src = make_hf(tmp_path / "hf")
-    config = json.loads((src / "config.json").read_text())
-    del config["num_attention_heads"]
-    (src / "config.json").write_text(json.dumps(config))
+    drop_config_keys(src / "config.json", "num_attention_heads")
     with pytest.raises(ModelFormatError, match=r"does not divide into 12 attention heads \(config.json lacks "
                                                r"num_attention_heads \(transformers' default 12 used\)\)"):
         load_weights(src)
@@ -120,9 +121,7 @@ def test_a_default_that_does_not_fit_says_it_was_a_default(tmp_path):
 
 def test_a_google_config_without_a_key_says_it_lacks_it(tmp_path):
     src = make_checkpoint(tmp_path / "ckpt")
-    config = json.loads((src / "bert_config.json").read_text())
-    del config["num_attention_heads"]
-    (src / "bert_config.json").write_text(json.dumps(config))
+    drop_config_keys(src / "bert_config.json", "num_attention_heads")
     with pytest.raises(ModelFormatError, match="bert_config.json lacks num_attention_heads"):
         load_weights(src)
 

@@ -61,6 +61,14 @@ def _is_bench(pid: int) -> bool:
         return False
 
 
+def _session_left(sid: int, timeout_s: float = 20.0) -> list[int]:
+    """The processes of session ``sid`` still there once it has emptied, or after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while _session_pids(sid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return _session_pids(sid)
+
+
 def _kill_session(sid: int) -> None:
     try:
         os.killpg(sid, signal.SIGKILL)
@@ -142,10 +150,7 @@ def test_demo_stops_when_its_pool_cannot_start(root):
                          stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
         out, err = p.communicate(timeout=90)
-        deadline = time.monotonic() + 20
-        while _session_pids(p.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        left = _session_pids(p.pid)
+        left = _session_left(p.pid)
     finally:
         _kill_session(p.pid)
     assert p.returncode == 2, (p.returncode, err[-1500:])
@@ -171,10 +176,7 @@ def test_sigterm_to_the_demo_stops_everything_it_started(root):
         assert p.poll() is None and bench, p.stderr.read() if p.poll() is not None else "no bench"
         os.kill(p.pid, signal.SIGTERM)  # the demo's shell alone, as `kill PID` or a CI timeout does
         _, err = p.communicate(timeout=60)
-        deadline = time.monotonic() + 20
-        while _session_pids(p.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        left = _session_pids(p.pid)
+        left = _session_left(p.pid)
     finally:
         _kill_session(p.pid)
     assert p.returncode == 143, (p.returncode, err[-1500:])
