@@ -275,7 +275,7 @@ def test_untyped_load_failure_stops_the_pool(fake_neuron, hf_models, tmp_path, s
                       parallel=1, wait=False)
     assert pool.process.wait(120) == 1
     log = pool.log()
-    assert "could not load its model: RuntimeError: libnrt.so.1" in log
+    assert "could not load its model or configuration: RuntimeError: libnrt.so.1" in log
     assert log.count("started ") == 1
 
 
