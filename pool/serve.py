@@ -1,9 +1,10 @@
 """bertpool-serve: the broker and a supervised worker pool in one command.
 
 The broker runs on a thread of this process; the workers are child processes.
-Ctrl-C or SIGTERM makes the broker refuse new requests (ERROR shutting_down) and
-stops the workers, which answer what they hold; then the broker answers what is
-left with shutting_down and exits (0). SIGHUP makes the broker read its CURVE
+Ctrl-C or SIGTERM stops the gateway child (if any) listening, while it finishes
+its calls in flight, makes the broker refuse new requests (ERROR shutting_down)
+and stops the workers, which answer what they hold; then the broker answers what
+is left with shutting_down and exits (0). SIGHUP makes the broker read its CURVE
 allow-lists again; it does not reload the model (serve says so).
 """
 
