@@ -149,16 +149,24 @@ def stop_processes(*procs: subprocess.Popen, timeout_s: float = 30.0) -> None:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
     for p in procs:
-        try:
-            p.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            _kill_session(p)
-            p.wait()
+        wait_or_kill(p, timeout_s)
     for p in procs:
-        _kill_session(p)
+        kill_session(p)
 
 
-def _kill_session(proc: subprocess.Popen) -> None:
+def wait_or_kill(proc: subprocess.Popen, timeout_s: float) -> int | None:
+    """``proc``'s exit code once it ends by itself within ``timeout_s``; else None, after SIGKILLing
+    its session (``proc`` started with start_new_session: what it started goes too)."""
+    try:
+        return proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        kill_session(proc)
+        proc.wait()
+        return None
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL every process of ``proc``'s session (it must have started one of its own)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:

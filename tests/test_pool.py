@@ -17,7 +17,7 @@ from bertpool.clients.client import Client
 from bertpool.common import protocol as P
 from bertpool.common.tokenizer import BertTokenizer
 from bertpool.workers.backends import echo_probabilities, fallback_vocab_path
-from conftest import alive, children_of, free_tcp_port, run_threads, wait_gone
+from conftest import alive, children_of, free_tcp_port, run_threads, wait_gone, wait_or_kill
 
 
 def expected_echo(tokenizer: BertTokenizer, a: str, b: str) -> np.ndarray:
@@ -367,13 +367,7 @@ def test_two_supervisors_on_one_host_keep_all_their_workers(tmp_path):
 def _run_until_exit(tmp_path, module: str, *args: str, timeout_s: float = 60.0) -> tuple[int | None, str]:
     """``python -m module args`` (see _start): (its exit code, or None if it still ran after ``timeout_s``
     and was killed with its session, workers included; its output)."""
-    proc = _start(tmp_path, module, *args)
-    try:
-        code = proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        code = None
+    code = wait_or_kill(_start(tmp_path, module, *args), timeout_s)
     log = max(tmp_path.glob("*.log"), key=lambda p: p.stat().st_mtime)
     return code, log.read_text(errors="replace")
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import kill_session
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -67,13 +69,6 @@ def _session_left(sid: int, timeout_s: float = 20.0) -> list[int]:
     while _session_pids(sid) and time.monotonic() < deadline:
         time.sleep(0.1)
     return _session_pids(sid)
-
-
-def _kill_session(sid: int) -> None:
-    try:
-        os.killpg(sid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _no_stub_python3(tmp: Path) -> str:
@@ -137,7 +132,7 @@ def test_demo_refuses_a_bad_knob_in_one_line_before_installing(root, knob):
     try:
         out, err = p.communicate(timeout=60)
     finally:
-        _kill_session(p.pid)
+        kill_session(p)
     assert p.returncode == 2, (p.returncode, out[-800:], err[-800:])
     assert err.startswith("scripts/demo: error:") and len(err.strip().splitlines()) == 1, err
     assert not (root / "setup-ran").exists() and not (root / "runs").exists()
@@ -152,7 +147,7 @@ def test_demo_stops_when_its_pool_cannot_start(root):
         out, err = p.communicate(timeout=90)
         left = _session_left(p.pid)
     finally:
-        _kill_session(p.pid)
+        kill_session(p)
     assert p.returncode == 2, (p.returncode, err[-1500:])
     assert "bertpool-serve stopped" in err and "--parallel must be at most" in err, err
     assert left == []
@@ -178,6 +173,6 @@ def test_sigterm_to_the_demo_stops_everything_it_started(root):
         _, err = p.communicate(timeout=60)
         left = _session_left(p.pid)
     finally:
-        _kill_session(p.pid)
+        kill_session(p)
     assert p.returncode == 143, (p.returncode, err[-1500:])
     assert left == [], [Path(f"/proc/{pid}/cmdline").read_bytes()[:120] for pid in left]

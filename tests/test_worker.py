@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -20,6 +18,7 @@ from bertpool.workers.backends import (Backend, BackendConfig, EchoBackend, echo
                                        load_backend, run_padded)
 from bertpool.workers import worker as worker_module
 from bertpool.workers.worker import Worker, WorkerConfig, _Pending
+from conftest import wait_or_kill
 
 WAIT_MS = 10_000
 
@@ -324,13 +323,7 @@ def run_worker_cli(tmp_path, *args: str, timeout_s: float = 60.0) -> tuple[int |
         proc = subprocess.Popen([sys.executable, "-m", "bertpool.workers.worker", "--worker-address",
                                  f"ipc://{tmp_path}/nobody", *args], stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-    try:
-        code = proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        code = None
-    return code, log_path.read_text(errors="replace")
+    return wait_or_kill(proc, timeout_s), log_path.read_text(errors="replace")
 
 
 @pytest.mark.parametrize("args, message", [
