@@ -61,8 +61,7 @@ class GatewayChild:
         self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, bufsize=1, env=child_env(),
                                       start_new_session=True)
         self._listening = threading.Event()
-        self._stopping = False
-        self._terminated = False  # SIGTERM sent (a second one would be a second stop request)
+        self._stopping = False  # terminate() was called: SIGTERM sent (once: a second is a second stop request)
         threading.Thread(target=self._relay, name="gateway-stdout", daemon=True).start()
 
     def _relay(self) -> None:
@@ -102,9 +101,10 @@ class GatewayChild:
     def terminate(self) -> None:
         """SIGTERM the gateway, once, without waiting: it stops listening at once and finishes its calls
         in flight (stop() waits for it)."""
+        if self._stopping:
+            return
         self._stopping = True
-        if not self._terminated and self._proc.poll() is None:
-            self._terminated = True
+        if self._proc.poll() is None:
             self._proc.terminate()
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
