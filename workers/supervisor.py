@@ -68,7 +68,8 @@ class SupervisorConfig:
     neuron_sysfs: str = NEURON_SYSFS   # where the Neuron driver lists its devices (neuron backend)
 
     def __post_init__(self) -> None:
-        # The one check of parallel (bertpool-workers and bertpool-serve build this before using it).
+        # Checked for every caller; the command line checks it first under its flag's name (the
+        # same check_processes), so its message names --parallel.
         check_processes("parallel", self.parallel)
         if self.first_core < 0:
             raise ConfigError(f"first_core must be >= 0, got {self.first_core}")
