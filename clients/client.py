@@ -293,8 +293,7 @@ class Client:
                 # Wait for the oldest in the window; every older one succeeded, so a failure here is
                 # the first in input order: raise it now instead of sending (and waiting out) the rest.
                 futures[len(futures) - window].result()
-            rid = self._new_id()
-            futures.append(self._send(rid, functools.partial(P.text_request, rid, a, b), timeout_s))
+            futures.append(self._send(*self._checked_text_request(a, b), timeout_s))
         return [f.result() for f in futures]
 
     def stats(self, timeout_s: float | None = None) -> dict[str, Any]:
@@ -357,6 +356,10 @@ class Client:
         """A new id and the encoder of its REQUEST body; raises at once for a text that cannot travel."""
         P.check_text_arg("text_a", text_a)
         P.check_text_arg("text_b", text_b)
+        return self._checked_text_request(text_a, text_b)
+
+    def _checked_text_request(self, text_a: str, text_b: str) -> tuple[str, Callable[[float], bytes]]:
+        """A new id and the encoder of its REQUEST body, for texts already checked."""
         rid = self._new_id()
         return rid, functools.partial(P.text_request, rid, text_a, text_b)
 
