@@ -98,6 +98,14 @@ def family_name(name: str) -> str:
     return name[:-len("_total")] if metric_type(name) == "counter" else name
 
 
+def describe_families(metrics: dict[str, str]) -> list:
+    """A collector's describe(): one empty family per entry of ``metrics`` (name -> help, named
+    as METRICS names them), of the type its collect() yields."""
+    from prometheus_client.core import Metric
+
+    return [Metric(family_name(name), help_text, metric_type(name)) for name, help_text in metrics.items()]
+
+
 def require_prometheus_client():
     """The prometheus_client module, or ConfigError naming the extra that installs it."""
     try:
@@ -208,9 +216,7 @@ class BrokerCollector:
         names it knows, so a collector describing nothing answered every filtered scrape with
         an empty body (200 OK, no samples: a target that looks healthy but reports nothing).
         Never touches the broker (registration happens before it serves)."""
-        from prometheus_client.core import Metric
-
-        return [Metric(family_name(name), help_text, metric_type(name)) for name, help_text in METRICS.items()]
+        return describe_families(METRICS)
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -316,4 +322,4 @@ class MetricsServer:
 
 
 __all__ = ["BATCH_FILL_BUCKETS_ROWS", "LATENCY_BUCKETS_S", "METRICS", "BrokerMetrics", "MetricsServer",
-           "PoolTotals", "require_prometheus_client"]
+           "PoolTotals", "describe_families", "require_prometheus_client"]

@@ -24,6 +24,7 @@ from ..common.protocol import local_endpoint
 from ..gateway.launch import add_serve_gateway_arguments, start_gateway_process
 from ..workers.backends import ECHO_WARNING
 from ..workers.supervisor import Supervisor, add_supervisor_arguments, supervisor_config_from_args
+from .metrics import SupervisorCollector
 
 log = logging.getLogger("bertpool.serve")
 
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         broker.bind()
     except BertpoolError as exc:
         return report_error("bertpool-serve", exc)
+    if broker.metrics_server is not None:  # the deaths only the supervisor sees, on the same endpoint
+        broker.metrics_server.registry.register(SupervisorCollector(supervisor))
     thread = threading.Thread(target=broker.run, name="broker", daemon=True)
     thread.start()
     try:

@@ -222,12 +222,18 @@ def test_series_do_not_grow_with_clients(bench_run):
 
 
 def test_every_documented_metric_is_exported(bench_run):
+    """serve's endpoint: the broker's metrics and its supervisor's, each listed in the README."""
+    from bertpool.pool.metrics import SUPERVISOR_METRICS
+
     after = bench_run["after"]
     exported = {name + ("_total" if f["type"] == "counter" else "") for name, f in after.items()}
-    assert exported == set(METRICS)
+    assert exported == set(METRICS) | set(SUPERVISOR_METRICS)
     assert value(after, "bertpool_build_info", version="0.1.0") == 1
+    assert value(after, "bertpool_worker_exits_total", cause="signal") == 0
+    assert value(after, "bertpool_worker_slots_failing") == 0
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    assert all(name in readme for name in METRICS), "README's Monitoring section lists every metric"
+    assert all(name in readme for name in [*METRICS, *SUPERVISOR_METRICS]), \
+        "README's Monitoring section lists every metric"
 
 
 # ------------------------------------------------------------ bad addresses

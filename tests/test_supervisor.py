@@ -11,13 +11,14 @@ import shutil
 import signal
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from bertpool.clients.client import Client
 from bertpool.workers.backends import fallback_vocab_path
-from conftest import alive, children_of, wait_gone
+from conftest import alive, children_of, free_tcp_port, wait_gone
 
 WAIT_S = 120.0  # the longest any one wait below may take (a loaded 2-core host starts workers slowly)
 
@@ -81,6 +82,41 @@ def test_a_worker_that_cannot_load_on_restart_is_retried_while_the_others_serve(
     assert "could not load its model or configuration" in log and "vocab.txt" in log, log
     assert "retrying this one in 30 s" in log and "Traceback" not in log, log
     assert pool.stop() == 0
+
+
+def test_deaths_before_ready_show_on_the_metrics_endpoint(start_pool, vocab):
+    """The broker counts a restart when the new process says READY, so a worker dying as it loads was
+    invisible to Prometheus (bertpool_worker_restarts_total stays 0 here). serve's endpoint also has the
+    supervisor's count of unasked exits by cause, and the slots it retries."""
+    parser = pytest.importorskip("prometheus_client.parser")
+    port = free_tcp_port()
+    pool = start_pool("--backend", "echo", "--vocab", str(vocab), "--metrics-address", str(port), parallel=2)
+
+    def scrape() -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in parser.text_string_to_metric_families(text) for s in family.samples}
+
+    before = scrape()
+    assert before[("bertpool_worker_exits_total", (("cause", "signal"),))] == 0
+    assert before[("bertpool_worker_slots_failing", ())] == 0
+    vocab.unlink()
+    kill_a_worker(pool)
+    after = wait_for("the failed restart on the endpoint",
+                     lambda: (m := scrape())[("bertpool_worker_slots_failing", ())] == 1 and m, pool)
+    assert after[("bertpool_worker_exits_total", (("cause", "signal"),))] == 1
+    assert after[("bertpool_worker_exits_total", (("cause", "load_failed"),))] >= 1
+    assert after[("bertpool_worker_restarts_total", ())] == 0  # what the broker alone sees
+    assert pool.stop() == 0
+
+
+@pytest.mark.parametrize("code, cause", [(-9, "signal"), (-11, "signal"), (1, "error"), (0, "exited"),
+                                         (2, "load_failed"), (3, "refused")])
+def test_exit_causes(code, cause):
+    from bertpool.workers.supervisor import exit_cause
+
+    assert exit_cause(code) == cause
 
 
 def test_a_pool_left_with_no_worker_that_can_load_stops_and_says_why(start_pool, vocab):

@@ -126,6 +126,20 @@ TEMP_PREFIX = "bertpool-workers-"
 OWNER_FILE = "owner"  # in that directory: "<hostname> <pid>" of the supervisor that made it
 
 
+# Why a worker process ended without being asked (bertpool_worker_exits_total's cause label): killed by a
+# signal, a non-zero exit, exit 0, could not load its model or configuration, refused by the broker.
+EXIT_CAUSES = ("signal", "error", "exited", "load_failed", "refused")
+
+
+def exit_cause(code: int) -> str:
+    """The :data:`EXIT_CAUSES` entry of a worker's Popen return code."""
+    if code == EXIT_LOAD_FAILED:
+        return "load_failed"
+    if code == EXIT_REFUSED:
+        return "refused"
+    return "signal" if code < 0 else "error" if code else "exited"
+
+
 def describe_exit(code: int) -> str:
     """How a worker process ended, for a log line: ``exited with code 1`` or ``was killed by SIGKILL``
     (Popen's negative return code), with who usually sends that signal."""
@@ -190,6 +204,9 @@ class Supervisor:
         # supervisors share a hostname and a pid. Two supervisors' slots never coincide.
         self._run_id = f"{os.getpid()}.{secrets.token_hex(2)}"
         self.failed: str | None = None  # the first reason the pool stopped for good (no model, refused...)
+        # Worker processes that ended unasked, by exit_cause: each death the supervisor saw, those before a
+        # READY included (the broker counts restarts by READY; a worker dying as it loads never says one).
+        self.exits = dict.fromkeys(EXIT_CAUSES, 0)
         self._errors_dir: Path | None = None  # workers' configs (0600), and why they stopped for good
         # The longest worker name (the last core's) in a WorkerConfig now: a name too long for READY is a
         # ConfigError here, not a traceback when run() starts that worker.
@@ -265,6 +282,7 @@ class Supervisor:
         if code is None:
             return
         pid, slot.process = slot.process.pid, None
+        self.exits[exit_cause(code)] += 1
         if code in (EXIT_LOAD_FAILED, EXIT_REFUSED):  # restarting at once cannot help
             what = ("could not load its model or configuration" if code == EXIT_LOAD_FAILED
                     else "cannot talk to the broker")
@@ -311,6 +329,11 @@ class Supervisor:
         log.error("%s. %s; retrying this one in %.0f s (restart %d of this slot). Fix or restore what it "
                   "names, or stop serve", reason, "1 other worker keeps serving what it loaded" if len(others) == 1
                   else f"{len(others)} other workers keep serving what they loaded", slot.backoff_s, slot.restarts + 1)
+
+    @property
+    def failing_slots(self) -> int:
+        """Slots whose worker could not start or load, retried while the others serve."""
+        return sum(slot.failing is not None for slot in self._slots)
 
     def _error_file(self, slot: _Slot) -> Path:
         return self._errors_dir / f"worker-{slot.index}.error"
