@@ -138,6 +138,26 @@ def test_demo_refuses_a_bad_knob_in_one_line_before_installing(root, knob):
     assert not (root / "setup-ran").exists() and not (root / "runs").exists()
 
 
+def test_a_second_demo_in_the_same_checkout_refuses_before_installing(root):
+    """Two demos in one checkout shared runs/demo: its model cache, its sockets (the second one's serve
+    failed to bind, or both fine-tuned into one directory) and its report. The second now stops at once."""
+    import fcntl
+
+    (root / "runs").mkdir()
+    with open(root / "runs" / "demo.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running demo holds it
+        env = _env(BERTPOOL_SHARED_DATA=str(root / "data"), BACKEND="echo", CLIENTS="1", CYCLE="1")
+        p = subprocess.Popen(["bash", str(root / "scripts" / "demo")], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+        try:
+            out, err = p.communicate(timeout=60)
+        finally:
+            kill_session(p)
+    assert p.returncode == 2, (p.returncode, out[-800:], err[-800:])
+    assert err.startswith("scripts/demo: error: another scripts/demo is running in this checkout"), err
+    assert len(err.strip().splitlines()) == 1 and not (root / "setup-ran").exists()
+
+
 def test_demo_stops_when_its_pool_cannot_start(root):
     """PARALLEL over serve's bound: serve exits 2 at once; the bench used to wait for its workers for 600 s."""
     env = _env(BERTPOOL_SHARED_DATA=str(root / "data"), BACKEND="echo", PARALLEL="1000", CLIENTS="1", CYCLE="1")
