@@ -250,6 +250,12 @@ class Gateway:
             return self._ready
         return await asyncio.shield(self._start_probe())
 
+    @property
+    def not_ready_why(self) -> str:
+        """Why the last probe found the pool not ready (what a not-ready answer says): no worker, or
+        the broker's failure to answer (down, or refusing our CURVE key)."""
+        return self._not_ready_why
+
     async def _refuse_unless_ready(self, timeout_s: float) -> None:
         """KServeError 503 while the pool is known not ready (a request would wait out its deadline).
 

@@ -83,7 +83,7 @@ def build_app(gateway) -> web.Application:
     async def ready(request: web.Request) -> web.Response:
         if await gateway.ready():
             return _json(200, {"ready": True})
-        return _json(400, {"ready": False, "error": "no worker is ready"})
+        return _json(400, {"ready": False, "error": gateway.not_ready_why})
 
     async def server_metadata(request: web.Request) -> web.Response:
         return _json(200, gateway.server_metadata())
@@ -99,7 +99,7 @@ def build_app(gateway) -> web.Application:
         model_of(request)
         ok = await gateway.ready()
         doc = {"name": gateway.model.name, "ready": ok}
-        return _json(200, doc) if ok else _json(400, {**doc, "error": "no worker is ready"})
+        return _json(200, doc) if ok else _json(400, {**doc, "error": gateway.not_ready_why})
 
     async def infer(request: web.Request) -> web.Response:
         model_of(request)

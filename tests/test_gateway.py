@@ -505,7 +505,9 @@ def test_not_ready_without_workers(workerless):
     assert http_get(f"http://{workerless.http}/v2/health/live") == (200, {"live": True})
     status, doc = http_get(f"http://{workerless.http}/v2/health/ready")
     assert status == 400 and doc["ready"] is False
-    assert http_get(f"http://{workerless.http}/v2/models/{MODEL}/ready")[0] == 400
+    assert doc["error"].startswith("no worker is registered with the broker at ipc://"), doc  # why, not just no
+    status, doc = http_get(f"http://{workerless.http}/v2/models/{MODEL}/ready")
+    assert status == 400 and doc["error"].startswith("no worker is registered with the broker"), doc
     assert http_get(f"http://{workerless.http}/v2/models/{MODEL}")[1]["versions"] == ["7"]
     client = grpcclient.InferenceServerClient(workerless.grpc)
     assert client.is_server_live() and not client.is_server_ready() and not client.is_model_ready(MODEL)
@@ -580,6 +582,22 @@ def test_a_readiness_probe_that_fails_unexpectedly_is_not_ready_and_runs_again()
         return [await gateway.ready(), await gateway.ready()]
 
     assert asyncio.run(twice()) == [False, False] and client.calls == 2
+
+
+def test_not_ready_says_why_the_broker_did_not_answer():
+    """A broker refusing the gateway's CURVE key left /v2/health/ready saying "no worker is ready" (the
+    reason was only in the gateway's log): the probe's reason is the answer's."""
+    import asyncio
+
+    from bertpool.common.errors import BrokerUnavailable
+
+    def refused():
+        raise BrokerUnavailable("the broker at tcp://b:5555 refused our CURVE public key K (ZAP status 400)")
+
+    gateway = _gateway_with(_ProbeClient(refused))
+    assert asyncio.run(gateway.ready()) is False
+    assert gateway.not_ready_why.startswith("the broker did not answer: the broker at tcp://b:5555 refused our "
+                                            "CURVE public key"), gateway.not_ready_why
 
 
 def test_a_request_waits_for_the_readiness_probe_no_longer_than_its_deadline():
