@@ -93,6 +93,11 @@ class BenchConfig:
         return self.cycle * self.timeout_s
 
 
+# What the Client recovered from by itself (ClientCounters fields) that a report totals: its resends
+# after BUSY and after a lost broker (each one more request at the broker), and its reconnects.
+RETRY_COUNTERS = ("busy_retries", "lost_resends", "reconnects")
+
+
 @dataclass
 class _ClientResult:
     latencies_ms: list[float]
@@ -102,6 +107,8 @@ class _ClientResult:
     started: float
     finished: float
     error_samples: dict[str, str] = field(default_factory=dict)  # error class -> first message
+    warmup_replies: int = 0  # warm-up requests answered (not measured, but served and counted by the pool)
+    retries: dict[str, int] = field(default_factory=dict)  # RETRY_COUNTERS of its Client, warm-up included
 
 
 def _client_main(index: int, config: BenchConfig, pairs: list[Pair], barrier, results, progress,
@@ -121,12 +128,14 @@ def _client_main(index: int, config: BenchConfig, pairs: list[Pair], barrier, re
     errors: Counter = Counter()
     samples: dict[str, str] = {}
     latencies, labels, timings = [], [], []
+    warmed = 0
     try:
         with Client(config.address, timeout_s=config.timeout_s, curve=config.curve) as client:
             for i in range(config.warmup):
                 pair = pairs[(index + i) % len(pairs)]
                 try:
                     client.predict(pair.text_a, pair.text_b)
+                    warmed += 1
                 except RequestError:
                     pass  # warm-up failures are not measured
             barrier.wait(config.start_timeout_s)
@@ -151,6 +160,7 @@ def _client_main(index: int, config: BenchConfig, pairs: list[Pair], barrier, re
                 timings.append(result.timings)
                 progress[2 * index] += 1
             finished = time.monotonic()
+            retries = {name: getattr(client.counters, name) for name in RETRY_COUNTERS}
     except threading.BrokenBarrierError:
         return  # the parent gave up on the start (it reports that), or another client failed first
     except Exception as exc:  # report, never hang the parent
@@ -158,7 +168,7 @@ def _client_main(index: int, config: BenchConfig, pairs: list[Pair], barrier, re
         barrier.abort()  # if still warming up, the parent need not wait out start_timeout_s
         return
     results.put(("ok", index, _ClientResult(latencies, labels, timings, dict(errors), started, finished,
-                                            samples)))
+                                            samples, warmed, retries)))
 
 
 class _LogFormat(logging.Formatter):
@@ -499,6 +509,11 @@ def summarize(config: BenchConfig, results: list[_ClientResult]) -> dict[str, An
         "errors": sum(errors.values()),
         "errors_by_type": dict(errors),
         "error_samples": samples,
+        # What the pool's own counts (its Prometheus metrics) hold beyond the measured requests: the
+        # warm-up requests it answered, and what the Client resent by itself (after BUSY, after a lost
+        # broker), warm-up included.
+        "warmup_replies": sum(r.warmup_replies for r in results),
+        "client_retries": {name: sum(r.retries.get(name, 0) for r in results) for name in RETRY_COUNTERS},
         "elapsed_s": round(elapsed, 4),
         "throughput_per_s": round(len(latencies) / elapsed, 2) if elapsed > 0 else 0.0,
         "latency_ms": percentiles(latencies),
@@ -697,9 +712,19 @@ def format_report(report: dict[str, Any]) -> str:
              f"latency ms  p50 {ms(lat['p50'])}  p90 {ms(lat['p90'])}  p99 {ms(lat['p99'])}  "
              f"p99.9 {ms(lat['p999'])}  max {ms(lat['max'])}",
              format_server_mean(report.get("server_mean"))]
+    lines += format_retries(report)
     lines += format_errors(report)
     lines += format_footer(report)
     return "\n".join(lines)
+
+
+def format_retries(report: dict[str, Any]) -> list[str]:
+    """What the Client recovered from by itself (resent, so not errors), when it had to."""
+    r = report.get("client_retries") or {}
+    if not any(r.values()):
+        return []
+    return [f"client retries  resent {r['busy_retries']} after BUSY, {r['lost_resends']} after a lost broker; "
+            f"reconnected {r['reconnects']} times"]
 
 
 def format_server_mean(server: dict[str, Any] | None) -> str:

@@ -44,9 +44,27 @@ def test_bench_writes_the_report(start_pool, tmp_path):
     assert "throughput" in proc.stdout
     assert "%|" not in proc.stderr and report["ok"] is True  # no progress bar when stderr is not a terminal
     assert "warning" not in proc.stderr  # the workers were ready
-    # Warm-up requests are not counted in the report, but the pool served them.
+    # Warm-up requests are not measured, but the pool served them: the report says how many.
+    assert report["warmup_replies"] == 4 * 2
+    assert report["client_retries"] == {"busy_retries": 0, "lost_resends": 0, "reconnects": 0}
     stats = pool.wait_stats(lambda s: s["totals"]["inferences"] >= 32 + 4 * 2)
-    assert stats["broker"]["replies"] == 32 + 4 * 2
+    assert stats["broker"]["replies"] == report["replies"] + report["warmup_replies"]
+
+
+def test_the_report_counts_the_busy_answers_the_client_retried(start_pool, tmp_path):
+    """The broker counts every BUSY it answers; the bench counted only requests whose retries all
+    failed (ServerBusy), so the two could not be matched. The report now has the Client's retries."""
+    pool = start_pool("--backend", "echo", "--echo-delay-ms", "100", "--batch-size", "1", "--capacity", "1",
+                      "--max-queue", "1", parallel=1)
+    out = tmp_path / "bench.json"
+    proc = run("--address", pool.address, "--clients", "6", "--cycle", "2", "--warmup", "0", "--json", str(out))
+    report = json.loads(out.read_text())
+    retried = report["client_retries"]["busy_retries"]
+    assert retried > 0, (proc.returncode, report["errors_by_type"])
+    assert f"client retries  resent {retried} after BUSY" in proc.stdout, proc.stdout
+    gave_up = report["errors_by_type"].get("ServerBusy", 0)  # the BUSY that ended a request
+    stats = pool.wait_stats(lambda s: s["broker"]["busy"] >= retried + gave_up)
+    assert stats["broker"]["busy"] == retried + gave_up
 
 
 def test_bench_on_the_mrpc_dev_set(start_pool, tmp_path):
