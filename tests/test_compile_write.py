@@ -218,6 +218,25 @@ def test_demo_model_checkpoint_write_that_fails_is_cannot_write(tmp_path, monkey
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE and SIGXFSZ as Linux has them")
+def test_demo_model_hf_write_beyond_a_file_size_limit_is_cannot_write(tmp_path):
+    """--format hf: safetensors' writer raised its own SafetensorError, a traceback and "a bug" (exit 3)."""
+    import resource
+
+    def cap_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    out = tmp_path / "work" / "out"
+    result = subprocess.run([sys.executable, "-m", "bertpool.compile.demo_model", "--size", "tiny", "--format", "hf",
+                             "--output", str(out)], capture_output=True, text=True, timeout=240,
+                            preexec_fn=cap_file_size, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert result.returncode == 2, result.stderr
+    assert f"bertpool-demo-model: error: cannot write {out}: " in result.stderr, result.stderr
+    assert "File too large" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert list(out.parent.iterdir()) == []
+
+
 # ------------------------------------------------------------------------------ writing()
 
 def test_writing_names_the_path_and_passes_everything_else_unchanged(tmp_path):

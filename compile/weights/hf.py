@@ -187,8 +187,9 @@ def _read_hf(path: pathlib.Path, heads: int | None, classifier: bool = True) -> 
 
 
 def write_hf(directory, shape: BertShape, tensors: dict[str, np.ndarray], gelu: str = "erf") -> pathlib.Path:
-    """config.json + model.safetensors of a BertForSequenceClassification; returns the directory."""
-    from safetensors.numpy import save_file
+    """config.json + model.safetensors of a BertForSequenceClassification; returns the directory.
+    A failed write is an OSError naming the file (safetensors' own writer raises its SafetensorError)."""
+    from safetensors.numpy import save
 
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -203,5 +204,5 @@ def write_hf(directory, shape: BertShape, tensors: dict[str, np.ndarray], gelu: 
         key, transpose = hf_name(name)
         value = np.asarray(value, np.float32)
         out[key] = np.ascontiguousarray(value.T if transpose else value)
-    save_file(out, str(directory / "model.safetensors"))
+    (directory / "model.safetensors").write_bytes(save(out))
     return directory
