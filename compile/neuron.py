@@ -44,11 +44,12 @@ import shlex
 import shutil
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..common.errors import BackendUnavailable, ConfigError, ModelFormatError, PlacementError
 
 FLAGS_VAR = "NEURON_CC_FLAGS"
+PIPELINE_FLAG = "--neuroncore-pipeline-cores"  # compiles one model across N NeuronCores (NeuronCore Pipeline)
 NEURON_TARGETS = ("auto", "inf1", "inf2", "trn1")  # --neuron-target choices
 # Op types that carry the encoder's FLOPs: none of them may stay on the CPU.
 MATMUL_OPS = frozenset({"MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "Einsum"})
@@ -67,6 +68,9 @@ class Toolchain:
     compiler: str  # the compiler executable the package runs
     cast_flags: dict  # matmul dtype -> compiler flags that keep it (None: not possible)
     foreign_flags: dict  # flag of the other compiler -> what to use instead
+    # The package's own flags whose value its argparse parser restricts: a value outside them makes
+    # it call sys.exit(2) in the middle of trace() (tensorflow_neuron/python/utils.py).
+    package_choices: dict = field(default_factory=dict)
 
 
 INF1 = Toolchain(
@@ -76,6 +80,12 @@ INF1 = Toolchain(
                 "float32": None},
     foreign_flags={"--auto-cast": "--fp32-cast", "--auto-cast-type": "--fp32-cast", "--target": "nothing",
                    "--model-type": "nothing"},
+    package_choices={
+        "--verbose": ("debug", "info", "warning", "error", "critical", "DEBUG", "INFO", "WARNING", "ERROR",
+                      "CRITICAL"),
+        "--extract-weights": ("inf1.xlarge", "inf1.2xlarge", "inf1.6xlarge", "inf1.24xlarge", "trn1.2xlarge",
+                              "trn1.32xlarge", "inf2.xlarge", "inf2.8xlarge", "inf2.24xlarge", "inf2.48xlarge"),
+    },
 )
 INF2 = Toolchain(
     family="inf2", modules=("tensorflow_neuronx",), distribution="tensorflow-neuronx", compiler="neuronx-cc",
@@ -115,13 +125,18 @@ def choose_toolchain(target: str) -> Toolchain:
 
 
 def import_package(toolchain: Toolchain):
-    """Import the toolchain's own package (never the other one); BackendUnavailable if it does not import."""
+    """Import the toolchain's own package (never the other one); BackendUnavailable if it is not there,
+    or is there but does not import."""
     errors = []
     for name in toolchain.modules:
         try:
             return importlib.import_module(name)
         except ImportError as exc:
             errors.append(f"import {name}: {exc}")
+        except Exception as exc:  # installed, but broken: e.g. its native library does not load (OSError)
+            raise BackendUnavailable(
+                f"{toolchain.distribution} is installed but does not import (import {name}: {type(exc).__name__}: "
+                f"{exc}); reinstall it with the TensorFlow version it pins (README, section Neuron)") from exc
     raise BackendUnavailable(
         f"the {toolchain.family} toolchain needs {toolchain.distribution} ({'; '.join(errors)}); it installs "
         f"only from AWS's Neuron pip repository on an {toolchain.family} host (README, section Neuron)")
@@ -143,20 +158,51 @@ def compiler_flags(toolchain: Toolchain, dtype: str, extra: str, environ: dict) 
     """The NEURON_CC_FLAGS for one trace: our cast flags, then ``extra`` (--compiler-args),
     then the user's own $NEURON_CC_FLAGS, so that the user's later flags win.
 
-    ConfigError when the dtype cannot be kept on this toolchain, or when a flag
-    belongs to the other compiler.
+    ConfigError, before any work, when the dtype cannot be kept on this toolchain, when a flag
+    belongs to the other compiler, when the text does not split into flags, when a flag would
+    make the package exit mid-trace (a value its own parser refuses), or when it asks for a
+    model the pool cannot load (``--neuroncore-pipeline-cores`` above 1).
     """
     cast = toolchain.cast_flags[dtype]
     if cast is None:
         raise ConfigError(f"{toolchain.compiler} ({toolchain.family}) multiplies in float16 or bfloat16 only "
                           f"(even --fast-math none casts matmuls to bf16); choose --dtype float16 or bfloat16")
-    user = shlex.split(extra) + shlex.split(environ.get(FLAGS_VAR, ""))
-    for flag in user:
-        name = flag.split("=", 1)[0]
+    user = _split_flags("--compiler-args", extra) + _split_flags(f"${FLAGS_VAR}", environ.get(FLAGS_VAR, ""))
+    where = f"(from --compiler-args or ${FLAGS_VAR})"
+    for index, flag in enumerate(user):
+        name, value = flag.split("=", 1)[0], _flag_value(user, index)
         if name in toolchain.foreign_flags:
             raise ConfigError(f"{name} is not a {toolchain.compiler} flag ({toolchain.family}); use "
-                              f"{toolchain.foreign_flags[name]} there (from --compiler-args or ${FLAGS_VAR})")
+                              f"{toolchain.foreign_flags[name]} there {where}")
+        choices = toolchain.package_choices.get(name)
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{name} {value or '(no value)'} {where}: {toolchain.distribution} takes one of "
+                              f"{', '.join(choices)} (any other value makes it exit mid-trace)")
+        if name == PIPELINE_FLAG and value != "1":
+            # Each worker owns one NeuronCore; a pipelined NEFF is split across N cores and cannot load on one.
+            raise ConfigError(f"{PIPELINE_FLAG} {value or '(no value)'} {where}: a pipelined model needs that many "
+                              f"NeuronCores per copy, but bertpool runs one worker per NeuronCore "
+                              f"(NEURON_RT_VISIBLE_CORES=<core>), so no worker could load it; drop the flag and "
+                              f"scale with bertpool-serve --parallel")
     return shlex.join(cast + user)
+
+
+def _split_flags(source: str, text: str) -> list[str]:
+    """``text`` split as a shell would (as the packages do); ConfigError naming ``source`` if it cannot be."""
+    try:
+        return shlex.split(text)
+    except ValueError as exc:
+        raise ConfigError(f"{source} {text!r} does not split into flags ({str(exc).lower()}); quote values as "
+                          f"in a shell") from None
+
+
+def _flag_value(flags: list[str], index: int) -> str | None:
+    """The value of the flag at ``index``: after its ``=``, else the next word unless that is a flag."""
+    _, equals, value = flags[index].partition("=")
+    if equals:
+        return value
+    following = flags[index + 1] if index + 1 < len(flags) else None
+    return None if following is None or following.startswith("-") else following
 
 
 @contextlib.contextmanager

@@ -113,6 +113,36 @@ def test_double_reproduces_the_trace_contract(fake_neuron, tmp_path):
         reloaded(example[0], example[1])
 
 
+def test_double_runs_only_the_compiled_shapes(fake_neuron, monkeypatch):
+    # A NeuronOp runs the shapes and dtypes it was traced with; --dynamic-batch-size frees dimension 0
+    # alone (the tracing API's "Special Flags"), and AwsNeuronModel does not autocast its inputs.
+    fake_neuron("neuron-cc")
+    import tensorflow_neuron as tfn
+
+    def func(inputs):
+        return inputs[0] + inputs[1]
+
+    fixed = tfn.trace(func, [tf.ones([2, 3]), tf.zeros([2, 3])])
+    for other in ([tf.ones([5, 3]), tf.zeros([5, 3])], [tf.ones([2, 3], tf.float64), tf.zeros([2, 3], tf.float64)]):
+        with pytest.raises(tf.errors.InvalidArgumentError):
+            fixed(other)
+    monkeypatch.setenv("NEURON_CC_FLAGS", "--dynamic-batch-size")
+    dynamic = tfn.trace(func, [tf.ones([2, 3]), tf.zeros([2, 3])])
+    assert np.asarray(dynamic([tf.ones([5, 3]), tf.zeros([5, 3])])).shape == (5, 3)
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        dynamic([tf.ones([2, 4]), tf.zeros([2, 4])])
+
+
+def test_double_exits_mid_trace_on_a_value_its_parser_refuses(fake_neuron, monkeypatch):
+    # tensorflow-neuron's parse_neuron_cc_flags is an argparse parser: an invalid choice exits
+    fake_neuron("neuron-cc")
+    import tensorflow_neuron as tfn
+
+    monkeypatch.setenv("NEURON_CC_FLAGS", "--verbose loud")
+    with pytest.raises(SystemExit):
+        tfn.trace(lambda x: x * 2.0, tf.ones([2, 2]))
+
+
 def test_double_falls_back_to_cpu_for_unsupported_ops_and_failed_compiles(fake_neuron, monkeypatch):
     fake_neuron("neuron-cc")
     import tensorflow_neuron as tfn
@@ -193,6 +223,35 @@ def test_compiler_flags_per_toolchain():
         neuron.compiler_flags(neuron.INF1, "float16", "--auto-cast=matmult", {})
 
 
+def test_compiler_flags_refuse_what_would_fail_later():
+    # text that does not split as a shell would: the package's own shlex.split raised mid-trace
+    with pytest.raises(ConfigError, match="--compiler-args .* does not split into flags .*closing quotation"):
+        neuron.compiler_flags(neuron.INF1, "float16", "--workdir '/tmp/w", {})
+    with pytest.raises(ConfigError, match=r"\$NEURON_CC_FLAGS .* does not split into flags"):
+        neuron.compiler_flags(neuron.INF2, "float16", "", {"NEURON_CC_FLAGS": '--logfile "x'})
+    # a pipelined model needs N NeuronCores per copy; each worker owns one
+    for flags in ("--neuroncore-pipeline-cores=4", "--neuroncore-pipeline-cores 2"):
+        with pytest.raises(ConfigError, match="needs that many NeuronCores per copy.*one worker per NeuronCore"):
+            neuron.compiler_flags(neuron.INF1, "float16", flags, {})
+    assert neuron.compiler_flags(neuron.INF1, "float16", "--neuroncore-pipeline-cores=1", {}).endswith("=1")
+    # tensorflow-neuron's own parser exits (SystemExit 2) on a value outside its choices
+    for flags in ("--verbose loud", "--verbose", "--extract-weights=inf1.huge"):
+        with pytest.raises(ConfigError, match="tensorflow-neuron takes one of"):
+            neuron.compiler_flags(neuron.INF1, "float16", "", {"NEURON_CC_FLAGS": flags})
+    assert neuron.compiler_flags(neuron.INF1, "float16", "--verbose=INFO --workdir /tmp/w", {}) == \
+        "--fp32-cast=matmult-fp16 --verbose=INFO --workdir /tmp/w"
+
+
+@pytest.mark.parametrize("flags", ["--verbose loud", "--neuroncore-pipeline-cores=4", "--workdir '/tmp/w"])
+def test_bad_compiler_flags_are_refused_before_any_work(fake_neuron, hf_models, tmp_path, monkeypatch, flags):
+    # Each of these compiled (or exited from inside tensorflow-neuron's trace) only after the rebuild
+    fake_neuron("neuron-cc")
+    monkeypatch.setenv("NEURON_CC_FLAGS", flags)
+    with pytest.raises(ConfigError, match=r"\$NEURON_CC_FLAGS"):
+        neuron_compile(hf_models[0], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_float32_on_inf1_is_refused_before_any_work(fake_neuron, hf_models, tmp_path):
     fake_neuron("neuron-cc")
     with pytest.raises(ConfigError, match="float16 or bfloat16 only"):
@@ -266,7 +325,9 @@ def test_load_failure_stops_the_pool_with_its_reason(swapped_binary, tmp_path, s
     assert log.count("started ") == 2  # no restart loop
 
 
-def test_untyped_load_failure_stops_the_pool(fake_neuron, hf_models, tmp_path, start_pool, monkeypatch):
+def test_a_broken_neuron_install_stops_the_pool_saying_so(fake_neuron, hf_models, tmp_path, start_pool, monkeypatch):
+    # The package is there but raises on import (its native library does not load): a typed error
+    # naming the package, not an untyped RuntimeError.
     fake_neuron("neuron-cc")
     neuron_compile(hf_models[0], tmp_path / "m")
     monkeypatch.setenv("FAKE_NEURON_BROKEN_RUNTIME", "libnrt.so.1: cannot open shared object file")
@@ -275,8 +336,17 @@ def test_untyped_load_failure_stops_the_pool(fake_neuron, hf_models, tmp_path, s
                       parallel=1, wait=False)
     assert pool.process.wait(120) == 1
     log = pool.log()
-    assert "could not load its model or configuration: RuntimeError: libnrt.so.1" in log
-    assert log.count("started ") == 1
+    assert ("could not load its model or configuration: tensorflow-neuron is installed but does not import "
+            "(import tensorflow_neuron: RuntimeError: libnrt.so.1") in log, log
+    assert log.count("started ") == 1 and "Traceback" not in log
+
+
+def test_a_broken_neuron_install_is_a_clear_error_at_compile(fake_neuron, hf_models, tmp_path, monkeypatch, capsys):
+    # It was a traceback and "unexpected error (a bug in bertpool-compile)", exit 3.
+    fake_neuron("neuron-cc")
+    monkeypatch.setenv("FAKE_NEURON_BROKEN_RUNTIME", "libnrt.so.1: cannot open shared object file")
+    with pytest.raises(BackendUnavailable, match="tensorflow-neuron is installed but does not import .*reinstall"):
+        neuron_compile(hf_models[0], tmp_path / "out")
 
 
 def test_backends_refuse_the_other_targets_model(fake_neuron, hf_models, tmp_path):

@@ -852,3 +852,23 @@ def test_a_broker_saying_disconnect_to_every_ready_gets_a_few_not_a_flood(harnes
         level == logging.INFO for level, m in said if "(shutting_down)" in m)
     assert [level for level, m in said if "(unknown_worker)" in m] == [logging.WARNING]
     assert len(said) == readies + 1
+
+
+def test_an_untyped_load_failure_is_final_with_its_type_and_a_traceback(tmp_path, monkeypatch, capsys, caplog):
+    """A backend's own exception while loading (a native runtime's, not one of ours) ends the worker
+    as a load failure (exit 2, never restarted), its reason in the supervisor's error file with its
+    type, and its traceback in the log, since it may be a bug."""
+    from bertpool.workers import worker as worker_module
+
+    def broken_load(self):
+        raise RuntimeError("the runtime cannot open its device")
+
+    monkeypatch.setattr(worker_module.Worker, "load", broken_load)
+    monkeypatch.setattr(worker_module, "ignore_hangup", lambda: None)  # main() runs in the test's process
+    error = tmp_path / "w.error"
+    code = worker_module.main(["--backend", "echo", "--worker-address", f"ipc://{tmp_path}/back.ipc",
+                               "--load-error-file", str(error)])
+    assert code == worker_module.EXIT_LOAD_FAILED
+    assert error.read_text() == "RuntimeError: the runtime cannot open its device\n"
+    assert "bertpool-worker: error: RuntimeError: the runtime cannot open its device" in capsys.readouterr().err
+    assert any(r.exc_info and r.exc_info[0] is RuntimeError for r in caplog.records)
