@@ -44,6 +44,7 @@ import math
 import os
 import pathlib
 import shutil
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ import numpy as np
 from ..common.cli import (STOPPED, add_exit_status, check_output_dir, check_replaceable, counted, replacing_dir,
                           report_error, report_interrupt, sigterm_as_interrupt)
 from ..common.data import Pair, check_seed, read_mrpc_tsv
-from ..common.errors import BertpoolError, ConfigError
+from ..common.errors import BertpoolError, ConfigError, ModelFormatError
 from ..common.metrics import binary_report
 from ..common.tokenizer import BertTokenizer, Features
 from .runtime import MAX_BATCH_SIZE
@@ -153,12 +154,36 @@ def resolve_pretrained(name: str) -> pathlib.Path:
     return pathlib.Path(package.get_model_path())
 
 
+def check_rereadable(inputs: dict[str, str | None]) -> None:
+    """ConfigError for an input file (flag -> path) that is a pipe, a process substitution ``<(...)`` or a
+    device: each is read more than once (parsed, then hashed for the cache key --reuse compares), and a
+    pipe read again is empty (a hash of nothing: --reuse then took other data's result for this one's).
+    A missing file or a directory is left to the reader's own error."""
+    for flag, path in inputs.items():
+        try:
+            mode = os.stat(path).st_mode if path is not None else None
+        except OSError:
+            continue
+        if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise ConfigError(f"{flag} {path} is not a regular file (a pipe or process substitution?): it is read "
+                              f"more than once; save it to a file and pass that")
+
+
 def read_pairs(path: str, role: str) -> list[Pair]:
     """The labelled pairs of an MRPC-format TSV; ConfigError if it has none."""
     pairs = read_mrpc_tsv(path)
     if not pairs:
         raise ConfigError(f"--{role} {path}: no sentence pairs after the header")
     return pairs
+
+
+def check_both_labels(pairs: list[Pair], path: str) -> None:
+    """ConfigError unless the training pairs hold both labels: a fresh head trained on one label only
+    learns to answer it, whatever the pair (and dev accuracy then only measures the dev set's balance)."""
+    labels = {p.label for p in pairs}
+    if len(labels) < 2:
+        raise ConfigError(f"--train {path}: all {counted(len(pairs), 'pair')} have Quality {labels.pop()}; "
+                          f"a classifier needs training pairs of both labels, 0 and 1")
 
 
 def swap(pairs: list[Pair]) -> list[Pair]:
@@ -185,12 +210,24 @@ def file_sha256(path) -> str:
 
 
 def make_tokenizer(weights: BertWeights, vocab: str | None, max_seq_length: int) -> BertTokenizer:
-    """The tokenizer of ``vocab`` (default: the model's own), checked against the embedding table."""
+    """The tokenizer of ``vocab`` (default: the model's own), checked against the embedding table and
+    against the casing the pretrained model's tokenizer_config.json states (ModelFormatError)."""
     path = vocab or weights.vocab_path
     if path is None:
         raise ConfigError(f"{weights.source.path} has no vocab.txt inside or beside it; pass --vocab FILE")
     check_vocab(pathlib.Path(path), weights.shape.vocab_size)
-    return BertTokenizer(path, max_seq_length=max_seq_length)
+    tokenizer = BertTokenizer(path, max_seq_length=max_seq_length)
+    # Casing is decided from the vocabulary, here and in the pool (the export keeps no tokenizer config,
+    # so bertpool-compile cannot check it later): a stated casing that differs would fine-tune on text
+    # cased otherwise than in pre-training, and nothing after would notice.
+    stated, lower = weights.do_lower_case, tokenizer.do_lower_case
+    if stated is not None and stated != lower:
+        kind = "holds no capitals (an uncased vocabulary)" if lower else "holds capitals (a cased vocabulary)"
+        raise ModelFormatError(
+            f"tokenizer_config.json of {weights.source.path} says do_lower_case={str(stated).lower()}, but "
+            f"{path} {kind}, from which fine-tuning and the pool decide do_lower_case={str(lower).lower()}; "
+            f"pass the vocabulary the model was pre-trained with (--vocab) or correct tokenizer_config.json")
+    return tokenizer
 
 
 def encode(tokenizer: BertTokenizer, pairs: list[Pair]) -> tuple[Features, np.ndarray]:
@@ -414,10 +451,12 @@ def finetune(config: FinetuneConfig, reuse: bool = False, overwrite: bool = Fals
     # With --force the old output goes (at the end): never one holding an input or the current directory.
     out = check_replaceable("--output", config.output, {"--pretrained": source, "--train": config.train_tsv,
                                                         "--dev": config.dev_tsv, "--vocab": config.vocab})
+    check_rereadable({"--train": config.train_tsv, "--dev": config.dev_tsv, "--vocab": config.vocab})
     train_pairs = read_pairs(config.train_tsv, "train")
     if config.batch_size > len(train_pairs):  # every step would take the whole set, not the batch asked for
         raise ConfigError(f"--batch-size {config.batch_size} is more than the {counted(len(train_pairs), 'pair')} "
                           f"of --train {config.train_tsv}; give at most {len(train_pairs)}")
+    check_both_labels(train_pairs, config.train_tsv)
     dev_pairs = read_pairs(config.dev_tsv, "dev") if config.dev_tsv else None
     weights = load_pretrained(source)
     weights.shape.check_seq_length("--max-seq-length", config.max_seq_length)  # else the export could not run
@@ -429,6 +468,8 @@ def finetune(config: FinetuneConfig, reuse: bool = False, overwrite: bool = Fals
     key = cache_key(config, weights_sha, vocab, train_sha, dev_sha)
     previous = _previous_report(out)
     if reuse and previous is not None and previous.get("cache_key") == key:
+        # Where it is now: OUTPUT may have been moved since (the recorded paths would name nothing).
+        previous["outputs"] = outputs(out, (out / "checkpoint").is_dir())
         previous["reused"] = True
         return previous
     replace = overwrite or (reuse and previous is not None)
@@ -437,7 +478,7 @@ def finetune(config: FinetuneConfig, reuse: bool = False, overwrite: bool = Fals
     import tensorflow as tf
 
     if config.threads:
-        tf.config.threading.set_intra_op_parallelism_threads(config.threads)
+        set_threads(config.threads)
     tf.random.set_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     tensors = dict(weights.tensors)
@@ -463,8 +504,7 @@ def finetune(config: FinetuneConfig, reuse: bool = False, overwrite: bool = Fals
         "pairs_per_s": round(sum(e["pairs"] for e in history) / wall_s, 2) if wall_s > 0 else 0.0,
         "average": average,
         "final_dev": (average or (history[-1] if history else {})).get("dev"),  # of the weights exported
-        "outputs": {"saved_model": str(out / "saved_model"),
-                    "checkpoint": str(out / "checkpoint") if weights.gelu in GOOGLE_ACT else None},
+        "outputs": outputs(out, weights.gelu in GOOGLE_ACT),
     }
     # Written beside OUTPUT and swapped in: until then (a failure, Ctrl-C) the old OUTPUT stays as it was.
     with replacing_dir(out, replace) as staging:
@@ -473,6 +513,25 @@ def finetune(config: FinetuneConfig, reuse: bool = False, overwrite: bool = Fals
         (staging / "finetune.json").write_text(json.dumps(report, indent=2) + "\n")
     report["reused"] = False
     return report
+
+
+def outputs(out: pathlib.Path, checkpoint: bool) -> dict:
+    """The report's ``outputs``: OUTPUT's SavedModel, and its checkpoint directory (None when not written)."""
+    return {"saved_model": str(out / "saved_model"), "checkpoint": str(out / "checkpoint") if checkpoint else None}
+
+
+def set_threads(threads: int) -> None:
+    """TensorFlow's intra-op threads; ConfigError if TensorFlow has already started with another count in
+    this process (a second fine-tune from one Python session): its thread pool is fixed at the first op."""
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+    except RuntimeError:  # "cannot be modified after initialization"
+        now = tf.config.threading.get_intra_op_parallelism_threads()
+        raise ConfigError(f"--threads {threads}: TensorFlow already runs in this process with "
+                          f"{now or 'its default number of'} intra-op threads, fixed at its first op; "
+                          f"fine-tune in a new process to change it") from None
 
 
 def _train(config: FinetuneConfig, trainer: Trainer, train, dev, rng, progress: bool) -> tuple[list, float, dict]:
@@ -498,7 +557,7 @@ def _train(config: FinetuneConfig, trainer: Trainer, train, dev, rng, progress: 
             lr = learning_rate(step, total, config)
             loss = float(trainer.step(*trimmed(epoch_features, rows, lengths), labels[rows], np.float32(lr)))
             if not math.isfinite(loss):
-                raise BertpoolError(f"training diverged at step {step} (loss {loss}); lower --learning-rate")
+                raise BertpoolError(f"training diverged at step {step} (loss {loss}); lower {_step_flags(config)}")
             losses.append(loss)
             pairs += len(rows)
             step += 1
@@ -530,6 +589,15 @@ def _train(config: FinetuneConfig, trainer: Trainer, train, dev, rng, progress: 
             bar.write(f"mean of epochs {averager.epochs}: dev accuracy {average['dev']['accuracy']:.4f}, "
                       f"F1 {average['dev']['f1']:.4f}")
     return history, wall_s, average
+
+
+def _step_flags(config: FinetuneConfig) -> str:
+    """The flags that scale an update, to lower after a divergence: --learning-rate, and those of
+    --head-lr-multiplier and --weight-decay raised above their defaults (either alone can diverge)."""
+    default = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+    raised = [f"--{name.replace('_', '-')} {getattr(config, name)}" for name in ("head_lr_multiplier", "weight_decay")
+              if getattr(config, name) > default[name]]
+    return " or ".join(["--learning-rate", *raised])
 
 
 class WeightAverage:
@@ -630,7 +698,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-swap-pairs", dest="swap_pairs", action="store_false",
                         help="train on each pair as given (default: as (a, b) or (b, a) at random each epoch)")
     parser.add_argument("--reuse", action="store_true",
-                        help="keep a previous result in OUTPUT made from the same weights, data and recipe")
+                        help="keep a previous result in OUTPUT made from the same weights, data and recipe; "
+                             "a previous result made otherwise is replaced (no --force needed)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUTPUT")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser

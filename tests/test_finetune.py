@@ -150,6 +150,98 @@ def test_reuse_skips_training_for_the_same_inputs(trained, data):
         finetune(tiny_config(data, out), progress=False)
 
 
+def test_reuse_reports_where_the_output_is_now(data, tmp_path):
+    """A result moved to another directory and reused there was reported (and summarised) at the path it
+    was trained into, which no longer existed."""
+    from bertpool.compile.finetune import summary
+
+    finetune(tiny_config(data, tmp_path / "a", max_steps=1, epochs=1), progress=False)
+    (tmp_path / "a").rename(tmp_path / "b")
+    again = finetune(tiny_config(data, tmp_path / "b", max_steps=1, epochs=1), reuse=True, progress=False)
+    assert again["reused"]
+    assert again["outputs"] == {"saved_model": str(tmp_path / "b" / "saved_model"),
+                                "checkpoint": str(tmp_path / "b" / "checkpoint")}
+    assert f"SavedModel {tmp_path / 'b' / 'saved_model'} (" in summary(again)
+
+
+def test_a_training_set_of_one_label_is_refused_before_any_work(data, tmp_path, monkeypatch):
+    """A TSV whose pairs were all paraphrases trained a head that answers 1 whatever the pair, and
+    reported it as fine-tuned."""
+    from bertpool.compile import finetune as ft
+
+    def work(*args, **kwargs):
+        raise AssertionError("the pretrained model was read before the labels were checked")
+
+    monkeypatch.setattr(ft, "load_pretrained", work)
+    ones = write_tsv(tmp_path / "ones.tsv", [p for p in generate_pairs(48, seed=1) if p.label == 1][:20])
+    with pytest.raises(ConfigError, match=rf"--train {ones}: all 20 pairs have Quality 1; a classifier needs "
+                                          r"training pairs of both labels, 0 and 1"):
+        finetune(tiny_config(data, tmp_path / "out", train_tsv=str(ones)), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ones.tsv"]
+
+
+def test_a_piped_training_file_is_refused_not_hashed_empty(data, tmp_path):
+    """--train <(...) was parsed, then hashed a second read of the pipe: nothing. Every piped data set
+    had the same cache key, so --reuse returned another data set's result as this one's."""
+    import os
+
+    small = write_tsv(tmp_path / "small.tsv", generate_pairs(32, seed=3)).read_bytes()
+    assert len(small) < 16384  # fits in the pipe's buffer: written whole before anything reads it
+    read, write = os.pipe()
+    try:
+        os.write(write, small)
+        os.close(write)
+        piped = f"/dev/fd/{read}"
+        with pytest.raises(ConfigError, match=f"--train {piped} is not a regular file .* save it to a file"):
+            finetune(tiny_config(data, tmp_path / "out", train_tsv=piped, max_steps=1, epochs=1), progress=False)
+    finally:
+        os.close(read)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("changes, names", [
+    ({"weight_decay": 1e30}, "--learning-rate or --weight-decay 1e+30"),
+    ({"head_lr_multiplier": 1e30}, "--learning-rate or --head-lr-multiplier 1e+30"),
+])
+def test_a_divergence_names_the_flag_that_caused_it(data, tmp_path, changes, names):
+    """A --weight-decay or --head-lr-multiplier far too high diverged with "lower --learning-rate", the
+    one flag the user had not changed."""
+    import re
+
+    from bertpool.common.errors import BertpoolError
+
+    diverged = rf"training diverged at step \d+ \(loss -?\w+\); lower {re.escape(names)}$"
+    with pytest.raises(BertpoolError, match=diverged):
+        finetune(tiny_config(data, tmp_path / "out", max_steps=6, epochs=1, **changes), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_stated_casing_the_vocabulary_contradicts_is_refused(data, tmp_path):
+    """tokenizer_config.json said do_lower_case=false beside an uncased vocabulary: fine-tuning lower-cased
+    the text anyway, and the export (no tokenizer config) let bertpool-compile take it without the check
+    it makes on the same source."""
+    import shutil
+
+    pretrained = shutil.copytree(data["pretrained"], tmp_path / "cased")
+    (pretrained / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}))
+    with pytest.raises(ModelFormatError, match=r"says do_lower_case=false, but .*vocab\.txt holds no capitals "
+                                               r"\(an uncased vocabulary\).* do_lower_case=true; pass the vocabulary"):
+        finetune(tiny_config(data, tmp_path / "out", pretrained=str(pretrained)), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_threads_tensorflow_can_no_longer_take_are_a_clear_error(data, tmp_path):
+    """A second fine-tune in one Python process with another thread count: TensorFlow's RuntimeError
+    "Intra op parallelism cannot be modified after initialization", untyped."""
+    import tensorflow as tf
+
+    tf.constant(1.0) + 1.0  # TensorFlow has run an op: its thread pool is fixed
+    threads = tf.config.threading.get_intra_op_parallelism_threads() + 1
+    with pytest.raises(ConfigError, match=rf"--threads {threads}: TensorFlow already runs in this process"):
+        finetune(tiny_config(data, tmp_path / "out", threads=threads, max_steps=1, epochs=1), progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_force_never_deletes_an_input_and_keeps_the_old_output_until_the_new_one_is_whole(data, tmp_path,
                                                                                         monkeypatch):
     """--force replaced OUTPUT before training: an OUTPUT holding the training data or the pretrained
