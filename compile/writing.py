@@ -28,6 +28,9 @@ _TF_WRITE_ERRORS = ("NotFoundError", "PermissionDeniedError", "ResourceExhausted
                     "OutOfRangeError")
 # The op context TensorFlow wraps an eager op's message in: "{{function_node ...}} " and " [Op:SaveV2]".
 _TF_OP_CONTEXT = re.compile(r"\{\{[^}]*\}\}\s*|\s*\[Op:[^\]]*\]")
+# The lines of a graph-mode error that are not its reason: the header, where the failing op was defined
+# (a traceback of File lines), its name, and what is left of "[[{{node NAME}}]]" once the context is gone.
+_TF_WRAPPER_LINE = re.compile(r"Graph execution error:|Detected at node .*|File \".*|Node: .*|\[\[\]\]")
 
 
 @contextlib.contextmanager
@@ -61,6 +64,9 @@ def _is_tf_write_error(exc: Exception) -> bool:
 
 
 def _one_line(message: str) -> str:
-    """The first line of TensorFlow's ``message`` without its op context: the error must be one line."""
-    lines = str(message).strip().splitlines()
-    return _TF_OP_CONTEXT.sub("", lines[0]).strip() if lines else ""
+    """The reason in TensorFlow's ``message``, as one line: its first line that is not the wrapper a
+    graph-mode (Session) error comes in, without op context. A Session's error starts "Graph execution
+    error:", then where the op was defined, and gives the reason (e.g. "PATH; File too large") after."""
+    lines = [_TF_OP_CONTEXT.sub("", line).strip() for line in str(message).strip().splitlines()]
+    reasons = [line for line in lines if line and not _TF_WRAPPER_LINE.match(line)]
+    return reasons[0] if reasons else lines[0] if lines else ""

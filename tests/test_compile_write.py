@@ -219,8 +219,11 @@ def test_demo_model_checkpoint_write_that_fails_is_cannot_write(tmp_path, monkey
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE and SIGXFSZ as Linux has them")
-def test_demo_model_hf_write_beyond_a_file_size_limit_is_cannot_write(tmp_path):
-    """--format hf: safetensors' writer raised its own SafetensorError, a traceback and "a bug" (exit 3)."""
+@pytest.mark.parametrize("fmt", ["hf", "savedmodel"])
+def test_demo_model_write_beyond_a_file_size_limit_is_cannot_write_and_why(tmp_path, fmt):
+    """No mocks. --format hf: safetensors' writer raised its own SafetensorError, a traceback and "a bug"
+    (exit 3). --format savedmodel (saved from a Session): the reason was lost, "cannot write OUT: Graph
+    execution error:", since a graph-mode error gives it lines below that header."""
     import resource
 
     def cap_file_size():
@@ -228,7 +231,7 @@ def test_demo_model_hf_write_beyond_a_file_size_limit_is_cannot_write(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
 
     out = tmp_path / "work" / "out"
-    result = subprocess.run([sys.executable, "-m", "bertpool.compile.demo_model", "--size", "tiny", "--format", "hf",
+    result = subprocess.run([sys.executable, "-m", "bertpool.compile.demo_model", "--size", "tiny", "--format", fmt,
                              "--output", str(out)], capture_output=True, text=True, timeout=240,
                             preexec_fn=cap_file_size, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     assert result.returncode == 2, result.stderr
