@@ -6,7 +6,8 @@ arrays a BERT classifier takes, with exactly the rules of google-research/bert
 
 * BasicTokenizer: drop NUL, U+FFFD and control characters (categories Cc and
   Cf, as google's current ``_is_control``; unassigned and private-use code
-  points are kept and usually end as ``[UNK]``), map whitespace to
+  points are kept and usually end as ``[UNK]``, a lone surrogate always
+  makes its word ``[UNK]``), map whitespace to
   spaces, put spaces around CJK ideographs, lower-case and strip accents (NFD,
   drop Mn) only when ``do_lower_case``, split on whitespace and punctuation.
 * WordPiece: greedy longest-match-first with ``##`` continuation pieces;
@@ -63,6 +64,8 @@ MAX_CHARS_PER_WORD = 200  # google's max_input_chars_per_word (HF's default is 1
 # capital sigma, the one character Python lower-cases by context.
 FAST_PATH_CHARS = "\u0000-\u036f\u2000-\u2064\u2066-\u206f\u20a0-\u20bf"
 _SLOW_CHAR = re.compile(f"[^{FAST_PATH_CHARS}]")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # slow-path characters: none is in FAST_PATH_CHARS
+_UNK = "[UNK]"
 
 # Text made only of printable ASCII, tab, newline and carriage return needs
 # none of BertNormalizer's work but lower-casing: it has no control characters
@@ -190,12 +193,11 @@ class BertTokenizer:
         Texts may be empty. Raises TypeError if a pair is not two ``str``.
         """
         texts = _pair_texts(pairs)
-        # One character check over all texts per call; per text only when the batch mixes kinds.
-        joined = "".join(texts)
-        if not _NOT_LEAN_CHAR.search(joined):
+        # One character check over all texts per call; per text only when some text is not lean.
+        # Then each lean text still takes the lean pipeline: sending the whole batch through the
+        # full one because one text had an accent cost a 64-pair MRPC batch about half again.
+        if not _NOT_LEAN_CHAR.search("".join(texts)):
             encodings = self._encode_lean(texts)
-        elif not _SLOW_CHAR.search(joined):
-            encodings = _encode_batch(self._full, texts, with_tokens=False)
         else:
             encodings = self._encode_texts(texts)
         return self._assemble(encodings)
@@ -215,7 +217,7 @@ class BertTokenizer:
                 encodings[i] = enc
         slow = [i for i, text in enumerate(texts) if _SLOW_CHAR.search(text)]
         if slow:
-            words = [_basic_tokenize(texts[i], self._do_lower_case) for i in slow]
+            words = [_slow_words(texts[i], self._do_lower_case) for i in slow]
             for i, enc in zip(slow, _encode_batch(self._wordpiece_only, words, with_tokens, is_pretokenized=True)):
                 encodings[i] = enc
         full = [i for i, enc in enumerate(encodings) if enc is None]
@@ -276,6 +278,20 @@ def _truncated_pair_lengths(len_a: int, len_b: int, max_total: int) -> tuple[int
         return len_a, len_b
     keep_b = min(len_b, max(max_total // 2, max_total - len_a))
     return max_total - keep_b, keep_b
+
+
+def _slow_words(text: str, lower: bool) -> list[str]:
+    """The words of ``text`` for HF's WordPiece: :func:`_basic_tokenize`'s, each word holding a lone
+    surrogate (U+D800-U+DFFF, category Cs, which google keeps) replaced by ``[UNK]``.
+
+    HF cannot take such a word (it is not UTF-8; ``encode_batch`` raises a TypeError about its input
+    type). google's WordPiece makes the whole word ``[UNK]``: a vocabulary is UTF-8 text, so no entry
+    covers the surrogate. ``[UNK]`` itself is in every vocabulary, so WordPiece gives its id.
+    """
+    words = _basic_tokenize(text, lower)
+    if _SURROGATE.search(text):
+        words = [_UNK if _SURROGATE.search(word) else word for word in words]
+    return words
 
 
 def _basic_tokenize(text: str, lower: bool) -> list[str]:

@@ -101,6 +101,25 @@ def test_not_utf8(tmp_path: Path) -> None:
         read_mrpc_tsv(path)
 
 
+@pytest.mark.parametrize("ending", ["\n", "\r\n"])
+def test_a_bad_byte_past_the_first_8_kib_is_named_at_its_line_and_offset(tmp_path: Path, ending: str) -> None:
+    """Read line by line, the error gave the decoder's offset within its 8 KiB chunk (a byte 20,046
+    bytes in was "position 3662") and no line number."""
+    head = (HEADER + "1\t1\t2\ta\tb\n" * 2000 + "0\t3\t4\tcaf").replace("\n", ending).encode()
+    path = tmp_path / "pairs.tsv"
+    path.write_bytes(head + b"\xe9\td\n")
+    offset = len(head)
+    with pytest.raises(ConfigError, match=rf"pairs\.tsv:2002: not UTF-8 \(byte 0xe9 at file offset {offset}\b"):
+        read_mrpc_tsv(path)
+
+
+def test_crlf_a_bare_cr_and_a_bom_are_read_alike(tmp_path: Path) -> None:
+    body = HEADER + "1\t1\t2\ta\tb\n0\t3\t4\tc\td\n"
+    want = [Pair("a", "b", 1), Pair("c", "d", 0)]
+    for text in (body, body.replace("\n", "\r\n"), body.replace("\n", "\r"), body.lstrip("\ufeff")):
+        assert read_mrpc_tsv(write(tmp_path, text)) == want, ascii(text[:60])
+
+
 @pytest.mark.parametrize("row, says", [
     ("1\t1\t2\t\tb", r":3: #1 String: empty text"),  # the audit's emptytext.tsv: trained on, proved on
     ("1\t1\t2\ta\t", r":3: #2 String: empty text"),
