@@ -20,8 +20,8 @@ from typing import Any
 from ..common.data import Pair
 from ..common.errors import BenchError, ConfigError, RequestError, RequestTimeout
 from ..common.cli import counted
-from .bench import (MAX_CLIENTS, BenchConfig, format_errors, format_footer, ms, no_broker_message, report_config,
-                    run_bench)
+from .bench import (MAX_CLIENTS, RETRY_COUNTERS, BenchConfig, format_errors, format_footer, format_retries, ms,
+                    no_broker_message, report_config, run_bench)
 
 MAX_STEPS = 64  # a sweep is a handful of concurrencies, not a loop
 
@@ -93,6 +93,9 @@ def run_sweep(config: BenchConfig, clients: list[int], pairs: list[Pair], progre
         "requests": sum(s["requests"] for s in steps),
         "replies": sum(s["replies"] for s in steps),
         "errors": sum(s["errors"] for s in steps),
+        # What the pool served beyond the measured requests, over the whole sweep (see summarize).
+        "warmup_replies": sum(s["warmup_replies"] for s in steps),
+        "client_retries": {name: sum(s["client_retries"][name] for s in steps) for name in RETRY_COUNTERS},
         "ok": stopped is None and all(s["ok"] for s in steps),
         "pool": last.get("pool"),
         "backends": dict(sorted(backends.items())),
@@ -120,6 +123,7 @@ def format_sweep(report: dict[str, Any]) -> str:
         if errors:
             lines.append(f"step with {counted(s['clients'], 'client')}: " + errors[0])
             lines += errors[1:]
+    lines += format_retries(report)
     if report.get("stopped"):
         lines.append(f"sweep stopped at {counted(report['stopped']['clients'], 'client')}")
     if report.get("diagnosis"):

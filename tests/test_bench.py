@@ -270,6 +270,9 @@ def test_sweep_writes_one_record_per_concurrency(start_pool, tmp_path):
     assert "%|" not in proc.stderr  # no progress bar when stderr is not a terminal
     stats = pool.wait_stats(lambda s: s["totals"]["inferences"] >= 16 + 4)
     assert stats["broker"]["replies"] == 16 + 4  # measured plus one warm-up per client per step
+    # ... which the sweep totals, as a single run's report does
+    assert report["warmup_replies"] == 4 and stats["broker"]["replies"] == report["replies"] + report["warmup_replies"]
+    assert report["client_retries"] == {"busy_retries": 0, "lost_resends": 0, "reconnects": 0}
 
 
 @pytest.mark.skipif(not has_matplotlib(), reason="matplotlib (the plot extra) is not installed")
@@ -1013,3 +1016,25 @@ def test_histogram_ticks_are_plain_numbers(tmp_path, monkeypatch):
     labels = [t.get_text() for t in (*hist.get_xticklabels(), *hist.get_xticklabels(minor=True)) if t.get_text()]
     assert labels and not any("times" in label or "^" in label for label in labels), labels
     assert {"2", "10"} <= set(labels), labels
+
+
+def test_a_sweep_totals_the_clients_retries_and_says_so(monkeypatch):
+    """The sweep kept warm-up replies and the Client's retries per step only, and printed neither, so
+    a sweep could not be matched against the broker's busy and ok counters without reading every step."""
+    from bertpool.clients import bench, sweep
+
+    config = bench.BenchConfig(address="ipc:///nowhere", clients=1, cycle=1)
+
+    def step(clients, busy_retries):
+        retries = {"busy_retries": busy_retries, "lost_resends": 0, "reconnects": 0}
+        result = bench._ClientResult([1.0] * clients, [], [{}] * clients, {}, 0.0, 1.0, {}, clients, retries)
+        report = bench.summarize(replace(config, clients=clients), [result])
+        return {**report, "pool": None, "backends": {"echo": 1}, "diagnosis": None, "ok": True}
+
+    steps = {1: step(1, 2), 3: step(3, 5)}
+    monkeypatch.setattr(sweep, "run_bench", lambda step_config, pairs, progress=False, desc=None:
+                        steps[step_config.clients])
+    report = sweep.run_sweep(config, [1, 3], [])
+    assert report["warmup_replies"] == 4
+    assert report["client_retries"] == {"busy_retries": 7, "lost_resends": 0, "reconnects": 0}
+    assert "client retries  resent 7 after BUSY, 0 after a lost broker; reconnected 0 times" in sweep.format_sweep(report)
