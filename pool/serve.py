@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bertpool-serve",
         description="Serve a BERT sentence-pair classifier: start the broker and --parallel workers "
-                    "(one per NeuronCore); print inferences/s every second; stop on Ctrl-C or SIGTERM.",
+                    "(one per NeuronCore); print inferences/s every --stats-interval-s; stop on Ctrl-C or SIGTERM.",
         epilog="example: bertpool-serve --model runs/model-cpu --parallel 4")
     add_broker_arguments(parser)
     add_supervisor_arguments(parser)

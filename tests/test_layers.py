@@ -2,7 +2,8 @@
 
 common  <-  broker, clients, compile, workers (+ compile.runtime, which loads compiled models)
 clients <-  gateway (+ compile.runtime, which reads the served model's manifest)
-all     <-  pool (bertpool-serve composes broker + workers + gateway), bench (benches that start pools)
+common, broker, workers, gateway  <-  pool (bertpool-serve composes broker + workers + gateway)
+all     <-  bench (benches that start pools or load models through several roles)
 """
 
 from __future__ import annotations
