@@ -33,6 +33,18 @@ original top two probabilities lie within 2 * max |dp| of each other (for two
 labels: p within max |dp| of 0.5); the report counts those pairs as
 ``near_ties``, so ``label_agreement >= 1 - near_ties / pairs``.
 
+Which rows: the --pairs pairs, plus one probe row per compiled sequence length
+(:func:`probe_features`). Pairs alone left parts of the served model unproved:
+generated pairs put a truncated pair every 8th row, so with batch 4 every batch
+ran at the 64 or the 128 bucket (with batch 8, at 128 alone; below 8 pairs no
+row reached 128), and --pairs a multiple of the batch size never left the
+runtime a short batch to pad. So the rebuilt model also answers the first pairs
+in calls of 1, 2 and 3 rows (:data:`SHORT_CALLS`: short batches, padded), and
+each probe row alone, cut from the longest pair so that its last real token
+lies just past a bucket's end (a bucket cut one token short drops it) or at the
+smallest bucket's end or the full length. ``max_abs_diff`` covers the probes;
+label agreement and near ties are about the pairs.
+
 When the rebuilt GELU differs from the source's (e.g. ``--crude_gelu`` on an
 erf-trained model) the rebuilt model is deliberately a different function; the
 bound then grows by GELU_APPROXIMATION_TOLERANCE (measured, fp32: tanh vs erf
@@ -44,6 +56,7 @@ from __future__ import annotations
 
 import pathlib
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -58,6 +71,9 @@ TOLERANCES = {"float32": 1e-5, "float16": 5e-3, "bfloat16": 4e-2}
 # approximation involved: tanh <-> erf, or crude <-> anything); measured above.
 GELU_APPROXIMATION_TOLERANCE = {"tanh": 2e-3, "crude": 6e-2}
 ORIGINAL_BATCH = 16  # rows per call of the original model (its batch is dynamic)
+# Sizes of the rebuilt model's first calls, before ORIGINAL_BATCH rows a call: a served model gets
+# batches short of its compiled batch size, which the runtime pads, and the proof must run them too.
+SHORT_CALLS = (1, 2, 3)
 
 
 @dataclass
@@ -65,8 +81,9 @@ class EquivalenceReport:
     """Outcome of the proof (the manifest's ``equivalence`` section)."""
 
     pairs: int  # number of sentence pairs compared
+    probe_rows: int  # rows compared beyond the pairs: one per compiled sequence length (probe_features)
     data: str  # where they came from: a TSV path or "generated (seed N)"
-    max_abs_diff: float  # max |p_original - p_rebuilt| over pairs and classes
+    max_abs_diff: float  # max |p_original - p_rebuilt| over pairs, probe rows and classes
     mean_abs_diff: float  # its mean, for context
     label_agreement: float  # fraction of pairs whose argmax agrees
     near_ties: int  # pairs whose original top-two gap is <= 2 * max_abs_diff: the only ones that may flip
@@ -80,9 +97,9 @@ class EquivalenceReport:
 
     def summary(self) -> str:
         verdict = "PASSED" if self.passed else "FAILED"
-        return (f"equivalence {verdict}: {self.pairs} pairs, max |dp| = {self.max_abs_diff:.3g} "
-                f"(tolerance {self.tolerance:.3g}), mean |dp| = {self.mean_abs_diff:.3g}, "
-                f"label agreement {self.label_agreement:.2%}")
+        return (f"equivalence {verdict}: {self.pairs} pairs + {self.probe_rows} probe rows, "
+                f"max |dp| = {self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g}), "
+                f"mean |dp| = {self.mean_abs_diff:.3g}, label agreement {self.label_agreement:.2%}")
 
 
 def tolerance_for(dtype: str, gelu: str, source_gelu: str) -> float:
@@ -165,27 +182,79 @@ def describe_original(weights: BertWeights) -> str:
     return f"reference BERT graph ({weights.gelu} GELU) fed the {weights.source.format} weights"
 
 
+def probe_features(features, lengths) -> SimpleNamespace:
+    """Rows [len(probe_lengths(lengths)), S] that put a real token at each bucket edge, from
+    ``features`` (tokenized pairs [N, S]) and the compiled sequence lengths ``lengths``.
+
+    Row for length L: the longest pair's first L-1 real tokens (repeated, less [CLS], when it is
+    shorter; segment as its last token's), then its last real token ([SEP]) at position L-1; padding
+    after. Alone in a batch it runs at the shortest bucket >= L. No rows for no pairs.
+    """
+    ids, mask, segments = (np.asarray(a) for a in (features.input_ids, features.input_mask, features.segment_ids))
+    targets = [L for L in probe_lengths(lengths) if L <= ids.shape[1]] if len(ids) else []
+    out = SimpleNamespace(**{name: np.zeros([len(targets), ids.shape[1]], ids.dtype)
+                             for name in ("input_ids", "input_mask", "segment_ids")})
+    if not targets:
+        return out
+    S, longest = ids.shape[1], int(np.argmax(mask.sum(axis=1)))
+    real = max(int(mask[longest].sum()), 2)  # under 2 real tokens: [CLS] and the token after it
+    head, last, last_type = ids[longest, : real - 1], ids[longest, real - 1], segments[longest, real - 1]
+    body = head[1:] if len(head) > 1 else head  # what repeats past the pair's end: [CLS] once is enough
+    more = max(S - real, 0)
+    tokens = np.concatenate([head, np.resize(body, more)])  # [>= S-1]: the first L-1 of a row of L
+    types = np.concatenate([segments[longest, : real - 1], np.full(more, last_type)])
+    for i, length in enumerate(targets):
+        out.input_ids[i, : length - 1], out.input_ids[i, length - 1] = tokens[: length - 1], last
+        out.segment_ids[i, : length - 1], out.segment_ids[i, length - 1] = types[: length - 1], last_type
+        out.input_mask[i, :length] = 1
+    return out
+
+
+def probe_lengths(lengths) -> list[int]:
+    """Real-token counts of the probe rows for compiled sequence lengths ``lengths``: the smallest
+    and the largest exactly, and one past each other's end (so the next one up must run it)."""
+    lengths = sorted(set(int(b) for b in lengths))
+    if not lengths:
+        return []
+    return sorted({lengths[0], lengths[-1]} | {b + 1 for b in lengths[:-1]})
+
+
+def _slices(n: int, first: tuple[int, ...]):
+    """Slices covering rows 0..n-1 in order: calls of ``first`` rows, then ORIGINAL_BATCH a call."""
+    start = 0
+    for size in first:
+        if start < n:
+            yield slice(start, min(start + size, n))
+            start += size
+    yield from (slice(s, s + ORIGINAL_BATCH) for s in range(start, n, ORIGINAL_BATCH))
+
+
 def compare(original, rebuilt, features, tolerance: float, data: str, original_name: str,
             rebuilt_name: str, progress: bool = True) -> EquivalenceReport:
-    """Run both models on ``features`` and measure the differences."""
+    """Run both models on ``features`` and on the probe rows for ``rebuilt.seq_buckets`` (a
+    CompiledModel's compiled sequence lengths; none without), and measure the differences."""
     from tqdm import tqdm
 
     n = len(features.input_ids)
-    orig_parts, new_parts = [], []
-    for start in tqdm(range(0, n, ORIGINAL_BATCH), desc="equivalence", unit="batch", disable=not progress,
-                      leave=False):
-        rows = slice(start, start + ORIGINAL_BATCH)
-        args = (features.input_ids[rows], features.input_mask[rows], features.segment_ids[rows])
-        orig_parts.append(np.asarray(original.predict(*args), np.float32))
-        new_parts.append(np.asarray(rebuilt.predict(*args), np.float32))
-    p_orig, p_new = np.concatenate(orig_parts), np.concatenate(new_parts)
+    probes = probe_features(features, getattr(rebuilt, "seq_buckets", None) or [])
+    k = len(probes.input_ids)
+    pairs = (features.input_ids, features.input_mask, features.segment_ids)
+    extra = (probes.input_ids, probes.input_mask, probes.segment_ids)
+    calls = [(0, original, pairs, rows) for rows in _slices(n, ())]
+    calls += [(0, original, extra, rows) for rows in _slices(k, ())]
+    calls += [(1, rebuilt, pairs, rows) for rows in _slices(n, SHORT_CALLS)]
+    calls += [(1, rebuilt, extra, slice(i, i + 1)) for i in range(k)]  # each probe alone: it sets the bucket
+    outputs = ([], [])  # original's, rebuilt's: row order pairs then probes in both
+    for side, model, arrays, rows in tqdm(calls, desc="equivalence", unit="call", disable=not progress, leave=False):
+        outputs[side].append(np.asarray(model.predict(*(a[rows] for a in arrays)), np.float32))
+    p_orig, p_new = (np.concatenate(parts) for parts in outputs)
     diff = np.abs(p_orig.astype(np.float64) - p_new.astype(np.float64))
     max_diff = float(diff.max())
-    agreement = float(np.mean(p_orig.argmax(-1) == p_new.argmax(-1)))
-    top_two = np.sort(p_orig.astype(np.float64), axis=-1)[:, -2:]
+    agreement = float(np.mean(p_orig[:n].argmax(-1) == p_new[:n].argmax(-1)))
+    top_two = np.sort(p_orig[:n].astype(np.float64), axis=-1)[:, -2:]
     near_ties = int(np.sum(top_two[:, 1] - top_two[:, 0] <= 2 * max_diff))
     return EquivalenceReport(
-        pairs=n, data=data, max_abs_diff=max_diff, mean_abs_diff=float(diff.mean()),
+        pairs=n, probe_rows=k, data=data, max_abs_diff=max_diff, mean_abs_diff=float(diff.mean()),
         label_agreement=agreement, near_ties=near_ties, tolerance=float(tolerance),
         passed=bool(np.isfinite(max_diff) and max_diff <= tolerance),
         original=original_name, rebuilt=rebuilt_name,

@@ -416,6 +416,62 @@ def test_equivalence_failure_exits_1_and_output_will_not_load(models, tmp_path):
         runtime.load_compiled(tmp_path / "out")
 
 
+def _bucket_cut_one_token_short(self, input_mask):
+    real = np.flatnonzero(input_mask.any(axis=0))
+    return next(b for b in self.seq_buckets if b >= (int(real[-1]) if len(real) else 1))  # the mistake: no + 1
+
+
+def _wrong_at_bucket_32(monkeypatch):
+    """The graph compiled for sequence length 32 alone answers wrongly (any one bucket's export gone wrong)."""
+    init = runtime.CompiledModel.__init__
+
+    def patched(self, model_dir, manifest, embeddings, accelerated):
+        def wrong(x, bias):
+            logits = accelerated(x, bias)
+            return logits + np.eye(logits.shape[1])[0] * (x.shape[1] == 32)  # class 0's logit + 1 at 32
+        init(self, model_dir, manifest, embeddings, wrong)
+
+    monkeypatch.setattr(runtime.CompiledModel, "__init__", patched)
+
+
+def _short_batch_rows_reversed(monkeypatch):
+    """A short batch padded so that its real rows land at the end (the runtime reads the front)."""
+    pad = runtime._pad_rows
+    monkeypatch.setattr(runtime, "_pad_rows", lambda a, rows: pad(a, rows) if len(a) == rows else pad(a, rows)[::-1])
+
+
+@pytest.mark.parametrize("mistake", [
+    lambda mp: mp.setattr(runtime.CompiledModel, "bucket_for", _bucket_cut_one_token_short),
+    _wrong_at_bucket_32,  # 8 generated pairs never run at 32: each batch has one over 32 tokens
+    _short_batch_rows_reversed,  # 8 pairs at batch 4: no short batch, unless the proof makes them
+], ids=["bucket cuts the last real token", "one bucket's graph wrong", "short batch rows misplaced"])
+def test_the_proof_catches_a_mistake_at_a_bucket_edge_or_in_a_short_batch(models, tmp_path, monkeypatch, mistake):
+    """The proof runs a row just past every bucket's end and short batches, not only the pairs' own
+    lengths and full batches: a rebuilt model wrong only there must fail it (mutations found passing)."""
+    mistake(monkeypatch)
+    with pytest.raises(EquivalenceError, match="differs from the original"):
+        quiet_compile(models["savedmodel-erf"], tmp_path / "out", target="cpu", pairs=8)
+    eq = json.loads((tmp_path / "out" / "manifest.json").read_text())["equivalence"]
+    assert eq["pairs"] == 8 and eq["probe_rows"] == 5  # buckets 32, 64, 96, 128: rows of 32, 33, 65, 97, 128
+
+
+def test_probe_rows_reach_each_bucket_edge_from_the_longest_pair(models):
+    from bertpool.compile.equivalence import probe_features, probe_lengths
+
+    assert probe_lengths([128, 32, 64, 96]) == [32, 33, 65, 97, 128] and probe_lengths([64]) == [64]
+    f = features_for(models["savedmodel-erf"] / "vocab.txt", n=3)  # no truncated pair: all under 128 tokens
+    probes = probe_features(f, [32, 64, 96, 128])
+    longest = int(np.argmax(f.input_mask.sum(axis=1)))
+    real = int(f.input_mask[longest].sum())
+    assert real < 128 and list(probes.input_mask.sum(axis=1)) == [32, 33, 65, 97, 128]
+    for row, length in enumerate([32, 33, 65, 97, 128]):
+        assert not probes.input_mask[row, length:].any() and not probes.input_ids[row, length:].any()
+        assert probes.input_ids[row, length - 1] == f.input_ids[longest, real - 1]  # ends in its [SEP]
+        cut = min(length, real) - 1  # a prefix of the pair, then its tokens repeated
+        np.testing.assert_array_equal(probes.input_ids[row, :cut], f.input_ids[longest, :cut])
+        np.testing.assert_array_equal(probes.segment_ids[row, :cut], f.segment_ids[longest, :cut])
+    assert set(np.unique(probes.segment_ids[-1, :128])) == {0, 1}  # both segments
+
 # --------------------------------------------------------------------- the manifest
 
 def test_manifest(models, compiled):
