@@ -18,7 +18,7 @@ import zipfile
 
 import numpy as np
 
-from ..common.errors import BinaryMismatchError, ModelFormatError
+from ..common.errors import BinaryMismatchError, EquivalenceError, ModelFormatError
 from .writing import writing
 
 REFERENCE_FILE = "reference.npz"
@@ -28,10 +28,14 @@ FEATURE_KEYS = ("input_ids", "input_mask", "segment_ids")
 
 def write_reference(model_dir: pathlib.Path, features, rebuilt, tolerance: float, rebuilt_name: str) -> dict:
     """Run ``rebuilt`` (a CompiledModel) on the first REFERENCE_PAIRS rows of ``features`` and store
-    inputs and probabilities in ``model_dir/reference.npz``; returns the manifest's ``reference`` section."""
+    inputs and probabilities in ``model_dir/reference.npz``; returns the manifest's ``reference`` section.
+    EquivalenceError when a probability is not finite: no bound can prove such a model."""
     rows = slice(0, REFERENCE_PAIRS)
     arrays = {key: np.asarray(getattr(features, key)[rows], np.int32) for key in FEATURE_KEYS}
     probabilities = rebuilt.predict(*(arrays[key] for key in FEATURE_KEYS))
+    if not np.isfinite(probabilities).all():  # (else the proof's own load of the output blames its binary)
+        raise EquivalenceError(f"{rebuilt_name} gives non-finite probabilities (NaN or inf) on the reference "
+                               f"pairs: it is not the original's function (an overflow in its dtype?)")
     with writing(model_dir / REFERENCE_FILE):
         np.savez(model_dir / REFERENCE_FILE, probabilities=probabilities, **arrays)
     return {"file": REFERENCE_FILE, "pairs": int(len(probabilities)), "tolerance": float(tolerance),

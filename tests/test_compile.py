@@ -26,7 +26,7 @@ from bertpool.common.data import generate_pairs  # noqa: E402
 from bertpool.common.errors import (BackendUnavailable, ConfigError, EquivalenceError,  # noqa: E402
                                     ModelFormatError)
 from bertpool.common.tokenizer import BertTokenizer  # noqa: E402
-from bertpool.compile import runtime  # noqa: E402
+from bertpool.compile import cli, runtime  # noqa: E402
 from bertpool.compile.build import default_target  # noqa: E402
 from bertpool.compile.equivalence import TOLERANCES, SavedModelOriginal, tolerance_for  # noqa: E402
 from bertpool.compile.shape import BertShape  # noqa: E402
@@ -453,6 +453,19 @@ def test_the_proof_catches_a_mistake_at_a_bucket_edge_or_in_a_short_batch(models
         quiet_compile(models["savedmodel-erf"], tmp_path / "out", target="cpu", pairs=8)
     eq = json.loads((tmp_path / "out" / "manifest.json").read_text())["equivalence"]
     assert eq["pairs"] == 8 and eq["probe_rows"] == 5  # buckets 32, 64, 96, 128: rows of 32, 33, 65, 97, 128
+
+
+def test_a_rebuilt_model_answering_nan_fails_its_proof_saying_so(models, tmp_path, monkeypatch, capsys):
+    """A rebuilt graph giving NaN (an fp16 overflow, a -inf mask times 0) was refused as a binary that
+    disagrees with its reference pairs (exit 2, "recompile it", naming the staging directory)."""
+    predict = runtime.CompiledModel.predict
+    monkeypatch.setattr(runtime.CompiledModel, "predict", lambda self, *a: predict(self, *a) * np.float32("nan"))
+    code = cli.main(["--input_saved_model", str(models["savedmodel-erf"]), "--output_saved_model",
+                     str(tmp_path / "out"), "--target", "cpu", "--pairs", "8", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "gives non-finite probabilities (NaN or inf) on the reference pairs" in err and "recompile" not in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_probe_rows_reach_each_bucket_edge_from_the_longest_pair(models):
