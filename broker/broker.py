@@ -36,6 +36,11 @@ Reliability (see the heartbeat section of :mod:`bertpool.common.protocol`):
 * A client that stops reading cannot stall the broker or grow its memory: at
   most ``frontend_sndhwm_msgs`` replies wait for one client, and further ones
   are dropped and counted (``dropped``), never blocked on.
+* Out of file descriptors (``ulimit -n`` reached: one per client connection),
+  new clients' connections wait unaccepted, unanswered, and ZeroMQ retries the
+  accept in a busy loop (a core) without a word: the broker looks once a
+  heartbeat interval and says so (WARNING, then once a minute while it lasts;
+  INFO once it can accept again).
 * Graceful shutdown: stop() makes new REQUESTs get ERROR shutting_down, lets
   held and queued requests finish for up to ``drain_timeout_s``, answers the
   rest shutting_down, says DISCONNECT to every worker, and returns. Meanwhile a
@@ -70,13 +75,15 @@ from ..common.defaults import DEFAULT_BACKEND, DEFAULT_FRONTEND
 from ..common.errors import BertpoolError, ConfigError, ProtocolError
 from ..common.recent import Recent
 from .metrics import BrokerMetrics, MetricsServer, PoolTotals
-from ..common.fastzmq import recv_nowait, send_nowait
+from ..common.fastzmq import out_of_files, recv_nowait, send_nowait
 
 log = logging.getLogger("bertpool.broker")
 
 _TOKEN_MASK = (1 << (8 * P.TOKEN_BYTES)) - 1
 # The shortest stats_interval_s other than 0 (off): 1e-9 printed about 90,000 lines a second.
 MIN_STATS_INTERVAL_S = 0.1
+# While the process is out of file descriptors, it says so again this often (first at once).
+OUT_OF_FILES_REPEAT_S = 60.0
 # Peers remembered: worker sockets that answered a request (their STATS count), and senders of a
 # malformed READY already warned about. Bounded, so a flood of new sockets cannot grow memory.
 MAX_PEERS = 1024
@@ -266,6 +273,7 @@ class Broker:
         self._answering: Recent[bytes, None] = Recent(MAX_PEERS)
         self._warned_ready: Recent[Any, None] = Recent(MAX_PEERS)  # senders of a malformed READY already warned about
         self._ready_ignored = False  # a READY came while draining (said once)
+        self._out_of_files: tuple[float, float] | None = None  # while out of descriptors: since, last said
         self._last_totals: tuple[float, int, int, int] | None = None
         self.frontend: zmq.Socket | None = None
         self.backend: zmq.Socket | None = None
@@ -413,6 +421,7 @@ class Broker:
                     self._expire_queued(now)
                     self._expire_held(now)
                     self._beat_workers()
+                    self._check_open_files(now)
                     next_beat = now + interval
                 if self._draining_until is not None and self._drain_done(now):
                     break
@@ -767,6 +776,25 @@ class Broker:
         for worker in list(self._workers.values()):
             if not self._send_worker(worker.identity, frames):
                 self._remove_worker(worker.identity, "unreachable", lost=True)
+
+    def _check_open_files(self, now: float) -> None:
+        """Say when the process is out of file descriptors, and when it is no longer. ZeroMQ reports
+        neither: out of them, its listener cannot accept, so new clients wait unanswered (theirs is
+        'nothing heard from the broker') while its I/O thread retries the accept in a busy loop."""
+        why = out_of_files()
+        if why is None:
+            if self._out_of_files is not None:
+                log.info("file descriptors are free again after %.0f s: new client connections are accepted",
+                         now - self._out_of_files[0])
+                self._out_of_files = None
+            return
+        since, said = self._out_of_files or (now, None)
+        if said is None or now - said >= OUT_OF_FILES_REPEAT_S:
+            lasting = f" (for {now - since:.0f} s)" if said is not None else ""
+            log.warning("cannot accept new connections%s: %s; clients and workers connecting now wait, "
+                        "unanswered, until some connection closes", lasting, why)
+            said = now
+        self._out_of_files = (since, said)
 
     def _expire_queued(self, now: float) -> None:
         """Answer queued requests whose deadline passed (also done at dispatch)."""

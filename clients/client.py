@@ -83,6 +83,7 @@ import random
 import threading
 import time
 import uuid
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -94,7 +95,7 @@ from ..common import protocol as P
 from ..common import security
 from ..common.defaults import DEFAULT_FRONTEND
 from ..common.recent import Recent
-from ..common.fastzmq import close_monitored, open_monitor, recv_nowait, send_nowait
+from ..common.fastzmq import close_monitored, files_exhausted, open_monitor, out_of_files, recv_nowait, send_nowait
 from ..common.errors import (BertpoolError, BrokerUnavailable, ClientClosed, ConfigError, DeadlineExceeded,
                              HandshakeFailed, MalformedReply, ProtocolError, RemoteError, ServerBusy)
 
@@ -102,6 +103,11 @@ log = logging.getLogger("bertpool.client")
 
 # How many settled request ids the client remembers, to tell a duplicate reply from a late one.
 _REMEMBERED_IDS = 16384
+
+# While nothing is pending, the parked I/O thread reads the link's monitor this often, so events of a
+# link that flaps while the Client sits idle (a broker restarting, a balancer closing idle connections)
+# do not pile up in memory for as long as it idles (see fastzmq.open_monitor).
+PARKED_READ_S = 5.0
 
 # Plain ints: pyzmq's enum flags cost microseconds per operation on the per-request path (the
 # request and reply frames go through common.fastzmq for the same reason).
@@ -211,22 +217,25 @@ class Client:
         # the outbox, or close(). Cleared by the I/O thread (holding _drive and _lock) when it parks with
         # nothing pending. _io_owner holds this Client for the I/O thread exactly while it is set.
         self._io_wanted = threading.Event()
-        self._io_owner = _IoOwner()
+        self._io_owner = _IoOwner(self)
         self._sockets_closed = False
-        self._wake_recv = self._ctx.socket(zmq.PAIR)
-        self._wake_recv.bind(self._wake_addr)
-        self._wake_send = self._ctx.socket(zmq.PAIR)
-        self._wake_send.connect(self._wake_addr)
+        self._wake_recv: zmq.Socket | None = None
+        self._wake_send: zmq.Socket | None = None
         self._sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
         # When the broker's connection closed, while it has not come back (None: up, or never up);
         # a fresh link (_open_link) does not clear it, only a connection does.
         self._down_since: float | None = None
-        try:
+        try:  # each socket takes file descriptors: out of them, any of these fails (EMFILE)
+            self._wake_recv = self._ctx.socket(zmq.PAIR)
+            self._wake_recv.bind(self._wake_addr)
+            self._wake_send = self._ctx.socket(zmq.PAIR)
+            self._wake_send.connect(self._wake_addr)
             self._open_link()
         except zmq.ZMQError as exc:
             self._close_sockets()
-            raise ConfigError(f"cannot connect to {address}: {exc}") from exc
+            why = files_exhausted(exc.errno)
+            raise ConfigError(f"cannot connect to {address}: {why or exc}") from exc
         # Request state (only the _drive holder touches these after start).
         self._pending: dict[Any, _Pending] = {}
         self._deadlines: list[tuple[float, int, Any]] = []  # heap of (deadline, seq, id)
@@ -452,7 +461,8 @@ class Client:
                 self._sockets_closed = True
                 self._close_link()
                 for sock in (self._wake_send, self._wake_recv):
-                    sock.close(linger=0)
+                    if sock is not None:  # None: the constructor failed before opening it
+                        sock.close(linger=0)
 
     # ---------------------------------------------------- the link to the broker
 
@@ -848,13 +858,20 @@ class Client:
             return (f"no broker answered at {self.config.address}: {self._handshake_hint}; request "
                     f"{entry.rid} was sent {entry.sends} times")
         if not self._ever_heard and not self._ever_connected:
-            return (f"nothing answered at {self.config.address} — is a broker running there? "
-                    f"(request {entry.rid} sent {entry.sends} times)")
+            return f"{self._never_answered('nothing answered')} (request {entry.rid} sent {entry.sends} times)"
         if not self._ever_heard:
             return (f"no broker answered at {self.config.address}: something accepted the connection "
                     f"but never sent a message; request {entry.rid} was sent {entry.sends} times")
         return (f"no broker answered at {self.config.address}: {why}; request {entry.rid} was sent "
                 f"{entry.sends} times (lost_retries={self.config.lost_retries})")
+
+    def _never_answered(self, nothing: str) -> str:
+        """Why nothing ever answered: no broker there, as a rule; but a process out of file
+        descriptors cannot open the connection at all, and ZeroMQ retries that in silence."""
+        files = out_of_files()
+        if files is not None:
+            return f"no connection to {self.config.address} could be opened: {files}"
+        return f"{nothing} at {self.config.address} — is a broker running there?"
 
     def _expire(self, now: float) -> None:
         while self._deadlines and self._deadlines[0][0] <= now:
@@ -870,7 +887,7 @@ class Client:
             elif self._wrong_endpoint is not None:
                 message += f"; {self._wrong_endpoint}"
             elif not self._ever_heard and not self._ever_connected:
-                message += f"; nothing ever answered at {self.config.address} — is a broker running there?"
+                message += f"; {self._never_answered('nothing ever answered')}"
             elif self._down_since is not None:
                 message += (f"; the connection to the broker at {self.config.address} closed "
                             f"{now - self._down_since:.1f} s ago and has not come back")
@@ -885,23 +902,40 @@ class _IoOwner:
     request or close() that asks, under its _lock, until the thread parks with nothing pending), so
     nothing pending is ever lost with a dropped Client; and nothing while parked, so a Client dropped
     without close() is collected (Client.__del__) instead of living, with its thread and sockets, as
-    long as the process."""
-    __slots__ = ("client",)
+    long as the process. ``ref`` (weak) lets the parked thread read the link's monitor meanwhile."""
+    __slots__ = ("client", "ref")
 
-    def __init__(self) -> None:
+    def __init__(self, client: Client) -> None:
         self.client: Client | None = None
+        self.ref = weakref.ref(client)
 
 
 def _io_main(owner: _IoOwner, wanted: threading.Event) -> None:
-    """The I/O thread: serve its Client whenever asked; end when it is closed, or collected unclosed."""
+    """The I/O thread: serve its Client whenever asked (and, parked, read its link's monitor every
+    PARKED_READ_S); end when it is closed, or collected unclosed."""
     while True:
-        wanted.wait()
+        if not wanted.wait(PARKED_READ_S):
+            _read_parked(owner)
+            continue
         client = owner.client
         if client is None:
             return  # the Client was collected (its __del__ set ``wanted``): nothing is left to serve
         if not client._io_serve():
             return
         del client  # parked: hold no reference while waiting
+
+
+def _read_parked(owner: _IoOwner) -> None:
+    """Parked: read the idle link's monitor (its connection and handshake news, kept for the next
+    request), unless someone drives the socket now (they read it)."""
+    client = owner.ref()
+    if client is None or not client._drive.acquire(blocking=False):
+        return
+    try:
+        if not client._closed.is_set() and client._monitor is not None:
+            client._connection_closed()
+    finally:
+        client._drive.release()
 
 
 def _check_pairs(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:

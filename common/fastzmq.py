@@ -12,12 +12,22 @@ come out, are the same as ``send_multipart(frames, NOBLOCK)`` and
 
 Also here: :func:`open_monitor` and :func:`close_monitored`, the socket monitor
 the client and the worker keep on their link to the broker (connections and
-handshakes), opened and closed the same way by both.
+handshakes), opened and closed the same way by both; and :func:`out_of_files`,
+which says what ZeroMQ never reports: that the process has no file descriptor
+left, so its I/O thread can neither accept nor open a connection (it retries in
+silence, and an accepting one in a busy loop).
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import uuid
+
+try:
+    import resource  # POSIX; imported now, as out of file descriptors no module can be read
+except ImportError:  # pragma: no cover (Windows)
+    resource = None
 
 import zmq
 from zmq.backend import Socket as _CSocket
@@ -67,11 +77,17 @@ def recv_many(sock: zmq.Socket, limit: int) -> list[list[bytes]]:
 def open_monitor(sock: zmq.Socket, events: int, name: str) -> zmq.Socket:
     """A PAIR socket receiving ``sock``'s monitor ``events`` (call it before ``sock`` connects, so
     none is missed). Its inproc address is ``name`` plus a random part: unique however often a
-    link is reopened (pyzmq's get_monitor_socket names it by file descriptor, which is reused)."""
+    link is reopened (pyzmq's get_monitor_socket names it by file descriptor, which is reused).
+
+    It never fills: libzmq sends each event with a blocking send from the thread that saw it, so
+    a full monitor (1,000-odd events unread: a link flapping while its owner sits idle) stopped the
+    context's I/O thread, and every socket of the process with it. Its owner reads it when it next
+    uses the link (the Client also while idle: see its _io_main)."""
     address = f"inproc://{name}-monitor-{uuid.uuid4().hex}"
     sock.monitor(address, events)
     monitor = sock.context.socket(zmq.PAIR)
     monitor.setsockopt(zmq.LINGER, 0)
+    monitor.setsockopt(zmq.RCVHWM, 0)  # before connect: an inproc pipe's bound is set then (0: none)
     monitor.connect(address)
     return monitor
 
@@ -84,3 +100,28 @@ def close_monitored(sock: zmq.Socket, monitor: zmq.Socket, linger_ms: int) -> No
         pass
     sock.close(linger=linger_ms)
     monitor.close(linger=0)
+
+
+def out_of_files() -> str | None:
+    """None while this process can open one more file; else why it cannot, for a message (its
+    open-file limit, or the system's file table). One open() and close(): cheap enough to ask once
+    a second."""
+    try:
+        fd = os.open(os.devnull, os.O_RDONLY)
+    except OSError as exc:
+        return files_exhausted(exc.errno)
+    os.close(fd)
+    return None
+
+
+def files_exhausted(code: int | None) -> str | None:
+    """Why a call failed with errno ``code``, when it is EMFILE or ENFILE (else None): what to raise."""
+    if code == errno.ENFILE:
+        return "the system's open-file table is full (raise fs.file-max)"
+    if code != errno.EMFILE:
+        return None
+    try:
+        limit = f" of {resource.getrlimit(resource.RLIMIT_NOFILE)[0]} file descriptors" if resource else ""
+    except (OSError, ValueError):
+        limit = ""
+    return f"this process reached its open-file limit{limit}: raise ulimit -n (systemd: LimitNOFILE=)"
