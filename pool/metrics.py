@@ -18,8 +18,9 @@ SUPERVISOR_METRICS = {
                                    "signal (killed: OOM killer, a crash in native code, by hand), error (a non-zero "
                                    "exit), exited (exit 0), load_failed (could not load its model or configuration), "
                                    "refused (the broker ended its handshake); those that die before READY included",
-    "bertpool_worker_slots_failing": "bertpool-serve's worker slots whose worker could not start or load and is "
-                                     "retried while the others serve (until a worker of the slot has run 30 s)",
+    "bertpool_worker_slots_failing": "bertpool-serve's worker slots whose worker could not start, load or register "
+                                     "and is retried while the others serve (until a worker of the slot has run "
+                                     "30 s, or dies of something else)",
 }
 
 
