@@ -102,7 +102,9 @@ def write_checkpoint(directory, shape: BertShape, tensors: dict[str, np.ndarray]
         raise ConfigError(f"a google-research bert_config.json cannot express GELU {gelu!r}")
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = dict(bert_config(shape), hidden_act=GOOGLE_ACT[gelu])
+    # layer_norm_eps too, though google's modeling.py always uses 1e-12 (its BertConfig keeps unknown keys):
+    # a model fine-tuned from a Hugging Face base at another epsilon must read back as it was trained.
+    config = dict(bert_config(shape), hidden_act=GOOGLE_ACT[gelu], layer_norm_eps=shape.layer_norm_eps)
     (directory / "bert_config.json").write_text(json.dumps(config, indent=2) + "\n")
     graph = tf.Graph()
     with graph.as_default():
