@@ -120,8 +120,8 @@ def test_help_prints_usage_exit_0_and_runs_nothing(root, name):
     assert not (root / "setup-ran").exists() and not (root / "runs").exists()
 
 
-@pytest.mark.parametrize("knob", ["MODEL=bert-base", "SIZE=huge", "PARALLEL=0", "CLIENTS=abc", "CYCLE=-1", "SWEEP=1,,4",
-                                  "BACKEND=fake", "ARG"])
+@pytest.mark.parametrize("knob", ["MODEL=bert-base", "SIZE=huge", "PARALLEL=0", "CLIENTS=abc", "CYCLE=-1",
+                                  "SWEEP=1,,4", "BACKEND=fake", "ARG"])
 def test_demo_refuses_a_bad_knob_in_one_line_before_installing(root, knob):
     name, _, value = knob.partition("=")
     extra = {"MODEL": "random"} if name == "SIZE" else {}

@@ -864,7 +864,8 @@ def test_an_untyped_load_failure_is_final_with_its_type_and_a_traceback(tmp_path
         raise RuntimeError("the runtime cannot open its device")
 
     monkeypatch.setattr(worker_module.Worker, "load", broken_load)
-    monkeypatch.setattr(worker_module, "ignore_hangup", lambda: None)  # main() runs in the test's process
+    for name in ("ignore_hangup", "setup_logging"):  # main() runs in the test's process: keep its set-up
+        monkeypatch.setattr(worker_module, name, lambda: None)
     error = tmp_path / "w.error"
     code = worker_module.main(["--backend", "echo", "--worker-address", f"ipc://{tmp_path}/back.ipc",
                                "--load-error-file", str(error)])
