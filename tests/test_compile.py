@@ -563,6 +563,13 @@ def test_heads_that_contradict_a_savedmodels_graph_are_refused(models, tmp_path)
     (beside / "bert_config.json").write_text(json.dumps({"num_attention_heads": 4, "layer_norm_eps": "tiny"}))
     with pytest.raises(ModelFormatError, match="layer_norm_eps must be a small number"):
         load_weights(beside)
+    # The epsilon likewise (it overrode the graph's unchecked: another model, proved only at float32).
+    graph_eps = load_weights(source).shape.layer_norm_eps
+    (beside / "bert_config.json").write_text(json.dumps({"num_attention_heads": 4, "layer_norm_eps": 1e-5}))
+    with pytest.raises(ModelFormatError, match=r"layer_norm_eps 1e-05 contradicts the graph of .*epsilon is 1e-12"):
+        load_weights(beside)
+    (beside / "bert_config.json").write_text(json.dumps({"num_attention_heads": 4, "layer_norm_eps": graph_eps}))
+    assert load_weights(beside).shape.layer_norm_eps == pytest.approx(graph_eps)
 
 
 def test_a_compiled_model_with_a_damaged_vocabulary_does_not_load(compiled, tmp_path):

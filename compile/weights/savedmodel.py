@@ -1,12 +1,14 @@
 """google-research ``run_classifier`` exports: a TF1 SavedModel (``saved_model.pb`` + ``variables/``).
 
 Variables are read from its variables checkpoint; heads, LayerNorm epsilon, GELU and
-sequence length from the graph (a ``bert_config.json`` beside it wins for heads/eps).
+sequence length from the graph (a ``bert_config.json`` beside it fills in heads/eps where the
+graph does not tell them, and is refused where it contradicts the graph).
 The demo model writes this format (:func:`..demo_model.save_run_classifier`).
 """
 
 from __future__ import annotations
 
+import math
 import pathlib
 
 import numpy as np
@@ -54,7 +56,14 @@ def _read_savedmodel(path: pathlib.Path, heads: int | None) -> BertWeights:
     eps = config.get("layer_norm_eps")
     if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1):
         raise ModelFormatError(f"{config_path}: layer_norm_eps must be a small number > 0, got {eps!r}")
-    eps = eps or _eps_from_graph(nodes)
+    graph_eps = _eps_from_graph(nodes)
+    # As for heads: the graph is the model. Another epsilon would rebuild another function, which the
+    # proof catches at float32 (2e-4 for 1e-5 against 1e-12) but not within float16's 5e-3, nor at all
+    # with --no-verify.
+    if eps is not None and graph_eps is not None and not math.isclose(eps, graph_eps, rel_tol=1e-5):
+        raise ModelFormatError(f"{config_path}: layer_norm_eps {eps!r} contradicts the graph of {path}, whose "
+                               f"LayerNorm epsilon is {graph_eps:.3g}")
+    eps = eps or graph_eps
     if eps is None:
         eps = 1e-12  # google-research's fixed LayerNorm epsilon
         notes.append("LayerNorm epsilon not found in the graph; assumed 1e-12 (google-research)")
