@@ -185,24 +185,9 @@ def compile_model(options: CompileOptions) -> dict:
 
 def _tokenizer(vocab: pathlib.Path, seq_length: int, weights: BertWeights, log):
     """The tokenizer the pool will use for this model, its casing announced; ModelFormatError when the
-    source's tokenizer config states the other casing.
-
-    Workers decide do_lower_case from the vocabulary (lower-case unless it holds capitals), as this
-    does. A tokenizer_config.json that says otherwise means the model was trained on text cased
-    differently from what it would be served: wrong answers, and the proof cannot see it (it feeds
-    both models the same tokens).
-    """
-    from ..common.tokenizer import BertTokenizer
-
-    tokenizer = BertTokenizer(vocab, max_seq_length=seq_length)
-    lower = tokenizer.do_lower_case
-    stated = weights.do_lower_case
-    if stated is not None and stated != lower:
-        raise ModelFormatError(
-            f"tokenizer_config.json of {weights.source.path} says do_lower_case={str(stated).lower()}, but "
-            f"{vocab} {'holds no capitals (an uncased vocabulary)' if lower else 'holds capitals (a cased vocabulary)'}, "
-            f"from which the pool decides do_lower_case={str(lower).lower()}; pass the vocabulary the model "
-            f"was trained with (--vocab) or correct tokenizer_config.json")
+    source's tokenizer config states the other casing (BertWeights.tokenizer)."""
+    tokenizer = weights.tokenizer(vocab, seq_length)
+    lower, stated = tokenizer.do_lower_case, weights.do_lower_case
     log(f"  tokenization: {'uncased' if lower else 'cased'} (do_lower_case={lower}, decided from {vocab}"
         f"{'' if stated is None else ', as tokenizer_config.json says'})")
     return tokenizer

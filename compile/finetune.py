@@ -54,7 +54,7 @@ import numpy as np
 from ..common.cli import (STOPPED, add_exit_status, check_output_dir, check_replaceable, counted, replacing_dir,
                           report_error, report_interrupt, sigterm_as_interrupt)
 from ..common.data import Pair, check_seed, read_mrpc_tsv
-from ..common.errors import BertpoolError, ConfigError, ModelFormatError
+from ..common.errors import BertpoolError, ConfigError
 from ..common.metrics import binary_report
 from ..common.tokenizer import BertTokenizer, Features
 from .runtime import MAX_BATCH_SIZE
@@ -216,18 +216,8 @@ def make_tokenizer(weights: BertWeights, vocab: str | None, max_seq_length: int)
     if path is None:
         raise ConfigError(f"{weights.source.path} has no vocab.txt inside or beside it; pass --vocab FILE")
     check_vocab(pathlib.Path(path), weights.shape.vocab_size)
-    tokenizer = BertTokenizer(path, max_seq_length=max_seq_length)
-    # Casing is decided from the vocabulary, here and in the pool (the export keeps no tokenizer config,
-    # so bertpool-compile cannot check it later): a stated casing that differs would fine-tune on text
-    # cased otherwise than in pre-training, and nothing after would notice.
-    stated, lower = weights.do_lower_case, tokenizer.do_lower_case
-    if stated is not None and stated != lower:
-        kind = "holds no capitals (an uncased vocabulary)" if lower else "holds capitals (a cased vocabulary)"
-        raise ModelFormatError(
-            f"tokenizer_config.json of {weights.source.path} says do_lower_case={str(stated).lower()}, but "
-            f"{path} {kind}, from which fine-tuning and the pool decide do_lower_case={str(lower).lower()}; "
-            f"pass the vocabulary the model was pre-trained with (--vocab) or correct tokenizer_config.json")
-    return tokenizer
+    # Checked here, as the export keeps no tokenizer config: bertpool-compile cannot check it later.
+    return weights.tokenizer(path, max_seq_length)
 
 
 def encode(tokenizer: BertTokenizer, pairs: list[Pair]) -> tuple[Features, np.ndarray]:

@@ -5,7 +5,7 @@ Formats, detected from the directory's content (:func:`detect_format`):
 * ``savedmodel`` (:mod:`.savedmodel`): google-research/bert ``run_classifier`` export, a TF1
   SavedModel (``saved_model.pb`` + ``variables/``). Variables are read from its
   variables checkpoint; heads, LayerNorm epsilon, GELU and sequence length are
-  read from the graph (a ``bert_config.json`` beside it wins for heads/eps).
+  read from the graph (a ``bert_config.json`` beside it fills in heads/eps, and must agree with it).
 * ``checkpoint`` (:mod:`.checkpoint`): a google-research TF checkpoint directory (``bert_config.json``
   + ``bert_model.ckpt.*`` or any other checkpoint prefix), or the prefix itself.
 * ``hf`` (:mod:`.hf`): a Hugging Face ``BertForSequenceClassification`` directory

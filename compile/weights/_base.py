@@ -64,6 +64,26 @@ class BertWeights:
     # do_lower_case as the source's tokenizer config states it (HF tokenizer_config.json); None: unstated
     do_lower_case: bool | None = None
 
+    def tokenizer(self, vocab: str | pathlib.Path, max_seq_length: int):
+        """The BertTokenizer of ``vocab`` for this model; ModelFormatError when the casing its
+        tokenizer config states contradicts the vocabulary's.
+
+        bertpool decides do_lower_case from the vocabulary (lower-case unless it holds capitals), in
+        fine-tuning and in the pool. A tokenizer_config.json that says otherwise means the model was
+        trained on text cased differently from what it would be fed: wrong answers, which the
+        equivalence proof cannot see (it feeds both models the same tokens)."""
+        from ...common.tokenizer import BertTokenizer
+
+        tokenizer = BertTokenizer(vocab, max_seq_length=max_seq_length)
+        stated, lower = self.do_lower_case, tokenizer.do_lower_case
+        if stated is not None and stated != lower:
+            kind = "holds no capitals (an uncased vocabulary)" if lower else "holds capitals (a cased vocabulary)"
+            raise ModelFormatError(
+                f"tokenizer_config.json of {self.source.path} says do_lower_case={str(stated).lower()}, but {vocab} "
+                f"{kind}, from which bertpool decides do_lower_case={str(lower).lower()}; pass the vocabulary the "
+                f"model was trained with (--vocab) or correct tokenizer_config.json")
+        return tokenizer
+
 
 def check_tensors(shape: BertShape, tensors: dict[str, np.ndarray], skip: tuple[str, ...] = ()) -> None:
     """Assert every expected tensor (but those in ``skip``) is present with exactly its shape and is finite."""
