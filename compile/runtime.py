@@ -318,6 +318,18 @@ def _signature_shape(fn) -> tuple[int, int] | None:
     return tuple(spec.shape.as_list()[:2])
 
 
+def neuron_toolchain(manifest: dict):
+    """The Neuron toolchain (compile.neuron.Toolchain: family, distribution, ...) a neuron manifest
+    names, for the serving side, which may not import compile.neuron itself; None where it names
+    none (load_compiled refuses such a model, with its own message)."""
+    from . import neuron
+
+    try:
+        return neuron.runtime_toolchain(manifest)
+    except ModelFormatError:
+        return None
+
+
 def _load_neuron(path: pathlib.Path, manifest: dict):
     """The traced model, loaded with the Neuron package it was compiled with (which registers NeuronOp)."""
     from . import neuron

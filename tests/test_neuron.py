@@ -10,6 +10,7 @@ and PATH; the product never looks for them itself.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -31,6 +32,7 @@ from bertpool.common.errors import (BackendUnavailable, BinaryMismatchError, Con
 from bertpool.compile import neuron, runtime  # noqa: E402
 from bertpool.compile.reference import ReferenceModel  # noqa: E402
 from bertpool.compile.weights import load_weights  # noqa: E402
+from bertpool.workers import neuron_cores  # noqa: E402
 from bertpool.workers.backends import BackendConfig, load_backend  # noqa: E402
 from bertpool.workers.neuron_cores import check_cores, parse_core_list, visible_cores  # noqa: E402
 from bertpool.workers.supervisor import worker_env  # noqa: E402
@@ -71,11 +73,15 @@ def neuron_compile(src, out, **kwargs) -> dict:
     return quiet_compile(src, out, target="neuron", pairs=8, **kwargs)
 
 
-def fake_sysfs(root: Path, cores_per_device: list[int]) -> Path:
-    """A Neuron driver sysfs tree with one neuronN/core_count per device."""
+def fake_sysfs(root: Path, cores_per_device: list[int], device_name: str | None = None) -> Path:
+    """A Neuron driver sysfs tree with one neuronN/core_count per device, and each device's
+    info/architecture/device_name when given (the driver writes Inferentia, Inferentia2, Trainium1...)."""
     for index, cores in enumerate(cores_per_device):
         (root / f"neuron{index}").mkdir(parents=True)
         (root / f"neuron{index}" / "core_count").write_text(f"{cores}\n")
+        if device_name is not None:
+            (root / f"neuron{index}" / "info" / "architecture").mkdir(parents=True)
+            (root / f"neuron{index}" / "info" / "architecture" / "device_name").write_text(f"{device_name}\n")
     return root
 
 
@@ -359,6 +365,58 @@ def test_backends_refuse_the_other_targets_model(fake_neuron, hf_models, tmp_pat
     (tmp_path / "n" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ModelFormatError, match="must carry reference pairs"):
         runtime.load_compiled(tmp_path / "n")
+
+
+# ------------------------------------------------------ a model for another NeuronCore generation
+
+HOST_DEVICE = {"inf1": "Inferentia", "inf2": "Inferentia2"}  # what the driver writes in device_name
+OTHER = {"inf1": "inf2", "inf2": "inf1"}
+
+
+@pytest.mark.parametrize("family", ["inf1", "inf2"])
+def test_a_model_for_another_neuroncore_generation_is_refused_at_load(fake_neuron, hf_models, tmp_path, family,
+                                                                      monkeypatch):
+    # It loaded, and failed only at the warm-up batch with the runtime's untyped OpError.
+    fake_neuron(COMPILERS[family])
+    neuron_compile(hf_models[0], tmp_path / "m")
+    host = OTHER[family]
+    sysfs = fake_sysfs(tmp_path / "sysfs", [2], device_name=HOST_DEVICE[host])
+    monkeypatch.setattr(neuron_cores, "NEURON_SYSFS", str(sysfs))
+    compiled_for = {"inf1": "inf1 (NeuronCore v1, tensorflow-neuron)",
+                    "inf2": "inf2/trn1 (NeuronCore v2, tensorflow-neuronx)"}[family]
+    message = (f"{tmp_path / 'm'} was compiled for {compiled_for}, but this host is {host} (NeuronCore "
+               f"v{1 if host == 'inf1' else 2}; {sysfs}/neuron0/info/architecture/device_name: {HOST_DEVICE[host]}); "
+               f"a Neuron binary runs only on the NeuronCore generation it was compiled for. Recompile it for this "
+               f"host: bertpool-compile --target neuron --neuron-target {host}")
+    with pytest.raises(ModelFormatError) as refused:
+        load_backend(BackendConfig(name="neuron", model_dir=str(tmp_path / "m")))
+    assert str(refused.value).startswith(message), str(refused.value)
+
+
+@pytest.mark.parametrize("family", ["inf1", "inf2"])
+def test_a_model_for_the_hosts_generation_loads(fake_neuron, hf_models, tmp_path, family, monkeypatch, caplog):
+    fake_neuron(COMPILERS[family])
+    neuron_compile(hf_models[0], tmp_path / "m")
+    monkeypatch.setattr(neuron_cores, "NEURON_SYSFS",
+                        str(fake_sysfs(tmp_path / "sysfs", [2, 2], device_name=HOST_DEVICE[family])))
+    with caplog.at_level(logging.DEBUG, logger="bertpool.neuron"):
+        backend = load_backend(BackendConfig(name="neuron", model_dir=str(tmp_path / "m")))  # warm-up included
+    assert backend.model_info()["target"] == "neuron"
+    assert f"compiled for {family}, and this host is {family}" in caplog.text
+
+
+def test_a_host_whose_generation_is_unknown_loads_as_before_saying_so(fake_neuron, hf_models, tmp_path, monkeypatch,
+                                                                     caplog):
+    # No architecture files (no driver here, an older one, or a layout that moved them): nothing is guessed.
+    fake_neuron("neuron-cc")
+    neuron_compile(hf_models[0], tmp_path / "m")
+    sysfs = fake_sysfs(tmp_path / "sysfs", [4])  # core_count only
+    monkeypatch.setattr(neuron_cores, "NEURON_SYSFS", str(sysfs))
+    with caplog.at_level(logging.INFO, logger="bertpool.neuron"):
+        backend = load_backend(BackendConfig(name="neuron", model_dir=str(tmp_path / "m")))
+    assert backend.model_info()["target"] == "neuron"
+    assert (f"cannot check that {tmp_path / 'm'} (compiled for inf1) suits this host's NeuronCores: "
+            f"{sysfs}/neuron0/info/architecture has no device_name or instance_type") in caplog.text
 
 
 # --------------------------------------------------------------------- NeuronCores

@@ -23,8 +23,9 @@ import numpy as np
 from ..common.errors import ConfigError, ModelFormatError
 from ..common.protocol import MAX_TIMEOUT_S
 from ..common.vocab import bert_vocab
-from ..compile.runtime import (import_tensorflow, is_compiled_model, model_dir_kind, read_manifest,
-                               savedmodel_embedding_rows)
+from ..compile.runtime import (import_tensorflow, is_compiled_model, model_dir_kind, neuron_toolchain,
+                               read_manifest, savedmodel_embedding_rows)
+from . import neuron_cores
 
 BACKENDS = ("echo", "tf", "neuron")
 # Most TensorFlow intra-op threads one worker may ask for: bertpool-finetune's bound (more only hangs
@@ -231,15 +232,29 @@ def _load_tf(config: BackendConfig) -> Backend:
 
 def _load_neuron(config: BackendConfig) -> Backend:
     """A ``--target neuron`` compiled model, run by the Neuron package it was compiled with
-    (imported by load_compiled from the manifest; BackendUnavailable where it does not import)."""
+    (imported by load_compiled from the manifest; BackendUnavailable where it does not import).
+    A model compiled for another NeuronCore generation than the host's is a ModelFormatError here,
+    before TensorFlow or the package is imported (see :func:`_check_neuron_host`)."""
     path = _model_dir(config)
     target = _compiled_target(path)
     if target is None:
         raise ModelFormatError(f"{path}: not a compiled model; run bertpool-compile --target neuron")
     if target != "neuron":
         raise ConfigError(f"{path} was compiled for {target}, not Neuron; serve it with --backend tf")
+    # The driver's own path, looked up at call time: serve's --neuron-sysfs does not reach the workers.
+    _check_neuron_host(path, neuron_cores.NEURON_SYSFS, os.environ)
     _configure_tf_threads(config.threads)
     return CompiledBackend(path, "neuron")
+
+
+def _check_neuron_host(path: Path, sysfs_root: str, environ) -> None:
+    """Refuse a model whose toolchain (the manifest's neuron.family) cannot run on this host's
+    NeuronCores, read from the driver's files under ``sysfs_root``: otherwise the runtime loads it
+    and fails only at the warm-up batch, with an untyped TensorFlow OpError. A manifest naming no
+    toolchain is left to load_compiled, which refuses it with its own message."""
+    toolchain = neuron_toolchain(read_manifest(path))
+    if toolchain is not None:
+        neuron_cores.check_model_family(path, toolchain.family, toolchain.distribution, sysfs_root, environ)
 
 
 ECHO_WARNING = ("echo backend: answers are NOT a model's (probabilities are a hash of the tokens); "
