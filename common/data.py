@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .errors import ConfigError, InputError
 from .protocol import check_text_arg
+from .textfile import decode_utf8
 
 MRPC_HEADER = ("Quality", "#1 ID", "#2 ID", "#1 String", "#2 String")
 SHARED_DATA_ENV = "BERTPOOL_SHARED_DATA"
@@ -61,25 +62,9 @@ def read_mrpc_tsv(path: str | os.PathLike) -> list[Pair]:
         raise ConfigError(f"MRPC file {name!r} does not exist") from exc
     except OSError as exc:
         raise ConfigError(f"cannot read MRPC file {name!r}: {exc}") from exc
-    text = _decode_utf8(raw, name).removeprefix("\ufeff")
+    text = decode_utf8(raw, name).removeprefix("\ufeff")
     # newline="": csv sees "\r\n", "\r" and "\n" line ends as they are, as with open(newline="").
     return _parse_mrpc(csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE), name)
-
-
-def _decode_utf8(raw: bytes, name: str) -> str:
-    """``raw`` as UTF-8, or ConfigError naming the line and byte offset of the first bad byte.
-
-    Decoded whole, not streamed: reading line by line, the decoder's offset is within its 8 KiB
-    chunk, so a bad byte past the first chunk was reported at a wrong position, and at no line.
-    """
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        # bytes.splitlines ends lines at "\r\n", "\r" and "\n", as csv counts them; the "x" makes
-        # a prefix that ends in a line break count the line after it.
-        line = len((raw[:exc.start] + b"x").splitlines())
-        raise ConfigError(f"{name}:{line}: not UTF-8 (byte 0x{raw[exc.start]:02x} at file offset {exc.start}: "
-                          f"{exc.reason}); save the file as UTF-8") from exc
 
 
 def _parse_mrpc(reader, name: str) -> list[Pair]:

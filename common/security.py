@@ -26,7 +26,9 @@ import argparse
 import logging
 import os
 import re
+import shutil
 import struct
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,15 +211,39 @@ def _make_key_directory(d: Path) -> None:
 
 
 def _write_key_pair(d: Path, name: str) -> tuple[str, str]:
-    """Write one key pair into ``d`` with pyzmq, replacing what is there; (public, secret) paths."""
-    for suffix in (PUBLIC_SUFFIX, SECRET_SUFFIX):  # pyzmq opens with "w": replace, don't follow
-        target = d / f"{name}{suffix}"
-        if os.path.lexists(target):
-            target.unlink()
-    public, secret = zmq.auth.create_certificates(d, name)
-    os.chmod(public, 0o644)
-    os.chmod(secret, 0o600)
-    return public, secret
+    """Write one key pair into ``d`` with pyzmq; (public, secret) paths. Each file replaces what is
+    there atomically: pyzmq writes both into a staging directory inside ``d`` (same file system; mode
+    0700, and the caller's umask 077 creates the secret 0600), they are flushed to disk, then each is
+    os.replace'd over its name. A crash or a full disk midway leaves every name holding its old key or
+    its new one, never a truncated or missing key (it was unlinked first, then rewritten); a symlink
+    in the way is replaced, never followed. Not both names at once: a crash between the two renames
+    leaves a new secret beside the old public key (run it again). OSError is the caller's to translate."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=d))  # hidden: no *.key an allow-list reads
+    try:
+        written = zmq.auth.create_certificates(staging, name)
+        os.chmod(written[0], 0o644)
+        os.chmod(written[1], 0o600)  # already, by the umask; said here, as the contract
+        for path in written:
+            _fsync(path, os.O_RDONLY)
+        targets = []
+        for path in written:
+            target = d / Path(path).name
+            os.replace(path, target)
+            targets.append(str(target))
+        _fsync(d, os.O_RDONLY | os.O_DIRECTORY)  # the renames themselves
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return targets[0], targets[1]
+
+
+def _fsync(path: str | os.PathLike, flags: int) -> None:
+    """Flush ``path`` (a file, or a directory's entries) to disk, so a rename never lands before the
+    data it names."""
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # -------------------------------------------------------------------- configs

@@ -44,7 +44,7 @@ import itertools
 import os
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,6 +97,21 @@ _UPPER_ASCII = re.compile(r"[A-Z]")
 # Character kinds for the plain-Python BasicTokenizer's cleaning pass
 # (punctuation is decided later, after lower-casing and accent stripping).
 _DROP, _SPACE, _CJK, _OTHER = range(4)
+
+
+PARALLELISM_ENV = "TOKENIZERS_PARALLELISM"  # HF tokenizers' switch for its own thread pool
+
+
+def serial_tokenizers(env: MutableMapping[str, str] | None = None) -> None:
+    """Set ``TOKENIZERS_PARALLELISM=false`` in ``env`` (None: this process's os.environ) unless it is
+    already set (a value someone chose is kept). HF tokenizers reads it when it encodes: run this before
+    the first encode.
+
+    Why: a worker encodes small batches (a few pairs), one worker per core; HF's thread pool only
+    adds hand-off latency there and oversubscribes the cores the other workers use. The one home of
+    this setting for every process that runs workers (bertpool-worker, the supervisor's children,
+    the benches' in-process workers)."""
+    (os.environ if env is None else env).setdefault(PARALLELISM_ENV, "false")
 
 
 @dataclass(frozen=True)

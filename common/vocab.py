@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import BertpoolError, ConfigError
+from .textfile import decode_utf8
 
 REQUIRED_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]")  # what a tokenizer and a model need
 HEAD = ("[PAD]", *(f"[unused{i}]" for i in range(99)), "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -36,14 +37,15 @@ HEAD = ("[PAD]", *(f"[unused{i}]" for i in range(99)), "[UNK]", "[CLS]", "[SEP]"
 def read_vocab(path: str | os.PathLike, error: type[BertpoolError] = ConfigError) -> list[str]:
     """The tokens of a vocab.txt, in id order (module docstring: the rules).
 
-    An unreadable, non-UTF-8 or empty file raises ``error``: ConfigError where the
-    user named the file, ModelFormatError where it belongs to a model directory.
+    An unreadable, non-UTF-8 (naming the line and byte offset) or empty file raises ``error``:
+    ConfigError where the user named the file, ModelFormatError where it belongs to a model directory.
     """
     try:
-        with open(path, encoding="utf-8", newline="") as f:  # newline="": split on "\n" ourselves
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as exc:
+        with open(path, "rb") as f:  # bytes: no newline translation, we split on "\n" ourselves
+            raw = f.read()
+    except OSError as exc:
         raise error(f"cannot read vocabulary file {os.fspath(path)!r}: {exc}") from exc
+    text = decode_utf8(raw, f"vocabulary file {os.fspath(path)}", error, lf_only=True)  # lines as split below
     lines = text.removeprefix("\ufeff").split("\n")
     if lines[-1] == "":
         lines.pop()  # text after the final newline is not a line

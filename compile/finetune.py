@@ -435,7 +435,8 @@ def finetune(config: FinetuneConfig, reuse: bool = False, overwrite: bool = Fals
     ``reuse``: if OUTPUT holds a previous result with the same cache key (same
     weights, vocabulary, data and recipe), return its report without training;
     a previous bertpool-finetune output with another key is replaced. Otherwise
-    OUTPUT must be empty or absent unless ``overwrite``.
+    OUTPUT must be empty or absent unless ``overwrite``. ``progress``: a progress bar and a line per
+    epoch (loss, dev accuracy and F1, speed) on stderr; False (--quiet): neither, nothing is printed.
     """
     source = resolve_pretrained(config.pretrained)
     # With --force the old output goes (at the end): never one holding an input or the current directory.
@@ -538,6 +539,13 @@ def _train(config: FinetuneConfig, trainer: Trainer, train, dev, rng, progress: 
     history, step, wall_s = [], 0, 0.0
     averager = WeightAverage(config.average_from_epoch)
     bar = tqdm(total=total, desc="fine-tune", unit="step", disable=not progress, file=sys.stderr)
+
+    def status(line: str) -> None:
+        """A per-epoch line, beside the bar on stderr (tqdm.write's default, stdout, is for results and
+        does not clear the bar first); none without ``progress`` (a disabled bar's write still prints)."""
+        if progress:
+            bar.write(line, file=sys.stderr)
+
     for epoch in range(config.epochs):
         losses, pairs, started = [], 0, time.perf_counter()
         epoch_features = oriented(features, swapped, rng.random(len(labels)) < 0.5)
@@ -561,9 +569,9 @@ def _train(config: FinetuneConfig, trainer: Trainer, train, dev, rng, progress: 
                   "last_loss": round(losses[-1], 4) if losses else None}
         if dev is not None and losses:
             record["dev"] = evaluate(trainer, *dev)
-            bar.write(f"epoch {epoch + 1}: loss {record['mean_loss']:.4f}, dev accuracy "
-                      f"{record['dev']['accuracy']:.4f}, F1 {record['dev']['f1']:.4f}, "
-                      f"{pairs / seconds:.1f} pairs/s")
+            status(f"epoch {epoch + 1}: loss {record['mean_loss']:.4f}, dev accuracy "
+                   f"{record['dev']['accuracy']:.4f}, F1 {record['dev']['f1']:.4f}, "
+                   f"{pairs / seconds:.1f} pairs/s")
         if losses:
             history.append(record)
             averager.add(epoch + 1, trainer.model)
@@ -576,8 +584,8 @@ def _train(config: FinetuneConfig, trainer: Trainer, train, dev, rng, progress: 
         average = {"of_epochs": averager.epochs}
         if dev is not None:
             average["dev"] = evaluate(trainer, *dev)
-            bar.write(f"mean of epochs {averager.epochs}: dev accuracy {average['dev']['accuracy']:.4f}, "
-                      f"F1 {average['dev']['f1']:.4f}")
+            status(f"mean of epochs {averager.epochs}: dev accuracy {average['dev']['accuracy']:.4f}, "
+                   f"F1 {average['dev']['f1']:.4f}")
     return history, wall_s, average
 
 
@@ -691,7 +699,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep a previous result in OUTPUT made from the same weights, data and recipe; "
                              "a previous result made otherwise is replaced (no --force needed)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUTPUT")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar or per-epoch lines (both on stderr); the result line is still "
+                             "printed on stdout")
     return parser
 
 

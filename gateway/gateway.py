@@ -27,7 +27,7 @@ import logging
 import signal
 import string
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +62,8 @@ _UNAVAILABLE_CODES = {P.E_SHUTDOWN, P.E_WORKER_LOST}
 @dataclass(frozen=True)
 class GatewayConfig:
     broker: str = DEFAULT_FRONTEND          # the broker's client endpoint
-    http: str | None = DEFAULT_GATEWAY_HTTP  # HTTP/REST listen address host:port; None: no HTTP
-    grpc: str | None = DEFAULT_GATEWAY_GRPC  # gRPC listen address host:port; None: no gRPC
+    http: str | None = DEFAULT_GATEWAY_HTTP  # HTTP/REST listen address host:port; None or "off": no HTTP
+    grpc: str | None = DEFAULT_GATEWAY_GRPC  # gRPC listen address host:port; None or "off": no gRPC
     model_name: str = DEFAULT_MODEL_NAME    # the name v2 clients call the model by
     model_dir: str | None = None            # the served model's directory, for its version hash and S
     model_version: str | None = None        # overrides the version read from model_dir
@@ -73,13 +73,19 @@ class GatewayConfig:
     ready_cache_s: float = 0.5              # how long a readiness answer (a broker STATS) is reused
     ready_probe_timeout_s: float = 2.0      # a broker slower than this to answer STATS counts as not ready
     curve: CurveClientConfig | None = None  # CURVE keys for the broker link; None = plain text
+    # Derived, not given: http and grpc as (host, port) to listen on, None when off. Parsed here only,
+    # so a bad value is refused when the config is made, never later by serve().
+    http_address: tuple[str, int] | None = field(init=False, default=None, compare=False)
+    grpc_address: tuple[str, int] | None = field(init=False, default=None, compare=False)
 
     def __post_init__(self) -> None:
         P.check_endpoint("--broker", self.broker)
-        if self.http is None and self.grpc is None:
+        object.__setattr__(self, "http_address", _listen_address("--http", self.http))  # frozen: set once here
+        object.__setattr__(self, "grpc_address", _listen_address("--grpc", self.grpc))
+        if self.http_address is None and self.grpc_address is None:
             raise ConfigError("nothing to serve: give --http or --grpc (or both)")
-        # Each parsed (a bad one names its flag), and not both on one port: grpc would fail to bind only
-        # after HTTP listens, saying why in a C-level log line.
+        # Not both on one port: grpc would fail to bind only after HTTP listens, saying why in a
+        # C-level log line.
         check_distinct_listeners({"--http": self.http, "--grpc": self.grpc})
         _check_path_segment("--model-name", self.model_name)
         if self.model_version is not None:
@@ -100,6 +106,12 @@ class GatewayConfig:
 
 
 MAX_READY_CACHE_S = 60.0  # a readiness answer older than a minute says little about the pool now
+
+
+def _listen_address(flag: str, value: str | None) -> tuple[str, int] | None:
+    """``value`` of --http or --grpc as (host, port); None for None or ``off`` (common.cli.OFF).
+    ConfigError naming ``flag`` for anything else parse_host_port refuses."""
+    return None if value is None or value in OFF else parse_host_port(value, flag)
 
 # RFC 3986's characters of a path segment that need no %-encoding (pchar, less pct-encoded).
 _VERSION_PUNCTUATION = "-._~!$&'()*+,;=:@"
@@ -315,20 +327,20 @@ async def serve(config: GatewayConfig, stop: asyncio.Event, on_listening=None) -
     cleanups = []
     bound: dict[str, str] = {}
     try:
-        if config.http is not None:
+        if config.http_address is not None:
             from .http import start_http
 
             try:
-                runner, address = await start_http(gateway, *parse_host_port(config.http, "--http"))
+                runner, address = await start_http(gateway, *config.http_address)
             except OSError as exc:  # in use, not an address of this host, a name that does not resolve
                 raise _cannot_listen("--http", config.http, exc) from exc
             cleanups.append(runner.cleanup)
             bound["http"] = address
-        if config.grpc is not None:
+        if config.grpc_address is not None:
             from .grpc_server import start_grpc
 
             try:
-                server, address = await start_grpc(gateway, *parse_host_port(config.grpc, "--grpc"))
+                server, address = await start_grpc(gateway, *config.grpc_address)
             except OSError as exc:
                 raise _cannot_listen("--grpc", config.grpc, exc) from exc
             # Calls in flight may finish, as HTTP's do (each is bounded by its own deadline).
@@ -387,8 +399,7 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
-    return GatewayConfig(broker=args.broker, http=None if args.http in OFF else args.http,
-                         grpc=None if args.grpc in OFF else args.grpc, model_name=args.model_name,
+    return GatewayConfig(broker=args.broker, http=args.http, grpc=args.grpc, model_name=args.model_name,
                          model_dir=args.model, model_version=args.model_version, timeout_s=args.timeout_s,
                          max_body_bytes=args.max_body_bytes, max_rows=args.max_rows,
                          curve=security.client_config_from_args(args))

@@ -324,6 +324,27 @@ def test_sigterm_cleans_up_as_ctrl_c_does(data, tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err.strip().endswith(f"terminated; {tmp_path / 'out'} is as it was")
 
 
+@pytest.mark.parametrize("quiet", [False, True])
+def test_quiet_prints_only_the_result_line(data, tmp_path, capsys, quiet):
+    """--quiet promised "no progress bar" but the per-epoch lines still came, on stdout beside the result.
+    As bertpool-compile's --quiet ("no progress bars or status lines"): the per-epoch lines go to stderr
+    with the bar, --quiet drops both, and stdout holds only the result line either way."""
+    from bertpool.compile import finetune as ft
+
+    code = ft.main(["--pretrained", str(data["pretrained"]), "--train", str(data["train"]), "--dev",
+                    str(data["dev"]), "--output", str(tmp_path / "out"), "--epochs", "2",
+                    "--average-from-epoch", "1", *(["--quiet"] if quiet else [])])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fine-tuned "), out
+    status = [line for line in err.splitlines() if line.startswith(("epoch ", "mean of epochs "))]
+    if quiet:
+        assert err == "", err
+    else:
+        assert [line.split(":")[0] for line in status] == ["epoch 1", "epoch 2", "mean of epochs [1, 2]"], err
+
+
 def test_a_different_recipe_changes_the_cache_key(data, tmp_path):
     a = finetune(tiny_config(data, tmp_path / "a", max_steps=2, epochs=1), progress=False)
     b = finetune(tiny_config(data, tmp_path / "a", max_steps=2, epochs=1, seed=5), reuse=True, progress=False)

@@ -227,6 +227,40 @@ def test_http_and_grpc_on_ports_that_can_coexist_are_accepted(http, grpc):
     GatewayConfig(http=http, grpc=grpc)
 
 
+@pytest.mark.parametrize("off", ["off", ""])
+def test_a_listener_the_config_was_told_is_off_is_off_when_served(tmp_path, off):
+    """--http and --grpc were parsed twice: by GatewayConfig (its port check, which skips 'off') and again
+    by serve(), which read a config's grpc='off' as an address and failed only then ("the port must be a
+    number"), after the config was accepted. The config parses them once, 'off' included, and serve()
+    listens where it says."""
+    import asyncio
+
+    pytest.importorskip("aiohttp")
+    from bertpool.gateway.gateway import serve
+    from conftest import free_tcp_port
+
+    port = free_tcp_port()
+    # gRPC is the one off: its generated modules clash in one process with tritonclient.grpc's, which
+    # other test files import (the whole suite runs in one process).
+    config = GatewayConfig(broker=f"ipc://{tmp_path}/front.ipc", http=str(port), grpc=off)
+    bound = {}
+
+    async def serve_until_listening() -> None:
+        stop = asyncio.Event()
+
+        def listening(addresses, model) -> None:
+            bound.update(addresses)
+            stop.set()
+
+        await asyncio.wait_for(serve(config, stop, listening), timeout=60)
+
+    asyncio.run(serve_until_listening())
+    assert list(bound) == ["http"] and bound["http"].endswith(f":{port}"), bound
+    assert (config.http_address, config.grpc_address) == (("127.0.0.1", port), None)
+    with pytest.raises(E.ConfigError, match="nothing to serve"):
+        GatewayConfig(http=off, grpc="off")
+
+
 def test_listeners_compare_zeromq_endpoints_and_skip_what_is_off():
     from bertpool.common.cli import check_distinct_listeners
 

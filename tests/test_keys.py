@@ -107,6 +107,69 @@ def test_keys_tool_in_a_directory_it_cannot_search_exits_2(tmp_path, monkeypatch
     assert len(err) == 1 and "cannot use key directory" in err[0] and "Permission denied" in err[0], err
 
 
+def test_force_replaces_each_key_file_atomically_and_a_failed_write_keeps_the_old_keys(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """--force unlinked the old files, then pyzmq rewrote them: a full disk (or a crash) midway left a
+    truncated key, or none. Now each file is written aside, in DIR, and renamed over its name: a write
+    that fails leaves the old pair as it was (and nothing beside it); one that succeeds swaps in a new
+    file (a reader holding the old one still reads the old key), the secret 0600 from its creation."""
+    assert keys_cli.main([str(tmp_path), "a"]) == 0
+    old = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real_create = zmq.auth.create_certificates
+    modes = []
+
+    def disk_full_midway(directory, name):
+        public, secret = real_create(directory, name)
+        modes.append(stat.S_IMODE(Path(secret).stat().st_mode))
+        Path(secret).write_bytes(Path(secret).read_bytes()[:40])  # cut short, as a full disk leaves it
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(zmq.auth, "create_certificates", disk_full_midway)
+    assert keys_cli.main([str(tmp_path), "a", "--force"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot write keys into {tmp_path}: No space left on device" in err[0], err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == old  # whole, and no leftovers
+    assert modes == [0o600]  # never readable by others, not even before its rename
+
+    monkeypatch.setattr(zmq.auth, "create_certificates", real_create)
+    with open(tmp_path / "a.key_secret", "rb") as holder:
+        assert keys_cli.main([str(tmp_path), "a", "--force"]) == 0
+        assert holder.read() == old["a.key_secret"]
+    new = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(new) == sorted(old) and new["a.key_secret"] != old["a.key_secret"]
+    assert zmq.auth.load_certificate(tmp_path / "a.key_secret")[0] == zmq.auth.load_certificate(tmp_path / "a.key")[0]
+    modes = {name: stat.S_IMODE((tmp_path / name).stat().st_mode) for name in new}
+    assert modes == {"a.key": 0o644, "a.key_secret": 0o600}
+
+
+def test_keys_tool_in_a_directory_it_cannot_write_exits_2(tmp_path, monkeypatch, capsys):
+    """Nothing can be created, removed or renamed in DIR (read-only, or not ours): one typed line,
+    exit 2, and the key files there are left as they were. Simulated, since root writes into any
+    directory: each such call on a path inside it is EACCES."""
+    import builtins
+    import os
+
+    assert keys_cli.main([str(tmp_path), "a"]) == 0
+    old = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def denied_inside(real, writes=lambda *args, **kwargs: True):
+        def call(path, *args, **kwargs):
+            if os.fspath(path).startswith(f"{tmp_path}{os.sep}") and writes(*args, **kwargs):
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return real(path, *args, **kwargs)
+        return call
+
+    monkeypatch.setattr(builtins, "open", denied_inside(builtins.open, lambda mode="r", *a, **k: mode[0] in "wax"))
+    monkeypatch.setattr(os, "open", denied_inside(os.open, lambda flags, *a, **k: flags & os.O_CREAT))
+    for name in ("mkdir", "unlink", "replace", "rename"):
+        monkeypatch.setattr(os, name, denied_inside(getattr(os, name)))
+    assert keys_cli.main([str(tmp_path), "a", "--force"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot write keys into {tmp_path}: Permission denied" in err[0], err
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == old
+
+
 # ------------------------------------------------- secret keys where public belong
 
 def test_a_peer_refuses_the_brokers_secret_key_as_its_server_key(keys, tmp_path):

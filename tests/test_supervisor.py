@@ -243,3 +243,25 @@ def test_sighup_says_the_model_is_not_reloaded(start_pool, tmp_path):
         assert len(client.predict_many([("still", "serving")] * 4)) == 4
     assert pool.stop() == 0
     assert not alive(pool.process.pid)
+
+
+def test_parallel_is_checked_once_and_named_as_the_flag(monkeypatch):
+    """--parallel was checked twice at start, by supervisor_config_from_args under the flag's name and
+    again by SupervisorConfig under the field's. Now SupervisorConfig holds the one check, and names
+    --parallel however it is built (serve, bertpool-workers, a bench's own config)."""
+    import argparse
+
+    from bertpool.common.errors import ConfigError
+    from bertpool.workers import supervisor
+
+    with pytest.raises(ConfigError, match="^--parallel must be >= 1, got 0$"):
+        supervisor.SupervisorConfig(parallel=0)
+    checked = []
+    real_check = supervisor.check_processes
+    monkeypatch.setattr(supervisor, "check_processes", lambda name, value: (checked.append(name),
+                                                                            real_check(name, value)))
+    parser = argparse.ArgumentParser()
+    supervisor.add_supervisor_arguments(parser)
+    args = parser.parse_args(["--parallel", "2", "--backend", "echo"])
+    config = supervisor.supervisor_config_from_args(args, "ipc:///tmp/leftovers-nobody")
+    assert config.parallel == 2 and checked == ["--parallel"]

@@ -295,6 +295,26 @@ def test_vocab_not_utf8(tmp_path: Path) -> None:
         BertTokenizer(path)
 
 
+
+@pytest.mark.parametrize("error", ["ConfigError", "ModelFormatError"])
+def test_a_vocab_that_is_not_utf8_is_refused_at_its_line_and_offset(tmp_path: Path, error: str) -> None:
+    """A non-UTF-8 vocab.txt was refused without a place ("'utf-8' codec can't decode byte 0xe9 in
+    position ..."), while an MRPC TSV's error names line and file offset: now both do, through one
+    decoder. Lines are counted at "\n" only, as the reader splits them (a lone "\r" is inside a
+    token), so the line is the token's id + 1; "\r\n" endings count once. The error is the type the
+    caller asks for (ModelFormatError for a model directory's vocabulary)."""
+    from bertpool.common import errors
+    from bertpool.common.vocab import read_vocab
+
+    head = ("[PAD]\r\n[UNK]\n[CLS]\n[SEP]\nhel\rlo\n" + "".join(f"tok{i}\n" for i in range(2000)) + "caf").encode()
+    path = tmp_path / "vocab.txt"
+    path.write_bytes(head + b"\xe9\n")
+    where = rf"vocabulary file {re.escape(str(path))}:2006: not UTF-8 \(byte 0xe9 at file offset {len(head)}\b"
+    with pytest.raises(getattr(errors, error), match=where):
+        read_vocab(path, error=getattr(errors, error))
+    with pytest.raises(ConfigError, match=where):
+        BertTokenizer(path)
+
 @pytest.mark.parametrize("token", ["[CLS]", "[SEP]", "[UNK]", "[PAD]"])
 def test_vocab_without_required_token(tmp_path: Path, token: str) -> None:
     tokens = [t for t in SPECIALS if t != token] + ["hello"]

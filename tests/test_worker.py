@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -873,3 +874,30 @@ def test_an_untyped_load_failure_is_final_with_its_type_and_a_traceback(tmp_path
     assert error.read_text() == "RuntimeError: the runtime cannot open its device\n"
     assert "bertpool-worker: error: RuntimeError: the runtime cannot open its device" in capsys.readouterr().err
     assert any(r.exc_info and r.exc_info[0] is RuntimeError for r in caplog.records)
+
+
+@pytest.mark.parametrize("given, expected", [(None, "false"), ("true", "true")])
+def test_main_turns_off_the_tokenizers_thread_pool_before_the_tokenizer_is_built(tmp_path, monkeypatch, given,
+                                                                                 expected):
+    """bertpool-worker started by hand (not by a supervisor, which sets it in its workers' environment)
+    ran HF tokenizers' thread pool, which only adds latency to a worker's small batches. main() sets
+    TOKENIZERS_PARALLELISM=false before the tokenizer is built, keeping a value the user chose. Seen at
+    the moment the worker builds its tokenizer: no timing involved."""
+    from bertpool.common.tokenizer import PARALLELISM_ENV
+
+    monkeypatch.setenv(PARALLELISM_ENV, "restored after the test")  # so delenv below is undone too
+    if given is None:
+        monkeypatch.delenv(PARALLELISM_ENV)
+    else:
+        monkeypatch.setenv(PARALLELISM_ENV, given)
+    seen = []
+
+    def spy_tokenizer(*args, **kwargs):
+        seen.append(os.environ.get(PARALLELISM_ENV))
+        raise ConfigError("stopped by the test once the tokenizer was asked for")
+
+    monkeypatch.setattr(worker_module, "BertTokenizer", spy_tokenizer)
+    for name in ("ignore_hangup", "setup_logging"):  # main() runs in the test's process: keep its set-up
+        monkeypatch.setattr(worker_module, name, lambda: None)
+    code = worker_module.main(["--backend", "echo", "--worker-address", f"ipc://{tmp_path}/back.ipc"])
+    assert code == worker_module.EXIT_LOAD_FAILED and seen == [expected]

@@ -36,6 +36,7 @@ from ..common import configdata, security
 from ..common.cli import (add_address_arguments, add_exit_status, check_count, child_env, counted, ignore_hangup,
                           install_stop_handlers, report_error, setup_logging)
 from ..common.errors import BertpoolError, ConfigError
+from ..common.tokenizer import serial_tokenizers
 from .backends import ECHO_WARNING, MAX_THREADS
 from .neuron_cores import NEURON_SYSFS, check_cores
 from .worker import (EXIT_LOAD_FAILED, EXIT_REFUSED, WorkerConfig, add_worker_arguments, flags_given,
@@ -68,9 +69,9 @@ class SupervisorConfig:
     neuron_sysfs: str = NEURON_SYSFS   # where the Neuron driver lists its devices (neuron backend)
 
     def __post_init__(self) -> None:
-        # Checked for every caller; the command line checks it first under its flag's name (the
-        # same check_processes), so its message names --parallel.
-        check_processes("parallel", self.parallel)
+        # The one check, for every caller; named as the flag that sets it (serve, workers, the benches
+        # pass it on), so a command's message names what its user typed.
+        check_processes("--parallel", self.parallel)
         if self.first_core < 0:
             raise ConfigError(f"first_core must be >= 0, got {self.first_core}")
 
@@ -93,8 +94,7 @@ def worker_env(core: int) -> dict[str, str]:
     env = child_env()  # the worker stops when we die, even by SIGKILL
     env["NEURON_RT_VISIBLE_CORES"] = str(core)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    # One process per core already: the tokenizer's own thread pool would only oversubscribe.
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    serial_tokenizers(env)  # one process per core already: the tokenizer's own thread pool would oversubscribe
     return env
 
 
@@ -383,15 +383,18 @@ def add_supervisor_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def supervisor_config_from_args(args: argparse.Namespace, worker_address: str) -> SupervisorConfig:
-    # SupervisorConfig checks parallel (and first_core) first: the cores are shared out by it below.
-    check_processes("--parallel", args.parallel)  # the same check, naming the flag the user typed
-    config = SupervisorConfig(parallel=args.parallel, first_core=args.first_core, neuron_sysfs=args.neuron_sysfs)
+    """The pool's config from the command line, built once, so SupervisorConfig's checks (--parallel's
+    bound among them) run once."""
     if args.worker_config_json is not None:
-        return dataclasses.replace(config, worker=_worker_config_from_json(args, worker_address))
-    # Share the machine's cores between TensorFlow workers unless told otherwise (a default, so held to
-    # the bound a --threads given is checked against).
-    threads = args.threads or min(MAX_THREADS, max(1, (os.cpu_count() or 1) // config.parallel))
-    return dataclasses.replace(config, worker=worker_config_from_args(args, worker_address, threads=threads))
+        worker = _worker_config_from_json(args, worker_address)
+    else:
+        # Share the machine's cores between TensorFlow workers unless told otherwise (a default, so held to
+        # the bound a --threads given is checked against). max(1, ...): --parallel is checked below, by
+        # SupervisorConfig; a bad one must reach that check, not divide by zero here.
+        threads = args.threads or min(MAX_THREADS, max(1, (os.cpu_count() or 1) // max(1, args.parallel)))
+        worker = worker_config_from_args(args, worker_address, threads=threads)
+    return SupervisorConfig(worker=worker, parallel=args.parallel, first_core=args.first_core,
+                            neuron_sysfs=args.neuron_sysfs)
 
 
 def _worker_config_from_json(args: argparse.Namespace, worker_address: str) -> WorkerConfig:

@@ -63,7 +63,7 @@ from ..common.defaults import DEFAULT_BACKEND
 from ..common.errors import BertpoolError, ConfigError, HandshakeFailed, ModelFormatError, ProtocolError
 from ..common.metrics_export import WorkerHistograms
 from ..common.fastzmq import close_monitored, open_monitor, recv_many, send_nowait
-from ..common.tokenizer import BertTokenizer
+from ..common.tokenizer import BertTokenizer, serial_tokenizers
 from ..compile.runtime import check_vocab
 from .backends import (BACKENDS, MAX_THREADS, Backend, BackendConfig, choose_backend, fallback_vocab_path,
                        load_backend, run_padded, run_rows)
@@ -899,6 +899,7 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 
 def main(argv: list[str] | None = None) -> int:
     """bertpool-worker: one worker process (normally started by the supervisor)."""
+    serial_tokenizers()  # before the tokenizer first encodes; also when started by hand, not by a supervisor
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging()
