@@ -24,18 +24,15 @@ import collections
 import logging
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from ..common import prometheus
 from ..common import protocol as P
-from ..common.errors import ConfigError
 from ..common.recent import Recent
-from ..common.cli import parse_host_port
 from ..common.metrics_export import BATCH_FILL_BUCKETS_ROWS, LATENCY_BUCKETS_S, WORKER_HISTOGRAMS, BucketCounts
 
 if TYPE_CHECKING:  # no import cycle at run time
     from .broker import Broker
 
 log = logging.getLogger("bertpool.broker")
-
-EXTRA_HINT = "pip install 'bertpool[metrics]' (prometheus-client)"
 
 # Worker counters totalled over the pool (from STATS).
 POOL_COUNTERS = ("inferences", "batches", "padded_rows")
@@ -87,32 +84,13 @@ HISTOGRAMS = ("bertpool_request_latency_seconds", "bertpool_queue_wait_seconds",
 def metric_type(name: str) -> str:
     """The Prometheus type of METRICS entry ``name``: ``*_total`` names are counters, HISTOGRAMS
     histograms, the rest gauges (a test checks this against what a scrape reports)."""
-    if name.endswith("_total"):
-        return "counter"
-    return "histogram" if name in HISTOGRAMS else "gauge"
+    return prometheus.metric_type(name, HISTOGRAMS)
 
 
 def family_name(name: str) -> str:
     """The family name of METRICS entry ``name``: a counter's family has no ``_total`` (the
     client library adds it to the sample), the others are named as their entry."""
-    return name[:-len("_total")] if metric_type(name) == "counter" else name
-
-
-def describe_families(metrics: dict[str, str]) -> list:
-    """A collector's describe(): one empty family per entry of ``metrics`` (name -> help, named
-    as METRICS names them), of the type its collect() yields."""
-    from prometheus_client.core import Metric
-
-    return [Metric(family_name(name), help_text, metric_type(name)) for name, help_text in metrics.items()]
-
-
-def require_prometheus_client():
-    """The prometheus_client module, or ConfigError naming the extra that installs it."""
-    try:
-        import prometheus_client
-    except ImportError as exc:
-        raise ConfigError(f"--metrics-address needs prometheus-client: {EXTRA_HINT}") from exc
-    return prometheus_client
+    return prometheus.family_name(name, HISTOGRAMS)
 
 
 class PoolTotals:
@@ -216,7 +194,7 @@ class BrokerCollector:
         names it knows, so a collector describing nothing answered every filtered scrape with
         an empty body (200 OK, no samples: a target that looks healthy but reports nothing).
         Never touches the broker (registration happens before it serves)."""
-        return describe_families(METRICS)
+        return prometheus.describe_families(METRICS, HISTOGRAMS)
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -291,35 +269,15 @@ def _histogram(name: str, h: BucketCounts):
     return HistogramMetricFamily(name, METRICS[name], buckets=buckets, sum_value=total)
 
 
-class MetricsServer:
+class MetricsServer(prometheus.MetricsServer):
     """The HTTP endpoint (prometheus-client's WSGI server on a daemon thread) for one broker."""
 
     def __init__(self, broker: Broker, address: str) -> None:
         from .. import __version__
 
-        prometheus_client = require_prometheus_client()
-        host, port = parse_host_port(address, "--metrics-address")
-        self.registry = prometheus_client.CollectorRegistry(auto_describe=False)
-        self.registry.register(BrokerCollector(broker, __version__))
-        try:
-            self._server, self._thread = prometheus_client.start_http_server(port, addr=host,
-                                                                             registry=self.registry)
-        except OSError as exc:  # port in use, address not on this host, unknown host name
-            raise ConfigError(f"--metrics-address {address}: cannot serve metrics there: {exc}") from exc
-        self.host, self.port = host, self._server.server_port
+        super().__init__(address, [BrokerCollector(broker, __version__)])
         log.info("metrics on %s", self.url)
-
-    @property
-    def url(self) -> str:
-        """Where the metrics are scraped (an IPv6 host in brackets, as URLs need)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
 
 
 __all__ = ["BATCH_FILL_BUCKETS_ROWS", "LATENCY_BUCKETS_S", "METRICS", "BrokerMetrics", "MetricsServer",
-           "PoolTotals", "describe_families", "require_prometheus_client"]
+           "PoolTotals"]

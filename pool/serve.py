@@ -23,8 +23,7 @@ from ..common.errors import BertpoolError
 from ..common.protocol import local_endpoint
 from ..gateway.launch import add_serve_gateway_arguments, start_gateway_process
 from ..workers.backends import ECHO_WARNING
-from ..workers.supervisor import Supervisor, add_supervisor_arguments, supervisor_config_from_args
-from .metrics import SupervisorCollector
+from ..workers.supervisor import Supervisor, SupervisorCollector, add_supervisor_arguments, supervisor_config_from_args
 
 log = logging.getLogger("bertpool.serve")
 

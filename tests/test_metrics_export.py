@@ -4,6 +4,7 @@ prometheus-client's own parser."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -24,29 +25,30 @@ from bertpool.clients.bench import BenchConfig, run_bench, wait_for_workers  # n
 from bertpool.clients.client import Client  # noqa: E402
 from bertpool.common import protocol as P  # noqa: E402
 from bertpool.common.data import default_pairs  # noqa: E402
-from bertpool.common.errors import ConfigError, RemoteError  # noqa: E402
+from bertpool.common.errors import ConfigError, RemoteError, RequestTimeout  # noqa: E402
 from bertpool.common.metrics_export import (BATCH_FILL_BUCKETS_ROWS, LATENCY_BUCKETS_S,  # noqa: E402
                                             WorkerHistograms)
 
-from conftest import free_tcp_port, stop_processes  # noqa: E402
+from conftest import children_of, free_tcp_port, start_module, stop_processes  # noqa: E402
 
 CLIENTS, CYCLE, WARMUP = 48, 3, 1
 SERVE = [sys.executable, "-m", "bertpool.pool.serve"]
 BROKER = [sys.executable, "-m", "bertpool.broker.broker"]
+WORKERS = [sys.executable, "-m", "bertpool.workers.supervisor"]
 
 
 # ------------------------------------------------------------------ helpers
 
-def scrape(port: int, timeout_s: float = 5.0) -> dict[str, dict]:
-    """GET /metrics and parse it: family name -> {"type", "samples": {(name, labels): value}}."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout_s) as response:
+def scrape(port: int, timeout_s: float = 5.0, host: str = "127.0.0.1") -> dict[str, dict]:
+    """GET /metrics and parse it: family name -> {"type", "help", "samples": {(name, labels): value}}."""
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout_s) as response:
         assert response.status == 200
         assert response.headers["Content-Type"].startswith("text/plain")
         text = response.read().decode()
     families = {}
     for family in text_string_to_metric_families(text):
         samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in family.samples}
-        families[family.name] = {"type": family.type, "samples": samples}
+        families[family.name] = {"type": family.type, "help": family.documentation, "samples": samples}
     return families
 
 
@@ -223,7 +225,7 @@ def test_series_do_not_grow_with_clients(bench_run):
 
 def test_every_documented_metric_is_exported(bench_run):
     """serve's endpoint: the broker's metrics and its supervisor's, each listed in the README."""
-    from bertpool.pool.metrics import SUPERVISOR_METRICS
+    from bertpool.workers.supervisor import SUPERVISOR_METRICS
 
     after = bench_run["after"]
     exported = {name + ("_total" if f["type"] == "counter" else "") for name, f in after.items()}
@@ -498,3 +500,130 @@ def test_described_types_match_the_scrape(idle_endpoint):
     with urllib.request.urlopen(idle_endpoint.url, timeout=10) as response:
         scraped = {f.name: f.type for f in text_string_to_metric_families(response.read().decode())}
     assert scraped == {family_name(name): metric_type(name) for name in METRICS}
+
+
+# ------------------------------------------- bertpool-workers' own endpoint (remote workers)
+
+class RemoteWorkers:
+    """A bertpool-broker and a bertpool-workers beside it (as on another host: its own process, its own
+    --metrics-address), on ``front``/``back``; close() stops both, and whatever they started."""
+
+    def __init__(self, tmp: Path, front: str, back: str, *worker_args: str, parallel: int = 2) -> None:
+        self.tmp = tmp
+        self.broker = start_module(tmp, "bertpool.broker.broker", "--address", front, "--worker-address", back,
+                                   "--stats-interval-s", "0")
+        self.workers = start_module(tmp, "bertpool.workers.supervisor", "--worker-address", back,
+                                    "--parallel", str(parallel), "--backend", "echo", *worker_args)
+        deadline = time.monotonic() + 120.0
+        while True:  # in short waits, to fail as soon as either process has exited
+            try:
+                wait_for_workers(front, parallel, 2.0)
+                return
+            except RequestTimeout as exc:
+                if self.workers.poll() is None and self.broker.poll() is None and time.monotonic() < deadline:
+                    continue
+                self.close()
+                raise AssertionError(f"{exc}: {self.logs()}") from exc
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')}" for p in sorted(self.tmp.glob("*.log")))
+
+    def close(self) -> list[int | None]:
+        """Stop the workers, then the broker (so they can say DISCONNECT); their exit codes."""
+        stop_processes(self.workers)
+        stop_processes(self.broker)
+        return [self.workers.returncode, self.broker.returncode]
+
+
+def wait_workers_scrape(workers: RemoteWorkers, port: int, done, timeout_s: float = 120.0) -> dict:
+    """Scrape bertpool-workers' endpoint until ``done(families)``; fails at once if it exited."""
+    deadline = time.monotonic() + timeout_s
+    families: dict = {}
+    while time.monotonic() < deadline and workers.workers.poll() is None:
+        families = scrape(port)
+        if done(families):
+            return families
+        time.sleep(0.1)
+    raise AssertionError(f"bertpool-workers exit code {workers.workers.poll()}; last scrape {families}; "
+                         f"{workers.logs()}")
+
+
+def test_remote_workers_show_deaths_before_ready_on_their_own_endpoint(tmp_path):
+    """bertpool-workers on another host than the broker had no endpoint: a slot whose worker cannot load
+    (its --vocab here; its model directory in production) never says READY, so neither the broker nor
+    any scrape saw it. Now bertpool-workers --metrics-address serves the supervisor's two families, named,
+    described and labelled as bertpool-serve exports them, and nothing of the broker's."""
+    from bertpool.workers.backends import fallback_vocab_path
+    from bertpool.workers.supervisor import EXIT_CAUSES, SUPERVISOR_METRICS
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_bytes(fallback_vocab_path().read_bytes())
+    port = free_tcp_port()
+    pool = RemoteWorkers(tmp_path, f"ipc://{tmp_path}/front", f"ipc://{tmp_path}/back",
+                         "--vocab", str(vocab), "--metrics-address", str(port))
+    try:
+        before = scrape(port)
+        assert {name + ("_total" if f["type"] == "counter" else ""): f["help"] for name, f in before.items()} \
+            == SUPERVISOR_METRICS
+        assert set(before["bertpool_worker_exits"]["samples"]) == \
+            {("bertpool_worker_exits_total", (("cause", cause),)) for cause in EXIT_CAUSES}
+        assert value(before, "bertpool_worker_exits_total", cause="signal") == 0
+        assert value(before, "bertpool_worker_slots_failing") == 0
+        if os.path.isdir("/proc/self/fd"):
+            assert listening_tcp_ports(pool.workers.pid) == {port}  # its one listener
+        vocab.unlink()
+        os.kill(children_of(pool.workers.pid)[0], signal.SIGKILL)
+        after = wait_workers_scrape(pool, port, lambda f: value(f, "bertpool_worker_slots_failing") == 1)
+        assert value(after, "bertpool_worker_exits_total", cause="signal") == 1
+        assert value(after, "bertpool_worker_exits_total", cause="load_failed") >= 1
+        assert pool.workers.poll() is None  # the other worker serves on
+    finally:
+        codes = pool.close()
+    assert codes == [0, 0], pool.logs()
+    assert f"metrics on http://127.0.0.1:{port}/metrics" in pool.logs()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
+def test_remote_workers_metrics_may_share_a_port_number_with_the_broker(tmp_path):
+    """bertpool-workers listens on nothing else (it connects to the broker), so its --metrics-address may
+    use the broker's port number on another address (here 127.0.0.2: another host, as far as ports go)."""
+    broker_port = free_tcp_port()
+    back = f"tcp://127.0.0.1:{broker_port}"
+    pool = RemoteWorkers(tmp_path, f"ipc://{tmp_path}/front", back, "--metrics-address",
+                         f"127.0.0.2:{broker_port}", parallel=1)
+    try:
+        assert value(scrape(broker_port, host="127.0.0.2"), "bertpool_worker_slots_failing") == 0
+        assert listening_tcp_ports(pool.workers.pid) == {broker_port}
+    finally:
+        codes = pool.close()
+    assert codes == [0, 0], pool.logs()
+
+
+@pytest.mark.parametrize("text", ["nope", "1.2.3.4:99999", ":abc", "http://127.0.0.1:9100", "[::1", "IN_USE",
+                                  "192.0.2.1:9100"])
+def test_bad_remote_workers_metrics_address_exits_2(tmp_path, text):
+    """bertpool-workers' --metrics-address, read as the broker's is: a typo, a port in use, an address not
+    on this host are one line, exit 2, before any worker starts."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        if text == "IN_USE":
+            text = str(taken.getsockname()[1])
+        proc = subprocess.run([*WORKERS, "--worker-address", f"ipc://{tmp_path}/b", "--backend", "echo",
+                               "--parallel", "1", "--metrics-address", text],
+                              capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # no log of a worker started, no usage
+    assert proc.stderr.startswith("bertpool-workers: error: --metrics-address ") and text in proc.stderr, proc.stderr
+
+
+def test_remote_workers_without_prometheus_client_name_the_extra(tmp_path):
+    """As the broker says it: one line naming the extra, exit 2, nothing started."""
+    blocked = ("import sys; sys.modules['prometheus_client'] = None; "  # its import fails
+               "from bertpool.workers.supervisor import main; raise SystemExit(main())")
+    proc = subprocess.run([sys.executable, "-c", blocked, "--worker-address", f"ipc://{tmp_path}/b",
+                           "--backend", "echo", "--parallel", "1", "--metrics-address", str(free_tcp_port())],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == ("bertpool-workers: error: --metrics-address needs prometheus-client: "
+                                   "pip install 'bertpool[metrics]' (prometheus-client)"), proc.stderr

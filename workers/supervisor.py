@@ -31,8 +31,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterator
 
-from ..common import configdata, security
+from ..common import configdata, prometheus, security
 from ..common.cli import (add_address_arguments, add_exit_status, check_count, child_env, counted, ignore_hangup,
                           install_stop_handlers, report_error, setup_logging)
 from ..common.errors import BertpoolError, ConfigError
@@ -129,6 +130,20 @@ OWNER_FILE = "owner"  # in that directory: "<hostname> <pid>" of the supervisor 
 # Why a worker process ended without being asked (bertpool_worker_exits_total's cause label): killed by a
 # signal, a non-zero exit, exit 0, could not load its model or configuration, refused by the broker.
 EXIT_CAUSES = ("signal", "error", "exited", "load_failed", "refused")
+
+
+# The supervisor's Prometheus families, name -> help: bertpool-serve exports them on the broker's endpoint,
+# bertpool-workers on its own --metrics-address (one definition, so one dashboard reads both). Listed in
+# the README's "Monitoring" section, as the broker's are.
+SUPERVISOR_METRICS = {
+    "bertpool_worker_exits_total": "The supervisor's worker processes that ended without being asked, by cause: "
+                                   "signal (killed: OOM killer, a crash in native code, by hand), error (a non-zero "
+                                   "exit), exited (exit 0), load_failed (could not load its model or configuration), "
+                                   "refused (the broker ended its handshake); those that die before READY included",
+    "bertpool_worker_slots_failing": "The supervisor's worker slots whose worker could not start, load or register "
+                                     "and is retried while the others serve (until a worker of the slot has run "
+                                     "30 s, or dies of something else)",
+}
 
 
 def exit_cause(code: int) -> str:
@@ -366,6 +381,45 @@ class Supervisor:
                 p.wait()
 
 
+class SupervisorCollector:
+    """A prometheus-client custom collector of one supervisor's SUPERVISOR_METRICS, read at scrape time.
+
+    The broker counts a restart when the restarted process says READY; a worker that dies while it
+    loads (a crash loop at start, a model damaged under a serving pool) never does, so only the
+    supervisor, which starts and reaps the processes, can count it. Runs on the HTTP server's thread:
+    the fields it reads are plain ints, updated by the supervisor's thread."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self._supervisor = supervisor
+
+    def describe(self) -> list:
+        """One empty family per SUPERVISOR_METRICS entry (for the ``?name[]=`` filter)."""
+        return prometheus.describe_families(SUPERVISOR_METRICS)
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        s = self._supervisor
+        exits = CounterMetricFamily("bertpool_worker_exits", SUPERVISOR_METRICS["bertpool_worker_exits_total"],
+                                    labels=["cause"])
+        for cause, n in dict(s.exits).items():
+            exits.add_metric([cause], n)
+        yield exits
+        yield GaugeMetricFamily("bertpool_worker_slots_failing", SUPERVISOR_METRICS["bertpool_worker_slots_failing"],
+                                value=s.failing_slots)
+
+
+def start_metrics_server(supervisor: Supervisor, address: str) -> prometheus.MetricsServer | None:
+    """bertpool-workers' --metrics-address: serve ``supervisor``'s SUPERVISOR_METRICS at ``address``
+    (HOST:PORT, or PORT for 127.0.0.1), or nothing when it is empty. ConfigError, as the broker's
+    flag gives, for a bad address, a missing ``metrics`` extra or an address it cannot listen on."""
+    if not address:
+        return None
+    server = prometheus.MetricsServer(address, [SupervisorCollector(supervisor)])
+    log.info("metrics on %s", server.url)
+    return server
+
+
 def add_supervisor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parallel", type=int, default=4,
                         help=f"worker processes, one per NeuronCore, at most {MAX_WORKERS_PER_CPU} per CPU core "
@@ -425,19 +479,32 @@ def main(argv: list[str] | None = None) -> int:
     add_address_arguments(parser, frontend=False)
     add_supervisor_arguments(parser)
     security.add_client_arguments(parser, own="the workers' own (all of this command's workers use it)")
+    # Only here, not in add_supervisor_arguments: bertpool-serve's --metrics-address is the broker's, which
+    # serves these families too.
+    parser.add_argument("--metrics-address", metavar="HOST:PORT", default="",
+                        help="serve this supervisor's Prometheus metrics (worker exits by cause, slots failing "
+                             "to load) at http://HOST:PORT/metrics; a bare PORT means 127.0.0.1 (needs the "
+                             "[metrics] extra; default: off)")
     add_exit_status(parser, "0 stopped (SIGTERM, Ctrl-C), 1 the pool stopped because a worker cannot load its "
-                            "model or was refused by the broker (restarting it would not help), 2 a bad flag")
+                            "model or was refused by the broker (restarting it would not help), 2 a bad flag (a "
+                            "--metrics-address it cannot listen on included)")
     args = parser.parse_args(argv)
     setup_logging()
     try:
         supervisor = Supervisor(supervisor_config_from_args(args, args.worker_address))
+        # Listening before any worker starts: a bad address is exit 2 with nothing started.
+        metrics = start_metrics_server(supervisor, args.metrics_address)
     except BertpoolError as exc:
         return report_error("bertpool-workers", exc)
     if supervisor.config.worker.backend.name == "echo":
         print(f"bertpool-workers: WARNING: {ECHO_WARNING}", file=sys.stderr, flush=True)
     install_stop_handlers(supervisor.stop)
     ignore_hangup()  # nothing to reload; dying of it would orphan the workers
-    supervisor.run()
+    try:
+        supervisor.run()
+    finally:
+        if metrics is not None:
+            metrics.close()
     return 1 if supervisor.failed else 0
 
 
