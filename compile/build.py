@@ -2,7 +2,7 @@
 
     read weights (any format) -> check vocab -> rebuild -> export for the target
     (neuron: trace, refuse a CPU fallback) -> reference pairs -> equivalence proof
-    -> manifest.json -> move into place
+    (below float32: a float32 twin of the graph first) -> manifest.json -> move into place
 
 :func:`compile_model` is the programmatic entry point; :mod:`.cli` wraps it.
 """
@@ -23,8 +23,8 @@ from ..common.cli import check_output_dir, check_replaceable, replacing_dir
 from ..common.data import check_seed
 from ..common.errors import BackendUnavailable, BertpoolError, ConfigError, EquivalenceError, ModelFormatError
 from . import neuron
-from .equivalence import (TOLERANCES, check_tsv_pairs, compare, describe_original, load_pairs, open_original,
-                          tolerance_for)
+from .equivalence import (TOLERANCES, check_tsv_pairs, describe_original, load_pairs, open_original, prove,
+                          run_original, tolerance_for)
 from .host import HostEmbeddings, save_embeddings
 from .gelu import check_gelu
 from .rebuild import DTYPES, OUTPUT_KEY, RebuildConfig, build_module
@@ -162,6 +162,7 @@ def compile_model(options: CompileOptions) -> dict:
     log(f"rebuilding for {o.target}: dtype {config.dtype}, GELU {config.gelu}, batch {config.batch_size} x "
         f"seq {config.seq_length}, XLA {'on' if config.jit_compile else 'off'}")
 
+    report = None
     with replacing_dir(o.output, o.force) as staging:
         staging.mkdir()
         module, placement = _write_model(staging, weights, vocab, config, o, nb)
@@ -176,10 +177,8 @@ def compile_model(options: CompileOptions) -> dict:
         else:
             log("equivalence proof skipped (--no-verify)")
     log(f"wrote {o.output} ({time.perf_counter() - started:.1f} s)")
-    if manifest["equivalence"] is not None and not manifest["equivalence"]["passed"]:
-        eq = manifest["equivalence"]
-        raise EquivalenceError(f"rebuilt model differs from the original: max |dp| = {eq['max_abs_diff']:.3g} "
-                               f"> tolerance {eq['tolerance']:.3g} (output kept in {o.output}, marked failed)")
+    if report is not None and not report.passed:
+        raise EquivalenceError(f"{report.failure()} (output kept in {o.output}, marked failed)")
     return manifest
 
 
@@ -411,7 +410,8 @@ def _write_reference(staging, weights: BertWeights, tokenizer, module, config: R
 
 def _verify(staging, weights: BertWeights, tokenizer, module, config: RebuildConfig, manifest: dict,
             o: CompileOptions):
-    """The equivalence proof on o.pairs pairs (see equivalence.py)."""
+    """The equivalence proof on o.pairs pairs (see equivalence.py): the original runs once; below
+    float32, its answers prove a float32 twin of the graph first, then the model."""
     texts, data = load_pairs(o.tsv, o.pairs, o.seed)
     features = tokenizer.encode_pairs(texts)
     if o.target == "neuron":
@@ -423,9 +423,29 @@ def _verify(staging, weights: BertWeights, tokenizer, module, config: RebuildCon
         rebuilt = load_compiled(staging, check_equivalence=False)
         rebuilt_name = f"the compiled {o.target} model loaded from disk ({config.dtype})"
     tolerance = o.tolerance or tolerance_for(config.dtype, config.gelu, weights.gelu)
+    twin = _float32_twin(staging, weights, config, manifest)
+    if twin is not None:
+        o.log(f"  proof in two stages: a float32 twin of the graph (tolerance {twin[1]:.3g}: the graph), then "
+              f"the {config.dtype} model (tolerance {tolerance:.3g}: rounding)")
     original = open_original(weights, config.seq_length)
     try:
-        return compare(original, rebuilt, features, tolerance, data, describe_original(weights), rebuilt_name,
-                       progress=o.progress)
+        answers = run_original(original, features, rebuilt.seq_buckets, data, describe_original(weights),
+                               progress=o.progress)
     finally:
         original.close()
+    return prove(answers, rebuilt, tolerance, rebuilt_name, config.dtype, twin, progress=o.progress)
+
+
+def _float32_twin(staging, weights: BertWeights, config: RebuildConfig, manifest: dict):
+    """None at float32; below it ``(model, tolerance, name)`` for equivalence.prove: the rebuilt graph
+    built again by the same code with the same options (GELU, batch, sequence, XLA), computing in
+    float32, run in this process behind the runtime's host part (the staged embeddings.npz). Its bound is
+    the float32 one (plus the GELU allowance only when the user chose another GELU), whatever
+    --tolerance says: --tolerance sets the bound of the model at --dtype."""
+    if config.dtype == "float32":
+        return None
+    twin_config = dataclasses.replace(config, dtype="float32")
+    module = build_module(weights.shape, weights.tensors, twin_config)
+    model = _cpu_rebuilt(staging, weights, module, twin_config, manifest)
+    name = f"a float32 twin of the rebuilt {config.dtype} graph (same build and options), run in this process"
+    return model, tolerance_for("float32", config.gelu, weights.gelu), name

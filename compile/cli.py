@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     proof.add_argument("--tolerance", type=float, metavar="T",
                        help="max |difference in probability| accepted (default: 1e-5 float32, 5e-3 float16, "
                             "4e-2 bfloat16, plus a measured allowance when the GELU differs from the "
-                            "source's: 2e-3 tanh/erf, 6e-2 crude)")
+                            "source's: 2e-3 tanh/erf, 6e-2 crude); below float32, a float32 twin of the "
+                            "graph is proven first, at the float32 default whatever this says")
     proof.add_argument("--no-verify", dest="verify", action="store_false",
                        help="skip the proof (the manifest then records equivalence: null)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or status lines")
@@ -170,7 +171,9 @@ def _options(args, log) -> CompileOptions:
 def _print_summary(output: pathlib.Path, manifest: dict) -> None:
     """One line on stdout: what was written, and how its proof went."""
     eq = manifest["equivalence"]
+    twin = (eq or {}).get("float32_twin")  # the proof's first stage, below float32
     status = ("not verified" if eq is None else
+              ("" if twin is None else f"float32 twin max |dp| {twin['max_abs_diff']:.3g}, then ") +
               f"max |dp| {eq['max_abs_diff']:.3g}, labels agree {eq['label_agreement']:.0%}")
     on_neuron = ""
     if manifest["neuron"]:

@@ -50,12 +50,28 @@ erf-trained model) the rebuilt model is deliberately a different function; the
 bound then grows by GELU_APPROXIMATION_TOLERANCE (measured, fp32: tanh vs erf
 <= 3.1e-4; crude vs erf <= 2.0e-2 on large, 1.3e-2 on tiny with 2 labels in
 512 flipped).
+
+Two stages below float32 (:func:`prove`). The float16 bound (5e-3) is wider
+than some real mistakes: a rebuilt graph computing the tanh GELU where the
+source uses erf moved probabilities by 1.3e-3 on the tiny demo model, as much
+as float16 rounding does, and passed. So a model at float16 or bfloat16 is
+proven in two stages on the same rows, the original run once: first a float32
+twin of the rebuilt graph (built by the same code with the same options, GELU
+included, only computing in float32; run in this process behind the
+runtime's host part) at the float32 bound (plus the GELU allowance only when
+the user chose another GELU), which a mistake in the graph fails; then the
+model itself at its dtype's bound, which then only has to cover rounding. The
+report's top-level numbers are the model's; ``float32_twin`` holds the first
+stage's (null for a float32 model, whose single stage is already the tight
+one). ``passed`` needs both. What the twin does not cover: the export itself
+(the SavedModel written to disk, a Neuron trace), which only the second stage
+and the reference pairs check, at the dtype's bound.
 """
 
 from __future__ import annotations
 
 import pathlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -77,8 +93,22 @@ SHORT_CALLS = (1, 2, 3)
 
 
 @dataclass
+class TwinStage:
+    """The first stage of a proof below float32: the float32 twin of the rebuilt graph (module docstring)."""
+
+    max_abs_diff: float  # max |p_original - p_twin| over pairs, probe rows and classes
+    mean_abs_diff: float  # its mean, for context
+    label_agreement: float  # fraction of pairs whose argmax agrees
+    near_ties: int  # as EquivalenceReport's, for the twin
+    tolerance: float  # the float32 bound (tolerance_for), whatever --tolerance says
+    passed: bool  # max_abs_diff <= tolerance
+    rebuilt: str  # what ran as the twin
+
+
+@dataclass
 class EquivalenceReport:
-    """Outcome of the proof (the manifest's ``equivalence`` section)."""
+    """Outcome of the proof (the manifest's ``equivalence`` section). The numbers are the rebuilt
+    model's (at its dtype); ``float32_twin`` the first stage's when it ran (see :func:`prove`)."""
 
     pairs: int  # number of sentence pairs compared
     probe_rows: int  # rows compared beyond the pairs: one per compiled sequence length (probe_features)
@@ -88,18 +118,40 @@ class EquivalenceReport:
     label_agreement: float  # fraction of pairs whose argmax agrees
     near_ties: int  # pairs whose original top-two gap is <= 2 * max_abs_diff: the only ones that may flip
     tolerance: float  # the bound max_abs_diff must not exceed
-    passed: bool  # max_abs_diff <= tolerance
+    passed: bool  # max_abs_diff <= tolerance, and the float32 twin's stage passed when it ran
     original: str  # what ran as the original (see module docstring)
     rebuilt: str  # what ran as the rebuilt model
+    dtype: str | None = None  # the rebuilt model's compute dtype, when the caller named it
+    float32_twin: TwinStage | None = None  # the first stage, below float32 only; None: not run
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def summary(self) -> str:
+        """One line: the verdict, then each stage's max |dp| and bound (the twin's first)."""
         verdict = "PASSED" if self.passed else "FAILED"
-        return (f"equivalence {verdict}: {self.pairs} pairs + {self.probe_rows} probe rows, "
+        stages = ""
+        if self.float32_twin is not None:
+            t = self.float32_twin
+            stages = (f"float32 twin of the graph: max |dp| = {t.max_abs_diff:.3g} (tolerance {t.tolerance:.3g}"
+                      f"{'' if t.passed else ', FAILED: the graph differs'}); then the {self.dtype} model: ")
+        return (f"equivalence {verdict}: {self.pairs} pairs + {self.probe_rows} probe rows, {stages}"
                 f"max |dp| = {self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g}), "
                 f"mean |dp| = {self.mean_abs_diff:.3g}, label agreement {self.label_agreement:.2%}")
+
+    def failure(self) -> str:
+        """Why the proof failed, naming the stage: the graph (the twin) or the rounding (the model)."""
+        mine = f"max |dp| = {self.max_abs_diff:.3g}"
+        t = self.float32_twin
+        if t is not None and not t.passed:
+            within = "<=" if self.max_abs_diff <= self.tolerance else ">"
+            return (f"the rebuilt graph differs from the original, not by rounding: its float32 twin (the same "
+                    f"graph built with the same options, computed in float32) is off by max |dp| = "
+                    f"{t.max_abs_diff:.3g} > tolerance {t.tolerance:.3g} (the {self.dtype} model: {mine} "
+                    f"{within} its rounding bound {self.tolerance:.3g})")
+        graph_ok = ("" if t is None else f" (its float32 twin passed, max |dp| = {t.max_abs_diff:.3g} <= "
+                    f"{t.tolerance:.3g}: the graph matches; {self.dtype} rounding exceeds its bound)")
+        return f"rebuilt model differs from the original: {mine} > tolerance {self.tolerance:.3g}{graph_ok}"
 
 
 def tolerance_for(dtype: str, gelu: str, source_gelu: str) -> float:
@@ -229,33 +281,94 @@ def _slices(n: int, first: tuple[int, ...]):
     yield from (slice(s, s + ORIGINAL_BATCH) for s in range(start, n, ORIGINAL_BATCH))
 
 
-def compare(original, rebuilt, features, tolerance: float, data: str, original_name: str,
-            rebuilt_name: str, progress: bool = True) -> EquivalenceReport:
-    """Run both models on ``features`` and on the probe rows for ``rebuilt.seq_buckets`` (a
-    CompiledModel's compiled sequence lengths; none without), and measure the differences."""
+@dataclass
+class OriginalAnswers:
+    """The original model's probabilities on a proof's rows, computed once for every stage."""
+
+    features: object  # the pairs, tokenized: input_ids, input_mask, segment_ids [N,S]
+    probes: SimpleNamespace  # the probe rows [K,S] (probe_features) for ``lengths``
+    lengths: tuple[int, ...]  # the compiled sequence lengths the probes were cut for
+    probabilities: np.ndarray  # [N+K,C] float32: the pairs' rows, then the probes'
+    data: str  # where the pairs came from
+    original: str  # what ran as the original
+
+
+def _run(model, calls, desc: str, progress: bool) -> np.ndarray:
+    """``model.predict`` on each (arrays, rows) of ``calls``, in order, concatenated as float32."""
     from tqdm import tqdm
 
-    n = len(features.input_ids)
-    probes = probe_features(features, getattr(rebuilt, "seq_buckets", None) or [])
-    k = len(probes.input_ids)
-    pairs = (features.input_ids, features.input_mask, features.segment_ids)
-    extra = (probes.input_ids, probes.input_mask, probes.segment_ids)
-    calls = [(0, original, pairs, rows) for rows in _slices(n, ())]
-    calls += [(0, original, extra, rows) for rows in _slices(k, ())]
-    calls += [(1, rebuilt, pairs, rows) for rows in _slices(n, SHORT_CALLS)]
-    calls += [(1, rebuilt, extra, slice(i, i + 1)) for i in range(k)]  # each probe alone: it sets the bucket
-    outputs = ([], [])  # original's, rebuilt's: row order pairs then probes in both
-    for side, model, arrays, rows in tqdm(calls, desc="equivalence", unit="call", disable=not progress, leave=False):
-        outputs[side].append(np.asarray(model.predict(*(a[rows] for a in arrays)), np.float32))
-    p_orig, p_new = (np.concatenate(parts) for parts in outputs)
+    out = [np.asarray(model.predict(*(a[rows] for a in arrays)), np.float32)
+           for arrays, rows in tqdm(calls, desc=desc, unit="call", disable=not progress, leave=False)]
+    return np.concatenate(out)
+
+
+def run_original(original, features, lengths, data: str, original_name: str,
+                 progress: bool = True) -> OriginalAnswers:
+    """Run ``original`` on ``features`` and on the probe rows for the compiled sequence ``lengths``
+    (ORIGINAL_BATCH rows a call: its batch is dynamic)."""
+    lengths = tuple(sorted(int(b) for b in lengths))
+    probes = probe_features(features, lengths)
+    calls = [((features.input_ids, features.input_mask, features.segment_ids), rows)
+             for rows in _slices(len(features.input_ids), ())]
+    calls += [((probes.input_ids, probes.input_mask, probes.segment_ids), rows)
+              for rows in _slices(len(probes.input_ids), ())]
+    probabilities = _run(original, calls, "equivalence: original", progress)
+    return OriginalAnswers(features, probes, lengths, probabilities, data, original_name)
+
+
+def measure(answers: OriginalAnswers, rebuilt, tolerance: float, rebuilt_name: str, progress: bool = True,
+            dtype: str | None = None) -> EquivalenceReport:
+    """Run ``rebuilt`` on the rows ``answers`` holds (short calls first, each probe alone: it sets the
+    bucket) and measure it against the original's probabilities. ValueError (a caller's bug) when its
+    compiled sequence lengths are not those the probes were cut for."""
+    lengths = tuple(sorted(int(b) for b in (getattr(rebuilt, "seq_buckets", None) or [])))
+    if lengths != answers.lengths:
+        raise ValueError(f"{rebuilt_name} is compiled for sequence lengths {list(lengths)}, but the probe rows "
+                         f"were cut for {list(answers.lengths)}")
+    f, p = answers.features, answers.probes
+    pairs, extra = (f.input_ids, f.input_mask, f.segment_ids), (p.input_ids, p.input_mask, p.segment_ids)
+    n, k = len(pairs[0]), len(extra[0])
+    calls = [(pairs, rows) for rows in _slices(n, SHORT_CALLS)] + [(extra, slice(i, i + 1)) for i in range(k)]
+    p_orig, p_new = answers.probabilities, _run(rebuilt, calls, f"equivalence: {dtype or 'rebuilt'}", progress)
     diff = np.abs(p_orig.astype(np.float64) - p_new.astype(np.float64))
     max_diff = float(diff.max())
     agreement = float(np.mean(p_orig[:n].argmax(-1) == p_new[:n].argmax(-1)))
     top_two = np.sort(p_orig[:n].astype(np.float64), axis=-1)[:, -2:]
     near_ties = int(np.sum(top_two[:, 1] - top_two[:, 0] <= 2 * max_diff))
     return EquivalenceReport(
-        pairs=n, probe_rows=k, data=data, max_abs_diff=max_diff, mean_abs_diff=float(diff.mean()),
+        pairs=n, probe_rows=k, data=answers.data, max_abs_diff=max_diff, mean_abs_diff=float(diff.mean()),
         label_agreement=agreement, near_ties=near_ties, tolerance=float(tolerance),
         passed=bool(np.isfinite(max_diff) and max_diff <= tolerance),
-        original=original_name, rebuilt=rebuilt_name,
+        original=answers.original, rebuilt=rebuilt_name, dtype=dtype,
     )
+
+
+def compare(original, rebuilt, features, tolerance: float, data: str, original_name: str,
+            rebuilt_name: str, progress: bool = True) -> EquivalenceReport:
+    """Run both models on ``features`` and on the probe rows for ``rebuilt.seq_buckets`` (a
+    CompiledModel's compiled sequence lengths; none without), and measure the differences."""
+    lengths = getattr(rebuilt, "seq_buckets", None) or []
+    answers = run_original(original, features, lengths, data, original_name, progress)
+    return measure(answers, rebuilt, tolerance, rebuilt_name, progress)
+
+
+def prove(answers: OriginalAnswers, rebuilt, tolerance: float, rebuilt_name: str, dtype: str,
+          twin=None, progress: bool = True) -> EquivalenceReport:
+    """The proof of ``rebuilt`` (computing in ``dtype``) against the original's ``answers``.
+
+    ``twin``: None, or ``(model, tolerance, name)``, the float32 twin of the same graph (module
+    docstring), required below float32 and refused at it (ValueError: a caller's bug). It runs
+    first; both stages always run, so a failed report states both, and passes only if both do.
+    """
+    if (twin is None) != (dtype == "float32"):
+        raise ValueError(f"a {dtype} model needs {'no' if dtype == 'float32' else 'a'} float32 twin (got {twin!r})")
+    first = None
+    if twin is not None:
+        model, twin_tolerance, twin_name = twin
+        r = measure(answers, model, twin_tolerance, twin_name, progress, dtype="float32")
+        first = TwinStage(r.max_abs_diff, r.mean_abs_diff, r.label_agreement, r.near_ties, r.tolerance, r.passed,
+                          r.rebuilt)
+    report = measure(answers, rebuilt, tolerance, rebuilt_name, progress, dtype=dtype)
+    if first is None:
+        return report
+    return replace(report, float32_twin=first, passed=report.passed and first.passed)

@@ -207,6 +207,18 @@ def _pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
     return np.concatenate([array, np.repeat(array[:1], rows - len(array), axis=0)])
 
 
+def _proof_failure(equivalence: dict) -> str:
+    """Which stage of a failed proof (the manifest's ``equivalence``) failed, and what to do."""
+    twin = equivalence.get("float32_twin")
+    if isinstance(twin, dict) and not twin.get("passed", False):
+        # Below float32 the graph's float32 twin is proven first: failing it is no rounding matter.
+        return (f"its float32 twin, the same graph computed in float32, is off by max |dp| "
+                f"{twin.get('max_abs_diff')} > tolerance {twin.get('tolerance')}: the rebuilt graph differs from "
+                f"the original, not by rounding; a looser --tolerance does not apply to it")
+    return (f"max |dp| {equivalence.get('max_abs_diff')} > tolerance {equivalence.get('tolerance')}; recompile "
+            f"it (see bertpool-compile --tolerance)")
+
+
 def load_compiled(model_dir, check_equivalence: bool = True, warm_up: bool = True) -> CompiledModel:
     """Load a compiled model directory.
 
@@ -223,9 +235,7 @@ def load_compiled(model_dir, check_equivalence: bool = True, warm_up: bool = Tru
     manifest = read_manifest(model_dir)
     equivalence = manifest.get("equivalence")
     if check_equivalence and isinstance(equivalence, dict) and not equivalence.get("passed", False):
-        raise ModelFormatError(
-            f"{model_dir} failed its equivalence proof (max |dp| {equivalence.get('max_abs_diff')} > "
-            f"tolerance {equivalence.get('tolerance')}); recompile it (see bertpool-compile --tolerance)")
+        raise ModelFormatError(f"{model_dir} failed its equivalence proof ({_proof_failure(equivalence)})")
     for name in (EMBEDDINGS_FILE, VOCAB_FILE, ACCELERATED_DIR):
         if not (model_dir / name).exists():
             raise ModelFormatError(f"{model_dir} is incomplete: no {name}")

@@ -371,6 +371,8 @@ def test_rebuilt_matches_original(models, tmp_path, gelu, dtype):
     assert eq["max_abs_diff"] <= TOLERANCES[dtype]
     assert_labels_agree_but_near_ties(eq)
     assert "SavedModel" in eq["original"] and "loaded from disk" in eq["rebuilt"]
+    twin = eq["float32_twin"]  # below float32, the same graph at float32 is held to the float32 bound first
+    assert twin is None if dtype == "float32" else (twin["passed"] and twin["tolerance"] == TOLERANCES["float32"])
 
 
 @pytest.mark.parametrize("fmt", ["checkpoint", "hf"])
@@ -387,6 +389,109 @@ def test_crude_gelu_on_erf_model_uses_the_approximation_allowance(models, tmp_pa
     assert manifest["gelu"] == "crude" and manifest["source"]["gelu"] == "erf"
     assert eq["tolerance"] == tolerance_for("float32", "crude", "erf") > 1e-5
     assert eq["passed"] and eq["max_abs_diff"] > 1e-5  # a different function, measurably
+
+
+def _fakes(*probabilities):
+    """Models answering each row ``i`` (its input_ids[i, 0]) with row i of each array; and the features."""
+    from types import SimpleNamespace
+
+    ids = np.arange(len(probabilities[0]), dtype=np.int32)[:, None]
+    models = [SimpleNamespace(predict=lambda i, m, s, p=np.asarray(p, np.float32): p[i[:, 0]]) for p in probabilities]
+    return models, SimpleNamespace(input_ids=ids, input_mask=ids, segment_ids=ids)
+
+
+def test_a_proof_below_float32_runs_the_original_once_and_names_the_failing_stage():
+    """prove(): the twin is held to its own bound, the model to its own; both must pass, and the
+    failure says which, the graph (twin) or the rounding (model)."""
+    from types import SimpleNamespace
+
+    from bertpool.compile.equivalence import prove, run_original
+
+    base = np.array([[0.9, 0.1], [0.3, 0.7]])
+    (original, exact, off_by_1e3), features = _fakes(base, base + [[1e-7, -1e-7]] * 2, base + [[1e-3, -1e-3]] * 2)
+    calls = []
+    counted = SimpleNamespace(predict=lambda *a: calls.append(len(a[0])) or original.predict(*a))
+    answers = run_original(counted, features, [], "t", "o", progress=False)
+    assert calls == [2]
+    graph_wrong = prove(answers, off_by_1e3, 5e-3, "r", "float16", (off_by_1e3, 1e-5, "twin"), progress=False)
+    assert not graph_wrong.passed and graph_wrong.max_abs_diff <= graph_wrong.tolerance  # the model alone passes
+    assert "not by rounding" in graph_wrong.failure() and "FAILED: the graph differs" in graph_wrong.summary()
+    rounding = prove(answers, off_by_1e3, 1e-4, "r", "float16", (exact, 1e-5, "twin"), progress=False)
+    assert not rounding.passed and "its float32 twin passed" in rounding.failure()
+    assert prove(answers, off_by_1e3, 5e-3, "r", "float16", (exact, 1e-5, "twin"), progress=False).passed
+    assert calls == [2]  # three proofs, one run of the original
+    with pytest.raises(ValueError):
+        prove(answers, exact, 1e-5, "r", "float32", (exact, 1e-5, "twin"), progress=False)
+
+
+def _tanh_where_the_source_says_erf(monkeypatch):
+    """Plant a graph mistake within float16's bound: the rebuilt graph computes the tanh GELU whatever
+    its configuration says (tiny erf model: 2.8e-4 off at float32, 1.3e-3 at float16, bound 5e-3)."""
+    from bertpool.compile import gelu, lean_bert
+
+    monkeypatch.setattr(lean_bert, "gelu", lambda x, kind: gelu.gelu(x, "tanh"))
+
+
+def test_a_graph_mistake_hidden_by_float16_rounding_fails_at_its_float32_twin(models, tmp_path, monkeypatch,
+                                                                                capsys):
+    """At float16 alone (bound 5e-3) a graph computing the wrong GELU passed the proof: its float32
+    twin, the same graph computed in float32, is held to 1e-5 first, and fails it (exit 1, as any
+    failed proof; the output is kept, marked failed, and does not load)."""
+    _tanh_where_the_source_says_erf(monkeypatch)
+    code = cli.main(["--input_saved_model", str(models["savedmodel-erf"]), "--output_saved_model",
+                     str(tmp_path / "out"), "--target", "cpu", "--dtype", "float16", "--pairs", "8", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "the rebuilt graph differs from the original, not by rounding: its float32 twin" in err, err
+    eq = json.loads((tmp_path / "out" / "manifest.json").read_text())["equivalence"]
+    assert eq["float32_twin"]["passed"] is False and eq["float32_twin"]["max_abs_diff"] > TOLERANCES["float32"]
+    assert eq["max_abs_diff"] <= eq["tolerance"] == TOLERANCES["float16"]  # what the float16 proof alone passed
+    assert eq["passed"] is False
+    with pytest.raises(ModelFormatError, match="failed its equivalence proof") as refused:
+        runtime.load_compiled(tmp_path / "out")
+    # The stage that failed, not the float16 numbers, which were within their bound.
+    assert "its float32 twin, the same graph computed in float32, is off by" in str(refused.value)
+    assert "the rebuilt graph differs from the original, not by rounding" in str(refused.value)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_the_proof_runs_the_original_once_and_a_twin_only_below_float32(models, tmp_path, monkeypatch, capsys,
+                                                                       dtype):
+    """A float16 proof states both stages (the status line, the stdout summary, the manifest) and
+    builds the graph twice (the model and its float32 twin); a float32 proof builds it once. Either
+    way the original answers each row once."""
+    from bertpool.compile import build
+
+    built, rows = [], []
+    build_module, open_original = build.build_module, build.open_original
+
+    def counting_open(weights, seq_length):
+        original = open_original(weights, seq_length)
+        predict = original.predict
+        original.predict = lambda ids, *a: rows.append(len(ids)) or predict(ids, *a)
+        return original
+
+    monkeypatch.setattr(build, "build_module", lambda s, t, config: built.append(config.dtype) or
+                        build_module(s, t, config))
+    monkeypatch.setattr(build, "open_original", counting_open)
+    code = cli.main(["--input_saved_model", str(models["savedmodel-erf"]), "--output_saved_model",
+                     str(tmp_path / "out"), "--target", "cpu", "--dtype", dtype, "--pairs", "8"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    eq = json.loads((tmp_path / "out" / "manifest.json").read_text())["equivalence"]
+    assert sum(rows) == eq["pairs"] + eq["probe_rows"] == 8 + 5
+    line = next(x for x in err.splitlines() if x.startswith("equivalence PASSED"))
+    if dtype == "float32":
+        assert built == ["float32"] and eq["float32_twin"] is None
+        assert "twin" not in line and "twin" not in out, (line, out)
+        return
+    assert built == ["float16", "float32"]
+    twin = eq["float32_twin"]
+    assert twin["passed"] and twin["max_abs_diff"] <= twin["tolerance"] == TOLERANCES["float32"]
+    assert eq["passed"] and eq["max_abs_diff"] <= eq["tolerance"] == TOLERANCES["float16"]
+    assert (f"float32 twin of the graph: max |dp| = {twin['max_abs_diff']:.3g} (tolerance 1e-05); then the "
+            f"float16 model: max |dp| = {eq['max_abs_diff']:.3g} (tolerance 0.005)") in line, line
+    assert f"float32 twin max |dp| {twin['max_abs_diff']:.3g}, then max |dp| {eq['max_abs_diff']:.3g}" in out
 
 
 def test_tolerances():
