@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import add_vocab_argument, echo_vocab, start_serve
+from ..broker.broker import BrokerConfig
 from ..clients.bench import MAX_CLIENTS, MAX_CYCLE, BenchConfig, load_pairs, run_bench
 from ..common.cli import (check_count, counted, output_file, report_error, report_interrupt, sigterm_as_interrupt,
                           write_output)
@@ -64,7 +65,8 @@ def served(args, worker: WorkerConfig, pairs, parallel: int, threads: int) -> di
     worker = replace(worker, broker_address=back, backend=replace(worker.backend, threads=threads))
     configdata.write_json(worker, Path(tmp) / "worker.json")
     serve_args = ["--address", front, "--worker-address", back, "--parallel", str(parallel),
-                  "--stats-interval-s", "0", "--worker-config-json", str(Path(tmp) / "worker.json")]
+                  "--stats-interval-s", "0", "--worker-config-json", str(Path(tmp) / "worker.json"),
+                  "--busy-poll-us", str(args.busy_poll_us)]
     log = open(Path(tmp) / "serve.log", "wb")
     proc = start_serve(serve_args, log)
     try:
@@ -158,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=_positive, default=1,
                         help="rounds of tight loop then served runs; the report gives the median ratio, each "
                              "served run against its own round's tight loop (default: %(default)s)")
+    parser.add_argument("--busy-poll-us", type=float, default=0.0,
+                        help="the served broker's --busy-poll-us, to measure what it saves at low load and "
+                             "costs at saturation (default: off)")
     parser.add_argument("--tsv", help="MRPC-format pairs (default: the pairs bertpool ships)")
     add_vocab_argument(parser)
     parser.add_argument("--json", metavar="FILE", type=output_file, help="also write the report as JSON to FILE")
@@ -173,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"give --clients")
         check_count("--cycle", args.cycle, MAX_CYCLE)
         check_count("--single-cycle", args.single_cycle, MAX_CYCLE)
+        BrokerConfig(busy_poll_us=args.busy_poll_us)  # its bound, now rather than when serve starts
     except ConfigError as exc:
         parser.error(str(exc))
     try:
@@ -194,7 +200,7 @@ def _run(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, batch_timeout_ms=args.batch_timeout_ms)
     report: dict[str, Any] = {"backend": args.backend, "model": args.model,
                               "vocab": vocab_name or "the model's own", "batch_size": args.batch_size,
-                              "cores": cores, "rounds": []}
+                              "cores": cores, "busy_poll_us": args.busy_poll_us, "rounds": []}
     parallels = args.parallel
     for number in range(1, args.rounds + 1):
         tight = tight_loop(worker.backend, args.batch_size, args.seconds, pairs, vocab)

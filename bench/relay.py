@@ -97,8 +97,10 @@ def _protocol_echo(address: str, stop) -> None:
 def _pool_worker(address: str, stop, vocab: str | None = None) -> None:
     """A real bertpool worker, echo backend, no delay; ``vocab``: its WordPiece vocabulary (None:
     the echo backend's built-in character vocabulary)."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from ..common.tokenizer import serial_tokenizers
     from ..workers.worker import Worker, WorkerConfig
+
+    serial_tokenizers()
 
     try:
         worker = Worker(WorkerConfig(broker_address=address, batch_timeout_ms=0, vocab_path=vocab))
@@ -238,9 +240,10 @@ def _cpu_us_per_round_trip(pids: list[int], before: list[float | None], round_tr
 def measure(setup: str, clients: int, workers: int, load_procs: int, warmup_s: float,
             duration_s: float, body: bytes, metrics_address: str = "",
             cpu: dict[str, Any] | None = None, vocab: str | None = None,
-            single: dict[str, Any] | None = None, single_requests: int = 0) -> float:
+            single: dict[str, Any] | None = None, single_requests: int = 0, busy_poll_us: float = 0.0) -> float:
     """Round trips per second for one set-up (``metrics_address``: the broker's, to measure the
-    cost of recording metrics; ``vocab``: the pool workers' vocabulary); with ``cpu``, also the
+    cost of recording metrics; ``vocab``: the pool workers' vocabulary; ``busy_poll_us``: the
+    broker's, see BrokerConfig); with ``cpu``, also the
     CPU microseconds per round trip of the router (this process: the relay's proxy or the broker)
     and of the workers, from the window's start until every load process reported, and of the
     load processes (their window); with ``single`` and ``single_requests``, also what
@@ -258,8 +261,8 @@ def measure(setup: str, clients: int, workers: int, load_procs: int, warmup_s: f
         thread = threading.Thread(target=_proxy, args=(f, b), daemon=True)
         target = _relay_echo
     else:
-        broker = Broker(BrokerConfig(frontend=front, backend=back, metrics_address=metrics_address),
-                        context=zctx)
+        broker = Broker(BrokerConfig(frontend=front, backend=back, metrics_address=metrics_address,
+                                     busy_poll_us=busy_poll_us), context=zctx)
         broker.bind()
         thread = threading.Thread(target=broker.run, daemon=True)
         target = _protocol_echo if setup == "broker" else _pool_worker
@@ -395,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-address", metavar="HOST:PORT", default="",
                         help="run the broker with its Prometheus endpoint on, to measure what recording "
                              "metrics costs (default: off)")
+    parser.add_argument("--busy-poll-us", type=float, default=0.0,
+                        help="the broker's --busy-poll-us in the broker and pool set-ups, to measure what "
+                             "it saves and costs (default: off)")
     parser.add_argument("--single", type=int, default=1000, metavar="N",
                         help="after each set-up's load, one client alone sends N requests one at a time "
                              "(0: skip) (default: %(default)s)")
@@ -411,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         check_processes("--load-procs", args.load_procs)
         if args.metrics_address:  # now, not when the broker set-up starts after the relay's run
             parse_host_port(args.metrics_address, "--metrics-address")
+        BrokerConfig(busy_poll_us=args.busy_poll_us)  # likewise
     except ConfigError as exc:
         parser.error(str(exc))
     if args.single < 0:
@@ -441,6 +448,7 @@ def _run(args: argparse.Namespace, setups: list[str]) -> int:
     report: dict[str, Any] = {"clients": args.clients, "workers": args.workers, "request": args.request,
                               "vocab": vocab_name,
                               "duration_s": args.duration_s, "metrics": bool(args.metrics_address),
+                              "busy_poll_us": args.busy_poll_us,
                               "round_trips_per_s": {}}
     report["cpu_us_per_round_trip"] = {}
     singles: dict[str, dict[str, Any]] = {}
@@ -448,7 +456,7 @@ def _run(args: argparse.Namespace, setups: list[str]) -> int:
         cpu: dict[str, Any] = {}
         single: dict[str, Any] = {}
         rate = measure(setup, args.clients, args.workers, args.load_procs, args.warmup_s, args.duration_s,
-                       body, args.metrics_address, cpu, vocab, single, args.single)
+                       body, args.metrics_address, cpu, vocab, single, args.single, args.busy_poll_us)
         report["round_trips_per_s"][setup] = round(rate, 1)
         report["cpu_us_per_round_trip"][setup] = cpu
         print(f"{setup:>6}: {rate:10.1f} round trips/s; CPU us per round trip: router {cpu.get('router')}, "

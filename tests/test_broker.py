@@ -14,7 +14,8 @@ import time
 import pytest
 import zmq
 
-from bertpool.broker.broker import Broker, BrokerConfig
+from bertpool.broker import broker as broker_module
+from bertpool.broker.broker import MAX_BUSY_POLL_US, Broker, BrokerConfig, busy_poll
 from bertpool.common import protocol as P
 from bertpool.common.errors import ConfigError
 from bertpool.common.metrics_export import LATENCY_BUCKETS_S as P_LATENCY_BUCKETS
@@ -896,3 +897,78 @@ def test_the_first_stats_of_a_worker_that_registered_before_is_a_baseline(broker
     assert got["totals"]["batches"] == 7
     compute = b.pool_totals.histograms["compute_seconds"]
     assert compute.counts[0] == 7 and compute.sum == pytest.approx(0.75)
+
+
+# ----------------------------------------------------------------- busy polling
+
+
+class _Poller:
+    """A stand-in for zmq.Poller: answers each poll() from ``answers`` (then nothing), noting its timeout."""
+
+    def __init__(self, answers=()) -> None:
+        self.answers, self.timeouts = list(answers), []
+
+    def poll(self, timeout):
+        self.timeouts.append(timeout)
+        return self.answers.pop(0) if self.answers else []
+
+
+def test_busy_poll_blocks_at_once_when_its_window_is_past():
+    poller = _Poller()
+    assert busy_poll(poller, 50, spin_until=0.0) == [] and poller.timeouts == [50]
+
+
+def test_busy_poll_returns_the_first_events_found_without_blocking():
+    poller = _Poller([[], [], [("sock", zmq.POLLIN)]])
+    assert busy_poll(poller, 50, spin_until=time.monotonic() + 60) == [("sock", zmq.POLLIN)]
+    assert poller.timeouts == [0, 0, 0]
+
+
+def test_busy_poll_blocks_once_its_window_ends_with_nothing_found():
+    poller = _Poller()
+    assert busy_poll(poller, 50, spin_until=time.monotonic() + 0.002) == []
+    assert poller.timeouts[-1] == 50 and set(poller.timeouts[:-1]) <= {0}
+
+
+@pytest.mark.parametrize("value", [-1.0, MAX_BUSY_POLL_US + 1, float("nan"), float("inf")])
+def test_busy_poll_outside_its_range_is_a_config_error(value):
+    with pytest.raises(ConfigError, match=r"busy_poll_us must be in \[0, 10000\] us"):
+        BrokerConfig(busy_poll_us=value)
+
+
+def test_a_busy_polling_broker_spins_at_low_load_only_and_serves_as_ever(broker, sockets, monkeypatch):
+    """With busy_poll_us, the broker spins after a message while nothing is queued and its workers
+    hold no more requests than there are workers; with requests queued it sleeps as before. Replies
+    flow either way."""
+    spins: list[float] = []  # spin_until of each busy_poll call, in order
+    called = threading.Condition()
+    real = broker_module.busy_poll
+
+    def recording(poller, wait_ms, spin_until):
+        with called:
+            spins.append(spin_until)
+            called.notify_all()
+        return real(poller, wait_ms, spin_until)
+
+    def next_spin_until() -> float:
+        """The spin_until of the broker's next busy_poll call (made after all it has handled)."""
+        with called:
+            seen = len(spins)
+            assert called.wait_for(lambda: len(spins) > seen, timeout=WAIT_MS / 1000)
+            return spins[seen]
+
+    monkeypatch.setattr(broker_module, "busy_poll", recording)
+    b = broker(busy_poll_us=MAX_BUSY_POLL_US)
+    client, worker = sockets(b.config.frontend), sockets(b.config.backend)
+    request(client, "queued")  # no worker yet: it waits in the queue
+    stats(client)
+    assert next_spin_until() == 0.0
+    ready(worker, 1, "w")  # takes the queued request: one held by one worker, none queued
+    version, kind, token, *_ = recv(worker)
+    assert kind == P.REQUEST and next_spin_until() > 0.0
+    for i in range(3):
+        request(client, i)  # the worker's credit is spent: these are queued
+    stats(client)
+    assert next_spin_until() == 0.0
+    worker.send_multipart([P.VERSION, P.REPLY, token, P.reply_body("queued", [0.1, 0.9], {})])
+    assert P.unpack(recv(client)[2])["id"] == "queued"
