@@ -10,7 +10,7 @@ only guards internal invariants.
     │   └── InputError         a well-formed request whose content is invalid (same ``.code`` path:
     │                          the worker answers it with an ERROR reply, like any protocol error)
     ├── ModelError             a model directory that cannot be read or served
-    │   ├── ModelFormatError   missing tensor, wrong shape, bad vocabulary, unknown format
+    │   ├── ModelFormatError   missing tensor, wrong shape, bad vocabulary, unknown format, wrong Neuron host
     │   ├── EquivalenceError   rebuilt model differs from the original beyond tolerance
     │   ├── PlacementError     the Neuron compiler left the encoder (or too much) on the CPU
     │   └── BinaryMismatchError  a loaded compiled binary disagrees with its reference pairs
@@ -62,7 +62,8 @@ class ModelError(BertpoolError):
 
 
 class ModelFormatError(ModelError):
-    """A model's files are not what they claim: missing tensor, wrong shape, bad vocab."""
+    """A model's files are not what they claim, or not for this host: missing tensor, wrong shape, bad
+    vocab, a Neuron binary for another NeuronCore generation."""
 
 
 class EquivalenceError(ModelError):
