@@ -5,6 +5,7 @@
         print(result.label, result.probabilities, result.timings)
         results = client.predict_many(pairs)          # many requests in flight
         future = client.submit("a", "b")              # concurrent.futures.Future
+        # in a coroutine: await asyncio.wrap_future(client.submit("a", "b"))  (predict() would block the loop)
 
 Thread safety: a Client may be shared by any number of threads. ZeroMQ
 sockets must not be used by two threads at once, so one thread at a time
@@ -59,7 +60,8 @@ Nothing else is retried: other ERRORs (``worker_lost`` included: the broker
 already re-dispatched it as often as it allows) raise RemoteError with its
 ``code``.
 
-Lifetime: close() (or ``with``) ends the I/O thread and closes the sockets. A
+Lifetime: close() (or ``with``) ends the I/O thread and closes the sockets; every later call
+raises ClientClosed, saying why it closed (close(), or an I/O failure that was logged). A
 Client dropped without close() is kept while anything it was asked is pending
 (``Client(address).submit(...)`` settles), and collected, with its thread and
 sockets, once nothing is. A Client cannot be pickled: each process makes its own.
@@ -73,6 +75,7 @@ left with ClientClosed.
 
 from __future__ import annotations
 
+import errno
 import functools
 import heapq
 import itertools
@@ -85,6 +88,7 @@ import time
 import uuid
 import weakref
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -108,6 +112,10 @@ _REMEMBERED_IDS = 16384
 # link that flaps while the Client sits idle (a broker restarting, a balancer closing idle connections)
 # do not pile up in memory for as long as it idles (see fastzmq.open_monitor).
 PARKED_READ_S = 5.0
+
+# A blocking call waiting on another thread's driving gives it this long past the request's deadline
+# to settle it (its timers fire about a millisecond late) before settling it itself (see _await).
+_DEADLINE_GRACE_S = 0.05
 
 # Plain ints: pyzmq's enum flags cost microseconds per operation on the per-request path (the
 # request and reply frames go through common.fastzmq for the same reason).
@@ -208,6 +216,7 @@ class Client:
         # under it, no request can enter the outbox, so the I/O thread's last drain fails every one left.
         self._lock = threading.Lock()
         self._closed = threading.Event()
+        self._closed_why = "close() was called"  # for ClientClosed messages; set before _closed
         # Whoever holds _drive is the one thread that may use the DEALER, the monitor and the
         # wake-up receiver and touch the request state below: the I/O thread, or a caller blocked in
         # predict()/stats() that found nobody driving (lock order: _drive, then _lock).
@@ -233,9 +242,9 @@ class Client:
             self._wake_send.connect(self._wake_addr)
             self._open_link()
         except zmq.ZMQError as exc:
+            why = self._why_no_socket(exc)  # before closing ours, which frees file descriptors
             self._close_sockets()
-            why = files_exhausted(exc.errno)
-            raise ConfigError(f"cannot connect to {address}: {why or exc}") from exc
+            raise ConfigError(f"cannot connect to {address}: {why}") from exc
         # Request state (only the _drive holder touches these after start).
         self._pending: dict[Any, _Pending] = {}
         self._deadlines: list[tuple[float, int, Any]] = []  # heap of (deadline, seq, id)
@@ -322,7 +331,7 @@ class Client:
         left and closes the sockets itself.
         """
         with self._lock:
-            self._closed.set()
+            self._closed.set()  # _closed_why stays what closed it first (close() or an I/O failure)
             self._wake_locked()
             self._want_io_locked()
         if threading.current_thread() is self._thread or threading.get_ident() == self._driver_ident:
@@ -377,6 +386,51 @@ class Client:
             raise RuntimeError(f"Client.{what}() called from a Future's done-callback would wait on the "
                                "thread that delivers its reply (a deadlock); use submit() there instead")
 
+    def _closed_message(self, when: str = "") -> str:
+        """What a ClientClosed says: why the Client closed, and what to do."""
+        if when:
+            return f"the Client closed ({self._closed_why}) {when}"
+        return (f"this Client is closed ({self._closed_why}): create a new Client (a Client cannot be "
+                f"reopened)")
+
+    def _close_for(self, why: str) -> None:
+        """Mark the Client closed because of ``why`` (caller holds _lock); the first reason stays."""
+        if not self._closed.is_set():
+            self._closed_why = why
+        self._closed.set()
+
+    def _why_no_socket(self, exc: zmq.ZMQError) -> str:
+        """Why opening a socket failed, saying what to do. EMFILE is two different limits: the
+        process's open files, or the ZeroMQ context's socket count (MAX_SOCKETS, 1023 unless set),
+        which many Clients sharing the default context reach long before the file limit."""
+        if exc.errno != errno.EMFILE:
+            return files_exhausted(exc.errno) or str(exc)
+        files = out_of_files()
+        if files is not None:
+            return files
+        try:
+            limit = f"={self._ctx.get(zmq.MAX_SOCKETS)}"
+        except zmq.ZMQError:
+            limit = ""
+        return (f"its ZeroMQ context has as many sockets as its MAX_SOCKETS{limit} allows (each Client "
+                f"holds 5 until close()): close the Clients you no longer use, or share one (a Client is "
+                f"thread-safe); else pass Client(context=...) a zmq.Context with a larger MAX_SOCKETS")
+
+    def _await(self, entry: _Pending) -> Any:
+        """Wait for ``entry``, which another thread drives; its result. Normally the driver settles
+        it by its deadline; but while that thread runs a long done-callback no timer fires, so past
+        the deadline (and a grace) this thread fails it itself: cancel() wins only over a driver that
+        has not begun to settle it, whose later _resolve/_fail then do nothing."""
+        try:
+            return entry.future.result(max(0.0, entry.deadline - time.monotonic()) + _DEADLINE_GRACE_S)
+        except FutureTimeout:  # DeadlineExceeded is a TimeoutError too: then cancel() fails, result() re-raises
+            if not entry.future.cancel():
+                return entry.future.result()  # being settled right now
+        what = "stats request" if entry.kind == P.STATS else "request"
+        raise DeadlineExceeded(f"{what} {entry.rid} got no reply within its {entry.timeout_s:g} s deadline; "
+                               f"the thread that delivers this Client's replies was busy meanwhile (a "
+                               f"long done-callback? keep them short: they delay every request)")
+
     def _entry(self, rid: Any, encode: Callable[[float], bytes], timeout_s: float | None,
                kind: bytes) -> _Pending:
         if os.getpid() != self._pid:
@@ -396,7 +450,7 @@ class Client:
     def _enqueue(self, entry: _Pending) -> None:
         with self._lock:
             if self._closed.is_set():
-                raise ClientClosed("client is closed")
+                raise ClientClosed(self._closed_message())
             self._outbox.put(entry)
             self._wake_locked()  # a thread driving now sends it at once
             if not self._io_wanted.is_set():
@@ -409,12 +463,12 @@ class Client:
         entry = self._entry(rid, encode, timeout_s, kind)
         if not self._drive.acquire(blocking=False):
             self._enqueue(entry)
-            return entry.future.result()
+            return self._await(entry)
         leftover = True
         try:
             self._driver_ident = threading.get_ident()
             if self._closed.is_set():  # checked holding _drive: the I/O thread's last drain is done or to come
-                raise ClientClosed("client is closed")
+                raise ClientClosed(self._closed_message())
             self._admit(entry)
             self._drive_until(entry.future)
             leftover = bool(self._pending)
@@ -439,10 +493,10 @@ class Client:
         try:
             while not future.done() and not self._closed.is_set():
                 self._turn(future)
-        except Exception:  # a bug here must not strand anyone: close, and the I/O thread fails what is left
+        except Exception as exc:  # a bug here must not strand anyone: close, and the I/O thread fails what is left
             log.exception("client I/O failed on a calling thread")
             with self._lock:
-                self._closed.set()
+                self._close_for(f"its I/O failed on a calling thread ({exc!r}; logged)")
                 self._wake_locked()
                 self._want_io_locked()
 
@@ -508,8 +562,10 @@ class Client:
                     finally:
                         self._driver_ident = None
                 parked = not self._closed.is_set()
-        except Exception:  # a bug here must not strand the callers: fail what is pending, loudly
+        except Exception as exc:  # a bug here must not strand the callers: fail what is pending, loudly
             log.exception("client I/O thread failed")
+            with self._lock:
+                self._close_for(f"its I/O thread failed ({exc!r}; logged)")
         finally:
             if not parked:
                 self._last_drain(me)
@@ -524,7 +580,7 @@ class Client:
             self._driver_ident = me  # so close() from a done-callback below returns at once
             self._fail_unsent()
             for entry in list(self._pending.values()):
-                _fail(entry.future, ClientClosed("client closed before the reply arrived"))
+                _fail(entry.future, ClientClosed(self._closed_message("before the reply arrived")))
             self._pending.clear()
             self._close_sockets()  # close() may have come from a callback and not wait for us
             self._driver_ident = None
@@ -640,7 +696,7 @@ class Client:
                 entry = self._outbox.get_nowait()
             except queue.Empty:
                 return
-            _fail(entry.future, ClientClosed("client closed before the request was sent"))
+            _fail(entry.future, ClientClosed(self._closed_message("before the request was sent")))
 
     def _read_replies(self, until: Future | None = None) -> None:
         """Read what the broker sent (a bounded burst); a driving caller stops once ``until`` settles

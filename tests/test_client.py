@@ -1197,3 +1197,117 @@ def test_a_wrong_type_of_curve_or_context_is_a_config_error(kwargs, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         Client("ipc:///nonexistent-bertpool", timeout_s=1, **kwargs)
     assert open_fds() <= before
+
+
+# ------------------------------------------- lifetime and errors as a user meets them (clientux audit)
+
+def test_every_call_on_a_closed_client_says_it_is_closed_and_what_to_do(tmp_path, fake_brokers):
+    broker = fake_brokers(f"ipc://{tmp_path}/b")
+    client = Client(broker.address, timeout_s=5)
+    assert client.predict("a", "b").label == 1
+    with client:  # a with block closes it too
+        pass
+    calls = {"predict": lambda: client.predict("a", "b"), "submit": lambda: client.submit("a", "b"),
+             "stats": lambda: client.stats(), "predict_many": lambda: client.predict_many([("a", "b")]),
+             "submit_features": lambda: client.submit_features([1, 2], [1, 1], [0, 0])}
+    for name, call in calls.items():
+        with pytest.raises(ClientClosed, match=r"close\(\) was called.*create a new Client") as err:
+            call()
+        assert "cannot be reopened" in str(err.value), name
+    client.close()  # idempotent after a with block
+
+
+def test_a_client_closed_by_an_internal_failure_says_so_not_that_close_was_called(tmp_path, fake_brokers,
+                                                                                   monkeypatch):
+    """A user who never called close() must not be told they did: the ClientClosed names the failure."""
+    broker = fake_brokers(f"ipc://{tmp_path}/b")
+    with Client(broker.address, timeout_s=5) as client:
+        def broken(*_args):
+            raise OSError("simulated I/O bug")
+        monkeypatch.setattr(client, "_read_replies", broken)
+        with pytest.raises(ClientClosed, match="the Client closed .*simulated I/O bug"):
+            client.predict("a", "b")
+        monkeypatch.undo()
+        with pytest.raises(ClientClosed, match=r"I/O failed on a calling thread.*create a new Client") as err:
+            client.submit("c", "d")
+        assert "close() was called" not in str(err.value)
+
+
+def test_predict_ends_at_its_deadline_while_a_done_callback_holds_the_delivering_thread(tmp_path, fake_brokers):
+    """While the I/O thread runs a user's done-callback, no timer fires; a predict() waiting on it
+    must still end at its own deadline, not when the callback returns."""
+    broker = fake_brokers(f"ipc://{tmp_path}/b")
+    entered, release = threading.Event(), threading.Event()
+    released_by_guard = threading.Event()
+
+    def hog(_future) -> None:
+        entered.set()
+        if not release.wait(WAIT_MS / 1000):  # bounded: without the fix predict() would wait for this
+            released_by_guard.set()
+
+    with Client(broker.address, timeout_s=30) as client:
+        future = client.submit("callback", "holds the I/O thread")
+        future.add_done_callback(hog)
+        assert entered.wait(WAIT_MS / 1000)
+        with pytest.raises(DeadlineExceeded) as err:
+            client.predict("x", "y", timeout_s=0.2)
+        assert not released_by_guard.is_set(), "predict() waited for the callback, past its deadline"
+        assert "busy meanwhile" in str(err.value) and "done-callback" in str(err.value)
+        release.set()
+        assert client.predict("after", "the callback").label == 1  # the client is unharmed
+        assert client.stats(timeout_s=5) == {"answered_by": "fake"}
+
+
+def test_many_clients_past_the_contexts_socket_limit_are_told_which_limit(tmp_path, fake_brokers):
+    """EMFILE from ZeroMQ is the context's MAX_SOCKETS long before the process's file limit: the
+    error must name that limit and the remedy, not say to raise ulimit -n (which changes nothing)."""
+    broker = fake_brokers(f"ipc://{tmp_path}/b")
+    ctx = zmq.Context()
+    ctx.set(zmq.MAX_SOCKETS, 10)  # each Client holds 5 (with its link's monitor pair): two fit
+    before_fds, before_threads = open_fds(), threading.active_count()
+    clients = [Client(broker.address, timeout_s=5, context=ctx) for _ in range(2)]
+    try:
+        with pytest.raises(ConfigError, match=r"MAX_SOCKETS=10.*share one") as err:
+            Client(broker.address, timeout_s=5, context=ctx)
+        assert "ulimit" not in str(err.value)
+        assert [c.predict("a", str(i)).label for i, c in enumerate(clients)] == [1, 1]  # unharmed
+    finally:
+        for c in clients:
+            c.close()
+    def room_again() -> bool:  # closed sockets leave the count once ZeroMQ's reaper is done with them
+        try:
+            Client(broker.address, timeout_s=5, context=ctx).close()
+        except ConfigError:
+            return False
+        return True
+    wait_until(room_again)
+    ctx.term()
+    wait_until(lambda: threading.active_count() <= before_threads)
+    wait_until(lambda: open_fds() <= before_fds)
+
+
+def test_a_hundred_clients_in_one_process_leave_no_thread_or_descriptor(tmp_path, fake_brokers):
+    broker = fake_brokers(f"ipc://{tmp_path}/b")
+    with Client(broker.address, timeout_s=5) as warm:  # the shared context's own descriptors
+        warm.stats()
+    before_fds, before_threads = open_fds(), threading.active_count()
+    clients = [Client(broker.address, timeout_s=5) for _ in range(100)]
+    assert open_fds() - before_fds <= 8 * 100  # about 6 each (README), + the in-process broker's end
+    assert all(f.result(WAIT_MS / 1000).label == 1 for f in [c.submit("a", "b") for c in clients])
+    for c in clients:
+        c.close()
+    wait_until(lambda: threading.active_count() <= before_threads)
+    wait_until(lambda: open_fds() <= before_fds)
+
+
+def test_a_client_made_before_its_broker_serves_once_the_broker_is_up(tmp_path, fake_brokers):
+    """No broker at construction is not an error: a request sent meanwhile waits (and is resent on a
+    fresh connection, as for a lost broker) and is answered once a broker binds the address."""
+    address = f"tcp://127.0.0.1:{free_tcp_port()}"
+    with Client(address, timeout_s=30, **FAST, lost_retries=100) as client:
+        early = client.submit("sent", "before the broker")
+        wait_until(lambda: client.counters.reconnects >= 1)  # it noticed nobody answers, and retried
+        broker = fake_brokers(address)
+        assert early.result(WAIT_MS / 1000).label == 1
+        assert client.predict("after", "the broker").label == 1
+        assert broker.requests()
