@@ -22,6 +22,7 @@ import json
 import os
 import signal
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -30,7 +31,8 @@ from typing import Any
 
 from . import add_vocab_argument, echo_vocab, start_serve
 from ..broker.broker import BrokerConfig
-from ..clients.bench import MAX_CLIENTS, MAX_CYCLE, BenchConfig, load_pairs, run_bench
+from ..clients.bench import (MAX_CLIENTS, MAX_CYCLE, BenchConfig, check_writable, load_pairs, run_bench,
+                             run_environment)
 from ..common.cli import (check_count, counted, output_file, report_error, report_interrupt, sigterm_as_interrupt,
                           write_output)
 from ..common.errors import BertpoolError, ConfigError
@@ -111,8 +113,12 @@ def _seconds(value: str) -> float:
 
 
 def _counts(value: str) -> list[int]:
-    """--parallel: comma-separated worker counts, each >= 1."""
-    return [_positive(part.strip()) for part in value.split(",")]
+    """--parallel: comma-separated worker counts, each >= 1, none twice (a repeat is a served run more
+    in every round, whose report rows could not be told apart; --rounds repeats them all)."""
+    counts = [_positive(part.strip()) for part in value.split(",")]
+    if len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError(f"{value}: a worker count twice (use --rounds to repeat runs)")
+    return counts
 
 
 def _median(values: list[float]) -> float | None:
@@ -181,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         BrokerConfig(busy_poll_us=args.busy_poll_us)  # its bound, now rather than when serve starts
     except ConfigError as exc:
         parser.error(str(exc))
+    args.environment = run_environment("bertpool-bench-backend", sys.argv[1:] if argv is None else list(argv))
     try:
+        check_writable("--json", args.json)  # before the tight loops and pools, not after them
         with sigterm_as_interrupt():  # SIGTERM (timeout, kill) unwinds like Ctrl-C: the pool is stopped
             return _run(args)
     except BertpoolError as exc:  # a bad --model or --tsv, a backend that is not installed, a failed run
@@ -200,7 +208,10 @@ def _run(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, batch_timeout_ms=args.batch_timeout_ms)
     report: dict[str, Any] = {"backend": args.backend, "model": args.model,
                               "vocab": vocab_name or "the model's own", "batch_size": args.batch_size,
-                              "cores": cores, "busy_poll_us": args.busy_poll_us, "rounds": []}
+                              "cores": cores, "busy_poll_us": args.busy_poll_us,
+                              # Every setting (the fields above are the ones read most), and where it ran.
+                              "config": {k: v for k, v in vars(args).items() if k != "environment"},
+                              "environment": args.environment, "rounds": []}
     parallels = args.parallel
     for number in range(1, args.rounds + 1):
         tight = tight_loop(worker.backend, args.batch_size, args.seconds, pairs, vocab)

@@ -28,6 +28,10 @@ import time
 
 import numpy as np
 
+from ..clients.bench import check_writable, run_environment
+from ..common.cli import add_exit_status, check_count, report_error, write_output
+from ..common.errors import ConfigError
+from ..common.protocol import check_timeout
 from ..compile.gelu import GELUS
 from ..compile.rebuild import DTYPES
 from ..compile.shape import PRESETS
@@ -156,16 +160,25 @@ def main(argv=None) -> int:
     parser.add_argument("--sizes", nargs="+", choices=sorted(PRESETS), default=["tiny", "base"])
     parser.add_argument("--work", type=pathlib.Path, default=pathlib.Path("runs/bench-compile"),
                         help="where demo and compiled models are kept (default: runs/bench-compile)")
-    parser.add_argument("--json", type=pathlib.Path, help="write the results here")
+    parser.add_argument("--json", metavar="FILE", type=pathlib.Path,
+                        help="also write the results as JSON to FILE (its directory is made if missing)")
     parser.add_argument("--rounds", type=int, default=5, help="throughput: interleaved rounds (default: 5)")
-    parser.add_argument("--seconds", type=float, default=3.0, help="throughput: seconds per model per round")
+    parser.add_argument("--seconds", type=float, default=3.0,
+                        help="throughput: seconds per model per round (default: 3.0)")
     parser.add_argument("--xla", choices=("auto", "on", "off"), default="auto", help="throughput: bertpool-compile --xla")
     parser.add_argument("--dtype", choices=DTYPES,
                         help="throughput: bertpool-compile --dtype (default float32)")
     parser.add_argument("--pairs", type=int, default=64, help="tolerance: pairs per combination (default: 64)")
     parser.add_argument("--gelus", nargs="+", choices=GELUS, default=list(GELUS),
                         help="tolerance: source GELUs to build demo models with")
+    add_exit_status(parser, "0 measured, 2 a bad flag or a --json that cannot be written (checked before "
+                            "any model is built)")
     args = parser.parse_args(argv)
+    try:  # before minutes of building and timing models, not after them
+        _check_args(args)
+    except ConfigError as exc:
+        return report_error(parser.prog, exc)
+    environment = run_environment(parser.prog, sys.argv[1:] if argv is None else list(argv))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -175,12 +188,35 @@ def main(argv=None) -> int:
             results.append(throughput(size, args.work, args.rounds, args.seconds, xla=args.xla, dtype=args.dtype))
         else:
             results.extend(tolerance(size, args.work, args.pairs, args.gelus))
-    text = json.dumps({"benchmark": args.what, "cpu_count": os.cpu_count(), "results": results}, indent=2)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    # The host's CPU count is environment.host.cpus, as in every bench report.
+    text = json.dumps({"benchmark": args.what, "config": {k: str(v) if isinstance(v, pathlib.Path) else v
+                                                         for k, v in vars(args).items()},
+                       "environment": environment, "results": results}, indent=2)
     print(text)
+    if args.json:
+        try:
+            write_output("--json", args.json, text + "\n")
+        except ConfigError as exc:  # the results are on stdout already
+            return report_error(parser.prog, exc)
     return 0
+
+
+MAX_ROUNDS = 1000  # interleaved rounds of every model: a typo of a digit or three more is refused
+MAX_PAIRS = 100_000  # tolerance pairs per combination, each run through two models
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """ConfigError for a count or duration that would time nothing (0, negative, NaN) or run for
+    days, and for a --json that cannot be written (its missing directory is made first)."""
+    check_count("--rounds", args.rounds, MAX_ROUNDS)
+    check_timeout("--seconds", args.seconds)
+    check_count("--pairs", args.pairs, MAX_PAIRS)
+    if args.json is not None:
+        try:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot write --json {args.json}: {exc.strerror or exc}") from exc
+        check_writable("--json", str(args.json))
 
 
 if __name__ == "__main__":

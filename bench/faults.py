@@ -28,6 +28,7 @@ import multiprocessing as mp
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -39,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from . import start_serve
-from ..clients.bench import MAX_CLIENTS, wait_for_workers
+from ..clients.bench import MAX_CLIENTS, check_writable, run_environment, wait_for_workers
 from ..workers.supervisor import check_processes
 from ..clients.client import Client
 from ..common.cli import (STOPPED, add_exit_status, check_count, exit_with_parent, output_file, report_error,
@@ -222,7 +223,7 @@ def _run_phase(config: FaultBenchConfig, phase: str, workdir: Path) -> dict[str,
                 os.kill(pid, signal.SIGKILL)
                 whole = monitor.wait_for(lambda s: len(s["workers"]) == config.parallel and pid not in _pids(s),
                                          timeout_s=every * 4)
-                faults.append({"at": at, "pid": pid, "pool_whole_after_s": _round(whole)})
+                faults.append({"at_unix_s": at, "pid": pid, "pool_whole_after_s": _round(whole)})
             else:
                 os.kill(pid, signal.SIGSTOP)
                 stopped.add(pid)
@@ -232,7 +233,7 @@ def _run_phase(config: FaultBenchConfig, phase: str, workdir: Path) -> dict[str,
                 stopped.discard(pid)
                 back_in = monitor.wait_for(lambda s: pid in _pids(s) and len(s["workers"]) == config.parallel,
                                            timeout_s=every * 2)
-                faults.append({"at": at, "pid": pid, "presumed_dead_after_s": _round(removed),
+                faults.append({"at_unix_s": at, "pid": pid, "presumed_dead_after_s": _round(removed),
                                "stopped_for_s": config.stop_for_s,
                                "pool_whole_after_sigcont_s": _round(back_in)})
             time.sleep(max(0.0, at + every - time.time()))
@@ -268,7 +269,7 @@ def _report(config: FaultBenchConfig, phase: str, results, faults, final) -> dic
     late = sum(n for _, n in results)
     outcomes = Counter(outcome for _, _, outcome in records)
     latencies = [lat for _, lat, _ in records]
-    fault_times = [f["at"] for f in faults]
+    fault_times = [f["at_unix_s"] for f in faults]
     # In flight at a fault, or sent within the recovery window after it.
     during = [lat for sent, lat, _ in records
               if any(sent <= t + config.recovery_window_s and sent + lat >= t for t in fault_times)]
@@ -342,8 +343,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     try:
+        check_writable("--json", args.json)  # before minutes of faults, not after them
+    except ConfigError as exc:
+        return report_error("bertpool-bench-faults", exc)
+    environment = run_environment("bertpool-bench-faults", sys.argv[1:] if argv is None else list(argv))
+    try:
         with sigterm_as_interrupt():  # SIGTERM (timeout, kill) unwinds like Ctrl-C: the pool is stopped
-            report = run_fault_bench(config)
+            report = {**run_fault_bench(config), "environment": environment}
     except KeyboardInterrupt as exc:  # Ctrl-C (130), or SIGTERM (Terminated, 143)
         return report_interrupt("bertpool-bench-faults", exc, "; its pool and clients were stopped, no report")
     text = json.dumps(report, indent=2)

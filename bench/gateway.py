@@ -25,6 +25,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -36,11 +37,13 @@ from typing import Any
 import numpy as np
 
 from . import start_serve
-from ..clients.bench import MAX_CLIENTS, MAX_CYCLE, next_result, percentiles
+from ..clients.bench import (MAX_CLIENTS, MAX_CYCLE, check_warmup, check_writable, next_result, percentiles,
+                             run_environment)
 from ..common.cli import (STOPPED, add_exit_status, check_count, output_file, report_error, report_interrupt,
                           sigterm_as_interrupt, write_output)
 from ..common.data import default_pairs
 from ..common.errors import BertpoolError, ConfigError
+from ..workers.supervisor import check_processes
 
 MODES = ("native", "http", "grpc", "http-json")
 MODEL = "bertpool-mrpc"
@@ -60,13 +63,13 @@ class GatewayBenchConfig:
     def __post_init__(self) -> None:
         check_count("--clients", self.clients, MAX_CLIENTS)
         check_count("--cycle", self.cycle, MAX_CYCLE)
-        if self.parallel < 1:
-            raise ConfigError(f"--parallel must be >= 1, got {self.parallel}")
-        if self.warmup < 0:
-            raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
+        check_processes("--parallel", self.parallel)  # serve's own bound, now rather than from its log
+        check_warmup(self.warmup)
         bad = [m for m in self.modes if m not in MODES]
         if bad or not self.modes:
             raise ConfigError(f"--modes must name some of {', '.join(MODES)}, got {','.join(self.modes)}")
+        if len(set(self.modes)) != len(self.modes):  # the report has one record per mode: a repeat was dropped
+            raise ConfigError(f"--modes names a mode twice: {','.join(self.modes)}")
 
 
 def _free_port() -> int:
@@ -123,14 +126,19 @@ def _json_caller(address: str, timeout_s: float):
 
 def _client_main(index: int, mode: str, endpoints: dict[str, str], config: GatewayBenchConfig,
                  pairs: list[tuple[str, str]], barrier, results) -> None:
+    """One client process of ``mode``: warm up, meet the barrier, send ``config.cycle`` requests; put
+    its latencies (ms) and errors (counts by class, a message of each: a client that could not start
+    or warm up counts one ``start: CLASS`` error) on ``results``."""
     errors: dict[str, int] = {}
+    samples: dict[str, str] = {}
     latencies: list[float] = []
     try:
         call, close = _make_caller(mode, endpoints, config.timeout_s)
         for i in range(config.warmup):
             call(*pairs[(index + i) % len(pairs)])
     except Exception as exc:  # report, then still meet the barrier so the others are not stuck
-        errors[f"start: {type(exc).__name__}: {exc}"[:200]] = 1
+        key = f"start: {type(exc).__name__}"
+        errors[key], samples[key] = 1, str(exc)[:500]
         call = close = None
     barrier.wait()
     started = time.perf_counter()
@@ -144,8 +152,9 @@ def _client_main(index: int, mode: str, endpoints: dict[str, str], config: Gatew
             except Exception as exc:  # count it and go on, as bertpool-bench does
                 key = type(exc).__name__
                 errors[key] = errors.get(key, 0) + 1
+                samples.setdefault(key, str(exc)[:500])
         close()
-    results.put({"latencies_ms": latencies, "errors": errors, "started": started,
+    results.put({"latencies_ms": latencies, "errors": errors, "error_samples": samples, "started": started,
                  "finished": time.perf_counter()})
 
 
@@ -176,12 +185,19 @@ def run_mode(mode: str, endpoints: dict[str, str], config: GatewayBenchConfig,
                 p.kill()
     latencies = [x for r in got for x in r["latencies_ms"]]
     errors: dict[str, int] = {}
+    samples: dict[str, str] = {}
     for r in got:
         for k, v in r["errors"].items():
             errors[k] = errors.get(k, 0) + v
-    wall_s = max(r["finished"] for r in got) - min(r["started"] for r in got)
-    return {"mode": mode, "replies": len(latencies), "errors": errors, "wall_s": round(wall_s, 3),
-            "round_trips_per_s": round(len(latencies) / wall_s, 1) if wall_s > 0 else 0.0,
+        for k, message in r["error_samples"].items():
+            samples.setdefault(k, message)
+    elapsed_s = max(r["finished"] for r in got) - min(r["started"] for r in got)
+    # Field names as bertpool-bench's report has them: errors a count, errors_by_type and
+    # error_samples beside it, elapsed_s the measured phase.
+    return {"mode": mode, "requests": len(latencies) + sum(errors.values()), "replies": len(latencies),
+            "errors": sum(errors.values()), "errors_by_type": errors, "error_samples": samples,
+            "elapsed_s": round(elapsed_s, 3),
+            "round_trips_per_s": round(len(latencies) / elapsed_s, 1) if elapsed_s > 0 else 0.0,
             "latency_ms": percentiles(latencies)}
 
 
@@ -234,7 +250,8 @@ class _Pool:
 
 
 def run_gateway_bench(config: GatewayBenchConfig, log_path: Path) -> dict[str, Any]:
-    """Start the pool, run every mode, stop the pool; the JSON-ready report."""
+    """Start the pool, run every mode, stop the pool; the JSON-ready report (the host's facts, the
+    CPU count among them, are the caller's ``environment``)."""
     pairs = [(p.text_a, p.text_b) for p in default_pairs()]
     pool = _Pool(config, log_path)
     try:
@@ -245,8 +262,8 @@ def run_gateway_bench(config: GatewayBenchConfig, log_path: Path) -> dict[str, A
     native = modes.get("native", {}).get("round_trips_per_s")
     ratios = {f"{m.replace('-', '_')}_vs_native": round(r["round_trips_per_s"] / native, 3)
               for m, r in modes.items() if m != "native" and native}
-    return {"config": asdict(config), "backend": "tf" if config.model_dir else "echo",
-            "cpus": os.cpu_count(), "modes": modes, "ratios": ratios}
+    return {"config": asdict(config), "backend": "tf" if config.model_dir else "echo", "modes": modes,
+            "ratios": ratios}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,16 +283,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", dest="model_dir", default=None,
                         help="serve this model directory with the tf backend (default: the echo backend)")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated (default: %(default)s)")
-    parser.add_argument("--json", default=None, type=output_file, help="also write the report here")
-    parser.add_argument("--log", default=None, type=output_file, help="the pool's log file (default: a temporary file)")
+    parser.add_argument("--json", metavar="FILE", default=None, type=output_file,
+                        help="also write the report as JSON to FILE")
+    parser.add_argument("--log", metavar="FILE", default=None, type=output_file,
+                        help="the pool's log file (default: a temporary file)")
     args = parser.parse_args(argv)
     try:
         config = GatewayBenchConfig(clients=args.clients, cycle=args.cycle, warmup=args.warmup,
                                     parallel=args.parallel, model_dir=args.model_dir,
                                     modes=tuple(m for m in args.modes.split(",") if m))
+        check_writable("--json", args.json)  # before the pool starts, not after the run
+        environment = run_environment("bertpool-bench-gateway", sys.argv[1:] if argv is None else list(argv))
         log_path = Path(args.log) if args.log else Path(tempfile.mkstemp(prefix="bertpool-gwbench-", suffix=".log")[1])
         with sigterm_as_interrupt():  # SIGTERM (timeout, kill) unwinds like Ctrl-C: the pool is stopped
-            report = run_gateway_bench(config, log_path)
+            report = {**run_gateway_bench(config, log_path), "environment": environment}
     except BertpoolError as exc:
         return report_error("bertpool-bench-gateway", exc)
     except KeyboardInterrupt as exc:  # Ctrl-C (130), or SIGTERM (Terminated, 143)

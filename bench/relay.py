@@ -39,7 +39,8 @@ from typing import Any
 import zmq
 
 from . import add_vocab_argument, echo_vocab
-from ..clients.bench import MAX_CLIENTS, BenchConfig, next_result, percentiles, run_bench, wait_for_workers
+from ..clients.bench import (MAX_CLIENTS, BenchConfig, check_writable, next_result, percentiles, run_bench,
+                             run_environment, wait_for_workers)
 from ..workers.supervisor import check_processes
 from ..common.cli import (STOPPED, add_exit_status, check_count, output_file, parse_host_port, report_error,
                           report_interrupt, sigterm_as_interrupt, write_output)
@@ -420,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         BrokerConfig(busy_poll_us=args.busy_poll_us)  # likewise
     except ConfigError as exc:
         parser.error(str(exc))
+    args.environment = run_environment("bertpool-bench-broker", sys.argv[1:] if argv is None else list(argv))
     if args.single < 0:
         parser.error(f"--single must be >= 0, got {args.single}")
     if not 0 <= args.warmup_s <= P.MAX_TIMEOUT_S:
@@ -429,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     try:
+        check_writable("--json", args.json)  # before the set-ups run, not after them
         with sigterm_as_interrupt():  # SIGTERM (timeout, kill) unwinds like Ctrl-C: its processes are stopped
             return _run(args, setups)
     except BertpoolError as exc:  # e.g. a --metrics-address the broker cannot bind, a bad --vocab
@@ -449,6 +452,10 @@ def _run(args: argparse.Namespace, setups: list[str]) -> int:
                               "vocab": vocab_name,
                               "duration_s": args.duration_s, "metrics": bool(args.metrics_address),
                               "busy_poll_us": args.busy_poll_us,
+                              # Every setting (the fields above are the ones read most), and where it ran.
+                              "config": {"setups": setups, "load_procs": args.load_procs,
+                                         "warmup_s": args.warmup_s, "single": args.single, "vocab": args.vocab},
+                              "environment": args.environment,
                               "round_trips_per_s": {}}
     report["cpu_us_per_round_trip"] = {}
     singles: dict[str, dict[str, Any]] = {}

@@ -22,17 +22,23 @@ A progress bar with live throughput goes to stderr when it is a terminal
 from __future__ import annotations
 
 import argparse
+import datetime
+import importlib.metadata
 import json
 import logging
 import multiprocessing as mp
 import os
+import platform
 import queue
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, TextIO
 
 import numpy as np
@@ -77,8 +83,7 @@ class BenchConfig:
     def __post_init__(self) -> None:
         for name, most in (("clients", MAX_CLIENTS), ("cycle", MAX_CYCLE)):
             check_count("--" + name, getattr(self, name), most)
-        if self.warmup < 0:
-            raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
+        check_warmup(self.warmup)
         if self.wait_workers < 0:
             raise ConfigError(f"--wait-workers must be >= 0, got {self.wait_workers}")
         for name in ("timeout_s", "connect_timeout_s", "start_timeout_s", "wait_timeout_s", "duration_s"):
@@ -91,6 +96,15 @@ class BenchConfig:
         if self.duration_s is not None:
             return self.duration_s + self.timeout_s
         return self.cycle * self.timeout_s
+
+
+def check_warmup(warmup: int) -> None:
+    """ConfigError unless ``warmup`` (unmeasured requests per client) is in 0..MAX_CYCLE: a typo of a
+    few extra digits otherwise ran until the clients' start timeout, said as "did not all start"."""
+    if warmup < 0:
+        raise ConfigError(f"--warmup must be >= 0, got {warmup}")
+    if warmup > MAX_CYCLE:
+        raise ConfigError(f"--warmup must be at most {MAX_CYCLE}, got {warmup}")
 
 
 # What the Client recovered from by itself (ClientCounters fields) that a report totals: its resends
@@ -393,7 +407,8 @@ def _run_clients(config: BenchConfig, procs, barrier, results, counters, before,
         _stop(procs)
         why = _first_failure(results)
         raise BenchError(f"a bench client failed while warming up: {why}" if why else
-                         f"clients did not all start within {config.start_timeout_s} s") from exc
+                         f"clients did not all start within {config.start_timeout_s:g} s (each connects and "
+                         f"sends its --warmup {config.warmup} requests first)") from exc
     bar = None
     if progress:
         total = None if config.duration_s is not None else config.clients * config.cycle
@@ -444,6 +459,11 @@ def diagnose(address: str, report: dict[str, Any], after: dict[str, Any] | None,
                 f"(bertpool-workers) or wait for them with --wait-workers N")
     if not report["replies"]:
         refused = report["errors_by_type"].get("RemoteError", 0)  # ERROR replies: answered, but refused
+        late = sum(report["errors_by_type"].get(name, 0) for name in DEADLINE_ERRORS)
+        if late == report["errors"]:  # the pool is there, with workers: it is slower than the deadline
+            return (f"the broker at {address} answers and has workers, but every request ran past its "
+                    f"--timeout-s {report['config']['timeout_s']:g} s deadline: the pool takes longer than "
+                    f"that per request (its batches, or its queue); give a longer --timeout-s")
         if not refused:
             return f"the broker at {address} answers, but no request got a reply"
         which = ("every request was" if refused == report["errors"]
@@ -452,6 +472,11 @@ def diagnose(address: str, report: dict[str, Any], after: dict[str, Any] | None,
         return (f"the broker at {address} answers, but {which} refused with an ERROR reply, e.g. "
                 f"{report['error_samples'].get('RemoteError')}")
     return None
+
+
+# RequestError classes that mean "no answer before the request's deadline" (the Client's own wait, or
+# the broker's or worker's deadline_exceeded).
+DEADLINE_ERRORS = ("DeadlineExceeded", "RequestTimeout")
 
 
 def _stop(procs, at_once: bool = False) -> None:
@@ -615,14 +640,14 @@ def main(argv: list[str] | None = None) -> int:
     # then stops its client processes.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     with sigterm_as_interrupt():
-        return _bench(args)
+        return _bench(args, sys.argv[1:] if argv is None else list(argv))
 
 
-def _bench(args: argparse.Namespace) -> int:
-    """main's work once the flags are parsed: run, report, exit status."""
+def _bench(args: argparse.Namespace, argv: list[str]) -> int:
+    """main's work once the flags are parsed (from ``argv``): run, report, exit status."""
     from . import plot, sweep  # the sweep and plot modules import this one
 
-    config, source = None, None
+    config, source, environment = None, None, None
     try:
         steps = sweep.parse_clients_list(args.sweep_clients) if args.sweep_clients is not None else None
         clients = steps[0] if steps else (48 if args.clients is None else args.clients)
@@ -639,6 +664,9 @@ def _bench(args: argparse.Namespace) -> int:
         pairs, source = load_pairs(args.tsv)
         if args.plot:
             plot.check_format(args.plot)  # matplotlib installed, and it writes that format: before the run
+        check_writable("--json", args.json)
+        check_writable("--plot", args.plot)
+        environment = run_environment("bertpool-bench", argv)
         progress = show_progress(args.quiet)
         if steps:
             report = sweep.run_sweep(config, steps, pairs, progress=progress)
@@ -648,7 +676,7 @@ def _bench(args: argparse.Namespace) -> int:
         if args.json and config is not None and isinstance(exc, (RequestError, BenchError)):
             try:
                 write_json(args.json, {**failure_report(config, exc), "pairs_source": source,
-                                       "model_note": args.model_note})
+                                       "model_note": args.model_note, "environment": environment})
             except ConfigError as write_exc:  # said too; the exit status is the bench's own failure's
                 report_error("bertpool-bench", write_exc)
         return report_error("bertpool-bench", exc)
@@ -656,6 +684,7 @@ def _bench(args: argparse.Namespace) -> int:
         return report_interrupt("bertpool-bench", exc, "; its clients were stopped, no report")
     report["pairs_source"] = source
     report["model_note"] = args.model_note
+    report["environment"] = environment
     print(sweep.format_sweep(report) if steps else format_report(report), flush=True)
     try:  # the report is on stdout already; a file that cannot be written (disk full) is one line, exit 2
         if args.json:
@@ -668,8 +697,70 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def report_config(config: BenchConfig) -> dict[str, Any]:
-    """``config`` as a report shows it: whether CURVE was on, never the keys."""
-    return {**asdict(config), "curve": config.curve is not None}
+    """``config`` as a report shows it: whether CURVE was on, never the keys; ``cycle`` null when
+    ``duration_s`` set the load instead (its default would read as requests sent)."""
+    return {**asdict(config), "curve": config.curve is not None,
+            "cycle": None if config.duration_s is not None else config.cycle}
+
+
+def run_environment(prog: str, argv: list[str]) -> dict[str, Any]:
+    """What a saved report needs for a later reader to compare it with another: the command line
+    (``prog`` and its ``argv``), when it started (UTC), the versions that ran it and the host's
+    facts: CPUs (all, and those this process may use), the load average when it started (on a shared
+    machine the other jobs move every rate), platform and host name. The bertpool ``commit`` is
+    ``git describe --always --dirty`` of the source tree, null when that is not a git checkout."""
+    import zmq
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        usable = None
+    return {
+        "command": [prog, *argv],
+        "started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"bertpool": _installed_version("bertpool"), "bertpool_commit": _source_commit(),
+                     "python": platform.python_version(), "numpy": np.__version__,
+                     "pyzmq": zmq.pyzmq_version(), "libzmq": zmq.zmq_version()},
+        "host": {"hostname": socket.gethostname(), "platform": platform.platform(), "cpus": os.cpu_count(),
+                 "cpus_usable": usable, "load_average_1m": round(os.getloadavg()[0], 2)},
+    }
+
+
+def _installed_version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return None
+
+
+def _source_commit() -> str | None:
+    """``git describe --always --dirty`` of the tree this module was loaded from, or None."""
+    try:
+        proc = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], capture_output=True,
+                              text=True, timeout=10, cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):  # no git, or a tree too slow to read: the field is null
+        return None
+    if proc.returncode != 0:  # not a git checkout (an installed wheel)
+        return None
+    return proc.stdout.strip() or None
+
+
+def check_writable(flag: str, path: str | None) -> None:
+    """ConfigError (``cannot write FLAG PATH: why``) unless ``path`` can be opened for writing now,
+    before a run whose results would be lost (:func:`bertpool.common.cli.output_file` checks only
+    that its directory exists: a read-only place, or one such as /proc, passed). The probe opens the
+    file for appending, so an existing file is left as it is, and removes a file it created."""
+    if path is None:
+        return
+    target = Path(path)
+    existed = target.exists()
+    try:
+        with open(target, "a"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot write {flag} {path}: {exc.strerror or exc}") from exc
+    if not existed:
+        target.unlink(missing_ok=True)
 
 
 def failure_report(config: BenchConfig, exc: BaseException) -> dict[str, Any]:
@@ -707,8 +798,8 @@ def format_errors(report: dict[str, Any]) -> list[str]:
 
 def format_report(report: dict[str, Any]) -> str:
     lat = report["latency_ms"]
-    lines = [f"requests {report['requests']}  errors {report['errors']}  "
-             f"throughput {report['throughput_per_s']:.1f}/s  elapsed {report['elapsed_s']:.2f} s",
+    lines = [f"clients {report['clients']}  requests {report['requests']}  errors {report['errors']}  "
+             f"throughput {report['throughput_per_s']:.1f} replies/s  elapsed {report['elapsed_s']:.2f} s",
              f"latency ms  p50 {ms(lat['p50'])}  p90 {ms(lat['p90'])}  p99 {ms(lat['p99'])}  "
              f"p99.9 {ms(lat['p999'])}  max {ms(lat['max'])}",
              format_server_mean(report.get("server_mean"))]

@@ -16,7 +16,7 @@ from pathlib import Path
 from numbers import Real
 from typing import Any
 
-from ..common.cli import counted, report_error
+from ..common.cli import add_exit_status, counted, report_error
 from ..common.errors import BertpoolError, ConfigError
 
 EXTRA_HINT = "pip install 'bertpool[plot]' (or scripts/setup with the plot extra, e.g. scripts/setup tf,test,plot)"
@@ -230,6 +230,8 @@ def no_replies_note(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bertpool.clients.plot",
                                      description="Draw a bertpool-bench JSON report (run or sweep) again.")
+    add_exit_status(parser, "0 drawn, 2 a report it cannot read or draw (not a bench report, or one of a bench "
+                            "that could not run), matplotlib missing, or an image it cannot write")
     parser.add_argument("report", help="JSON written by bertpool-bench --json")
     parser.add_argument("output", help="image to write, e.g. sweep.png")
     args = parser.parse_args(argv)

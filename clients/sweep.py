@@ -108,7 +108,9 @@ def run_sweep(config: BenchConfig, clients: list[int], pairs: list[Pair], progre
 
 def format_sweep(report: dict[str, Any]) -> str:
     """A table, one row per step, then errors by type per failing step and the shared footer."""
-    header = (f"{'clients':>7} {'requests':>8} {'errors':>6} {'req/s':>9} {'p50 ms':>8} {'p90 ms':>8} "
+    # replies/s: the throughput is replies over the step's time, failed requests not in it (as the plot's
+    # axis says); "req/s" read as requests sent, which differs from it by the errors.
+    header = (f"{'clients':>7} {'requests':>8} {'errors':>6} {'replies/s':>9} {'p50 ms':>8} {'p90 ms':>8} "
               f"{'p99 ms':>8} {'max ms':>8} {'batch':>5} {'accuracy':>8}")
     lines = [header]
     for s in report["steps"]:

@@ -123,6 +123,10 @@ def test_broker_bench_runs_all_setups(tmp_path, request_kind):
     assert report["single_over_relay_ms"] == {
         "broker": round(single["broker"]["dealer"]["p50"] - relay, 3),
         "pool": round(single["pool"]["dealer"]["p50"] - relay, 3), "pool_client": round(client["p50"] - relay, 3)}
+    # Self-describing: every setting (also those with no field of their own) and where it ran.
+    assert report["config"] == {"setups": ["relay", "broker", "pool"], "load_procs": 1, "warmup_s": 0.2,
+                                "single": 20, "vocab": None}
+    assert_environment(report, "bertpool-bench-broker", proc.args[3:])
 
 
 def test_broker_bench_pool_workers_take_a_given_vocabulary(tmp_path):
@@ -193,6 +197,8 @@ def test_backend_bench_reports_ratio_and_latency(tmp_path):
     single, timeout_ms = served["single_latency_ms"], 5.0
     added = served["single_added_latency_ms_p50"]
     assert added is not None and -timeout_ms < added < single["max"] - 2.0 - timeout_ms + 1e-6
+    assert report["config"]["echo_delay_ms"] == 2.0 and report["config"]["seconds"] == 0.3
+    assert_environment(report, "bertpool-bench-backend", proc.args[3:])
 
 
 def test_backend_bench_rounds_give_each_ratio_and_their_median(tmp_path):
@@ -671,6 +677,35 @@ def test_a_client_failing_while_warming_up_ends_the_wait_with_its_reason(start_p
      "stop_for_s (20) must be less than stop_every_s (10)"),
     ("bertpool.bench.faults", ["--client-procs", "8", "--clients", "2"],
      "client_procs (8) must be at most clients (2)"),
+    # A --json or --plot that cannot be written is refused before the run (its directory exists, so
+    # output_file passed it, and the whole run was lost); small loads, should the check be missing.
+    ("bertpool.clients.bench", ["--json", "/proc/bertpool-bench.json"],
+     "cannot write --json /proc/bertpool-bench.json: No such file or directory"),
+    pytest.param("bertpool.clients.bench", ["--plot", "/proc/bertpool-bench.png"],
+                 "cannot write --plot /proc/bertpool-bench.png", marks=pytest.mark.skipif(
+                     not has_matplotlib(), reason="matplotlib (the plot extra) is not installed")),
+    ("bertpool.bench.relay", ["--setups", "relay", "--clients", "2", "--workers", "1", "--load-procs", "1",
+                              "--duration-s", "0.3", "--single", "0", "--json", "/proc/bertpool-relay.json"],
+     "cannot write --json /proc/bertpool-relay.json"),
+    ("bertpool.bench.backend", ["--backend", "echo", "--seconds", "0.2", "--parallel", "1", "--cycle", "1",
+                                "--single-cycle", "1", "--json", "/proc/bertpool-backend.json"],
+     "cannot write --json /proc/bertpool-backend.json"),
+    ("bertpool.bench.faults", ["--duration-s", "1", "--clients", "2", "--client-procs", "1", "--parallel", "2",
+                               "--kill-every-s", "0.5", "--phases", "kill", "--json", "/proc/bertpool-faults.json"],
+     "cannot write --json /proc/bertpool-faults.json"),
+    ("bertpool.bench.gateway", ["--clients", "1", "--cycle", "1", "--parallel", "1", "--modes", "native",
+                                "--json", "/proc/bertpool-gateway.json"], "cannot write --json /proc/bertpool-gateway.json"),
+    # --warmup had no upper bound: a typo ran until the start timeout, said as "did not all start".
+    ("bertpool.clients.bench", ["--warmup", "99999999999"], "--warmup must be at most 1000000"),
+    ("bertpool.bench.gateway", ["--clients", "1", "--parallel", "1", "--modes", "native", "--warmup", "99999999999"],
+     "--warmup must be at most 1000000"),
+    # Repeats that were run (or dropped) without a word, each report row then ambiguous.
+    ("bertpool.bench.gateway", ["--clients", "1", "--cycle", "1", "--parallel", "1", "--modes", "native,native"],
+     "--modes names a mode twice"),
+    ("bertpool.bench.backend", ["--backend", "echo", "--seconds", "0.2", "--cycle", "1", "--single-cycle", "1",
+                                "--parallel", "1,1"], "a worker count twice"),
+    # serve's own bound, refused by serve only after the pool was started and waited on.
+    ("bertpool.bench.gateway", ["--parallel", "100000"], "bertpool-bench-gateway: error: --parallel must be at most"),
     pytest.param("bertpool.clients.bench", ["--plot", "noext"],
                  "--plot noext: no suffix to name the image format; give one of ", marks=pytest.mark.skipif(
                      not has_matplotlib(), reason="matplotlib (the plot extra) is not installed")),
@@ -1038,3 +1073,110 @@ def test_a_sweep_totals_the_clients_retries_and_says_so(monkeypatch):
     assert report["warmup_replies"] == 4
     assert report["client_retries"] == {"busy_retries": 7, "lost_resends": 0, "reconnects": 0}
     assert "client retries  resent 7 after BUSY, 0 after a lost broker; reconnected 0 times" in sweep.format_sweep(report)
+
+
+# ------------------------------------------------------------------ reports as a new user reads them (audit)
+
+def assert_environment(report: dict, prog: str, argv: list[str]) -> None:
+    """A report says how and where it ran, so a saved one can be compared with another later."""
+    env = report["environment"]
+    assert env["command"] == [prog, *argv]
+    assert env["started_utc"].endswith("+00:00")
+    assert set(env["versions"]) == {"bertpool", "bertpool_commit", "python", "numpy", "pyzmq", "libzmq"}
+    assert env["versions"]["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert env["host"]["cpus"] == os.cpu_count() and env["host"]["load_average_1m"] >= 0
+
+
+def test_a_bench_report_says_how_and_where_it_ran(start_pool, tmp_path):
+    """The JSON had the settings but not the command, versions or host (a report from another machine
+    or week could not be told apart); with --duration-s its config said cycle 128, requests never sent;
+    and the text said neither the client count nor what the throughput counts."""
+    pool = start_pool("--backend", "echo", "--batch-timeout-ms", "1", parallel=1)
+    out = tmp_path / "bench.json"
+    argv = ["--address", pool.address, "--clients", "1", "--duration-s", "0.3", "--json", str(out)]
+    proc = run(*argv)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert_environment(report, "bertpool-bench", argv)
+    assert report["config"]["cycle"] is None and report["config"]["duration_s"] == 0.3
+    first = proc.stdout.splitlines()[0]
+    assert first.startswith("clients 1  requests ") and f"throughput {report['throughput_per_s']:.1f} replies/s" in first
+
+
+def test_an_unwritable_json_is_refused_before_the_run(start_pool):
+    """A --json in a directory that exists but cannot be written (here /proc) passed the flag's check: the
+    whole run was done, then its report could not be saved."""
+    pool = start_pool("--backend", "echo", parallel=1)
+    proc = run("--address", pool.address, "--clients", "1", "--cycle", "1", "--json", "/proc/bertpool-bench.json")
+    assert proc.returncode == 2 and not proc.stdout, proc.stdout
+    assert proc.stderr == "bertpool-bench: error: cannot write --json /proc/bertpool-bench.json: No such file or directory\n"
+
+
+def test_a_sweep_table_says_its_throughput_is_replies_per_second():
+    """The table's column said req/s while its numbers are replies/s (failed requests not counted, as the
+    plot's axis says): with errors the two differ."""
+    from bertpool.clients.sweep import format_sweep
+
+    report = {"steps": [_run_record(clients=4, errors=10)], "backends": {}, "quality": None}
+    header = format_sweep(report).splitlines()[0]
+    assert "replies/s" in header.split() and "req/s" not in header.split()
+
+
+def test_requests_that_all_ran_past_their_deadline_are_diagnosed_as_a_too_short_timeout(start_pool, tmp_path):
+    """Against a pool slower than --timeout-s the diagnosis said only "no request got a reply"."""
+    pool = start_pool("--backend", "echo", "--echo-delay-ms", "400", parallel=1)
+    out = tmp_path / "bench.json"
+    proc = run("--address", pool.address, "--clients", "1", "--cycle", "2", "--warmup", "0", "--timeout-s", "0.05",
+               "--json", str(out))
+    assert proc.returncode == 1, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["replies"] == 0 and report["errors_by_type"] == {"DeadlineExceeded": 2}
+    assert "every request ran past its --timeout-s 0.05 s deadline" in report["diagnosis"]
+    assert "give a longer --timeout-s" in proc.stdout
+
+
+def test_the_writability_probe_leaves_an_existing_file_as_it_was_and_removes_one_it_made(tmp_path):
+    from bertpool.clients.bench import check_writable
+
+    kept = tmp_path / "kept.json"
+    kept.write_text("an earlier report")
+    check_writable("--json", str(kept))
+    check_writable("--json", str(tmp_path / "new.json"))
+    assert kept.read_text() == "an earlier report" and not (tmp_path / "new.json").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["throughput", "--rounds", "0"], "--rounds must be >= 1, got 0"),
+    (["throughput", "--seconds", "nan"], "--seconds must be > 0 and at most 86400 s"),
+    (["tolerance", "--pairs", "-1"], "--pairs must be >= 1, got -1"),
+    (["throughput", "--json", "/proc/bertpool-compile.json"], "cannot write --json /proc/bertpool-compile.json"),
+])
+def test_compile_bench_refuses_bad_values_before_building_a_model(monkeypatch, capsys, tmp_path, args, message):
+    """The compile bench took --rounds 0, --seconds nan or --pairs -1 into minutes of model building (a
+    NaN --seconds timed without end), and found an unwritable --json only after all of it (a traceback)."""
+    from bertpool.bench import compile as compile_bench
+
+    built = []
+    monkeypatch.setattr(compile_bench, "throughput", lambda *a, **k: built.append(a) or {})
+    monkeypatch.setattr(compile_bench, "tolerance", lambda *a, **k: built.append(a) or [])
+    assert compile_bench.main([*args, "--sizes", "tiny", "--work", str(tmp_path)]) == 2
+    assert not built and message in capsys.readouterr().err
+
+
+def test_compile_bench_report_says_how_and_where_it_ran(monkeypatch, capsys, tmp_path):
+    from bertpool.bench import compile as compile_bench
+
+    monkeypatch.setattr(compile_bench, "throughput", lambda *a, **k: {"size": a[0]})
+    argv = ["throughput", "--sizes", "tiny", "--work", str(tmp_path), "--json", str(tmp_path / "out" / "r.json")]
+    assert compile_bench.main(argv) == 0
+    report = json.loads((tmp_path / "out" / "r.json").read_text())
+    assert report["results"] == [{"size": "tiny"}] and report["config"]["rounds"] == 5
+    assert_environment(report, "python -m bertpool.bench.compile", argv)
+    assert json.loads(capsys.readouterr().out) == report
+
+
+def test_the_plot_command_says_its_exit_status():
+    """Every bench command's --help says what its exit codes mean; the plot command said nothing."""
+    proc = subprocess.run([sys.executable, "-m", "bertpool.clients.plot", "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and "Exit status: 0 drawn, 2 " in " ".join(proc.stdout.split()), proc.stdout

@@ -9,9 +9,12 @@ request waits anywhere near its client timeout.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -479,3 +482,20 @@ def test_broker_sigterm_refuses_new_work_and_exits_zero(tmp_path):
         worker.close()
         client.close()
         stop_processes(broker)
+
+
+def test_bench_faults_report_says_how_and_where_it_ran_and_when_each_fault_was(tmp_path):
+    """bench-faults' JSON had its settings only: no command line, versions or host; and a fault's time
+    was a bare "at" (seconds since the epoch, unsaid)."""
+    from test_bench import assert_environment
+
+    out = tmp_path / "faults.json"
+    argv = ["--duration-s", "1", "--clients", "2", "--client-procs", "1", "--parallel", "2", "--kill-every-s", "0.5",
+            "--phases", "kill", "--json", str(out)]
+    proc = subprocess.run([sys.executable, "-m", "bertpool.bench.faults", *argv], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert_environment(report, "bertpool-bench-faults", argv)
+    faults = report["phases"]["kill"]["per_fault"]
+    assert faults and all("at" not in f and f["at_unix_s"] > 1.6e9 for f in faults)
