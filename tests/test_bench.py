@@ -1180,3 +1180,18 @@ def test_the_plot_command_says_its_exit_status():
     proc = subprocess.run([sys.executable, "-m", "bertpool.clients.plot", "--help"], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0 and "Exit status: 0 drawn, 2 " in " ".join(proc.stdout.split()), proc.stdout
+
+
+def test_broker_bench_runs_the_broker_busy_polling_and_says_so(tmp_path):
+    """--busy-poll-us reaches the broker of the broker and pool set-ups (one client alone is answered
+    through it) and the report says what ran."""
+    out = tmp_path / "busy.json"
+    proc = subprocess.run([sys.executable, "-m", "bertpool.bench.relay", "--clients", "2", "--workers", "1",
+                           "--load-procs", "1", "--warmup-s", "0.2", "--duration-s", "0.3", "--setups", "broker,pool",
+                           "--single", "10", "--busy-poll-us", "500", "--json", str(out)],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["busy_poll_us"] == 500
+    assert report["single_client_ms"]["pool"]["client"]["requests"] == 10
+    assert report["single_client_ms"]["broker"]["dealer"]["requests"] == 10
