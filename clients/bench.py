@@ -157,7 +157,12 @@ def _client_main(index: int, config: BenchConfig, pairs: list[Pair], barrier, re
             end = started + config.duration_s if config.duration_s is not None else None
             i = 0
             while (i < config.cycle) if end is None else (time.monotonic() < end):
-                pair_index = (index * config.cycle + i) % len(pairs)
+                # --cycle: each client a run of its own (client k from k x cycle), so C x cycle covers
+                # the pairs once when they fit; --duration-s has no request count to offset by (with
+                # cycle's default every client sent the same run): the clients interleave (client k
+                # sends k, k + C, ...), so those in flight at once differ and every pair is soon sent.
+                position = index * config.cycle + i if end is None else index + i * config.clients
+                pair_index = position % len(pairs)
                 pair = pairs[pair_index]
                 i += 1
                 t0 = time.perf_counter()

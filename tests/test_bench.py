@@ -13,7 +13,7 @@ from dataclasses import replace
 import pytest
 
 from bertpool.bench import ECHO_VOCAB_BUILT_IN, echo_vocab
-from bertpool.common.data import SHARED_MRPC_DEV_FILE, SHARED_VOCAB_FILE, shared_file
+from bertpool.common.data import SHARED_MRPC_DEV_FILE, SHARED_VOCAB_FILE, default_pairs, shared_file
 from conftest import children_of, wait_gone
 
 BENCH = [sys.executable, "-m", "bertpool.clients.bench"]
@@ -1195,3 +1195,18 @@ def test_broker_bench_runs_the_broker_busy_polling_and_says_so(tmp_path):
     assert report["busy_poll_us"] == 500
     assert report["single_client_ms"]["pool"]["client"]["requests"] == 10
     assert report["single_client_ms"]["broker"]["dealer"]["requests"] == 10
+
+
+def test_duration_runs_send_different_pairs_from_each_client(start_pool, tmp_path):
+    """With --duration-s every client sent the same run of pairs (offset by --cycle's unused default: 128
+    x k, a multiple of the 64 shipped pairs), so a short run measured accuracy on a handful of pairs however
+    many clients it had. The clients now interleave: client k sends pairs k, k + C, ..., all different while
+    each sends fewer than pairs / C. Here at most 11 each (50 ms batches for 0.5 s), 16 = 64 / 4."""
+    pool = start_pool("--backend", "echo", "--echo-delay-ms", "50", "--batch-timeout-ms", "1", parallel=1)
+    out = tmp_path / "bench.json"
+    proc = run("--address", pool.address, "--clients", "4", "--duration-s", "0.5", "--warmup", "0",
+               "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert len(default_pairs()) == 64 and 4 <= report["replies"] <= 4 * 11
+    assert report["quality"]["n"] == report["replies"]  # every reply a different pair
