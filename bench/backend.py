@@ -22,7 +22,6 @@ import json
 import os
 import signal
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -187,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         BrokerConfig(busy_poll_us=args.busy_poll_us)  # its bound, now rather than when serve starts
     except ConfigError as exc:
         parser.error(str(exc))
-    args.environment = run_environment("bertpool-bench-backend", sys.argv[1:] if argv is None else list(argv))
+    args.environment = run_environment("bertpool-bench-backend", argv)
     try:
         check_writable("--json", args.json)  # before the tight loops and pools, not after them
         with sigterm_as_interrupt():  # SIGTERM (timeout, kill) unwinds like Ctrl-C: the pool is stopped

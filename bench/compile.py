@@ -178,7 +178,7 @@ def main(argv=None) -> int:
         _check_args(args)
     except ConfigError as exc:
         return report_error(parser.prog, exc)
-    environment = run_environment(parser.prog, sys.argv[1:] if argv is None else list(argv))
+    environment = run_environment(parser.prog, argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     args.work.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,6 @@ import multiprocessing as mp
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -346,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         check_writable("--json", args.json)  # before minutes of faults, not after them
     except ConfigError as exc:
         return report_error("bertpool-bench-faults", exc)
-    environment = run_environment("bertpool-bench-faults", sys.argv[1:] if argv is None else list(argv))
+    environment = run_environment("bertpool-bench-faults", argv)
     try:
         with sigterm_as_interrupt():  # SIGTERM (timeout, kill) unwinds like Ctrl-C: the pool is stopped
             report = {**run_fault_bench(config), "environment": environment}

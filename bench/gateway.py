@@ -25,7 +25,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -293,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                                     parallel=args.parallel, model_dir=args.model_dir,
                                     modes=tuple(m for m in args.modes.split(",") if m))
         check_writable("--json", args.json)  # before the pool starts, not after the run
-        environment = run_environment("bertpool-bench-gateway", sys.argv[1:] if argv is None else list(argv))
+        environment = run_environment("bertpool-bench-gateway", argv)
         log_path = Path(args.log) if args.log else Path(tempfile.mkstemp(prefix="bertpool-gwbench-", suffix=".log")[1])
         with sigterm_as_interrupt():  # SIGTERM (timeout, kill) unwinds like Ctrl-C: the pool is stopped
             report = {**run_gateway_bench(config, log_path), "environment": environment}

@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         BrokerConfig(busy_poll_us=args.busy_poll_us)  # likewise
     except ConfigError as exc:
         parser.error(str(exc))
-    args.environment = run_environment("bertpool-bench-broker", sys.argv[1:] if argv is None else list(argv))
+    args.environment = run_environment("bertpool-bench-broker", argv)
     if args.single < 0:
         parser.error(f"--single must be >= 0, got {args.single}")
     if not 0 <= args.warmup_s <= P.MAX_TIMEOUT_S:

@@ -645,11 +645,12 @@ def main(argv: list[str] | None = None) -> int:
     # then stops its client processes.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     with sigterm_as_interrupt():
-        return _bench(args, sys.argv[1:] if argv is None else list(argv))
+        return _bench(args, argv)
 
 
-def _bench(args: argparse.Namespace, argv: list[str]) -> int:
-    """main's work once the flags are parsed (from ``argv``): run, report, exit status."""
+def _bench(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """main's work once the flags are parsed (from ``argv``; None: the command line): run, report,
+    exit status."""
     from . import plot, sweep  # the sweep and plot modules import this one
 
     config, source, environment = None, None, None
@@ -708,11 +709,12 @@ def report_config(config: BenchConfig) -> dict[str, Any]:
             "cycle": None if config.duration_s is not None else config.cycle}
 
 
-def run_environment(prog: str, argv: list[str]) -> dict[str, Any]:
+def run_environment(prog: str, argv: list[str] | None) -> dict[str, Any]:
     """What a saved report needs for a later reader to compare it with another: the command line
-    (``prog`` and its ``argv``), when it started (UTC), the versions that ran it and the host's
-    facts: CPUs (all, and those this process may use), the load average when it started (on a shared
-    machine the other jobs move every rate), platform and host name. The bertpool ``commit`` is
+    (``prog`` and its ``argv``; None: this process's ``sys.argv[1:]``, as argparse reads it), when it
+    started (UTC), the versions that ran it and the host's facts: CPUs (all, and those this process
+    may use), the load average when it started (on a shared machine the other jobs move every rate),
+    platform and host name. The bertpool ``commit`` is
     ``git describe --always --dirty`` of the source tree, null when that is not a git checkout."""
     import zmq
 
@@ -721,7 +723,7 @@ def run_environment(prog: str, argv: list[str]) -> dict[str, Any]:
     except AttributeError:  # not Linux
         usable = None
     return {
-        "command": [prog, *argv],
+        "command": [prog, *(sys.argv[1:] if argv is None else argv)],
         "started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"bertpool": _installed_version("bertpool"), "bertpool_commit": _source_commit(),
                      "python": platform.python_version(), "numpy": np.__version__,
