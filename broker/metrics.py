@@ -81,18 +81,6 @@ HISTOGRAMS = ("bertpool_request_latency_seconds", "bertpool_queue_wait_seconds",
               *(f"bertpool_{name}" for name in WORKER_HISTOGRAMS))
 
 
-def metric_type(name: str) -> str:
-    """The Prometheus type of METRICS entry ``name``: ``*_total`` names are counters, HISTOGRAMS
-    histograms, the rest gauges (a test checks this against what a scrape reports)."""
-    return prometheus.metric_type(name, HISTOGRAMS)
-
-
-def family_name(name: str) -> str:
-    """The family name of METRICS entry ``name``: a counter's family has no ``_total`` (the
-    client library adds it to the sample), the others are named as their entry."""
-    return prometheus.family_name(name, HISTOGRAMS)
-
-
 class PoolTotals:
     """The pool's worker counters and histograms, totalled over every counter stream (worker
     process) the broker has heard from. Within a stream everything is cumulative and monotonic,

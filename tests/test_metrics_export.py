@@ -495,11 +495,12 @@ def test_the_name_filter_serves_the_named_series(idle_endpoint, names, families)
 
 def test_described_types_match_the_scrape(idle_endpoint):
     """describe() (what the filter relies on) names each family with the type collect() gives it."""
-    from bertpool.broker.metrics import family_name, metric_type
+    from bertpool.broker.metrics import HISTOGRAMS
+    from bertpool.common.prometheus import family_name, metric_type
 
     with urllib.request.urlopen(idle_endpoint.url, timeout=10) as response:
         scraped = {f.name: f.type for f in text_string_to_metric_families(response.read().decode())}
-    assert scraped == {family_name(name): metric_type(name) for name in METRICS}
+    assert scraped == {family_name(name, HISTOGRAMS): metric_type(name, HISTOGRAMS) for name in METRICS}
 
 
 # ------------------------------------------- bertpool-workers' own endpoint (remote workers)
