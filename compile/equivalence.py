@@ -343,15 +343,6 @@ def measure(answers: OriginalAnswers, rebuilt, tolerance: float, rebuilt_name: s
     )
 
 
-def compare(original, rebuilt, features, tolerance: float, data: str, original_name: str,
-            rebuilt_name: str, progress: bool = True) -> EquivalenceReport:
-    """Run both models on ``features`` and on the probe rows for ``rebuilt.seq_buckets`` (a
-    CompiledModel's compiled sequence lengths; none without), and measure the differences."""
-    lengths = getattr(rebuilt, "seq_buckets", None) or []
-    answers = run_original(original, features, lengths, data, original_name, progress)
-    return measure(answers, rebuilt, tolerance, rebuilt_name, progress)
-
-
 def prove(answers: OriginalAnswers, rebuilt, tolerance: float, rebuilt_name: str, dtype: str,
           twin=None, progress: bool = True) -> EquivalenceReport:
     """The proof of ``rebuilt`` (computing in ``dtype``) against the original's ``answers``.

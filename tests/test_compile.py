@@ -346,17 +346,18 @@ def assert_labels_agree_but_near_ties(eq: dict) -> None:
 
 
 def test_only_near_ties_may_flip_and_are_counted():
-    """compare() counts the pairs whose label the measured error could flip."""
+    """measure() counts the pairs whose label the measured error could flip."""
     from types import SimpleNamespace
 
-    from bertpool.compile.equivalence import compare
+    from bertpool.compile.equivalence import measure, run_original
 
     original = np.array([[0.5004, 0.4996], [0.9, 0.1], [0.2, 0.8]], np.float32)
     rebuilt = np.array([[0.4996, 0.5004], [0.9, 0.1], [0.2, 0.8]], np.float32)  # the near tie flips
     ids = np.arange(3, dtype=np.int32)[:, None]
     model = lambda probs: SimpleNamespace(predict=lambda i, m, s: probs[i[:, 0]])  # noqa: E731
-    report = compare(model(original), model(rebuilt), SimpleNamespace(input_ids=ids, input_mask=ids, segment_ids=ids),
-                     tolerance=1e-3, data="t", original_name="o", rebuilt_name="r", progress=False)
+    answers = run_original(model(original), SimpleNamespace(input_ids=ids, input_mask=ids, segment_ids=ids), [],
+                           data="t", original_name="o", progress=False)
+    report = measure(answers, model(rebuilt), tolerance=1e-3, rebuilt_name="r", progress=False)
     assert report.near_ties == 1 and report.label_agreement == pytest.approx(2 / 3)
     assert_labels_agree_but_near_ties(report.to_dict())
 
