@@ -107,6 +107,25 @@ def check_warmup(warmup: int) -> None:
         raise ConfigError(f"--warmup must be at most {MAX_CYCLE}, got {warmup}")
 
 
+def pair_position(config: BenchConfig, client: int, i: int) -> int:
+    """Which pair client ``client`` sends as its ``i``-th measured request: an index into the pairs,
+    before wrapping around their count. --cycle: each client a run of its own (client k from
+    k x cycle), so C x cycle covers the pairs once when they fit; --duration-s has no request count
+    to offset by (with cycle's default every client sent the same run): the clients interleave
+    (client k sends k, k + C, ...), so those in flight at once differ and every pair is soon sent."""
+    return client * config.cycle + i if config.duration_s is None else client + i * config.clients
+
+
+def sent_pairs(config: BenchConfig, n_pairs: int) -> list[int]:
+    """The pairs (indices into ``n_pairs`` pairs) that a --cycle run's measured requests send, in the
+    order they reach a saturated pool: every client's i-th request, client by client, before any
+    (i+1)-th. What a tight loop must replay to be judged against that run: a compiled model's time
+    depends on the pairs (their longest row picks its sequence bucket)."""
+    assert config.duration_s is None, "a --duration-s run's requests are not known beforehand"
+    return [pair_position(config, client, i) % n_pairs
+            for i in range(config.cycle) for client in range(config.clients)]
+
+
 # What the Client recovered from by itself (ClientCounters fields) that a report totals: its resends
 # after BUSY and after a lost broker (each one more request at the broker), and its reconnects.
 RETRY_COUNTERS = ("busy_retries", "lost_resends", "reconnects")
@@ -157,12 +176,7 @@ def _client_main(index: int, config: BenchConfig, pairs: list[Pair], barrier, re
             end = started + config.duration_s if config.duration_s is not None else None
             i = 0
             while (i < config.cycle) if end is None else (time.monotonic() < end):
-                # --cycle: each client a run of its own (client k from k x cycle), so C x cycle covers
-                # the pairs once when they fit; --duration-s has no request count to offset by (with
-                # cycle's default every client sent the same run): the clients interleave (client k
-                # sends k, k + C, ...), so those in flight at once differ and every pair is soon sent.
-                position = index * config.cycle + i if end is None else index + i * config.clients
-                pair_index = position % len(pairs)
+                pair_index = pair_position(config, index, i) % len(pairs)
                 pair = pairs[pair_index]
                 i += 1
                 t0 = time.perf_counter()

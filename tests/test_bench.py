@@ -190,7 +190,9 @@ def test_backend_bench_reports_ratio_and_latency(tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     served = report["served"][0]
-    assert report["tight"]["inferences_per_s"] > 0 and served["inferences_per_s"] > 0
+    assert served["tight"]["inferences_per_s"] > 0 and served["inferences_per_s"] > 0
+    # The tight loop replayed the served run's own requests: 8 clients x 3, whole.
+    assert served["tight"]["requests"] == 24 and served["tight"]["batches"] == 6 * served["tight"]["replays"]
     assert served["errors"] == 0 and served["saturation_server_mean_ms"]["compute_ms"] >= 2.0  # the echo delay
     # Added latency: each request's latency less its own batch's compute (the 2 ms echo delay), then the
     # batch timeout; so it is below the latency less the delay and timeout, never the delay's size more.
@@ -210,11 +212,65 @@ def test_backend_bench_rounds_give_each_ratio_and_their_median(tmp_path):
     report = json.loads(out.read_text())
     assert len(report["rounds"]) == 3 and all(len(r["served"]) == 1 for r in report["rounds"])
     served = report["served"][0]
-    ratios = [r["served"][0]["inferences_per_s"] / r["tight"]["inferences_per_s"] for r in report["rounds"]]
+    ratios = [r["served"][0]["inferences_per_s"] / r["served"][0]["tight"]["inferences_per_s"]
+              for r in report["rounds"]]
     assert served["ratios"] == pytest.approx(ratios, abs=1e-3)  # each against its own round's tight loop
     assert served["ratio_to_tight"] == pytest.approx(sorted(ratios)[1], abs=1e-3) and served["errors"] == 0
     bad = subprocess.run([*args, "--rounds", "0"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "must be a whole number >= 1" in bad.stderr
+
+
+class _RecordingBackend:
+    """A stand-in model that records the rows of each batch it is given, by their first token id."""
+    batch_size = None
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def predict(self, ids, mask, segments):
+        import numpy as np
+
+        self.batches.append([int(row[0]) for row in ids])
+        return np.full((len(ids), 2), 0.5, np.float32)
+
+
+def test_tight_loop_replays_the_served_requests_whole():
+    """The tight loop runs the served run's requests (sent_pairs: the pairs each client sends, in
+    the order they reach the pool), each as often as the others: before, it looped over the first
+    batch of pairs alone, which a compiled model may run in a shorter sequence bucket than the mix
+    the served run sends (BERT-Base here: 8% faster), so served / tight read low."""
+    import numpy as np
+
+    from bertpool.bench.backend import tight_loop
+    from bertpool.clients.bench import BenchConfig, sent_pairs
+    from bertpool.common.tokenizer import Features
+
+    order = sent_pairs(BenchConfig(clients=2, cycle=3), 4)
+    assert order == [0, 3, 1, 0, 2, 1]  # client 0 sends pairs 0, 1, 2; client 1 pairs 3, 0, 1
+    ids = np.arange(4, dtype=np.int32)[:, None] + np.full((1, 8), 200, np.int32)  # row i: all 200 + i
+    features = Features(input_ids=ids, input_mask=np.ones_like(ids), segment_ids=np.zeros_like(ids))
+    backend = _RecordingBackend()
+    result = tight_loop(backend, features, order, 4, seconds=0.0)
+    warm, *replayed = backend.batches
+    assert warm == [200, 203, 201, 200] and result["replays"] == 1 and result["requests"] == 6
+    # One replay: the six requests in order, the last batch padded with dummy rows ([CLS] = 101).
+    assert replayed == [[200, 203, 201, 200], [202, 201, 101, 101]]
+    backend.batches.clear()
+    result = tight_loop(backend, features, order, 4, seconds=0.05)
+    assert len(backend.batches) == 1 + 2 * result["replays"] and result["replays"] >= 1
+    assert result["batches"] == 2 * result["replays"] and result["inferences_per_s"] > 0
+
+
+@pytest.mark.parametrize("duration_s", [None, 1.0])
+def test_pair_position_is_what_each_client_sends(duration_s):
+    from bertpool.clients.bench import BenchConfig, pair_position
+
+    config = BenchConfig(clients=3, cycle=4, duration_s=duration_s)
+    sent = [[pair_position(config, client, i) for i in range(4)] for client in range(3)]
+    if duration_s is None:  # a run of its own each
+        assert sent == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    else:  # interleaved
+        assert sent == [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]]
 
 
 def test_beyond_compute_is_taken_request_by_request():
