@@ -42,7 +42,7 @@ from . import start_serve
 from ..clients.bench import MAX_CLIENTS, check_writable, run_environment, wait_for_workers
 from ..workers.supervisor import check_processes
 from ..clients.client import Client
-from ..common.cli import (STOPPED, add_exit_status, check_count, exit_with_parent, output_file, report_error,
+from ..common.cli import (STOPPED, add_exit_status, check_count, counted, exit_with_parent, output_file, report_error,
                           report_interrupt, sigterm_as_interrupt, write_output)
 from ..common.errors import ConfigError, RequestError, RequestTimeout
 from ..common.protocol import check_heartbeat, check_timeout
@@ -321,8 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Steady closed-loop load on a bertpool-serve pool (echo backend with a fixed per-batch "
                     "delay) while workers are SIGKILLed, then SIGSTOPped; reports correct answers, typed "
                     "errors, lost requests, latency during recovery and time until the pool is whole.")
-    add_exit_status(parser, f"0 measured (the report says what was lost), 2 a bad flag, {STOPPED}; either way "
-                            f"its pool and clients are stopped")
+    add_exit_status(parser, f"0 every request answered, correctly or with a typed error, 1 some were lost, "
+                            f"answered wrongly or twice (the report is still written; the error line says how "
+                            f"many, phase by phase), 2 a bad flag, {STOPPED}; either way its pool and clients "
+                            f"are stopped")
     for name, help_text in _FLAGS:
         default = getattr(d, name)
         parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
@@ -358,7 +360,27 @@ def main(argv: list[str] | None = None) -> int:
             write_output("--json", args.json, text + "\n")
         except ConfigError as exc:  # the report is on stdout already
             return report_error("bertpool-bench-faults", exc)
+    failures = _failures(report)
+    if failures:  # what the faults are run to rule out: a script or CI job must not read it as a pass
+        return report_error("bertpool-bench-faults", "; ".join(failures), code=1)
     return 0
+
+
+def _failures(report: dict[str, Any]) -> list[str]:
+    """What the pool got wrong, phase by phase: requests lost (no answer within --client-timeout-s),
+    answered wrongly, and answers that came after their request was settled (a second answer, or one
+    after the client gave up). A typed error is an answer (the pool said what went wrong,
+    e.g. worker_lost past --max-redispatch), so it is not one of them."""
+    failures = []
+    for phase, result in report["phases"].items():
+        parts = [f"{result['lost']} lost"] if result["lost"] else []
+        if result["wrong_answers"]:
+            parts.append(f"{result['wrong_answers']} answered wrongly")
+        if result["duplicates_seen_by_clients"]:
+            parts.append(f"{counted(result['duplicates_seen_by_clients'], 'answer')} late or twice")
+        if parts:
+            failures.append(f"{phase} phase, of {counted(result['requests'], 'request')} sent: {', '.join(parts)}")
+    return failures
 
 
 if __name__ == "__main__":

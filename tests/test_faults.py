@@ -499,3 +499,20 @@ def test_bench_faults_report_says_how_and_where_it_ran_and_when_each_fault_was(t
     assert_environment(report, "bertpool-bench-faults", argv)
     faults = report["phases"]["kill"]["per_fault"]
     assert faults and all("at" not in f and f["at_unix_s"] > 1.6e9 for f in faults)
+
+
+def test_bench_faults_exits_1_when_requests_are_lost(tmp_path):
+    """bench-faults exited 0 whatever it found, so a script or CI job read lost requests as a pass.
+    Here every answer comes after the client gave up (a 20 ms batch against a 5 ms client timeout):
+    exit 1, the report still written, and the error line counts what was lost."""
+    out = tmp_path / "faults.json"
+    proc = subprocess.run([sys.executable, "-m", "bertpool.bench.faults", "--duration-s", "1", "--clients", "2",
+                           "--client-procs", "1", "--parallel", "2", "--kill-every-s", "0.5", "--phases", "kill",
+                           "--client-timeout-s", "0.005", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    kill = json.loads(out.read_text())["phases"]["kill"]
+    assert kill["lost"] > 0 and kill["answered_correctly"] == 0
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"bertpool-bench-faults: error: kill phase, of {kill['requests']} requests sent: "
+                            f"{kill['lost']} lost"), error
