@@ -172,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the served workers' batch timeout (default: %(default)s)")
     parser.add_argument("--echo-delay-ms", type=float, default=0.0,
                         help="echo backend: simulated compute time per batch (default: %(default)s)")
-    parser.add_argument("--seconds", type=_seconds, default=20.0, help="least tight-loop duration: it replays the served run's requests whole, "
-                             "as often as that takes (default: %(default)s)")
+    parser.add_argument("--seconds", type=_seconds, default=20.0,
+                        help="least tight-loop duration: it replays the served run's requests whole, as often "
+                             "as that takes (default: %(default)s)")
     parser.add_argument("--parallel", type=_counts, default=[1, 2],
                         help="comma-separated worker counts to serve with (default: 1,2)")
     parser.add_argument("--clients", type=int, default=0, help="saturation clients (default: 2 x parallel x batch)")

@@ -42,8 +42,8 @@ from . import start_serve
 from ..clients.bench import MAX_CLIENTS, check_writable, run_environment, wait_for_workers
 from ..workers.supervisor import check_processes
 from ..clients.client import Client
-from ..common.cli import (STOPPED, add_exit_status, check_count, counted, exit_with_parent, output_file, report_error,
-                          report_interrupt, sigterm_as_interrupt, write_output)
+from ..common.cli import (STOPPED, add_exit_status, check_count, counted, exit_with_parent, output_file,
+                          report_error, report_interrupt, sigterm_as_interrupt, write_output)
 from ..common.errors import ConfigError, RequestError, RequestTimeout
 from ..common.protocol import check_heartbeat, check_timeout
 
@@ -321,8 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Steady closed-loop load on a bertpool-serve pool (echo backend with a fixed per-batch "
                     "delay) while workers are SIGKILLed, then SIGSTOPped; reports correct answers, typed "
                     "errors, lost requests, latency during recovery and time until the pool is whole.")
-    add_exit_status(parser, f"0 every request answered, correctly or with a typed error, 1 some were lost, "
-                            f"answered wrongly or twice (the report is still written; the error line says how "
+    add_exit_status(parser, f"0 every request answered, correctly or with a typed error, 1 some were lost or "
+                            f"answered wrongly, late or twice (the report is still written; the error line says how "
                             f"many, phase by phase), 2 a bad flag, {STOPPED}; either way its pool and clients "
                             f"are stopped")
     for name, help_text in _FLAGS:

@@ -118,9 +118,9 @@ def pair_position(config: BenchConfig, client: int, i: int) -> int:
 
 def sent_pairs(config: BenchConfig, n_pairs: int) -> list[int]:
     """The pairs (indices into ``n_pairs`` pairs) that a --cycle run's measured requests send, in the
-    order they reach a saturated pool: every client's i-th request, client by client, before any
-    (i+1)-th. What a tight loop must replay to be judged against that run: a compiled model's time
-    depends on the pairs (their longest row picks its sequence bucket)."""
+    order they reach a saturated pool whose clients keep in step: every client's i-th request,
+    client by client, before any (i+1)-th. What a tight loop must replay to be judged against that
+    run: a compiled model's time depends on the pairs (their longest row picks its sequence bucket)."""
     assert config.duration_s is None, "a --duration-s run's requests are not known beforehand"
     return [pair_position(config, client, i) % n_pairs
             for i in range(config.cycle) for client in range(config.clients)]
