@@ -86,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     if gateway is not None:
         def on_gateway_exit(code: int) -> None:
             # Never serve on without the gateway that was asked for: stop the whole pool, loudly.
-            # (Signals to our process group do not reach it: it has a session of its own, and we stop it.)
-            if broker.stopping:
+            # (Signals to our process group do not reach it: it has a session of its own, and we stop it.
+            # Except in the instant between its fork and that new session: a stop asked for meanwhile may
+            # kill it, and a gateway that dies while we are asked to stop is no loss: we were stopping.)
+            if broker.stopping or early_stop.is_set():
                 return
             if code:
                 log.error("the gateway (bertpool-gateway) exited with code %d; stopping", code)

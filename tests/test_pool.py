@@ -276,12 +276,55 @@ def test_sigterm_while_serve_starts_its_gateway_stops_it_cleanly(tmp_path):
         gateway = children_of(serve.pid)
         assert len(gateway) == 1, gateway  # the gateway child, still starting: no worker yet
         os.killpg(serve.pid, signal.SIGTERM)  # to the group, as a terminal, timeout or systemd send it
-        assert serve.wait(30) == 0
+        code = serve.wait(30)
     finally:
         _stop_all([serve])
-    assert not wait_gone(gateway, 10)
     log = next(tmp_path.glob("*.log")).read_text()
+    assert code == 0, log
+    assert not wait_gone(gateway, 10)
     assert "Traceback" not in log and "started" not in log and "clients on" not in log, log
+
+
+def test_a_gateway_dying_as_serve_is_asked_to_stop_is_no_loss(tmp_path):
+    """The gateway child has a session of its own, but not in the instant between its fork and its
+    setsid: a SIGTERM to serve's group then kills it too. serve, asked to stop while it started,
+    read that death as a lost gateway and exited 1 (seen once in CI, from the test above). Here the
+    gateway dies by SIGKILL just after serve's SIGTERM, before serve acts on it: exit 0, a stop."""
+    front, back = f"ipc://{tmp_path}/front", f"ipc://{tmp_path}/back"
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import time\n"
+        "if b'bertpool.gateway.gateway' in open('/proc/self/cmdline', 'rb').read():\n"
+        "    time.sleep(60)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
+    serve = _start(tmp_path, "bertpool.pool.serve", "--backend", "echo", "--parallel", "1", "--address", front,
+                   "--worker-address", back, "--gateway-http", str(free_tcp_port()), "--gateway-grpc", "off",
+                   env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while serve.poll() is None and time.monotonic() < deadline:  # the child, in its own session
+            gateway = [pid for pid in children_of(serve.pid) if _session_of(pid) == pid]
+            if gateway:
+                break
+            time.sleep(0.01)
+        assert len(gateway) == 1, gateway
+        # serve checks for a stop every 0.1 s while it waits for the gateway: both signals land first.
+        os.kill(serve.pid, signal.SIGTERM)
+        os.kill(gateway[0], signal.SIGKILL)
+        code = serve.wait(30)
+    finally:
+        _stop_all([serve])
+    log = next(tmp_path.glob("*.log")).read_text()
+    assert code == 0, log
+    assert "exited with code" not in log and "started" not in log, log
+
+
+def _session_of(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except ProcessLookupError:
+        return None
 
 
 def test_sighup_to_the_supervisor_and_its_workers_changes_nothing(tmp_path):
