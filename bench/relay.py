@@ -364,16 +364,19 @@ def _describe(single: dict[str, Any]) -> str:
 
 def _single_summary(singles: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """``single_over_relay_ms``: each single-client p50 less the relay's (the DEALER through the
-    broker, through the pool, and bertpool.Client through the pool; None without a relay run or
-    an answer); ``single_added_latency_ms``: the Client's time beyond its own compute through the
-    pool (batch timeout 0), the issue's "added latency over the batch time"."""
+    broker, through the pool, and bertpool.Client through the pool, with and without its compute:
+    ``pool_client_beyond_compute`` is what bertpool adds to ZeroMQ's own round trip, which on a VM
+    moves by a tenth of a millisecond between runs; None without a relay run or an answer);
+    ``single_added_latency_ms``: the Client's time beyond its own compute through the pool (batch
+    timeout 0), the issue's "added latency over the batch time"."""
     def at(setup: str, who: str, field: str = "p50") -> float | None:
         return singles.get(setup, {}).get(who, {}).get(field)
 
     relay = at("relay", "dealer")
     over = {name: None if relay is None or value is None else round(value - relay, 3)
             for name, value in (("broker", at("broker", "dealer")), ("pool", at("pool", "dealer")),
-                                ("pool_client", at("pool", "client")))}
+                                ("pool_client", at("pool", "client")),
+                                ("pool_client_beyond_compute", at("pool", "client", "beyond_compute_p50")))}
     return {"single_over_relay_ms": over, "single_added_latency_ms": at("pool", "client", "beyond_compute_p50")}
 
 

@@ -122,7 +122,8 @@ def test_broker_bench_runs_all_setups(tmp_path, request_kind):
     relay = single["relay"]["dealer"]["p50"]
     assert report["single_over_relay_ms"] == {
         "broker": round(single["broker"]["dealer"]["p50"] - relay, 3),
-        "pool": round(single["pool"]["dealer"]["p50"] - relay, 3), "pool_client": round(client["p50"] - relay, 3)}
+        "pool": round(single["pool"]["dealer"]["p50"] - relay, 3), "pool_client": round(client["p50"] - relay, 3),
+        "pool_client_beyond_compute": round(client["beyond_compute_p50"] - relay, 3)}
     # Self-describing: every setting (also those with no field of their own) and where it ran.
     assert report["config"] == {"setups": ["relay", "broker", "pool"], "load_procs": 1, "warmup_s": 0.2,
                                 "single": 20, "vocab": None}
