@@ -256,19 +256,7 @@ def test_sigterm_while_serve_starts_its_gateway_stops_it_cleanly(tmp_path):
     """A SIGTERM that comes while serve waits for its gateway to listen (before the pool runs), sent
     to the whole process group, is a clean stop, exit 0, with no worker started and the gateway child
     gone; it used to kill serve (-15), and then the gateway, dying of it too, read as lost (exit 1)."""
-    front, back = f"ipc://{tmp_path}/front", f"ipc://{tmp_path}/back"
-    # The gateway child takes its time to start (a slow host): it sleeps before its first import,
-    # so the signal surely comes while serve waits for it.
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(
-        "import time\n"
-        "if b'bertpool.gateway.gateway' in open('/proc/self/cmdline', 'rb').read():\n"
-        "    time.sleep(60)\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
-    serve = _start(tmp_path, "bertpool.pool.serve", "--backend", "echo", "--parallel", "1", "--address", front,
-                   "--worker-address", back, "--gateway-http", str(free_tcp_port()), "--gateway-grpc", "off",
-                   env=env)
+    serve = _serve_with_a_slow_gateway(tmp_path)
     try:
         deadline = time.monotonic() + 60
         while not children_of(serve.pid) and serve.poll() is None and time.monotonic() < deadline:
@@ -290,17 +278,7 @@ def test_a_gateway_dying_as_serve_is_asked_to_stop_is_no_loss(tmp_path):
     setsid: a SIGTERM to serve's group then kills it too. serve, asked to stop while it started,
     read that death as a lost gateway and exited 1 (seen once in CI, from the test above). Here the
     gateway dies by SIGKILL just after serve's SIGTERM, before serve acts on it: exit 0, a stop."""
-    front, back = f"ipc://{tmp_path}/front", f"ipc://{tmp_path}/back"
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(
-        "import time\n"
-        "if b'bertpool.gateway.gateway' in open('/proc/self/cmdline', 'rb').read():\n"
-        "    time.sleep(60)\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
-    serve = _start(tmp_path, "bertpool.pool.serve", "--backend", "echo", "--parallel", "1", "--address", front,
-                   "--worker-address", back, "--gateway-http", str(free_tcp_port()), "--gateway-grpc", "off",
-                   env=env)
+    serve = _serve_with_a_slow_gateway(tmp_path)
     try:
         deadline = time.monotonic() + 60
         while serve.poll() is None and time.monotonic() < deadline:  # the child, in its own session
@@ -318,6 +296,21 @@ def test_a_gateway_dying_as_serve_is_asked_to_stop_is_no_loss(tmp_path):
     log = next(tmp_path.glob("*.log")).read_text()
     assert code == 0, log
     assert "exited with code" not in log and "started" not in log, log
+
+
+def _serve_with_a_slow_gateway(tmp_path) -> subprocess.Popen:
+    """bertpool-serve (echo, 1 worker) with an HTTP gateway child that takes its time to start (a slow
+    host): it sleeps a minute before its first import, so a signal surely comes while serve waits."""
+    front, back = f"ipc://{tmp_path}/front", f"ipc://{tmp_path}/back"
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import time\n"
+        "if b'bertpool.gateway.gateway' in open('/proc/self/cmdline', 'rb').read():\n"
+        "    time.sleep(60)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
+    return _start(tmp_path, "bertpool.pool.serve", "--backend", "echo", "--parallel", "1", "--address", front,
+                  "--worker-address", back, "--gateway-http", str(free_tcp_port()), "--gateway-grpc", "off", env=env)
 
 
 def _session_of(pid: int) -> int | None:
