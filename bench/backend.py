@@ -275,12 +275,16 @@ def _run(args: argparse.Namespace) -> int:
 def _tight_loops(config: BackendConfig, vocab: str | None, pairs, orders: dict[int, list[int]],
                  args: argparse.Namespace) -> dict[int, dict[str, float]]:
     """One round's tight loop for each served run (``orders``: its requests), on one load of the
-    backend in this process, dropped before the pools start (a NeuronCore it holds is theirs)."""
+    backend in this process, dropped before the pools start (a NeuronCore it holds is theirs).
+    Served runs that send the same requests (a fixed --clients) share one loop."""
     backend = load_backend(config)
     tokenizer = BertTokenizer(vocab or backend.vocab_path or fallback_vocab_path(), max_seq_length=backend.seq_length)
     features = tokenizer.encode_pairs([(p.text_a, p.text_b) for p in pairs])
-    return {parallel: tight_loop(backend, features, order, args.batch_size, args.seconds)
-            for parallel, order in orders.items()}
+    loops: dict[tuple[int, ...], dict[str, float]] = {}
+    for order in orders.values():
+        if tuple(order) not in loops:
+            loops[tuple(order)] = tight_loop(backend, features, order, args.batch_size, args.seconds)
+    return {parallel: loops[tuple(order)] for parallel, order in orders.items()}
 
 
 if __name__ == "__main__":

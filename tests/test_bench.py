@@ -262,6 +262,22 @@ def test_tight_loop_replays_the_served_requests_whole():
     assert result["batches"] == 2 * result["replays"] and result["inferences_per_s"] > 0
 
 
+def test_served_runs_sending_the_same_requests_share_one_tight_loop():
+    """With a fixed --clients every --parallel value's served run sends the same requests: one tight
+    loop measures them for all (it ran once per served run, the same work --seconds again)."""
+    from types import SimpleNamespace
+
+    from bertpool.bench.backend import _tight_loops
+    from bertpool.workers.backends import BackendConfig
+
+    pairs = default_pairs()[:6]
+    same, other = [0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]
+    loops = _tight_loops(BackendConfig(name="echo"), None, pairs, {1: same, 2: list(same), 4: other},
+                         SimpleNamespace(batch_size=4, seconds=0.0))
+    assert loops[1] is loops[2] and loops[4] is not loops[1]
+    assert loops[1]["requests"] == loops[4]["requests"] == 6
+
+
 @pytest.mark.parametrize("duration_s", [None, 1.0])
 def test_pair_position_is_what_each_client_sends(duration_s):
     from bertpool.clients.bench import BenchConfig, pair_position
