@@ -279,6 +279,7 @@ def test_a_gateway_dying_as_serve_is_asked_to_stop_is_no_loss(tmp_path):
     read that death as a lost gateway and exited 1 (seen once in CI, from the test above). Here the
     gateway dies by SIGKILL just after serve's SIGTERM, before serve acts on it: exit 0, a stop."""
     serve = _serve_with_a_slow_gateway(tmp_path)
+    gateway: list[int] = []
     try:
         deadline = time.monotonic() + 60
         while serve.poll() is None and time.monotonic() < deadline:  # the child, in its own session
