@@ -117,6 +117,11 @@ PARKED_READ_S = 5.0
 # to settle it (its timers fire about a millisecond late) before settling it itself (see _await).
 _DEADLINE_GRACE_S = 0.05
 
+# Explaining a failure that already happened, a process within this many file descriptors of its
+# limit counts as out of them: by the time it asks, its ZeroMQ I/O threads (each opens and closes a
+# descriptor per connection attempt) may have freed a few (see fastzmq.out_of_files).
+_FILES_HEADROOM = 16
+
 # Plain ints: pyzmq's enum flags cost microseconds per operation on the per-request path (the
 # request and reply frames go through common.fastzmq for the same reason).
 _NOBLOCK, _POLLIN, _EVENTS = int(zmq.NOBLOCK), int(zmq.POLLIN), int(zmq.EVENTS)
@@ -405,7 +410,7 @@ class Client:
         which many Clients sharing the default context reach long before the file limit."""
         if exc.errno != errno.EMFILE:
             return files_exhausted(exc.errno) or str(exc)
-        files = out_of_files()
+        files = out_of_files(_FILES_HEADROOM)
         if files is not None:
             return files
         try:
@@ -924,7 +929,7 @@ class Client:
     def _never_answered(self, nothing: str) -> str:
         """Why nothing ever answered: no broker there, as a rule; but a process out of file
         descriptors cannot open the connection at all, and ZeroMQ retries that in silence."""
-        files = out_of_files()
+        files = out_of_files(_FILES_HEADROOM)
         if files is not None:
             return f"no connection to {self.config.address} could be opened: {files}"
         return f"{nothing} at {self.config.address} — is a broker running there?"

@@ -102,15 +102,29 @@ def close_monitored(sock: zmq.Socket, monitor: zmq.Socket, linger_ms: int) -> No
     monitor.close(linger=0)
 
 
-def out_of_files() -> str | None:
-    """None while this process can open one more file; else why it cannot, for a message (its
-    open-file limit, or the system's file table). One open() and close(): cheap enough to ask once
-    a second."""
+def out_of_files(headroom: int = 0) -> str | None:
+    """None while this process can open ``headroom`` + 1 more files; else why it cannot, for a
+    message (its open-file limit, or the system's file table). With ``headroom`` 0: one open() and
+    close(), cheap enough to ask once a second. A process at its limit can have a few descriptors
+    free a moment later (its ZeroMQ I/O threads open and close one per connection attempt), so
+    whoever explains a failure that already happened asks with some headroom: that also counts the
+    open descriptors (Linux's /proc/self/fd; without it, only the probe is asked)."""
     try:
         fd = os.open(os.devnull, os.O_RDONLY)
     except OSError as exc:
         return files_exhausted(exc.errno)
     os.close(fd)
+    if headroom <= 0 or resource is None:
+        return None
+    try:
+        open_now = len(os.listdir("/proc/self/fd"))  # counts the listing's own descriptor too
+        soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except OSError as exc:
+        return files_exhausted(exc.errno)  # EMFILE while listing: out of them after all
+    except ValueError:  # pragma: no cover (a limit that is not an int)
+        return None
+    if soft_limit != resource.RLIM_INFINITY and open_now + headroom >= soft_limit:
+        return files_exhausted(errno.EMFILE)
     return None
 
 

@@ -102,7 +102,7 @@ def test_an_idle_client_reads_its_links_news_while_parked(flapping, monkeypatch)
 def test_nothing_answered_names_a_process_out_of_file_descriptors(monkeypatch):
     """Out of descriptors, ZeroMQ cannot open the connection and retries in silence: 'is a broker
     running there?' sent the user to look for a broker that was there all along."""
-    monkeypatch.setattr(client_module, "out_of_files", lambda: "this process reached its open-file limit")
+    monkeypatch.setattr(client_module, "out_of_files", lambda headroom=0: "this process reached its open-file limit")
     address = f"tcp://127.0.0.1:{free_tcp_port()}"
     with Client(address, timeout_s=0.2) as client:
         with pytest.raises(DeadlineExceeded, match=f"no connection to {address} could be opened: this process "
@@ -158,6 +158,49 @@ def test_out_of_file_descriptors_is_named_with_the_limit():
     assert lines[0].startswith(limit), lines
     assert lines[1:], "every Client got its descriptors under a limit of 64"
     assert all(line.startswith(f"ConfigError: cannot connect to {address}: {limit}") for line in lines[1:]), lines
+
+
+# Run in a child: the open-file limit is the whole process's. Its context frees two descriptors
+# as a socket fails, as other Clients' I/O threads may between a failure and its explanation.
+_FREED_AFTER_THE_FAILURE = r"""
+import os, resource, sys
+import zmq
+from bertpool.clients.client import Client
+from bertpool.common.errors import ConfigError
+held = []
+class FreesTwoAsItFails(zmq.Context):
+    def socket(self, *args, **kwargs):
+        try:
+            return super().socket(*args, **kwargs)
+        except zmq.ZMQError:
+            os.close(held.pop())
+            os.close(held.pop())
+            raise
+ctx = FreesTwoAsItFails()
+ctx.socket(zmq.PAIR).close()  # its I/O threads start now, with descriptors to spare
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+while True:
+    try:
+        held.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        break
+try:
+    Client(sys.argv[1], context=ctx)
+except ConfigError as exc:
+    print("ConfigError:", exc)
+"""
+
+
+def test_out_of_file_descriptors_is_named_though_some_came_free_since():
+    """A failure for want of descriptors is explained after it happened: a couple freed meanwhile
+    (a connection attempt's, by another Client's I/O thread) made it read as the context's
+    MAX_SOCKETS, which the user could raise to no avail."""
+    address = f"tcp://127.0.0.1:{free_tcp_port()}"
+    done = subprocess.run([sys.executable, "-c", _FREED_AFTER_THE_FAILURE, address], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"ConfigError: cannot connect to {address}: this process reached its "
+                                  f"open-file limit of 64 file descriptors"), done.stdout
 
 
 def test_the_broker_says_when_it_runs_out_of_file_descriptors(monkeypatch, caplog, tmp_path):
