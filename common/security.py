@@ -216,8 +216,9 @@ def _write_key_pair(d: Path, name: str) -> tuple[str, str]:
     0700, and the caller's umask 077 creates the secret 0600), they are flushed to disk, then each is
     os.replace'd over its name. A crash or a full disk midway leaves every name holding its old key or
     its new one, never a truncated or missing key (it was unlinked first, then rewritten); a symlink
-    in the way is replaced, never followed. Not both names at once: a crash between the two renames
-    leaves a new secret beside the old public key (run it again). OSError is the caller's to translate."""
+    in the way is replaced, never followed. Not both names at once: the public key is replaced first,
+    so a crash between the two renames leaves the new public key beside the old secret (run it
+    again, with --force). OSError is the caller's to translate."""
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=d))  # hidden: no *.key an allow-list reads
     try:
         written = zmq.auth.create_certificates(staging, name)
