@@ -461,6 +461,11 @@ def _run_clients(config: BenchConfig, procs, barrier, results, counters, before,
     return report
 
 
+# RequestError classes that mean "no answer before the request's deadline" (the Client's own wait, or
+# the broker's or worker's deadline_exceeded).
+DEADLINE_ERRORS = ("DeadlineExceeded", "RequestTimeout")
+
+
 def diagnose(address: str, report: dict[str, Any], after: dict[str, Any] | None,
              timeout_s: float) -> str | None:
     """One plain sentence on why requests failed, or why none was measured, when STATS tells (None
@@ -491,11 +496,6 @@ def diagnose(address: str, report: dict[str, Any], after: dict[str, Any] | None,
         return (f"the broker at {address} answers, but {which} refused with an ERROR reply, e.g. "
                 f"{report['error_samples'].get('RemoteError')}")
     return None
-
-
-# RequestError classes that mean "no answer before the request's deadline" (the Client's own wait, or
-# the broker's or worker's deadline_exceeded).
-DEADLINE_ERRORS = ("DeadlineExceeded", "RequestTimeout")
 
 
 def _stop(procs, at_once: bool = False) -> None:
