@@ -188,6 +188,8 @@ try:
     Client(sys.argv[1], context=ctx)
 except ConfigError as exc:
     print("ConfigError:", exc)
+else:
+    print("the Client got its sockets: nothing was tried")
 """
 
 
