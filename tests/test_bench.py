@@ -239,7 +239,7 @@ def test_tight_loop_replays_the_served_requests_whole():
     """The tight loop runs the served run's requests (sent_pairs: the pairs each client sends, in
     the order they reach the pool), each as often as the others: before, it looped over the first
     batch of pairs alone, which a compiled model may run in a shorter sequence bucket than the mix
-    the served run sends (BERT-Base here: 8% faster), so served / tight read low."""
+    the served run sends (BERT-Base here: up to about 5% faster a batch), so served / tight read low."""
     import numpy as np
 
     from bertpool.bench.backend import tight_loop
