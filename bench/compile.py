@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import pathlib
 import statistics
 import sys
@@ -34,6 +32,7 @@ from ..common.errors import ConfigError
 from ..common.protocol import check_timeout
 from ..compile.gelu import GELUS
 from ..compile.rebuild import DTYPES
+from ..compile.runtime import quiet_tensorflow
 from ..compile.shape import PRESETS
 
 
@@ -179,8 +178,7 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         return report_error(parser.prog, exc)
     environment = run_environment(parser.prog, argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    quiet_tensorflow()
     args.work.mkdir(parents=True, exist_ok=True)
     results = []
     for size in args.sizes:

@@ -13,8 +13,6 @@ directory. User errors print one line, never a traceback.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import pathlib
 import sys
 import traceback
@@ -25,7 +23,7 @@ from .build import CompileOptions, compile_model, default_target
 from .neuron import DEFAULT_MIN_ON_NEURON, NEURON_TARGETS
 from .gelu import GELUS
 from .rebuild import DTYPES
-from .runtime import TARGETS
+from .runtime import TARGETS, quiet_tensorflow
 
 PROG = "bertpool-compile"
 EXIT_PROOF_FAILED = 1  # the equivalence proof failed (output kept, marked failed)
@@ -132,8 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     log = (lambda *a, **k: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ INFO chatter buries the report
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # and so do v1-API deprecation notices
+    quiet_tensorflow()  # TF's own chatter would bury the report
     try:
         with sigterm_as_interrupt():
             manifest = compile_model(_options(args, log))

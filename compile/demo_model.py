@@ -19,8 +19,6 @@ mean nothing.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import pathlib
 import sys
 
@@ -33,6 +31,7 @@ from ..common.errors import ConfigError
 from ..common.vocab import write_vocab
 from .gelu import GELUS, check_gelu
 from .reference import build_reference_graph, load_weights
+from .runtime import quiet_tensorflow
 from .shape import PRESETS, BertShape
 from .vocab import generate_vocab
 from .weights import FORMATS, write_checkpoint, write_hf
@@ -226,8 +225,7 @@ def main(argv=None) -> int:
     add_exit_status(parser, f"0 written, 2 a bad flag or an output it cannot write, {STOPPED}; either way "
                             f"--output is whole or as it was")
     args = parser.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # v1 API deprecation chatter
+    quiet_tensorflow()
     try:
         with sigterm_as_interrupt():
             out = build_demo_model(args.output, args.size, args.seed, args.gelu, overwrite=args.force,

@@ -39,7 +39,6 @@ import dataclasses
 import hashlib
 import importlib
 import json
-import logging
 import math
 import os
 import pathlib
@@ -57,7 +56,7 @@ from ..common.data import Pair, check_seed, read_mrpc_tsv
 from ..common.errors import BertpoolError, ConfigError
 from ..common.metrics import binary_report
 from ..common.tokenizer import BertTokenizer, Features
-from .runtime import MAX_BATCH_SIZE
+from .runtime import MAX_BATCH_SIZE, quiet_tensorflow
 from .gelu import check_gelu, gelu
 from .reference import build_reference_graph, load_weights
 from .shape import EMBEDDINGS, POOLER, BertShape
@@ -713,8 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.average_from_epoch > args.epochs:  # asked for an average no epoch would enter
         parser.error(f"--average-from-epoch {args.average_from_epoch} is past the last epoch "
                      f"(--epochs {args.epochs}); give at most {args.epochs}, or 0 for the last epoch's weights")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    quiet_tensorflow()
     try:
         config = FinetuneConfig(pretrained=args.pretrained, train_tsv=args.train, dev_tsv=args.dev,
                                 output=args.output, vocab=args.vocab, epochs=args.epochs,

@@ -21,8 +21,11 @@ module is cheap and works where TensorFlow is not installed.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import pathlib
+from collections.abc import MutableMapping
 
 import numpy as np
 
@@ -266,6 +269,19 @@ def _warm_buckets(model: CompiledModel) -> None:
         mask = np.zeros_like(ids)
         mask[:, :length] = 1
         model.logits(ids, mask, ids)
+
+
+def quiet_tensorflow(env: MutableMapping[str, str] | None = None) -> None:
+    """Keep TensorFlow's chatter out of a command's own output: its C++ INFO and WARNING lines
+    (``TF_CPP_MIN_LOG_LEVEL=2``; ERRORs still show) unless someone chose a level, and, for this
+    process (``env`` None), its Python deprecation notices (the v1 API the compiler uses). With
+    ``env`` (a child's environment) only the variable is set there. Call it before TensorFlow is
+    imported: the C++ level is read then."""
+    if env is not None:
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
 def import_tensorflow(who: str = "a compiled model"):

@@ -831,6 +831,30 @@ def test_runtime_import_does_not_import_tensorflow():
     assert result.stdout.strip() == "False"
 
 
+def test_quiet_tensorflow_sets_the_cpp_level_once_and_keeps_a_chosen_one(monkeypatch):
+    """The one home of TensorFlow's log settings (five commands each set them by hand): level 2 where
+    none is set, a level the user chose kept; a child's environment gets only the variable."""
+    import logging
+
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "")  # so that teardown restores it, whatever it was
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL")
+    tf_log = logging.getLogger("tensorflow")
+    level = tf_log.level
+    tf_log.setLevel(logging.NOTSET)
+    try:
+        child: dict[str, str] = {}
+        runtime.quiet_tensorflow(child)
+        assert child == {"TF_CPP_MIN_LOG_LEVEL": "2"} and "TF_CPP_MIN_LOG_LEVEL" not in os.environ
+        assert tf_log.level == logging.NOTSET
+        chosen = {"TF_CPP_MIN_LOG_LEVEL": "0"}
+        runtime.quiet_tensorflow(chosen)
+        assert chosen == {"TF_CPP_MIN_LOG_LEVEL": "0"}
+        runtime.quiet_tensorflow()
+        assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "2" and tf_log.level == logging.ERROR
+    finally:
+        tf_log.setLevel(level)
+
+
 # ------------------------------------------------------------------------------ CLI
 
 def run_cli(*args, timeout=240):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -37,9 +38,11 @@ def compiled_tiny(tiny_model, tmp_path_factory):
 
 
 def run_worker(tmp_path, *args: str) -> subprocess.CompletedProcess:
-    """bertpool-worker ``args`` against an address no broker binds (what is checked at load fails first)."""
+    """bertpool-worker ``args`` against an address no broker binds (what is checked at load fails first),
+    started as by hand: without the TF log level a supervisor (or an in-process CLI test) would set."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     return subprocess.run([sys.executable, "-m", "bertpool.workers.worker", "--worker-address",
-                           f"ipc://{tmp_path}/nobody", *args], capture_output=True, text=True, timeout=300)
+                           f"ipc://{tmp_path}/nobody", *args], capture_output=True, text=True, timeout=300, env=env)
 
 
 def reference_probabilities(model_dir, pairs) -> np.ndarray:
@@ -121,4 +124,7 @@ def test_worker_refuses_a_model_whose_ready_the_broker_would_refuse(compiled_tin
     assert proc.returncode == 2, proc.stderr
     assert "the broker would refuse this worker's READY, so it could never register: hash: must be a str of " \
            "at most 128 characters" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    # TensorFlow ran (the model loaded) in a worker started by hand: its C++ INFO lines (this one says
+    # which CPU instructions the build skips) stay out of the log, as in a supervisor's workers.
+    assert "cpu_feature_guard" not in proc.stderr, proc.stderr
     assert load_backend(BackendConfig(name="tf", model_dir=str(compiled_tiny))).vocab_size == 2048

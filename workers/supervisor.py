@@ -38,6 +38,7 @@ from ..common.cli import (add_address_arguments, add_exit_status, check_count, c
                           install_stop_handlers, report_error, setup_logging)
 from ..common.errors import BertpoolError, ConfigError
 from ..common.tokenizer import serial_tokenizers
+from ..compile.runtime import quiet_tensorflow
 from .backends import ECHO_WARNING, MAX_THREADS
 from .neuron_cores import NEURON_SYSFS, check_cores
 from .worker import (EXIT_LOAD_FAILED, EXIT_REFUSED, WorkerConfig, add_worker_arguments, flags_given,
@@ -94,7 +95,7 @@ def worker_env(core: int) -> dict[str, str]:
     exits with us: common.cli.exit_with_parent)."""
     env = child_env()  # the worker stops when we die, even by SIGKILL
     env["NEURON_RT_VISIBLE_CORES"] = str(core)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_tensorflow(env)  # TF's C++ INFO lines from every worker would bury the pool's own log
     serial_tokenizers(env)  # one process per core already: the tokenizer's own thread pool would oversubscribe
     return env
 

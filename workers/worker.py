@@ -64,7 +64,7 @@ from ..common.errors import BertpoolError, ConfigError, HandshakeFailed, ModelFo
 from ..common.metrics_export import WorkerHistograms
 from ..common.fastzmq import close_monitored, open_monitor, recv_many, send_nowait
 from ..common.tokenizer import BertTokenizer, serial_tokenizers
-from ..compile.runtime import check_vocab
+from ..compile.runtime import check_vocab, quiet_tensorflow
 from .backends import (BACKENDS, MAX_THREADS, Backend, BackendConfig, choose_backend, fallback_vocab_path,
                        load_backend, run_padded, run_rows)
 from .batcher import MAX_BATCH_SIZE, MAX_BATCH_TIMEOUT_MS, Batcher, BatcherClosed, BatcherConfig, precise_deadlines
@@ -900,6 +900,7 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 def main(argv: list[str] | None = None) -> int:
     """bertpool-worker: one worker process (normally started by the supervisor)."""
     serial_tokenizers()  # before the tokenizer first encodes; also when started by hand, not by a supervisor
+    quiet_tensorflow(os.environ)  # likewise, before the tf backend imports TensorFlow
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging()
