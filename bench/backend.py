@@ -35,10 +35,9 @@ from typing import Any
 
 from . import add_vocab_argument, echo_vocab, start_serve
 from ..broker.broker import BrokerConfig
-from ..clients.bench import (MAX_CLIENTS, MAX_CYCLE, BenchConfig, check_writable, load_pairs, run_bench,
-                             run_environment, sent_pairs)
-from ..common.cli import (check_count, counted, output_file, report_error, report_interrupt, sigterm_as_interrupt,
-                          write_output)
+from ..clients.bench import MAX_CLIENTS, MAX_CYCLE, BenchConfig, load_pairs, run_bench, run_environment, sent_pairs
+from ..common.cli import (check_count, check_writable, counted, output_file, report_error, report_interrupt,
+                          sigterm_as_interrupt, write_output)
 from ..common.errors import BertpoolError, ConfigError
 from ..common import configdata
 from ..common import protocol as P

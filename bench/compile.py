@@ -26,8 +26,8 @@ import time
 
 import numpy as np
 
-from ..clients.bench import check_writable, run_environment
-from ..common.cli import add_exit_status, check_count, report_error, write_output
+from ..clients.bench import run_environment
+from ..common.cli import add_exit_status, check_count, check_writable, report_error, write_output
 from ..common.errors import ConfigError
 from ..common.protocol import check_timeout
 from ..compile.gelu import GELUS
@@ -209,12 +209,7 @@ def _check_args(args: argparse.Namespace) -> None:
     check_count("--rounds", args.rounds, MAX_ROUNDS)
     check_timeout("--seconds", args.seconds)
     check_count("--pairs", args.pairs, MAX_PAIRS)
-    if args.json is not None:
-        try:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"cannot write --json {args.json}: {exc.strerror or exc}") from exc
-        check_writable("--json", str(args.json))
+    check_writable("--json", args.json, make_parent=True)
 
 
 if __name__ == "__main__":

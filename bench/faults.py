@@ -39,11 +39,11 @@ from typing import Any
 import numpy as np
 
 from . import start_serve
-from ..clients.bench import MAX_CLIENTS, check_writable, run_environment, wait_for_workers
+from ..clients.bench import MAX_CLIENTS, run_environment, wait_for_workers
 from ..workers.supervisor import check_processes
 from ..clients.client import Client
-from ..common.cli import (STOPPED, add_exit_status, check_count, counted, exit_with_parent, output_file,
-                          report_error, report_interrupt, sigterm_as_interrupt, write_output)
+from ..common.cli import (STOPPED, add_exit_status, check_count, check_writable, counted, exit_with_parent,
+                          output_file, report_error, report_interrupt, sigterm_as_interrupt, write_output)
 from ..common.errors import ConfigError, RequestError, RequestTimeout
 from ..common.protocol import check_heartbeat, check_timeout
 

@@ -36,10 +36,9 @@ from typing import Any
 import numpy as np
 
 from . import start_serve
-from ..clients.bench import (MAX_CLIENTS, MAX_CYCLE, check_warmup, check_writable, next_result, percentiles,
-                             run_environment)
-from ..common.cli import (STOPPED, add_exit_status, check_count, output_file, report_error, report_interrupt,
-                          sigterm_as_interrupt, write_output)
+from ..clients.bench import MAX_CLIENTS, MAX_CYCLE, check_warmup, next_result, percentiles, run_environment
+from ..common.cli import (STOPPED, add_exit_status, check_count, check_writable, output_file, report_error,
+                          report_interrupt, sigterm_as_interrupt, write_output)
 from ..common.data import default_pairs
 from ..common.errors import BertpoolError, ConfigError
 from ..workers.supervisor import check_processes

@@ -39,11 +39,11 @@ from typing import Any
 import zmq
 
 from . import add_vocab_argument, echo_vocab
-from ..clients.bench import (MAX_CLIENTS, BenchConfig, check_writable, next_result, percentiles, run_bench,
-                             run_environment, wait_for_workers)
+from ..clients.bench import (MAX_CLIENTS, BenchConfig, next_result, percentiles, run_bench, run_environment,
+                             wait_for_workers)
 from ..workers.supervisor import check_processes
-from ..common.cli import (STOPPED, add_exit_status, check_count, output_file, parse_host_port, report_error,
-                          report_interrupt, sigterm_as_interrupt, write_output)
+from ..common.cli import (STOPPED, add_exit_status, check_count, check_writable, output_file, parse_host_port,
+                          report_error, report_interrupt, sigterm_as_interrupt, write_output)
 from ..common import protocol as P
 from ..common.data import Pair
 from ..common.errors import BenchError, BertpoolError, ConfigError, RequestTimeout

@@ -46,8 +46,8 @@ from tqdm import tqdm
 
 from ..common import protocol as P
 from ..common import security
-from ..common.cli import (add_address_arguments, check_count, counted, exit_with_parent, output_file, report_error,
-                          report_interrupt, sigterm_as_interrupt, write_output)
+from ..common.cli import (add_address_arguments, check_count, check_writable, counted, exit_with_parent, output_file,
+                          report_error, report_interrupt, sigterm_as_interrupt, write_output)
 from ..common.defaults import DEFAULT_FRONTEND
 from ..common.data import Pair, default_pairs, read_mrpc_tsv
 from ..common.errors import (BenchError, BertpoolError, ConfigError, HandshakeFailed, RemoteError, RequestError,
@@ -764,24 +764,6 @@ def _source_commit() -> str | None:
     if proc.returncode != 0:  # not a git checkout (an installed wheel)
         return None
     return proc.stdout.strip() or None
-
-
-def check_writable(flag: str, path: str | None) -> None:
-    """ConfigError (``cannot write FLAG PATH: why``) unless ``path`` can be opened for writing now,
-    before a run whose results would be lost (:func:`bertpool.common.cli.output_file` checks only
-    that its directory exists: a read-only place, or one such as /proc, passed). The probe opens the
-    file for appending, so an existing file is left as it is, and removes a file it created."""
-    if path is None:
-        return
-    target = Path(path)
-    existed = target.exists()
-    try:
-        with open(target, "a"):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"cannot write {flag} {path}: {exc.strerror or exc}") from exc
-    if not existed:
-        target.unlink(missing_ok=True)
 
 
 def failure_report(config: BenchConfig, exc: BaseException) -> dict[str, Any]:

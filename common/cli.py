@@ -139,6 +139,28 @@ def output_file(value: str) -> str:
     return value
 
 
+def check_writable(flag: str, path: str | os.PathLike | None, make_parent: bool = False) -> None:
+    """ConfigError (``cannot write FLAG PATH: why``) unless ``path`` (an :func:`output_file` flag's
+    value; None: not given) can be opened for writing now, before a run whose results would be lost:
+    :func:`output_file` checks only what argparse can say cheaply (its directory exists, it is no
+    directory), and a read-only place, or one such as /proc, passes that. The probe opens the file for
+    appending, so an existing file is left as it is, and removes a file it created. ``make_parent``:
+    make its missing directories first (for a command whose outputs go under a tree it makes)."""
+    if path is None:
+        return
+    target = Path(path)
+    try:
+        if make_parent:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        existed = target.exists()
+        with open(target, "a"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot write {flag} {path}: {exc.strerror or exc}") from exc
+    if not existed:
+        target.unlink(missing_ok=True)
+
+
 def write_output(flag: str, path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` (an :func:`output_file` flag's value, after the run): a write that
     fails then (a full disk, a directory gone) is ConfigError naming the flag, not a traceback."""

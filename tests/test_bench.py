@@ -1208,16 +1208,6 @@ def test_requests_that_all_ran_past_their_deadline_are_diagnosed_as_a_too_short_
     assert "give a longer --timeout-s" in proc.stdout
 
 
-def test_the_writability_probe_leaves_an_existing_file_as_it_was_and_removes_one_it_made(tmp_path):
-    from bertpool.clients.bench import check_writable
-
-    kept = tmp_path / "kept.json"
-    kept.write_text("an earlier report")
-    check_writable("--json", str(kept))
-    check_writable("--json", str(tmp_path / "new.json"))
-    assert kept.read_text() == "an earlier report" and not (tmp_path / "new.json").exists()
-
-
 @pytest.mark.parametrize("args, message", [
     (["throughput", "--rounds", "0"], "--rounds must be >= 1, got 0"),
     (["throughput", "--seconds", "nan"], "--seconds must be > 0 and at most 86400 s"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -199,7 +200,6 @@ def test_an_output_directory_that_cannot_be_made_is_refused_in_one_line_before_a
     exists: '/etc/passwd'". check_output_dir (every tool's first check) now says why, naming the file
     in the way, and leaves no probe behind."""
     import os
-    import re
     import tempfile
     from pathlib import Path
 
@@ -230,7 +230,6 @@ def test_replacing_dir_says_cannot_write_for_what_goes_wrong_writing_the_output(
     full disk), is "cannot write OUTPUT: ..." (exit 2 in every tool), not an untyped OSError that
     bertpool-compile reported as a bug; an OSError about another path (an input) stays what it was."""
     import errno
-    import re
 
     from bertpool.common.cli import replacing_dir
 
@@ -283,3 +282,19 @@ def test_a_second_stop_signal_during_stop_does_not_deadlock():
     except subprocess.TimeoutExpired:
         pytest.fail("the process deadlocked in its stop handler")
     assert proc.stdout.strip() == "stopped twice", proc.stdout + proc.stderr
+
+
+def test_the_writability_probe_leaves_an_existing_file_as_it_was_and_removes_one_it_made(tmp_path):
+    from bertpool.common.cli import check_writable
+
+    kept = tmp_path / "kept.json"
+    kept.write_text("an earlier report")
+    check_writable("--json", str(kept))
+    check_writable("--json", str(tmp_path / "new.json"))
+    assert kept.read_text() == "an earlier report" and not (tmp_path / "new.json").exists()
+    # make_parent (bertpool-bench-compile's --json under its work tree): the directories stay, the file does not.
+    deep = tmp_path / "runs" / "new" / "report.json"
+    check_writable("--json", deep, make_parent=True)
+    assert deep.parent.is_dir() and not deep.exists()
+    with pytest.raises(ConfigError, match=re.escape(f"cannot write --json {kept}/x.json: ")):
+        check_writable("--json", kept / "x.json", make_parent=True)  # a file where a directory should be
