@@ -211,18 +211,19 @@ def _model_dir(config: BackendConfig) -> Path:
     return path
 
 
-def _compiled_target(path: Path) -> str | None:
-    """The target a bertpool-compile directory was built for, or None for any other directory."""
-    return read_manifest(path)["target"] if is_compiled_model(path) else None
+def _compiled_manifest(path: Path) -> dict | None:
+    """The manifest of a bertpool-compile directory (its ``target`` says what it was built for), or
+    None for any other directory."""
+    return read_manifest(path) if is_compiled_model(path) else None
 
 
 def _load_tf(config: BackendConfig) -> Backend:
     path = _model_dir(config)
     tf = _configure_tf_threads(config.threads)
-    target = _compiled_target(path)
-    if target == "neuron":
-        raise ConfigError(f"{path} was compiled for Neuron; serve it with --backend neuron")
-    if target is not None:
+    manifest = _compiled_manifest(path)
+    if manifest is not None:
+        if manifest["target"] == "neuron":
+            raise ConfigError(f"{path} was compiled for Neuron; serve it with --backend neuron")
         return CompiledBackend(path, "tf")
     if not (path / "saved_model.pb").is_file():
         raise ModelFormatError(f"{path}: neither a compiled bertpool model (manifest.json) "
@@ -236,23 +237,23 @@ def _load_neuron(config: BackendConfig) -> Backend:
     A model compiled for another NeuronCore generation than the host's is a ModelFormatError here,
     before TensorFlow or the package is imported (see :func:`_check_neuron_host`)."""
     path = _model_dir(config)
-    target = _compiled_target(path)
-    if target is None:
+    manifest = _compiled_manifest(path)
+    if manifest is None:
         raise ModelFormatError(f"{path}: not a compiled model; run bertpool-compile --target neuron")
-    if target != "neuron":
-        raise ConfigError(f"{path} was compiled for {target}, not Neuron; serve it with --backend tf")
+    if manifest["target"] != "neuron":
+        raise ConfigError(f"{path} was compiled for {manifest['target']}, not Neuron; serve it with --backend tf")
     # The driver's own path, looked up at call time: serve's --neuron-sysfs does not reach the workers.
-    _check_neuron_host(path, neuron_cores.NEURON_SYSFS, os.environ)
+    _check_neuron_host(path, manifest, neuron_cores.NEURON_SYSFS, os.environ)
     _configure_tf_threads(config.threads)
     return CompiledBackend(path, "neuron")
 
 
-def _check_neuron_host(path: Path, sysfs_root: str, environ) -> None:
-    """Refuse a model whose toolchain (the manifest's neuron.family) cannot run on this host's
-    NeuronCores, read from the driver's files under ``sysfs_root``: otherwise the runtime loads it
-    and fails only at the warm-up batch, with an untyped TensorFlow OpError. A manifest naming no
-    toolchain is left to load_compiled, which refuses it with its own message."""
-    toolchain = neuron_toolchain(read_manifest(path))
+def _check_neuron_host(path: Path, manifest: dict, sysfs_root: str, environ) -> None:
+    """Refuse the model at ``path`` (its ``manifest``) when its toolchain (the manifest's neuron.family)
+    cannot run on this host's NeuronCores, read from the driver's files under ``sysfs_root``: otherwise
+    the runtime loads it and fails only at the warm-up batch, with an untyped TensorFlow OpError. A
+    manifest naming no toolchain is left to load_compiled, which refuses it with its own message."""
+    toolchain = neuron_toolchain(manifest)
     if toolchain is not None:
         neuron_cores.check_model_family(path, toolchain.family, toolchain.distribution, sysfs_root, environ)
 
