@@ -27,7 +27,7 @@ _ERRORS = "bertpool.common.errors"
 # The error classes a client user meets; any other class in common.errors is importable too.
 _ERROR_NAMES = ("BertpoolError", "ConfigError", "ProtocolError", "InputError", "RequestError",
                 "RequestTimeout", "DeadlineExceeded", "ServerBusy", "BrokerUnavailable", "HandshakeFailed",
-                "RemoteError", "MalformedReply", "ClientClosed")
+                "RemoteError", "MalformedReply", "ClientClosed", "UsageError")
 
 __all__ = ["__version__", *_LAZY, *_ERROR_NAMES]
 

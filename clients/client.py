@@ -28,7 +28,7 @@ While nobody drives (nothing pending), replies nobody waits for any more
 next driver. Futures' done-callbacks run on the thread that settles the Future:
 the I/O thread or a caller blocked in predict()/stats() that drives. They may
 call submit() and close(), but a blocking call (predict, predict_many, stats)
-from one raises RuntimeError instead of deadlocking.
+from one raises UsageError (a RuntimeError) instead of deadlocking.
 
 Deadlines. Every request has one (``timeout_s``, default
 ``ClientConfig.timeout_s``) that covers all its retries. Each send carries the
@@ -101,7 +101,7 @@ from ..common.defaults import DEFAULT_FRONTEND
 from ..common.recent import Recent
 from ..common.fastzmq import close_monitored, files_exhausted, open_monitor, out_of_files, recv_nowait, send_nowait
 from ..common.errors import (BertpoolError, BrokerUnavailable, ClientClosed, ConfigError, DeadlineExceeded,
-                             HandshakeFailed, MalformedReply, ProtocolError, RemoteError, ServerBusy)
+                             HandshakeFailed, MalformedReply, ProtocolError, RemoteError, ServerBusy, UsageError)
 
 log = logging.getLogger("bertpool.client")
 
@@ -388,7 +388,7 @@ class Client:
 
     def _check_may_block(self, what: str) -> None:
         if threading.get_ident() == self._driver_ident or threading.current_thread() is self._thread:
-            raise RuntimeError(f"Client.{what}() called from a Future's done-callback would wait on the "
+            raise UsageError(f"Client.{what}() called from a Future's done-callback would wait on the "
                                "thread that delivers its reply (a deadlock); use submit() there instead")
 
     def _closed_message(self, when: str = "") -> str:

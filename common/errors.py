@@ -16,6 +16,8 @@ only guards internal invariants.
     │   └── BinaryMismatchError  a loaded compiled binary disagrees with its reference pairs
     ├── BackendUnavailable     the requested backend's runtime is not installed
     ├── BenchError             a benchmark's own machinery failed (clients did not start or finish)
+    ├── UsageError             an API called where it cannot work: a blocking Client call from a Future's
+    │                          done-callback, which would deadlock (also a RuntimeError)
     └── RequestError           a client request did not produce a prediction
         ├── RequestTimeout     no reply within the deadline (also a TimeoutError)
         │   └── DeadlineExceeded  the request's deadline passed, at the client or the server
@@ -86,6 +88,12 @@ class BenchError(BertpoolError):
     """A benchmark could not run or finish for reasons of its own machinery (its client
     processes did not start, did not finish in time, or crashed; the peer is not a bertpool
     broker), as opposed to a request's RequestError, which the bench counts."""
+
+
+class UsageError(BertpoolError, RuntimeError):
+    """The API was called where it cannot work: a bug in the calling code, not a failed request.
+    A blocking Client call (predict, predict_many, stats) from a Future's done-callback runs on the
+    thread that delivers replies, so it would wait for itself; it raises this instead of hanging."""
 
 
 class RequestError(BertpoolError):
