@@ -443,6 +443,8 @@ def test_lean_path_equals_full_pipeline(tmp_path: Path, lower: bool) -> None:
     lean = [e.ids for e in tok._encode_lean(texts)]
     full = [e.ids for e in tok._full.encode_batch(texts, add_special_tokens=False)]
     assert lean == full
+    assert tok._lean_ids(texts) == full  # the word cache's words, learned now
+    assert tok._lean_ids(texts) == full  # and served from it
     pairs = list(zip(texts, reversed(texts)))
     assert_same_features(tok.encode_pairs(pairs), reference_features(vocab, lower, pairs, 64))
     for text in texts:
@@ -455,6 +457,7 @@ def test_mrpc_lean_path_equals_full_pipeline(real_vocab_path: Path, mrpc_pairs) 
     tok = BertTokenizer(real_vocab_path)
     lean = [e.ids for e in tok._encode_lean(texts)]
     assert lean == [e.ids for e in tok._full.encode_batch(texts, add_special_tokens=False)]
+    assert tok._lean_ids(texts) == lean and tok._lean_ids(texts[::-1]) == lean[::-1]
 
 
 def test_batch_mixing_lean_full_and_slow_texts(tmp_path: Path) -> None:
@@ -473,7 +476,8 @@ def test_one_accented_text_leaves_the_rest_of_its_batch_on_the_lean_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A batch with one non-ASCII text sent every text through HF's normalizer (about half again the
-    time of a 64-pair MRPC batch, 9 in 10 of which hold such a text); only that text needs it."""
+    time of a 64-pair MRPC batch, 9 in 10 of which hold such a text); only that text needs it. The
+    rest take the word cache: after the first call (which learned their words) no HF call at all."""
     tok = BertTokenizer(write_vocab(tmp_path, TINY), max_seq_length=16)
     pairs = [("Hello world", "the cafe")] * 31 + [("Hello world", "the café")]
     want = tok.encode_pairs(pairs)
@@ -486,8 +490,7 @@ def test_one_accented_text_leaves_the_rest_of_its_batch_on_the_lean_path(
 
     monkeypatch.setattr(tokenizer_module, "_encode_batch", spy)
     got = tok.encode_pairs(pairs)
-    assert [inputs for pipeline, inputs in sent if pipeline is tok._full] == [["the café"]]
-    assert sum(len(inputs) for pipeline, inputs in sent if pipeline is tok._lean) == 63
+    assert sent == [(tok._full, ["the café"])]
     assert_same_features(got, want)
     assert got.input_ids[-1].tolist()[:6] == [CLS, TINY.index("hello"), TINY.index("world"), SEP,
                                               TINY.index("the"), TINY.index("cafe")]
@@ -504,6 +507,28 @@ lean_texts = st.one_of(
 def test_random_lean_pairs_agree_with_reference(property_setup, pairs, seq) -> None:
     vocab, lower, tokenizers = property_setup
     assert_same_features(tokenizers[seq].encode_pairs(pairs), reference_features(vocab, lower, pairs, seq))
+
+
+long_words = st.text(alphabet=st.sampled_from("abAB1"), min_size=198, max_size=202)  # [UNK] past 200 characters
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(calls=st.lists(st.lists(st.one_of(lean_texts, long_words), min_size=1, max_size=5), min_size=1, max_size=4))
+def test_word_cache_equals_the_lean_pipeline(property_setup, monkeypatch, calls) -> None:
+    """The word cache gives HF's lean pipeline's ids for every lean text, whether its words are new,
+    cached by an earlier call, or lost when a full cache was emptied (a bound of 6 words here)."""
+    _, _, tokenizers = property_setup
+    tok = tokenizers[128]
+    monkeypatch.setattr(tokenizer_module, "MAX_CACHED_WORDS", 6)
+    tok._word_ids.clear()  # what earlier examples left
+    bound = 6  # the cache holds at most the bound, or what one call learned if that is more
+    for texts in calls:
+        texts = [t for t in texts if not tokenizer_module._NOT_LEAN_CHAR.search(t)]  # WORDS has a few that are not
+        assert tok._lean_ids(texts) == [e.ids for e in tok._encode_lean(texts)]
+        words = [tokenizer_module._LEAN_WORD.findall(t.lower() if tok.do_lower_case else t) for t in texts]
+        bound = max(bound, len({w for ws in words for w in ws}))
+        assert len(tok._word_ids) <= bound
 
 
 # --- row assembly against a plain per-row layout ------------------------------
@@ -523,11 +548,6 @@ def plain_rows(ids: list[list[int]], seq: int) -> tuple[list[list[int]], list[li
     return input_ids, input_mask, segment_ids
 
 
-class FakeEncoding:
-    def __init__(self, ids: list[int]) -> None:
-        self.ids = ids
-
-
 @pytest.fixture(scope="module")
 def assemblers(tmp_path_factory: pytest.TempPathFactory) -> dict[int, BertTokenizer]:
     path = write_vocab(tmp_path_factory.mktemp("asm"), TINY)
@@ -545,7 +565,7 @@ lengths = st.one_of(st.integers(0, 3), st.integers(0, 20))  # small values make 
 )
 def test_assembly_equals_plain_rows(assemblers, lens, seq, data) -> None:
     ids = [data.draw(st.lists(st.integers(4, 30000), min_size=n, max_size=n)) for n in lens]
-    got = assemblers[seq]._assemble([FakeEncoding(x) for x in ids])
+    got = assemblers[seq]._assemble(ids)
     want = plain_rows(ids, seq)
     for field, rows in zip(("input_ids", "input_mask", "segment_ids"), want):
         arr = getattr(got, field)
@@ -594,10 +614,11 @@ def test_concurrent_encode_pairs_is_consistent(tmp_path: Path) -> None:
                 np.testing.assert_array_equal(got, want)
 
 
-def test_ascii_pairs_take_the_lean_hf_path_in_one_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Guards against falling off the HF path (the speed itself is the benchmarks' to measure, not a
-    test's): ASCII pairs, upper case included, go to HF's lean pipeline in one call, none through
-    the plain-Python basic tokenizer or the normalizer."""
+def test_ascii_pairs_take_the_word_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards against falling off the fast path (the speed itself is the benchmarks' to measure, not a
+    test's): ASCII pairs, upper case included, take the word cache: HF's WordPiece is asked once, in
+    one call, for the words not seen yet (each once), and not at all when every word was seen; none
+    goes through the plain-Python basic tokenizer or HF's normalizer."""
     tok = BertTokenizer(write_vocab(tmp_path, TINY))
     sentence = "He said the foodservice pie business doesn 't fit the company 's long-term growth strategy ."
     pairs = [(sentence, sentence.upper())] * 4
@@ -613,8 +634,12 @@ def test_ascii_pairs_take_the_lean_hf_path_in_one_call(tmp_path: Path, monkeypat
 
     monkeypatch.setattr(tokenizer_module, "_encode_batch", spy)
     monkeypatch.setattr(tokenizer_module, "_basic_tokenize", no_python_path)
-    tok.encode_pairs(pairs)
-    assert sent == [(tok._lean, 8)]
+    first = tok.encode_pairs(pairs)
+    words = set(tokenizer_module._LEAN_WORD.findall(sentence.lower()))
+    assert sent == [(tok._wordpiece_only, len(words))]
+    again = tok.encode_pairs(pairs[:1] + [(sentence.upper(), sentence)])
+    assert sent == [(tok._wordpiece_only, len(words))]  # nothing new to ask
+    np.testing.assert_array_equal(again.input_ids[0], first.input_ids[0])
 
 
 @pytest.mark.parametrize("char, kept", [

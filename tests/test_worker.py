@@ -641,6 +641,30 @@ def test_slow_batches_that_only_waited_for_a_cpu_stay_inline(harness, monkeypatc
     assert worker.inline and worker._compute_thread is None
 
 
+def test_a_quick_inline_batch_reads_the_cpu_wait_clock_once(harness, monkeypatch):
+    """The clock is read before each batch, and after it only when the batch took the limit or longer
+    (a quicker one is quick however long it waited for a CPU): one pread less per lone request. The
+    limit here (200 ms) is far above what an echo batch takes, even on a busy host."""
+    reads = []
+
+    class CountingClock:
+        def __call__(self):
+            reads.append(time.monotonic())
+            return 0.0
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(worker_module, "CpuWaitClock", CountingClock)
+    router, ident, worker = harness(SwitchableBackend(), batch_size=1, batch_timeout_ms=0, inline_batch_ms=200,
+                                    heartbeat_interval_s=1.0)
+    assert worker.inline
+    for i in range(5):
+        send(router, ident, i, P.text_request(i, "quick", "batch"))
+        assert replies(router, 1)[i][0] == P.REPLY
+    assert len(reads) == 5 and worker.stats.as_dict()["batches"] == 5
+
+
 def test_cpu_wait_clock_reads_this_threads_run_delay():
     clock = worker_module.CpuWaitClock()
     readings = [clock() for _ in range(3)]
