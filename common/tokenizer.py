@@ -81,6 +81,9 @@ _NOT_LEAN_CHAR = re.compile(r"[^\t\n\r\x20-\x7e]")
 # which BertTokenizer caches per word (see BertTokenizer._lean_ids).
 _LEAN_WORD = re.compile(r"[A-Za-z0-9]+|[!-/:-@\[-`{-~]")
 MAX_CACHED_WORDS = 1 << 16  # a tokenizer's word cache is emptied when it would grow past this
+# Up to this many pairs, rows are filled one at a time (three slice assignments each); more, with one
+# vectorized scatter, whose fixed cost (about ten numpy calls) only pays off for larger batches.
+ROW_FILL_MAX = 8
 
 # google's CJK ideograph ranges (Unified Ideographs + extensions A-E and the
 # compatibility ideographs); Hangul, kana and CJK punctuation are not in it.
@@ -214,6 +217,12 @@ class BertTokenizer:
 
         Texts may be empty. Raises TypeError if a pair is not two ``str``.
         """
+        input_ids, input_mask, segment_ids = self.encode_stacked(pairs)
+        return Features(input_ids=input_ids, input_mask=input_mask, segment_ids=segment_ids)
+
+    def encode_stacked(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
+        """:meth:`encode_pairs`' three arrays in one, int32 ``[3, N, S]`` (input_ids, input_mask,
+        segment_ids): ``[:, i]`` is pair i's features, as a worker queues them, with no copy."""
         return self._assemble(self._text_ids(_pair_texts(pairs)))
 
     def _text_ids(self, texts: list[str]) -> list[list[int]]:
@@ -289,15 +298,34 @@ class BertTokenizer:
                 encodings[i] = enc
         return encodings  # type: ignore[return-value]
 
-    def _assemble(self, ids: Sequence[list[int]]) -> Features:
-        """Rows ``[CLS] a [SEP] b [SEP]`` + padding from the WordPiece ids of a0, b0, a1, b1, ...
+    def _assemble(self, ids: Sequence[list[int]]) -> np.ndarray:
+        """Features ``[3, N, S]`` (ids, mask, segments) of rows ``[CLS] a [SEP] b [SEP]`` + padding,
+        from the WordPiece ids of a0, b0, a1, b1, ... Each pair is truncated google's way
+        (:func:`_truncated_pair_lengths`). Up to ROW_FILL_MAX rows are filled one by one, more by
+        :meth:`_assemble_many`."""
+        n = len(ids) // 2
+        if n > ROW_FILL_MAX:
+            return self._assemble_many(ids)
+        seq = self._max_seq_length
+        room, cls, sep = seq - 3, self._cls_id, self._sep_id
+        out = np.zeros((3, n, seq), np.int32)
+        pairs = iter(ids)
+        for row, (a, b) in enumerate(zip(pairs, pairs)):
+            len_a, len_b = len(a), len(b)
+            if len_a + len_b > room:
+                len_a, len_b = _truncated_pair_lengths(len_a, len_b, room)
+                a, b = a[:len_a], b[:len_b]
+            end = len_a + len_b + 3
+            out[0, row, :end] = [cls, *a, sep, *b, sep]
+            out[1, row, :end] = 1
+            out[2, row, len_a + 2:end] = 1  # b and its [SEP]
+        return out
 
-        Each pair is truncated google's way (:func:`_truncated_pair_lengths`).
-        One Python pass concatenates the kept ids of all rows (list
-        concatenation runs in C); numpy then scatters them into the zero
-        matrix through the input mask in one assignment, since a row's real
-        tokens are exactly its first ``used`` columns in row-major order.
-        """
+    def _assemble_many(self, ids: Sequence[list[int]]) -> np.ndarray:
+        """:meth:`_assemble` for many rows at once: one Python pass concatenates the kept ids of all
+        rows (list concatenation runs in C); numpy then scatters them into the zero matrix through
+        the input mask in one assignment, since a row's real tokens are exactly its first ``used``
+        columns in row-major order."""
         seq = self._max_seq_length
         room = seq - 3
         cls, sep = [self._cls_id], [self._sep_id]
@@ -318,12 +346,12 @@ class BertTokenizer:
         n = len(bounds) // 2
         bound = np.array(bounds, np.int32).reshape(n, 2, 1)
         real = self._columns < bound[:, 1]
-        input_ids = np.zeros((n, seq), np.int32)
-        input_ids[real] = np.fromiter(flat, np.int32, len(flat))
-        input_mask = real.astype(np.int32)
+        out = np.zeros((3, n, seq), np.int32)
+        out[0][real] = np.fromiter(flat, np.int32, len(flat))
+        out[1] = real
         # 1 on real tokens from b's first column on: the mask less the columns before b.
-        segment_ids = input_mask - (self._columns < bound[:, 0])
-        return Features(input_ids=input_ids, input_mask=input_mask, segment_ids=segment_ids)
+        np.subtract(out[1], self._columns < bound[:, 0], out=out[2])
+        return out
 
 
 def _truncated_pair_lengths(len_a: int, len_b: int, max_total: int) -> tuple[int, int]:

@@ -565,10 +565,9 @@ lengths = st.one_of(st.integers(0, 3), st.integers(0, 20))  # small values make 
 )
 def test_assembly_equals_plain_rows(assemblers, lens, seq, data) -> None:
     ids = [data.draw(st.lists(st.integers(4, 30000), min_size=n, max_size=n)) for n in lens]
-    got = assemblers[seq]._assemble(ids)
+    got = assemblers[seq]._assemble(ids)  # up to ROW_FILL_MAX rows one by one, more at once: both drawn
     want = plain_rows(ids, seq)
-    for field, rows in zip(("input_ids", "input_mask", "segment_ids"), want):
-        arr = getattr(got, field)
+    for field, arr, rows in zip(("input_ids", "input_mask", "segment_ids"), got, want):
         assert arr.dtype == np.int32 and arr.shape == (len(lens) // 2, seq), field
         assert arr.tolist() == rows, field
 

@@ -355,7 +355,7 @@ def test_tokenizer_failure_fails_only_text_requests(harness):
     def broken(pairs):
         raise RuntimeError("simulated tokenizer fault")
 
-    worker.tokenizer.encode_pairs = broken
+    worker.tokenizer.encode_stacked = broken
     send(router, ident, 1, P.text_request("t", "a", "b"))
     send(router, ident, 2, P.features_request("f", features.input_ids[0], features.input_mask[0],
                                               features.segment_ids[0]))

@@ -626,11 +626,10 @@ class Worker:
                 if request is not None:
                     parsed.append(request)
         texts = [value for _, _, _, kind, value in parsed if kind == "text"]
-        rows = None  # [N, 3, S]: each text request's input_ids, input_mask, segment_ids rows
+        rows = None  # [3, N, S]: input_ids, input_mask, segment_ids; [:, i] is text request i's
         try:
             if texts:
-                f = self.tokenizer.encode_pairs(texts)
-                rows = np.stack((f.input_ids, f.input_mask, f.segment_ids), axis=1)
+                rows = self.tokenizer.encode_stacked(texts)
         except Exception as exc:  # not expected for validated str input; fail those requests only
             log.exception("%s: tokenizer failed on %d pairs", self.name, len(texts))
             for token, request_id, _, kind, _ in parsed:
@@ -640,7 +639,7 @@ class Worker:
         row, generation, pending = 0, self._generation, []
         for token, request_id, message, kind, value in parsed:
             if kind == "text":
-                value = rows[row]
+                value = rows[:, row]
                 row += 1
             else:
                 value = np.stack(value)
