@@ -396,7 +396,8 @@ def decode_array(obj: Any, field: str = "array") -> np.ndarray:
     dt = _DTYPES[dtype]
     if len(data) != dt.itemsize * math.prod(shape):
         raise ProtocolError(E_BAD_FIELD, f"{field}: {len(data)} bytes do not match {dtype}{shape}")
-    return np.frombuffer(data, dtype=dt).reshape(shape)
+    array = np.frombuffer(data, dtype=dt)
+    return array if len(shape) == 1 else array.reshape(shape)  # 1-D (a reply's probabilities) needs none
 
 
 # ------------------------------------------------------------------- requests

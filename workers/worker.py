@@ -783,8 +783,9 @@ class Worker:
                     "compute_ms": compute_ms,
                     "batch_size": len(items)} for (arrived, _), it in zip(batch, items)])
         answers = [(P.REPLY, it.token, body) for it, body in zip(items, bodies)]
-        finite = np.isfinite(probs).all(axis=1)  # [n]
-        return answers if finite.all() else self._fail_non_finite(items, answers, finite)
+        if np.isfinite(probs).all():  # the rule; which rows are not is asked only when some is not
+            return answers
+        return self._fail_non_finite(items, answers, np.isfinite(probs).all(axis=1))
 
     def _fail_non_finite(self, items: list[_Pending], answers: list[tuple[bytes, bytes, bytes]],
                          finite: np.ndarray) -> list[tuple[bytes, bytes, bytes]]:
