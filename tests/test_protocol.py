@@ -384,7 +384,7 @@ def test_fuzz_frame_decoders_only_raise_protocol_errors(frames):
 
 def test_reply_bodies_decode_to_their_rows():
     probs = np.array([[0.9, 0.1], [0.25, 0.75], [0.5, 0.5]], np.float32)
-    bodies = P.reply_bodies(["a", 7, "c"], probs, [{"compute_ms": 1.0}, {}, {"batch_size": 3}])
+    bodies = P.reply_bodies(["a", 7, "c"], probs.tolist(), [{"compute_ms": 1.0}, {}, {"batch_size": 3}])
     for body, rid, row, timings in zip(bodies, ["a", 7, "c"], probs, [{"compute_ms": 1.0}, {}, {"batch_size": 3}]):
         decoded = P.unpack(body)
         label, got, got_timings = P.parse_prediction(decoded)

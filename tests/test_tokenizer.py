@@ -572,6 +572,20 @@ def test_assembly_equals_plain_rows(assemblers, lens, seq, data) -> None:
         assert arr.tolist() == rows, field
 
 
+@pytest.mark.parametrize("n", [0, 1, tokenizer_module.ROW_FILL_MAX, tokenizer_module.ROW_FILL_MAX + 1, 40])
+def test_encode_stacked_holds_encode_pairs_arrays(tiny: BertTokenizer, n: int) -> None:
+    """encode_stacked is encode_pairs' three arrays in one [3, N, S] int32 block, filled row by row or
+    all at once; [:, i] is pair i's features (what a worker queues, without a copy)."""
+    pairs = [(f"hello {'world ' * i}", "the cafe" if i % 2 else "") for i in range(n)]
+    stacked = tiny.encode_stacked(pairs)
+    features = tiny.encode_pairs(pairs)
+    assert stacked.dtype == np.int32 and stacked.shape == (3, n, tiny.max_seq_length)
+    for got, want in zip(stacked, (features.input_ids, features.input_mask, features.segment_ids)):
+        np.testing.assert_array_equal(got, want)
+    for i in range(n):
+        np.testing.assert_array_equal(stacked[:, i], tiny.encode_stacked([pairs[i]])[:, 0])
+
+
 def test_pair_containers_and_text_subclasses_are_accepted(tiny: BertTokenizer) -> None:
     class Text(str):
         pass
