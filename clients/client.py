@@ -389,7 +389,7 @@ class Client:
     def _check_may_block(self, what: str) -> None:
         if threading.get_ident() == self._driver_ident or threading.current_thread() is self._thread:
             raise UsageError(f"Client.{what}() called from a Future's done-callback would wait on the "
-                               "thread that delivers its reply (a deadlock); use submit() there instead")
+                             "thread that delivers its reply (a deadlock); use submit() there instead")
 
     def _closed_message(self, when: str = "") -> str:
         """What a ClientClosed says: why the Client closed, and what to do."""
