@@ -81,7 +81,7 @@ from ..common.defaults import DEFAULT_BACKEND, DEFAULT_FRONTEND
 from ..common.errors import BertpoolError, ConfigError, ProtocolError
 from ..common.recent import Recent
 from .metrics import BrokerMetrics, MetricsServer, PoolTotals
-from ..common.fastzmq import out_of_files, recv_nowait, send_nowait
+from ..common.fastzmq import more_waiting, out_of_files, recv_nowait, send_nowait
 
 log = logging.getLogger("bertpool.broker")
 
@@ -466,12 +466,14 @@ class Broker:
     def _drain(sock: zmq.Socket, handler) -> bool:
         """Handle up to 512 waiting messages (so one busy side cannot starve the other);
         True when the socket was read empty."""
-        for _ in range(512):
+        for i in range(512):
             try:
                 frames = recv_nowait(sock)
             except zmq.Again:
                 return True
             handler(frames)
+            if i == 0 and not more_waiting(sock):
+                return True  # a lone message: no recv that raises Again (see more_waiting)
         return False
 
     # ------------------------------------------------------------- shutdown

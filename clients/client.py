@@ -99,7 +99,8 @@ from ..common import protocol as P
 from ..common import security
 from ..common.defaults import DEFAULT_FRONTEND
 from ..common.recent import Recent
-from ..common.fastzmq import close_monitored, files_exhausted, open_monitor, out_of_files, recv_nowait, send_nowait
+from ..common.fastzmq import (close_monitored, files_exhausted, more_waiting, open_monitor, out_of_files, recv_nowait,
+                              send_nowait)
 from ..common.errors import (BertpoolError, BrokerUnavailable, ClientClosed, ConfigError, DeadlineExceeded,
                              HandshakeFailed, MalformedReply, ProtocolError, RemoteError, ServerBusy, UsageError)
 
@@ -124,7 +125,7 @@ _FILES_HEADROOM = 16
 
 # Plain ints: pyzmq's enum flags cost microseconds per operation on the per-request path (the
 # request and reply frames go through common.fastzmq for the same reason).
-_NOBLOCK, _POLLIN, _EVENTS = int(zmq.NOBLOCK), int(zmq.POLLIN), int(zmq.EVENTS)
+_NOBLOCK = int(zmq.NOBLOCK)
 
 
 @dataclass(frozen=True)
@@ -611,7 +612,7 @@ class Client:
                 self._poller.register(sock, zmq.POLLIN)
         events = dict(self._poller.poll(self._wait_ms()))
         if self._wake_recv in events:
-            while self._wake_recv.getsockopt(_EVENTS) & _POLLIN:
+            while more_waiting(self._wake_recv):
                 self._wake_recv.recv()
             self._flush_outbox()
         if self._sock in events:
@@ -717,7 +718,7 @@ class Client:
             self._on_reply(frames)
             if until is not None and until.done():
                 return
-            if not sock.getsockopt(_EVENTS) & _POLLIN:  # cheaper than a recv that raises Again
+            if not more_waiting(sock):  # cheaper than a recv that raises Again
                 return
 
     def _connection_closed(self) -> bool:
@@ -725,7 +726,7 @@ class Client:
         that retrying cannot help is kept in _handshake_error until a handshake succeeds (or the link
         is replaced), and any failure in _handshake_hint, for the messages of later errors."""
         closed = False
-        while self._monitor.getsockopt(_EVENTS) & _POLLIN:
+        while more_waiting(self._monitor):
             frames = self._monitor.recv_multipart()
             event, why, final = security.handshake_failure(frames[0] if frames else b"", self.config.address,
                                                            self.config.curve, "--curve-allow-clients")

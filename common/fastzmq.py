@@ -34,8 +34,11 @@ from zmq.backend import Socket as _CSocket
 
 _send = _CSocket.send
 _recv = _CSocket.recv
+_get = _CSocket.get
 _MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _NOBLOCK = int(zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 
 
 def send_nowait(sock: zmq.Socket, frames: list[bytes]) -> None:
@@ -62,6 +65,16 @@ def recv_nowait(sock: zmq.Socket) -> list[bytes]:
     return parts
 
 
+def more_waiting(sock: zmq.Socket) -> bool:
+    """Whether a whole message waits to be read (ZMQ_EVENTS has POLLIN).
+
+    After the first message of a wake-up, asking is cheaper than the recv that would raise Again:
+    about 5 us against 17 on a lone request's path, where the code of both is cold (1.5 against
+    3.7 warm). A burst pays one question more; a lone message, the common case at low load, one
+    exception less."""
+    return bool(_get(sock, _EVENTS) & _POLLIN)
+
+
 def recv_many(sock: zmq.Socket, limit: int) -> list[list[bytes]]:
     """Receive up to ``limit`` waiting messages without blocking (``[]`` when none waits). The bound
     keeps one busy socket from starving whatever else the caller serves (heartbeats, replies)."""
@@ -69,6 +82,8 @@ def recv_many(sock: zmq.Socket, limit: int) -> list[list[bytes]]:
     try:
         for _ in range(limit):
             messages.append(recv_nowait(sock))
+            if len(messages) == 1 and not more_waiting(sock):
+                break  # a lone message: no recv that raises Again (see more_waiting)
     except zmq.Again:
         pass
     return messages

@@ -972,3 +972,32 @@ def test_a_busy_polling_broker_spins_at_low_load_only_and_serves_as_ever(broker,
     assert next_spin_until() == 0.0
     worker.send_multipart([P.VERSION, P.REPLY, token, P.reply_body("queued", [0.1, 0.9], {})])
     assert P.unpack(recv(client)[2])["id"] == "queued"
+
+
+def test_a_lone_message_is_drained_without_a_recv_that_raises_again(monkeypatch):
+    """_drain reads a wake-up's lone message and stops on ZMQ_EVENTS, not on a recv raising Again (the
+    dearer of the two on a lone request's path); a burst is still handled whole, and read empty."""
+    from bertpool.common import fastzmq
+
+    ctx = zmq.Context()
+    try:
+        router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+        router.bind("inproc://drain")
+        dealer.connect("inproc://drain")
+        calls, handled = [], []
+        real_recv = fastzmq._recv
+        monkeypatch.setattr(fastzmq, "_recv", lambda *a: calls.append(1) or real_recv(*a))
+        dealer.send_multipart([b"lone"])
+        assert router.poll(10_000)
+        assert Broker._drain(router, handled.append) is True
+        assert len(handled) == 1 and len(calls) == 2  # identity and body: no third recv, to raise Again
+        for i in range(3):
+            dealer.send_multipart([str(i).encode()])
+        for _ in range(3):
+            if len(handled) == 4:
+                break
+            assert router.poll(10_000)
+            assert Broker._drain(router, handled.append) is True
+        assert [m[1] for m in handled] == [b"lone", b"0", b"1", b"2"]
+    finally:
+        ctx.destroy(linger=0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import zmq
 
+from bertpool.common import fastzmq
 from bertpool.common.fastzmq import close_monitored, open_monitor, recv_many, recv_nowait, send_nowait
 
 WAIT_MS = 10_000
@@ -47,6 +48,35 @@ def test_nothing_waiting_raises_again_and_recv_many_is_bounded(pair):
         assert 1 <= len(batch) <= 2  # never more than asked
         got += batch
     assert [m[2] for m in got] == [b"0", b"1", b"2", b"3", b"4"]
+
+
+def test_a_lone_message_is_read_without_a_recv_that_raises_again(pair, monkeypatch):
+    """After a wake-up's first message, recv_many asks ZMQ_EVENTS whether more wait instead of trying
+    a recv that raises Again (17 us against 5 on a lone request's path, cold); a burst is still read
+    whole, each message once."""
+    router, dealer = pair
+    calls = []
+    real_recv = fastzmq._recv
+
+    def counting_recv(sock, flags, copy):
+        calls.append(1)
+        return real_recv(sock, flags, copy)
+
+    monkeypatch.setattr(fastzmq, "_recv", counting_recv)
+    dealer.send_multipart([b"lone", b"message"])
+    assert router.poll(WAIT_MS)
+    got = recv_many(router, 256)
+    assert len(got) == 1 and got[0][1:] == [b"lone", b"message"]
+    assert len(calls) == 3  # the identity and two frames: no fourth recv, to raise Again
+    for i in range(3):
+        dealer.send_multipart([b"m", str(i).encode()])
+    got = []
+    for _ in range(3):  # at least one message a turn
+        if len(got) == 3:
+            break
+        assert router.poll(WAIT_MS)
+        got += recv_many(router, 256)
+    assert [m[2] for m in got] == [b"0", b"1", b"2"]
 
 
 def test_unroutable_send_raises_like_send_multipart(pair):
