@@ -81,7 +81,7 @@ from ..common.defaults import DEFAULT_BACKEND, DEFAULT_FRONTEND
 from ..common.errors import BertpoolError, ConfigError, ProtocolError
 from ..common.recent import Recent
 from .metrics import BrokerMetrics, MetricsServer, PoolTotals
-from ..common.fastzmq import more_waiting, out_of_files, recv_nowait, send_nowait
+from ..common.fastzmq import out_of_files, recv_many, send_nowait
 
 log = logging.getLogger("bertpool.broker")
 
@@ -95,6 +95,8 @@ MAX_BUSY_POLL_US = 10_000
 # Peers remembered: worker sockets that answered a request (their STATS count), and senders of a
 # malformed READY already warned about. Bounded, so a flood of new sockets cannot grow memory.
 MAX_PEERS = 1024
+# Messages one side's drain handles before the other side is served: one busy side cannot starve it.
+DRAIN_LIMIT = 512
 
 
 @dataclass(frozen=True)
@@ -464,17 +466,12 @@ class Broker:
 
     @staticmethod
     def _drain(sock: zmq.Socket, handler) -> bool:
-        """Handle up to 512 waiting messages (so one busy side cannot starve the other);
-        True when the socket was read empty."""
-        for i in range(512):
-            try:
-                frames = recv_nowait(sock)
-            except zmq.Again:
-                return True
+        """Handle up to DRAIN_LIMIT waiting messages (so one busy side cannot starve the other), read
+        by fastzmq.recv_many; True when the socket was read empty (fewer than the limit waited)."""
+        messages = recv_many(sock, DRAIN_LIMIT)
+        for frames in messages:
             handler(frames)
-            if i == 0 and not more_waiting(sock):
-                return True  # a lone message: no recv that raises Again (see more_waiting)
-        return False
+        return len(messages) < DRAIN_LIMIT
 
     # ------------------------------------------------------------- shutdown
 
