@@ -16,7 +16,9 @@ lock while it does:
   it sends its request and waits on the socket on its own thread until its
   answer comes, with no thread handoff (the low-latency path for one request
   at a time). Whatever else arrives meanwhile (other threads' replies, BUSY,
-  a closed connection) it handles for everyone.
+  a closed connection) it handles for everyone. With nothing else pending it
+  goes shorter still: one send, one wait, one read, and no Future or timer
+  pass, until anything but its answer happens (see Client._lone).
 - Otherwise (someone else drives, or the call is submit(), submit_features()
   or predict_many()) the request goes through a thread-safe queue and an
   inproc wake-up pipe to whoever drives: the calling thread that drives now,
@@ -171,7 +173,7 @@ class Prediction:
 @dataclass
 class _Pending:
     rid: Any
-    future: Future
+    future: Future | None                  # None while a blocking call answers it the short way (Client._lone)
     deadline: float                        # monotonic
     timeout_s: float                       # as asked, for messages
     kind: bytes                            # what was asked: REQUEST or STATS
@@ -438,13 +440,13 @@ class Client:
                                f"long done-callback? keep them short: they delay every request)")
 
     def _entry(self, rid: Any, encode: Callable[[float], bytes], timeout_s: float | None,
-               kind: bytes) -> _Pending:
+               kind: bytes, future: bool = True) -> _Pending:
         if os.getpid() != self._pid:
             raise ClientClosed(f"this Client belongs to process {self._pid}; a process forked from it has "
                                "no I/O thread and shares its sockets, so it must create its own Client")
         timeout = self.config.timeout_s if timeout_s is None else timeout_s
         P.check_timeout("timeout_s", timeout)
-        return _Pending(rid, Future(), time.monotonic() + timeout, timeout, kind, encode)
+        return _Pending(rid, Future() if future else None, time.monotonic() + timeout, timeout, kind, encode)
 
     def _send(self, rid: Any, encode: Callable[[float], bytes], timeout_s: float | None,
               kind: bytes = P.REQUEST) -> Future:
@@ -465,9 +467,11 @@ class Client:
     def _call(self, rid: Any, encode: Callable[[float], bytes], timeout_s: float | None,
               kind: bytes = P.REQUEST) -> Any:
         """A blocking request: sent and waited for on this thread when nobody else drives the socket
-        (no thread handoff either way), else through the outbox like submit(). Its result."""
-        entry = self._entry(rid, encode, timeout_s, kind)
+        (no thread handoff either way; the short way, _lone, when nothing else is pending either),
+        else through the outbox like submit(). Its result."""
+        entry = self._entry(rid, encode, timeout_s, kind, future=False)
         if not self._drive.acquire(blocking=False):
+            entry.future = Future()
             self._enqueue(entry)
             return self._await(entry)
         leftover = True
@@ -475,7 +479,18 @@ class Client:
             self._driver_ident = threading.get_ident()
             if self._closed.is_set():  # checked holding _drive: the I/O thread's last drain is done or to come
                 raise ClientClosed(self._closed_message())
-            self._admit(entry)
+            if not self._pending and self._outbox.empty():
+                try:
+                    answer = self._lone(entry)
+                except Exception as exc:  # a bug: as in _drive_until
+                    self._failed_driving(exc)
+                    raise ClientClosed(self._closed_message("while this call drove it")) from exc
+                if entry.future is None:  # answered
+                    leftover = False
+                    return answer
+            else:
+                entry.future = Future()
+                self._admit(entry)
             self._drive_until(entry.future)
             leftover = bool(self._pending)
         finally:
@@ -500,11 +515,16 @@ class Client:
             while not future.done() and not self._closed.is_set():
                 self._turn(future)
         except Exception as exc:  # a bug here must not strand anyone: close, and the I/O thread fails what is left
-            log.exception("client I/O failed on a calling thread")
-            with self._lock:
-                self._close_for(f"its I/O failed on a calling thread ({exc!r}; logged)")
-                self._wake_locked()
-                self._want_io_locked()
+            self._failed_driving(exc)
+
+    def _failed_driving(self, exc: Exception) -> None:
+        """A bug while a calling thread drove the socket: log it and close the Client; the I/O thread
+        then fails what is left."""
+        log.exception("client I/O failed on a calling thread")
+        with self._lock:
+            self._close_for(f"its I/O failed on a calling thread ({exc!r}; logged)")
+            self._wake_locked()
+            self._want_io_locked()
 
     def _wake_locked(self) -> None:
         """Nudge whoever drives the socket (caller holds _lock, which also keeps the socket open)."""
@@ -604,13 +624,18 @@ class Client:
             self._io_owner.client = None  # parked: a user who drops this Client may now lose it
             return True
 
-    def _turn(self, until: Future | None = None) -> None:
-        """One wait for the sockets (bounded by the next timer), then everything due. Holding _drive."""
-        if self._polled is not self._sock:  # first turn, or a reconnect replaced the sockets
+    def _poll(self, timeout_ms: int | None) -> list[tuple[zmq.Socket, int]]:
+        """Wait up to ``timeout_ms`` (None: for ever) for the wake-up receiver, the DEALER or its
+        monitor to have something to read; those that do, with their events. Holding _drive."""
+        if self._polled is not self._sock:  # first wait, or a reconnect replaced the sockets
             self._poller, self._polled = zmq.Poller(), self._sock
             for sock in (self._wake_recv, self._sock, self._monitor):
                 self._poller.register(sock, zmq.POLLIN)
-        events = dict(self._poller.poll(self._wait_ms()))
+        return self._poller.poll(timeout_ms)
+
+    def _turn(self, until: Future | None = None) -> None:
+        """One wait for the sockets (bounded by the next timer), then everything due. Holding _drive."""
+        events = dict(self._poll(self._wait_ms()))
         if self._wake_recv in events:
             while more_waiting(self._wake_recv):
                 self._wake_recv.recv()
@@ -651,8 +676,59 @@ class Client:
             self._admit(entry)
             sent = True
 
+    def _lone(self, entry: _Pending) -> Any:
+        """A blocking call's request while nothing else is pending (holding _drive), the short way: one
+        send, one wait, one read, with no Future, deadline heap or timer pass (what one client calling
+        predict() in a loop does every time). Returns its answer, or, the moment anything else happens
+        (it cannot be sent now; the wait ends on a timer, another thread's request, a connection
+        event; the first message is not its answer), adopts it (_adopt) and hands that on to the
+        general machinery: then ``entry.future`` is set and the return value means nothing."""
+        now = time.monotonic()
+        left_ms = (entry.deadline - now) * 1000.0
+        if self._wrong_endpoint is not None or left_ms <= 0:
+            self._adopt(entry)
+            self._transmit(entry, now)  # which fails it, or leaves it to _expire
+            return None
+        self._check_link()
+        if not self._put(entry, left_ms):
+            self._adopt(entry)
+            self._send_later(entry, now)
+            return None
+        self._sent(entry, now)
+        # Its only timers: the deadline, and the first ping if the broker stays silent (_check_liveness).
+        wake_at = min(entry.deadline, max(self._heard_at, self._pinged_at) + self.config.heartbeat_interval_s)
+        ready = self._poll(max(0, int((wake_at - time.monotonic()) * 1000) + 1))
+        frames = None
+        if len(ready) == 1 and ready[0][0] is self._sock:
+            try:
+                frames = recv_nowait(self._sock)
+            except zmq.Again:
+                pass
+            else:
+                self._heard_at = time.monotonic()
+                self._ever_heard = True
+                answer = _answer_of(entry, frames)
+                if answer is not _NO_ANSWER:
+                    self._finish(entry, answered=True)
+                    return answer
+        self._adopt(entry)
+        if frames is not None:
+            self._on_reply(frames)
+        return None
+
+    def _adopt(self, entry: _Pending) -> None:
+        """Make a request that _lone sent (or could not send) pending, with a Future, as _admit would
+        have: from here the general machinery drives it."""
+        entry.future = Future()
+        self._track(entry)
+
     def _admit(self, entry: _Pending) -> None:
         """Make ``entry`` pending and send it (holding _drive)."""
+        self._track(entry)
+        self._transmit(entry, time.monotonic())
+
+    def _track(self, entry: _Pending) -> None:
+        """Make ``entry`` pending, with its deadline in the heap (holding _drive)."""
         self._pending[entry.rid] = entry
         if len(self._deadlines) > 2 * len(self._pending) + 1024:
             # Settled requests leave their deadline in the heap until it passes (it is skipped then);
@@ -660,7 +736,6 @@ class Client:
             self._deadlines = [d for d in self._deadlines if d[2] in self._pending]
             heapq.heapify(self._deadlines)
         heapq.heappush(self._deadlines, (entry.deadline, next(self._seq), entry.rid))
-        self._transmit(entry, time.monotonic())
 
     def _transmit(self, entry: _Pending, now: float) -> None:
         """Send (or resend) ``entry`` with the time left to its deadline."""
@@ -671,23 +746,35 @@ class Client:
         left_ms = (entry.deadline - now) * 1000.0
         if left_ms <= 0:
             return  # _expire settles it
-        body = entry.encode(min(left_ms, P.MAX_DEADLINE_MS))
         entry.retry_at = None
         if not self._in_flight:
-            self._connection_closed()  # nobody may have read the monitor while idle
-            if self._handshake_error is not None:
-                # ZeroMQ gives up on a link after some handshake failures (e.g. a security mechanism
-                # mismatch): a fresh one tries again, and this request then fails, or is served.
-                self._close_link()
-                self._open_link()
-        try:  # never block the driving thread: a full send queue (a long-dead broker) waits and tries again
-            send_nowait(self._sock, [P.VERSION, entry.kind, body])
+            self._check_link()
+        if self._put(entry, left_ms):
+            self._sent(entry, now)
+        else:
+            self._send_later(entry, now)
+
+    def _check_link(self) -> None:
+        """Before sending with nothing in flight: read what the monitor said while nobody did, and
+        replace a link whose handshake failed for good."""
+        self._connection_closed()
+        if self._handshake_error is not None:
+            # ZeroMQ gives up on a link after some handshake failures (e.g. a security mechanism
+            # mismatch): a fresh one tries again, and this request then fails, or is served.
+            self._close_link()
+            self._open_link()
+
+    def _put(self, entry: _Pending, left_ms: float) -> bool:
+        """Send ``entry`` with ``left_ms`` to its deadline; False if the send queue is full. Never blocks
+        the driving thread: a full queue (a long-dead broker) waits and tries again (_send_later)."""
+        try:
+            send_nowait(self._sock, [P.VERSION, entry.kind, entry.encode(min(left_ms, P.MAX_DEADLINE_MS))])
         except zmq.Again:
-            at = now + self.config.backoff_initial_s
-            if at < entry.deadline:
-                entry.retry_at = at
-                heapq.heappush(self._retries, (at, next(self._seq), entry.rid))
-            return  # else _expire settles it
+            return False
+        return True
+
+    def _sent(self, entry: _Pending, now: float) -> None:
+        """Count ``entry`` in flight from ``now``."""
         if not self._in_flight and self._down_since is None:
             # Silence while nothing was asked is no sign of death; a connection that closed then, and
             # has not come back, is: the broker has been silent since, and liveness counts from then.
@@ -695,6 +782,14 @@ class Client:
         entry.in_flight = True
         entry.sends += 1
         self._in_flight.add(entry.rid)
+
+    def _send_later(self, entry: _Pending, now: float) -> None:
+        """Try a pending ``entry`` again after a backoff, if that comes before its deadline (else
+        _expire settles it)."""
+        at = now + self.config.backoff_initial_s
+        if at < entry.deadline:
+            entry.retry_at = at
+            heapq.heappush(self._retries, (at, next(self._seq), entry.rid))
 
     def _fail_unsent(self) -> None:
         while True:
@@ -1019,14 +1114,35 @@ def _check_pairs(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
 
 def _settle(entry: _Pending, kind: bytes, rid: Any, body: dict[str, Any]) -> None:
     """Complete ``entry`` from its reply; ProtocolError if the reply is malformed or does not fit."""
+    _resolve(entry.future, _answer(entry, kind, rid, body))
+
+
+def _answer(entry: _Pending, kind: bytes, rid: Any, body: dict[str, Any]) -> Any:
+    """What a reply answers ``entry``: a Prediction, or a stats map; ProtocolError if the reply is
+    malformed or does not fit."""
     if kind == P.REPLY and entry.kind == P.REQUEST:
         label, probabilities, timings = P.parse_prediction(body)
-        _resolve(entry.future, Prediction(rid, label, probabilities, timings))
-    elif kind == P.STATS and entry.kind == P.STATS:
-        _resolve(entry.future, P.parse_stats_reply(body))
-    else:
-        raise ProtocolError(P.E_BAD_KIND, f"a {P.KIND_NAMES.get(kind, repr(kind[:8]))} reply does not answer "
-                                          f"a {P.KIND_NAMES[entry.kind]}")
+        return Prediction(rid, label, probabilities, timings)
+    if kind == P.STATS and entry.kind == P.STATS:
+        return P.parse_stats_reply(body)
+    raise ProtocolError(P.E_BAD_KIND, f"a {P.KIND_NAMES.get(kind, repr(kind[:8]))} reply does not answer "
+                                      f"a {P.KIND_NAMES[entry.kind]}")
+
+
+_NO_ANSWER = object()  # _answer_of's "not its answer"
+_ANSWERS = frozenset((P.REPLY, P.STATS))  # the kinds of reply that answer a request (_answer)
+
+
+def _answer_of(entry: _Pending, frames: list[bytes]) -> Any:
+    """What ``frames`` answer ``entry`` if they are a well-formed answer naming it, else _NO_ANSWER
+    (_on_reply then handles them: a BUSY, an ERROR, someone else's reply, one it cannot use)."""
+    try:
+        kind, body = P.split_reply(frames)
+        if kind in _ANSWERS and P.check_id(body) == entry.rid:
+            return _answer(entry, kind, entry.rid, body)
+    except ProtocolError:
+        pass
+    return _NO_ANSWER
 
 
 def _resolve(future: Future, value: Any) -> None:

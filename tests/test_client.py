@@ -998,13 +998,19 @@ def test_done_callback_on_a_driving_thread_may_close_but_not_block(tmp_path, fak
     client.close()
 
 
-def test_a_bug_while_driving_closes_the_client_instead_of_stranding_callers(tmp_path, fake_brokers):
-    broker = fake_brokers(f"ipc://{tmp_path}/b", echo)
-    client = Client(broker.address, timeout_s=30)
+@pytest.mark.parametrize("method, busy_first", [
+    ("_finish", False),    # on the short way (_lone), answering
+    ("_on_reply", True),   # on the short way, handing a BUSY to the general machinery
+    ("_finish", True),     # in the general machinery, answering the resend
+])
+def test_a_bug_while_driving_closes_the_client_instead_of_stranding_callers(tmp_path, fake_brokers, method,
+                                                                            busy_first):
+    broker = fake_brokers(f"ipc://{tmp_path}/b", busy_then_reply(1) if busy_first else echo)
+    client = Client(broker.address, timeout_s=30, backoff_initial_s=0.01, backoff_max_s=0.02)
 
-    def bug(frames) -> None:
+    def bug(*args, **kwargs) -> None:
         raise ValueError("a bug in reply handling")
-    client._on_reply = bug
+    setattr(client, method, bug)
     with pytest.raises(ClientClosed):
         client.predict("a", "b")
     client._thread.join(WAIT_MS / 1000)
@@ -1105,6 +1111,34 @@ def test_settled_requests_do_not_pile_up_in_the_deadline_heap(start_pool):
         for _ in range(3000):
             client.predict("a", "b")
         assert len(client._deadlines) <= 1024 + 2  # white-box: the memory a long timeout would hold
+
+
+def test_a_lone_blocking_call_takes_the_short_way(tmp_path, fake_brokers, monkeypatch):
+    """White-box: predict() and stats() with nothing else pending are sent and answered with no Future
+    and no deadline-heap entry (Client._lone, the cost one client calling in a loop pays per request);
+    a later duplicate of such an answer is still told from a late one; submit() still gets a Future."""
+    import bertpool.clients.client as client_module
+    made: list[Future] = []
+
+    class CountedFuture(Future):
+        def __init__(self) -> None:
+            super().__init__()
+            made.append(self)
+    monkeypatch.setattr(client_module, "Future", CountedFuture)
+    twice: list[bool] = []
+    broker = fake_brokers(f"ipc://{tmp_path}/b", lambda kind, body, seen: echo(kind, body, seen) * (1 + len(twice)))
+    with Client(broker.address, timeout_s=30) as client:
+        answers = [client.predict("t", str(i)) for i in range(20)]
+        assert [a.label for a in answers] == [1] * 20 and client.stats() == {"answered_by": "fake"}
+        assert made == [] and client._deadlines == [] and not client._pending and not client._in_flight
+        assert client.submit("a", "b").result(WAIT_MS / 1000).label == 1
+        assert len(made) == 1
+        twice.append(True)
+        assert client.predict("answered", "twice").label == 1
+        twice.clear()
+        assert client.predict("after", "the duplicate").label == 1  # reads the duplicate first
+        assert client.counters.duplicate_replies == 1
+        assert client.counters.late_replies == client.counters.unknown_replies == 0
 
 
 # ------------------------------------------- what a demanding user tries (client audit)
@@ -1222,9 +1256,9 @@ def test_a_client_closed_by_an_internal_failure_says_so_not_that_close_was_calle
     """A user who never called close() must not be told they did: the ClientClosed names the failure."""
     broker = fake_brokers(f"ipc://{tmp_path}/b")
     with Client(broker.address, timeout_s=5) as client:
-        def broken(*_args):
+        def broken(*_args, **_kwargs):
             raise OSError("simulated I/O bug")
-        monkeypatch.setattr(client, "_read_replies", broken)
+        monkeypatch.setattr(client, "_finish", broken)
         with pytest.raises(ClientClosed, match="the Client closed .*simulated I/O bug"):
             client.predict("a", "b")
         monkeypatch.undo()
