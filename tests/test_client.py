@@ -181,12 +181,13 @@ MALFORMED_REPLIES = {
 }
 
 
+@pytest.mark.parametrize("blocking", [False, True], ids=["submit", "predict"])  # predict: the short way (_lone)
 @pytest.mark.parametrize("name", sorted(MALFORMED_REPLIES))
-def test_malformed_reply_settles_its_request_and_the_client_survives(fake_broker, name):
+def test_malformed_reply_settles_its_request_and_the_client_survives(fake_broker, name, blocking):
     router, address = fake_broker
     kind, fields = MALFORMED_REPLIES[name]
-    with Client(address, timeout_s=30) as client:
-        future = client.submit("a", "b")
+    with Client(address, timeout_s=30) as client, ThreadPoolExecutor(1) as pool:
+        future = pool.submit(client.predict, "a", "b") if blocking else client.submit("a", "b")
         identity, _, body = take(router)
         router.send_multipart([identity, P.VERSION, kind, P.pack({"id": body["id"], **fields})])
         with pytest.raises(RemoteError) as err:  # settles at once, long before the 30 s deadline
