@@ -404,15 +404,20 @@ def test_thousands_of_hostile_frames_at_a_worker_crash_nothing(tmp_path):
             sent += 1
         token = b"\x00" * 7 + b"\x2a"
         router.send_multipart([identity, *P.request_frames(token, P.text_request("real", "a", "b"), 0, None)])
+        answer, read = None, Counter()  # messages read, by kind
         deadline = time.monotonic() + 60
-        while True:  # answers to the fuzz come first; ours is the last
-            assert time.monotonic() < deadline and thread.is_alive()
+        while answer is None:  # answers to the fuzz come first; ours is the last
+            assert thread.is_alive(), "the worker thread ended"
+            # Say what the worker did, should the answer never come (once, in a full CI run, it did not).
+            assert time.monotonic() < deadline, (
+                f"no answer to the real request in 60 s; read {dict(read)}; worker inline={worker.inline} "
+                f"failed={worker.failed} queued={len(worker._batcher)} stats={worker.stats.as_dict()}")
             if router.poll(100):
                 frames = router.recv_multipart()
+                read[P.KIND_NAMES.get(frames[2], repr(frames[2][:8]))] += 1
                 if frames[2] == P.REPLIES:
                     answer = dict((t, (k, b)) for k, t, b in P.parse_from_worker(frames[1:]).replies).get(token)
-                    if answer is not None and answer[0] == P.REPLY:
-                        break
+        assert answer[0] == P.REPLY, P.unpack(answer[1])  # an ERROR says why
         assert np.allclose(P.parse_prediction(P.unpack(answer[1]))[1], expected("a", "b"))
         assert worker.stats.dropped_malformed > 0 and not worker.failed
     finally:
