@@ -658,12 +658,19 @@ class Client:
         times = [heap[0][0] for heap in (self._deadlines, self._retries) if heap]
         if self._in_flight:
             interval = self.config.heartbeat_interval_s
-            times.append(max(self._heard_at, self._pinged_at) + interval)  # the next ping
+            times.append(self._next_ping_at())
             # The death check (_check_liveness): long silence, and a ping unanswered for an interval.
             times.append(max(self._heard_at + interval * self.config.heartbeat_liveness, self._pinged_at + interval))
-        if not times:
-            return None
-        return max(0, int((min(times) - time.monotonic()) * 1000) + 1)
+        return _ms_until(min(times)) if times else None
+
+    def _next_ping_at(self) -> float:
+        """When _check_liveness pings a broker that stays silent (while requests are in flight)."""
+        return max(self._heard_at, self._pinged_at) + self.config.heartbeat_interval_s
+
+    def _heard(self) -> None:
+        """A message came from the broker: any message is a beat, even one we cannot use."""
+        self._heard_at = time.monotonic()
+        self._ever_heard = True
 
     def _flush_outbox(self) -> bool:
         """Send what submit() queued; True if there was any."""
@@ -696,8 +703,8 @@ class Client:
             return None
         self._sent(entry, now)
         # Its only timers: the deadline, and the first ping if the broker stays silent (_check_liveness).
-        wake_at = min(entry.deadline, max(self._heard_at, self._pinged_at) + self.config.heartbeat_interval_s)
-        ready = self._poll(max(0, int((wake_at - time.monotonic()) * 1000) + 1))
+        wake_at = min(entry.deadline, self._next_ping_at())
+        ready = self._poll(_ms_until(wake_at))
         frames = None
         if len(ready) == 1 and ready[0][0] is self._sock:
             try:
@@ -705,8 +712,7 @@ class Client:
             except zmq.Again:
                 pass
             else:
-                self._heard_at = time.monotonic()
-                self._ever_heard = True
+                self._heard()
                 answer = _answer_of(entry, frames)
                 if answer is not _NO_ANSWER:
                     self._finish(entry, answered=True)
@@ -808,8 +814,7 @@ class Client:
                 frames = recv_nowait(sock)
             except zmq.Again:
                 return
-            self._heard_at = time.monotonic()  # any message is a beat, even one we cannot use
-            self._ever_heard = True
+            self._heard()
             self._on_reply(frames)
             if until is not None and until.done():
                 return
@@ -1143,6 +1148,12 @@ def _answer_of(entry: _Pending, frames: list[bytes]) -> Any:
     except ProtocolError:
         pass
     return _NO_ANSWER
+
+
+def _ms_until(at: float) -> int:
+    """Milliseconds from now until the monotonic time ``at``, for a poll's timeout: truncated, plus
+    one, so the poll never ends just before its timer is due; 0 once ``at`` is a millisecond past."""
+    return max(0, int((at - time.monotonic()) * 1000) + 1)
 
 
 def _resolve(future: Future, value: Any) -> None:
