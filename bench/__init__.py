@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from ..common.cli import child_env
 from ..common.data import SHARED_VOCAB_FILE, shared_file
@@ -39,6 +40,26 @@ def echo_vocab(given: str | None) -> tuple[str | None, str]:
     """
     path = given or shared_file(SHARED_VOCAB_FILE)
     return (None, ECHO_VOCAB_BUILT_IN) if path is None else (str(path), str(path))
+
+
+def median(values: list[float]) -> float | None:
+    """The median of ``values`` rounded to 3 decimals (None when empty): a bench's many-round figure."""
+    return round(statistics.median(values), 3) if values else None
+
+
+def median_tree(records: list[Any]) -> Any:
+    """Records of the same shape (one per round) as one: the median of each number over the records
+    that have it (None if none does), nested dicts key by key; anything else (a string, a list) is the
+    first record's. Each number is its own median, so the medians may come from different rounds."""
+    present = [r for r in records if r is not None]
+    if not present:
+        return None
+    if all(isinstance(r, dict) for r in present):
+        keys = dict.fromkeys(k for r in present for k in r)  # first seen first
+        return {k: median_tree([r[k] for r in present if k in r]) for k in keys}
+    if all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in present):
+        return median(present)
+    return present[0]
 
 
 def _existing_file(value: str) -> str:

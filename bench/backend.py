@@ -26,14 +26,13 @@ import argparse
 import json
 import os
 import signal
-import statistics
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import add_vocab_argument, echo_vocab, start_serve
+from . import add_vocab_argument, echo_vocab, median, start_serve
 from ..broker.broker import BrokerConfig
 from ..clients.bench import MAX_CLIENTS, MAX_CYCLE, BenchConfig, load_pairs, run_bench, run_environment, sent_pairs
 from ..common.cli import (check_count, check_writable, counted, output_file, report_error, report_interrupt,
@@ -135,10 +134,6 @@ def _counts(value: str) -> list[int]:
     return counts
 
 
-def _median(values: list[float]) -> float | None:
-    return round(statistics.median(values), 3) if values else None
-
-
 def _over_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One worker count's served runs, one per round, as one record: the run whose ratio is the median
     (the lower middle one for an even count), with the medians and each round's ratio over it. Each
@@ -147,10 +142,10 @@ def _over_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
     summary = dict(ranked[(len(ranked) - 1) // 2])
     added = [r["single_added_latency_ms_p50"] for r in runs if r["single_added_latency_ms_p50"] is not None]
     summary.update(ratios=[r["ratio_to_tight"] for r in runs],
-                   ratio_to_tight=_median([r["ratio_to_tight"] for r in runs]),
-                   inferences_per_s=_median([r["inferences_per_s"] for r in runs]),
-                   tight_inferences_per_s=_median([r["tight"]["inferences_per_s"] for r in runs]),
-                   single_added_latency_ms_p50=_median(added), errors=sum(r["errors"] for r in runs),
+                   ratio_to_tight=median([r["ratio_to_tight"] for r in runs]),
+                   inferences_per_s=median([r["inferences_per_s"] for r in runs]),
+                   tight_inferences_per_s=median([r["tight"]["inferences_per_s"] for r in runs]),
+                   single_added_latency_ms_p50=median(added), errors=sum(r["errors"] for r in runs),
                    replies=sum(r["replies"] for r in runs))
     return summary
 

@@ -21,6 +21,11 @@ Writes a JSON report with each set-up's round trips/s, the ratios to relay, and 
 microseconds per round trip of the router (proxy or broker), the workers and the load (Linux
 /proc; left out elsewhere): on a shared machine these move less than the rates do; and the
 single-client latencies with each one's excess over the relay's.
+
+On a VM these move between runs (a lone request's round trip by a tenth of a millisecond): with
+``--rounds N`` every set-up is measured N times in turn, and the report's numbers are the medians of
+the rounds' (each ratio and each excess over the relay taken within its own round), beside every
+round's own under ``rounds``.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from typing import Any
 
 import zmq
 
-from . import add_vocab_argument, echo_vocab
+from . import add_vocab_argument, echo_vocab, median_tree
 from ..clients.bench import (MAX_CLIENTS, BenchConfig, next_result, percentiles, run_bench, run_environment,
                              wait_for_workers)
 from ..workers.supervisor import check_processes
@@ -51,6 +56,7 @@ from ..common.fastzmq import recv_many, send_nowait
 from ..broker.broker import Broker, BrokerConfig
 
 SETUPS = ("relay", "broker", "pool")
+MAX_ROUNDS = 100  # each round takes about half a minute: a digit too many is refused, not run for a day
 
 
 def _relay_echo(address: str, stop) -> None:
@@ -408,6 +414,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--single", type=int, default=1000, metavar="N",
                         help="after each set-up's load, one client alone sends N requests one at a time "
                              "(0: skip) (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=1, metavar="N",
+                        help="measure every set-up N times, in turn, each time with fresh processes; the report's "
+                             "numbers are then the medians over the rounds (each ratio and each excess over "
+                             "the relay taken within its own round), and 'rounds' holds each round's "
+                             f"(at most {MAX_ROUNDS}) (default: %(default)s)")
     add_vocab_argument(parser)
     parser.add_argument("--json", metavar="FILE", type=output_file, help="also write the report as JSON to FILE")
     args = parser.parse_args(argv)
@@ -419,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         check_count("--clients", args.clients, MAX_CLIENTS)
         check_processes("--workers", args.workers)
         check_processes("--load-procs", args.load_procs)
+        check_count("--rounds", args.rounds, MAX_ROUNDS, "each runs every set-up")
         if args.metrics_address:  # now, not when the broker set-up starts after the relay's run
             parse_host_port(args.metrics_address, "--metrics-address")
         BrokerConfig(busy_poll_us=args.busy_poll_us)  # likewise
@@ -457,34 +469,60 @@ def _run(args: argparse.Namespace, setups: list[str]) -> int:
                               "busy_poll_us": args.busy_poll_us,
                               # Every setting (the fields above are the ones read most), and where it ran.
                               "config": {"setups": setups, "load_procs": args.load_procs,
-                                         "warmup_s": args.warmup_s, "single": args.single, "vocab": args.vocab},
-                              "environment": args.environment,
-                              "round_trips_per_s": {}}
-    report["cpu_us_per_round_trip"] = {}
+                                         "warmup_s": args.warmup_s, "single": args.single, "vocab": args.vocab,
+                                         "rounds": args.rounds},
+                              "environment": args.environment}
+    rounds = []
+    for number in range(1, args.rounds + 1):
+        if args.rounds > 1:
+            print(f"round {number} of {args.rounds}:", flush=True)
+        rounds.append(_round(args, setups, body, vocab))
+    if args.rounds == 1:
+        report.update(rounds[0])
+    else:
+        report.update(median_tree(rounds))
+        report["rounds"] = rounds
+        print(f"median of {args.rounds} rounds:", flush=True)
+        _print_summary(report)
+    if args.json:  # a file that cannot be written now is a ConfigError, reported by main (exit 2)
+        write_output("--json", args.json, json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def _round(args: argparse.Namespace, setups: list[str], body: bytes, vocab: str | None) -> dict[str, Any]:
+    """Every set-up measured once, in order, each with its own fresh processes: the round's rates,
+    CPU, ratios to the relay and single-client latencies (the report's fields of those names)."""
+    out: dict[str, Any] = {"round_trips_per_s": {}, "cpu_us_per_round_trip": {}}
     singles: dict[str, dict[str, Any]] = {}
     for setup in setups:
         cpu: dict[str, Any] = {}
         single: dict[str, Any] = {}
         rate = measure(setup, args.clients, args.workers, args.load_procs, args.warmup_s, args.duration_s,
                        body, args.metrics_address, cpu, vocab, single, args.single, args.busy_poll_us)
-        report["round_trips_per_s"][setup] = round(rate, 1)
-        report["cpu_us_per_round_trip"][setup] = cpu
+        out["round_trips_per_s"][setup] = round(rate, 1)
+        out["cpu_us_per_round_trip"][setup] = cpu
         print(f"{setup:>6}: {rate:10.1f} round trips/s; CPU us per round trip: router {cpu.get('router')}, "
               f"workers {cpu.get('workers')}, load {cpu.get('load')}", flush=True)
         if single:
             singles[setup] = single
             print(f"{'':>6}  one client alone: {_describe(single)}", flush=True)
-    relay = report["round_trips_per_s"].get("relay")
+    relay = out["round_trips_per_s"].get("relay")
     if relay:
-        report["ratio_to_relay"] = {k: round(v / relay, 3) for k, v in report["round_trips_per_s"].items()}
-        print("ratio to relay:", report["ratio_to_relay"])
+        out["ratio_to_relay"] = {k: round(v / relay, 3) for k, v in out["round_trips_per_s"].items()}
     if singles:
-        report["single_client_ms"] = singles
-        report.update(_single_summary(singles))
-        print("one client alone:", {k: report[k] for k in ("single_over_relay_ms", "single_added_latency_ms")})
-    if args.json:  # a file that cannot be written now is a ConfigError, reported by main (exit 2)
-        write_output("--json", args.json, json.dumps(report, indent=2) + "\n")
-    return 0
+        out["single_client_ms"] = singles
+        out.update(_single_summary(singles))
+    _print_summary(out)
+    return out
+
+
+def _print_summary(record: dict[str, Any]) -> None:
+    """The ratios to the relay and the single-client summary of a round or of the rounds' medians."""
+    if "ratio_to_relay" in record:
+        print("ratio to relay:", record["ratio_to_relay"], flush=True)
+    if "single_client_ms" in record:
+        print("one client alone:", {k: record[k] for k in ("single_over_relay_ms", "single_added_latency_ms")},
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -126,8 +126,54 @@ def test_broker_bench_runs_all_setups(tmp_path, request_kind):
         "pool_client_beyond_compute": round(client["beyond_compute_p50"] - relay, 3)}
     # Self-describing: every setting (also those with no field of their own) and where it ran.
     assert report["config"] == {"setups": ["relay", "broker", "pool"], "load_procs": 1, "warmup_s": 0.2,
-                                "single": 20, "vocab": None}
+                                "single": 20, "vocab": None, "rounds": 1}
+    assert "rounds" not in report  # one round: its numbers are the report's own
     assert_environment(report, "bertpool-bench-broker", proc.args[3:])
+
+
+def test_broker_bench_rounds_give_each_round_and_the_medians(tmp_path):
+    """--rounds 3: every set-up measured three times, each round kept whole, and the report's numbers the
+    medians of the rounds' (each ratio and excess over the relay within its own round)."""
+    out = tmp_path / "broker.json"
+    proc = subprocess.run([sys.executable, "-m", "bertpool.bench.relay", "--setups", "relay,pool", "--clients", "2",
+                           "--workers", "1", "--load-procs", "1", "--warmup-s", "0.1", "--duration-s", "0.3",
+                           "--single", "10", "--rounds", "3", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    rounds = report["rounds"]
+    assert len(rounds) == 3 and report["config"]["rounds"] == 3
+    assert proc.stdout.count("ratio to relay:") == 4 and "median of 3 rounds:" in proc.stdout
+
+    def middle(values):
+        return round(sorted(values)[1], 3)
+
+    for setup in ("relay", "pool"):
+        rates = [r["round_trips_per_s"][setup] for r in rounds]
+        assert all(rate > 0 for rate in rates)
+        assert report["round_trips_per_s"][setup] == middle(rates)
+        assert report["cpu_us_per_round_trip"][setup]["router"] == middle(
+            [r["cpu_us_per_round_trip"][setup]["router"] for r in rounds])
+    for r in rounds:  # each round's ratio and excess against its own relay
+        assert r["ratio_to_relay"]["pool"] == round(r["round_trips_per_s"]["pool"] / r["round_trips_per_s"]["relay"], 3)
+        assert r["single_over_relay_ms"]["pool_client_beyond_compute"] == round(
+            r["single_client_ms"]["pool"]["client"]["beyond_compute_p50"] - r["single_client_ms"]["relay"]["dealer"]["p50"], 3)
+    assert report["ratio_to_relay"] == {"relay": 1.0, "pool": middle([r["ratio_to_relay"]["pool"] for r in rounds])}
+    assert report["single_added_latency_ms"] == middle([r["single_added_latency_ms"] for r in rounds])
+    assert report["single_over_relay_ms"]["pool_client_beyond_compute"] == middle(
+        [r["single_over_relay_ms"]["pool_client_beyond_compute"] for r in rounds])
+    assert report["single_client_ms"]["pool"]["client"]["p50"] == middle(
+        [r["single_client_ms"]["pool"]["client"]["p50"] for r in rounds])
+
+
+def test_median_tree_takes_each_number_over_the_records_that_have_it():
+    from bertpool.bench import median_tree
+
+    records = [{"a": 1, "b": {"x": 0.5, "y": None}, "s": "one", "flag": True},
+               {"a": 3, "b": {"x": 0.25, "y": None, "z": 7}, "s": "two", "flag": False},
+               {"a": 2, "b": {"x": 1.0, "y": None}, "s": "three", "flag": True}]
+    assert median_tree(records) == {"a": 2, "b": {"x": 0.5, "y": None, "z": 7}, "s": "one", "flag": True}
+    assert median_tree([1.0, 2.0]) == 1.5 and median_tree([None, 4]) == 4 and median_tree([]) is None
 
 
 def test_broker_bench_pool_workers_take_a_given_vocabulary(tmp_path):
@@ -715,6 +761,8 @@ def test_a_client_failing_while_warming_up_ends_the_wait_with_its_reason(start_p
     ("bertpool.bench.relay", ["--clients", "0"], "--clients must be >= 1"),
     ("bertpool.bench.relay", ["--workers", "100000"], "--workers must be at most"),  # forked until killed
     ("bertpool.bench.relay", ["--load-procs", "0"], "--load-procs must be >= 1"),
+    ("bertpool.bench.relay", ["--rounds", "0"], "--rounds must be >= 1, got 0"),
+    ("bertpool.bench.relay", ["--rounds", "1000"], "--rounds must be at most 100 (each runs every set-up)"),
     ("bertpool.bench.faults", ["--parallel", "100000"], "parallel must be at most"),  # serve refused it, late
     ("bertpool.bench.faults", ["--client-procs", "0"], "client_procs must be >= 1"),
     ("bertpool.bench.relay", ["--setups", "broker", "--metrics-address", "99999"], "--metrics-address"),
