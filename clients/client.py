@@ -657,15 +657,18 @@ class Client:
         """Milliseconds until the next deadline, backoff end or liveness check (None: none)."""
         times = [heap[0][0] for heap in (self._deadlines, self._retries) if heap]
         if self._in_flight:
-            interval = self.config.heartbeat_interval_s
-            times.append(self._next_ping_at())
-            # The death check (_check_liveness): long silence, and a ping unanswered for an interval.
-            times.append(max(self._heard_at + interval * self.config.heartbeat_liveness, self._pinged_at + interval))
+            times += (self._next_ping_at(), self._presumed_dead_at())
         return _ms_until(min(times)) if times else None
 
     def _next_ping_at(self) -> float:
         """When _check_liveness pings a broker that stays silent (while requests are in flight)."""
         return max(self._heard_at, self._pinged_at) + self.config.heartbeat_interval_s
+
+    def _presumed_dead_at(self) -> float:
+        """When _check_liveness presumes a broker that stays silent dead, once it has been pinged:
+        ``liveness`` intervals of silence, and the ping unanswered for an interval."""
+        interval = self.config.heartbeat_interval_s
+        return max(self._heard_at + interval * self.config.heartbeat_liveness, self._pinged_at + interval)
 
     def _heard(self) -> None:
         """A message came from the broker: any message is a beat, even one we cannot use."""
@@ -972,15 +975,12 @@ class Client:
         """Ping a broker silent for an interval; reconnect when it stayed silent for ``liveness`` of them."""
         if not self._in_flight:
             return
-        interval = self.config.heartbeat_interval_s
-        silent = now - self._heard_at
         # Dead only if a ping went unanswered for an interval: silence while this thread was busy
         # (a slow done-callback) proves nothing until the broker has been asked.
-        pinged = self._pinged_at > self._heard_at and now - self._pinged_at >= interval
-        if silent >= interval * self.config.heartbeat_liveness and pinged:
-            self._reconnect(f"it sent nothing for {silent:.2f} s ({self.config.heartbeat_liveness} "
-                            f"heartbeat intervals of {interval:g} s)")
-        elif silent >= interval and now - self._pinged_at >= interval:
+        if self._pinged_at > self._heard_at and now >= self._presumed_dead_at():
+            self._reconnect(f"it sent nothing for {now - self._heard_at:.2f} s ({self.config.heartbeat_liveness} "
+                            f"heartbeat intervals of {self.config.heartbeat_interval_s:g} s)")
+        elif now >= self._next_ping_at():
             self._pinged_at = now
             self.counters.heartbeats_sent += 1
             try:
