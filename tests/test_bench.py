@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -94,15 +95,19 @@ def test_bench_without_a_server_times_out_cleanly():
     assert proc.returncode == 2 and "not ready" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def relay_bench(out: Path, *args: str, timeout: float = 180) -> tuple[subprocess.CompletedProcess, dict]:
+    """``bertpool-bench-broker ARGS --json OUT``, which must exit 0: its process and its report."""
+    proc = subprocess.run([sys.executable, "-m", "bertpool.bench.relay", *args, "--json", str(out)],
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    return proc, json.loads(out.read_text())
+
+
 @pytest.mark.parametrize("request_kind", ["text", "features"])
 def test_broker_bench_runs_all_setups(tmp_path, request_kind):
     out = tmp_path / "broker.json"
-    proc = subprocess.run([sys.executable, "-m", "bertpool.bench.relay", "--clients", "4",
-                           "--workers", "1", "--load-procs", "1", "--warmup-s", "0.2", "--duration-s", "0.5",
-                           "--single", "20", "--request", request_kind, "--json", str(out)],
-                          capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(out.read_text())
+    proc, report = relay_bench(out, "--clients", "4", "--workers", "1", "--load-procs", "1", "--warmup-s", "0.2",
+                               "--duration-s", "0.5", "--single", "20", "--request", request_kind)
     assert set(report["round_trips_per_s"]) == {"relay", "broker", "pool"}
     assert all(v > 0 for v in report["round_trips_per_s"].values())
     assert report["ratio_to_relay"]["relay"] == 1.0
@@ -135,12 +140,9 @@ def test_broker_bench_rounds_give_each_round_and_the_medians(tmp_path):
     """--rounds 3: every set-up measured three times, each round kept whole, and the report's numbers the
     medians of the rounds' (each ratio and excess over the relay within its own round)."""
     out = tmp_path / "broker.json"
-    proc = subprocess.run([sys.executable, "-m", "bertpool.bench.relay", "--setups", "relay,pool", "--clients", "2",
-                           "--workers", "1", "--load-procs", "1", "--warmup-s", "0.1", "--duration-s", "0.3",
-                           "--single", "10", "--rounds", "3", "--json", str(out)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(out.read_text())
+    proc, report = relay_bench(out, "--setups", "relay,pool", "--clients", "2", "--workers", "1", "--load-procs", "1",
+                               "--warmup-s", "0.1", "--duration-s", "0.3", "--single", "10", "--rounds", "3",
+                               timeout=300)
     rounds = report["rounds"]
     assert len(rounds) == 3 and report["config"]["rounds"] == 3
     assert proc.stdout.count("ratio to relay:") == 4 and "median of 3 rounds:" in proc.stdout
@@ -203,11 +205,8 @@ def test_echo_benches_default_to_the_shared_bert_vocabulary(monkeypatch, tmp_pat
     assert echo_vocab(None) == ((str(shared), str(shared)) if present else (None, ECHO_VOCAB_BUILT_IN))
     assert echo_vocab("/given/vocab.txt") == ("/given/vocab.txt", "/given/vocab.txt")
     out = tmp_path / "pool.json"
-    proc = subprocess.run([sys.executable, "-m", "bertpool.bench.relay", "--clients", "2", "--workers", "1",
-                           "--load-procs", "1", "--warmup-s", "0.2", "--duration-s", "0.3", "--setups", "pool",
-                           "--single", "0", "--json", str(out)], capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(out.read_text())
+    _, report = relay_bench(out, "--clients", "2", "--workers", "1", "--load-procs", "1", "--warmup-s", "0.2",
+                            "--duration-s", "0.3", "--setups", "pool", "--single", "0")
     assert report["vocab"] == (str(shared) if present else ECHO_VOCAB_BUILT_IN)
     assert report["round_trips_per_s"]["pool"] > 0 and "single_client_ms" not in report  # --single 0
 
@@ -1297,12 +1296,8 @@ def test_broker_bench_runs_the_broker_busy_polling_and_says_so(tmp_path):
     """--busy-poll-us reaches the broker of the broker and pool set-ups (one client alone is answered
     through it) and the report says what ran."""
     out = tmp_path / "busy.json"
-    proc = subprocess.run([sys.executable, "-m", "bertpool.bench.relay", "--clients", "2", "--workers", "1",
-                           "--load-procs", "1", "--warmup-s", "0.2", "--duration-s", "0.3", "--setups", "broker,pool",
-                           "--single", "10", "--busy-poll-us", "500", "--json", str(out)],
-                          capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(out.read_text())
+    _, report = relay_bench(out, "--clients", "2", "--workers", "1", "--load-procs", "1", "--warmup-s", "0.2",
+                            "--duration-s", "0.3", "--setups", "broker,pool", "--single", "10", "--busy-poll-us", "500")
     assert report["busy_poll_us"] == 500
     assert report["single_client_ms"]["pool"]["client"]["requests"] == 10
     assert report["single_client_ms"]["broker"]["dealer"]["requests"] == 10
